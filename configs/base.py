@@ -1,0 +1,81 @@
+"""Defaults for every experiment. `get_config(scale)` picks the size: 'paper' (GPT2-small on
+100k people, the paper's recipe), 'small' (a ~20M CPU model), 'tiny' (the calibrated CPU demo).
+
+Row configs call `base.get_config(scale)` and change only the data spec, e.g.
+`--config=configs/multi5_permute.py:tiny`.
+"""
+
+import ml_collections
+
+STAGE_NAMES = ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe", "eval")
+
+MODEL_SIZES = {
+    "tiny": dict(num_layers=4, num_heads=4, d_model=128, d_ff=512),
+    "small": dict(num_layers=6, num_heads=8, d_model=512, d_ff=2048),
+    "gpt2_small": dict(num_layers=12, num_heads=12, d_model=768, d_ff=3072),
+    "gpt2_medium": dict(num_layers=24, num_heads=16, d_model=1024, d_ff=4096),
+}
+
+
+def stage(steps, batch_size, lr, warmup_steps, weight_decay, **extra):
+  return ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+      weight_decay=weight_decay, final_lr_fraction=0.1, b1=0.9, b2=0.98, eps=1e-6,
+      grad_clip=1.0, **extra))
+
+
+def get_config(scale: str = "paper") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.scale = scale
+  c.seed = 0
+  c.stages = ("pretrain", "finetune", "eval")
+
+  c.data = ml_collections.ConfigDict(dict(
+      n_people=100_000, multi=1, permute=False, permute_copies=1, fullname=False,
+      qa_ratio=0.8,            # pretrain_mixed: fraction of documents that are QA pairs
+      qa_train_fraction=0.5,   # people whose QA is training data; the rest are the test
+      seq_len=512, vocab_size=8192, tokenizer_path="",
+      chunk_docs=1024, workers=0))
+
+  c.model = ml_collections.ConfigDict(dict(
+      size="gpt2_small", **MODEL_SIZES["gpt2_small"], rotary_fraction=0.25,
+      rotary_base=10000.0, block="gpt2", causal=True, dtype="float32", tie_embeddings=True,
+      remat=False, attention="auto"))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.pretrain = stage(80_000, 96, 1e-3, 1000, 0.1)
+  c.pretrain_mixed = stage(80_000, 96, 1e-3, 1000, 0.1)
+  c.finetune = stage(50_000, 48, 3e-4, 0, 0.01, lora_rank=0, lora_embed_rank=0,
+                     lora_alpha=1.0)
+  c.pprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=2)
+  c.qprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=16)
+
+  c.train = ml_collections.ConfigDict(dict(
+      log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=512, max_people=0))
+
+  if scale == "paper":
+    return c
+  if scale == "small":
+    c.data.update(n_people=2_000, seq_len=256, vocab_size=4096)
+    c.model.update(size="small", **MODEL_SIZES["small"], rotary_fraction=0.5)
+    c.pretrain.update(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300)
+    c.pretrain_mixed.update(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300)
+    c.finetune.update(steps=1_500, batch_size=64, lr=3e-4)
+    c.pprobe.update(steps=1_000, batch_size=64)
+    c.qprobe.update(steps=1_000, batch_size=64)
+    c.train.update(log_every=50, save_every=500)
+    return c
+  if scale == "tiny":
+    c.data.update(n_people=500, seq_len=128, vocab_size=4096)
+    c.model.update(size="tiny", **MODEL_SIZES["tiny"], rotary_fraction=0.5)
+    c.pretrain.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
+    c.pretrain_mixed.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
+    c.finetune.update(steps=400, batch_size=64, lr=1e-3)
+    c.pprobe.update(steps=300, batch_size=64)
+    c.qprobe.update(steps=300, batch_size=64)
+    c.train.update(log_every=25, save_every=250)
+    return c
+  raise ValueError(f"config scale {scale!r}: expected one of 'paper', 'small', 'tiny'")

@@ -1,0 +1,1 @@
+"""The bioS world: pools, population, templates, tokenizer, rendering, Grain sources and pipeline."""

@@ -1,0 +1,186 @@
+"""The Grain training pipeline: shuffle per epoch -> mix by ratio -> pack -> batch -> shard.
+
+    grain.MapDataset.source(PackedChunks)      chunk c -> packed rows [R_c, L] (vectorised)
+      .to_iter_dataset()
+      [.mp_prefetch(workers)]                  chunks rendered in worker processes
+    RebatchIterDataset(global_batch)           rows -> global batches (state = chunk + row)
+      .map(ProcessSlice)                       this process's rows of the global batch
+
+A chunk takes a fixed number of documents from each source (its mixing weight times
+`chunk_docs`, largest-remainder rounded), read through that source's seeded permutation for the
+current epoch of that source, then shuffles them together and first-fit packs them into
+`seq_len` windows without splitting a document. Everything is a pure function of
+(seed, chunk index), so the stream is the same with 0 or N workers and any process count, and
+Grain's iterator state (a chunk index and a row offset) resumes it exactly.
+"""
+
+import collections
+import dataclasses
+import sys
+
+import grain
+import numpy as np
+
+from kstore_jax.data.render import Docs
+
+FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def mix_counts(weights, chunk_docs: int) -> np.ndarray:
+  """Documents per chunk from each source: proportional to weights, summing to chunk_docs."""
+  w = np.asarray(weights, np.float64)
+  if (w < 0).any() or w.sum() <= 0:
+    raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {list(weights)}")
+  exact = w / w.sum() * chunk_docs
+  counts = np.floor(exact).astype(np.int64)
+  short = chunk_docs - counts.sum()
+  counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+  return counts
+
+
+def first_fit(n_pos: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Place documents (in order) into the first row with room: (row, column, n_rows)."""
+  row = np.empty(len(n_pos), np.int64)
+  col = np.empty(len(n_pos), np.int64)
+  free = np.empty(len(n_pos), np.int64)
+  n_rows = 0
+  for i, n in enumerate(n_pos.tolist()):
+    fits = np.flatnonzero(free[:n_rows] >= n)
+    r = int(fits[0]) if len(fits) else n_rows
+    if r == n_rows:
+      free[r] = seq_len
+      n_rows += 1
+    row[i], col[i] = r, seq_len - free[r]
+    free[r] -= n
+  return row, col, n_rows
+
+
+def pack_docs(docs: Docs, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """First-fit pack documents into rows of `seq_len` (next-token pairs), never splitting one.
+
+  A document of T tokens gives T-1 (input, target) positions. Outputs [R, L]: inputs, targets,
+  weights (1 where the target is a loss token), segment_ids (1.. per document in its row,
+  0 = padding), positions (restart at 0 for each document).
+  """
+  n_pos = docs.lengths - 1
+  if len(n_pos) and n_pos.max() > seq_len:
+    raise ValueError(f"data.seq_len={seq_len} is shorter than a document of {n_pos.max()} "
+                     "positions")
+  row, col, n_rows = first_fit(n_pos, seq_len)
+  not_last = np.ones(len(docs.tokens), bool)
+  not_last[docs.offsets[1:] - 1] = False
+  not_first = np.ones(len(docs.tokens), bool)
+  not_first[docs.offsets[:-1]] = False
+  local = np.arange(int(n_pos.sum())) - np.repeat(np.cumsum(n_pos) - n_pos, n_pos)
+  dest = np.repeat(row * seq_len + col, n_pos) + local
+  by_row = np.argsort(row * seq_len + col, kind="stable")
+  segment = np.empty(len(n_pos), np.int64)
+  segment[by_row] = np.arange(len(n_pos)) - np.searchsorted(row[by_row], row[by_row]) + 1
+  out = {
+      "inputs": np.full(n_rows * seq_len, pad_id, np.int32),
+      "targets": np.full(n_rows * seq_len, pad_id, np.int32),
+      "weights": np.zeros(n_rows * seq_len, np.float32),
+      "segment_ids": np.zeros(n_rows * seq_len, np.int32),
+      "positions": np.zeros(n_rows * seq_len, np.int32),
+  }
+  out["inputs"][dest] = docs.tokens[not_last]
+  out["targets"][dest] = docs.tokens[not_first]
+  out["weights"][dest] = docs.loss[not_first]
+  out["segment_ids"][dest] = np.repeat(segment, n_pos)
+  out["positions"][dest] = local
+  return {k: v.reshape(n_rows, seq_len) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class PackedChunks:
+  """Random-access source of packed chunks: index c -> dict of [R_c, seq_len] arrays."""
+  sources: list
+  weights: list
+  seq_len: int
+  pad_id: int
+  seed: int
+  chunk_docs: int = 1024
+
+  def __post_init__(self):
+    self.counts = mix_counts(self.weights, self.chunk_docs)
+    for s, n in zip(self.sources, self.counts):
+      if n and not len(s):
+        raise ValueError(f"empty data source {s!r} has mixing weight > 0")
+    self._perms = collections.OrderedDict()
+
+  def __len__(self) -> int:
+    return sys.maxsize // (2 * self.chunk_docs)   # endless; steps decide when to stop
+
+  def _perm(self, k: int, epoch: int) -> np.ndarray:
+    key = (k, epoch)
+    if key not in self._perms:
+      n = len(self.sources[k])
+      self._perms[key] = np.random.default_rng([self.seed, k, epoch]).permutation(n)
+      while len(self._perms) > 2 * len(self.sources):
+        self._perms.popitem(last=False)
+    return self._perms[key]
+
+  def doc_refs(self, chunk: int) -> list[tuple[int, np.ndarray]]:
+    """(source, indices) of the chunk's documents, before the in-chunk shuffle."""
+    refs = []
+    for k, n in enumerate(self.counts):
+      if not n:
+        continue
+      pos = chunk * int(n) + np.arange(n)
+      epoch, j = np.divmod(pos, len(self.sources[k]))
+      idx = np.empty(n, np.int64)
+      for e in np.unique(epoch):
+        sel = epoch == e
+        idx[sel] = self._perm(k, int(e))[j[sel]]
+      refs.append((k, idx))
+    return refs
+
+  def chunk_docs_of(self, chunk: int) -> Docs:
+    parts = [self.sources[k].docs(idx) for k, idx in self.doc_refs(chunk)]
+    order = np.random.default_rng([self.seed, 0xC4, chunk]).permutation(self.chunk_docs)
+    return _take_docs(_concat_docs(parts), order)
+
+  def __getitem__(self, chunk: int) -> dict[str, np.ndarray]:
+    return pack_docs(self.chunk_docs_of(chunk), self.seq_len, self.pad_id)
+
+
+def _concat_docs(parts: list[Docs]) -> Docs:
+  if len(parts) == 1:
+    return parts[0]
+  lens = np.concatenate([p.lengths for p in parts])
+  return Docs(tokens=np.concatenate([p.tokens for p in parts]),
+              loss=np.concatenate([p.loss for p in parts]),
+              offsets=np.concatenate([[0], np.cumsum(lens)]))
+
+
+def _take_docs(docs: Docs, order: np.ndarray) -> Docs:
+  lens = docs.lengths[order]
+  src = np.repeat(docs.offsets[:-1][order] - (np.cumsum(lens) - lens), lens)
+  src = src + np.arange(int(lens.sum()))
+  return Docs(tokens=docs.tokens[src], loss=docs.loss[src],
+              offsets=np.concatenate([[0], np.cumsum(lens)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSlice:
+  """Keep this process's contiguous block of rows of a global batch."""
+  index: int
+  count: int
+
+  def __call__(self, batch):
+    n = len(batch["inputs"]) // self.count
+    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+
+
+def make_pipeline(chunks: PackedChunks, global_batch: int, workers: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The batch stream: dicts of [global_batch // process_count, seq_len] NumPy arrays."""
+  if global_batch % process_count:
+    raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
+  ds = grain.MapDataset.source(chunks).to_iter_dataset()
+  if workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  ds = grain.experimental.RebatchIterDataset(ds, batch_size=global_batch, drop_remainder=True)
+  if process_count > 1:
+    ds = ds.map(ProcessSlice(process_index, process_count))
+  return ds

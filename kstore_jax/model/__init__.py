@@ -1,0 +1,1 @@
+"""GPT / Llama / bidirectional transformer, LoRA and probes as pure functions over pytrees."""

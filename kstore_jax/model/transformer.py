@@ -1,0 +1,221 @@
+"""A GPT-2 (pre-LN, rotary) or Llama (RMSNorm, SwiGLU) transformer in flax.linen.
+
+Params are a plain pytree; `model.apply({'params': p}, tokens_BL, ...)` is pure. Every weight
+carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`) mapped to the mesh by
+train/sharding.py. Documents packed in one row are isolated by `segment_ids_BL` (attention only
+within a segment) and `positions_BL` restart at 0 per document.
+
+Decoding uses an explicit KV cache pytree: `{'k': [layers, B, T, H, Dh], 'v': ...}` passed in
+and returned, written at `positions_BL` (so it stays a pure function).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int = 4
+  num_heads: int = 4
+  d_model: int = 128
+  d_ff: int = 512
+  rotary_fraction: float = 0.25
+  rotary_base: float = 10000.0
+  block: str = "gpt2"            # 'gpt2' | 'llama'
+  causal: bool = True
+  dtype: str = "float32"
+  tie_embeddings: bool = True
+  remat: bool = False
+  attention: str = "auto"        # 'auto' | 'xla' | 'cudnn'
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """Rotated dims per head (even); Llama uses full rotary."""
+    frac = 1.0 if self.block == "llama" else self.rotary_fraction
+    return int(self.head_dim * frac) // 2 * 2
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields if k in model_cfg})
+
+
+def _init(init_fn, *axes):
+  return nn.with_logical_partitioning(init_fn, axes)
+
+
+def rotary(x_BLHD: jax.Array, positions_BL: jax.Array, rot_dim: int, base: float) -> jax.Array:
+  """NeoX-style rotary embedding on the first `rot_dim` dims of each head."""
+  if rot_dim == 0:
+    return x_BLHD
+  half = rot_dim // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angle_BLK)[:, :, None], jnp.sin(angle_BLK)[:, :, None]
+  x_rot, x_pass = x_BLHD[..., :rot_dim].astype(jnp.float32), x_BLHD[..., rot_dim:]
+  x1, x2 = x_rot[..., :half], x_rot[..., half:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  return jnp.concatenate([rotated.astype(x_BLHD.dtype), x_pass], -1)
+
+
+def attention_mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal: bool) -> jax.Array:
+  """[B, 1, L, T] bool: same (non-padding) segment, and key position <= query position."""
+  mask = (q_seg_BL[:, :, None] == k_seg_BT[:, None, :]) & (k_seg_BT[:, None, :] > 0)
+  if causal:
+    mask &= k_pos_BT[:, None, :] <= q_pos_BL[:, :, None]
+  return mask[:, None]
+
+
+class Norm(nn.Module):
+  kind: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == "llama":
+      return nn.RMSNorm(dtype=self.dtype, scale_init=_init(nn.initializers.ones, "embed"))(x)
+    return nn.LayerNorm(dtype=self.dtype, scale_init=_init(nn.initializers.ones, "embed"),
+                        bias_init=_init(nn.initializers.zeros, "embed"))(x)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_layer=None):
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    init = nn.initializers.normal(0.02)
+    proj = lambda name: nn.DenseGeneral(
+        (cfg.num_heads, cfg.head_dim), dtype=dtype, use_bias=cfg.block == "gpt2",
+        kernel_init=_init(init, "embed", "heads", "kv"),
+        bias_init=_init(nn.initializers.zeros, "heads", "kv"), name=name)
+    q_BLHD = rotary(proj("query")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
+    k_BLHD = rotary(proj("key")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
+    v_BLHD = proj("value")(x_BLD)
+    if cache_layer is None:
+      k_all, v_all, k_pos, k_seg = k_BLHD, v_BLHD, positions_BL, segment_ids_BL
+      new_cache = None
+    else:
+      # Write this step's keys/values at their positions; attend to everything written so far.
+      rows = jnp.arange(x_BLD.shape[0])[:, None]
+      k_all = cache_layer["k"].at[rows, positions_BL].set(k_BLHD.astype(cache_layer["k"].dtype))
+      v_all = cache_layer["v"].at[rows, positions_BL].set(v_BLHD.astype(cache_layer["v"].dtype))
+      seg = cache_layer["seg"].at[rows, positions_BL].set(segment_ids_BL)
+      k_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1]), seg.shape)
+      k_seg = seg
+      new_cache = {"k": k_all, "v": v_all, "seg": seg}
+    mask = attention_mask(positions_BL, segment_ids_BL, k_pos, k_seg, cfg.causal)
+    impl = None if cfg.attention == "auto" else cfg.attention
+    out_BLHD = jax.nn.dot_product_attention(
+        q_BLHD, k_all.astype(dtype), v_all.astype(dtype), mask=mask, implementation=impl)
+    out_BLD = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), dtype=dtype, use_bias=cfg.block == "gpt2",
+        kernel_init=_init(nn.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers)),
+                          "heads", "kv", "embed"),
+        bias_init=_init(nn.initializers.zeros, "embed"), name="out")(out_BLHD)
+    return out_BLD, new_cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    bias = cfg.block == "gpt2"
+    dense = lambda feats, axes, std, name: nn.Dense(
+        feats, dtype=dtype, use_bias=bias, kernel_init=_init(nn.initializers.normal(std), *axes),
+        bias_init=_init(nn.initializers.zeros, axes[-1]), name=name)
+    down_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    if cfg.block == "llama":
+      h_BLF = nn.silu(dense(cfg.d_ff, ("embed", "mlp"), 0.02, "gate")(x_BLD)) * dense(
+          cfg.d_ff, ("embed", "mlp"), 0.02, "up")(x_BLD)
+    else:
+      h_BLF = nn.gelu(dense(cfg.d_ff, ("embed", "mlp"), 0.02, "up")(x_BLD))
+    return dense(cfg.d_model, ("mlp", "embed"), down_std, "down")(h_BLF)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_layer=None):
+    dtype = DTYPES[self.cfg.dtype]
+    h_BLD, new_cache = Attention(self.cfg, name="attn")(
+        Norm(self.cfg.block, dtype, name="ln1")(x_BLD), positions_BL, segment_ids_BL,
+        cache_layer)
+    x_BLD = x_BLD + h_BLD
+    x_BLD = x_BLD + Mlp(self.cfg, name="mlp")(Norm(self.cfg.block, dtype, name="ln2")(x_BLD))
+    return x_BLD, new_cache
+
+
+class Transformer(nn.Module):
+  """Returns (logits_BLV in f32, final hidden_BLD, new cache or None)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, cache=None,
+               embed_delta_VD=None):
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                     embedding_init=_init(nn.initializers.normal(0.02), "vocab", "embed"),
+                     name="embed")
+    table_VD = embed.embedding
+    if embed_delta_VD is not None:   # probes' low-rank input-embedding update
+      table_VD = table_VD + embed_delta_VD
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
+    block = nn.remat(Block) if cfg.remat else Block
+    new_layers = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+      x_BLD, c = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, layer_cache)
+      new_layers.append(c)
+    hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
+    if cfg.tie_embeddings:
+      logits_BLV = embed.attend(hidden_BLD)
+    else:
+      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
+                            kernel_init=_init(nn.initializers.normal(0.02), "embed", "vocab"),
+                            name="unembed")(hidden_BLD)
+    new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+    return logits_BLV.astype(jnp.float32), hidden_BLD, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
+  shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+  dtype = DTYPES[cfg.dtype]
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "seg": jnp.zeros((cfg.num_layers, batch, length), jnp.int32)}
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (6N matmul + attention), PaLM-style accounting."""
+  d, f, l = cfg.d_model, cfg.d_ff, cfg.num_layers
+  mlp = (3 if cfg.block == "llama" else 2) * d * f
+  per_layer = 4 * d * d + mlp
+  n_matmul = l * per_layer + cfg.vocab_size * d
+  attn = 2 * l * seq_len * d   # QK^T and AV, causal average counted in full (as in MFU papers)
+  return 6 * n_matmul + 6 * attn

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, optimizer, steps, loop, checkpoints, metrics."""
