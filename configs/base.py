@@ -59,7 +59,7 @@ def get_config(scale: str = "paper") -> ml_collections.ConfigDict:
   if scale == "paper":
     return c
   if scale == "small":
-    c.data.update(n_people=2_000, seq_len=256, vocab_size=4096)
+    c.data.update(n_people=2_000, seq_len=256, vocab_size=8192)
     c.model.update(size="small", **MODEL_SIZES["small"], rotary_fraction=0.5)
     c.pretrain.update(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300)
     c.pretrain_mixed.update(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300)
@@ -69,7 +69,7 @@ def get_config(scale: str = "paper") -> ml_collections.ConfigDict:
     c.train.update(log_every=50, save_every=500)
     return c
   if scale == "tiny":
-    c.data.update(n_people=500, seq_len=128, vocab_size=4096)
+    c.data.update(n_people=500, seq_len=128, vocab_size=8192)
     c.model.update(size="tiny", **MODEL_SIZES["tiny"], rotary_fraction=0.5)
     c.pretrain.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
     c.pretrain_mixed.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)

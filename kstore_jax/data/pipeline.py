@@ -112,13 +112,18 @@ class PackedChunks:
     return sys.maxsize // (2 * self.chunk_docs)   # endless; steps decide when to stop
 
   def _perm(self, k: int, epoch: int) -> np.ndarray:
+    """Source k's order in `epoch` (a small LRU cache; Grain reads chunks from threads)."""
     key = (k, epoch)
-    if key not in self._perms:
-      n = len(self.sources[k])
-      self._perms[key] = np.random.default_rng([self.seed, k, epoch]).permutation(n)
+    perm = self._perms.get(key)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, k, epoch]).permutation(len(self.sources[k]))
+      self._perms[key] = perm
       while len(self._perms) > 2 * len(self.sources):
-        self._perms.popitem(last=False)
-    return self._perms[key]
+        try:
+          self._perms.popitem(last=False)
+        except KeyError:   # another thread evicted it first
+          break
+    return perm
 
   def doc_refs(self, chunk: int) -> list[tuple[int, np.ndarray]]:
     """(source, indices) of the chunk's documents, before the in-chunk shuffle."""
@@ -177,7 +182,11 @@ def make_pipeline(chunks: PackedChunks, global_batch: int, workers: int = 0,
   """The batch stream: dicts of [global_batch // process_count, seq_len] NumPy arrays."""
   if global_batch % process_count:
     raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
-  ds = grain.MapDataset.source(chunks).to_iter_dataset()
+  # Chunks are large (~1 MB): read them with few threads and a short prefetch buffer (Grain's
+  # defaults, 16 threads x 500 elements, are meant for small records).
+  read = grain.ReadOptions(num_threads=0 if workers else 1,
+                           prefetch_buffer_size=1 if workers else 4)
+  ds = grain.MapDataset.source(chunks).to_iter_dataset(read)
   if workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   ds = grain.experimental.RebatchIterDataset(ds, batch_size=global_batch, drop_remainder=True)

@@ -90,6 +90,28 @@ class Norm(nn.Module):
                         bias_init=_init(nn.initializers.zeros, "embed"))(x)
 
 
+class Proj(nn.Module):
+  """`einsum(eqn, x, kernel) (+ bias)` with an explicitly shaped, logically named kernel."""
+  eqn: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  n_out: int            # trailing kernel dims that are output dims (bias shape)
+  use_bias: bool
+  std: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(nn.initializers.normal(self.std), *self.axes),
+                        self.shape)
+    y = jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
+                        self.shape[-self.n_out:])
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -97,11 +119,9 @@ class Attention(nn.Module):
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_layer=None):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
-    init = nn.initializers.normal(0.02)
-    proj = lambda name: nn.DenseGeneral(
-        (cfg.num_heads, cfg.head_dim), dtype=dtype, use_bias=cfg.block == "gpt2",
-        kernel_init=_init(init, "embed", "heads", "kv"),
-        bias_init=_init(nn.initializers.zeros, "heads", "kv"), name=name)
+    bias = cfg.block == "gpt2"
+    proj = lambda name: Proj("bld,dhk->blhk", (cfg.d_model, cfg.num_heads, cfg.head_dim),
+                             ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
     q_BLHD = rotary(proj("query")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
     k_BLHD = rotary(proj("key")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
     v_BLHD = proj("value")(x_BLD)
@@ -121,11 +141,9 @@ class Attention(nn.Module):
     impl = None if cfg.attention == "auto" else cfg.attention
     out_BLHD = jax.nn.dot_product_attention(
         q_BLHD, k_all.astype(dtype), v_all.astype(dtype), mask=mask, implementation=impl)
-    out_BLD = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), dtype=dtype, use_bias=cfg.block == "gpt2",
-        kernel_init=_init(nn.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers)),
-                          "heads", "kv", "embed"),
-        bias_init=_init(nn.initializers.zeros, "embed"), name="out")(out_BLHD)
+    out_BLD = Proj("blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                   ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
+                   dtype, name="out")(out_BLHD)
     return out_BLD, new_cache
 
 
@@ -137,16 +155,14 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
-    dense = lambda feats, axes, std, name: nn.Dense(
-        feats, dtype=dtype, use_bias=bias, kernel_init=_init(nn.initializers.normal(std), *axes),
-        bias_init=_init(nn.initializers.zeros, axes[-1]), name=name)
-    down_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    up = lambda name: Proj("bld,df->blf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), 1, bias,
+                           0.02, dtype, name=name)
     if cfg.block == "llama":
-      h_BLF = nn.silu(dense(cfg.d_ff, ("embed", "mlp"), 0.02, "gate")(x_BLD)) * dense(
-          cfg.d_ff, ("embed", "mlp"), 0.02, "up")(x_BLD)
+      h_BLF = nn.silu(up("gate")(x_BLD)) * up("up")(x_BLD)
     else:
-      h_BLF = nn.gelu(dense(cfg.d_ff, ("embed", "mlp"), 0.02, "up")(x_BLD))
-    return dense(cfg.d_model, ("mlp", "embed"), down_std, "down")(h_BLF)
+      h_BLF = nn.gelu(up("up")(x_BLD))
+    return Proj("blf,fd->bld", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
+                0.02 / math.sqrt(2 * cfg.num_layers), dtype, name="down")(h_BLF)
 
 
 class Block(nn.Module):

@@ -1,0 +1,10 @@
+"""bioS row `single_permute1`: pretrain -> QA finetune -> eval. Scale with `:tiny` / `:small`."""
+
+from configs import base
+
+
+def get_config(scale: str = "paper"):
+  c = base.get_config(scale)
+  c.name = "single_permute1"
+  c.data.permute = True
+  return c

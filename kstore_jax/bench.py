@@ -1,0 +1,168 @@
+"""Benchmarks: `python -m kstore_jax.bench <what> [--config=...]`.
+
+    python -m kstore_jax.bench data --config=configs/tiny.py [--workers=0,2]
+    python -m kstore_jax.bench population --n=10000000
+
+Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
+them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]` in BENCHMARKS
+(cfg is the validated `--config`, or None for those in NO_CONFIG).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+
+from kstore_jax import cli
+
+CONFIG = cli.config_flag()
+WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data: Grain worker processes to compare")
+WARMUP = flags.DEFINE_integer("warmup", 5, "data: batches taken before timing starts")
+MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this long ...")
+MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches")
+MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long")
+N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
+
+
+def measurement(name: str, value, unit: str, **context) -> dict:
+  return {"name": name, "value": value, "unit": unit, **context}
+
+
+def human(n: int) -> str:
+  """10_000_000 -> '10m', 100_000 -> '100k' (for measurement names)."""
+  for div, suffix in ((1_000_000_000, "g"), (1_000_000, "m"), (1_000, "k")):
+    if n % div == 0:
+      return f"{n // div}{suffix}"
+  return str(n)
+
+
+# -- data: the pretraining pipeline ------------------------------------------------------------
+def time_pipeline(chunks, batch_size: int, workers: int) -> dict:
+  from kstore_jax.data import pipeline
+  it = iter(pipeline.make_pipeline(chunks, global_batch=batch_size, workers=workers))
+  try:
+    t0 = time.perf_counter()
+    for _ in range(WARMUP.value):
+      next(it)
+    startup = time.perf_counter() - t0
+    n = tokens = nonpad = 0
+    t0 = time.perf_counter()
+    while True:
+      seg = next(it)["segment_ids"]
+      n += 1
+      tokens += seg.size
+      nonpad += int(np.count_nonzero(seg))
+      elapsed = time.perf_counter() - t0
+      if (elapsed >= MIN_SECONDS.value and n >= MIN_BATCHES.value) or elapsed >= MAX_SECONDS.value:
+        break
+  finally:
+    it.close()
+  return dict(tokens_per_s=tokens / elapsed, batches=n, seconds=round(elapsed, 3),
+              startup_s=round(startup, 3), utilisation=nonpad / tokens)
+
+
+def bench_data(cfg) -> list[dict]:
+  from kstore_jax.data import tokenizer, world
+  t0 = time.perf_counter()
+  tok = tokenizer.get_tokenizer(cfg.data)
+  t1 = time.perf_counter()
+  w = world.build_world(cfg, tok)
+  t2 = time.perf_counter()
+  chunks = w.chunks("pretrain", cfg.data)
+  with cli.config_errors():  # e.g. data.seq_len shorter than a document: one line, not a trace
+    chunks[0]
+  ctx = dict(config=cfg.name, scale=cfg.scale, n_people=cfg.data.n_people,
+             copies=w.aug.copies, seq_len=cfg.data.seq_len,
+             batch_size=cfg.pretrain.batch_size, chunk_docs=cfg.data.chunk_docs)
+  out = [measurement("tokenizer_build_s", round(t1 - t0, 3), "s", vocab_size=tok.get_vocab_size(),
+                     trained=not cfg.data.tokenizer_path),
+         measurement("world_build_s", round(t2 - t1, 3), "s", **ctx)]
+  runs = {}
+  for w_str in WORKERS.value:
+    workers = int(w_str)
+    r = runs[workers] = time_pipeline(chunks, cfg.pretrain.batch_size, workers)
+    out.append(measurement(f"pipeline_tokens_per_s_workers{workers}", round(r["tokens_per_s"]),
+                           "tokens/s", workers=workers, batches=r["batches"],
+                           seconds=r["seconds"], startup_s=r["startup_s"], **ctx))
+  best = max(runs, key=lambda k: runs[k]["tokens_per_s"])
+  out.append(measurement("pipeline_tokens_per_s", round(runs[best]["tokens_per_s"]), "tokens/s",
+                         workers=best, cpus=os.cpu_count(), **ctx))
+  first = next(iter(runs))
+  out.append(measurement("pipeline_packing_utilisation", round(runs[first]["utilisation"], 4),
+                         "fraction", batches=runs[first]["batches"], **ctx))
+  return out
+
+
+# -- population: building N people -----------------------------------------------------------
+_POPULATION_CHILD = r"""
+import dataclasses, json, resource, sys, time
+import numpy as np
+from kstore_jax.data import population
+def rss():
+  # VmHWM: this process's peak RSS. ru_maxrss would also count the parent's RSS before exec.
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+n = int(sys.argv[1])
+population.make_population(0, 10)  # load the pools and warm the imports
+base = rss()
+t0 = time.perf_counter()
+pop = population.make_population(0, n)
+dt = time.perf_counter() - t0
+arrays = [getattr(pop, f.name) for f in dataclasses.fields(pop)]
+nbytes = sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+print(json.dumps(dict(seconds=dt, nbytes=nbytes, peak_rss=rss(), base_rss=base)))
+"""
+
+
+def bench_population(cfg) -> list[dict]:
+  del cfg
+  n = N_PEOPLE.value
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+  proc = subprocess.run([sys.executable, "-c", _POPULATION_CHILD, str(n)], env=env,
+                        capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise RuntimeError(f"population benchmark failed:\n{proc.stderr}")
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  tag = f"population_{human(n)}"
+  return [
+      measurement(f"{tag}_build_s", round(r["seconds"], 3), "s", n_people=n),
+      measurement(f"{tag}_bytes", r["nbytes"], "bytes", n_people=n,
+                  bytes_per_person=round(r["nbytes"] / n, 2)),
+      measurement(f"{tag}_peak_rss_bytes", r["peak_rss"], "bytes", n_people=n,
+                  rss_before_build_bytes=r["base_rss"],
+                  build_peak_over_baseline_bytes=r["peak_rss"] - r["base_rss"]),
+  ]
+
+
+BENCHMARKS = {"data": bench_data, "population": bench_population}
+NO_CONFIG = {"population"}
+
+
+def _subcommand(argv) -> str | None:
+  args = [a for i, a in enumerate(argv[1:], 1) if argv[i - 1] != "--config"]
+  return next((a for a in args if not a.startswith("-")), None)
+
+
+def main(argv):
+  what = argv[1:]
+  if len(what) != 1 or what[0] not in BENCHMARKS:
+    raise cli.ConfigError(f"expected one benchmark out of {sorted(BENCHMARKS)}, got {what}")
+  cfg = None if what[0] in NO_CONFIG else cli.validated_config(CONFIG.value)
+  results = BENCHMARKS[what[0]](cfg)
+  sys.stderr.flush()
+  for r in results:
+    print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main, "kstore_jax.bench",
+          config_required=lambda argv: _subcommand(argv) in set(BENCHMARKS) - NO_CONFIG)

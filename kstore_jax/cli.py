@@ -1,0 +1,94 @@
+"""Shared plumbing for the command-line tools (`python -m kstore_jax.<tool>`).
+
+    FLAGS_CONFIG = cli.config_flag()
+    def main(argv): cfg = cli.validated_config(FLAGS_CONFIG.value); ...
+    if __name__ == "__main__": cli.run(main, "kstore_jax.<tool>")
+
+`run` checks `--config=...` and its `--config.a.b=v` overrides before absl parses them (a
+missing file or an unknown key would otherwise be a long traceback), and turns a ConfigError
+raised inside `main` into one line on stderr and exit status 2.
+"""
+
+import contextlib
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from kstore_jax import configlib
+from kstore_jax.configlib import ConfigError
+
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def config_flag(help_string: str = "experiment config: path.py[:arg], e.g. "
+                "configs/tiny.py or configs/base.py:small; override keys with "
+                "--config.data.n_people=200"):
+  """Define `--config` (an ml_collections config file, locked against new keys).
+
+  It is made a key flag of the calling module, so that the tool's `--help` lists it.
+  """
+  holder = config_flags.DEFINE_config_file("config", None, help_string, lock_config=True)
+  caller = sys._getframe(1).f_globals.get("__name__", "")
+  flags.FLAGS.register_key_flag_for_module(
+      sys.argv[0] if caller == "__main__" else caller, flags.FLAGS["config"])
+  return holder
+
+
+def wants_help(argv: list[str]) -> bool:
+  return any(a.lstrip("-").split("=", 1)[0] in HELP_FLAGS for a in argv[1:] if a.startswith("-"))
+
+
+def has_config(argv: list[str]) -> bool:
+  return any(a == "--config" or a.startswith(("--config=", "--config.")) for a in argv[1:])
+
+
+@contextlib.contextmanager
+def config_errors():
+  """Inside: a FileNotFoundError/ValueError (bad config or input file) becomes a ConfigError."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from e
+
+
+def validated_config(cfg, n_devices: int = 1):
+  """The parsed `--config`, validated (ConfigError naming the first bad key)."""
+  if cfg is None:
+    raise ConfigError("--config is required (e.g. --config=configs/tiny.py)")
+  with config_errors():
+    configlib.validate(cfg, n_devices=n_devices)
+  return cfg
+
+
+def run(main: Callable, prog: str,
+        config_required: bool | Callable[[list[str]], bool] = True) -> None:
+  """`absl.app.run(main)` with one-line config errors (stderr, exit status 2).
+
+  `config_required` may be a predicate of argv (e.g. only some subcommands need a config).
+  """
+  argv = sys.argv
+  if wants_help(argv):
+    try:
+      app.run(main)
+    except SystemExit as e:  # absl exits with status 1 after printing the help
+      sys.exit(0 if e.code == 1 else e.code)
+    return
+  required = config_required(argv) if callable(config_required) else config_required
+  if required or has_config(argv):
+    try:
+      configlib.precheck_argv(argv)
+    except ConfigError as e:
+      configlib.fail(str(e), prog)
+
+  def guarded(args):
+    try:
+      return main(args)
+    except ConfigError as e:
+      configlib.fail(str(e), prog)
+
+  app.run(guarded)

@@ -1,0 +1,165 @@
+"""Loading and validating experiment configs, with one-line errors that name the culprit.
+
+ml_collections' own errors for a missing file or an unknown override are long tracebacks that
+do not name the flag, so `precheck_argv` looks at `--config=...` and `--config.a.b=v` before
+absl parses them, and `validate` checks the resolved config against the defaults of its scale
+(unknown keys, types) and against the semantics (ranges, stages, mesh, batch divisibility).
+"""
+
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from configs import base
+from kstore_jax.model.transformer import DTYPES
+
+
+class ConfigError(ValueError):
+  """A bad config, flag or input file; its message is one line naming the culprit."""
+
+
+def fail(message: str, prog: str = "kstore_jax") -> None:
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` -> the config its `get_config([arg])` returns."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: no such file {path!r}")
+  try:
+    mod_spec = importlib.util.spec_from_file_location("_kstore_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # a config file is user code: report its failure in one line
+    raise ConfigError(f"--config={spec}: {type(e).__name__}: {e}") from None
+
+
+def _lookup(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def _check_override_value(key: str, current, text: str) -> None:
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ConfigError(f"--config.{key}={text}: expected a boolean")
+  elif isinstance(current, (int, float)):
+    try:
+      float(text) if isinstance(current, float) else int(text)
+    except ValueError:
+      kind = "a number" if isinstance(current, float) else "an integer"
+      raise ConfigError(f"--config.{key}={text}: expected {kind}") from None
+
+
+def precheck_argv(argv: list[str]) -> None:
+  """Raise ConfigError for a missing config file or an unknown/ill-typed override."""
+  spec, overrides = None, []
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif a.startswith("--config."):
+      overrides.append(a[len("--config."):])
+  if spec is None:
+    raise ConfigError("--config is required (e.g. --config=configs/tiny.py)")
+  cfg = load_config_file(spec)
+  for o in overrides:
+    key, has_value, text = o.partition("=")
+    try:
+      current = _lookup(cfg, key)
+    except KeyError:
+      raise ConfigError(f"--config.{key}: unknown config key {key!r}") from None
+    if has_value:
+      _check_override_value(key, current, text)
+
+
+def _schema_check(cfg, ref, prefix: str = "") -> None:
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in ref:
+      raise ConfigError(f"config key {path!r} is unknown")
+    value, want = cfg[key], ref[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {path!r} must be a section")
+      _schema_check(value, want, path + ".")
+    elif isinstance(want, bool) != isinstance(value, bool) or (
+        isinstance(want, (int, float)) and not isinstance(value, (int, float))) or (
+        isinstance(want, str) and not isinstance(value, str)) or (
+        isinstance(want, (tuple, list)) and not isinstance(value, (tuple, list))):
+      raise ConfigError(f"config key {path!r}={value!r} has type {type(value).__name__}, "
+                        f"expected {type(want).__name__}")
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(cfg, n_devices: int) -> None:
+  """Check the resolved config; raise ConfigError naming the first bad key."""
+  _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
+  _schema_check(cfg, base.get_config(cfg.scale))
+  stages = tuple(cfg.stages) if not isinstance(cfg.stages, str) else (cfg.stages,)
+  for s in stages:
+    _require(s in base.STAGE_NAMES, f"stages: unknown stage {s!r}; expected {base.STAGE_NAMES}")
+  _require(len(stages) > 0, "stages: no stage to run")
+  d = cfg.data
+  _require(d.multi >= 1, f"data.multi={d.multi} must be >= 1")
+  _require(d.permute_copies >= 1, f"data.permute_copies={d.permute_copies} must be >= 1")
+  _require(d.permute_copies == 1 or d.permute,
+           "data.permute_copies > 1 needs data.permute=True")
+  _require(0.0 <= d.qa_ratio < 1.0, f"data.qa_ratio={d.qa_ratio} must be in [0, 1)")
+  _require(0.0 < d.qa_train_fraction < 1.0,
+           f"data.qa_train_fraction={d.qa_train_fraction} must be in (0, 1)")
+  from kstore_jax.data.pools import load_pools
+  space = load_pools().name_space
+  _require(2 <= d.n_people <= space // 2,
+           f"data.n_people={d.n_people} must be in [2, {space // 2}] (half the name space)")
+  _require(d.seq_len >= 32, f"data.seq_len={d.seq_len} must be >= 32")
+  _require(d.chunk_docs >= 1, f"data.chunk_docs={d.chunk_docs} must be >= 1")
+  _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
+  _require(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
+           f"data.tokenizer_path: no such file {d.tokenizer_path!r}")
+  _require(d.tokenizer_path or d.vocab_size >= 512, f"data.vocab_size={d.vocab_size} must be >= 512")
+  m = cfg.model
+  _require(m.block in ("gpt2", "llama"), f"model.block={m.block!r} must be 'gpt2' or 'llama'")
+  _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {tuple(DTYPES)}")
+  _require(m.attention in ("auto", "xla", "cudnn"),
+           f"model.attention={m.attention!r} must be auto|xla|cudnn")
+  for k in ("num_layers", "num_heads", "d_model", "d_ff"):
+    _require(m[k] >= 1, f"model.{k}={m[k]} must be >= 1")
+  _require(m.d_model % m.num_heads == 0,
+           f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+  _require(0.0 <= m.rotary_fraction <= 1.0, f"model.rotary_fraction={m.rotary_fraction} must be in [0, 1]")
+  from kstore_jax.train.sharding import mesh_shape
+  try:
+    data, fsdp, tensor = mesh_shape(cfg.mesh, n_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for s in stages:
+    if s == "eval":
+      continue
+    st = cfg[s]
+    _require(st.steps >= 1, f"{s}.steps={st.steps} must be >= 1")
+    _require(st.lr > 0, f"{s}.lr={st.lr} must be > 0")
+    _require(0 <= st.warmup_steps, f"{s}.warmup_steps={st.warmup_steps} must be >= 0")
+    _require(st.batch_size % (data * fsdp) == 0,
+             f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "
+             f"{data * fsdp} (mesh.data * mesh.fsdp)")
+  _require(m.num_heads % tensor == 0 and m.d_ff % tensor == 0,
+           f"mesh.tensor={tensor} must divide model.num_heads={m.num_heads} and "
+           f"model.d_ff={m.d_ff}")
+  _require(m.d_model % fsdp == 0, f"mesh.fsdp={fsdp} must divide model.d_model={m.d_model}")
+  for k in ("log_every", "save_every", "keep_checkpoints"):
+    _require(cfg.train[k] >= 1, f"train.{k}={cfg.train[k]} must be >= 1")

@@ -1,0 +1,1 @@
+"""QA evaluation: KV-cache greedy generation, exact match, storage (bio recall) check."""

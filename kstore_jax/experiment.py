@@ -1,0 +1,218 @@
+"""Running an experiment's stages in a workdir (what `python -m kstore_jax.main` does).
+
+WORKDIR/config.json, tokenizer.json, results.json; WORKDIR/<stage>/{metrics.jsonl,
+checkpoints/, final/, events.*}. A stage with final/ is done and skipped; an interrupted one
+resumes from its newest readable checkpoint. Later stages read the previous stage's final/.
+"""
+
+import fcntl
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from kstore_jax import configlib
+from kstore_jax.data import world as world_lib
+from kstore_jax.eval import qa_eval
+from kstore_jax.model import lora as lora_lib
+from kstore_jax.model.transformer import ModelConfig, Transformer, flops_per_token
+from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
+
+TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune")
+
+
+def model_vocab(tokenizer) -> int:
+  """Tokenizer vocab rounded up to a multiple of 128 (MXU/AVX-friendly, shardable)."""
+  return -(-tokenizer.get_vocab_size() // 128) * 128
+
+
+def max_doc_positions(world, block: int = 1 << 20) -> int:
+  """The longest bio or QA of this population, in positions (tokens - 1).
+
+  Lengths are sums of piece lengths, so this needs no rendering: a pass over all documents'
+  piece ids, `block` at a time.
+  """
+  r, longest = world.renderer, 0
+  for src in (world.bios(), world.qa(np.arange(len(world.pop)))):
+    for s in range(0, len(src), block):
+      pieces = src.pieces(np.arange(s, min(s + block, len(src))))
+      pieces = pieces[0] if isinstance(pieces, tuple) else pieces
+      longest = max(longest, int(r.piece_len[pieces].sum(1).max()))
+  return longest - 1
+
+
+class Workdir:
+  """The exclusive lock and the run files of a workdir."""
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    self._lock = None
+
+  def lock(self) -> None:
+    os.makedirs(self.path, exist_ok=True)
+    self._lock = open(os.path.join(self.path, ".lock"), "w")
+    try:
+      fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise configlib.ConfigError(
+          f"--workdir={self.path}: locked by another running experiment") from None
+
+  def file(self, *parts) -> str:
+    return os.path.join(self.path, *parts)
+
+  def check_same_experiment(self, cfg) -> None:
+    """Refuse to resume a workdir that holds a different experiment."""
+    path = self.file("config.json")
+    if not os.path.exists(path):
+      return
+    old, new = _flatten(json.load(open(path))), _flatten(json.loads(cfg.to_json()))
+    ignore = ("stages", "train.", "eval.")   # data.workers changes Grain's state format
+    for k in sorted(set(old) | set(new)):
+      if not k.startswith(ignore) and old.get(k) != new.get(k):
+        raise configlib.ConfigError(
+            f"--workdir={self.path} holds a different experiment: config key {k!r} is "
+            f"{old.get(k)!r} there, {new.get(k)!r} now")
+
+  def write_json(self, name: str, obj) -> None:
+    if jax.process_index() != 0:
+      return
+    tmp = self.file(name + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, self.file(name))
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class Experiment:
+  """Config + world + model + mesh; runs stages."""
+
+  def __init__(self, cfg, tokenizer, workdir: Workdir):
+    self.cfg, self.workdir = cfg, workdir
+    self.world = world_lib.build_world(cfg, tokenizer)
+    longest = max_doc_positions(self.world)
+    if longest > cfg.data.seq_len:
+      raise configlib.ConfigError(
+          f"data.seq_len={cfg.data.seq_len} is shorter than the longest document "
+          f"({longest} positions)")
+    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(tokenizer))
+    self.model = Transformer(self.model_cfg)
+    self.mesh = sharding.make_mesh(cfg.mesh)
+
+  @functools.cached_property
+  def model_abstract(self):
+    """(abstract params with shardings, shardings, boxed init fn)."""
+    dummy = np.zeros((1, 8), np.int32)
+    init = lambda rng: self.model.init(rng, dummy)["params"]
+    with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(self.mesh):
+      boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+      shardings = sharding.logical_shardings(boxed, self.mesh)
+    abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+    return abstract, init
+
+  def stages(self) -> tuple[str, ...]:
+    s = self.cfg.stages
+    return (s,) if isinstance(s, str) else tuple(s)
+
+  def final_dir(self, stage: str) -> str:
+    return self.workdir.file(stage, "final")
+
+  def source_stage(self, stage: str, candidates) -> str:
+    """The stage whose final params `stage` starts from: the last earlier configured one among
+    candidates, else any finished one in the workdir."""
+    order = self.stages()
+    before = order[:order.index(stage)] if stage in order else order
+    for s in reversed(before):
+      if s in candidates:
+        return s
+    for s in candidates[::-1]:
+      if os.path.isdir(self.final_dir(s)):
+        return s
+    raise configlib.ConfigError(
+        f"stages: {stage!r} needs one of {candidates} to run first (none is configured or done)")
+
+  def load_final(self, stage: str):
+    return checkpoint.load_params(self.final_dir(stage), self.model_abstract[0])
+
+  def run(self) -> None:
+    for stage in self.stages():
+      if stage in TRAIN_STAGES:
+        if os.path.isdir(self.final_dir(stage)):
+          print(f"[{stage}] already done, skipping", flush=True)
+          continue
+        loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.file(stage), self.mesh)
+      elif stage == "eval":
+        self.evaluate()
+      else:
+        raise configlib.ConfigError(f"stages: {stage!r} is not implemented yet")
+
+  # -- training stages -------------------------------------------------------------------
+  def train_spec(self, stage: str) -> loop.StageSpec:
+    cfg, sc = self.cfg, self.cfg[stage]
+    lm_flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
+    _, init_model = self.model_abstract
+    seed_offset = loop_stage_index(stage)
+    chunks = self.world.chunks(stage, cfg.data, seed_offset)
+    eval_fn = functools.partial(self.sample_eval, n=cfg.train.eval_people)
+    if stage != "finetune":
+      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model), init_model, {},
+                            chunks, lm_flops, lambda p, f: p, eval_fn)
+    base = self.load_final(self.source_stage(stage, ("pretrain", "pretrain_mixed")))
+    if not sc.lora_rank:
+      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
+                            lambda rng: base, {}, chunks, lm_flops, lambda p, f: p, eval_fn)
+    merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
+    init_lora = lambda rng: lora_lib.init(rng, base, sc.lora_rank, sc.lora_embed_rank)
+    return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model, merge), init_lora, base,
+                          chunks, lm_flops, lambda p, f: merge(f, p), eval_fn)
+
+  def sample_eval(self, params, n: int) -> dict[str, float]:
+    """QA accuracy on the first n people of each half (periodic eval during training)."""
+    w = self.world
+    out = {}
+    for half, people in (("train", w.train_people[:n]), ("test", w.test_people[:n])):
+      out[f"qa_{half}"] = qa_eval.evaluate_qa(self.model, params, w, people,
+                                              self.cfg.eval.batch_size)["mean"]
+    return out
+
+  # -- evaluation ------------------------------------------------------------------------
+  def evaluate(self) -> dict:
+    cfg, w = self.cfg, self.world
+    src = self.source_stage("eval", TRAIN_STAGES)
+    params = self.load_final(src)
+    cap = cfg.eval.max_people or None
+    results = self.read_results()
+    results["qa_test"] = qa_eval.evaluate_qa(self.model, params, w, w.test_people[:cap],
+                                             cfg.eval.batch_size)
+    results["qa_train"] = qa_eval.evaluate_qa(self.model, params, w, w.train_people[:cap],
+                                              cfg.eval.batch_size)
+    store = self.source_stage("eval", ("pretrain", "pretrain_mixed"))
+    store_params = params if store == src else self.load_final(store)
+    results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w,
+                                               w.test_people[:cap], cfg.eval.batch_size)
+    results["evaluated_stage"] = src
+    self.workdir.write_json("results.json", results)
+    print(f"[eval] {src}: QA test {results['qa_test']['mean']:.3f} "
+          f"train {results['qa_train']['mean']:.3f} | bio recall "
+          f"{results['bio_recall']['mean']:.3f}", flush=True)
+    return results
+
+  def read_results(self) -> dict:
+    path = self.workdir.file("results.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def loop_stage_index(stage: str) -> int:
+  from configs.base import STAGE_NAMES
+  return STAGE_NAMES.index(stage)
