@@ -2,6 +2,7 @@
 
     python -m kstore_jax.bench data --config=configs/tiny.py [--workers=0,2]
     python -m kstore_jax.bench population --n=10000000
+    python -m kstore_jax.bench eval --config=configs/tiny.py [--workdir=DIR] [--eval_people=200]
 
 Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
 them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]` in BENCHMARKS
@@ -26,6 +27,12 @@ MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this l
 MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches")
 MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long")
 N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
+EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 200, "eval: people whose 6 QA prompts are "
+                                   "answered (held-out half first)")
+EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: prompts per batch (0 = all at once)")
+EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs (the median counts)")
+WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
+                              "stage's final params are used (default: a random model)")
 
 
 def measurement(name: str, value, unit: str, **context) -> dict:
@@ -143,7 +150,69 @@ def bench_population(cfg) -> list[dict]:
   ]
 
 
-BENCHMARKS = {"data": bench_data, "population": bench_population}
+# -- eval: QA generation with and without a KV cache -----------------------------------------
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+  """(median seconds of `repeats` timed calls after one warm-up/compile call, last result)."""
+  import jax
+  out = jax.block_until_ready(fn())
+  times = []
+  for _ in range(max(repeats, 1)):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), out
+
+
+def bench_eval(cfg) -> list[dict]:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from kstore_jax import experiment
+  from kstore_jax.data import tokenizer
+  from kstore_jax.eval import generate, qa_eval
+  from kstore_jax.model.transformer import count_params
+
+  workdir = WORKDIR.value
+  with cli.config_errors():
+    tok_path = workdir and os.path.join(workdir, "tokenizer.json")
+    tok = (tokenizer.load_tokenizer(tok_path) if tok_path and os.path.exists(tok_path)
+           else tokenizer.get_tokenizer(cfg.data))
+    exp = experiment.Experiment(cfg, tok, experiment.Workdir(workdir or "."))
+    if workdir:
+      if not os.path.isdir(workdir):
+        raise cli.ConfigError(f"--workdir={workdir}: no such directory")
+      stage = exp.source_stage("eval", experiment.TRAIN_STAGES)
+      params = exp.load_final(stage)
+    else:
+      stage = "random_init"
+      params = nn.meta.unbox(exp.model.init(jax.random.PRNGKey(cfg.seed),
+                                            np.zeros((1, 8), np.int32))["params"])
+  w = exp.world
+  people = np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
+  prompts, plens, answers, alens, _ = qa_eval.qa_arrays(w, people)
+  n = len(prompts)
+  batch = min(EVAL_BATCH.value or n, n)
+  prompt_BP, lens_B = jnp.asarray(prompts[:batch]), jnp.asarray(plens[:batch])
+  max_new = answers.shape[1]
+  args = (exp.model, params, prompt_BP, lens_B, max_new)
+  kv_s, kv_toks = _median_time(lambda: generate.generate(*args), EVAL_REPEATS.value)
+  re_s, re_toks = _median_time(lambda: generate.generate_recompute(*args), EVAL_REPEATS.value)
+  identical = bool(np.array_equal(np.asarray(kv_toks), np.asarray(re_toks)))
+  ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
+             params=int(count_params(params)), params_stage=stage, batch=batch,
+             prompt_len=int(prompt_BP.shape[1]), prompt_len_mean=round(float(plens.mean()), 2),
+             max_new=int(max_new), repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
+             device=jax.devices()[0].device_kind, cpus=os.cpu_count())
+  return [
+      measurement("kv_cache_eval_s", round(kv_s, 4), "s", **ctx),
+      measurement("recompute_eval_s", round(re_s, 4), "s", **ctx),
+      measurement("kv_cache_speedup", round(re_s / kv_s, 2), "ratio", identical=identical,
+                  **ctx),
+      measurement("qa_eval_questions_per_s", round(batch / kv_s, 1), "questions/s", **ctx),
+  ]
+
+
+BENCHMARKS = {"data": bench_data, "population": bench_population, "eval": bench_eval}
 NO_CONFIG = {"population"}
 
 

@@ -24,9 +24,9 @@ from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
 TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune")
 
 
-def model_vocab(tokenizer) -> int:
-  """Tokenizer vocab rounded up to a multiple of 128 (MXU/AVX-friendly, shardable)."""
-  return -(-tokenizer.get_vocab_size() // 128) * 128
+def model_vocab(renderer) -> int:
+  """The world's model ids, rounded up to a multiple of 128 (MXU/AVX-friendly, shardable)."""
+  return -(-renderer.vocab_size // 128) * 128
 
 
 def max_doc_positions(world, block: int = 1 << 20) -> int:
@@ -106,7 +106,7 @@ class Experiment:
       raise configlib.ConfigError(
           f"data.seq_len={cfg.data.seq_len} is shorter than the longest document "
           f"({longest} positions)")
-    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(tokenizer))
+    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer))
     self.model = Transformer(self.model_cfg)
     self.mesh = sharding.make_mesh(cfg.mesh)
 

@@ -22,7 +22,7 @@ def world():
   pop = population.make_population(0, N_PEOPLE)
   people = np.arange(N_PEOPLE)
   return dict(
-      tok=tok, renderer=renderer, pad=tok.token_to_id(tokenizer.PAD),
+      tok=tok, renderer=renderer, pad=renderer.token_id(tokenizer.PAD),
       bios=sources.BioSource(renderer, pop, people, render.AugSpec(multi=2, permute=True), 0),
       qa=sources.QASource(renderer, pop, people[: N_PEOPLE // 2]),
   )
@@ -140,11 +140,11 @@ def test_qa_weights_are_answer_and_eot(world):
       for s in np.unique(seg[seg > 0]):
         m = seg == s
         toks = list(b["inputs"][r][m]) + [b["targets"][r][m][-1]]
-        text = tok.decode([int(t) for t in toks], skip_special_tokens=False)
+        text = world["renderer"].decode(toks)
         prompt, answer = text.split("\nAnswer:")
         assert prompt.startswith(EOT) and answer.endswith(EOT)
         weighted = b["targets"][r][m][b["weights"][r][m] > 0]
-        assert tok.decode(weighted.tolist(), skip_special_tokens=False) == answer
+        assert world["renderer"].decode(weighted) == answer
         assert weighted[-1] == world["renderer"].eot_id
         assert set(np.unique(b["weights"][r][m])) <= {0.0, 1.0}
         n += 1
@@ -199,8 +199,7 @@ def test_mixing_gives_configured_qa_fraction(world, qa_ratio):
   want = int(round(qa_ratio * chunk_docs))
   np.testing.assert_array_equal(chunks.counts, [chunk_docs - want, want])
   for c in range(3):
-    texts = [world["tok"].decode(list(t), skip_special_tokens=False)
-             for t, _ in unpack(chunks[c])]
+    texts = [world["renderer"].decode(t) for t, _ in unpack(chunks[c])]
     n_qa = sum("\nAnswer:" in t for t in texts)
     assert len(texts) == chunk_docs and n_qa == want
     refs = dict(chunks.doc_refs(c))

@@ -1,6 +1,10 @@
 """Rendering bios and QA as token ids by concatenating pre-tokenised pieces.
 
 Every template fragment, name part and attribute value is tokenised once into a piece table.
+The model sees *model ids*: the tokenizer ids that occur in the piece table (plus the special
+tokens), renumbered densely. A byte-level BPE keeps every intermediate merge in its vocabulary
+(6.5k entries for ~2.5k words here; 50k for GPT-2's), and the output softmax is the largest
+matmul of a small model, so this trimming cuts a third of the demo's training FLOPs.
 A document is a row of piece ids; rendering gathers and concatenates their tokens, so an
 attribute value is the same token sequence wherever it appears (bio, QA answer, probe target),
 and spans are exact by construction. All of it is vectorised NumPy over many documents.
@@ -20,7 +24,7 @@ from kstore_jax.data import pools as pools_lib
 from kstore_jax.data import templates as templates_lib
 from kstore_jax.data.population import FIRST_YEAR, MONTHS, N_DAYS, N_YEARS, Population
 from kstore_jax.data.templates import ATTRIBUTES
-from kstore_jax.data.tokenizer import EOT
+from kstore_jax.data.tokenizer import EOT, SPECIAL_TOKENS
 
 N_ATTR = len(ATTRIBUTES)
 SUBJ, MID, VAL, TAIL = 0, 3, 4, 8     # slot offsets inside a sentence
@@ -85,7 +89,7 @@ class Renderer:
 
   def __init__(self, tokenizer: tokenizers.Tokenizer):
     self.tokenizer = tokenizer
-    self.eot_id = tokenizer.token_to_id(EOT)
+    eot = tokenizer.token_to_id(EOT)
     p = pools_lib.load_pools()
     temps = templates_lib.load_templates()
     texts: list[str] = [""]  # piece 0 is empty
@@ -99,7 +103,7 @@ class Renderer:
 
     self.bos = len(texts)
     texts.append(EOT)
-    special.append(self.eot_id)
+    special.append(eot)
     self.first0 = add([" " + s for s in p.first_names])
     self.middle0 = add([" " + s for s in p.middle_names])
     self.last0 = add([" " + s for s in p.last_names])
@@ -118,9 +122,35 @@ class Renderer:
     self.question1 = add([templates_lib.QUESTIONS[a][1] for a in ATTRIBUTES])
 
     ids = [[s] if s is not None else tokenizer.encode(t).ids for t, s in zip(texts, special)]
+    flat = np.array(list(itertools.chain.from_iterable(ids)), np.int64)
+    specials = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    self.tokenizer_ids = np.unique(np.concatenate([flat, specials]))   # model id -> tokenizer id
     self.piece_len = np.array([len(i) for i in ids], np.int64)
     self.piece_start = np.concatenate([[0], np.cumsum(self.piece_len)[:-1]])
-    self.piece_tokens = np.array(list(itertools.chain.from_iterable(ids)), np.int32)
+    self.piece_tokens = self.to_model_ids(flat)
+    self.eot_id = self.token_id(EOT)
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of model ids."""
+    return len(self.tokenizer_ids)
+
+  def to_model_ids(self, tokenizer_ids) -> np.ndarray:
+    tokenizer_ids = np.asarray(tokenizer_ids, np.int64)
+    pos = np.searchsorted(self.tokenizer_ids, tokenizer_ids).clip(0, self.vocab_size - 1)
+    unknown = self.tokenizer_ids[pos] != tokenizer_ids
+    if unknown.any():
+      bad = self.tokenizer.decode([int(t) for t in tokenizer_ids[unknown][:5]])
+      raise ValueError(f"text uses tokens outside the model vocabulary: {bad!r}")
+    return pos.astype(np.int32)
+
+  def token_id(self, token: str) -> int:
+    """Model id of a special token such as EOT or PAD."""
+    return int(self.to_model_ids([self.tokenizer.token_to_id(token)])[0])
+
+  def encode(self, text: str) -> np.ndarray:
+    """Free text -> model ids (ValueError if it needs a token the world never uses)."""
+    return self.to_model_ids(self.tokenizer.encode(text).ids)
 
   # -- piece ids -------------------------------------------------------------------------
   def _name_pieces(self, pop: Population, people: np.ndarray) -> np.ndarray:
@@ -222,8 +252,9 @@ class Renderer:
     m[QA_VALUE_SLOTS] = True
     return m
 
-  def decode(self, tokens) -> str:
-    return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
+  def decode(self, model_ids) -> str:
+    ids = self.tokenizer_ids[np.asarray(model_ids, np.int64)]
+    return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
 
 
 def _take(column: np.ndarray, people: np.ndarray) -> np.ndarray:

@@ -84,13 +84,13 @@ class KstoreBios(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, source, kind: int):
-    tok = self.world.renderer.tokenizer
+    r = self.world.renderer
     for start in range(0, len(source), _RENDER_BATCH):
       idx = np.arange(start, min(start + _RENDER_BATCH, len(source)))
       docs = source.docs(idx)
       people, _ = source.locate(idx)
       token_lists = [docs.tokens[docs.offsets[j]:docs.offsets[j + 1]] for j in range(len(idx))]
-      texts = tok.decode_batch([t.tolist() for t in token_lists], skip_special_tokens=False)
+      texts = [r.decode(t) for t in token_lists]
       for j, i in enumerate(idx.tolist()):
         s = slice(docs.offsets[j], docs.offsets[j + 1])
         yield i, {

@@ -27,7 +27,7 @@ class World:
 
   @property
   def pad_id(self) -> int:
-    return self.renderer.tokenizer.token_to_id(PAD)
+    return self.renderer.token_id(PAD)
 
   def bios(self, people=None) -> sources.BioSource:
     people = np.arange(len(self.pop)) if people is None else people
