@@ -73,7 +73,7 @@ def get_config(scale: str = "paper") -> ml_collections.ConfigDict:
     c.model.update(size="tiny", **MODEL_SIZES["tiny"], rotary_fraction=0.5)
     c.pretrain.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
     c.pretrain_mixed.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
-    c.finetune.update(steps=400, batch_size=64, lr=1e-3)
+    c.finetune.update(steps=250, batch_size=16, lr=1e-3)
     c.pprobe.update(steps=300, batch_size=64)
     c.qprobe.update(steps=300, batch_size=64)
     c.train.update(log_every=25, save_every=250)

@@ -31,6 +31,8 @@ EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 200, "eval: people whose 6 QA 
                                    "answered (held-out half first)")
 EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: prompts per batch (0 = all at once)")
 EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs (the median counts)")
+EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate (0 = the "
+                                    "longest answer + EOT, as in QA eval)")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
 
@@ -193,7 +195,7 @@ def bench_eval(cfg) -> list[dict]:
   n = len(prompts)
   batch = min(EVAL_BATCH.value or n, n)
   prompt_BP, lens_B = jnp.asarray(prompts[:batch]), jnp.asarray(plens[:batch])
-  max_new = answers.shape[1]
+  max_new = EVAL_MAX_NEW.value or answers.shape[1]
   args = (exp.model, params, prompt_BP, lens_B, max_new)
   kv_s, kv_toks = _median_time(lambda: generate.generate(*args), EVAL_REPEATS.value)
   re_s, re_toks = _median_time(lambda: generate.generate_recompute(*args), EVAL_REPEATS.value)

@@ -106,11 +106,19 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def stage_list(cfg) -> tuple[str, ...]:
+  """`cfg.stages` as a tuple; a string (`--config.stages=pretrain,eval`) is split on commas."""
+  s = cfg.stages
+  if isinstance(s, str):
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+  return tuple(s)
+
+
 def validate(cfg, n_devices: int) -> None:
   """Check the resolved config; raise ConfigError naming the first bad key."""
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
   _schema_check(cfg, base.get_config(cfg.scale))
-  stages = tuple(cfg.stages) if not isinstance(cfg.stages, str) else (cfg.stages,)
+  stages = stage_list(cfg)
   for s in stages:
     _require(s in base.STAGE_NAMES, f"stages: unknown stage {s!r}; expected {base.STAGE_NAMES}")
   _require(len(stages) > 0, "stages: no stage to run")

@@ -52,8 +52,13 @@ class Workdir:
     self._lock = None
 
   def lock(self) -> None:
+    """Lock the workdir against a second run. One lock file per process (`.lock` for process
+    0, `.lock.<i>` for the others): the processes of one multi-process run share the workdir
+    (same node or a shared filesystem) and must not exclude each other."""
     os.makedirs(self.path, exist_ok=True)
-    self._lock = open(os.path.join(self.path, ".lock"), "w")
+    i = jax.process_index()
+    name = ".lock" if i == 0 else f".lock.{i}"
+    self._lock = open(os.path.join(self.path, name), "a")   # "w" would touch a held lock
     try:
       fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -69,7 +74,9 @@ class Workdir:
     if not os.path.exists(path):
       return
     old, new = _flatten(json.load(open(path))), _flatten(json.loads(cfg.to_json()))
-    ignore = ("stages", "train.", "eval.")   # data.workers changes Grain's state format
+    # The mesh is a property of the run, not of the experiment: a checkpoint restores onto any
+    # mesh (elastic resume). data.workers changes Grain's state format, so it is compared.
+    ignore = ("stages", "train.", "eval.", "mesh.")
     for k in sorted(set(old) | set(new)):
       if not k.startswith(ignore) and old.get(k) != new.get(k):
         raise configlib.ConfigError(
@@ -122,8 +129,7 @@ class Experiment:
     return abstract, init
 
   def stages(self) -> tuple[str, ...]:
-    s = self.cfg.stages
-    return (s,) if isinstance(s, str) else tuple(s)
+    return configlib.stage_list(self.cfg)
 
   def final_dir(self, stage: str) -> str:
     return self.workdir.file(stage, "final")

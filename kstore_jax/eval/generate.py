@@ -20,23 +20,32 @@ def _valid(prompt_BP, lens_B):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))
 def generate(model: Transformer, params, prompt_BP, lens_B, max_new: int):
-  """Greedy tokens [B, max_new] (everything after the first EOS is left as generated)."""
+  """Greedy tokens [B, max_new] (everything after the first EOS is left as generated).
+
+  The prefill caches the keys/values of each prompt but its last token (columns P-1 and on are
+  never needed: a row's last prompt token is at most column P-1); its logits are unused, so XLA
+  drops the vocabulary projection of the prompt positions. Decode step t feeds the token at
+  position len_b - 1 + t (the prompt's last token first) and emits generated token t:
+  max_new single-token steps, none wasted.
+  """
   B, P = prompt_BP.shape
-  cache = init_cache(model.cfg, B, P + max_new)
-  positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
-  logits_BPV, _, cache = model.apply({"params": params}, prompt_BP, positions_BP,
-                                     _valid(prompt_BP, lens_B), cache=cache)
-  first_B = jnp.argmax(logits_BPV[jnp.arange(B), lens_B - 1], -1).astype(jnp.int32)
+  cache = init_cache(model.cfg, B, P - 1 + max_new)
+  if P > 1:
+    head_BP = prompt_BP[:, :P - 1]
+    positions = jnp.broadcast_to(jnp.arange(P - 1), head_BP.shape)
+    _, _, cache = model.apply({"params": params}, head_BP, positions,
+                              _valid(head_BP, lens_B - 1), cache=cache)
+  last_B = prompt_BP[jnp.arange(B), lens_B - 1].astype(jnp.int32)
 
   def body(carry, t):
     tok_B, cache = carry
-    pos_B1 = (lens_B + t)[:, None]
+    pos_B1 = (lens_B - 1 + t)[:, None]
     logits_B1V, _, cache = model.apply({"params": params}, tok_B[:, None], pos_B1,
                                        jnp.ones_like(pos_B1), cache=cache)
     nxt_B = jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32)
-    return (nxt_B, cache), tok_B
+    return (nxt_B, cache), nxt_B
 
-  _, toks_TB = jax.lax.scan(body, (first_B, cache), jnp.arange(max_new))
+  _, toks_TB = jax.lax.scan(body, (last_B, cache), jnp.arange(max_new))
   return toks_TB.T
 
 

@@ -29,17 +29,42 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
   def restore_latest(self, abstract_state, data_iter):
-    """(step, state) of the newest readable step, or (0, None) if there is none."""
+    """(step, state) of the newest readable step, or (0, None) if there is none.
+
+    Unreadable newer steps are renamed aside (`<step>.unreadable`): left in place, they would
+    make the save of that step number fail later (orbax: StepAlreadyExistsError).
+    """
+    unreadable = []
+    result = 0, None
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
-        return step, restored["state"]
+        result = step, restored["state"]
+        break
       except Exception as e:  # orbax raises many types for damaged files; fall back
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                         step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-    return 0, None
+        unreadable.append(step)
+    if unreadable:
+      self._set_aside(unreadable)
+    return result
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        aside = f"{path}.unreadable"
+        n = 1
+        while os.path.exists(aside):
+          aside, n = f"{path}.unreadable{n}", n + 1
+        os.replace(path, aside)
+        logging.warning("moved unreadable checkpoint %s to %s", path, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("kstore_jax:set_aside_unreadable_checkpoints")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

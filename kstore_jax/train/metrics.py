@@ -20,7 +20,8 @@ class MetricsWriter:
     kept = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+        kept = [l if l.endswith("\n") else l + "\n" for l in f
+                if (s := _line_step(l)) is not None and s <= resume_step]
     with open(self.path, "w") as f:
       f.writelines(kept)
     self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30)
@@ -39,6 +40,14 @@ class MetricsWriter:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def _line_step(line: str) -> int | None:
+  """The step of a metrics line; None for a blank line or one cut short by a kill."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def read_metrics(path: str) -> list[dict]:

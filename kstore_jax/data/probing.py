@@ -1,0 +1,92 @@
+"""Probe examples: bios with the positions before each value (P-probing) or the bare name
+(Q-probing), with the attribute labels; served as Grain random-access batches."""
+
+import dataclasses
+
+import numpy as np
+
+from kstore_jax.model.probes import probe_labels
+
+
+def pprobe_examples(world, people, copies):
+  """Bios of (people[i], copies[i]): inputs [n, W], segment ids, probe_at [n, 6] (the input
+  position whose next token is the value of the k-th sentence), labels [n, 6]."""
+  src = world.bios(people)
+  idx = np.arange(len(people)) * world.aug.copies + np.asarray(copies)
+  pieces, order = src.pieces(idx)
+  docs = world.renderer.render(pieces, world.renderer.bio_loss_pieces())
+  spans = world.renderer.value_spans(pieces, order)
+  rows = np.arange(len(people))[:, None]
+  probe_at = spans[rows, order, 0] - 1
+  return _pad(docs, world.pad_id), probe_at.astype(np.int32), probe_labels(world.pop, people)
+
+
+def qprobe_examples(world, people):
+  """[EOT] + full name: probe_at = the last name token."""
+  r = world.renderer
+  pieces = np.concatenate([np.full((len(people), 1), r.bos), r._name_pieces(world.pop, people)],
+                          1)
+  docs = r.render(pieces, np.zeros(pieces.shape[1], bool))
+  return (_pad(docs, world.pad_id), (docs.lengths - 1)[:, None].astype(np.int32),
+          probe_labels(world.pop, people))
+
+
+def _pad(docs, pad_id):
+  lens = docs.lengths
+  out = np.full((len(lens), int(lens.max())), pad_id, np.int32)
+  seg = np.zeros_like(out)
+  rows = np.repeat(np.arange(len(lens)), lens)
+  cols = np.arange(len(docs.tokens)) - np.repeat(docs.offsets[:-1], lens)
+  out[rows, cols] = docs.tokens
+  seg[rows, cols] = 1
+  return out, seg
+
+
+@dataclasses.dataclass
+class ProbeBatches:
+  """Random-access source: batch b -> a dict of [batch_size, ...] arrays for probe training.
+
+  Examples are (person, bio copy) pairs of `people` (P-probe) or people (Q-probe), read through
+  a seeded permutation per epoch; `width` pads every batch to one shape for jit."""
+  world: object
+  people: np.ndarray
+  kind: str              # 'pprobe' | 'qprobe'
+  batch_size: int
+  width: int
+  seed: int
+
+  def __post_init__(self):
+    self.n = len(self.people) * (self.world.aug.copies if self.kind == "pprobe" else 1)
+
+  def __len__(self) -> int:
+    return 1 << 40
+
+  def __getitem__(self, b: int) -> dict:
+    pos = b * self.batch_size + np.arange(self.batch_size)
+    epoch, j = np.divmod(pos, self.n)
+    idx = np.empty(self.batch_size, np.int64)
+    for e in np.unique(epoch):
+      sel = epoch == e
+      idx[sel] = np.random.default_rng([self.seed, int(e)]).permutation(self.n)[j[sel]]
+    return self.examples(idx)
+
+  def examples(self, idx) -> dict:
+    if self.kind == "pprobe":
+      person, copy = np.divmod(idx, self.world.aug.copies)
+      (tokens, seg), at, labels = pprobe_examples(self.world, self.people[person], copy)
+    else:
+      (tokens, seg), at, labels = qprobe_examples(self.world, self.people[idx])
+    pad = self.width - tokens.shape[1]
+    return {"tokens": np.pad(tokens, ((0, 0), (0, pad)), constant_values=self.world.pad_id),
+            "segment_ids": np.pad(seg, ((0, 0), (0, pad))), "probe_at": at, "labels": labels}
+
+
+def probe_width(world, kind: str) -> int:
+  """Longest probe input of this world (bios: the longest bio; names: the longest name)."""
+  from kstore_jax.experiment import max_doc_positions
+  if kind == "pprobe":
+    return max_doc_positions(world)
+  r = world.renderer
+  return 1 + int(r.piece_len[r.first0:r.middle0].max() + r.piece_len[r.middle0:r.last0].max()
+                 + r.piece_len[r.last0:r.pronoun0].max())
+

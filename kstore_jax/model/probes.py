@@ -1,0 +1,90 @@
+"""P-probing and Q-probing heads as pure functions over a probe param pytree.
+
+The frozen base model reads the input through its embedding plus a low-rank update
+`embed_a @ embed_b` (rank 2 for P-probes, 16 for Q-probes; `embed_b` starts at zero, so training
+starts from the frozen model). At each probed position the final hidden state goes through a
+LayerNorm and one linear classifier per (position, attribute). Only the probe params train: the
+base params enter through `jax.lax.stop_gradient`.
+
+Class sets: each attribute's values; company city = the HQ cities; birth date = the birth month
+(the first token of the date, 12 classes).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kstore_jax.data.templates import ATTRIBUTES
+
+
+def probe_labels(pop, people) -> np.ndarray:
+  """[n, 6] class ids of the probed attributes."""
+  cols = [pop.birth_month] + [pop.attribute(a) for a in ATTRIBUTES[1:]]
+  return np.stack([np.asarray(c)[people].astype(np.int32) for c in cols], -1)
+
+
+def n_classes() -> list[int]:
+  from kstore_jax.data import pools as pools_lib
+  p = pools_lib.load_pools()
+  return [12, len(p.birth_cities), len(p.universities), len(p.majors), len(p.companies),
+          len(p.hq_cities)]
+
+
+def init(rng, vocab: int, d_model: int, embed_rank: int, n_positions: int, classes: list[int]):
+  k_embed, *k_heads = jax.random.split(rng, 1 + len(classes))
+  return {
+      "embed_a": jax.random.normal(k_embed, (vocab, embed_rank), jnp.float32),
+      "embed_b": jnp.zeros((embed_rank, d_model), jnp.float32),
+      "ln": {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)},
+      "heads": [{"w": jax.random.normal(k, (n_positions, d_model, c), jnp.float32)
+                      / jnp.sqrt(d_model),
+                 "b": jnp.zeros((n_positions, c), jnp.float32)}
+                for k, c in zip(k_heads, classes)],
+  }
+
+
+def _layer_norm(x, ln):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-6) * ln["scale"] + ln["bias"]
+
+
+def probe_apply(probe, hidden_BPD):
+  """Per attribute logits [B, P, C_a] from the hidden states at the P probed positions."""
+  h = _layer_norm(hidden_BPD.astype(jnp.float32), probe["ln"])
+  return [jnp.einsum("bpd,pdc->bpc", h, head["w"]) + head["b"] for head in probe["heads"]]
+
+
+def probed_hidden(model, base, probe, batch):
+  """Final hidden states [B, P, D] at batch['probe_at'] with the embedding update applied."""
+  base = jax.lax.stop_gradient(base)
+  delta_VD = probe["embed_a"] @ probe["embed_b"]
+  tokens = batch["tokens"]
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  _, hidden_BLD, _ = model.apply({"params": base}, tokens, positions, batch["segment_ids"],
+                                 embed_delta_VD=delta_VD)
+  return jnp.take_along_axis(hidden_BLD, batch["probe_at"][..., None], axis=1)
+
+
+def make_probe_loss(model):
+  """Mean cross entropy over positions x attributes; aux: accuracy."""
+
+  def loss_fn(probe, base, batch):
+    logits = probe_apply(probe, probed_hidden(model, base, probe, batch))
+    labels = batch["labels"]                                   # [B, 6]
+    ce, acc = [], []
+    for a, lg in enumerate(logits):
+      y = jnp.broadcast_to(labels[:, None, a], lg.shape[:2])
+      logp = jax.nn.log_softmax(lg)
+      ce.append(-jnp.take_along_axis(logp, y[..., None], -1).mean())
+      acc.append((lg.argmax(-1) == y).mean())
+    return jnp.mean(jnp.stack(ce)), {"probe_acc": jnp.mean(jnp.stack(acc))}
+
+  return loss_fn
+
+
+def accuracy_matrix(model, base, probe, batch) -> jax.Array:
+  """[P, 6] accuracy of each (position, attribute) classifier on a batch."""
+  logits = probe_apply(probe, probed_hidden(model, base, probe, batch))
+  return jnp.stack([(lg.argmax(-1) == batch["labels"][:, None, a]).mean(0)
+                    for a, lg in enumerate(logits)], -1)

@@ -1,0 +1,157 @@
+"""QA evaluation: KV-cache generation, exact match, memorisation -> 100%, bio recall, loss mask."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from kstore_jax.data import pipeline, tokenizer as tokenizer_lib, world as world_lib
+from kstore_jax.data.templates import ATTRIBUTES
+from kstore_jax.eval import generate, qa_eval
+from kstore_jax.experiment import model_vocab
+from kstore_jax.model.transformer import ModelConfig, Transformer
+from kstore_jax.train import step as step_lib
+
+N_PEOPLE = 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.train_tokenizer(8192)
+
+
+@pytest.fixture(scope="module")
+def world(tok):
+  cfg = base.get_config("tiny")
+  cfg.data.n_people = N_PEOPLE
+  return world_lib.build_world(cfg, tok)
+
+
+def make_model(world, **kw):
+  mc = ModelConfig(vocab_size=model_vocab(world.renderer), **{
+      **dict(num_layers=2, num_heads=4, d_model=64, d_ff=256, rotary_fraction=0.5), **kw})
+  model = Transformer(mc)
+  init = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))))
+  params = init(jax.random.PRNGKey(0))["params"]
+  return model, params
+
+
+def greedy_one(model, params, prompt, n):
+  """Reference: one row without padding or segments, re-run in full for every token (causal
+  masking alone keeps the unfilled tail out of the logits that are read)."""
+  apply = jax.jit(lambda p, seq: model.apply({"params": p}, seq)[0])
+  seq = np.zeros((1, len(prompt) + n), np.int32)
+  seq[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + n):
+    seq[0, t] = int(jnp.argmax(apply(params, seq)[0, t - 1]))
+  return seq[0, len(prompt):]
+
+
+def test_kv_cache_equals_recompute_ragged_batch(world):
+  model, params = make_model(world)
+  prompts, plens, answers, _, _ = qa_eval.qa_arrays(world, np.arange(N_PEOPLE))
+  # Rows of very different lengths in one batch: real QA prompts plus truncated ones.
+  cut = np.array([1, 3, 5, 8])
+  short = prompts[:4].copy()
+  for i, c in enumerate(cut):
+    short[i, c:] = world.pad_id
+  prompt_BP = np.concatenate([prompts, short])
+  lens_B = np.concatenate([plens, cut]).astype(np.int32)
+  assert len(set(lens_B.tolist())) >= 5
+  max_new = answers.shape[1] + 2
+  args = (model, params, jnp.asarray(prompt_BP), jnp.asarray(lens_B), max_new)
+  kv = np.asarray(generate.generate(*args))
+  full = np.asarray(generate.generate_recompute(*args))
+  assert kv.shape == (len(prompt_BP), max_new)
+  np.testing.assert_array_equal(kv, full)
+  for b in (0, len(plens)):     # and both equal greedy decoding without padding
+    ref = greedy_one(model, params, prompt_BP[b, :lens_B[b]], max_new)
+    np.testing.assert_array_equal(kv[b], ref)
+  one = (model, params, jnp.asarray(prompt_BP[:2, :1]), jnp.ones(2, jnp.int32), 3)
+  np.testing.assert_array_equal(generate.generate(*one), generate.generate_recompute(*one))
+
+
+def test_answers_match_is_exact():
+  eot, pad = 0, 1
+  answers = np.array([[7, 8, 9, eot], [5, eot, pad, pad]])
+  alens = np.array([4, 2])
+  right = np.array([[7, 8, 9, eot, 3], [5, eot, 4, 4, 4]])   # past the EOT: ignored
+  assert qa_eval.answers_match(right, answers, alens).tolist() == [True, True]
+  wrong_last = right.copy()
+  wrong_last[0, 2] = 10                                       # last value token
+  assert qa_eval.answers_match(wrong_last, answers, alens).tolist() == [False, True]
+  wrong_eot = right.copy()
+  wrong_eot[0, 3] = 9                                          # no EOT after the value
+  wrong_eot[1, 1] = 6
+  assert qa_eval.answers_match(wrong_eot, answers, alens).tolist() == [False, False]
+  prefix_only = right.copy()
+  prefix_only[1, 0] = 6                                        # first token
+  assert qa_eval.answers_match(prefix_only, answers, alens).tolist() == [True, False]
+
+
+@pytest.fixture(scope="module")
+def memorised(world):
+  """A 2-layer model trained (200 full-batch adam steps) on the 24 QA pairs of all people."""
+  model, params = make_model(world)
+  qa = world.qa(np.arange(N_PEOPLE))
+  batch = {k: jnp.asarray(v) for k, v in
+           pipeline.pack_docs(qa.docs(np.arange(len(qa))), 128, world.pad_id).items()}
+  loss_fn = step_lib.make_lm_loss(model)
+  opt = optax.adam(3e-3)
+
+  @jax.jit
+  def train_step(params, opt_state):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, None, batch)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = opt.init(params)
+  for _ in range(200):
+    params, opt_state, loss = train_step(params, opt_state)
+  assert float(loss) < 0.02
+  return model, params
+
+
+def test_memorised_qa_scores_100(world, memorised):
+  model, params = memorised
+  acc = qa_eval.evaluate_qa(model, params, world, np.arange(N_PEOPLE), batch_size=16)
+  assert set(acc) == set(ATTRIBUTES) | {"mean"}
+  assert acc["mean"] == 1.0, acc
+
+
+def test_bio_recall_values(world, memorised):
+  model, params = memorised
+  rec = qa_eval.bio_recall(model, params, world, np.arange(N_PEOPLE), batch_size=3)
+  assert set(rec) == set(ATTRIBUTES) | {"mean"}
+  assert all(0.0 <= v <= 1.0 for v in rec.values())
+
+
+def test_qa_loss_mask_is_answer_only(world):
+  people = np.arange(N_PEOPLE)
+  qa = world.qa(people)
+  docs = qa.docs(np.arange(len(qa)))
+  batch = pipeline.pack_docs(docs, 64, world.pad_id)
+  prompts, plens, answers, alens, _ = qa_eval.qa_arrays(world, people)
+  by_inputs = {tuple(docs.doc(i)["tokens"][:-1].tolist()): i for i in range(len(docs))}
+  eot = world.renderer.eot_id
+  seen = 0
+  for r in range(len(batch["inputs"])):
+    for s in set(batch["segment_ids"][r].tolist()) - {0}:
+      sel = batch["segment_ids"][r] == s
+      i = by_inputs[tuple(batch["inputs"][r][sel].tolist())]
+      w, tgt = batch["weights"][r][sel], batch["targets"][r][sel]
+      answer = answers[i, :alens[i]]
+      # Loss on exactly the answer value tokens and the closing EOT (the last alen targets).
+      np.testing.assert_array_equal(w, np.arange(len(w)) >= len(w) - alens[i])
+      np.testing.assert_array_equal(tgt[w > 0], answer)
+      assert answer[-1] == eot and eot not in answer[:-1]
+      # The eval prompt is the training document's text before the answer, whitespace and all.
+      np.testing.assert_array_equal(docs.doc(i)["tokens"][:plens[i]], prompts[i, :plens[i]])
+      assert "Answer:" in world.renderer.decode(prompts[i, :plens[i]])
+      assert "Answer" not in world.renderer.decode(answer)
+      seen += 1
+  assert seen == len(docs) == 6 * N_PEOPLE
+  assert batch["weights"][batch["segment_ids"] == 0].sum() == 0

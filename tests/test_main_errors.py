@@ -1,0 +1,133 @@
+"""`python -m kstore_jax.main` refuses bad configs, flags and locked workdirs with one line on
+stderr that names the culprit, a non-zero exit, and an existing workdir left untouched."""
+
+import fcntl
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "--config=configs/single.py:tiny"
+SMALL = [
+    "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
+    "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
+    "--config.model.d_ff=128", "--config.pretrain.batch_size=8", "--config.pretrain.steps=2",
+    "--config.pretrain.warmup_steps=1", "--config.train.log_every=1",
+    "--config.train.save_every=1", "--config.stages=pretrain",
+]
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  path = tmp_path_factory.getbasetemp() / "jax_cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.run([sys.executable, "-m", "kstore_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def snapshot(root: pathlib.Path) -> dict:
+  """Every path under root (the root included) -> (mtime_ns, size, sha256 for files)."""
+  out = {}
+  for p in [root, *sorted(root.rglob("*"))]:
+    st = p.lstat()
+    digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    out[str(p.relative_to(root))] = (st.st_mtime_ns, st.st_size, digest)
+  return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, jax_cache):
+  """A finished 2-step run: the existing workdir that failed invocations must not touch."""
+  wd = tmp_path_factory.mktemp("errors") / "existing"
+  r = run_main([CONFIG, f"--workdir={wd}", *SMALL], jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (wd / "pretrain/final").is_dir()
+  return wd
+
+
+def assert_one_line_error(r, *culprits):
+  assert r.returncode != 0, r.stdout[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith("kstore_jax.main: error: "), lines[0]
+  for c in culprits:
+    assert c in lines[0], lines[0]
+  return lines[0]
+
+
+def half_name_space() -> int:
+  from kstore_jax.data.pools import load_pools
+  return load_pools().name_space // 2
+
+
+# (overrides replacing/added to SMALL, fake device count, substrings the line must contain)
+BAD = {
+    "unknown_key": (["--config.data.multy=3"], 1, ["data.multy"]),
+    "wrong_type": (["--config.data.multi=abc"], 1, ["data.multi", "abc"]),
+    "multi_zero": (["--config.data.multi=0"], 1, ["data.multi"]),
+    # ml_collections reads `pretrain,bogus` as one string: the stage 'pretrain,bogus'.
+    "unknown_stage": (["--config.stages=pretrain,bogus"], 1, ["stage", "bogus"]),
+    "unknown_stage_tuple": (["--config.stages=('pretrain','bogus')"], 1, ["stage", "'bogus'"]),
+    "mesh_vs_devices": (["--config.mesh.data=3"], 1, ["mesh", "1 devices"]),
+    "batch_vs_data_parallel": (["--config.pretrain.batch_size=6"], 8,
+                               ["pretrain.batch_size=6", "data-parallel"]),
+    "missing_tokenizer": (["--config.data.tokenizer_path=/nonexistent.json"], 1,
+                          ["data.tokenizer_path", "/nonexistent.json"]),
+    "too_many_people": ([f"--config.data.n_people={half_name_space() + 1}"], 1,
+                        ["data.n_people", "name space"]),
+    "different_experiment": (["--config.data.n_people=120"], 1,
+                             ["different experiment", "data.n_people"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_leaves_workdir_untouched(case, workdir, jax_cache):
+  overrides, n_devices, culprits = BAD[case]
+  before = snapshot(workdir)
+  r = run_main([CONFIG, f"--workdir={workdir}", *SMALL, *overrides], jax_cache, n_devices)
+  assert_one_line_error(r, *culprits)
+  assert snapshot(workdir) == before
+
+
+def test_missing_config_file(workdir, jax_cache):
+  before = snapshot(workdir)
+  r = run_main(["--config=configs/no_such_row.py:tiny", f"--workdir={workdir}"], jax_cache)
+  assert_one_line_error(r, "no_such_row.py")
+  assert snapshot(workdir) == before
+
+
+def test_seq_len_shorter_than_longest_document(tmp_path, jax_cache):
+  # A new workdir (an existing one would refuse the changed seq_len first) is not created.
+  wd = tmp_path / "new"
+  r = run_main([CONFIG, f"--workdir={wd}", *SMALL, "--config.data.seq_len=40"], jax_cache)
+  assert_one_line_error(r, "data.seq_len=40", "longest document")
+  assert not wd.exists()
+
+
+def test_missing_workdir_flag(jax_cache):
+  r = run_main([CONFIG, *SMALL], jax_cache)
+  assert_one_line_error(r, "--workdir")
+
+
+def test_locked_workdir_refuses(workdir, jax_cache):
+  with open(workdir / ".lock", "a") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)   # as a running experiment holds it
+    before = snapshot(workdir)
+    r = run_main([CONFIG, f"--workdir={workdir}", *SMALL], jax_cache)
+    after = snapshot(workdir)
+  line = assert_one_line_error(r, str(workdir), "locked")
+  assert "--workdir=" in line
+  assert after == before

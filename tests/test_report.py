@@ -1,0 +1,91 @@
+"""The report CLI: a Fig-3-style table and PNGs from run directories (hand-written here)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from kstore_jax import report
+from kstore_jax.data.templates import ATTRIBUTES
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def accs(mean: float) -> dict:
+  vals = {a: mean + (i - 2.5) * 0.01 for i, a in enumerate(ATTRIBUTES)}
+  return {**vals, "mean": sum(vals.values()) / len(vals)}
+
+
+def fake_run(d: pathlib.Path, name: str, stages, results: dict | None, steps: int = 20):
+  d.mkdir(parents=True)
+  (d / "config.json").write_text(json.dumps({"name": name, "stages": list(stages), "seed": 0}))
+  if results is not None:
+    (d / "results.json").write_text(json.dumps(results))
+  for stage in stages:
+    if stage == "eval":
+      continue
+    (d / stage).mkdir()
+    with open(d / stage / "metrics.jsonl", "w") as f:
+      for s in range(1, steps + 1):
+        f.write(json.dumps({"step": 25 * s, "loss": 4.0 / s, "lr": 1e-3,
+                            "tokens_per_s": 1e4}) + "\n")
+      f.write(json.dumps({"step": 25 * steps, "qa_test": 0.5}) + "\n")   # an eval line
+
+
+def test_report_table_and_pngs(tmp_path):
+  fake_run(tmp_path / "single", "single", ("pretrain", "finetune", "eval"),
+           {"qa_test": accs(0.031), "qa_train": accs(0.995), "bio_recall": accs(0.98),
+            "pprobe": [[0.1 * i + 0.02 * j for j in range(6)] for i in range(6)],
+            "qprobe": accs(0.2)})
+  fake_run(tmp_path / "mix", "multi5_permute", ("pretrain_mixed", "eval"),
+           {"qa_test": accs(0.804), "qa_train": accs(0.97), "bio_recall": accs(0.99)})
+  fake_run(tmp_path / "unfinished", "multi2", ("pretrain", "finetune", "eval"), None)
+  out = tmp_path / "out" / "report.md"
+  text, pngs = report.build_report(
+      [str(tmp_path / n) for n in ("single", "mix", "unfinished")], str(out))
+  assert out.read_text() == text
+  lines = text.splitlines()
+  row = lambda name: next(l for l in lines if l.startswith(f"| `{name}` |"))
+  # Headline rows: ours (paper) for finetune and mixed.
+  assert row("single") == "| `single` | 3.1 (9.7) | — (86.6) |"
+  assert row("multi5_permute") == "| `multi5_permute` | — (96.6) | 80.4 (—) |"
+  assert row("multi2") == "| `multi2` | — (41.1) | — (—) |"
+  # Paper order: single, multi2, multi5_permute.
+  assert lines.index(row("single")) < lines.index(row("multi2")) < lines.index(
+      row("multi5_permute"))
+  # Per-run rows: per-attribute test accuracy, train half, bio recall, notes.
+  detail = [l for l in lines if l.startswith("| `single` | finetune |")]
+  assert len(detail) == 1 and "| 99.5 | 98.0 |" in detail[0] and "| 0.6 |" in detail[0]
+  unfinished = next(l for l in lines if l.startswith("| `multi2` | finetune |"))
+  assert "no results.json" in unfinished and "— (41.1)" in unfinished
+  assert "Q-probe" in text and "P-probe" in text
+  names = {pathlib.Path(p).name for p in pngs}
+  assert names == {"report_accuracy.png", "report_pprobe_single.png", "report_loss_single.png",
+                   "report_loss_mix.png", "report_loss_unfinished.png"}
+  for p in pngs:
+    data = pathlib.Path(p).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert pathlib.Path(p).name in text
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "kstore_jax.report", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_report_cli(tmp_path):
+  fake_run(tmp_path / "a", "single_permute5", ("pretrain", "finetune", "eval"),
+           {"qa_test": accs(0.5), "qa_train": accs(1.0)})
+  (tmp_path / "a" / "finetune" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"st')
+  r = run_cli(str(tmp_path / "a"), f"--out={tmp_path / 'r.md'}")
+  assert r.returncode == 0, r.stderr
+  assert "| `single_permute5` | 50.0 (70.0) | — (—) |" in r.stdout
+  assert "results.json lacks bio_recall" in r.stdout
+  assert (tmp_path / "r_accuracy.png").exists() and (tmp_path / "r_loss_a.png").exists()
+  r = run_cli(str(tmp_path / "a"), str(tmp_path / "missing"), f"--out={tmp_path / 'x.md'}")
+  assert r.returncode == 2
+  err = r.stderr.strip().splitlines()
+  assert len(err) == 1 and "missing" in err[0], r.stderr
+  assert not (tmp_path / "x.md").exists()
+  r = run_cli("--help")
+  assert r.returncode == 0 and "--out" in r.stdout
