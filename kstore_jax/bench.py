@@ -165,6 +165,18 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
   return float(np.median(times)), out
 
 
+def generation_flops_ratio(model_cfg, prompt_len: int, max_new: int) -> float:
+  """Matmul FLOPs of full recompute over those of KV-cache generation (attention scores left
+  out): recompute runs P + max_new positions, logits included, max_new times; the cache path
+  runs P - 1 prompt positions without logits, then max_new one-token steps with logits."""
+  c = model_cfg
+  body = c.num_layers * (4 * c.d_model ** 2 + (3 if c.block == "llama" else 2) * c.d_model * c.d_ff)
+  head = c.vocab_size * c.d_model
+  recompute = max_new * (prompt_len + max_new) * (body + head)
+  cached = (prompt_len - 1) * body + max_new * (body + head)
+  return recompute / cached
+
+
 def bench_eval(cfg) -> list[dict]:
   import flax.linen as nn
   import jax
@@ -175,40 +187,42 @@ def bench_eval(cfg) -> list[dict]:
   from kstore_jax.model.transformer import count_params
 
   workdir = WORKDIR.value
+  if workdir and not os.path.isdir(workdir):
+    raise cli.ConfigError(f"--workdir={workdir}: no such directory")
   with cli.config_errors():
-    tok_path = workdir and os.path.join(workdir, "tokenizer.json")
-    tok = (tokenizer.load_tokenizer(tok_path) if tok_path and os.path.exists(tok_path)
+    tok_path = os.path.join(workdir, "tokenizer.json") if workdir else ""
+    tok = (tokenizer.load_tokenizer(tok_path) if os.path.exists(tok_path)
            else tokenizer.get_tokenizer(cfg.data))
-    exp = experiment.Experiment(cfg, tok, experiment.Workdir(workdir or "."))
-    if workdir:
-      if not os.path.isdir(workdir):
-        raise cli.ConfigError(f"--workdir={workdir}: no such directory")
+    exp = experiment.Experiment(cfg, tok, experiment.Workdir(workdir or os.getcwd()))
+    if workdir:   # the finished training stage that `eval` would read
       stage = exp.source_stage("eval", experiment.TRAIN_STAGES)
       params = exp.load_final(stage)
     else:
       stage = "random_init"
-      params = nn.meta.unbox(exp.model.init(jax.random.PRNGKey(cfg.seed),
-                                            np.zeros((1, 8), np.int32))["params"])
+      init = jax.jit(lambda rng: nn.meta.unbox(
+          exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
+      params = init(jax.random.PRNGKey(cfg.seed))
   w = exp.world
   people = np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
-  prompts, plens, answers, alens, _ = qa_eval.qa_arrays(w, people)
-  n = len(prompts)
-  batch = min(EVAL_BATCH.value or n, n)
+  prompts, plens, answers, _, _ = qa_eval.qa_arrays(w, people)
+  batch = min(EVAL_BATCH.value or len(prompts), len(prompts))
   prompt_BP, lens_B = jnp.asarray(prompts[:batch]), jnp.asarray(plens[:batch])
   max_new = EVAL_MAX_NEW.value or answers.shape[1]
   args = (exp.model, params, prompt_BP, lens_B, max_new)
   kv_s, kv_toks = _median_time(lambda: generate.generate(*args), EVAL_REPEATS.value)
   re_s, re_toks = _median_time(lambda: generate.generate_recompute(*args), EVAL_REPEATS.value)
   identical = bool(np.array_equal(np.asarray(kv_toks), np.asarray(re_toks)))
+  P = int(prompt_BP.shape[1])
   ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
-             params=int(count_params(params)), params_stage=stage, batch=batch,
-             prompt_len=int(prompt_BP.shape[1]), prompt_len_mean=round(float(plens.mean()), 2),
-             max_new=int(max_new), repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
+             params=int(count_params(params)), params_from=stage, batch=batch, prompt_len=P,
+             prompt_len_mean=round(float(plens[:batch].mean()), 2), max_new=int(max_new),
+             repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
              device=jax.devices()[0].device_kind, cpus=os.cpu_count())
   return [
       measurement("kv_cache_eval_s", round(kv_s, 4), "s", **ctx),
       measurement("recompute_eval_s", round(re_s, 4), "s", **ctx),
       measurement("kv_cache_speedup", round(re_s / kv_s, 2), "ratio", identical=identical,
+                  flops_ratio=round(generation_flops_ratio(exp.model_cfg, P, max_new), 2),
                   **ctx),
       measurement("qa_eval_questions_per_s", round(batch / kv_s, 1), "questions/s", **ctx),
   ]

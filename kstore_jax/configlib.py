@@ -107,11 +107,10 @@ def _require(ok: bool, message: str) -> None:
 
 
 def stage_list(cfg) -> tuple[str, ...]:
-  """`cfg.stages` as a tuple; a string (`--config.stages=pretrain,eval`) is split on commas."""
-  s = cfg.stages
-  if isinstance(s, str):
-    return tuple(x.strip() for x in s.split(",") if x.strip())
-  return tuple(s)
+  """`cfg.stages` as a tuple of names. `--config.stages=pretrain,eval` arrives as the string
+  or as the 1-tuple ('pretrain,eval',): entries are split on commas."""
+  s = (cfg.stages,) if isinstance(cfg.stages, str) else cfg.stages
+  return tuple(x.strip() for entry in s for x in str(entry).split(",") if x.strip())
 
 
 def validate(cfg, n_devices: int) -> None:

@@ -15,13 +15,17 @@ import jax
 import numpy as np
 
 from kstore_jax import configlib
-from kstore_jax.data import world as world_lib
+from kstore_jax.data import pipeline, probing, world as world_lib
+from kstore_jax.data.render import N_ATTR
+from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import qa_eval
-from kstore_jax.model import lora as lora_lib
+from kstore_jax.model import lora as lora_lib, probes
 from kstore_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
 
 TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune")
+PROBE_STAGES = ("pprobe", "qprobe")
+BASE_STAGES = ("pretrain", "pretrain_mixed")
 
 
 def model_vocab(renderer) -> int:
@@ -158,10 +162,10 @@ class Experiment:
           print(f"[{stage}] already done, skipping", flush=True)
           continue
         loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.file(stage), self.mesh)
-      elif stage == "eval":
-        self.evaluate()
+      elif stage in PROBE_STAGES:
+        self.probe(stage)
       else:
-        raise configlib.ConfigError(f"stages: {stage!r} is not implemented yet")
+        self.evaluate()
 
   # -- training stages -------------------------------------------------------------------
   def train_spec(self, stage: str) -> loop.StageSpec:
@@ -170,18 +174,76 @@ class Experiment:
     _, init_model = self.model_abstract
     seed_offset = loop_stage_index(stage)
     chunks = self.world.chunks(stage, cfg.data, seed_offset)
+    data = functools.partial(pipeline.make_pipeline, chunks, sc.batch_size, cfg.data.workers)
     eval_fn = functools.partial(self.sample_eval, n=cfg.train.eval_people)
+    lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
+              flops_per_position=lm_flops, eval_fn=eval_fn)
     if stage != "finetune":
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model), init_model, {},
-                            chunks, lm_flops, lambda p, f: p, eval_fn)
-    base = self.load_final(self.source_stage(stage, ("pretrain", "pretrain_mixed")))
+                            export=lambda p, f: p, **lm)
+    base = self.load_final(self.source_stage(stage, BASE_STAGES))
     if not sc.lora_rank:
-      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
-                            lambda rng: base, {}, chunks, lm_flops, lambda p, f: p, eval_fn)
+      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model), lambda rng: base, {},
+                            export=lambda p, f: p, **lm)
     merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
     init_lora = lambda rng: lora_lib.init(rng, base, sc.lora_rank, sc.lora_embed_rank)
     return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model, merge), init_lora, base,
-                          chunks, lm_flops, lambda p, f: merge(f, p), eval_fn)
+                          export=lambda p, f: merge(f, p), **lm)
+
+  # -- probing stages --------------------------------------------------------------------
+  def probe_spec(self, stage: str, base) -> loop.StageSpec:
+    cfg, sc, w = self.cfg, self.cfg[stage], self.world
+    batches = probing.ProbeBatches(w, w.train_people, stage, sc.batch_size,
+                                   probing.probe_width(w, stage),
+                                   seed=cfg.seed * 1000 + loop_stage_index(stage))
+    init = functools.partial(
+        probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
+        embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
+        classes=probes.n_classes())
+    return loop.StageSpec(
+        stage, sc, probes.make_probe_loss(self.model), init, base,
+        data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
+                               cfg.data.workers),
+        positions_per_step=sc.batch_size * batches.width,
+        flops_per_position=flops_per_token(self.model_cfg, batches.width),
+        export=lambda p, f: p)
+
+  def probe(self, stage: str) -> None:
+    """Train (or resume) a probe on the QA-train half's people, score it on the test half."""
+    base = self.load_final(self.source_stage(stage, BASE_STAGES))
+    spec = self.probe_spec(stage, base)
+    if os.path.isdir(self.final_dir(stage)):
+      print(f"[{stage}] already done, skipping training", flush=True)
+      abstract = jax.eval_shape(spec.init_params, jax.random.PRNGKey(0))
+      rep = sharding.replicated(self.mesh)
+      params = checkpoint.load_params(self.final_dir(stage),
+                                      checkpoint.abstract_with_shardings(
+                                          abstract, jax.tree.map(lambda _: rep, abstract)))
+    else:
+      params = loop.run_stage(spec, self.cfg, self.workdir.file(stage), self.mesh)
+    w = self.world
+    test = probing.ProbeBatches(w, w.test_people[:self.cfg.eval.max_people or None], stage,
+                                self.cfg.eval.batch_size, probing.probe_width(w, stage), 0)
+    acc = jax.jit(functools.partial(probes.accuracy_matrix, self.model))
+    total, n = 0.0, 0
+    for s in range(0, len(test.people), test.batch_size):
+      idx = np.arange(s, min(s + test.batch_size, len(test.people)))
+      copy0 = idx * (w.aug.copies if stage == "pprobe" else 1)
+      batch = test.examples(copy0)
+      total = total + np.asarray(acc(base, params, batch)) * len(idx)
+      n += len(idx)
+    matrix = total / n
+    results = self.read_results()
+    if stage == "pprobe":
+      results["pprobe"] = matrix.tolist()
+    else:
+      results["qprobe"] = {**{a: float(matrix[0, i]) for i, a in enumerate(ATTRIBUTES)},
+                           "mean": float(matrix[0].mean())}
+    labels = probes.probe_labels(w.pop, w.test_people)
+    results["probe_baseline"] = {a: float(np.bincount(labels[:, i]).max() / len(labels))
+                                 for i, a in enumerate(ATTRIBUTES)}
+    self.workdir.write_json("results.json", results)
+    print(f"[{stage}] accuracy by position x attribute:\n{np.round(matrix, 3)}", flush=True)
 
   def sample_eval(self, params, n: int) -> dict[str, float]:
     """QA accuracy on the first n people of each half (periodic eval during training)."""
@@ -203,7 +265,7 @@ class Experiment:
                                              cfg.eval.batch_size)
     results["qa_train"] = qa_eval.evaluate_qa(self.model, params, w, w.train_people[:cap],
                                               cfg.eval.batch_size)
-    store = self.source_stage("eval", ("pretrain", "pretrain_mixed"))
+    store = self.source_stage("eval", BASE_STAGES)
     store_params = params if store == src else self.load_final(store)
     results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w,
                                                w.test_people[:cap], cfg.eval.batch_size)

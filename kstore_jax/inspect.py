@@ -18,6 +18,7 @@ unreadable checkpoint) are one line on stderr, exit status 2.
 import json
 import os
 import sys
+import tempfile
 
 from absl import flags, logging
 
@@ -48,7 +49,8 @@ def _read_json(path: str, what: str):
 
 def _first_line(e: BaseException) -> str:
   lines = str(e).strip().splitlines()
-  return (lines[0] if lines else type(e).__name__)[:300]
+  line = lines[0] if lines else type(e).__name__
+  return line.split(" See full TensorStore details")[0][:300]
 
 
 def last_metrics_line(stage_dir: str):
@@ -214,6 +216,9 @@ def inspect_checkpoint(stage_dir: str, stage: str, step, restore: bool) -> dict:
     item_dir = os.path.join(stage_dir, "final")
     what = f"{stage} final params"
     md = _read_metadata(item_dir, what)
+    if md is None:
+      raise ConfigError(f"{what} is unreadable: {item_dir} (its tree metadata is missing or "
+                        "damaged)")
     params_md, opt_md, step_md, data = md, None, None, None
     path = item_dir
   else:
@@ -221,8 +226,9 @@ def inspect_checkpoint(stage_dir: str, stage: str, step, restore: bool) -> dict:
     item_dir = os.path.join(path, "state")
     what = f"{stage} checkpoint step {step}"
     md = _read_metadata(item_dir, what)
-    if not isinstance(md, dict) and not hasattr(md, "keys"):
-      raise ConfigError(f"{what}: unexpected state layout in {item_dir}")
+    if not hasattr(md, "keys"):
+      raise ConfigError(f"{what} is unreadable: {item_dir} (its tree metadata is missing or "
+                        "damaged)")
     params_md = md.get("params")
     opt_md, step_md = md.get("opt_state"), md.get("step")
     data = _grain_state(os.path.join(path, "data"), what)
@@ -409,7 +415,26 @@ def main(argv):
   if not os.environ.get("JAX_PLATFORMS"):
     import jax
     jax.config.update("jax_platforms", "cpu")
-  r = collect(_WORKDIR.value, _STAGE.value, _STEP.value, _RESTORE.value)
+  # orbax/tensorstore print to fd 2 from their own threads when a read fails (asyncio
+  # "Event loop is closed" tracebacks, even after the failure was raised here): keep fd 2 aside
+  # while reading, so that an error is one line, and replay it for an unexpected crash.
+  saved_fd2, captured = os.dup(2), tempfile.TemporaryFile()
+  sys.stderr.flush()
+  os.dup2(captured.fileno(), 2)
+  try:
+    r = collect(_WORKDIR.value, _STAGE.value, _STEP.value, _RESTORE.value)
+  except ConfigError as e:
+    sys.stdout.flush()
+    os.write(saved_fd2, f"kstore_jax.inspect: error: {e}\n".encode())
+    os._exit(2)   # skip interpreter teardown: orbax's pending coroutines would print more
+  except BaseException:
+    sys.stderr.flush()
+    os.dup2(saved_fd2, 2)
+    captured.seek(0)
+    sys.stderr.write(captured.read().decode(errors="replace"))
+    raise
+  sys.stderr.flush()
+  os.dup2(saved_fd2, 2)
   if _JSON.value:
     print(json.dumps(r, sort_keys=True))
   else:

@@ -177,19 +177,33 @@ class ProcessSlice:
     return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
 
 
-def make_pipeline(chunks: PackedChunks, global_batch: int, workers: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """The batch stream: dicts of [global_batch // process_count, seq_len] NumPy arrays."""
-  if global_batch % process_count:
-    raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
-  # Chunks are large (~1 MB): read them with few threads and a short prefetch buffer (Grain's
-  # defaults, 16 threads x 500 elements, are meant for small records).
+def _read(source, workers: int) -> grain.IterDataset:
+  # Elements are large (a chunk or a batch, ~1 MB): read them with few threads and a short
+  # prefetch (Grain's defaults, 16 threads x 500 elements, are meant for small records).
   read = grain.ReadOptions(num_threads=0 if workers else 1,
                            prefetch_buffer_size=1 if workers else 4)
-  ds = grain.MapDataset.source(chunks).to_iter_dataset(read)
+  ds = grain.MapDataset.source(source).to_iter_dataset(read)
   if workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  ds = grain.experimental.RebatchIterDataset(ds, batch_size=global_batch, drop_remainder=True)
-  if process_count > 1:
-    ds = ds.map(ProcessSlice(process_index, process_count))
   return ds
+
+
+def _slice(ds: grain.IterDataset, global_batch: int, process_index: int,
+           process_count: int) -> grain.IterDataset:
+  if global_batch % process_count:
+    raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
+  return ds.map(ProcessSlice(process_index, process_count)) if process_count > 1 else ds
+
+
+def make_pipeline(chunks: PackedChunks, global_batch: int, workers: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The LM batch stream: dicts of [global_batch // process_count, seq_len] NumPy arrays."""
+  ds = grain.experimental.RebatchIterDataset(_read(chunks, workers), batch_size=global_batch,
+                                             drop_remainder=True)
+  return _slice(ds, global_batch, process_index, process_count)
+
+
+def batch_pipeline(batches, global_batch: int, workers: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> grain.IterDataset:
+  """A stream from a random-access source of whole global batches (e.g. probe batches)."""
+  return _slice(_read(batches, workers), global_batch, process_index, process_count)

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kstore_jax.data import pipeline
 from kstore_jax.train import checkpoint, metrics as metrics_lib, optim, sharding, step as step_lib
 
 # Dense bf16 peak FLOP/s by device kind, for the MFU estimate (absent: not reported).
@@ -46,7 +45,8 @@ class StageSpec:
   loss_fn: Callable            # (params, frozen, batch) -> (loss, aux)
   init_params: Callable        # rng -> params (may be boxed with logical partitioning)
   frozen: Any                  # already-sharded pytree the loss reads but does not train
-  chunks: pipeline.PackedChunks
+  data: Callable               # (process_index, process_count) -> grain IterDataset of batches
+  positions_per_step: int      # token positions in one global batch (for tokens/s)
   flops_per_position: float
   export: Callable             # (params, frozen) -> effective model params for final/
   eval_fn: Callable | None = None   # effective params -> {name: float}, run every eval_every
@@ -108,9 +108,7 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
       in_shardings=(shardings, frozen_sh, batch_sh),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
-  data = pipeline.make_pipeline(spec.chunks, sc.batch_size, cfg.data.workers,
-                                jax.process_index(), jax.process_count())
-  data_iter = iter(data)
+  data_iter = iter(spec.data(jax.process_index(), jax.process_count()))
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), tc.keep_checkpoints)
   start, state = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract, shardings),
                                      data_iter)
@@ -119,7 +117,7 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
   elif is_main:
     print(f"[{spec.name}] resumed from step {start}", flush=True)
   writer = metrics_lib.MetricsWriter(stage_dir, start, enabled=is_main)
-  positions_per_step = sc.batch_size * cfg.data.seq_len
+  positions_per_step = spec.positions_per_step
   peak = device_peak_flops()
 
   pending = None   # (step, device metrics) fetched one step behind

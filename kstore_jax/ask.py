@@ -1,0 +1,255 @@
+r"""Ask a trained model about people of its population, or complete free text.
+
+    python -m kstore_jax.ask --workdir=DIR --name="First Middle Last" [--attribute=university]
+    python -m kstore_jax.ask --workdir=DIR --person=17 | --random=5 [--seed=0] [--split=test]
+    python -m kstore_jax.ask --workdir=DIR --prompt="Anya Briar Forger was born on" [--max_new=32]
+
+Loads the final params of a finished stage (`--stage`; default: the latest finished of
+finetune, pretrain_mixed, pretrain), asks the QA questions the evaluation asks (the same
+prompts, greedy decoding with the KV cache, exact match of the answer tokens and EOT) and
+prints each question, the model's answer, the ground truth from the population and ✓/✗,
+and whether the person's QA was training data (the train half) or held out (the test half).
+`--prompt` completes free text instead (greedy, up to `--max_new` tokens, stopping at the
+end-of-text token); `\n` in it stands for a newline, as in the QA prompts ("?\nAnswer:").
+
+Read-only: it takes no lock. Errors are one line on stderr, exit status 2.
+"""
+
+import json
+import os
+import sys
+
+from absl import flags, logging
+
+from kstore_jax import cli
+from kstore_jax.configlib import ConfigError
+
+FINISHED_ORDER = ("finetune", "pretrain_mixed", "pretrain")   # preferred first
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
+_NAME = flags.DEFINE_string("name", None, 'Full name of a person, e.g. "Anya Briar Forger".')
+_PERSON = flags.DEFINE_integer("person", None, "Index of a person in the population.")
+_RANDOM = flags.DEFINE_integer("random", None, "Ask about this many random people.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of --random.")
+_SPLIT = flags.DEFINE_enum("split", "all", ["all", "train", "test"],
+                           "--random draws from: all people, the QA-train half, or the "
+                           "held-out (test) half.")
+_ATTRIBUTE = flags.DEFINE_string("attribute", None, "Attribute(s) to ask, comma-separated "
+                                 "(default: all six).")
+_STAGE = flags.DEFINE_string("stage", None, "Stage whose final params to use (default: the "
+                             "latest finished of finetune, pretrain_mixed, pretrain).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Free text to complete instead of asking QA.")
+_MAX_NEW = flags.DEFINE_integer("max_new", 32, "--prompt: at most this many new tokens.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+
+
+# -- loading ----------------------------------------------------------------------------------
+def load_run(workdir: str):
+  """(cfg, tokenizer) of a finished or running workdir, without touching it."""
+  import ml_collections
+  from kstore_jax.data import tokenizer as tokenizer_lib
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir}: no such directory")
+  for name in ("config.json", "tokenizer.json"):
+    if not os.path.isfile(os.path.join(workdir, name)):
+      raise ConfigError(f"--workdir={workdir}: no {name} (not a kstore_jax run?)")
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      cfg = ml_collections.ConfigDict(json.load(f))
+    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"--workdir={workdir}: {type(e).__name__}: {e}") from None
+  # This process answers on its own devices: the training mesh may not fit them.
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  return cfg, tok
+
+
+def pick_stage(workdir: str, stage: str | None) -> str:
+  def done(s):
+    return os.path.isdir(os.path.join(workdir, s, "final"))
+  if stage is not None:
+    if stage not in FINISHED_ORDER:
+      raise ConfigError(f"--stage={stage}: expected one of {', '.join(FINISHED_ORDER)}")
+    if not done(stage):
+      raise ConfigError(f"--stage={stage}: not finished in {workdir} (no {stage}/final/)")
+    return stage
+  for s in FINISHED_ORDER:
+    if done(s):
+      return s
+  raise ConfigError(f"--workdir={workdir}: no finished stage (none of "
+                    f"{', '.join(s + '/final/' for s in FINISHED_ORDER)})")
+
+
+class Asker:
+  """A run's world, model and final params of one stage."""
+
+  def __init__(self, workdir: str, stage: str | None = None):
+    from kstore_jax import experiment
+    self.workdir = os.path.abspath(workdir)
+    cfg, tok = load_run(self.workdir)
+    self.stage = pick_stage(self.workdir, stage)
+    self.exp = experiment.Experiment(cfg, tok, experiment.Workdir(self.workdir))
+    self.world, self.model = self.exp.world, self.exp.model
+    try:
+      self.params = self.exp.load_final(self.stage)
+    except Exception as e:  # a damaged final/ (orbax raises many types)
+      raise ConfigError(f"{self.stage}/final in {self.workdir} is unreadable "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+
+  # -- people ------------------------------------------------------------------------------
+  def person_by_name(self, name: str) -> int:
+    try:
+      return self.world.pop.find(" ".join(name.split()))
+    except KeyError:
+      raise ConfigError(f"--name={name!r}: no person with this name among the "
+                        f"{len(self.world.pop)} people of this run") from None
+
+  def check_person(self, person: int) -> int:
+    n = len(self.world.pop)
+    if not 0 <= person < n:
+      raise ConfigError(f"--person={person}: out of range (this run has {n} people: 0..{n - 1})")
+    return person
+
+  def random_people(self, k: int, seed: int, split: str = "all"):
+    import numpy as np
+    w = self.world
+    pool = {"all": np.arange(len(w.pop)), "train": w.train_people, "test": w.test_people}[split]
+    if k < 1:
+      raise ConfigError(f"--random={k}: must be >= 1")
+    k = min(k, len(pool))
+    return [int(p) for p in np.random.default_rng(seed).choice(pool, size=k, replace=False)]
+
+  # -- QA ----------------------------------------------------------------------------------
+  def ask(self, people, attributes=None) -> list[dict]:
+    """One record per (person, attribute): question, model answer, truth, correct."""
+    import jax.numpy as jnp
+    import numpy as np
+    from kstore_jax.data.templates import ATTRIBUTES
+    from kstore_jax.eval import qa_eval
+    from kstore_jax.eval.generate import generate
+    attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
+    w, r = self.world, self.world.renderer
+    people = np.asarray(people, np.int64)
+    prompts, plens, answers, alens, attrs = qa_eval.qa_arrays(w, people)
+    keep = np.isin(attrs, [ATTRIBUTES.index(a) for a in attributes])
+    prompts, plens, answers, alens, attrs = (x[keep] for x in
+                                             (prompts, plens, answers, alens, attrs))
+    who = np.repeat(people, len(ATTRIBUTES))[keep]
+    max_new = answers.shape[1] + 4   # room to show a wrong, longer answer
+    gen = np.asarray(generate(self.model, self.params, jnp.asarray(prompts),
+                              jnp.asarray(plens), max_new))
+    correct = qa_eval.answers_match(gen, answers, alens)
+    out = []
+    for i in range(len(prompts)):
+      person, attr = int(who[i]), ATTRIBUTES[int(attrs[i])]
+      question = r.decode(prompts[i, 1:plens[i]])   # without the leading EOT
+      out.append({
+          "person": person, "name": w.pop.full_name(person),
+          "qa_split": "train" if w.qa_train[person] else "test",
+          "attribute": attr, "question": question,
+          "answer": self._until_eot(gen[i]).strip(),
+          "truth": w.pop.values(person)[attr], "correct": bool(correct[i])})
+    return out
+
+  def _until_eot(self, ids) -> str:
+    import numpy as np
+    ids = np.asarray(ids)
+    stop = np.flatnonzero(ids == self.world.renderer.eot_id)
+    return self.world.renderer.decode(ids[:stop[0]] if len(stop) else ids)
+
+  # -- free text ---------------------------------------------------------------------------
+  def complete(self, text: str, max_new: int) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+    from kstore_jax.eval.generate import generate
+    r = self.world.renderer
+    try:
+      ids = r.encode(text)
+    except ValueError as e:
+      raise ConfigError(f"--prompt: {e}") from None
+    ids = np.concatenate([[r.eot_id], ids]).astype(np.int32)   # documents start with EOT
+    gen = np.asarray(generate(self.model, self.params, jnp.asarray(ids[None]),
+                              jnp.asarray([len(ids)], np.int32), max_new))[0]
+    stop = np.flatnonzero(gen == r.eot_id)
+    return {"prompt": text, "completion": self._until_eot(gen),
+            "new_tokens": int(stop[0]) if len(stop) else int(max_new),
+            "stopped_at_eot": bool(len(stop))}
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+def _attributes(spec: str | None):
+  from kstore_jax.data.templates import ATTRIBUTES
+  if spec is None:
+    return None
+  names = [a.strip() for a in spec.split(",") if a.strip()]
+  for a in names:
+    if a not in ATTRIBUTES:
+      raise ConfigError(f"--attribute={a}: unknown attribute; expected one of "
+                        f"{', '.join(ATTRIBUTES)}")
+  if not names:
+    raise ConfigError("--attribute: empty")
+  return names
+
+
+def format_records(records, stage: str) -> str:
+  lines, last = [], None
+  for rec in records:
+    if rec["person"] != last:
+      last = rec["person"]
+      half = ("QA in training (train half)" if rec["qa_split"] == "train"
+              else "QA held out (test half)")
+      lines.append(f"{rec['name']}  (person {rec['person']}, {half}; model: {stage}/final)")
+    q = rec["question"].split("\n")[0]
+    mark = "✓" if rec["correct"] else "✗"
+    lines.append(f"  {mark} {rec['attribute']:<13} Q: {q}")
+    lines.append(f"    {'':<13} model: {rec['answer']!s:<28} truth: {rec['truth']}")
+  n_ok = sum(r["correct"] for r in records)
+  lines.append(f"{n_ok}/{len(records)} correct")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected argument {argv[1]!r}")
+  if not _WORKDIR.value:
+    raise ConfigError("--workdir is required")
+  chosen = [f for f, v in (("--name", _NAME.value), ("--person", _PERSON.value),
+                           ("--random", _RANDOM.value), ("--prompt", _PROMPT.value))
+            if v is not None]
+  if len(chosen) != 1:
+    raise ConfigError("give exactly one of --name, --person, --random, --prompt"
+                      + (f" (got {', '.join(chosen)})" if chosen else ""))
+  if not 1 <= _MAX_NEW.value <= 4096:
+    raise ConfigError(f"--max_new={_MAX_NEW.value}: must be in [1, 4096]")
+  attributes = _attributes(_ATTRIBUTE.value)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)
+  asker = Asker(_WORKDIR.value, _STAGE.value)
+  if _PROMPT.value is not None:
+    res = asker.complete(_PROMPT.value.replace("\\n", "\n"), _MAX_NEW.value)
+    res["stage"] = asker.stage
+    if _JSON.value:
+      print(json.dumps(res))
+    else:
+      print(res["prompt"] + res["completion"])
+      print(f"[{asker.stage}/final: {res['new_tokens']} new tokens"
+            + (", stopped at end of text]" if res["stopped_at_eot"] else "]"))
+    return
+  if _NAME.value is not None:
+    people = [asker.person_by_name(_NAME.value)]
+  elif _PERSON.value is not None:
+    people = [asker.check_person(_PERSON.value)]
+  else:
+    people = asker.random_people(_RANDOM.value, _SEED.value, _SPLIT.value)
+  records = asker.ask(people, attributes)
+  if _JSON.value:
+    print(json.dumps({"stage": asker.stage, "answers": records,
+                      "correct": sum(r["correct"] for r in records), "asked": len(records)}))
+  else:
+    print(format_records(records, asker.stage))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  cli.run(main, "kstore_jax.ask", config_required=False)
