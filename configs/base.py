@@ -1,8 +1,12 @@
-"""Defaults for every experiment. `get_config(scale)` picks the size: 'paper' (GPT2-small on
-100k people, the paper's recipe), 'small' (a ~20M CPU model), 'tiny' (the calibrated CPU demo).
+"""Defaults for every experiment. `get_config(arg)` with arg = "scale[,variant...]":
 
-Row configs call `base.get_config(scale)` and change only the data spec, e.g.
-`--config=configs/multi5_permute.py:tiny`.
+scale: 'paper' (GPT2-small on 100k people, the paper's recipe), 'small' (a ~20M CPU model),
+'tiny' (the calibrated CPU demo). variants: 'mixed' (QA of the train half mixed into
+pretraining, no finetune), 'lora' (LoRA finetune: q/v rank 16, embedding rank 128), 'probe'
+(add the P- and Q-probing stages).
+
+Row configs call `base.get_config(arg)` and change only the data spec, e.g.
+`--config=configs/multi5_permute.py:tiny,mixed`.
 """
 
 import ml_collections
@@ -24,7 +28,26 @@ def stage(steps, batch_size, lr, warmup_steps, weight_decay, **extra):
       grad_clip=1.0, **extra))
 
 
-def get_config(scale: str = "paper") -> ml_collections.ConfigDict:
+VARIANTS = ("mixed", "lora", "probe")
+
+
+def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
+  scale, *variants = [a.strip() for a in arg.split(",")]
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"config variant {v!r}: expected some of {VARIANTS}")
+  c = _scaled(scale)
+  c.variants = ",".join(variants)
+  if "mixed" in variants:
+    c.stages = ("pretrain_mixed", "eval")
+  if "lora" in variants:
+    c.finetune.update(lora_rank=16, lora_embed_rank=128, lr=c.finetune.lr * 3)
+  if "probe" in variants:
+    c.stages = tuple(c.stages) + ("pprobe", "qprobe")
+  return c
+
+
+def _scaled(scale: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "base"
   c.scale = scale

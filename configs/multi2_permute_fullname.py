@@ -1,10 +1,10 @@
-"""bioS row `multi2_permute_fullname`: pretrain -> QA finetune -> eval. Scale with `:tiny` / `:small`."""
+"""bioS row `multi2_permute_fullname`: pretrain -> QA finetune -> eval. Scale and variants: `:tiny`, `:small,mixed`, `:tiny,lora,probe` (configs/base.py)."""
 
 from configs import base
 
 
-def get_config(scale: str = "paper"):
-  c = base.get_config(scale)
+def get_config(arg: str = "paper"):
+  c = base.get_config(arg)
   c.name = "multi2_permute_fullname"
   c.data.multi = 2
   c.data.permute = True
