@@ -30,6 +30,23 @@ def stage(steps, batch_size, lr, warmup_steps, weight_decay, **extra):
 
 VARIANTS = ("mixed", "lora", "probe")
 
+_CPU_STAGES = ("pretrain", "pretrain_mixed")
+SCALES = {
+    "paper": {},
+    "small": dict(
+        data=dict(n_people=2_000, seq_len=256), model=dict(size="small", rotary_fraction=0.5),
+        **{s: dict(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300) for s in _CPU_STAGES},
+        finetune=dict(steps=1_500, batch_size=64, lr=3e-4),
+        pprobe=dict(steps=1_000, batch_size=64), qprobe=dict(steps=1_000, batch_size=64),
+        train=dict(log_every=50, save_every=500)),
+    "tiny": dict(
+        data=dict(n_people=500, seq_len=128), model=dict(size="tiny", rotary_fraction=0.5),
+        **{s: dict(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100) for s in _CPU_STAGES},
+        finetune=dict(steps=250, batch_size=16, lr=1e-3),
+        pprobe=dict(steps=200, batch_size=32), qprobe=dict(steps=300, batch_size=64),
+        train=dict(log_every=25, save_every=250)),
+}
+
 
 def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
   scale, *variants = [a.strip() for a in arg.split(",")]
@@ -62,7 +79,7 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       chunk_docs=1024, workers=0))
 
   c.model = ml_collections.ConfigDict(dict(
-      size="gpt2_small", **MODEL_SIZES["gpt2_small"], rotary_fraction=0.25,
+      size="gpt2_small", **MODEL_SIZES["gpt2_small"], rotary_fraction=0.25,  # sizes: MODEL_SIZES
       rotary_base=10000.0, block="gpt2", causal=True, dtype="float32", tie_embeddings=True,
       remat=False, attention="auto"))
 
@@ -79,26 +96,17 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200))
   c.eval = ml_collections.ConfigDict(dict(batch_size=512, max_people=0))
 
-  if scale == "paper":
-    return c
-  if scale == "small":
-    c.data.update(n_people=2_000, seq_len=256, vocab_size=8192)
-    c.model.update(size="small", **MODEL_SIZES["small"], rotary_fraction=0.5)
-    c.pretrain.update(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300)
-    c.pretrain_mixed.update(steps=6_000, batch_size=64, lr=1e-3, warmup_steps=300)
-    c.finetune.update(steps=1_500, batch_size=64, lr=3e-4)
-    c.pprobe.update(steps=1_000, batch_size=64)
-    c.qprobe.update(steps=1_000, batch_size=64)
-    c.train.update(log_every=50, save_every=500)
-    return c
-  if scale == "tiny":
-    c.data.update(n_people=500, seq_len=128, vocab_size=8192)
-    c.model.update(size="tiny", **MODEL_SIZES["tiny"], rotary_fraction=0.5)
-    c.pretrain.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
-    c.pretrain_mixed.update(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100)
-    c.finetune.update(steps=250, batch_size=16, lr=1e-3)
-    c.pprobe.update(steps=300, batch_size=64)
-    c.qprobe.update(steps=300, batch_size=64)
-    c.train.update(log_every=25, save_every=250)
-    return c
-  raise ValueError(f"config scale {scale!r}: expected one of 'paper', 'small', 'tiny'")
+  if scale not in SCALES:
+    raise ValueError(f"config scale {scale!r}: expected one of {tuple(SCALES)}")
+  for section, values in SCALES[scale].items():
+    c[section].update(values)
+  c.model.update(MODEL_SIZES[c.model.size])
+  return c
+
+
+def row(arg: str, name: str, **data) -> ml_collections.ConfigDict:
+  """A bioS data row: the base config at `arg` with `name` and the data spec `data`."""
+  c = get_config(arg)
+  c.name = name
+  c.data.update(data)
+  return c

@@ -4,7 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi2"
-  c.data.multi = 2
-  return c
+  return base.row(arg, "multi2", multi=2)

@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi2_fullname"
-  c.data.multi = 2
-  c.data.fullname = True
-  return c
+  return base.row(arg, "multi2_fullname", multi=2, fullname=True)

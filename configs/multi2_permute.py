@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi2_permute"
-  c.data.multi = 2
-  c.data.permute = True
-  return c
+  return base.row(arg, "multi2_permute", multi=2, permute=True)

@@ -4,7 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi5"
-  c.data.multi = 5
-  return c
+  return base.row(arg, "multi5", multi=5)

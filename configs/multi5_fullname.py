@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi5_fullname"
-  c.data.multi = 5
-  c.data.fullname = True
-  return c
+  return base.row(arg, "multi5_fullname", multi=5, fullname=True)

@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi5_permute"
-  c.data.multi = 5
-  c.data.permute = True
-  return c
+  return base.row(arg, "multi5_permute", multi=5, permute=True)

@@ -4,9 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "multi5_permute_fullname"
-  c.data.multi = 5
-  c.data.permute = True
-  c.data.fullname = True
-  return c
+  return base.row(arg, "multi5_permute_fullname", multi=5, permute=True, fullname=True)

@@ -4,6 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "single"
-  return c
+  return base.row(arg, "single")

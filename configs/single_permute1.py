@@ -4,7 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "single_permute1"
-  c.data.permute = True
-  return c
+  return base.row(arg, "single_permute1", permute=True)

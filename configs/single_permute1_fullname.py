@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "single_permute1_fullname"
-  c.data.permute = True
-  c.data.fullname = True
-  return c
+  return base.row(arg, "single_permute1_fullname", permute=True, fullname=True)

@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "single_permute2"
-  c.data.permute = True
-  c.data.permute_copies = 2
-  return c
+  return base.row(arg, "single_permute2", permute=True, permute_copies=2)

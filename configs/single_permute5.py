@@ -4,8 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "single_permute5"
-  c.data.permute = True
-  c.data.permute_copies = 5
-  return c
+  return base.row(arg, "single_permute5", permute=True, permute_copies=5)

@@ -4,9 +4,4 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  c = base.get_config(arg)
-  c.name = "single_permute5_fullname"
-  c.data.permute = True
-  c.data.permute_copies = 5
-  c.data.fullname = True
-  return c
+  return base.row(arg, "single_permute5_fullname", permute=True, permute_copies=5, fullname=True)

@@ -10,7 +10,9 @@ prompts, greedy decoding with the KV cache, exact match of the answer tokens and
 prints each question, the model's answer, the ground truth from the population and ✓/✗,
 and whether the person's QA was training data (the train half) or held out (the test half).
 `--prompt` completes free text instead (greedy, up to `--max_new` tokens, stopping at the
-end-of-text token); `\n` in it stands for a newline, as in the QA prompts ("?\nAnswer:").
+end-of-text token); `\n` in it stands for a newline, as in the QA prompts ("?\nAnswer:"). A
+prompt is a document's beginning (it follows an end-of-text token): a QA question as is, any
+other text with a leading space added, as bios start (" Anya Briar Forger was born on").
 
 Read-only: it takes no lock. Errors are one line on stderr, exit status 2.
 """
@@ -163,16 +165,27 @@ class Asker:
     import jax.numpy as jnp
     import numpy as np
     from kstore_jax.eval.generate import generate
+    from kstore_jax.data.templates import QUESTIONS
     r = self.world.renderer
-    try:
-      ids = r.encode(text)
-    except ValueError as e:
-      raise ConfigError(f"--prompt: {e}") from None
+    # A document is EOT + a QA question ("What is ...") or EOT + a bio, which starts with
+    # " Name": every name piece carries its leading space. Give other prompts that space too,
+    # so that a name tokenizes as in training (without it, BPE splits it into odd pieces).
+    as_is = (not text or text[:1].isspace()
+             or any(text.startswith(q) for q, _ in QUESTIONS.values()))
+    candidates = [text] if as_is else [" " + text, text]
+    for fed in candidates:
+      try:
+        ids = r.encode(fed)
+        break
+      except ValueError as e:
+        error = e
+    else:
+      raise ConfigError(f"--prompt: {error}")
     ids = np.concatenate([[r.eot_id], ids]).astype(np.int32)   # documents start with EOT
     gen = np.asarray(generate(self.model, self.params, jnp.asarray(ids[None]),
                               jnp.asarray([len(ids)], np.int32), max_new))[0]
     stop = np.flatnonzero(gen == r.eot_id)
-    return {"prompt": text, "completion": self._until_eot(gen),
+    return {"prompt": text, "model_prompt": fed, "completion": self._until_eot(gen),
             "new_tokens": int(stop[0]) if len(stop) else int(max_new),
             "stopped_at_eot": bool(len(stop))}
 
@@ -232,7 +245,7 @@ def main(argv):
     if _JSON.value:
       print(json.dumps(res))
     else:
-      print(res["prompt"] + res["completion"])
+      print(res["model_prompt"] + res["completion"])
       print(f"[{asker.stage}/final: {res['new_tokens']} new tokens"
             + (", stopped at end of text]" if res["stopped_at_eot"] else "]"))
     return

@@ -80,7 +80,7 @@ class Workdir:
     old, new = _flatten(json.load(open(path))), _flatten(json.loads(cfg.to_json()))
     # The mesh is a property of the run, not of the experiment: a checkpoint restores onto any
     # mesh (elastic resume). data.workers changes Grain's state format, so it is compared.
-    ignore = ("stages", "train.", "eval.", "mesh.")
+    ignore = ("stages", "variants", "train.", "eval.", "mesh.")
     for k in sorted(set(old) | set(new)):
       if not k.startswith(ignore) and old.get(k) != new.get(k):
         raise configlib.ConfigError(

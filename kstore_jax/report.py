@@ -78,7 +78,7 @@ def load_run(path: str, label: str) -> Run:
   cfg = cfg if isinstance(cfg, dict) else {}
   name = str(cfg.get("name") or os.path.basename(os.path.normpath(path)))
   stages = cfg.get("stages")
-  stages = [stages] if isinstance(stages, str) else list(stages or [])
+  stages = stages.split(",") if isinstance(stages, str) else list(stages or [])
   mode = ("mixed" if "pretrain_mixed" in stages else "finetune") if cfg else None
   ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
   if mode == "finetune" and ft.get("lora_rank"):

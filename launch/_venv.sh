@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: create .venv (Python 3.11+) and install the project into it
 # once; later runs reuse it (reinstalling only when setup.cfg changed).
 set -euo pipefail

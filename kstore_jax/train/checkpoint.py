@@ -6,6 +6,7 @@ A stage writes `checkpoints/` (CheckpointManager, async, keep-last-k) while it t
 A damaged newest step is still listed by orbax, so `restore_latest` falls back step by step.
 """
 
+import json
 import logging
 import os
 
@@ -38,9 +39,15 @@ class Checkpointer:
     result = 0, None
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        foreign = self._data_state_of_other_process_count(step)
+        if foreign is None:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(data_iter)))
+        else:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))
+          data_iter.set_state(foreign)
         result = step, restored["state"]
         break
       except Exception as e:  # orbax raises many types for damaged files; fall back
@@ -50,6 +57,28 @@ class Checkpointer:
     if unreadable:
       self._set_aside(unreadable)
     return result
+
+  def _data_state_of_other_process_count(self, step: int):
+    """The Grain state of `step` when it was saved by a different number of processes.
+
+    Grain names its file `process_<i>-of-<n>.json` and restores only that name, so a run
+    resumed on another host count would find none and restart from scratch. Every process
+    iterates the same global batch stream and slices its rows off at the end (a stateless
+    map), so any process's state is every process's state: read the first one. None when
+    this process's own file exists (or there is no state at all: the normal restore fails).
+    """
+    data_dir = os.path.join(self.directory, str(step), "data")
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, own)):
+      return None
+    others = sorted(n for n in os.listdir(data_dir)
+                    if n.startswith("process_") and n.endswith(".json"))
+    if not others:
+      return None
+    logging.warning("checkpoint step %d was saved by another process count (%s); resuming "
+                    "its data iterator from that state", step, others[0])
+    with open(os.path.join(data_dir, others[0])) as f:
+      return json.load(f)
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:

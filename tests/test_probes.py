@@ -1,0 +1,391 @@
+"""P- and Q-probing: probed positions and labels are exact, a probe reads out a linearly
+encoded label, a probe on a random model stays at chance (no leak of the value into the probed
+position), the base model is frozen, and the probe stages run end to end and resume."""
+
+import functools
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base as base_cfg
+from kstore_jax import experiment
+from kstore_jax.data import pools as pools_lib
+from kstore_jax.data import probing, tokenizer as tokenizer_lib, world as world_lib
+from kstore_jax.data.population import MONTHS
+from kstore_jax.data.render import N_ATTR
+from kstore_jax.data.templates import ATTRIBUTES
+from kstore_jax.model import probes
+from kstore_jax.train import optim, step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EOT = tokenizer_lib.EOT
+N_PEOPLE = 60
+# (data overrides) of the worlds whose probe inputs are checked token by token.
+AUGS = {
+    "single": dict(multi=1, permute=False),
+    "multi5_permute": dict(multi=5, permute=True),
+    "multi2_permute2_fullname": dict(multi=2, permute=True, permute_copies=2, fullname=True),
+}
+
+
+# -- fixtures ------------------------------------------------------------------------------
+@functools.cache
+def tokenizer(vocab: int):
+  return tokenizer_lib.train_tokenizer(vocab)
+
+
+@functools.cache
+def world(aug: str, vocab: int = 8192, n_people: int = N_PEOPLE):
+  cfg = base_cfg.get_config("tiny")
+  cfg.data.update(n_people=n_people, **AUGS[aug])
+  return world_lib.build_world(cfg, tokenizer(vocab))
+
+
+def paths(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(k): np.array(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# -- 1. probed positions ---------------------------------------------------------------------
+def sentences(text: str, world, person: int) -> list[tuple[int, int]]:
+  """(start, end) character ranges of the six sentences of a decoded bio (EOTs excluded)."""
+  assert text.startswith(EOT) and text.endswith(EOT)
+  subj = "|".join(re.escape(s) for s in ("He", "She", world.pop.full_name(person)))
+  ends = [m.end() for m in re.finditer(rf"\.(?= (?:{subj}) )", text)] + [len(text) - len(EOT)]
+  starts = [len(EOT)] + ends[:-1]
+  return list(zip(starts, ends))
+
+
+# vocab 1024 splits names and values into several tokens; 8192 is the configs' tokenizer.
+@pytest.mark.parametrize("aug", list(AUGS))
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_pprobe_positions_are_the_token_before_each_value(aug, vocab):
+  w = world(aug, vocab)
+  dec = w.renderer.decode
+  copies_per_person = w.aug.copies
+  people = np.repeat(np.arange(0, N_PEOPLE, 7), copies_per_person)
+  copies = np.tile(np.arange(copies_per_person), len(people) // copies_per_person)
+  (tokens, seg), at, labels = probing.pprobe_examples(w, people, copies)
+  assert at.shape == labels.shape == (len(people), N_ATTR)
+  np.testing.assert_array_equal(labels, probes.probe_labels(w.pop, people))
+  # The probe input is exactly the training bio (same template draw and sentence order).
+  idx = people * copies_per_person + copies
+  docs = w.bios().docs(idx)
+  _, order = w.bios().pieces(idx)
+  seen_orders = set()
+  for i, person in enumerate(people):
+    n = int(docs.lengths[i])
+    np.testing.assert_array_equal(tokens[i, :n], docs.doc(i)["tokens"])
+    assert (seg[i, :n] == 1).all() and (seg[i, n:] == 0).all()
+    assert (tokens[i, n:] == w.pad_id).all()
+    assert np.all(np.diff(at[i]) > 0), at[i]
+    assert 0 < at[i, 0] and at[i, -1] < n - 1
+    text = dec(tokens[i, :n])
+    sents = sentences(text, w, person)
+    assert len(sents) == N_ATTR, text
+    values = w.pop.values(person)
+    seen_orders.add(tuple(order[i]))
+    for k in range(N_ATTR):
+      value = " " + values[ATTRIBUTES[order[i, k]]]
+      prefix = dec(tokens[i, :at[i, k] + 1])
+      assert text.startswith(prefix)
+      start, end = sents[k]
+      # The probed token is the last one before the value, inside sentence k.
+      assert start < len(prefix) < end, (k, prefix, text)
+      assert text[len(prefix):end].startswith(value), (k, text[len(prefix):end], value)
+      # ... and the value is exactly the next tokens.
+      n_value = len(w.renderer.encode(value))
+      assert dec(tokens[i, at[i, k] + 1:at[i, k] + 1 + n_value]) == value
+  if w.aug.permute:
+    assert len(seen_orders) > 1   # permuted worlds do probe other sentence orders
+  else:
+    assert seen_orders == {tuple(range(N_ATTR))}
+
+
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_qprobe_examples_are_the_name(vocab):
+  w = world("single", vocab)
+  people = np.arange(N_PEOPLE)
+  (tokens, seg), at, labels = probing.qprobe_examples(w, people)
+  assert at.shape == (N_PEOPLE, 1)
+  np.testing.assert_array_equal(labels, probes.probe_labels(w.pop, people))
+  lengths = seg.sum(1)
+  assert len(set(lengths)) > 1          # names of different token lengths: padding is exercised
+  for i, person in enumerate(people):
+    n = int(lengths[i])
+    assert (seg[i, :n] == 1).all() and (tokens[i, n:] == w.pad_id).all()
+    assert w.renderer.decode(tokens[i, :n]) == EOT + " " + w.pop.full_name(person)
+    assert at[i, 0] == n - 1              # the last token of the last name
+  assert tokens.shape[1] <= probing.probe_width(w, "qprobe")
+  if vocab == 1024:
+    assert (lengths > 4).any()            # some name is more than 3 tokens
+
+
+@pytest.mark.parametrize("kind", ["pprobe", "qprobe"])
+def test_probe_batches_pad_to_width(kind):
+  w = world("multi5_permute")
+  width = probing.probe_width(w, kind)
+  b = probing.ProbeBatches(w, w.train_people, kind, 8, width, seed=3)
+  batch = b[5]
+  assert batch["tokens"].shape == batch["segment_ids"].shape == (8, width)
+  assert batch["probe_at"].shape == (8, N_ATTR if kind == "pprobe" else 1)
+  assert (batch["probe_at"] < batch["segment_ids"].sum(1)[:, None]).all()
+  # The padded examples are the unpadded ones.
+  idx = np.arange(8)
+  raw = b.examples(idx)
+  if kind == "pprobe":
+    person, copy = np.divmod(idx, w.aug.copies)
+    (tok, _), at, _ = probing.pprobe_examples(w, w.train_people[person], copy)
+  else:
+    (tok, _), at, _ = probing.qprobe_examples(w, w.train_people[idx])
+  np.testing.assert_array_equal(raw["tokens"][:, :tok.shape[1]], tok)
+  np.testing.assert_array_equal(raw["probe_at"], at)
+  # The longest bio of the population fits.
+  if kind == "pprobe":
+    all_bios = w.bios().docs(np.arange(len(w.bios())))
+    assert all_bios.lengths.max() <= width
+
+
+# -- 2. labels ---------------------------------------------------------------------------------
+def test_labels_are_the_attribute_values():
+  w = world("single")
+  p = pools_lib.load_pools()
+  pool = {"birth_city": p.birth_cities, "university": p.universities, "major": p.majors,
+          "company": p.companies, "company_city": p.hq_cities}
+  people = np.arange(N_PEOPLE)
+  labels = probes.probe_labels(w.pop, people)
+  assert labels.shape == (N_PEOPLE, N_ATTR) and labels.dtype == np.int32
+  classes = probes.n_classes()
+  assert classes == [12] + [len(pool[a]) for a in ATTRIBUTES[1:]]
+  assert (labels >= 0).all() and (labels < np.array(classes)).all()
+  for person in people:
+    values = w.pop.values(person)
+    assert values["birth_date"].split()[0] == MONTHS[labels[person, 0]]
+    for a, name in enumerate(ATTRIBUTES[1:], 1):
+      assert pool[name][labels[person, a]] == values[name], (person, name)
+    # company city is the company's HQ (a class of the HQ list, not of the birth cities)
+    assert labels[person, 5] == p.company_hq[labels[person, 4]]
+
+
+# -- 3. a probe reads out a linearly encoded label ---------------------------------------------
+def test_probe_learns_linearly_encoded_labels():
+  """Hidden states that encode the six labels linearly (one-hot codes of each attribute in its
+  own coordinates, then a random rotation per position, plus noise): trained alone, in process,
+  every (position, attribute) classifier reaches >= 98% on held-out draws.
+
+  Class counts are small so that the codes fit in D = 64 (probe_apply takes any class list);
+  the real class list is checked for shapes."""
+  D, P = 64, N_ATTR
+  classes = [12, 10, 12, 8, 10, 8]                      # 60 one-hot coordinates <= D
+  offsets = np.cumsum([0] + classes[:-1])
+  k_rot, k_probe, k_train, k_test = jax.random.split(jax.random.PRNGKey(0), 4)
+  rot = jnp.linalg.qr(jax.random.normal(k_rot, (P, D, D)))[0]      # [P, D, D] orthogonal
+
+  def sample(rng, n):
+    keys = jax.random.split(rng, N_ATTR + 1)
+    labels = jnp.stack([jax.random.randint(k, (n,), 0, c) for k, c in zip(keys, classes)], -1)
+    code = jax.nn.one_hot(labels + offsets, D).sum(1)                  # [n, D]
+    hidden = jnp.einsum("nd,pde->npe", code, rot)
+    return hidden + 0.05 * jax.random.normal(keys[-1], hidden.shape), labels
+
+  def loss_fn(probe, hidden, labels):
+    ce = [optax.softmax_cross_entropy_with_integer_labels(
+              lg, jnp.broadcast_to(labels[:, None, a], lg.shape[:2])).mean()
+          for a, lg in enumerate(probes.probe_apply(probe, hidden))]
+    return jnp.mean(jnp.stack(ce))
+
+  probe = probes.init(k_probe, vocab=16, d_model=D, embed_rank=2, n_positions=P,
+                      classes=classes)
+  opt = optax.adam(1e-2)
+
+  @jax.jit
+  def train(probe, rng):
+    def body(carry, rng):
+      probe, opt_state = carry
+      loss, g = jax.value_and_grad(loss_fn)(probe, *sample(rng, 128))
+      updates, opt_state = opt.update(g, opt_state, probe)
+      return (optax.apply_updates(probe, updates), opt_state), loss
+    (probe, _), losses = jax.lax.scan(body, (probe, opt.init(probe)), jax.random.split(rng, 200))
+    return probe, losses
+
+  probe, losses = train(probe, k_train)
+  assert losses[-1] < 0.1 * losses[0]
+  hidden, labels = sample(k_test, 2000)                                # held out: fresh draws
+  logits = probes.probe_apply(probe, hidden)
+  assert [lg.shape for lg in logits] == [(2000, P, c) for c in classes]
+  acc = np.stack([(lg.argmax(-1) == labels[:, None, a]).mean(0)
+                  for a, lg in enumerate(logits)], -1)
+  assert acc.min() >= 0.98, np.round(acc, 3)
+  # Before training the probe is at chance level.
+  untrained = probes.probe_apply(probes.init(k_probe, 16, D, 2, P, classes), hidden)
+  assert max(float((lg.argmax(-1) == labels[:, None, a]).mean())
+             for a, lg in enumerate(untrained)) < 0.3
+  # With the real class list: one [P, D, C] head per attribute.
+  real = probes.init(k_probe, vocab=16, d_model=D, embed_rank=2, n_positions=P,
+                     classes=probes.n_classes())
+  assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in probes.n_classes()]
+  assert real["embed_a"].shape == (16, 2) and real["embed_b"].shape == (2, D)
+  assert not np.asarray(real["embed_b"]).any()
+
+
+# -- 4./5. a probe on a random model -----------------------------------------------------------
+RANDOM_PEOPLE, PROBE_STEPS, PROBE_BATCH, PROBE_LR = 600, 100, 32, 1e-2
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+  """An Experiment (the `single` row, non-permuted: sentence k holds attribute k) with a random
+  2-layer d_model 32 model, and its probe stage specs."""
+  cfg = base_cfg.get_config("tiny")
+  cfg.data.n_people = RANDOM_PEOPLE
+  cfg.model.update(num_layers=2, d_model=32, num_heads=2, d_ff=64)
+  for s in ("pprobe", "qprobe"):
+    cfg[s].update(steps=PROBE_STEPS, batch_size=PROBE_BATCH, lr=PROBE_LR)
+  exp = experiment.Experiment(cfg, tokenizer(8192),
+                              experiment.Workdir(str(tmp_path_factory.mktemp("probe_exp"))))
+  init = jax.jit(lambda rng: nn.meta.unbox(
+      exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
+  base = init(jax.random.PRNGKey(0))
+  return exp, base
+
+
+def train_probe(exp, base, stage, shift=0):
+  """PROBE_STEPS steps of the stage's optimizer (AdamW, warmup+cosine, clipping) on the stage's
+  own batch stream (train half); `shift` moves every probed position right by that many tokens.
+  Returns (probe params, [P, 6] accuracy on the test half)."""
+  spec = exp.probe_spec(stage, base)
+  optimizer = optim.make_optimizer(spec.stage_cfg)
+  step = jax.jit(step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg)),
+                 donate_argnums=(0,))
+  params = spec.init_params(jax.random.PRNGKey(1))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optimizer.init(params)}
+  data = iter(spec.data(0, 1))
+  for _ in range(PROBE_STEPS):
+    batch = next(data)
+    batch["probe_at"] = batch["probe_at"] + shift
+    state, metrics = step(state, base, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  w = exp.world
+  test = probing.ProbeBatches(w, w.test_people, stage, 0, probing.probe_width(w, stage), 0)
+  batch = test.examples(np.arange(len(w.test_people)) * (w.aug.copies if stage == "pprobe" else 1))
+  batch["probe_at"] = batch["probe_at"] + shift
+  acc = jax.jit(functools.partial(probes.accuracy_matrix, exp.model))(base, state["params"], batch)
+  return state["params"], np.asarray(acc)
+
+
+def chance_bound(exp) -> tuple[np.ndarray, np.ndarray]:
+  """(majority baseline, baseline + 3 standard errors) per attribute on the test half.
+
+  A probe whose predictions carry no information about the test people's labels (their
+  attributes are drawn independently of the name and templates it sees) scores on average at
+  most the frequency of the class it predicts most, i.e. <= the majority baseline b; the
+  per-person outcomes are independent, so the score's standard deviation is at most
+  sqrt(b (1 - b) / n_test). 3 SE: a false alarm < 0.2% per entry (< 5% over the 27 entries)."""
+  labels = probes.probe_labels(exp.world.pop, exp.world.test_people)
+  n = len(labels)
+  b = np.array([np.bincount(labels[:, a]).max() / n for a in range(N_ATTR)])
+  return b, b + 3 * np.sqrt(b * (1 - b) / n)
+
+
+@pytest.fixture(scope="module")
+def random_probes(random_model):
+  exp, base = random_model
+  before = paths(base)
+  out = {"before": before}
+  out["pprobe"] = train_probe(exp, base, "pprobe")
+  out["pprobe_shifted"] = train_probe(exp, base, "pprobe", shift=1)
+  out["qprobe"] = train_probe(exp, base, "qprobe")
+  return out
+
+
+def test_random_model_probe_stays_at_chance(random_model, random_probes):
+  exp, _ = random_model
+  baseline, bound = chance_bound(exp)
+  # Q-probe: only the name is seen.
+  q = random_probes["qprobe"][1][0]
+  assert (q <= bound).all(), (q, bound)
+  # P-probe at position k (before sentence k's value): attribute a is not yet in the input for
+  # a >= k (non-permuted world), so nothing can be decoded there.
+  p = random_probes["pprobe"][1]
+  unseen = np.triu(np.ones((N_ATTR, N_ATTR), bool))
+  assert (p[unseen] <= np.broadcast_to(bound, p.shape)[unseen]).all(), (np.round(p, 3), bound)
+  # Control: probed one token later (at the value's first token), the same random model and
+  # probe training do decode the birth month (the token itself) far above chance, so the
+  # bound above would catch an off-by-one that let the value into the probed position.
+  shifted = random_probes["pprobe_shifted"][1]
+  assert shifted[0, 0] > max(0.5, 3 * bound[0]), (np.round(shifted, 3), bound)
+
+
+def test_base_params_get_no_gradient(random_model):
+  exp, base = random_model
+  spec = exp.probe_spec("pprobe", base)
+  probe = spec.init_params(jax.random.PRNGKey(1))
+  w = exp.world
+  batch = probing.ProbeBatches(w, w.train_people, "pprobe", 4, probing.probe_width(w, "pprobe"),
+                               0)[0]
+  grad_base, grad_probe = jax.jit(jax.grad(lambda b, p: spec.loss_fn(p, b, batch)[0],
+                                           argnums=(0, 1)))(base, probe)
+  assert all((g == 0).all() for g in paths(grad_base).values())
+  # The probe does get gradients, the embedding update included (embed_b starts at zero).
+  assert np.abs(np.asarray(grad_probe["embed_b"])).max() > 0
+  assert all(np.abs(np.asarray(h["w"])).max() > 0 for h in grad_probe["heads"])
+
+
+def test_base_params_unchanged_after_probe_training(random_model, random_probes):
+  exp, base = random_model
+  before, after = random_probes["before"], paths(base)
+  assert before.keys() == after.keys()
+  for k in before:   # bitwise, after 3 x 100 steps with the state donated
+    assert before[k].tobytes() == after[k].tobytes(), k
+  for stage in ("pprobe", "qprobe"):
+    probe = random_probes[stage][0]
+    assert np.abs(np.asarray(probe["embed_b"])).max() > 0, stage   # moved from zero
+    assert probe["embed_b"].shape == (exp.cfg[stage].embed_rank, exp.cfg.model.d_model)
+
+
+# -- 6. end to end -----------------------------------------------------------------------------
+E2E = ["--config=configs/multi5_permute.py:tiny", "--config.data.n_people=60",
+       "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+       "--config.model.d_ff=64", "--config.pretrain.steps=6", "--config.pretrain.batch_size=4",
+       "--config.pprobe.steps=4", "--config.qprobe.steps=4", "--config.pprobe.batch_size=4",
+       "--config.qprobe.batch_size=4", "--config.stages=pretrain,pprobe,qprobe"]
+
+
+def test_probe_stages_end_to_end_and_rerun(tmp_path):
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+  def run():
+    r = subprocess.run([sys.executable, "-m", "kstore_jax.main", f"--workdir={workdir}", *E2E],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr, json.loads((workdir / "results.json").read_text())
+
+  out1, res1 = run()
+  pp = np.array(res1["pprobe"])
+  assert pp.shape == (N_ATTR, N_ATTR) and ((pp >= 0) & (pp <= 1)).all()
+  assert set(res1["qprobe"]) == set(ATTRIBUTES) | {"mean"}
+  assert all(0 <= v <= 1 for v in res1["qprobe"].values())
+  assert res1["qprobe"]["mean"] == pytest.approx(np.mean([res1["qprobe"][a]
+                                                           for a in ATTRIBUTES]))
+  assert set(res1["probe_baseline"]) == set(ATTRIBUTES)
+  assert all(0 < v <= 1 for v in res1["probe_baseline"].values())
+  for stage in ("pprobe", "qprobe"):
+    assert (workdir / stage / "final").is_dir()
+  assert "already done" not in out1
+  out2, res2 = run()
+  for stage in ("pretrain", "pprobe", "qprobe"):
+    assert f"[{stage}] already done" in out2, out2[-2000:]
+  assert res2 == res1

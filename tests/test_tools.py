@@ -1,0 +1,344 @@
+"""The run tools and launchers as a user calls them: `python -m kstore_jax.inspect`,
+`python -m kstore_jax.ask` on one tiny trained workdir, and `launch/{tpu_pod,slurm_gpu}.sh
+--dry-run` (plus shellcheck on every launch script when it is installed)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+N_PEOPLE = 60
+RUN_ARGS = [
+    "--config=configs/single.py:tiny", f"--config.data.n_people={N_PEOPLE}",
+    "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+    "--config.model.d_ff=64", "--config.pretrain.steps=6", "--config.finetune.steps=4",
+    "--config.train.save_every=3", "--config.pretrain.batch_size=4",
+    "--config.finetune.batch_size=4", "--config.train.log_every=1",
+]
+ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company", "company_city")
+
+
+def _env(cache=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def tool(name, *args, cache=None, timeout=300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", f"kstore_jax.{name}", *args], cwd=ROOT,
+                        env=_env(cache), capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def script(name, *args, env=None) -> subprocess.CompletedProcess:
+  return subprocess.run(["bash", str(ROOT / "launch" / name), *args], cwd=ROOT,
+                        env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+                        timeout=60, check=False)
+
+
+def one_line_error(r, prog, *culprits) -> str:
+  assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith(f"kstore_jax.{prog}: error: "), lines[0]
+  for c in culprits:
+    assert c in lines[0], (c, lines[0])
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  path = tmp_path_factory.getbasetemp() / "jax_cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, jax_cache):
+  """pretrain (6 steps) -> finetune (4 steps) -> eval; checkpoints every 3 steps."""
+  wd = tmp_path_factory.mktemp("tools") / "run"
+  r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}"],
+                     cwd=ROOT, env=_env(jax_cache), capture_output=True, text=True,
+                     timeout=600, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd
+
+
+@pytest.fixture(scope="module")
+def population():
+  from kstore_jax.data.population import make_population
+  return make_population(0, N_PEOPLE)   # configs/base.py: seed 0
+
+
+# -- inspect ----------------------------------------------------------------------------------
+def test_inspect_lists_stages_steps_and_checkpoint(run_dir):
+  r = tool("inspect", f"--workdir={run_dir}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  lines = {l.split()[0]: l for l in out.splitlines() if l.startswith("  pre") or
+           l.startswith("  fine")}
+  assert "checkpoint steps: 3, 6" in lines["pretrain"] and "final/: yes" in lines["pretrain"]
+  assert "checkpoint steps: 3, 4" in lines["finetune"] and "final/: yes" in lines["finetune"]
+  assert "checkpoint pretrain/checkpoints/6" in out          # the default: newest pretrain step
+  assert "embed/embedding" in out and "P(" in out            # param tree with shardings
+  assert "optimizer state:" in out and "train step 6" in out
+  assert "data iterator (grain)" in out and "batch_idx" in out
+  assert 'last metrics line (pretrain): {' in out and '"step": 6' in out
+
+
+def test_inspect_json(run_dir):
+  r = tool("inspect", f"--workdir={run_dir}", "--stage=finetune", "--json")
+  assert r.returncode == 0, r.stderr[-3000:]
+  d = json.loads(r.stdout)
+  assert d["stages"]["pretrain"]["steps"] == [3, 6] and d["stages"]["pretrain"]["final"]
+  assert d["stages"]["finetune"]["steps"] == [3, 4] and d["stages"]["finetune"]["final"]
+  assert d["config"]["data"]["n_people"] == N_PEOPLE
+  c = d["checkpoint"]
+  assert d["stage"] == "finetune" and c["step"] == 4 and c["state_step"] == 4
+  for p in c["params"]:
+    assert p["size"] == int(np.prod(p["shape"])), p
+  total = sum(p["size"] for p in c["params"])
+  assert c["param_count"]["total"] == total == sum(c["param_count"]["by_module"].values())
+  assert set(c["param_count"]["by_module"]) == {"block0", "embed", "ln_f"}
+  # AdamW: mu and nu mirror the params (+ counters).
+  assert c["opt_state"]["leaves"] > 2 * len(c["params"])
+  assert c["opt_state"]["size"] >= 2 * total
+  assert c["restored"]["ok"] and c["restored"]["nonfinite_params"] == 0
+  (state,) = c["data_state"].values()   # one process
+  assert state["batch_idx"] > 0
+  assert d["last_metrics"]["step"] == 4
+  assert d["results"]["qa_test"]["mean"] >= 0.0
+  # final/ (the exported params) has the same parameter count.
+  r = tool("inspect", f"--workdir={run_dir}", "--stage=pretrain", "--step=final", "--json")
+  assert r.returncode == 0, r.stderr[-3000:]
+  f = json.loads(r.stdout)["checkpoint"]
+  assert f["kind"] == "final" and f["param_count"]["total"] == total
+
+
+@pytest.mark.parametrize("victim", ["data_file", "metadata"])
+def test_inspect_corrupt_checkpoint_names_the_step(run_dir, tmp_path, victim):
+  wd = tmp_path / "run"
+  shutil.copytree(run_dir, wd)
+  state = wd / "pretrain" / "checkpoints" / "6" / "state"
+  if victim == "data_file":   # the largest array file: metadata still reads, arrays do not
+    target = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  else:
+    target = state / "_METADATA"
+  with open(target, "r+b") as f:
+    f.truncate(7)
+  r = tool("inspect", f"--workdir={wd}")
+  one_line_error(r, "inspect", "step 6", str(state))
+  # The older step still reads.
+  r = tool("inspect", f"--workdir={wd}", "--step=3", "--json")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout)["checkpoint"]["state_step"] == 3
+
+
+def test_inspect_errors(run_dir, tmp_path):
+  missing = tmp_path / "nope"
+  one_line_error(tool("inspect", f"--workdir={missing}"), "inspect", str(missing))
+  one_line_error(tool("inspect", f"--workdir={run_dir}", "--stage=pretrain_mixed"), "inspect",
+                 "pretrain_mixed")
+  one_line_error(tool("inspect", f"--workdir={run_dir}", "--step=5"), "inspect", "step 5",
+                 "3, 6")
+
+
+def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
+  """The README's elastic-resume claim across host counts: a step saved by 2 processes (Grain
+  writes process_<i>-of-2.json) resumes on 1 process on exactly the next batch."""
+  wd = tmp_path / "run"
+  shutil.copytree(run_dir, wd)
+  for p in ("pretrain/final", "pretrain/checkpoints/6", "finetune", "results.json"):
+    shutil.rmtree(wd / p) if (wd / p).is_dir() else (wd / p).unlink()
+  data = wd / "pretrain" / "checkpoints" / "3" / "data"
+  state = (data / "process_0-of-1.json").read_text()
+  (data / "process_0-of-1.json").unlink()
+  for i in range(2):
+    (data / f"process_{i}-of-2.json").write_text(state)
+  r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}",
+                      "--config.stages=pretrain"], cwd=ROOT, env=_env(jax_cache),
+                     capture_output=True, text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step 3" in r.stdout
+  def losses(d):
+    return {m["step"]: m["loss"] for m in map(json.loads, open(d / "pretrain/metrics.jsonl"))}
+  assert losses(wd) == losses(run_dir)
+
+
+# -- ask --------------------------------------------------------------------------------------
+def test_ask_by_name_prints_every_attribute_with_truth(run_dir, population, jax_cache):
+  name = population.full_name(0)
+  r = tool("ask", f"--workdir={run_dir}", f"--name={name}", cache=jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  assert name in out and "finetune/final" in out   # default: the latest finished stage
+  truths = population.values(0)
+  for a in ATTRIBUTES:
+    assert f" {a} " in out, a
+    assert f"truth: {truths[a]}" in out, a
+  assert sum(out.count(m) for m in ("✓", "✗")) == 6
+  assert out.strip().endswith("/6 correct")
+
+
+def test_ask_attribute_filter_and_json(run_dir, population, jax_cache):
+  r = tool("ask", f"--workdir={run_dir}", "--person=3", "--attribute=university,major",
+           "--stage=pretrain", "--json", cache=jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  d = json.loads(r.stdout)
+  assert d["stage"] == "pretrain" and d["asked"] == 2
+  assert [a["attribute"] for a in d["answers"]] == ["university", "major"]
+  for a in d["answers"]:
+    assert a["person"] == 3 and a["name"] == population.full_name(3)
+    assert a["truth"] == population.values(3)[a["attribute"]]
+    assert a["question"].endswith("?\nAnswer:") and isinstance(a["correct"], bool)
+
+
+def test_ask_unknown_name_and_bad_prompt(run_dir):
+  one_line_error(tool("ask", f"--workdir={run_dir}", "--name=Nobody Q Public"), "ask",
+                 "Nobody Q Public")
+  one_line_error(tool("ask", f"--workdir={run_dir}", "--prompt=snow ☃ man"), "ask",
+                 "--prompt", "outside the model vocabulary")
+
+
+def test_ask_prompt_completes(run_dir, population, jax_cache):
+  prompt = f"{population.full_name(1)} was born on"
+  r = tool("ask", f"--workdir={run_dir}", f"--prompt={prompt}", "--max_new=5", "--json",
+           cache=jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  d = json.loads(r.stdout)
+  assert d["prompt"] == prompt and 0 <= d["new_tokens"] <= 5
+  assert isinstance(d["completion"], str)
+
+
+# -- launchers --------------------------------------------------------------------------------
+TPU_ENV = {"KSTORE_ZONE": "us-west4-a", "KSTORE_PROJECT": "my-project",
+           "KSTORE_TPU_NAME": "kstore-test", "KSTORE_ACCELERATOR": "v5litepod-16"}
+
+
+@pytest.mark.parametrize("repo", ["copy", "https://github.com/example/kstore_jax.git"])
+def test_tpu_pod_dry_run(repo):
+  r = script("tpu_pod.sh", "--dry-run", "--delete", "--config=configs/single.py:small",
+             "--workdir=/mnt/shared/runs/single", "--", "--config.model.dtype=bfloat16",
+             env={**TPU_ENV, "KSTORE_REPO": repo})
+  assert r.returncode == 0, r.stderr
+  cmds = [l for l in r.stdout.splitlines() if not l.startswith("#")]
+  assert cmds and all(l.startswith("+ ") for l in cmds), r.stdout
+  text = r.stdout
+  for key in ("gcloud compute tpus tpu-vm create kstore-test", "--zone=us-west4-a",
+              "--project=my-project", "--accelerator-type=v5litepod-16", "--worker=all",
+              "pip install", ".[tpu]", "python -m kstore_jax.main",
+              "--config=configs/single.py:small", "--workdir=/mnt/shared/runs/single",
+              "--config.model.dtype=bfloat16", "JAX_COORDINATOR_ADDRESS=",
+              "--worker=0", "tail ", "gcloud compute tpus tpu-vm delete kstore-test"):
+    assert key in text, key
+  assert ("tpu-vm scp" in text) == (repo == "copy")
+  assert ("git clone" in text) == (repo != "copy")
+  # The order: create, code, install, start, logs, delete.
+  order = [text.index(k) for k in ("tpu-vm create", "pip install", "kstore_jax.main",
+                                   "--worker=0", "tpu-vm delete")]
+  assert order == sorted(order)
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# A stand-in for gcloud: one TPU "worker" whose home directory is $FAKE_HOME.
+echo "gcloud $*" >> "$FAKE_HOME/gcloud.log"
+args=("$@")
+case " $* " in
+  *" describe "*)
+    [ -f "$FAKE_HOME/.created" ] || exit 1
+    case " $* " in *ipAddress*) echo 127.0.0.1 ;; *) echo READY ;; esac ;;
+  *" create "*) touch "$FAKE_HOME/.created" ;;
+  *" delete "*) rm -f "$FAKE_HOME/.created" ;;
+  *" scp "*) cp "${args[4]}" "$FAKE_HOME/${args[5]#*:}" ;;
+  *" ssh "*)
+    for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}" ;; esac; done
+    case "$cmd" in *"pip install"*)   # no downloads: the worker uses this venv
+      ln -sfn "$FAKE_VENV" "$FAKE_HOME/kstore_jax/.venv"; exit 0 ;; esac
+    cmd="${cmd//kstore_jax\[.\]main/no_such_process}"   # other runs on this machine
+    cd "$FAKE_HOME" && HOME="$FAKE_HOME" bash -c "$cmd" ;;
+  *) exit 3 ;;
+esac
+"""
+
+
+def test_tpu_pod_runs_its_commands(tmp_path):
+  """The whole launch against a fake gcloud: the remote commands really run (quoting, the
+  detached start, the log follow, the run's exit status) and --delete runs at the end."""
+  bin_dir, home = tmp_path / "bin", tmp_path / "home"
+  bin_dir.mkdir()
+  home.mkdir()
+  (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  env = {**TPU_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_HOME": str(home),
+         "FAKE_VENV": sys.prefix, "KSTORE_POLL_S": "1", "KSTORE_NUM_PROCESSES": "1",
+         "TMPDIR": str(tmp_path)}
+  # A config error: kstore_jax.main starts and fails at once with status 2.
+  r = script("tpu_pod.sh", "--delete", "--config=configs/single.py:tiny", "--workdir=runs/x",
+             "--", "--config.data.n_people=1", env=env)
+  assert r.returncode == 2, (r.stdout[-3000:], r.stderr[-3000:])
+  assert "kstore_jax.main: error: data.n_people=1" in r.stdout   # worker 0's log, followed
+  assert "the run exited with status 2" in r.stderr
+  assert (home / "kstore_jax" / "kstore_jax" / "main.py").is_file()   # the tree was copied
+  log = (home / "gcloud.log").read_text()
+  assert "tpu-vm create kstore-test" in log and "tpu-vm delete kstore-test" in log
+  assert not (home / ".created").exists()
+
+
+def test_slurm_dry_run():
+  r = script("slurm_gpu.sh", "--dry-run", "--nodes=4", "--gpus-per-node=8", "--partition=gpu",
+             "--time=02:00:00", "--config=configs/single.py:small", "--workdir=/shared/runs/s",
+             "--", "--config.model.dtype=bfloat16")
+  assert r.returncode == 0, r.stderr
+  text = r.stdout
+  for key in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+              "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00", "pip install", ".[cuda12]",
+              "srun ", "-m kstore_jax.main", "--workdir=/shared/runs/s",
+              "--config.model.dtype=bfloat16", "+ sbatch "):
+    assert key in text, key
+  script_text = text.split("\n", 1)[1].split("\n+ ")[0]
+  assert script_text.startswith("#!/bin/bash")
+  assert subprocess.run(["bash", "-n"], input=script_text, text=True).returncode == 0
+
+
+def test_launch_errors():
+  r = script("tpu_pod.sh", "--dry-run", "--config=configs/single.py", "--workdir=x",
+             env={"KSTORE_ZONE": ""})
+  assert r.returncode == 2 and "KSTORE_ZONE" in r.stderr
+  r = script("slurm_gpu.sh", "--dry-run", "--config=configs/single.py")
+  assert r.returncode == 2 and "--workdir" in r.stderr
+  r = script("slurm_gpu.sh", "--dry-run", "--bogus")
+  assert r.returncode == 2 and "--bogus" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_launch_scripts():
+  scripts = sorted(str(p) for p in (ROOT / "launch").glob("*.sh"))
+  r = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stdout[-4000:]
+
+
+# -- --help -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,flags", [("inspect", ("--workdir", "--stage", "--step", "--json")),
+                                        ("ask", ("--name", "--attribute", "--prompt",
+                                                 "--random", "--max_new"))])
+def test_tool_help(name, flags):
+  r = tool(name, "--help")
+  assert r.returncode == 0, r.stderr[-2000:]
+  for f in flags:
+    assert f in r.stdout, f
+
+
+@pytest.mark.parametrize("name", ["tpu_pod.sh", "slurm_gpu.sh", "local.sh"])
+def test_script_help(name):
+  r = script(name, "--help")
+  assert r.returncode == 0 and r.stdout.strip(), r.stderr
+  assert "set -euo" not in r.stdout
