@@ -26,6 +26,7 @@ WARMUP = flags.DEFINE_integer("warmup", 5, "data: batches taken before timing st
 MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this long ...")
 MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches")
 MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long")
+TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "train: timed steps (after 2 warm-up)")
 N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
 EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 200, "eval: people whose 6 QA prompts are "
                                    "answered (held-out half first)")
@@ -228,7 +229,31 @@ def bench_eval(cfg) -> list[dict]:
   ]
 
 
-BENCHMARKS = {"data": bench_data, "population": bench_population, "eval": bench_eval}
+# -- train: step FLOP/s vs the machine's matmul FLOP/s -----------------------------------------
+def bench_train(cfg) -> list[dict]:
+  from kstore_jax.train import throughput
+  r = throughput.measure(cfg, steps=TRAIN_STEPS.value)
+  matmul = throughput.matmul_flops_per_s()
+  ctx = dict(config=cfg.name, scale=cfg.scale, model=cfg.model.size, params=r["params"],
+             vocab=r["vocab"], batch_size=cfg.pretrain.batch_size, seq_len=cfg.data.seq_len,
+             dtype=cfg.model.dtype, device=jax_device_kind())
+  out = [measurement("train_tokens_per_s", round(r["tokens_per_s"], 1), "tokens/s", **ctx),
+         measurement("train_step_s", round(r["step_s"], 4), "s", **ctx),
+         measurement("train_flops_per_s", round(r["flops_per_s"] / 1e9, 2), "GFLOP/s", **ctx),
+         measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=2048, **ctx),
+         measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx)]
+  if r["peak"]:
+    out.append(measurement("train_mfu", round(r["flops_per_s"] / r["peak"], 3), "fraction",
+                           peak_flops_per_s=r["peak"], **ctx))
+  return out
+
+
+def jax_device_kind() -> str:
+  import jax
+  return f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+
+
+BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population, "eval": bench_eval}
 NO_CONFIG = {"population"}
 
 

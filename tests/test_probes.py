@@ -204,38 +204,39 @@ def test_probe_learns_linearly_encoded_labels():
           for a, lg in enumerate(probes.probe_apply(probe, hidden))]
     return jnp.mean(jnp.stack(ce))
 
-  probe = probes.init(k_probe, vocab=16, d_model=D, embed_rank=2, n_positions=P,
-                      classes=classes)
+  init = functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2, n_positions=P,
+                           classes=classes)
   opt = optax.adam(1e-2)
 
   @jax.jit
-  def train(probe, rng):
+  def train(rng):
     def body(carry, rng):
       probe, opt_state = carry
       loss, g = jax.value_and_grad(loss_fn)(probe, *sample(rng, 128))
       updates, opt_state = opt.update(g, opt_state, probe)
       return (optax.apply_updates(probe, updates), opt_state), loss
+    probe = init(k_probe)
     (probe, _), losses = jax.lax.scan(body, (probe, opt.init(probe)), jax.random.split(rng, 200))
     return probe, losses
 
-  probe, losses = train(probe, k_train)
+  @jax.jit
+  def accuracy(probe):                          # [P, 6] on 2000 held-out draws
+    hidden, labels = sample(k_test, 2000)
+    return jnp.stack([(lg.argmax(-1) == labels[:, None, a]).mean(0)
+                      for a, lg in enumerate(probes.probe_apply(probe, hidden))], -1)
+
+  probe, losses = train(k_train)
   assert losses[-1] < 0.1 * losses[0]
-  hidden, labels = sample(k_test, 2000)                                # held out: fresh draws
-  logits = probes.probe_apply(probe, hidden)
-  assert [lg.shape for lg in logits] == [(2000, P, c) for c in classes]
-  acc = np.stack([(lg.argmax(-1) == labels[:, None, a]).mean(0)
-                  for a, lg in enumerate(logits)], -1)
+  acc = np.asarray(accuracy(probe))
+  assert acc.shape == (P, N_ATTR)
   assert acc.min() >= 0.98, np.round(acc, 3)
-  # Before training the probe is at chance level.
-  untrained = probes.probe_apply(probes.init(k_probe, 16, D, 2, P, classes), hidden)
-  assert max(float((lg.argmax(-1) == labels[:, None, a]).mean())
-             for a, lg in enumerate(untrained)) < 0.3
-  # With the real class list: one [P, D, C] head per attribute.
-  real = probes.init(k_probe, vocab=16, d_model=D, embed_rank=2, n_positions=P,
-                     classes=probes.n_classes())
+  assert np.asarray(accuracy(jax.jit(init)(k_probe))).max() < 0.3    # untrained: chance
+  # With the real class list: one [P, D, C] head per attribute, embed_b starting at zero.
+  real = jax.eval_shape(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
+                                          n_positions=P, classes=probes.n_classes()), k_probe)
   assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in probes.n_classes()]
   assert real["embed_a"].shape == (16, 2) and real["embed_b"].shape == (2, D)
-  assert not np.asarray(real["embed_b"]).any()
+  assert not np.asarray(jax.jit(init)(k_probe)["embed_b"]).any()
 
 
 # -- 4./5. a probe on a random model -----------------------------------------------------------

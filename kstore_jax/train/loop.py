@@ -95,18 +95,23 @@ def build_state(spec: StageSpec, mesh, seed: int):
     return init, rng, abstract, shardings, optimizer
 
 
+def compile_stage(spec: StageSpec, mesh, seed: int):
+  """(init, rng, abstract state, state shardings, jitted train_step(state, frozen, batch))."""
+  init, rng, abstract, shardings, optimizer = build_state(spec, mesh, seed)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
+  train_step = jax.jit(
+      step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg)),
+      in_shardings=(shardings, frozen_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return init, rng, abstract, shardings, train_step
+
+
 def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
   """Train (or resume) a stage; write final/ and return the effective params."""
   sc, tc = spec.stage_cfg, cfg.train
   is_main = jax.process_index() == 0
   os.makedirs(stage_dir, exist_ok=True)
-  init, rng, abstract, shardings, optimizer = build_state(spec, mesh, cfg.seed)
-  frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
-  batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(sc)),
-      in_shardings=(shardings, frozen_sh, batch_sh),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  init, rng, abstract, shardings, train_step = compile_stage(spec, mesh, cfg.seed)
 
   data_iter = iter(spec.data(jax.process_index(), jax.process_count()))
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), tc.keep_checkpoints)
