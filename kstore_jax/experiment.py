@@ -123,14 +123,22 @@ class Experiment:
 
   @functools.cached_property
   def model_abstract(self):
-    """(abstract params with shardings, shardings, boxed init fn)."""
+    """(abstract params with shardings, boxed init fn, boxed abstract params)."""
     dummy = np.zeros((1, 8), np.int32)
     init = lambda rng: self.model.init(rng, dummy)["params"]
     with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(self.mesh):
       boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
       shardings = sharding.logical_shardings(boxed, self.mesh)
     abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-    return abstract, init
+    return abstract, init, boxed
+
+  def rebox(self, params):
+    """Loaded (plain) params boxed with the model's logical axes, so a stage that starts from
+    them shards them (and their optimizer state) like a fresh model."""
+    boxed = self.model_abstract[2]
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return jax.tree.map(lambda b, x: b.replace_boxed(x) if is_box(b) else x, boxed, params,
+                        is_leaf=is_box)
 
   def stages(self) -> tuple[str, ...]:
     return configlib.stage_list(self.cfg)
@@ -171,7 +179,7 @@ class Experiment:
   def train_spec(self, stage: str) -> loop.StageSpec:
     cfg, sc = self.cfg, self.cfg[stage]
     lm_flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
-    _, init_model = self.model_abstract
+    _, init_model, _ = self.model_abstract
     seed_offset = loop_stage_index(stage)
     chunks = self.world.chunks(stage, cfg.data, seed_offset)
     data = functools.partial(pipeline.make_pipeline, chunks, sc.batch_size, cfg.data.workers)
@@ -183,8 +191,8 @@ class Experiment:
                             export=lambda p, f: p, **lm)
     base = self.load_final(self.source_stage(stage, BASE_STAGES))
     if not sc.lora_rank:
-      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model), lambda rng: base, {},
-                            export=lambda p, f: p, **lm)
+      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
+                            lambda rng: self.rebox(base), {}, export=lambda p, f: p, **lm)
     merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
     init_lora = lambda rng: lora_lib.init(rng, base, sc.lora_rank, sc.lora_embed_rank)
     return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model, merge), init_lora, base,

@@ -188,15 +188,15 @@ def test_probe_learns_linearly_encoded_labels():
   D, P = 64, N_ATTR
   classes = [12, 10, 12, 8, 10, 8]                      # 60 one-hot coordinates <= D
   offsets = np.cumsum([0] + classes[:-1])
-  k_rot, k_probe, k_train, k_test = jax.random.split(jax.random.PRNGKey(0), 4)
-  rot = jnp.linalg.qr(jax.random.normal(k_rot, (P, D, D)))[0]      # [P, D, D] orthogonal
+  rng = np.random.default_rng(0)
+  rot = np.linalg.qr(rng.normal(size=(P, D, D)))[0]     # [P, D, D] orthogonal
 
-  def sample(rng, n):
-    keys = jax.random.split(rng, N_ATTR + 1)
-    labels = jnp.stack([jax.random.randint(k, (n,), 0, c) for k, c in zip(keys, classes)], -1)
-    code = jax.nn.one_hot(labels + offsets, D).sum(1)                  # [n, D]
-    hidden = jnp.einsum("nd,pde->npe", code, rot)
-    return hidden + 0.05 * jax.random.normal(keys[-1], hidden.shape), labels
+  def sample(n):
+    labels = np.stack([rng.integers(0, c, n) for c in classes], -1)
+    code = np.zeros((n, D), np.float32)
+    np.put_along_axis(code, labels + offsets, 1.0, axis=1)
+    hidden = np.einsum("nd,pde->npe", code, rot) + 0.05 * rng.normal(size=(n, P, D))
+    return hidden.astype(np.float32), labels.astype(np.int32)
 
   def loss_fn(probe, hidden, labels):
     ce = [optax.softmax_cross_entropy_with_integer_labels(
@@ -204,43 +204,49 @@ def test_probe_learns_linearly_encoded_labels():
           for a, lg in enumerate(probes.probe_apply(probe, hidden))]
     return jnp.mean(jnp.stack(ce))
 
-  init = functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2, n_positions=P,
-                           classes=classes)
+  # rbg keys: XLA compiles threefry's random normals slowly on CPU (seconds per init).
+  k_probe = jax.random.key(0, impl="rbg")
+  init = jax.jit(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
+                                   n_positions=P, classes=classes))
   opt = optax.adam(1e-2)
 
   @jax.jit
-  def train(rng):
-    def body(carry, rng):
+  def train(probe, hidden_SNPD, labels_SNA):
+    def body(carry, batch):
       probe, opt_state = carry
-      loss, g = jax.value_and_grad(loss_fn)(probe, *sample(rng, 128))
+      loss, g = jax.value_and_grad(loss_fn)(probe, *batch)
       updates, opt_state = opt.update(g, opt_state, probe)
       return (optax.apply_updates(probe, updates), opt_state), loss
-    probe = init(k_probe)
-    (probe, _), losses = jax.lax.scan(body, (probe, opt.init(probe)), jax.random.split(rng, 200))
+    (probe, _), losses = jax.lax.scan(body, (probe, opt.init(probe)), (hidden_SNPD, labels_SNA))
     return probe, losses
 
   @jax.jit
-  def accuracy(probe):                          # [P, 6] on 2000 held-out draws
-    hidden, labels = sample(k_test, 2000)
+  def accuracy(probe, hidden, labels):                  # [P, 6]
     return jnp.stack([(lg.argmax(-1) == labels[:, None, a]).mean(0)
                       for a, lg in enumerate(probes.probe_apply(probe, hidden))], -1)
 
-  probe, losses = train(k_train)
+  steps, batch = 200, 128
+  hidden, labels = sample(steps * batch)
+  probe0 = init(k_probe)
+  probe, losses = train(probe0, hidden.reshape(steps, batch, P, D),
+                        labels.reshape(steps, batch, N_ATTR))
   assert losses[-1] < 0.1 * losses[0]
-  acc = np.asarray(accuracy(probe))
+  test = sample(2000)                                   # held out: fresh draws
+  acc = np.asarray(accuracy(probe, *test))
   assert acc.shape == (P, N_ATTR)
   assert acc.min() >= 0.98, np.round(acc, 3)
-  assert np.asarray(accuracy(jax.jit(init)(k_probe))).max() < 0.3    # untrained: chance
+  assert np.asarray(accuracy(probe0, *test)).max() < 0.3    # untrained: chance level
   # With the real class list: one [P, D, C] head per attribute, embed_b starting at zero.
   real = jax.eval_shape(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
                                           n_positions=P, classes=probes.n_classes()), k_probe)
   assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in probes.n_classes()]
   assert real["embed_a"].shape == (16, 2) and real["embed_b"].shape == (2, D)
-  assert not np.asarray(jax.jit(init)(k_probe)["embed_b"]).any()
+  assert not np.asarray(probe0["embed_b"]).any()
 
 
 # -- 4./5. a probe on a random model -----------------------------------------------------------
 RANDOM_PEOPLE, PROBE_STEPS, PROBE_BATCH, PROBE_LR = 600, 100, 32, 1e-2
+RBG_KEY = jax.random.key(1, impl="rbg")   # threefry's normals compile slowly on CPU
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +262,7 @@ def random_model(tmp_path_factory):
                               experiment.Workdir(str(tmp_path_factory.mktemp("probe_exp"))))
   init = jax.jit(lambda rng: nn.meta.unbox(
       exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
-  base = init(jax.random.PRNGKey(0))
+  base = init(jax.random.key(0, impl="rbg"))
   return exp, base
 
 
@@ -268,7 +274,7 @@ def train_probe(exp, base, stage, shift=0):
   optimizer = optim.make_optimizer(spec.stage_cfg)
   step = jax.jit(step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg)),
                  donate_argnums=(0,))
-  params = spec.init_params(jax.random.PRNGKey(1))
+  params = jax.jit(spec.init_params)(RBG_KEY)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": optimizer.init(params)}
   data = iter(spec.data(0, 1))
@@ -331,7 +337,7 @@ def test_random_model_probe_stays_at_chance(random_model, random_probes):
 def test_base_params_get_no_gradient(random_model):
   exp, base = random_model
   spec = exp.probe_spec("pprobe", base)
-  probe = spec.init_params(jax.random.PRNGKey(1))
+  probe = jax.jit(spec.init_params)(RBG_KEY)
   w = exp.world
   batch = probing.ProbeBatches(w, w.train_people, "pprobe", 4, probing.probe_width(w, "pprobe"),
                                0)[0]
