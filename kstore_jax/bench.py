@@ -3,6 +3,7 @@
     python -m kstore_jax.bench data --config=configs/tiny.py [--workers=0,2]
     python -m kstore_jax.bench population --n=10000000
     python -m kstore_jax.bench eval --config=configs/tiny.py [--workdir=DIR] [--eval_people=200]
+    python -m kstore_jax.bench probe --config=configs/tiny.py [--probe_steps=20]
 
 Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
 them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]` in BENCHMARKS
@@ -31,9 +32,12 @@ N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
 EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 200, "eval: people whose 6 QA prompts are "
                                    "answered (held-out half first)")
 EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: prompts per batch (0 = all at once)")
-EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs (the median counts)")
+EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs of each, interleaved "
+                                    "(the median counts)")
 EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate (0 = the "
                                     "longest answer + EOT, as in QA eval)")
+PROBE_STEPS = flags.DEFINE_integer("probe_steps", 20, "probe: timed steps per probe (after 2 "
+                                   "warm-up)")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
 
@@ -154,16 +158,20 @@ def bench_population(cfg) -> list[dict]:
 
 
 # -- eval: QA generation with and without a KV cache -----------------------------------------
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-  """(median seconds of `repeats` timed calls after one warm-up/compile call, last result)."""
+def _time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
+  """(median s, min s, last result) per function: one warm-up (compile) call each, then
+  `repeats` rounds calling each once, interleaved so that a change in the machine's load
+  affects all of them alike."""
   import jax
-  out = jax.block_until_ready(fn())
-  times = []
+  out = {k: jax.block_until_ready(fn()) for k, fn in fns.items()}
+  times = {k: [] for k in fns}
   for _ in range(max(repeats, 1)):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), out
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      out[k] = jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t0)
+  return ({k: float(np.median(t)) for k, t in times.items()},
+          {k: float(np.min(t)) for k, t in times.items()}, out)
 
 
 def generation_flops_ratio(model_cfg, prompt_len: int, max_new: int) -> float:
@@ -171,7 +179,8 @@ def generation_flops_ratio(model_cfg, prompt_len: int, max_new: int) -> float:
   out): recompute runs P + max_new positions, logits included, max_new times; the cache path
   runs P - 1 prompt positions without logits, then max_new one-token steps with logits."""
   c = model_cfg
-  body = c.num_layers * (4 * c.d_model ** 2 + (3 if c.block == "llama" else 2) * c.d_model * c.d_ff)
+  mlp = (3 if c.block == "llama" else 2) * c.d_model * c.d_ff
+  body = c.num_layers * (4 * c.d_model ** 2 + mlp)
   head = c.vocab_size * c.d_model
   recompute = max_new * (prompt_len + max_new) * (body + head)
   cached = (prompt_len - 1) * body + max_new * (body + head)
@@ -210,22 +219,25 @@ def bench_eval(cfg) -> list[dict]:
   prompt_BP, lens_B = jnp.asarray(prompts[:batch]), jnp.asarray(plens[:batch])
   max_new = EVAL_MAX_NEW.value or answers.shape[1]
   args = (exp.model, params, prompt_BP, lens_B, max_new)
-  kv_s, kv_toks = _median_time(lambda: generate.generate(*args), EVAL_REPEATS.value)
-  re_s, re_toks = _median_time(lambda: generate.generate_recompute(*args), EVAL_REPEATS.value)
-  identical = bool(np.array_equal(np.asarray(kv_toks), np.asarray(re_toks)))
+  med, low, toks = _time_interleaved({"kv": lambda: generate.generate(*args),
+                                      "re": lambda: generate.generate_recompute(*args)},
+                                     EVAL_REPEATS.value)
+  identical = bool(np.array_equal(np.asarray(toks["kv"]), np.asarray(toks["re"])))
   P = int(prompt_BP.shape[1])
   ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
              params=int(count_params(params)), params_from=stage, batch=batch, prompt_len=P,
              prompt_len_mean=round(float(plens[:batch].mean()), 2), max_new=int(max_new),
              repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
-             device=jax.devices()[0].device_kind, cpus=os.cpu_count())
+             device=jax_device_kind(), cpus=os.cpu_count())
   return [
-      measurement("kv_cache_eval_s", round(kv_s, 4), "s", **ctx),
-      measurement("recompute_eval_s", round(re_s, 4), "s", **ctx),
-      measurement("kv_cache_speedup", round(re_s / kv_s, 2), "ratio", identical=identical,
+      measurement("kv_cache_eval_s", round(med["kv"], 4), "s", min_s=round(low["kv"], 4), **ctx),
+      measurement("recompute_eval_s", round(med["re"], 4), "s", min_s=round(low["re"], 4),
+                  **ctx),
+      measurement("kv_cache_speedup", round(med["re"] / med["kv"], 2), "ratio",
+                  identical=identical, of_min_times=round(low["re"] / low["kv"], 2),
                   flops_ratio=round(generation_flops_ratio(exp.model_cfg, P, max_new), 2),
                   **ctx),
-      measurement("qa_eval_questions_per_s", round(batch / kv_s, 1), "questions/s", **ctx),
+      measurement("qa_eval_questions_per_s", round(batch / med["kv"], 1), "questions/s", **ctx),
   ]
 
 
@@ -253,7 +265,71 @@ def jax_device_kind() -> str:
   return f"{jax.devices()[0].device_kind} x{jax.device_count()}"
 
 
-BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population, "eval": bench_eval}
+# -- probe: P-/Q-probe training throughput (frozen random base model) --------------------------
+def bench_probe(cfg) -> list[dict]:
+  """Probe training as `Experiment.probe` runs it (the stage's StageSpec, state built by
+  loop.build_state, the train step jitted with run_stage's shardings, batches from the stage's
+  Grain stream), on a random base model of the config's size: examples/s and tokens/s over
+  PROBE_STEPS steps after 2 warm-up (compile) steps; batch rendering alone is timed too."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from kstore_jax import experiment
+  from kstore_jax.data import tokenizer
+  from kstore_jax.model.transformer import count_params
+  from kstore_jax.train import loop, optim, sharding, step as step_lib
+
+  with cli.config_errors():
+    exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data),
+                                experiment.Workdir(os.getcwd()))   # nothing is written
+  init = jax.jit(lambda rng: nn.meta.unbox(
+      exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
+  rep = sharding.replicated(exp.mesh)
+  base = jax.device_put(init(jax.random.PRNGKey(cfg.seed)), rep)
+  steps = PROBE_STEPS.value
+  out = []
+  for stage in experiment.PROBE_STAGES:
+    spec = exp.probe_spec(stage, base)
+    sc = spec.stage_cfg
+    state_init, rng, _, shardings, optimizer = loop.build_state(spec, exp.mesh, cfg.seed)
+    train_step = jax.jit(step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(sc)),
+                         in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, base),
+                                       sharding.batch_sharding(exp.mesh)),
+                         out_shardings=(shardings, rep), donate_argnums=(0,))
+    data = iter(spec.data(0, 1))
+    t0 = time.perf_counter()
+    state = state_init(rng)
+    for _ in range(2):   # compile + one more
+      state, metrics = train_step(state, base, sharding.to_global(next(data), exp.mesh))
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = train_step(state, base, sharding.to_global(next(data), exp.mesh))
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      next(data)
+    data_s = time.perf_counter() - t0
+    width = spec.positions_per_step // sc.batch_size
+    ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
+               base_params=int(count_params(base)),
+               probe_params=int(count_params(state["params"])), batch_size=sc.batch_size,
+               width=width, embed_rank=sc.embed_rank, steps=steps,
+               step_s=round(elapsed / steps, 4), warmup_s=round(warmup_s, 2),
+               batch_render_s=round(data_s / steps, 4), loss=round(float(metrics["loss"]), 4),
+               dtype=cfg.model.dtype, device=jax.devices()[0].device_kind, cpus=os.cpu_count())
+    out += [measurement(f"{stage}_examples_per_s", round(steps * sc.batch_size / elapsed, 1),
+                        "examples/s", **ctx),
+            measurement(f"{stage}_tokens_per_s", round(steps * spec.positions_per_step / elapsed),
+                        "tokens/s", flops_per_s=round(steps * spec.positions_per_step
+                                                      * spec.flops_per_position / elapsed),
+                        **ctx)]
+  return out
+
+
+BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population, "eval": bench_eval, "probe": bench_probe}
 NO_CONFIG = {"population"}
 
 

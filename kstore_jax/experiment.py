@@ -247,7 +247,7 @@ class Experiment:
     else:
       results["qprobe"] = {**{a: float(matrix[0, i]) for i, a in enumerate(ATTRIBUTES)},
                            "mean": float(matrix[0].mean())}
-    labels = probes.probe_labels(w.pop, w.test_people)
+    labels = probes.probe_labels(w.pop, test.people)
     results["probe_baseline"] = {a: float(np.bincount(labels[:, i]).max() / len(labels))
                                  for i, a in enumerate(ATTRIBUTES)}
     self.workdir.write_json("results.json", results)

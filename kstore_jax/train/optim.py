@@ -5,10 +5,14 @@ import optax
 
 
 def schedule(stage_cfg) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `lr * final_lr_fraction` at `steps`."""
+  end = stage_cfg.lr * stage_cfg.final_lr_fraction
+  if not stage_cfg.warmup_steps:
+    return optax.cosine_decay_schedule(stage_cfg.lr, max(stage_cfg.steps, 1),
+                                       alpha=stage_cfg.final_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=stage_cfg.lr, warmup_steps=stage_cfg.warmup_steps,
-      decay_steps=max(stage_cfg.steps, stage_cfg.warmup_steps + 1),
-      end_value=stage_cfg.lr * stage_cfg.final_lr_fraction)
+      decay_steps=max(stage_cfg.steps, stage_cfg.warmup_steps + 1), end_value=end)
 
 
 def decay_mask(params):
