@@ -1,0 +1,187 @@
+"""Multi-host correctness with real processes: two local `python -m kstore_jax.main` processes
+joined by `jax.distributed.initialize` (KSTORE_NUM_PROCESSES / KSTORE_PROCESS_ID /
+KSTORE_COORDINATOR, a localhost coordinator, one CPU device each, gloo collectives) train the
+same losses as one process with two devices and the same global batch; their checkpoint
+resumes on two processes and on one.
+
+The runs share one persistent JAX compilation cache (it changes no number) and a
+module-scoped fixture; the model is the tiny one of test_train.py.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS, SAVE_EVERY = 12, 6
+ARGS = [
+    "--config=configs/single.py:tiny",
+    "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
+    "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
+    "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
+    f"--config.pretrain.steps={STEPS}", "--config.pretrain.warmup_steps=2",
+    "--config.train.log_every=1", f"--config.train.save_every={SAVE_EVERY}",
+    "--config.stages=pretrain",
+]
+# Identical (bit for bit) between an interrupted+resumed run and an uninterrupted one on the
+# same topology.
+DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
+# Variables that make maybe_initialize_distributed join a cluster: none leaks into a run.
+CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR",
+                "SLURM_NTASKS", "TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS")
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  path = tmp_path_factory.getbasetemp() / "jax_cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def run_env(n_devices: int, cache, **cluster) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **cluster)
+  return env
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, log, env) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "kstore_jax.main", f"--workdir={workdir}",
+                           *ARGS], cwd=ROOT, env=env, stdout=open(log, "w"),
+                          stderr=subprocess.STDOUT)
+
+
+def start_one(workdir, cache) -> list:
+  """One process with 2 fake CPU devices: [(proc, log)]."""
+  log = pathlib.Path(f"{workdir}.log")
+  return [(start(workdir, log, run_env(2, cache)), log)]
+
+
+def start_two(workdir, cache) -> list:
+  """Two processes of one JAX cluster, 1 CPU device each, sharing `workdir`."""
+  port, runs = free_port(), []
+  for i in range(2):
+    log = pathlib.Path(f"{workdir}.p{i}.log")
+    env = run_env(1, cache, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
+                  KSTORE_COORDINATOR=f"localhost:{port}")
+    runs.append((start(workdir, log, env), log))
+  return runs
+
+
+def finish(*groups) -> list[str]:
+  """Wait for every process; all must exit 0 (a failed peer leaves the other blocked in a
+  collective, so on any failure or timeout the rest are killed). Returns the logs' texts."""
+  runs = [r for g in groups for r in g]
+  deadline = time.time() + TIMEOUT
+  try:
+    while any(p.poll() is None for p, _ in runs):
+      failed = [p for p, _ in runs if p.returncode not in (None, 0)]
+      if failed or time.time() > deadline:
+        break
+      time.sleep(0.1)
+  finally:
+    for p, _ in runs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  texts = [log.read_text() for _, log in runs]
+  for (p, log), text in zip(runs, texts):
+    assert p.returncode == 0, f"{log.name}: exit {p.returncode}\n{text[-3000:]}"
+  return texts
+
+
+def metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "pretrain" / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def deterministic(rows) -> list[tuple]:
+  return [tuple(r[k] for k in DETERMINISTIC) for r in rows]
+
+
+def assert_close_losses(got, want, rtol=1e-5):
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  for g, w in zip(got, want):
+    rel = abs(g["loss"] - w["loss"]) / abs(w["loss"])
+    assert rel <= rtol, f"step {g['step']}: loss {g['loss']} vs {w['loss']} (rel {rel:.2e})"
+  assert [r["loss_tokens"] for r in got] == [r["loss_tokens"] for r in want]
+
+
+def stopped_after_first_checkpoint(src, dst) -> None:
+  """`dst`: a copy of the finished run `src` as if it had died right after the step-6 save."""
+  shutil.copytree(src, dst)
+  shutil.rmtree(dst / "pretrain" / "final")
+  shutil.rmtree(dst / "pretrain" / "checkpoints" / str(STEPS))
+  path = dst / "pretrain" / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in metrics(dst) if r["step"] <= SAVE_EVERY))
+
+
+# -- shared runs ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, jax_cache):
+  """The one-process reference (2 devices) and the two-process run (1 device each), side by
+  side: the global device count and the global batch are the same."""
+  base = tmp_path_factory.mktemp("multiprocess")
+  one, two = start_one(base / "one", jax_cache), start_two(base / "two", jax_cache)
+  logs = finish(one, two)
+  return {"one": base / "one", "two": base / "two", "logs": logs}
+
+
+# -- tests ----------------------------------------------------------------------------------
+def test_two_processes_match_one(runs):
+  one, two = runs["one"], runs["two"]
+  rows1, rows2 = metrics(one), metrics(two)
+  assert [r["step"] for r in rows2] == list(range(1, STEPS + 1))
+  assert_close_losses(rows2, rows1)
+  # Process 0 writes the run files once; each process holds its own lock file.
+  assert (two / "config.json").is_file() and (two / "tokenizer.json").is_file()
+  assert (two / ".lock").exists() and (two / ".lock.1").exists()
+  assert (two / "pretrain" / "final").is_dir()
+  assert "[pretrain] done: 12 steps" in runs["logs"][1]          # process 0's log
+  assert "[pretrain]" not in runs["logs"][2]                     # process 1 prints nothing
+  # Each process saved its Grain state; both iterate the one global stream, so they agree.
+  for step in (SAVE_EVERY, STEPS):
+    data = two / "pretrain" / "checkpoints" / str(step) / "data"
+    states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states[0] == states[1], states
+
+
+def test_two_processes_resume_from_their_checkpoint(runs, tmp_path, jax_cache):
+  # Process 0 prints the resume; process 1 cannot silently start over: its step count would
+  # no longer match process 0's collectives, and its half of every batch (and its replica of
+  # the state) would change the losses, which must equal the uninterrupted run's bit for bit.
+  wd = tmp_path / "resumed2"
+  stopped_after_first_checkpoint(runs["two"], wd)
+  logs = finish(start_two(wd, jax_cache))
+  assert f"resumed from step {SAVE_EVERY}" in logs[0], logs[0][-2000:]
+  assert deterministic(metrics(wd)) == deterministic(metrics(runs["two"]))
+  assert (wd / "pretrain" / "final").is_dir()
+
+
+def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, jax_cache):
+  wd = tmp_path / "resumed1"
+  stopped_after_first_checkpoint(runs["two"], wd)
+  (log,) = finish(start_one(wd, jax_cache))
+  assert f"resumed from step {SAVE_EVERY}" in log, log[-2000:]
+  assert "saved by another process count" in log, log[-2000:]
+  rows = metrics(wd)
+  assert deterministic(rows[:SAVE_EVERY]) == deterministic(metrics(runs["two"])[:SAVE_EVERY])
+  assert_close_losses(rows, metrics(runs["two"]))
+  assert_close_losses(rows, metrics(runs["one"]))
+  assert (wd / "pretrain" / "final").is_dir()
