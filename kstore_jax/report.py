@@ -221,6 +221,27 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
   plt.close(fig)
 
 
+def plot_qprobe_vs_qa(runs: list[Run], path: str) -> None:
+  """One point per run: Q-probe mean accuracy (x) against held-out QA accuracy (y)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(4.6, 4.0))
+  for r in runs:
+    q, qa = r.metric("qprobe"), r.metric("qa_test")
+    if q is None or qa is None:
+      continue
+    ax.scatter(100 * q, 100 * qa, s=40)
+    ax.annotate(r.name, (100 * q, 100 * qa), fontsize=8, xytext=(4, 4),
+                textcoords="offset points")
+  ax.set_xlim(0, 100)
+  ax.set_ylim(0, 100)
+  ax.set_xlabel("Q-probe accuracy from the name alone (%)")
+  ax.set_ylabel("held-out QA exact match (%)")
+  ax.set_title("Knowledge at the name predicts extraction")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def read_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
   out = {}
   for stage in STAGES:
@@ -312,6 +333,9 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
   q = qprobe_table(runs)
   if q:
     md += ["", "## Q-probe (name only → attribute), accuracy %", ""] + q
+    scatter = png("qprobe_vs_qa")
+    plot_qprobe_vs_qa(runs, os.path.join(out_dir, scatter))
+    md += ["", f"![Q-probe vs QA]({scatter})"]
   probes = [(r, pprobe_matrix(r)) for r in runs]
   probes = [(r, m) for r, m in probes if m is not None]
   if probes:

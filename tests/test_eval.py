@@ -1,5 +1,10 @@
 """QA evaluation: KV-cache generation, exact match, memorisation -> 100%, bio recall, loss mask."""
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -155,3 +160,21 @@ def test_qa_loss_mask_is_answer_only(world):
       seen += 1
   assert seen == len(docs) == 6 * N_PEOPLE
   assert batch["weights"][batch["segment_ids"] == 0].sum() == 0
+
+
+def test_bench_eval_contract(tmp_path):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, "-m", "kstore_jax.bench", "eval", "--config=configs/base.py:tiny",
+         "--config.data.n_people=20", "--config.model.num_layers=1", "--eval_people=4",
+         "--eval_repeats=1"]
+  r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 0, r.stderr
+  out = {m["name"]: m for m in map(json.loads, r.stdout.strip().splitlines()[-4:])}
+  assert set(out) == {"kv_cache_eval_s", "recompute_eval_s", "kv_cache_speedup",
+                      "qa_eval_questions_per_s"}
+  s = out["kv_cache_speedup"]
+  assert s["identical"] is True and s["unit"] == "ratio" and s["value"] > 0
+  assert s["batch"] == 24 and s["max_new"] >= 2 and s["params_from"] == "random_init"
+  r = subprocess.run(cmd + [f"--workdir={tmp_path / 'none'}"], cwd=root, capture_output=True,
+                     text=True, timeout=120, check=False)
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -116,7 +116,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_layer=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, layer=0):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
@@ -125,18 +125,20 @@ class Attention(nn.Module):
     q_BLHD = rotary(proj("query")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
     k_BLHD = rotary(proj("key")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
     v_BLHD = proj("value")(x_BLD)
-    if cache_layer is None:
+    if cache is None:
       k_all, v_all, k_pos, k_seg = k_BLHD, v_BLHD, positions_BL, segment_ids_BL
       new_cache = None
     else:
-      # Write this step's keys/values at their positions; attend to everything written so far.
+      # Write this step's keys/values at their positions of this layer's slice of the stacked
+      # cache (in place: the whole cache is threaded through the layers, never re-stacked);
+      # attend to everything written so far.
       rows = jnp.arange(x_BLD.shape[0])[:, None]
-      k_all = cache_layer["k"].at[rows, positions_BL].set(k_BLHD.astype(cache_layer["k"].dtype))
-      v_all = cache_layer["v"].at[rows, positions_BL].set(v_BLHD.astype(cache_layer["v"].dtype))
-      seg = cache_layer["seg"].at[rows, positions_BL].set(segment_ids_BL)
-      k_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1]), seg.shape)
-      k_seg = seg
-      new_cache = {"k": k_all, "v": v_all, "seg": seg}
+      new_cache = {
+          "k": cache["k"].at[layer, rows, positions_BL].set(k_BLHD.astype(cache["k"].dtype)),
+          "v": cache["v"].at[layer, rows, positions_BL].set(v_BLHD.astype(cache["v"].dtype)),
+          "seg": cache["seg"].at[layer, rows, positions_BL].set(segment_ids_BL)}
+      k_all, v_all, k_seg = (new_cache[k][layer] for k in ("k", "v", "seg"))
+      k_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1]), k_seg.shape)
     mask = attention_mask(positions_BL, segment_ids_BL, k_pos, k_seg, cfg.causal)
     impl = None if cfg.attention == "auto" else cfg.attention
     out_BLHD = jax.nn.dot_product_attention(
@@ -169,11 +171,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_layer=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, layer=0):
     dtype = DTYPES[self.cfg.dtype]
     h_BLD, new_cache = Attention(self.cfg, name="attn")(
         Norm(self.cfg.block, dtype, name="ln1")(x_BLD), positions_BL, segment_ids_BL,
-        cache_layer)
+        cache, layer)
     x_BLD = x_BLD + h_BLD
     x_BLD = x_BLD + Mlp(self.cfg, name="mlp")(Norm(self.cfg.block, dtype, name="ln2")(x_BLD))
     return x_BLD, new_cache
@@ -200,11 +202,8 @@ class Transformer(nn.Module):
       table_VD = table_VD + embed_delta_VD
     x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
     block = nn.remat(Block) if cfg.remat else Block
-    new_layers = []
     for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-      x_BLD, c = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, layer_cache)
-      new_layers.append(c)
+      x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, cache, i)
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
     if cfg.tie_embeddings:
       logits_BLV = embed.attend(hidden_BLD)
@@ -212,8 +211,7 @@ class Transformer(nn.Module):
       logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
                             kernel_init=_init(nn.initializers.normal(0.02), "embed", "vocab"),
                             name="unembed")(hidden_BLD)
-    new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
-    return logits_BLV.astype(jnp.float32), hidden_BLD, new_cache
+    return logits_BLV.astype(jnp.float32), hidden_BLD, cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
