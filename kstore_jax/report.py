@@ -236,7 +236,7 @@ def plot_qprobe_vs_qa(runs: list[Run], path: str) -> None:
   ax.set_ylim(0, 100)
   ax.set_xlabel("Q-probe accuracy from the name alone (%)")
   ax.set_ylabel("held-out QA exact match (%)")
-  ax.set_title("Knowledge at the name predicts extraction")
+  ax.set_title("Q-probe (name only) vs held-out QA")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -336,22 +336,22 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
     scatter = png("qprobe_vs_qa")
     plot_qprobe_vs_qa(runs, os.path.join(out_dir, scatter))
     md += ["", f"![Q-probe vs QA]({scatter})"]
-  probes = [(r, pprobe_matrix(r)) for r in runs]
-  probes = [(r, m) for r, m in probes if m is not None]
-  if probes:
-    md += ["", "## P-probe (rows: positions, columns: attributes)", ""]
-    for r, m in probes:
-      name = png("pprobe", r.label)
-      plot_pprobe(r, m, os.path.join(out_dir, name))
-      md += [f"`{r.name}` ({r.mode or '?'}): ![P-probe {r.name}]({name})", ""]
-  curves = [(r, read_losses(r)) for r in runs]
-  curves = [(r, c) for r, c in curves if c]
-  if curves:
-    md += ["", "## Training loss", ""]
-    for r, c in curves:
-      name = png("loss", r.label)
-      plot_losses(r, c, os.path.join(out_dir, name))
-      md += [f"`{r.name}` ({r.mode or '?'}, {', '.join(c)}): ![loss {r.name}]({name})", ""]
+  def per_run(title: str, kind: str, items, plot, caption) -> list[str]:
+    """A section with one PNG per run that has data; [] if none has."""
+    items = [(r, d) for r, d in items if d is not None and len(d)]
+    out = ["", title, ""] if items else []
+    for r, d in items:
+      name = png(kind, r.label)
+      plot(r, d, os.path.join(out_dir, name))
+      out += [caption(r, d, name), ""]
+    return out
+
+  md += per_run("## P-probe (rows: positions, columns: attributes)", "pprobe",
+                [(r, pprobe_matrix(r)) for r in runs], plot_pprobe,
+                lambda r, m, name: f"`{r.name}` ({r.mode or '?'}): ![P-probe {r.name}]({name})")
+  md += per_run("## Training loss", "loss", [(r, read_losses(r)) for r in runs], plot_losses,
+                lambda r, c, name: f"`{r.name}` ({r.mode or '?'}, {', '.join(c)}): "
+                                   f"![loss {r.name}]({name})")
   text = "\n".join(md).rstrip() + "\n"
   with open(out_path, "w") as f:
     f.write(text)

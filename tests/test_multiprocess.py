@@ -18,21 +18,11 @@ import sys
 import time
 
 import pytest
+from runs import DETERMINISTIC, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 12, 6
-ARGS = [
-    "--config=configs/single.py:tiny",
-    "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
-    "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
-    "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
-    f"--config.pretrain.steps={STEPS}", "--config.pretrain.warmup_steps=2",
-    "--config.train.log_every=1", f"--config.train.save_every={SAVE_EVERY}",
-    "--config.stages=pretrain",
-]
-# Identical (bit for bit) between an interrupted+resumed run and an uninterrupted one on the
-# same topology.
-DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
+ARGS = ["--config=configs/single.py:tiny", *small_run_args(STEPS, SAVE_EVERY)]
 # Variables that make maybe_initialize_distributed join a cluster: none leaks into a run.
 CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR",
                 "SLURM_NTASKS", "TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS")

@@ -60,7 +60,8 @@ def test_report_table_and_pngs(tmp_path):
   assert "no results.json" in unfinished and "— (41.1)" in unfinished
   assert "Q-probe" in text and "P-probe" in text
   names = {pathlib.Path(p).name for p in pngs}
-  assert names == {"report_accuracy.png", "report_pprobe_single.png", "report_loss_single.png",
+  assert names == {"report_accuracy.png", "report_qprobe_vs_qa.png", "report_pprobe_single.png",
+                   "report_loss_single.png",
                    "report_loss_mix.png", "report_loss_unfinished.png"}
   for p in pngs:
     data = pathlib.Path(p).read_bytes()

@@ -16,21 +16,13 @@ import sys
 import time
 
 import pytest
+from runs import DETERMINISTIC, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/single.py:tiny"
 STEPS, SAVE_EVERY = 40, 10
-SMALL = [
-    "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
-    "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
-    "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
-    f"--config.pretrain.steps={STEPS}", "--config.pretrain.warmup_steps=2",
-    "--config.train.log_every=1", f"--config.train.save_every={SAVE_EVERY}",
-    "--config.stages=pretrain",
-]
+SMALL = small_run_args(STEPS, SAVE_EVERY)
 MESH_2x2x2 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-# Keys that must be identical between an interrupted+resumed run and an uninterrupted one.
-DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -1,0 +1,16 @@
+"""Shared settings for tests that train through `python -m kstore_jax.main` subprocesses."""
+
+# Keys that must be identical between an interrupted+resumed run and an uninterrupted one.
+DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
+
+
+def small_run_args(steps: int, save_every: int) -> list[str]:
+  """A tiny single-row pretraining run: 100 people, 2 layers of width 64, batch 8."""
+  return [
+      "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
+      "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
+      "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
+      f"--config.pretrain.steps={steps}", "--config.pretrain.warmup_steps=2",
+      "--config.train.log_every=1", f"--config.train.save_every={save_every}",
+      "--config.stages=pretrain",
+  ]
