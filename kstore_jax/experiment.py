@@ -33,21 +33,6 @@ def model_vocab(renderer) -> int:
   return -(-renderer.vocab_size // 128) * 128
 
 
-def max_doc_positions(world, block: int = 1 << 20) -> int:
-  """The longest bio or QA of this population, in positions (tokens - 1).
-
-  Lengths are sums of piece lengths, so this needs no rendering: a pass over all documents'
-  piece ids, `block` at a time.
-  """
-  r, longest = world.renderer, 0
-  for src in (world.bios(), world.qa(np.arange(len(world.pop)))):
-    for s in range(0, len(src), block):
-      pieces = src.pieces(np.arange(s, min(s + block, len(src))))
-      pieces = pieces[0] if isinstance(pieces, tuple) else pieces
-      longest = max(longest, int(r.piece_len[pieces].sum(1).max()))
-  return longest - 1
-
-
 class Workdir:
   """The exclusive lock and the run files of a workdir."""
 
@@ -112,7 +97,7 @@ class Experiment:
   def __init__(self, cfg, tokenizer, workdir: Workdir):
     self.cfg, self.workdir = cfg, workdir
     self.world = world_lib.build_world(cfg, tokenizer)
-    longest = max_doc_positions(self.world)
+    longest = self.world.max_doc_positions()
     if longest > cfg.data.seq_len:
       raise configlib.ConfigError(
           f"data.seq_len={cfg.data.seq_len} is shorter than the longest document "

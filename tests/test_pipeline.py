@@ -131,7 +131,6 @@ def test_rows_fit_and_padding_is_inert(world):
 
 def test_qa_weights_are_answer_and_eot(world):
   chunks = chunks_of(world, (1.0,), ("qa",), chunk_docs=60)
-  tok = world["tok"]
   n = 0
   for c in range(3):
     b = chunks[c]

@@ -1,6 +1,5 @@
 """Pools, templates, bio and QA rendering: spans, names, pronouns, augmentation, QA prompts."""
 
-import itertools
 import re
 
 import numpy as np

@@ -47,6 +47,20 @@ class World:
       return [self.qa(self.train_people)], [1.0]
     raise ValueError(f"stage {stage!r} has no document stream")
 
+  def max_doc_positions(self, block: int = 1 << 20) -> int:
+    """The longest bio or QA of this population, in positions (tokens - 1).
+
+    Lengths are sums of piece lengths, so this needs no rendering: a pass over all documents'
+    piece ids, `block` at a time.
+    """
+    longest = 0
+    for src in (self.bios(), self.qa(np.arange(len(self.pop)))):
+      for s in range(0, len(src), block):
+        pieces = src.pieces(np.arange(s, min(s + block, len(src))))
+        pieces = pieces[0] if isinstance(pieces, tuple) else pieces
+        longest = max(longest, int(self.renderer.piece_len[pieces].sum(1).max()))
+    return longest - 1
+
   def chunks(self, stage: str, data_cfg, seed_offset: int = 0) -> pipeline.PackedChunks:
     srcs, weights = self.stage_mixture(stage, data_cfg)
     return pipeline.PackedChunks(srcs, weights, data_cfg.seq_len, self.pad_id,

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kstore_jax.train import checkpoint, metrics as metrics_lib, optim, sharding, step as step_lib
 
