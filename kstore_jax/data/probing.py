@@ -32,14 +32,9 @@ def qprobe_examples(world, people):
 
 
 def _pad(docs, pad_id):
-  lens = docs.lengths
-  out = np.full((len(lens), int(lens.max())), pad_id, np.int32)
-  seg = np.zeros_like(out)
-  rows = np.repeat(np.arange(len(lens)), lens)
-  cols = np.arange(len(docs.tokens)) - np.repeat(docs.offsets[:-1], lens)
-  out[rows, cols] = docs.tokens
-  seg[rows, cols] = 1
-  return out, seg
+  """(tokens [n, longest], segment ids: 1 on real tokens, 0 on padding)."""
+  tokens, lens = docs.padded(pad_id)
+  return tokens, (np.arange(tokens.shape[1]) < lens[:, None]).astype(np.int32)
 
 
 @dataclasses.dataclass

@@ -79,6 +79,15 @@ class Docs:
   def lengths(self) -> np.ndarray:
     return np.diff(self.offsets)
 
+  def padded(self, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded tokens [n, longest] and the lengths [n]."""
+    lens = self.lengths
+    out = np.full((len(lens), int(lens.max())), pad_id, np.int32)
+    rows = np.repeat(np.arange(len(lens)), lens)
+    cols = np.arange(len(self.tokens)) - np.repeat(self.offsets[:-1], lens)
+    out[rows, cols] = self.tokens
+    return out, lens.astype(np.int32)
+
   def doc(self, i: int) -> dict[str, np.ndarray]:
     s = slice(self.offsets[i], self.offsets[i + 1])
     return {"tokens": self.tokens[s], "loss": self.loss[s]}

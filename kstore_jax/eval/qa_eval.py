@@ -9,26 +9,14 @@ from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval.generate import generate
 
 
-def _ragged_to_padded(docs, pad_id: int, width: int | None = None):
-  lens = docs.lengths
-  width = width or int(lens.max())
-  out = np.full((len(lens), width), pad_id, np.int32)
-  rows = np.repeat(np.arange(len(lens)), lens)
-  cols = np.arange(len(docs.tokens)) - np.repeat(docs.offsets[:-1], lens)
-  out[rows, cols] = docs.tokens
-  return out, lens.astype(np.int32)
-
-
 def qa_arrays(world, people):
   """Prompts [n, P], prompt lengths, answers [n, A] (value + EOT), answer lengths, attributes."""
   qa = world.qa(people)
   pieces = qa.pieces(np.arange(len(qa)))
   r = world.renderer
   no_loss = np.zeros(pieces.shape[1], bool)
-  prompts, plens = _ragged_to_padded(r.render(pieces[:, :QA_VALUE_SLOTS.start], no_loss[:6]),
-                                     world.pad_id)
-  answers, alens = _ragged_to_padded(r.render(pieces[:, QA_VALUE_SLOTS], no_loss[:5]),
-                                     world.pad_id)
+  prompts, plens = r.render(pieces[:, :QA_VALUE_SLOTS.start], no_loss[:6]).padded(world.pad_id)
+  answers, alens = r.render(pieces[:, QA_VALUE_SLOTS], no_loss[:5]).padded(world.pad_id)
   _, attrs = qa.locate(np.arange(len(qa)))
   return prompts, plens, answers, alens, attrs
 
@@ -73,7 +61,7 @@ def bio_recall(model, params, world, people, batch_size: int = 256):
   """Teacher-forced exact match of each attribute value inside each person's first bio."""
   bios = world.bios(people)
   idx_all = np.arange(len(people)) * world.aug.copies
-  tokens, lens = _ragged_to_padded(bios.docs(idx_all), world.pad_id)
+  tokens, lens = bios.docs(idx_all).padded(world.pad_id)
   spans = bios.spans(idx_all)
   batch_size = min(batch_size, len(tokens))
 
