@@ -91,8 +91,8 @@ class Norm(nn.Module):
 
 
 class Proj(nn.Module):
-  """`einsum(eqn, x, kernel) (+ bias)` with an explicitly shaped, logically named kernel."""
-  eqn: str
+  """x's trailing fan-in dims contracted with an explicitly shaped, logically named kernel
+  `shape = fan-in dims + n_out output dims` (+ bias)."""
   shape: tuple[int, ...]
   axes: tuple[str, ...]
   n_out: int            # trailing kernel dims that are output dims (bias shape)
@@ -104,7 +104,15 @@ class Proj(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", _init(nn.initializers.normal(self.std), *self.axes),
                         self.shape)
-    y = jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+    # One 2-D matmul [tokens, fan_in] x [fan_in, fan_out]: with the batch and length dims
+    # kept apart, XLA:CPU computes the weight gradient through a transposed copy of the
+    # [tokens, fan_out] cotangent (half of an MLP's backward time at `small`).
+    n_in = len(self.shape) - self.n_out
+    lead = x.shape[:x.ndim - n_in]
+    fan_in = math.prod(self.shape[:n_in])
+    y = jnp.dot(x.astype(self.dtype).reshape(-1, fan_in),
+                kernel.astype(self.dtype).reshape(fan_in, -1))
+    y = y.reshape(*lead, *self.shape[n_in:])
     if self.use_bias:
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
                         self.shape[-self.n_out:])
@@ -120,7 +128,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
-    proj = lambda name: Proj("bld,dhk->blhk", (cfg.d_model, cfg.num_heads, cfg.head_dim),
+    proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
                              ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
     q_BLHD = rotary(proj("query")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
     k_BLHD = rotary(proj("key")(x_BLD), positions_BL, cfg.rotary_dim, cfg.rotary_base)
@@ -143,7 +151,7 @@ class Attention(nn.Module):
     impl = None if cfg.attention == "auto" else cfg.attention
     out_BLHD = jax.nn.dot_product_attention(
         q_BLHD, k_all.astype(dtype), v_all.astype(dtype), mask=mask, implementation=impl)
-    out_BLD = Proj("blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.d_model),
+    out_BLD = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
                    ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
                    dtype, name="out")(out_BLHD)
     return out_BLD, new_cache
@@ -157,13 +165,13 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
-    up = lambda name: Proj("bld,df->blf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), 1, bias,
+    up = lambda name: Proj((cfg.d_model, cfg.d_ff), ("embed", "mlp"), 1, bias,
                            0.02, dtype, name=name)
     if cfg.block == "llama":
       h_BLF = nn.silu(up("gate")(x_BLD)) * up("up")(x_BLD)
     else:
       h_BLF = nn.gelu(up("up")(x_BLD))
-    return Proj("blf,fd->bld", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
+    return Proj((cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
                 0.02 / math.sqrt(2 * cfg.num_layers), dtype, name="down")(h_BLF)
 
 
@@ -206,11 +214,11 @@ class Transformer(nn.Module):
       x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, cache, i)
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
     if cfg.tie_embeddings:
-      logits_BLV = embed.attend(hidden_BLD)
+      logits_BLV = jnp.dot(hidden_BLD.reshape(-1, cfg.d_model), embed.embedding.astype(dtype).T)
+      logits_BLV = logits_BLV.reshape(*hidden_BLD.shape[:-1], cfg.vocab_size)
     else:
-      logits_BLV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
-                            kernel_init=_init(nn.initializers.normal(0.02), "embed", "vocab"),
-                            name="unembed")(hidden_BLD)
+      logits_BLV = Proj((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1, False, 0.02, dtype,
+                        name="unembed")(hidden_BLD)
     return logits_BLV.astype(jnp.float32), hidden_BLD, cache
 
 
