@@ -6,7 +6,8 @@ pretraining, no finetune), 'lora' (LoRA finetune: q/v rank 16, embedding rank 12
 (add the P- and Q-probing stages).
 
 Row configs call `base.get_config(arg)` and change only the data spec, e.g.
-`--config=configs/multi5_permute.py:tiny,mixed`.
+`--config=configs/multi5_permute.py:tiny,mixed`. `arch(c, 'gbert'|'llama')` puts a row on
+another architecture (configs/gbert/, configs/llama/).
 """
 
 import ml_collections
@@ -76,7 +77,14 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       qa_ratio=0.8,            # pretrain_mixed: fraction of documents that are QA pairs
       qa_train_fraction=0.5,   # people whose QA is training data; the rest are the test
       seq_len=512, vocab_size=8192, tokenizer_path="",
-      chunk_docs=1024, workers=0))
+      chunk_docs=1024, workers=0,
+      # named groups of people, each a `group(...)` (kstore_jax/data/world.py); empty: one
+      # group of everyone written as the keys above say
+      groups=ml_collections.ConfigDict(),
+      # model.causal=False (GBERT) trains whole-word masked LM (kstore_jax/data/masking.py):
+      # word_rate of the words selected; of those, `mask` -> mask tokens, `random` -> random
+      # tokens, the rest unchanged. QA answers are always masked in full.
+      mlm=ml_collections.ConfigDict(dict(word_rate=0.15, mask=0.8, random=0.1))))
 
   c.model = ml_collections.ConfigDict(dict(
       size="gpt2_small", **MODEL_SIZES["gpt2_small"], rotary_fraction=0.25,  # sizes: MODEL_SIZES
@@ -104,9 +112,45 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
   return c
 
 
+# Architectures beside the paper's GPT-2 (PAPER.md "Model and training"): GBERT = the same net
+# without the causal mask, trained with whole-word masked LM (data.mlm); Llama = RMSNorm, SwiGLU,
+# full rotary.
+ARCHS = {"gpt2": {}, "gbert": dict(causal=False), "llama": dict(block="llama", rotary_fraction=1.0)}
+
+
+def arch(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A row config `c` on architecture `name` (ARCHS); its name becomes `<name>_<row>`."""
+  if name not in ARCHS:
+    raise ValueError(f"architecture {name!r}: expected one of {tuple(ARCHS)}")
+  c.model.update(ARCHS[name])
+  c.name = f"{name}_{c.name}"
+  return c
+
+
 def row(arg: str, name: str, **data) -> ml_collections.ConfigDict:
   """A bioS data row: the base config at `arg` with `name` and the data spec `data`."""
   c = get_config(arg)
   c.name = name
   c.data.update(data)
+  return c
+
+
+def group(people: float, tokens: float, qa_train_fraction: float,
+          **aug) -> ml_collections.ConfigDict:
+  """One entry of `data.groups`. people: its share of data.n_people (groups take contiguous
+  person ids in sorted name order); tokens: its share of the pretraining bio positions;
+  qa_train_fraction: the share of its people whose QA is training data (the rest are its
+  QA test); aug: multi / permute / permute_copies / fullname, as the data keys of a row."""
+  return ml_collections.ConfigDict(dict(
+      people=people, tokens=tokens, qa_train_fraction=qa_train_fraction,
+      **{**dict(multi=1, permute=False, permute_copies=1, fullname=False), **aug}))
+
+
+def grouped_row(arg: str, name: str, people_factor: float,
+                **groups: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A population of named groups: the base config at `arg` with data.n_people scaled by
+  `people_factor` and data.groups = `groups` (each a `group(...)`)."""
+  c = row(arg, name)
+  c.data.n_people = round(c.data.n_people * people_factor)
+  c.data.groups = ml_collections.ConfigDict(groups)
   return c

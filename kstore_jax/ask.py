@@ -125,11 +125,9 @@ class Asker:
   # -- QA ----------------------------------------------------------------------------------
   def ask(self, people, attributes=None) -> list[dict]:
     """One record per (person, attribute): question, model answer, truth, correct."""
-    import jax.numpy as jnp
     import numpy as np
     from kstore_jax.data.templates import ATTRIBUTES
     from kstore_jax.eval import qa_eval
-    from kstore_jax.eval.generate import generate
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     w, r = self.world, self.world.renderer
     people = np.asarray(people, np.int64)
@@ -139,8 +137,7 @@ class Asker:
                                              (prompts, plens, answers, alens, attrs))
     who = np.repeat(people, len(ATTRIBUTES))[keep]
     max_new = answers.shape[1] + 4   # room to show a wrong, longer answer
-    gen = np.asarray(generate(self.model, self.params, jnp.asarray(prompts),
-                              jnp.asarray(plens), max_new))
+    gen = qa_eval.answer(self.model, self.params, w, prompts, plens, alens, max_new)
     correct = qa_eval.answers_match(gen, answers, alens)
     out = []
     for i in range(len(prompts)):
@@ -166,6 +163,9 @@ class Asker:
     import numpy as np
     from kstore_jax.eval.generate import generate
     from kstore_jax.data.templates import QUESTIONS
+    if not self.model.cfg.causal:
+      raise ConfigError("--prompt: free-text completion needs a causal model; a bidirectional "
+                        "(GBERT) run answers by mask filling: use --name or --random")
     r = self.world.renderer
     # A document is EOT + a QA question ("What is ...") or EOT + a bio, which starts with
     # " Name": every name piece carries its leading space. Give other prompts that space too,

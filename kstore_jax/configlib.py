@@ -11,6 +11,7 @@ import os
 import sys
 
 import ml_collections
+import numpy as np
 
 from configs import base
 from kstore_jax.model.transformer import DTYPES
@@ -92,6 +93,8 @@ def _schema_check(cfg, ref, prefix: str = "") -> None:
     if isinstance(want, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"config key {path!r} must be a section")
+      if path == "data.groups":   # named by the user; each one has the keys of base.group
+        want = ml_collections.ConfigDict({g: base.group(1.0, 1.0, 0.0) for g in value.keys()})
       _schema_check(value, want, path + ".")
     elif isinstance(want, bool) != isinstance(value, bool) or (
         isinstance(want, (int, float)) and not isinstance(value, (int, float))) or (
@@ -113,6 +116,44 @@ def stage_list(cfg) -> tuple[str, ...]:
   return tuple(x.strip() for entry in s for x in str(entry).split(",") if x.strip())
 
 
+def _check_aug(spec, key: str) -> None:
+  """The bio augmentation keys of the data section or of one group (`key`: its path)."""
+  for k in ("multi", "permute_copies"):
+    _require(isinstance(spec[k], int) and spec[k] >= 1,
+             f"{key}.{k}={spec[k]!r} must be an integer >= 1")
+  _require(spec.permute_copies == 1 or spec.permute,
+           f"{key}.permute_copies > 1 needs {key}.permute=True")
+
+
+def _check_groups(d, stages: tuple[str, ...]) -> None:
+  """data.groups: each group's values, people and token shares summing to 1, no empty group,
+  someone's QA in training, no P-probe (it assumes one bio augmentation)."""
+  if not d.groups:
+    return
+  names = sorted(d.groups.keys())
+  for n in names:
+    g, key = d.groups[n], f"data.groups.{n}"
+    for share in ("people", "tokens"):
+      _require(0.0 < g[share] <= 1.0, f"{key}.{share}={g[share]} must be in (0, 1]")
+    _require(0.0 <= g.qa_train_fraction < 1.0,
+             f"{key}.qa_train_fraction={g.qa_train_fraction} must be in [0, 1)")
+    _check_aug(g, key)
+  for share in ("people", "tokens"):
+    total = sum(d.groups[n][share] for n in names)
+    _require(abs(total - 1.0) < 1e-6, f"data.groups: the {share} shares sum to {total:g} "
+             f"({', '.join(f'{n}={d.groups[n][share]:g}' for n in names)}), not 1")
+  from kstore_jax.data.world import group_bounds
+  sizes = np.diff(group_bounds([d.groups[n].people for n in names], d.n_people))
+  for n, size in zip(names, sizes):
+    _require(size > 0, f"data.groups.{n}.people={d.groups[n].people:g} gives no person of "
+             f"data.n_people={d.n_people}")
+  qa_people = sum(round(d.groups[n].qa_train_fraction * size) for n, size in zip(names, sizes))
+  _require(qa_people > 0, "data.groups: no group has people whose QA is training data "
+           "(every qa_train_fraction rounds to 0 people)")
+  _require("pprobe" not in stages,
+           "stages: pprobe needs one bio augmentation for everyone; data.groups is set")
+
+
 def validate(cfg, n_devices: int) -> None:
   """Check the resolved config; raise ConfigError naming the first bad key."""
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
@@ -122,10 +163,8 @@ def validate(cfg, n_devices: int) -> None:
     _require(s in base.STAGE_NAMES, f"stages: unknown stage {s!r}; expected {base.STAGE_NAMES}")
   _require(len(stages) > 0, "stages: no stage to run")
   d = cfg.data
-  _require(d.multi >= 1, f"data.multi={d.multi} must be >= 1")
-  _require(d.permute_copies >= 1, f"data.permute_copies={d.permute_copies} must be >= 1")
-  _require(d.permute_copies == 1 or d.permute,
-           "data.permute_copies > 1 needs data.permute=True")
+  _check_aug(d, "data")
+  _check_groups(d, stages)
   _require(0.0 <= d.qa_ratio < 1.0, f"data.qa_ratio={d.qa_ratio} must be in [0, 1)")
   _require(0.0 < d.qa_train_fraction < 1.0,
            f"data.qa_train_fraction={d.qa_train_fraction} must be in (0, 1)")
@@ -139,6 +178,11 @@ def validate(cfg, n_devices: int) -> None:
   _require(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
            f"data.tokenizer_path: no such file {d.tokenizer_path!r}")
   _require(d.tokenizer_path or d.vocab_size >= 512, f"data.vocab_size={d.vocab_size} must be >= 512")
+  _require(0.0 < d.mlm.word_rate <= 1.0, f"data.mlm.word_rate={d.mlm.word_rate} must be in (0, 1]")
+  for k in ("mask", "random"):
+    _require(0.0 <= d.mlm[k] <= 1.0, f"data.mlm.{k}={d.mlm[k]} must be in [0, 1]")
+  _require(d.mlm.mask + d.mlm.random <= 1.0,
+           f"data.mlm.mask + data.mlm.random = {d.mlm.mask + d.mlm.random} must be <= 1")
   m = cfg.model
   _require(m.block in ("gpt2", "llama"), f"model.block={m.block!r} must be 'gpt2' or 'llama'")
   _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {tuple(DTYPES)}")

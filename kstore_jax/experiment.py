@@ -97,7 +97,8 @@ class Experiment:
   def __init__(self, cfg, tokenizer, workdir: Workdir):
     self.cfg, self.workdir = cfg, workdir
     self.world = world_lib.build_world(cfg, tokenizer)
-    longest = self.world.max_doc_positions()
+    # next-token rows: a document of T tokens takes T-1 positions; masked-LM rows (GBERT): T
+    longest = self.world.max_doc_positions() + (0 if cfg.model.causal else 1)
     if longest > cfg.data.seq_len:
       raise configlib.ConfigError(
           f"data.seq_len={cfg.data.seq_len} is shorter than the longest document "
@@ -166,7 +167,7 @@ class Experiment:
     lm_flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
     _, init_model, _ = self.model_abstract
     seed_offset = loop_stage_index(stage)
-    chunks = self.world.chunks(stage, cfg.data, seed_offset)
+    chunks = self.world.chunks(stage, cfg.data, seed_offset, mlm=not cfg.model.causal)
     data = functools.partial(pipeline.make_pipeline, chunks, sc.batch_size, cfg.data.workers)
     eval_fn = functools.partial(self.sample_eval, n=cfg.train.eval_people)
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
@@ -254,10 +255,17 @@ class Experiment:
     params = self.load_final(src)
     cap = cfg.eval.max_people or None
     results = self.read_results()
-    results["qa_test"] = qa_eval.evaluate_qa(self.model, params, w, w.test_people[:cap],
-                                             cfg.eval.batch_size)
-    results["qa_train"] = qa_eval.evaluate_qa(self.model, params, w, w.train_people[:cap],
-                                              cfg.eval.batch_size)
+    test, train = w.test_people[:cap], w.train_people[:cap]
+    correct, attrs, alens = qa_eval.qa_correct(self.model, params, w, test, cfg.eval.batch_size)
+    results["qa_test"] = qa_eval.per_attribute(correct, attrs)
+    results["qa_test_by_tokens"] = qa_eval.by_answer_tokens(correct, attrs, alens)
+    train_correct, train_attrs, _ = qa_eval.qa_correct(self.model, params, w, train,
+                                                       cfg.eval.batch_size)
+    results["qa_train"] = qa_eval.per_attribute(train_correct, train_attrs)
+    if cfg.data.get("groups"):
+      results["groups"] = group_results(w.groups, {
+          "qa_test": qa_eval.by_group(w.groups, test, correct, attrs),
+          "qa_train": qa_eval.by_group(w.groups, train, train_correct, train_attrs)})
     store = self.source_stage("eval", BASE_STAGES)
     store_params = params if store == src else self.load_final(store)
     results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w,
@@ -267,11 +275,22 @@ class Experiment:
     print(f"[eval] {src}: QA test {results['qa_test']['mean']:.3f} "
           f"train {results['qa_train']['mean']:.3f} | bio recall "
           f"{results['bio_recall']['mean']:.3f}", flush=True)
+    for name, r in results.get("groups", {}).items():
+      print(f"[eval] group {name}: QA test {r['qa_test']['mean']:.3f}" if "qa_test" in r else
+            f"[eval] group {name}: no held-out people", flush=True)
     return results
 
   def read_results(self) -> dict:
     path = self.workdir.file("results.json")
     return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:
+  """results.json `groups`: {name: {'people': n, part: scores}} from {part: {name: scores}}
+  (a group without people in a part has no entry for it)."""
+  return {g.name: {"people": g.stop - g.start,
+                   **{part: by[g.name] for part, by in parts.items() if g.name in by}}
+          for g in groups}
 
 
 def loop_stage_index(stage: str) -> int:

@@ -4,11 +4,14 @@
 
 Reads each run directory's `config.json` (its `name` is the data row; `pretrain_mixed` among
 its stages makes it a mixed-training run, otherwise a QA-finetune run) and `results.json`
-(`qa_test`, `qa_train`, `bio_recall`; `pprobe`, `qprobe` when present), and writes a markdown
-report: the headline table (data rows x finetune / mixed held-out QA accuracy, the paper's
-number beside each), a per-run table (per-attribute test accuracy, train half, bio recall),
-probe tables, and PNG plots next to the report (accuracy bars, loss curves per stage from
-`<run>/<stage>/metrics.jsonl`, one P-probe heatmap per run). The markdown is printed too.
+(`qa_test`, `qa_train`, `bio_recall`; `pprobe`, `qprobe`, `qa_test_by_tokens` when present),
+and writes a markdown report: the headline table (data rows x finetune / mixed held-out QA
+accuracy, the paper's number beside each), a per-run table (per-attribute test accuracy, train
+half, bio recall), GPT vs GBERT vs Llama (the architecture from `model.causal`/`model.block`),
+single- vs multi-token answers per attribute, probe tables, held-out QA per group for runs
+with `groups` (celeb_minority, minority_only), and PNG plots next to the report (accuracy bars,
+loss curves per stage from `<run>/<stage>/metrics.jsonl`, one P-probe heatmap per run). The
+markdown is printed too.
 
 A run without (complete) results is listed with "—" and a note; a RUN_DIR that does not exist
 is a one-line error (exit status 2).
@@ -41,6 +44,13 @@ PAPER_FINETUNE = {
 # Mixed training: 86.6 for single; "~82-96% on all rows" otherwise (no per-row number).
 PAPER_MIXED = {"single": 86.6}
 PAPER = {"finetune": PAPER_FINETUNE, "mixed": PAPER_MIXED}
+# PAPER.md, "Celebrity / minority" (QA finetune): the minority's held-out QA without / with
+# celebrities in pretraining.
+PAPER_GROUPS = {"minority_only": {"minority": 4.4}, "celeb_minority": {"minority": 86.8}}
+# PAPER.md, "BERT": GBERT extracts ~4% after QA finetune, ~30% with mixed training (no per-row
+# number: shown beside every row). PAPER.md gives no Llama number.
+ARCHS = ("gpt2", "gbert", "llama")
+PAPER_GBERT = {"finetune": "~4", "mixed": "~30"}
 DASH = "—"
 
 
@@ -158,6 +168,91 @@ def detail_table(runs: list[Run]) -> list[str]:
   header = ["run", "training", "QA test (paper)", *[f"test {ATTR_SHORT[a]}" for a in ATTRIBUTES],
             "QA train half", "bio recall", "notes"]
   return _table(header, rows)
+
+
+def group_table(runs: list[Run]) -> list[str]:
+  """Held-out QA per group (results.json `groups`) of the runs that have groups: a row per
+  run, a column per group name, the paper's number in parentheses; [] if no run has groups."""
+  grouped = [r for r in runs if isinstance(r.results.get("groups"), dict)]
+  names = sorted({g for r in grouped for g in r.results["groups"]})
+
+  def cell(r: Run, g: str) -> str:
+    test = r.results["groups"].get(g)
+    test = test.get("qa_test") if isinstance(test, dict) else None
+    mean = test.get("mean") if isinstance(test, dict) else None
+    paper = PAPER_GROUPS.get(data_row(r), {}).get(g) if r.mode == "finetune" else None
+    return (f"{pct(mean if isinstance(mean, (int, float)) else None)} "
+            f"({DASH if paper is None else f'{paper:.1f}'})")
+
+  rows = [[f"`{r.name}`", r.mode or "?", *[cell(r, g) for g in names]] for r in grouped]
+  return _table(["run", "training", *[f"`{g}` held-out QA (paper)" for g in names]],
+                rows) if rows else []
+
+
+def arch_of(run: Run) -> str:
+  """'gbert' (model.causal false), 'llama' (model.block llama) or 'gpt2'."""
+  model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
+  if model.get("causal") is False:
+    return "gbert"
+  return "llama" if model.get("block") == "llama" else "gpt2"
+
+
+def arch_row(run: Run) -> str:
+  """The data row of a run of any architecture (configs/<arch>/<row>.py names it <arch>_<row>)."""
+  arch = arch_of(run)
+  name = run.name[len(arch) + 1:] if run.name.startswith(arch + "_") else run.name
+  return data_row(dataclasses.replace(run, name=name))
+
+
+def arch_paper(arch: str, mode: str, row: str) -> str:
+  if arch == "gbert":
+    return PAPER_GBERT[mode]
+  return paper_pct(mode, row) if arch == "gpt2" else DASH
+
+
+def arch_table(runs: list[Run]) -> list[str]:
+  """GPT vs GBERT vs Llama: a row per data row, a column per (architecture, training), held-out
+  QA "ours (paper)"; [] unless some run is not GPT-2."""
+  archs = [a for a in ARCHS if any(arch_of(r) == a for r in runs)]
+  if archs == ["gpt2"]:
+    return []
+  rows = []
+  names = list(dict.fromkeys(arch_row(r) for r in runs))
+  for row in [n for n in PAPER_FINETUNE if n in names] + [n for n in names
+                                                           if n not in PAPER_FINETUNE]:
+    cells = [f"`{row}`"]
+    for arch in archs:
+      for mode in MODES:
+        mine = [pct(r.metric("qa_test")) for r in runs
+                if arch_row(r) == row and arch_of(r) == arch and r.mode == mode]
+        cells.append(f"{' / '.join(mine) if mine else DASH} ({arch_paper(arch, mode, row)})")
+    rows.append(cells)
+  return _table(["data", *[f"{a} {m}: ours (paper)" for a in archs for m in MODES]], rows)
+
+
+def token_table(runs: list[Run]) -> list[str]:
+  """Held-out QA of single-token vs multi-token answers (results.json `qa_test_by_tokens`):
+  per attribute "single / multi" accuracy, the share of multi-token answers beside it."""
+  rows = []
+  for r in runs:
+    by = r.results.get("qa_test_by_tokens")
+    if not isinstance(by, dict):
+      continue
+
+    def cell(key):
+      d = by.get(key) if isinstance(by.get(key), dict) else {}
+      if not d:
+        return DASH
+      get = lambda k: d.get(k) if isinstance(d.get(k), (int, float)) else None
+      share = get("multi_share")
+      return (f"{pct(get('single'))} / {pct(get('multi'))}"
+              + (f" ({100 * share:.0f}% multi)" if share is not None else ""))
+
+    rows.append([f"`{r.name}`", arch_of(r), r.mode or "?", *[cell(a) for a in ATTRIBUTES],
+                 cell("all")])
+  if not rows:
+    return []
+  return _table(["run", "arch", "training", *[ATTR_SHORT[a] for a in ATTRIBUTES], "all"], rows)
 
 
 def qprobe_table(runs: list[Run]) -> list[str]:
@@ -330,6 +425,25 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
          "teacher-forced exact match of each value inside held-out people's bios (storage: is "
          "the fact in the model at all?).", ""]
   md += detail_table(runs)
+  groups = group_table(runs)
+  if groups:
+    md += ["", "## Groups (celebrity / minority)", "",
+           "Held-out QA (%) of each group's people whose QA was never trained on (a minority's: "
+           "all of them); paper (PAPER.md): the minority's 4.4 without celebrities "
+           "(`minority_only`), 86.8 with them (`celeb_minority`; our celebrities: `star`).",
+           ""] + groups
+  archs = arch_table(runs)
+  if archs:
+    md += ["", "## GPT vs GBERT vs Llama", "",
+           "Held-out QA (%) by architecture; paper (PAPER.md): GPT-2 as in the headline table, "
+           "GBERT ~4 finetune / ~30 mixed (no per-row number), Llama none given.", ""] + archs
+  tokens = token_table(runs)
+  if tokens:
+    md += ["", "## Single-token vs multi-token answers", "",
+           "Held-out QA (%) of answers whose value is one model token / several (EOT not "
+           "counted); in parentheses the share of multi-token answers. Birth dates are always "
+           "multi-token; the paper's GBERT fails on multi-token answers such as \"Meta "
+           "Platforms\".", ""] + tokens
   q = qprobe_table(runs)
   if q:
     md += ["", "## Q-probe (name only → attribute), accuracy %", ""] + q

@@ -1,5 +1,12 @@
 """Shared settings for tests that train through `python -m kstore_jax.main` subprocesses."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 # Keys that must be identical between an interrupted+resumed run and an uninterrupted one.
 DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
 
@@ -14,3 +21,15 @@ def small_run_args(steps: int, save_every: int) -> list[str]:
       "--config.train.log_every=1", f"--config.train.save_every={save_every}",
       "--config.stages=pretrain",
   ]
+
+
+def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
+  """`python -m kstore_jax.main ARGS` on n_devices fake CPU devices with the persistent JAX
+  compilation cache in `cache`."""
+  env = dict(os.environ)
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.run([sys.executable, "-m", "kstore_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)

@@ -3,14 +3,11 @@ stderr that names the culprit, a non-zero exit, and an existing workdir left unt
 
 import fcntl
 import hashlib
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+from runs import run_main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/single.py:tiny"
 SMALL = [
     "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
@@ -26,16 +23,6 @@ def jax_cache(tmp_path_factory):
   path = tmp_path_factory.getbasetemp() / "jax_cache"
   path.mkdir(exist_ok=True)
   return path
-
-
-def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
-  env = dict(os.environ)
-  env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.run([sys.executable, "-m", "kstore_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def snapshot(root: pathlib.Path) -> dict:
@@ -98,6 +85,28 @@ def test_bad_config_leaves_workdir_untouched(case, workdir, jax_cache):
   overrides, n_devices, culprits = BAD[case]
   before = snapshot(workdir)
   r = run_main([CONFIG, f"--workdir={workdir}", *SMALL, *overrides], jax_cache, n_devices)
+  assert_one_line_error(r, *culprits)
+  assert snapshot(workdir) == before
+
+
+# data.groups of configs/celeb_minority.py (groups `minority` and `star`), with SMALL's 100 people
+BAD_GROUPS = {
+    "unknown_group": (["--config.data.groups.celebrity.people=0.5"],
+                      ["data.groups.celebrity.people", "unknown"]),
+    "shares_not_summing_to_1": (["--config.data.groups.star.people=0.3"],
+                                ["data.groups", "people shares sum to 1.13333"]),
+    "empty_group": (["--config.data.groups.star.people=0.001",
+                     "--config.data.groups.minority.people=0.999"],
+                    ["data.groups.star.people=0.001", "no person"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GROUPS))
+def test_bad_groups_leave_workdir_untouched(case, workdir, jax_cache):
+  overrides, culprits = BAD_GROUPS[case]
+  before = snapshot(workdir)
+  r = run_main(["--config=configs/celeb_minority.py:tiny", f"--workdir={workdir}", *SMALL,
+                *overrides], jax_cache)
   assert_one_line_error(r, *culprits)
   assert snapshot(workdir) == before
 

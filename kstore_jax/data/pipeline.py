@@ -11,7 +11,9 @@ A chunk takes a fixed number of documents from each source (its mixing weight ti
 current epoch of that source, then shuffles them together and first-fit packs them into
 `seq_len` windows without splitting a document. Everything is a pure function of
 (seed, chunk index), so the stream is the same with 0 or N workers and any process count, and
-Grain's iterator state (a chunk index and a row offset) resumes it exactly.
+Grain's iterator state (a chunk index and a row offset) resumes it exactly. For a bidirectional
+model (GBERT) a chunk's documents are masked (masking.py, also a function of (seed, chunk)) and
+packed as same-position (masked input, original target) pairs instead of next-token pairs.
 """
 
 import collections
@@ -21,6 +23,7 @@ import sys
 import grain
 import numpy as np
 
+from kstore_jax.data import masking
 from kstore_jax.data.render import Docs
 
 FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -62,15 +65,23 @@ def pack_docs(docs: Docs, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   weights (1 where the target is a loss token), segment_ids (1.. per document in its row,
   0 = padding), positions (restart at 0 for each document).
   """
-  n_pos = docs.lengths - 1
-  if len(n_pos) and n_pos.max() > seq_len:
-    raise ValueError(f"data.seq_len={seq_len} is shorter than a document of {n_pos.max()} "
-                     "positions")
-  row, col, n_rows = first_fit(n_pos, seq_len)
   not_last = np.ones(len(docs.tokens), bool)
   not_last[docs.offsets[1:] - 1] = False
   not_first = np.ones(len(docs.tokens), bool)
   not_first[docs.offsets[:-1]] = False
+  return pack_positions(docs.lengths - 1, {
+      "inputs": docs.tokens[not_last], "targets": docs.tokens[not_first],
+      "weights": docs.loss[not_first]}, seq_len, pad_id)
+
+
+def pack_positions(n_pos: np.ndarray, fields: dict[str, np.ndarray], seq_len: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+  """First-fit pack documents of n_pos[i] positions each, given the flat per-position
+  `inputs`, `targets`, `weights`; adds segment_ids and positions (see pack_docs)."""
+  if len(n_pos) and n_pos.max() > seq_len:
+    raise ValueError(f"data.seq_len={seq_len} is shorter than a document of {n_pos.max()} "
+                     "positions")
+  row, col, n_rows = first_fit(n_pos, seq_len)
   local = np.arange(int(n_pos.sum())) - np.repeat(np.cumsum(n_pos) - n_pos, n_pos)
   dest = np.repeat(row * seq_len + col, n_pos) + local
   by_row = np.argsort(row * seq_len + col, kind="stable")
@@ -83,9 +94,8 @@ def pack_docs(docs: Docs, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
       "segment_ids": np.zeros(n_rows * seq_len, np.int32),
       "positions": np.zeros(n_rows * seq_len, np.int32),
   }
-  out["inputs"][dest] = docs.tokens[not_last]
-  out["targets"][dest] = docs.tokens[not_first]
-  out["weights"][dest] = docs.loss[not_first]
+  for k, v in fields.items():
+    out[k][dest] = v
   out["segment_ids"][dest] = np.repeat(segment, n_pos)
   out["positions"][dest] = local
   return {k: v.reshape(n_rows, seq_len) for k, v in out.items()}
@@ -100,6 +110,7 @@ class PackedChunks:
   pad_id: int
   seed: int
   chunk_docs: int = 1024
+  mlm: masking.MlmSpec | None = None   # set: masked-LM rows (masking.py), not next-token
 
   def __post_init__(self):
     self.counts = mix_counts(self.weights, self.chunk_docs)
@@ -146,7 +157,12 @@ class PackedChunks:
     return _take_docs(_concat_docs(parts), order)
 
   def __getitem__(self, chunk: int) -> dict[str, np.ndarray]:
-    return pack_docs(self.chunk_docs_of(chunk), self.seq_len, self.pad_id)
+    docs = self.chunk_docs_of(chunk)
+    if self.mlm is None:
+      return pack_docs(docs, self.seq_len, self.pad_id)
+    inputs, weights = masking.mask_docs(docs, self.mlm, self.seed, chunk)
+    return pack_positions(docs.lengths, {"inputs": inputs, "targets": docs.tokens,
+                                         "weights": weights}, self.seq_len, self.pad_id)
 
 
 def _concat_docs(parts: list[Docs]) -> Docs:

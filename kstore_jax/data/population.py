@@ -1,15 +1,17 @@
 """The bioS population: a table of integer attribute ids, deterministic from the seed."""
 
 import dataclasses
+import itertools
 
 import numpy as np
 
-from kstore_jax.data import pools as pools_lib
+from kstore_jax.data import hashing, pools as pools_lib
 from kstore_jax.data.templates import ATTRIBUTES
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December")
 N_DAYS, FIRST_YEAR, N_YEARS = 28, 1900, 200
+_H_NAME, _H_ATTR = 0x9E1, 0x9E2        # hash purposes of per-person populations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +99,47 @@ def _unique_names(rng: np.random.Generator, n: int, space: int) -> np.ndarray:
   return keys[:n]
 
 
-def make_population(seed: int, n_people: int) -> Population:
-  """Draw `n_people` with unique names and uniform, independent attributes."""
+def _unique_names_per_person(seed: int, n: int, space: int) -> np.ndarray:
+  """The first n distinct values of the stream hash(seed, j) % space, j = 0, 1, ...: the first
+  k keys are the same for every n >= k."""
+  m = n + n // 16 + 16
+  while True:
+    stream = hashing.uniform_int(space, seed, _H_NAME, np.arange(m))
+    _, first_seen = np.unique(stream, return_index=True)
+    if len(first_seen) >= n:
+      return stream[np.sort(first_seen)[:n]]
+    m *= 2
+
+
+def make_population(seed: int, n_people: int, per_person: bool = False) -> Population:
+  """Draw `n_people` with unique names and uniform, independent attributes.
+
+  per_person: every person's name and attributes are hashes of (seed, person id) (names:
+  the first unused one of a hashed stream), so the first k people are the same for every
+  n_people >= k. Grouped populations (data.groups) use it: a group laid out first keeps its
+  people when groups after it are added or removed. The default draws from one NumPy stream.
+  """
   p = pools_lib.load_pools()
   if not 1 <= n_people <= p.name_space // 2:
     raise ValueError(f"data.n_people={n_people} must be in [1, {p.name_space // 2}] "
                      f"(half the name space of {p.name_space})")
-  rng = np.random.default_rng([seed, 0x9E0])
   n_mid, n_last = len(p.middle_names), len(p.last_names)
-  keys = _unique_names(rng, n_people, p.name_space)
+  if per_person:
+    keys = _unique_names_per_person(seed, n_people, p.name_space)
+    column = itertools.count()           # one hash purpose per drawn column
+
+    def draw(k, dtype=np.int16):
+      people = np.arange(n_people)
+      return hashing.uniform_int(k, seed, _H_ATTR, next(column), people).astype(dtype)
+  else:
+    rng = np.random.default_rng([seed, 0x9E0])
+    keys = _unique_names(rng, n_people, p.name_space)
+
+    def draw(k, dtype=np.int16):
+      return rng.integers(0, k, size=n_people, dtype=dtype)
+
   first, rest = np.divmod(keys, n_mid * n_last)
   middle, last = np.divmod(rest, n_last)
-
-  def draw(k, dtype=np.int16):
-    return rng.integers(0, k, size=n_people, dtype=dtype)
-
   return Population(
       seed=seed,
       first=first.astype(np.int16), middle=middle.astype(np.int16), last=last.astype(np.int16),

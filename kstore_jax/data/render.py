@@ -270,9 +270,12 @@ def _take(column: np.ndarray, people: np.ndarray) -> np.ndarray:
   return column[people].astype(np.int64)
 
 
-def qa_split(seed: int, n_people: int, train_fraction: float = 0.5) -> np.ndarray:
-  """Boolean [n_people]: True for people whose QA is training data; deterministic."""
-  rank = np.argsort(hashing.hash_keys(seed, _H_SPLIT, np.arange(n_people)), kind="stable")
+def qa_split(seed: int, n_people: int, train_fraction: float = 0.5,
+             first: int = 0) -> np.ndarray:
+  """Boolean [n_people] over person ids first .. first + n_people - 1: True for people whose
+  QA is training data; deterministic."""
+  people = np.arange(first, first + n_people)
+  rank = np.argsort(hashing.hash_keys(seed, _H_SPLIT, people), kind="stable")
   is_train = np.zeros(n_people, bool)
   is_train[rank[:int(round(train_fraction * n_people))]] = True
   return is_train

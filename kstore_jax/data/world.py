@@ -1,12 +1,55 @@
-"""Everything data a run needs, built once from the config: population, renderer, sources."""
+"""Everything data a run needs, built once from the config: population, renderer, sources.
+
+Groups (`data.groups`, configs/base.group): named contiguous person-id ranges, laid out in
+sorted name order, each with its share of the people, its bio augmentation, its share of the
+pretraining bio positions and its QA-train fraction. Without groups the world has one group
+'all' built from the top-level data keys.
+"""
 
 import dataclasses
+import functools
 
 import numpy as np
 import tokenizers
 
-from kstore_jax.data import pipeline, population, render, sources
+from kstore_jax.data import masking, pipeline, population, render, sources
 from kstore_jax.data.tokenizer import PAD
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """People [start, stop) whose bios follow `aug`; `tokens` is their share of the pretraining
+  bio positions; `qa_train_fraction` of them have their QA in training."""
+  name: str
+  start: int
+  stop: int
+  aug: render.AugSpec
+  tokens: float
+  qa_train_fraction: float
+
+  @property
+  def people(self) -> np.ndarray:
+    return np.arange(self.start, self.stop)
+
+
+def group_bounds(shares, n_people: int) -> np.ndarray:
+  """Person-id boundaries [len(shares) + 1] of contiguous groups with these shares of
+  n_people: the rounded cumulative shares, so the sizes always sum to n_people."""
+  bounds = np.round(np.cumsum([0.0, *shares]) * n_people).astype(np.int64)
+  bounds[-1] = n_people
+  return bounds
+
+
+def make_groups(data_cfg) -> tuple[Group, ...]:
+  """data.groups as contiguous id ranges in sorted name order (one group 'all' without)."""
+  specs = data_cfg.get("groups")
+  if not specs:
+    return (Group("all", 0, data_cfg.n_people, render.AugSpec.from_config(data_cfg), 1.0,
+                  data_cfg.qa_train_fraction),)
+  names = sorted(specs.keys())
+  bounds = group_bounds([specs[n].people for n in names], data_cfg.n_people)
+  return tuple(Group(n, int(bounds[i]), int(bounds[i + 1]), render.AugSpec.from_config(specs[n]),
+                     specs[n].tokens, specs[n].qa_train_fraction) for i, n in enumerate(names))
 
 
 @dataclasses.dataclass
@@ -14,8 +57,16 @@ class World:
   seed: int
   pop: population.Population
   renderer: render.Renderer
-  aug: render.AugSpec
+  groups: tuple[Group, ...]  # contiguous person-id ranges covering everyone
   qa_train: np.ndarray     # bool [n_people]: QA of these people is training data
+
+  @property
+  def aug(self) -> render.AugSpec:
+    """Everyone's bio augmentation (ValueError when the groups write bios differently)."""
+    augs = {g.aug for g in self.groups}
+    if len(augs) > 1:
+      raise ValueError("data.groups write bios differently: use World.groups / bio_pieces")
+    return augs.pop()
 
   @property
   def train_people(self) -> np.ndarray:
@@ -33,42 +84,88 @@ class World:
     people = np.arange(len(self.pop)) if people is None else people
     return sources.BioSource(self.renderer, self.pop, people, self.aug, self.seed)
 
+  def group_bios(self, group: Group) -> sources.BioSource:
+    return sources.BioSource(self.renderer, self.pop, group.people, group.aug, self.seed)
+
+  def bio_pieces(self, people, copies) -> tuple[np.ndarray, np.ndarray]:
+    """Piece ids and sentence orders (render.Renderer.bio_pieces) of the bios
+    (people[i], copies[i]), each written with its person's group augmentation."""
+    people, copies = np.asarray(people, np.int64), np.asarray(copies, np.int64)
+    pieces = np.empty((len(people), render.BIO_PIECES), np.int64)
+    order = np.empty((len(people), render.N_ATTR), np.int64)
+    for g in self.groups:
+      sel = (people >= g.start) & (people < g.stop)
+      pieces[sel], order[sel] = self.renderer.bio_pieces(self.pop, people[sel], copies[sel],
+                                                         g.aug, self.seed)
+    return pieces, order
+
   def qa(self, people) -> sources.QASource:
     return sources.QASource(self.renderer, self.pop, people)
 
+  @functools.cached_property
+  def bio_positions(self) -> list[tuple[int, int]]:
+    """(total, longest) positions of each group's bios."""
+    return [_positions(self.renderer, self.group_bios(g)) for g in self.groups]
+
+  def bio_mixture(self) -> tuple[list, list]:
+    """Each group's bio source and its document weight (summing to 1). The pipeline mixes
+    documents, so a group's share of the bio *positions* (`tokens`) becomes the document
+    weight tokens / mean positions per bio, normalised."""
+    srcs = [self.group_bios(g) for g in self.groups]
+    if len(srcs) == 1:
+      return srcs, [1.0]
+    w = np.array([g.tokens * len(s) / total for g, s, (total, _) in
+                  zip(self.groups, srcs, self.bio_positions)])
+    return srcs, (w / w.sum()).tolist()
+
   def stage_mixture(self, stage: str, data_cfg) -> tuple[list, list]:
     """(sources, weights) of a training stage's document stream."""
+    bios, weights = self.bio_mixture()
     if stage == "pretrain":
-      return [self.bios()], [1.0]
+      return bios, weights
     if stage == "pretrain_mixed":
       r = data_cfg.qa_ratio
-      return [self.bios(), self.qa(self.train_people)], [1.0 - r, r]
+      return [*bios, self.qa(self.train_people)], [*((1.0 - r) * w for w in weights), r]
     if stage == "finetune":
       return [self.qa(self.train_people)], [1.0]
     raise ValueError(f"stage {stage!r} has no document stream")
 
-  def max_doc_positions(self, block: int = 1 << 20) -> int:
-    """The longest bio or QA of this population, in positions (tokens - 1).
+  def max_doc_positions(self) -> int:
+    """The longest bio or QA of this population, in positions (tokens - 1)."""
+    qa = _positions(self.renderer, self.qa(np.arange(len(self.pop))))
+    return max(longest for _, longest in [*self.bio_positions, qa])
 
-    Lengths are sums of piece lengths, so this needs no rendering: a pass over all documents'
-    piece ids, `block` at a time.
-    """
-    longest = 0
-    for src in (self.bios(), self.qa(np.arange(len(self.pop)))):
-      for s in range(0, len(src), block):
-        pieces = src.pieces(np.arange(s, min(s + block, len(src))))
-        pieces = pieces[0] if isinstance(pieces, tuple) else pieces
-        longest = max(longest, int(self.renderer.piece_len[pieces].sum(1).max()))
-    return longest - 1
-
-  def chunks(self, stage: str, data_cfg, seed_offset: int = 0) -> pipeline.PackedChunks:
+  def chunks(self, stage: str, data_cfg, seed_offset: int = 0,
+             mlm: bool = False) -> pipeline.PackedChunks:
+    """The stage's packed stream; `mlm`: whole-word masked-LM rows (data_cfg.mlm rates)."""
     srcs, weights = self.stage_mixture(stage, data_cfg)
+    spec = masking.MlmSpec.from_config(data_cfg.mlm, self.renderer) if mlm else None
     return pipeline.PackedChunks(srcs, weights, data_cfg.seq_len, self.pad_id,
-                                 seed=self.seed * 1000 + seed_offset, chunk_docs=data_cfg.chunk_docs)
+                                 seed=self.seed * 1000 + seed_offset, chunk_docs=data_cfg.chunk_docs,
+                                 mlm=spec)
+
+
+def _positions(renderer: render.Renderer, src, block: int = 1 << 20) -> tuple[int, int]:
+  """(total, longest) positions (tokens - 1) of a source's documents. Lengths are sums of
+  piece lengths, so this needs no rendering: a pass over piece ids, `block` docs at a time."""
+  total = longest = 0
+  for s in range(0, len(src), block):
+    pieces = src.pieces(np.arange(s, min(s + block, len(src))))
+    pieces = pieces[0] if isinstance(pieces, tuple) else pieces
+    positions = renderer.piece_len[pieces].sum(1) - 1
+    total, longest = total + int(positions.sum()), max(longest, int(positions.max()))
+  return total, longest
 
 
 def build_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
+  """The world of `cfg`. With data.groups the population is drawn per person
+  (population.make_population), so a group keeps its people when later groups change."""
   data = cfg.data
-  return World(seed=cfg.seed, pop=population.make_population(cfg.seed, data.n_people),
-               renderer=render.Renderer(tokenizer), aug=render.AugSpec.from_config(data),
-               qa_train=render.qa_split(cfg.seed, data.n_people, data.qa_train_fraction))
+  groups = make_groups(data)
+  return World(seed=cfg.seed,
+               pop=population.make_population(cfg.seed, data.n_people,
+                                              per_person=bool(data.get("groups"))),
+               renderer=render.Renderer(tokenizer), groups=groups,
+               qa_train=np.concatenate([render.qa_split(cfg.seed, g.stop - g.start,
+                                                        g.qa_train_fraction, g.start)
+                                        for g in groups]))

@@ -4,6 +4,7 @@ Prompts are right-padded: row b's prompt is prompt_BP[b, :len_b]. Its generated 
 written at positions len_b, len_b + 1, ... (padding slots carry segment 0 until overwritten),
 so rows of different lengths decode together. `generate_recompute` is the same decoding without
 a cache (the whole sequence is re-run each step): the baseline for the speed benchmark.
+`fill_masks` answers with a bidirectional model (model.causal=False): prompt + mask tokens.
 """
 
 import functools
@@ -64,3 +65,21 @@ def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: i
 
   _, toks_TB = jax.lax.scan(body, seq_BT, jnp.arange(max_new))
   return toks_TB.T
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new"))
+def fill_masks(model: Transformer, params, prompt_BP, lens_B, answer_lens_B, mask_id,
+               max_new: int):
+  """Bidirectional (GBERT) answers: each prompt followed by answer_lens_B[b] mask tokens, all
+  predicted in one forward pass. Returns the argmax tokens [B, max_new] at positions len_b,
+  len_b + 1, ... (those past a row's answer length are not meaningful)."""
+  B, P = prompt_BP.shape
+  seq_BT = jnp.concatenate([prompt_BP, jnp.zeros((B, max_new), prompt_BP.dtype)], 1)
+  positions_BT = jnp.broadcast_to(jnp.arange(P + max_new), seq_BT.shape)
+  end_B1 = (lens_B + answer_lens_B)[:, None]
+  masked_BT = (positions_BT >= lens_B[:, None]) & (positions_BT < end_B1)
+  seq_BT = jnp.where(masked_BT, mask_id, seq_BT).astype(jnp.int32)
+  logits_BTV, _, _ = model.apply({"params": params}, seq_BT, positions_BT,
+                                 (positions_BT < end_B1).astype(jnp.int32))
+  at_BA = jnp.minimum(lens_B[:, None] + jnp.arange(max_new), P + max_new - 1)
+  return jnp.argmax(jnp.take_along_axis(logits_BTV, at_BA[..., None], 1), -1).astype(jnp.int32)

@@ -56,14 +56,25 @@ def probe_apply(probe, hidden_BPD):
 
 
 def probed_hidden(model, base, probe, batch):
-  """Final hidden states [B, P, D] at batch['probe_at'] with the embedding update applied."""
+  """Final hidden states [B, P, D] at batch['probe_at'] with the embedding update applied.
+
+  Each probed position sees the input up to and including itself: one pass for a causal model;
+  a bidirectional one (GBERT) would otherwise see the value it is probed for, so it gets one
+  pass per probed position with the input cut right after it (Q-probes: the name, uncut)."""
   base = jax.lax.stop_gradient(base)
   delta_VD = probe["embed_a"] @ probe["embed_b"]
-  tokens = batch["tokens"]
+  tokens, at_BP = batch["tokens"], batch["probe_at"]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  _, hidden_BLD, _ = model.apply({"params": base}, tokens, positions, batch["segment_ids"],
-                                 embed_delta_VD=delta_VD)
-  return jnp.take_along_axis(hidden_BLD, batch["probe_at"][..., None], axis=1)
+
+  def hidden(segment_ids_BL):
+    return model.apply({"params": base}, tokens, positions, segment_ids_BL,
+                       embed_delta_VD=delta_VD)[1]
+
+  if model.cfg.causal:
+    return jnp.take_along_axis(hidden(batch["segment_ids"]), at_BP[..., None], axis=1)
+  rows = jnp.arange(tokens.shape[0])
+  cut = lambda p: batch["segment_ids"] * (positions <= at_BP[:, p:p + 1])
+  return jnp.stack([hidden(cut(p))[rows, at_BP[:, p]] for p in range(at_BP.shape[1])], 1)
 
 
 def make_probe_loss(model):

@@ -1,0 +1,1 @@
+"""GBERT (bidirectional, whole-word masked LM) rows; `configs/gbert/<row>.py` = `configs/<row>.py` on that architecture."""

@@ -1,0 +1,1 @@
+"""Llama block (RMSNorm, SwiGLU, full rotary) rows; `configs/llama/<row>.py` = `configs/<row>.py` on that architecture."""
