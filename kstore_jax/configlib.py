@@ -186,8 +186,8 @@ def validate(cfg, n_devices: int) -> None:
   m = cfg.model
   _require(m.block in ("gpt2", "llama"), f"model.block={m.block!r} must be 'gpt2' or 'llama'")
   _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {tuple(DTYPES)}")
-  _require(m.attention in ("auto", "xla", "cudnn"),
-           f"model.attention={m.attention!r} must be auto|xla|cudnn")
+  _require(m.attention in ("auto", "einsum", "xla", "cudnn"),
+           f"model.attention={m.attention!r} must be auto|einsum|xla|cudnn")
   for k in ("num_layers", "num_heads", "d_model", "d_ff"):
     _require(m[k] >= 1, f"model.{k}={m[k]} must be >= 1")
   _require(m.d_model % m.num_heads == 0,
