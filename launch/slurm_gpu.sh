@@ -26,7 +26,6 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DRY=0 CONFIG="" WORKDIR=""
 NODES="${KSTORE_NODES:-2}"
 GPUS="${KSTORE_GPUS_PER_NODE:-8}"
 PARTITION="${KSTORE_PARTITION:-}"
@@ -37,27 +36,21 @@ CPUS="${KSTORE_CPUS_PER_TASK:-8}"
 VENV="${KSTORE_VENV:-$ROOT/.venv-cuda12}"
 PY="${KSTORE_PYTHON:-python3.11}"
 OUTDIR="${KSTORE_SLURM_DIR:-$ROOT/runs/slurm}"
-EXTRA=()
-while [ $# -gt 0 ]; do
+own_flag() {
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY=1 ;;
     --nodes=*) NODES="${1#*=}" ;;
     --gpus-per-node=*) GPUS="${1#*=}" ;;
     --partition=*) PARTITION="${1#*=}" ;;
     --time=*) TIME="${1#*=}" ;;
     --account=*) ACCOUNT="${1#*=}" ;;
-    --config=*) CONFIG="${1#--config=}" ;;
-    --workdir=*) WORKDIR="${1#--workdir=}" ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) echo "slurm_gpu.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    *) return 1 ;;
   esac
-  shift
-done
-[ -n "$CONFIG" ] || { echo "slurm_gpu.sh: error: --config=... is required" >&2; exit 2; }
-[ -n "$WORKDIR" ] || { echo "slurm_gpu.sh: error: --workdir=... is required" >&2; exit 2; }
+}
+# shellcheck source=_args.sh source-path=SCRIPTDIR
+source "$ROOT/launch/_args.sh"
+parse_args "$@"
 for v in NODES GPUS CPUS; do
-  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "slurm_gpu.sh: error: $v=${!v} must be a positive integer" >&2; exit 2; }
+  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v=${!v} must be a positive integer"
 done
 case "$WORKDIR" in /*) ;; *) WORKDIR="$PWD/$WORKDIR" ;; esac   # the job runs elsewhere
 case "$CONFIG" in /*) ;; *) [ -f "${CONFIG%%:*}" ] && CONFIG="$PWD/$CONFIG" ;; esac
@@ -108,7 +101,7 @@ if [ "$DRY" = 1 ]; then
   echo "+ sbatch $SCRIPT"
   exit 0
 fi
-command -v sbatch >/dev/null || { echo "slurm_gpu.sh: error: sbatch not found (run this on a SLURM login node; --dry-run shows the script)" >&2; exit 2; }
+command -v sbatch >/dev/null || die "sbatch not found (run this on a SLURM login node; --dry-run shows the script)"
 mkdir -p "$OUTDIR"
 sbatch_script > "$SCRIPT"
 echo "+ sbatch $SCRIPT"

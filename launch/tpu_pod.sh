@@ -31,24 +31,18 @@ set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-DRY=0 DELETE=0 LOGS=1 CONFIG="" WORKDIR=""
-EXTRA=()
-while [ $# -gt 0 ]; do
+DELETE=0 LOGS=1
+own_flag() {
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY=1 ;;
     --delete) DELETE=1 ;;
     --no-logs) LOGS=0 ;;
-    --config=*) CONFIG="${1#--config=}" ;;
-    --workdir=*) WORKDIR="${1#--workdir=}" ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) echo "tpu_pod.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    *) return 1 ;;
   esac
-  shift
-done
-[ -n "$CONFIG" ] || { echo "tpu_pod.sh: error: --config=... is required" >&2; exit 2; }
-[ -n "$WORKDIR" ] || { echo "tpu_pod.sh: error: --workdir=... is required" >&2; exit 2; }
-[ -n "${KSTORE_ZONE:-}" ] || { echo "tpu_pod.sh: error: set KSTORE_ZONE (e.g. us-west4-a)" >&2; exit 2; }
+}
+# shellcheck source=_args.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/_args.sh"
+parse_args "$@"
+[ -n "${KSTORE_ZONE:-}" ] || die "set KSTORE_ZONE (e.g. us-west4-a)"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="${KSTORE_TPU_NAME:-kstore-${USER:-user}}"
