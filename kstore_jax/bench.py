@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import flags
 
-from kstore_jax import cli
+from kstore_jax import cli, configlib
 
 CONFIG = cli.config_flag()
 WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data: Grain worker processes to compare")
@@ -90,7 +90,7 @@ def bench_data(cfg) -> list[dict]:
   with cli.config_errors():  # e.g. data.seq_len shorter than a document: one line, not a trace
     chunks[0]
   ctx = dict(config=cfg.name, scale=cfg.scale, n_people=cfg.data.n_people,
-             copies=w.aug.copies, seq_len=cfg.data.seq_len,
+             bios=sum(len(s) for s in w.bio_mixture()[0]), seq_len=cfg.data.seq_len,
              batch_size=cfg.pretrain.batch_size, chunk_docs=cfg.data.chunk_docs)
   out = [measurement("tokenizer_build_s", round(t1 - t0, 3), "s", vocab_size=tok.get_vocab_size(),
                      trained=not cfg.data.tokenizer_path),
@@ -271,6 +271,8 @@ def bench_probe(cfg) -> list[dict]:
   loop.build_state, the train step jitted with run_stage's shardings, batches from the stage's
   Grain stream), on a random base model of the config's size: examples/s and tokens/s over
   PROBE_STEPS steps after 2 warm-up (compile) steps; batch rendering alone is timed too."""
+  if cfg.data.groups:
+    raise cli.ConfigError(f"bench probe: {configlib.PPROBE_GROUPS}")
   import flax.linen as nn
   import jax
   import jax.numpy as jnp

@@ -125,6 +125,9 @@ def _check_aug(spec, key: str) -> None:
            f"{key}.permute_copies > 1 needs {key}.permute=True")
 
 
+PPROBE_GROUPS = "pprobe needs one bio augmentation for everyone; data.groups is set"
+
+
 def _check_groups(d, stages: tuple[str, ...]) -> None:
   """data.groups: each group's values, people and token shares summing to 1, no empty group,
   someone's QA in training, no P-probe (it assumes one bio augmentation)."""
@@ -150,8 +153,7 @@ def _check_groups(d, stages: tuple[str, ...]) -> None:
   qa_people = sum(round(d.groups[n].qa_train_fraction * size) for n, size in zip(names, sizes))
   _require(qa_people > 0, "data.groups: no group has people whose QA is training data "
            "(every qa_train_fraction rounds to 0 people)")
-  _require("pprobe" not in stages,
-           "stages: pprobe needs one bio augmentation for everyone; data.groups is set")
+  _require("pprobe" not in stages, f"stages: {PPROBE_GROUPS}")
 
 
 def validate(cfg, n_devices: int) -> None:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from configs import base
 from kstore_jax import configlib
 from kstore_jax.data import pipeline, probing, world as world_lib
 from kstore_jax.data.render import N_ATTR
@@ -58,11 +59,13 @@ class Workdir:
     return os.path.join(self.path, *parts)
 
   def check_same_experiment(self, cfg) -> None:
-    """Refuse to resume a workdir that holds a different experiment."""
+    """Refuse to resume a workdir that holds a different experiment. A key missing from the
+    saved config (written before the key existed) counts as its configs/base.py default."""
     path = self.file("config.json")
     if not os.path.exists(path):
       return
-    old, new = _flatten(json.load(open(path))), _flatten(json.loads(cfg.to_json()))
+    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(json.load(open(path)))}
+    new = _flatten(_json(cfg))
     # The mesh is a property of the run, not of the experiment: a checkpoint restores onto any
     # mesh (elastic resume). data.workers changes Grain's state format, so it is compared.
     ignore = ("stages", "variants", "train.", "eval.", "mesh.")
@@ -79,6 +82,15 @@ class Workdir:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, self.file(name))
+
+
+def _json(cfg) -> dict:
+  return json.loads(cfg.to_json())
+
+
+def _base_arg(cfg) -> str:
+  """base.get_config's argument for cfg's scale and variants ("tiny", "small,mixed")."""
+  return ",".join(filter(None, (cfg.scale, cfg.variants)))
 
 
 def _flatten(d, prefix=""):
@@ -294,5 +306,4 @@ def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:
 
 
 def loop_stage_index(stage: str) -> int:
-  from configs.base import STAGE_NAMES
-  return STAGE_NAMES.index(stage)
+  return base.STAGE_NAMES.index(stage)

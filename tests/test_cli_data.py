@@ -9,6 +9,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "--config=configs/base.py:tiny"
+GROUPED = "--config=configs/celeb_minority.py:tiny"   # groups `minority` and `star`
 
 
 def cli(*args, timeout=120):
@@ -25,7 +26,8 @@ def test_data_stats():
   assert r.returncode == 0, r.stderr
   s = json.loads(r.stdout.strip().splitlines()[-1])
   assert s["people"] == 500 and s["unique_names"] == s["people"]
-  assert s["bios"] == s["people"] * s["copies_per_person"]
+  assert s["bios"] == s["people"] * s["groups"]["all"]["copies_per_person"]
+  assert s["groups"]["all"]["tokens_share"] == s["groups"]["all"]["doc_weight"] == 1.0
   assert len(s["templates_per_attribute"]) == 6
   assert min(s["templates_per_attribute"].values()) >= 50
   assert s["qa_train_people"] + s["qa_test_people"] == 500
@@ -42,6 +44,39 @@ def test_data_show():
   assert r.returncode == 0, r.stderr
   assert name in r.stdout and "Answer:" in r.stdout
   assert r.stdout.count("--- bio ") == 2
+
+
+def test_data_stats_per_group():
+  """celeb_minority: 500 minority people with one bio each, 100 stars with five; half of the
+  bio positions each (configs/celeb_minority.py); QA training only on half the stars."""
+  r = cli("kstore_jax.data", GROUPED, "--stats")
+  assert r.returncode == 0, r.stderr
+  s = json.loads(r.stdout.strip().splitlines()[-1])
+  g = s["groups"]
+  assert list(g) == ["minority", "star"]
+  assert [(g[n]["people"], g[n]["bios"], g[n]["copies_per_person"], g[n]["qa_train_people"])
+          for n in g] == [(500, 500, 1, 0), (100, 500, 5, 50)]
+  assert (s["people"], s["bios"], s["qa_train_people"]) == (600, 1000, 50)
+  assert g["minority"]["tokens_share"] == g["star"]["tokens_share"] == 0.5
+  assert abs(g["minority"]["doc_weight"] + g["star"]["doc_weight"] - 1) < 1e-3
+  assert s["bio_tokens_sample"] == 1000          # every bio of both groups
+  assert s["bio_tokens_min"] == min(g[n]["bio_tokens_min"] for n in g)
+  lo, hi = sorted(g[n]["bio_tokens_mean"] for n in g)
+  assert lo <= s["bio_tokens_mean"] <= hi
+
+
+def test_data_show_per_group():
+  r = cli("kstore_jax.data", GROUPED, "--show=2")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.count("--- bio ") == 4
+  assert r.stdout.count(" of group minority: person ") == 2
+  stars = r.stdout.split(" of group star: ")
+  assert len(stars) == 3 and stars[1].startswith("person 500 ") and "copy 1 of 5" in stars[2]
+  assert "--- QA of person 0 " in r.stdout and "--- QA of person 500 " in r.stdout
+  r = cli("kstore_jax.data", GROUPED, "--show=2", "--split=qa")
+  assert r.returncode == 0, r.stderr
+  shown = [l.split()[4] for l in r.stdout.splitlines() if l.startswith("--- QA of person ")]
+  assert shown == ["0", "1", "500", "501"] and "--- bio " not in r.stdout
 
 
 @pytest.mark.parametrize("arg, culprit", [
@@ -78,3 +113,14 @@ def test_bench_contract():
   assert out["population_1k_bytes"]["value"] == 19 * 1000
   r = cli("kstore_jax.bench", "nonsense", TINY)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_with_groups():
+  r = cli("kstore_jax.bench", "data", GROUPED, "--workers=0", "--min_seconds=0.2",
+          "--min_batches=5")
+  assert r.returncode == 0, r.stderr
+  out = {m["name"]: m for m in json_lines(r.stdout)}
+  assert out["world_build_s"]["bios"] == 1000 and out["pipeline_tokens_per_s"]["value"] > 0
+  r = cli("kstore_jax.bench", "probe", GROUPED)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "data.groups" in lines[0], r.stderr

@@ -2,11 +2,16 @@
 stderr that names the culprit, a non-zero exit, and an existing workdir left untouched."""
 
 import fcntl
+import functools
 import hashlib
+import json
 import pathlib
 
 import pytest
 from runs import run_main
+
+from configs import celeb_minority, single
+from kstore_jax import configlib, experiment
 
 CONFIG = "--config=configs/single.py:tiny"
 SMALL = [
@@ -140,3 +145,59 @@ def test_locked_workdir_refuses(workdir, jax_cache):
   line = assert_one_line_error(r, str(workdir), "locked")
   assert "--workdir=" in line
   assert after == before
+
+
+
+DROP = object()
+
+
+def saved_workdir(path: pathlib.Path, cfg, edits: dict) -> experiment.Workdir:
+  """A workdir whose config.json is cfg's with `edits` ({dotted key: value}; DROP: the key is
+  missing, as in a run written before the key existed)."""
+  saved = json.loads(cfg.to_json())
+  for key, value in edits.items():
+    *parents, leaf = key.split(".")
+    section = functools.reduce(dict.__getitem__, parents, saved)
+    if value is DROP:
+      del section[leaf]
+    else:
+      section[leaf] = value
+  (path / "config.json").write_text(json.dumps(saved))
+  return experiment.Workdir(str(path))
+
+
+def tiny_word_rate(rate: float):
+  c = single.get_config("tiny")
+  c.data.mlm.word_rate = rate
+  return c
+
+
+# (config now, edits of the saved config.json, None: resumes | what the refusal names)
+RESUME_CASES = {
+    "saved_before_data_mlm": (lambda: single.get_config("tiny"), {"data.mlm": DROP}, None),
+    "saved_before_mlm_and_groups": (lambda: single.get_config("tiny"),
+                                    {"data.mlm": DROP, "data.groups": DROP}, None),
+    # the defaults are the config's scale's (tiny: 128) and variants' (lora: rank 16)
+    "scale_default": (lambda: single.get_config("tiny"), {"data.seq_len": DROP}, None),
+    "variant_default": (lambda: single.get_config("tiny,lora"), {"finetune.lora_rank": DROP},
+                        None),
+    "saved_value_differs": (lambda: single.get_config("tiny"), {"data.mlm.word_rate": 0.3},
+                            "'data.mlm.word_rate' is 0.3 there, 0.15 now"),
+    "missing_but_not_default_now": (lambda: tiny_word_rate(0.3), {"data.mlm": DROP},
+                                    "'data.mlm.word_rate' is 0.15 there, 0.3 now"),
+    "groups_added": (lambda: celeb_minority.get_config("tiny"), {"data.groups": DROP},
+                     "'data.groups.minority."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_treats_missing_keys_as_defaults(case, tmp_path):
+  make_cfg, edits, culprit = RESUME_CASES[case]
+  cfg = make_cfg()
+  wd = saved_workdir(tmp_path, cfg, edits)
+  if culprit is None:
+    wd.check_same_experiment(cfg)
+    return
+  with pytest.raises(configlib.ConfigError, match="different experiment") as e:
+    wd.check_same_experiment(cfg)
+  assert culprit in str(e.value)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import base
+from configs import base, celeb_minority
 from kstore_jax.data import pipeline, tfds_bios, tokenizer
 from kstore_jax.data import world as world_lib
 
@@ -38,7 +38,7 @@ def test_built_without_tensorflow(built):
   _, _, data_dir, builder = built
   assert builder.info.file_format.value == "array_record"
   assert set(builder.info.splits) == set(tfds_bios.SPLITS)
-  assert list(data_dir.glob("kstore_bios/1.0.0/*.array_record-*"))
+  assert list(data_dir.glob(f"kstore_bios/{tfds_bios.KstoreBios.VERSION}/*.array_record-*"))
 
 
 @pytest.mark.parametrize("split", tfds_bios.SPLITS)
@@ -61,7 +61,7 @@ def test_records_equal_live_sources(built, split):
     assert rec["tokens"].dtype == np.int32
     np.testing.assert_array_equal(rec["tokens"], d["tokens"])
     np.testing.assert_array_equal(np.asarray(rec["loss"], bool), d["loss"])
-    assert int(rec["person"]) == people[i]
+    assert int(rec["person"]) == people[i] and int(rec["group"]) == 0
     assert int(rec["kind"]) == (tfds_bios.KIND_BIO if split == "bios" else tfds_bios.KIND_QA)
     assert rec["text"].decode() == world.renderer.decode(d["tokens"])
   assert seen.all()
@@ -123,9 +123,11 @@ def test_rebuild_reuses_and_checks_identity(built, tmp_path):
   again = tfds_bios.build(world, data_dir)           # same world: reused, same records
   a, b = tfds_bios.data_source(builder, "bios"), tfds_bios.data_source(again, "bios")
   assert [int(a[i]["index"]) for i in range(len(a))] == [int(b[i]["index"]) for i in range(len(b))]
-  meta = json.loads((data_dir / "kstore_bios/1.0.0/metadata.json").read_text())
+  version = tfds_bios.KstoreBios.VERSION
+  meta = json.loads((data_dir / f"kstore_bios/{version}/metadata.json").read_text())
   assert meta == tfds_bios.world_metadata(world)
-  assert meta["n_people"] == N_PEOPLE and meta["multi"] == 2 and meta["permute"]
+  assert meta["n_people"] == N_PEOPLE and list(meta["groups"]) == ["all"]
+  assert meta["groups"]["all"]["multi"] == 2 and meta["groups"]["all"]["permute"]
   other, _ = make_world(fullname=True)
   with pytest.raises(ValueError, match="different corpus"):
     tfds_bios.build(other, data_dir)
@@ -142,3 +144,27 @@ def test_corpus_source_pickles_for_workers(built):
   for c in range(3):
     for k, v in chunks[c].items():
       np.testing.assert_array_equal(clone[c][k], v, err_msg=k)
+
+
+def test_grouped_world(tmp_path):
+  """celeb_minority at 60 people: 50 minority people with one bio each, then 10 stars with
+  five; the bios split holds both groups' bios, group after group, with their group field."""
+  cfg = celeb_minority.get_config("tiny")
+  cfg.data.update(n_people=60, vocab_size=1024)
+  world = world_lib.build_world(cfg, tokenizer.train_tokenizer(cfg.data.vocab_size))
+  builder = tfds_bios.build(world, tmp_path)
+  assert builder.info.features["group"].names == ["minority", "star"]
+  bios = tfds_bios.data_source(builder, "bios")
+  minority, star = (world.group_bios(g) for g in world.groups)
+  assert len(bios) == len(minority) + len(star) == 100
+  recs = sorted((bios[r] for r in range(len(bios))), key=lambda rec: int(rec["index"]))
+  assert [int(rec["index"]) for rec in recs] == list(range(100))
+  assert [int(rec["group"]) for rec in recs] == [0] * 50 + [1] * 50
+  live = [(minority, i) for i in range(50)] + [(star, i) for i in range(50)]
+  for rec, (src, i) in zip(recs, live):
+    np.testing.assert_array_equal(rec["tokens"], src.docs([i]).doc(0)["tokens"])
+    assert int(rec["person"]) == src.locate([i])[0][0]
+  qa = tfds_bios.data_source(builder, "qa_test").source
+  assert {(int(r["person"]) >= 50, int(r["group"])) for r in qa} == {(False, 0), (True, 1)}
+  meta = tfds_bios.world_metadata(world)["groups"]
+  assert meta["minority"]["people"] == [0, 50] and meta["star"]["multi"] == 5

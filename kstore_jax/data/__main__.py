@@ -4,10 +4,12 @@
     python -m kstore_jax.data --config=configs/multi5_permute.py:tiny --show=5 --split=bios
     python -m kstore_jax.data --config=configs/base.py:small --stats  # JSON on the last line
 
-`--show=N` prints the first N bios (all copies of person 0 first), with their token counts and
-the value each attribute span points at, then the six QA pairs of the first person shown
-(`--split=qa`: the QA pairs of the first N people). Token counts include the BOS/EOT tokens.
-`--stats` prints one JSON object as the last line.
+`--show=N` prints, for each group of people (data.groups; one group `all` without), its first N
+bios (all copies of its first person first), with their token counts and the value each
+attribute span points at, then the six QA pairs of its first person (`--split=qa`: the QA pairs
+of its first N people). Token counts include the BOS/EOT tokens.
+`--stats` prints one JSON object as the last line; `groups` holds per-group counts (people,
+bios, QA split, pretraining document weight, share of the stream's bio positions).
 """
 
 import json
@@ -43,8 +45,8 @@ def half(world, person: int) -> str:
   return "qa_train" if world.qa_train[person] else "qa_test"
 
 
-def show_bios(world, n: int) -> None:
-  bios = world.bios()
+def show_bios(world, group, n: int) -> None:
+  bios = world.group_bios(group)
   idx = np.arange(min(n, len(bios)))
   docs, spans = bios.docs(idx), bios.spans(idx)
   people, copies = bios.locate(idx)
@@ -52,8 +54,8 @@ def show_bios(world, n: int) -> None:
   for i in range(len(idx)):
     tokens = docs.doc(i)["tokens"]
     p = int(people[i])
-    print(f"--- bio {idx[i]}: person {p} ({world.pop.full_name(p)}, {half(world, p)}), "
-          f"copy {copies[i]} of {bios.aug.copies}, {len(tokens)} tokens")
+    print(f"--- bio {idx[i]} of group {group.name}: person {p} ({world.pop.full_name(p)}, "
+          f"{half(world, p)}), copy {copies[i]} of {bios.aug.copies}, {len(tokens)} tokens")
     print(r.decode(tokens))
     print("    spans: " + "; ".join(f"{a}={r.decode(tokens[s:e]).strip()!r}"
                                     for a, (s, e) in zip(ATTRIBUTES, spans[i])))
@@ -70,26 +72,62 @@ def show_qa(world, people) -> None:
     print(f"[{ATTRIBUTES[a]}, {len(tokens)} tokens] " + world.renderer.decode(tokens))
 
 
+def show(world, n: int, split: str | None) -> None:
+  """Per group: its first n bios, then the QA of its first person (split 'qa': of its first
+  n people)."""
+  for g in world.groups:
+    if split != "qa":
+      show_bios(world, g, n)
+    if split != "bios":
+      show_qa(world, g.people[:n if split == "qa" else 1])
+
+
+def sample_lengths(src, rng) -> np.ndarray:
+  """Token counts of a sample of src's documents (at most SAMPLE)."""
+  return src.docs(np.sort(rng.choice(len(src), min(SAMPLE, len(src)), replace=False))).lengths
+
+
+def length_stats(prefix: str, lens: np.ndarray, weights=None) -> dict:
+  """Mean (weighted: each sampled document stands for `weights` documents), min, max, sample
+  size of token counts."""
+  return {f"{prefix}_mean": round(float(np.average(lens, weights=weights)), 2),
+          f"{prefix}_min": int(lens.min()), f"{prefix}_max": int(lens.max()),
+          f"{prefix}_sample": len(lens)}
+
+
+def group_stats(world, srcs, weights, bio_lens) -> dict:
+  """Per group (its bio source, document weight and sampled bio token counts): people, bios,
+  QA split, the weight and its share of the stream's bio positions (weight x mean positions per
+  bio, normalised), bio token counts."""
+  stream = np.array([w * total / len(s) for s, w, (total, _) in
+                     zip(srcs, weights, world.bio_positions)])
+  return {g.name: {"people": g.stop - g.start, "bios": len(s), "copies_per_person": g.aug.copies,
+                   "qa_train_people": int(world.qa_train[g.start:g.stop].sum()),
+                   "doc_weight": round(w, 4), "tokens_share": round(float(share), 4),
+                   **length_stats("bio_tokens", lens)}
+          for g, s, w, share, lens in zip(world.groups, srcs, weights, stream / stream.sum(),
+                                          bio_lens)}
+
+
 def stats(world, tok) -> dict:
   pop, rng = world.pop, np.random.default_rng(0)
-  bios = world.bios()
-  bio_idx = np.sort(rng.choice(len(bios), min(SAMPLE, len(bios)), replace=False))
-  bio_len = bios.docs(bio_idx).lengths
-  qa = world.qa(np.arange(len(pop)))
-  qa_len = qa.docs(np.sort(rng.choice(len(qa), min(SAMPLE, len(qa)), replace=False))).lengths
+  bios, weights = world.bio_mixture()
+  bio_lens = [sample_lengths(s, rng) for s in bios]
+  stands_for = np.concatenate([np.full(len(l), len(s) / len(l)) for s, l in zip(bios, bio_lens)])
+  qa_len = sample_lengths(world.qa(np.arange(len(pop))), rng)
   counts = {a: np.bincount(pop.attribute(a), minlength=n_values(a)) for a in ATTRIBUTES}
   names = np.stack([pop.first, pop.middle, pop.last], 1)
   return {
-      "people": len(pop), "bios": len(bios), "copies_per_person": bios.aug.copies,
+      "people": len(pop), "bios": sum(len(s) for s in bios),
       "templates_per_attribute": {a: len(t) for a, t in load_templates().items()},
-      "bio_tokens_mean": round(float(bio_len.mean()), 2), "bio_tokens_min": int(bio_len.min()),
-      "bio_tokens_max": int(bio_len.max()), "bio_tokens_sample": len(bio_idx),
+      **length_stats("bio_tokens", np.concatenate(bio_lens), stands_for),
       "qa_tokens_mean": round(float(qa_len.mean()), 2),
       "value_counts_min_max": {a: [int(c.min()), int(c.max())] for a, c in counts.items()},
       "value_classes": {a: len(c) for a, c in counts.items()},
       "unique_names": len(np.unique(names, axis=0)),
       "vocab_size": tok.get_vocab_size(),
       "qa_train_people": int(world.qa_train.sum()), "qa_test_people": int((~world.qa_train).sum()),
+      "groups": group_stats(world, bios, weights, bio_lens),
   }
 
 
@@ -100,12 +138,9 @@ def main(argv):
   with cli.config_errors():
     tok = tokenizer_lib.get_tokenizer(cfg.data)
     world = world_lib.build_world(cfg, tok)
-  show = SHOW.value if (SHOW.present or not STATS.value) else 0
-  if show and SPLIT.value != "qa":
-    show_bios(world, show)
-  if show and SPLIT.value != "bios":
-    first = world.bios().locate([0])[0]
-    show_qa(world, np.arange(min(show, len(world.pop))) if SPLIT.value == "qa" else first)
+  n = SHOW.value if (SHOW.present or not STATS.value) else 0
+  if n:
+    show(world, n, SPLIT.value)
   if STATS.value:
     print(json.dumps(stats(world, tok)))
 

@@ -1,14 +1,16 @@
 """A tensorflow-datasets builder that freezes a population's bios and QA pairs to array_record.
 
 For users who want a fixed, shareable corpus (or to bring their own text): the builder writes
-every bio of the World's augmentation spec (split `bios`) and the six QA pairs of every
-QA-train / QA-test person (splits `qa_train`, `qa_test`) as records
+every bio of every group of the World, each group's bios as its augmentation spec says (split
+`bios`: the groups' bios one group after another), and the six QA pairs of every QA-train /
+QA-test person (splits `qa_train`, `qa_test`) as records
 
     tokens  int32 [T]   the document's token ids (BOS ... EOT), as the Renderer makes them
     loss    bool  [T]   per-token prediction-target mask (bios: all but BOS; QA: answer + EOT)
     kind    int8        0 = bio, 1 = QA
     person  int64       population index of the person
-    index   int64       index of the document in its BioSource / QASource
+    group   ClassLabel  the person's group (World.groups; names: 'all' without data.groups)
+    index   int64       index of the document in its split (bios: group sources concatenated)
     text    Text        the decoded document (special tokens kept)
 
 tfds writes records in a hashed (shuffled) order; `index` says where each came from, so a
@@ -21,6 +23,7 @@ like any other source. TensorFlow is not needed (nor imported) to build or read 
     chunks = pipeline.PackedChunks([bios], [1.0], seq_len, world.pad_id, seed)
 """
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -37,10 +40,11 @@ _RENDER_BATCH = 4096   # documents rendered per vectorised call while generating
 
 
 class KstoreBios(tfds.core.GeneratorBasedBuilder):
-  """bioS bios and QA pairs of one World (population, augmentation, tokenizer, QA split)."""
+  """bioS bios and QA pairs of one World (population, groups, tokenizer, QA split)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "bios, qa_train, qa_test as token ids, loss masks and text."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "bios, qa_train, qa_test as token ids, loss masks and text.",
+                   "1.1.0": "data.groups: every group's bios, a `group` field."}
 
   # tfds 4.9.10 infers `code_path` through the `importlib_resources` backport, which it only
   # requires on Python < 3.9, so download_and_prepare fails without it; this file is the
@@ -68,6 +72,7 @@ class KstoreBios(tfds.core.GeneratorBasedBuilder):
             "loss": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
             "kind": tfds.features.Scalar(dtype=np.int8),
             "person": tfds.features.Scalar(dtype=np.int64),
+            "group": tfds.features.ClassLabel(names=[g.name for g in w.groups]),
             "index": tfds.features.Scalar(dtype=np.int64),
             "text": tfds.features.Text(),
         }),
@@ -78,26 +83,36 @@ class KstoreBios(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing to download
     w = self.world
     return {
-        "bios": self._generate_examples(w.bios(), KIND_BIO),
+        "bios": self._generate_bios(),
         "qa_train": self._generate_examples(w.qa(w.train_people), KIND_QA),
         "qa_test": self._generate_examples(w.qa(w.test_people), KIND_QA),
     }
 
-  def _generate_examples(self, source, kind: int):
-    r = self.world.renderer
+  def _generate_bios(self):
+    """Each group's bios, indexed one group after another."""
+    offset = 0
+    for g in self.world.groups:
+      src = self.world.group_bios(g)
+      yield from self._generate_examples(src, KIND_BIO, offset)
+      offset += len(src)
+
+  def _generate_examples(self, source, kind: int, offset: int = 0):
+    w = self.world
     for start in range(0, len(source), _RENDER_BATCH):
       idx = np.arange(start, min(start + _RENDER_BATCH, len(source)))
       docs = source.docs(idx)
       people, _ = source.locate(idx)
+      groups = w.group_of(people)
       token_lists = [docs.tokens[docs.offsets[j]:docs.offsets[j + 1]] for j in range(len(idx))]
-      texts = [r.decode(t) for t in token_lists]
-      for j, i in enumerate(idx.tolist()):
+      texts = [w.renderer.decode(t) for t in token_lists]
+      for j, i in enumerate((idx + offset).tolist()):
         s = slice(docs.offsets[j], docs.offsets[j + 1])
         yield i, {
             "tokens": token_lists[j].astype(np.int32),
             "loss": docs.loss[s].astype(np.bool_),
             "kind": np.int8(kind),
             "person": np.int64(people[j]),
+            "group": int(groups[j]),
             "index": np.int64(i),
             "text": texts[j],
         }
@@ -107,21 +122,22 @@ def world_metadata(world) -> dict:
   """What identifies a corpus: stored in metadata.json, checked when a corpus is reused."""
   r = world.renderer
   digest = hashlib.sha256()
-  for a in (r.piece_len, r.piece_tokens, np.asarray(world.qa_train)):
+  people = [getattr(world.pop, f.name) for f in dataclasses.fields(world.pop) if f.name != "seed"]
+  for a in (r.piece_len, r.piece_tokens, *people, np.asarray(world.qa_train)):
     digest.update(np.ascontiguousarray(a).tobytes())
   return dict(
-      seed=int(world.seed), n_people=len(world.pop), multi=int(world.aug.multi),
-      permute=bool(world.aug.permute), permute_copies=int(world.aug.permute_copies),
-      fullname=bool(world.aug.fullname), n_qa_train=int(np.sum(world.qa_train)),
+      seed=int(world.seed), n_people=len(world.pop), n_qa_train=int(np.sum(world.qa_train)),
+      groups={g.name: dict(people=[g.start, g.stop], **dataclasses.asdict(g.aug))
+              for g in world.groups},
       vocab_size=int(r.tokenizer.get_vocab_size()),
-      fingerprint=digest.hexdigest()[:16])   # tokens of every piece + the QA split
+      fingerprint=digest.hexdigest()[:16])   # tokens of every piece, the people, the QA split
 
 
 def build(world, data_dir) -> KstoreBios:
   """Materialise `world` under `data_dir` (reused if already there) and return the builder.
 
   Raises ValueError if `data_dir` already holds a corpus of a different world (population,
-  augmentation, tokenizer or QA split).
+  groups and their augmentation, tokenizer or QA split).
   """
   builder = KstoreBios(world, data_dir=data_dir)
   stored = pathlib.Path(builder.data_dir) / "metadata.json"

@@ -76,11 +76,17 @@ class World:
   def test_people(self) -> np.ndarray:
     return np.flatnonzero(~self.qa_train)
 
+  def group_of(self, people) -> np.ndarray:
+    """Index in `groups` of each person's group."""
+    return np.searchsorted([g.stop for g in self.groups], people, side="right")
+
   @property
   def pad_id(self) -> int:
     return self.renderer.token_id(PAD)
 
   def bios(self, people=None) -> sources.BioSource:
+    """Bios of `people` (default: everyone) written as `aug` (one augmentation for everyone;
+    with groups that differ use group_bios / bio_mixture)."""
     people = np.arange(len(self.pop)) if people is None else people
     return sources.BioSource(self.renderer, self.pop, people, self.aug, self.seed)
 
