@@ -8,7 +8,7 @@ import numpy as np
 from kstore_jax.data.render import N_ATTR, QA_VALUE_SLOTS
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
-from kstore_jax.eval.generate import fill_masks, generate
+from kstore_jax.eval.generate import fill_masks, generate, greedy
 
 
 def qa_arrays(world, people):
@@ -118,7 +118,7 @@ def bio_recall(model, params, world, people, batch_size: int = 256):
     positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     seg = (positions < lens_B[:, None]).astype(jnp.int32)
     logits, _, _ = model.apply({"params": params}, tokens_BL, positions, seg)
-    return jnp.argmax(logits, -1)
+    return greedy(logits)
 
   cols = np.arange(tokens.shape[1])
   correct = np.zeros((len(tokens), N_ATTR), bool)

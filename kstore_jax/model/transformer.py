@@ -5,8 +5,9 @@ carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`) mapped to th
 train/sharding.py. Documents packed in one row are isolated by `segment_ids_BL` (attention only
 within a segment) and `positions_BL` restart at 0 per document.
 
-Decoding uses an explicit KV cache pytree: `{'k': [layers, B, T, H, Dh], 'v': ...}` passed in
-and returned, written at `positions_BL` (so it stays a pure function).
+Decoding uses an explicit KV cache pytree (`init_cache`: `{'k', 'v': [layers, B, H, T, Dh],
+'seg', 'pos': [B, T], 'index'}`) passed in and returned (so it stays a pure function); a call
+writes its L tokens at columns [index, index + L) of every row.
 """
 
 import dataclasses
@@ -78,8 +79,9 @@ def attention_mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal: bool) -> jax.
   return mask[:, None]
 
 
-def einsum_attention(q_BLHD, k_BTHD, v_BTHD, mask_B1LT) -> jax.Array:
-  """Softmax attention as two head-major batched matmuls (the CPU default).
+def einsum_attention(q_BLHD, k_BHTD, v_BHTD, mask_B1LT) -> jax.Array:
+  """Softmax attention as two head-major batched matmuls (the CPU default); keys and values
+  come head-major (the KV cache stores them so).
 
   XLA:CPU runs `jax.nn.dot_product_attention`'s [B, L, H, D] einsums and its masked softmax
   through transposed copies of the [B, H, L, T] scores in the backward pass; transposing q, k, v
@@ -87,12 +89,12 @@ def einsum_attention(q_BLHD, k_BTHD, v_BTHD, mask_B1LT) -> jax.Array:
   matmul halves attention's forward+backward time at the `small` size (BENCHMARKS.md).
   Rows with no visible key (padding) get a finite, unused output.
   """
-  q_BHLD, k_BHTD, v_BHTD = (x.transpose(0, 2, 1, 3) for x in (q_BLHD, k_BTHD, v_BTHD))
+  q_BHLD = q_BLHD.transpose(0, 2, 1, 3)
   q_BHLD = q_BHLD * jnp.asarray(1.0 / math.sqrt(q_BLHD.shape[-1]), q_BLHD.dtype)
   s_BHLT = jnp.einsum("bhld,bhtd->bhlt", q_BHLD, k_BHTD, preferred_element_type=jnp.float32)
   s_BHLT = s_BHLT + jnp.where(mask_B1LT, 0.0, -1e30)
   e_BHLT = jnp.exp(s_BHLT - jax.lax.stop_gradient(s_BHLT.max(-1, keepdims=True)))
-  o_BHLD = jnp.einsum("bhlt,bhtd->bhld", e_BHLT.astype(v_BTHD.dtype), v_BHTD,
+  o_BHLD = jnp.einsum("bhlt,bhtd->bhld", e_BHLT.astype(v_BHTD.dtype), v_BHTD,
                       preferred_element_type=jnp.float32)
   o_BHLD = o_BHLD / e_BHLT.sum(-1)[..., None]
   return o_BHLD.astype(q_BLHD.dtype).transpose(0, 2, 1, 3)
@@ -132,12 +134,11 @@ class Proj(nn.Module):
     fan_in = math.prod(self.shape[:n_in])
     y = jnp.dot(x.astype(self.dtype).reshape(-1, fan_in),
                 kernel.astype(self.dtype).reshape(fan_in, -1))
-    y = y.reshape(*lead, *self.shape[n_in:])
-    if self.use_bias:
+    if self.use_bias:   # on the 2-D product: a row broadcast XLA fuses, not a full-size copy
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
                         self.shape[-self.n_out:])
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias.astype(self.dtype).reshape(-1)
+    return y.reshape(*lead, *self.shape[n_in:])
 
 
 class Attention(nn.Module):
@@ -153,34 +154,34 @@ class Attention(nn.Module):
     q_BLHD, k_BLHD, v_BLHD = (proj(n)(x_BLD) for n in ("query", "key", "value"))
     q_BLHD = rotary(q_BLHD, positions_BL, cfg.rotary_dim, cfg.rotary_base)
     k_BLHD = rotary(k_BLHD, positions_BL, cfg.rotary_dim, cfg.rotary_base)
+    k_BHLD, v_BHLD = k_BLHD.transpose(0, 2, 1, 3), v_BLHD.transpose(0, 2, 1, 3)
     if cache is None:
-      k_all, v_all, k_pos, k_seg = k_BLHD, v_BLHD, positions_BL, segment_ids_BL
-      new_cache = None
+      k_BHTD, v_BHTD, k_pos, k_seg = k_BHLD, v_BHLD, positions_BL, segment_ids_BL
     else:
-      # Write this step's keys/values at their positions of this layer's slice of the stacked
-      # cache (in place: the whole cache is threaded through the layers, never re-stacked);
-      # attend to everything written so far.
-      rows = jnp.arange(x_BLD.shape[0])[:, None]
-      new_cache = {
-          "k": cache["k"].at[layer, rows, positions_BL].set(k_BLHD.astype(cache["k"].dtype)),
-          "v": cache["v"].at[layer, rows, positions_BL].set(v_BLHD.astype(cache["v"].dtype)),
-          "seg": cache["seg"].at[layer, rows, positions_BL].set(segment_ids_BL)}
-      k_all, v_all, k_seg = (new_cache[k][layer] for k in ("k", "v", "seg"))
-      k_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1]), k_seg.shape)
+      # Write this call's keys/values at columns [index, index + L) of this layer's slice of
+      # the stacked head-major cache: one dynamic-update-slice, the same columns for every row,
+      # done in place (the cache is threaded through the layers and the decode loop, never
+      # copied). Attend to every column; unwritten ones have segment 0.
+      at = (layer, 0, 0, cache["index"], 0)
+      cache = dict(cache, **{n: jax.lax.dynamic_update_slice(
+          cache[n], x[None].astype(cache[n].dtype), at) for n, x in (("k", k_BHLD),
+                                                                        ("v", v_BHLD))})
+      k_BHTD, v_BHTD, k_pos, k_seg = cache["k"][layer], cache["v"][layer], cache["pos"], cache["seg"]
     mask = attention_mask(positions_BL, segment_ids_BL, k_pos, k_seg, cfg.causal)
-    k_all, v_all = k_all.astype(dtype), v_all.astype(dtype)
+    k_BHTD, v_BHTD = k_BHTD.astype(dtype), v_BHTD.astype(dtype)
     impl = cfg.attention
     if impl == "auto":
       impl = "einsum" if jax.default_backend() == "cpu" else None
     if impl == "einsum":
-      out_BLHD = einsum_attention(q_BLHD, k_all, v_all, mask)
+      out_BLHD = einsum_attention(q_BLHD, k_BHTD, v_BHTD, mask)
     else:
-      out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_all, v_all, mask=mask,
+      out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BHTD.transpose(0, 2, 1, 3),
+                                              v_BHTD.transpose(0, 2, 1, 3), mask=mask,
                                               implementation=impl)
     out_BLD = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
                    ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
                    dtype, name="out")(out_BLHD)
-    return out_BLD, new_cache
+    return out_BLD, cache
 
 
 class Mlp(nn.Module):
@@ -235,9 +236,15 @@ class Transformer(nn.Module):
     if embed_delta_VD is not None:   # probes' low-rank input-embedding update
       table_VD = table_VD + embed_delta_VD
     x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
+    if cache is not None:   # this call's tokens fill columns [index, index + L) of every row
+      at = (0, cache["index"])
+      cache = dict(cache, seg=jax.lax.dynamic_update_slice(cache["seg"], segment_ids_BL, at),
+                   pos=jax.lax.dynamic_update_slice(cache["pos"], positions_BL, at))
     block = nn.remat(Block) if cfg.remat else Block
     for i in range(cfg.num_layers):
       x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, cache, i)
+    if cache is not None:
+      cache = dict(cache, index=cache["index"] + tokens_BL.shape[1])
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
     if cfg.tie_embeddings:
       logits_BLV = jnp.dot(hidden_BLD.reshape(-1, cfg.d_model), embed.embedding.astype(dtype).T)
@@ -249,10 +256,13 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
-  shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+  """An empty KV cache of `length` columns: keys/values per layer, each column's segment id
+  (0 = empty) and position, and `index`, the first unwritten column."""
+  shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
   dtype = DTYPES[cfg.dtype]
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "seg": jnp.zeros((cfg.num_layers, batch, length), jnp.int32)}
+          "seg": jnp.zeros((batch, length), jnp.int32),
+          "pos": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 def count_params(params) -> int:
