@@ -9,9 +9,10 @@ if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
-# shellcheck source=_venv.sh source-path=SCRIPTDIR
-source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 OUT="${1:-runs/tiny}"
+[ -z "${1:-}" ] || case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac   # _venv.sh cds to the repo
+# shellcheck source=_venv.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" ""   # "": no extras (not this script's args)
 ROWS=(single multi5_permute)
 start=$(date +%s)
 for row in "${ROWS[@]}"; do
