@@ -39,8 +39,8 @@ def make_train_step(loss_fn, optimizer, schedule):
     params = optax.apply_updates(state["params"], updates)
     # param_norm is of the *updated* params: the NaN guard then also covers the state a
     # checkpoint would save, not only the loss of the weights before the update.
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "lr": schedule(state["step"]), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "lr": schedule(state["step"]), **aux}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step
