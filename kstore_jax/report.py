@@ -396,6 +396,11 @@ def plot_pprobe(run: Run, m, path: str) -> None:
 
 
 # -- the report --------------------------------------------------------------------------
+def section(title: str, intro: str, table: list[str]) -> list[str]:
+  """A markdown section: title, an optional intro paragraph, the table; [] if no table."""
+  return ["", title, "", *([intro, ""] if intro else []), *table] if table else []
+
+
 def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
   """Write the markdown and PNGs; return (markdown, PNG paths)."""
   for d in run_dirs:
@@ -425,31 +430,27 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
          "teacher-forced exact match of each value inside held-out people's bios (storage: is "
          "the fact in the model at all?).", ""]
   md += detail_table(runs)
-  groups = group_table(runs)
-  if groups:
-    md += ["", "## Groups (celebrity / minority)", "",
-           "Held-out QA (%) of each group's people whose QA was never trained on (a minority's: "
-           "all of them); paper (PAPER.md): the minority's 4.4 without celebrities "
-           "(`minority_only`), 86.8 with them (`celeb_minority`; our celebrities: `star`).",
-           ""] + groups
-  archs = arch_table(runs)
-  if archs:
-    md += ["", "## GPT vs GBERT vs Llama", "",
-           "Held-out QA (%) by architecture; paper (PAPER.md): GPT-2 as in the headline table, "
-           "GBERT ~4 finetune / ~30 mixed (no per-row number), Llama none given.", ""] + archs
-  tokens = token_table(runs)
-  if tokens:
-    md += ["", "## Single-token vs multi-token answers", "",
-           "Held-out QA (%) of answers whose value is one model token / several (EOT not "
-           "counted); in parentheses the share of multi-token answers. Birth dates are always "
-           "multi-token; the paper's GBERT fails on multi-token answers such as \"Meta "
-           "Platforms\".", ""] + tokens
+  md += section("## Groups (celebrity / minority)",
+                "Held-out QA (%) of each group's people whose QA was never trained on (a "
+                "minority's: all of them); paper (PAPER.md): the minority's 4.4 without "
+                "celebrities (`minority_only`), 86.8 with them (`celeb_minority`; our "
+                "celebrities: `star`).", group_table(runs))
+  md += section("## GPT vs GBERT vs Llama",
+                "Held-out QA (%) by architecture; paper (PAPER.md): GPT-2 as in the headline "
+                "table, GBERT ~4 finetune / ~30 mixed (no per-row number), Llama none given.",
+                arch_table(runs))
+  md += section("## Single-token vs multi-token answers",
+                "Held-out QA (%) of answers whose value is one model token / several (EOT not "
+                "counted); in parentheses the share of multi-token answers. Birth dates are "
+                "always multi-token; the paper's GBERT fails on multi-token answers such as "
+                "\"Meta Platforms\".", token_table(runs))
   q = qprobe_table(runs)
+  md += section("## Q-probe (name only → attribute), accuracy %", "", q)
   if q:
-    md += ["", "## Q-probe (name only → attribute), accuracy %", ""] + q
     scatter = png("qprobe_vs_qa")
     plot_qprobe_vs_qa(runs, os.path.join(out_dir, scatter))
     md += ["", f"![Q-probe vs QA]({scatter})"]
+
   def per_run(title: str, kind: str, items, plot, caption) -> list[str]:
     """A section with one PNG per run that has data; [] if none has."""
     items = [(r, d) for r, d in items if d is not None and len(d)]

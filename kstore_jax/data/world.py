@@ -40,6 +40,11 @@ def group_bounds(shares, n_people: int) -> np.ndarray:
   return bounds
 
 
+def group_index(groups, people) -> np.ndarray:
+  """Index in `groups` (contiguous id ranges in order) of each person's group."""
+  return np.searchsorted([g.stop for g in groups], people, side="right")
+
+
 def make_groups(data_cfg) -> tuple[Group, ...]:
   """data.groups as contiguous id ranges in sorted name order (one group 'all' without)."""
   specs = data_cfg.get("groups")
@@ -78,7 +83,7 @@ class World:
 
   def group_of(self, people) -> np.ndarray:
     """Index in `groups` of each person's group."""
-    return np.searchsorted([g.stop for g in self.groups], people, side="right")
+    return group_index(self.groups, people)
 
   @property
   def pad_id(self) -> int:
@@ -99,8 +104,9 @@ class World:
     people, copies = np.asarray(people, np.int64), np.asarray(copies, np.int64)
     pieces = np.empty((len(people), render.BIO_PIECES), np.int64)
     order = np.empty((len(people), render.N_ATTR), np.int64)
-    for g in self.groups:
-      sel = (people >= g.start) & (people < g.stop)
+    group = self.group_of(people)
+    for k, g in enumerate(self.groups):
+      sel = group == k
       pieces[sel], order[sel] = self.renderer.bio_pieces(self.pop, people[sel], copies[sel],
                                                          g.aug, self.seed)
     return pieces, order
@@ -147,8 +153,8 @@ class World:
     srcs, weights = self.stage_mixture(stage, data_cfg)
     spec = masking.MlmSpec.from_config(data_cfg.mlm, self.renderer) if mlm else None
     return pipeline.PackedChunks(srcs, weights, data_cfg.seq_len, self.pad_id,
-                                 seed=self.seed * 1000 + seed_offset, chunk_docs=data_cfg.chunk_docs,
-                                 mlm=spec)
+                                 seed=self.seed * 1000 + seed_offset,
+                                 chunk_docs=data_cfg.chunk_docs, mlm=spec)
 
 
 def _positions(renderer: render.Renderer, src, block: int = 1 << 20) -> tuple[int, int]:

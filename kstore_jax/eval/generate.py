@@ -1,8 +1,9 @@
 """Batched greedy generation: prefill the prompts, then one token per step with a KV cache.
 
 Prompts come right-padded: row b's prompt is prompt_BP[b, :len_b]; its generated tokens take
-positions len_b, len_b + 1, ..., so rows of different lengths decode together. `generate_recompute` is the same decoding without
-a cache (the whole sequence is re-run each step): the baseline for the speed benchmark.
+positions len_b, len_b + 1, ..., so rows of different lengths decode together.
+`generate_recompute` is the same decoding without a cache (the whole sequence is re-run each
+step): the baseline for the speed benchmark.
 `fill_masks` answers with a bidirectional model (model.causal=False): prompt + mask tokens.
 """
 

@@ -8,6 +8,7 @@ import numpy as np
 from kstore_jax.data.render import N_ATTR, QA_VALUE_SLOTS
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
+from kstore_jax.data.world import group_index
 from kstore_jax.eval.generate import fill_masks, generate, greedy
 
 
@@ -71,10 +72,10 @@ def qa_correct(model, params, world, people, batch_size: int = 512, progress=Non
 def by_group(groups, people, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
   """per_attribute of each group's share of the QA of `people` (qa_correct's order: N_ATTR
   answers per person, person-major); groups with none of these people are left out."""
-  person = np.repeat(np.asarray(people, np.int64), N_ATTR)
+  group = group_index(groups, np.repeat(np.asarray(people, np.int64), N_ATTR))
   out = {}
-  for g in groups:
-    sel = (person >= g.start) & (person < g.stop)
+  for k, g in enumerate(groups):
+    sel = group == k
     if sel.any():
       out[g.name] = per_attribute(correct[sel], attrs[sel])
   return out
@@ -126,7 +127,7 @@ def bio_recall(model, params, world, people, batch_size: int = 256):
     toks = np.repeat(tokens[idx][:, None], variants, 1)                # [B, variants, L]
     if not causal:
       s, e = spans[idx][..., :1], spans[idx][..., 1:]                  # [B, 6, 1]
-      toks[(cols >= s) & (cols < e)] = world.renderer.token_id(MASK)
+      toks[(cols >= s) & (cols < e)] = r.token_id(MASK)
     pred = np.asarray(predict(jnp.asarray(toks.reshape(-1, toks.shape[-1])),
                               jnp.asarray(np.repeat(lens[idx], variants))))
     pred = pred.reshape(toks.shape)

@@ -112,6 +112,14 @@ class Norm(nn.Module):
                         bias_init=_init(nn.initializers.zeros, "embed"))(x)
 
 
+def flat_matmul(x, kernel_IO, n_in: int) -> jax.Array:
+  """x's trailing n_in dims (I elements in all) times kernel_IO as ONE 2-D matmul
+  [tokens, I] x [I, O]; returns [tokens, O] (the caller restores x's leading dims). With the
+  batch and length dims kept apart, XLA:CPU computes the weight gradient through a transposed
+  copy of the [tokens, O] cotangent (half of an MLP's backward time at `small`)."""
+  return jnp.dot(x.reshape(-1, kernel_IO.shape[0]), kernel_IO)
+
+
 class Proj(nn.Module):
   """x's trailing fan-in dims contracted with an explicitly shaped, logically named kernel
   `shape = fan-in dims + n_out output dims` (+ bias)."""
@@ -126,19 +134,14 @@ class Proj(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", _init(nn.initializers.normal(self.std), *self.axes),
                         self.shape)
-    # One 2-D matmul [tokens, fan_in] x [fan_in, fan_out]: with the batch and length dims
-    # kept apart, XLA:CPU computes the weight gradient through a transposed copy of the
-    # [tokens, fan_out] cotangent (half of an MLP's backward time at `small`).
     n_in = len(self.shape) - self.n_out
-    lead = x.shape[:x.ndim - n_in]
-    fan_in = math.prod(self.shape[:n_in])
-    y = jnp.dot(x.astype(self.dtype).reshape(-1, fan_in),
-                kernel.astype(self.dtype).reshape(fan_in, -1))
+    y = flat_matmul(x.astype(self.dtype),
+                    kernel.astype(self.dtype).reshape(math.prod(self.shape[:n_in]), -1), n_in)
     if self.use_bias:   # on the 2-D product: a row broadcast XLA fuses, not a full-size copy
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
                         self.shape[-self.n_out:])
       y = y + bias.astype(self.dtype).reshape(-1)
-    return y.reshape(*lead, *self.shape[n_in:])
+    return y.reshape(*x.shape[:x.ndim - n_in], *self.shape[n_in:])
 
 
 class Attention(nn.Module):
@@ -166,7 +169,8 @@ class Attention(nn.Module):
       cache = dict(cache, **{n: jax.lax.dynamic_update_slice(
           cache[n], x[None].astype(cache[n].dtype), at) for n, x in (("k", k_BHLD),
                                                                         ("v", v_BHLD))})
-      k_BHTD, v_BHTD, k_pos, k_seg = cache["k"][layer], cache["v"][layer], cache["pos"], cache["seg"]
+      k_BHTD, v_BHTD = cache["k"][layer], cache["v"][layer]
+      k_pos, k_seg = cache["pos"], cache["seg"]
     mask = attention_mask(positions_BL, segment_ids_BL, k_pos, k_seg, cfg.causal)
     k_BHTD, v_BHTD = k_BHTD.astype(dtype), v_BHTD.astype(dtype)
     impl = cfg.attention
@@ -247,8 +251,8 @@ class Transformer(nn.Module):
       cache = dict(cache, index=cache["index"] + tokens_BL.shape[1])
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
     if cfg.tie_embeddings:
-      logits_BLV = jnp.dot(hidden_BLD.reshape(-1, cfg.d_model), embed.embedding.astype(dtype).T)
-      logits_BLV = logits_BLV.reshape(*hidden_BLD.shape[:-1], cfg.vocab_size)
+      logits_BLV = flat_matmul(hidden_BLD, embed.embedding.astype(dtype).T, 1).reshape(
+          *hidden_BLD.shape[:-1], cfg.vocab_size)
     else:
       logits_BLV = Proj((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1, False, 0.02, dtype,
                         name="unembed")(hidden_BLD)
