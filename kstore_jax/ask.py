@@ -131,13 +131,14 @@ class Asker:
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     w, r = self.world, self.world.renderer
     people = np.asarray(people, np.int64)
-    prompts, plens, answers, alens, attrs = qa_eval.qa_arrays(w, people)
-    keep = np.isin(attrs, [ATTRIBUTES.index(a) for a in attributes])
-    prompts, plens, answers, alens, attrs = (x[keep] for x in
-                                             (prompts, plens, answers, alens, attrs))
+    qs = qa_eval.qa_set(w, people)
+    keep = np.flatnonzero(np.isin(qs.attrs_N, [ATTRIBUTES.index(a) for a in attributes]))
+    qs = qs.take(keep)
+    prompts, plens = qs.prompts(w.pad_id)
+    answers, alens, attrs = qs.answers_NW, qs.alens_N, qs.attrs_N
     who = np.repeat(people, len(ATTRIBUTES))[keep]
     max_new = answers.shape[1] + 4   # room to show a wrong, longer answer
-    gen = qa_eval.answer(self.model, self.params, w, prompts, plens, alens, max_new)
+    gen = qa_eval.answer(self.model, self.params, w, qs, max_new)
     correct = qa_eval.answers_match(gen, answers, alens)
     out = []
     for i in range(len(prompts)):

@@ -31,7 +31,8 @@ TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "train: timed steps (after
 N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
 EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 200, "eval: people whose 6 QA prompts are "
                                    "answered (held-out half first)")
-EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: prompts per batch (0 = all at once)")
+EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: questions per batch (0 = the "
+                                  "config's eval.batch_size)")
 EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs of each, interleaved "
                                     "(the median counts)")
 EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate (0 = the "
@@ -174,17 +175,23 @@ def _time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
           {k: float(np.min(t)) for k, t in times.items()}, out)
 
 
-def generation_flops_ratio(model_cfg, prompt_len: int, max_new: int) -> float:
-  """Matmul FLOPs of full recompute over those of KV-cache generation (attention scores left
-  out): recompute runs P + max_new positions, logits included, max_new times; the cache path
-  runs P - 1 prompt positions without logits, then max_new one-token steps with logits."""
+def generation_flops(model_cfg, batches, max_new: int) -> tuple[float, float]:
+  """Matmul FLOPs (attention scores left out) of QA generation over `batches` (QASet each),
+  max_new steps: (full recompute, KV cache). Recompute runs the whole padded question + max_new
+  positions, logits included, at every step; the cache path runs each distinct question prefix
+  once and each row's rest but its last token without logits, then max_new one-token steps with
+  logits."""
   c = model_cfg
   mlp = (3 if c.block == "llama" else 2) * c.d_model * c.d_ff
-  body = c.num_layers * (4 * c.d_model ** 2 + mlp)
-  head = c.vocab_size * c.d_model
-  recompute = max_new * (prompt_len + max_new) * (body + head)
-  cached = (prompt_len - 1) * body + max_new * (body + head)
-  return recompute / cached
+  body = 2 * c.num_layers * (4 * c.d_model ** 2 + mlp)
+  head = 2 * c.vocab_size * c.d_model
+  recompute = cached = 0.0
+  for qs in batches:
+    rows, width = qs.rest_NR.shape
+    whole = int((qs.prefix_lens_A[qs.attrs_N] + qs.rest_lens_N).max())
+    recompute += max_new * rows * (whole + max_new) * (body + head)
+    cached += (qs.prefix_AS.size + rows * (width - 1)) * body + max_new * rows * (body + head)
+  return recompute, cached
 
 
 def bench_eval(cfg) -> list[dict]:
@@ -214,19 +221,31 @@ def bench_eval(cfg) -> list[dict]:
       params = init(jax.random.PRNGKey(cfg.seed))
   w = exp.world
   people = np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
-  prompts, plens, answers, _, _ = qa_eval.qa_arrays(w, people)
-  batch = min(EVAL_BATCH.value or len(prompts), len(prompts))
-  prompt_BP, lens_B = jnp.asarray(prompts[:batch]), jnp.asarray(plens[:batch])
-  max_new = EVAL_MAX_NEW.value or answers.shape[1]
-  args = (exp.model, params, prompt_BP, lens_B, max_new)
-  med, low, toks = _time_interleaved({"kv": lambda: generate.generate(*args),
-                                      "re": lambda: generate.generate_recompute(*args)},
-                                     EVAL_REPEATS.value)
-  identical = bool(np.array_equal(np.asarray(toks["kv"]), np.asarray(toks["re"])))
-  P = int(prompt_BP.shape[1])
+  # The batches QA eval runs (qa_eval.qa_correct): questions in order of length, each batch
+  # padded to its longest. Both paths decode them with the same early stop at EOT.
+  qs = qa_eval.qa_set(w, people)
+  n_q = len(qs.attrs_N)
+  batches = [b for _, _, b in qa_eval.length_batches(qs, EVAL_BATCH.value or cfg.eval.batch_size)]
+  max_new = EVAL_MAX_NEW.value or qs.answers_NW.shape[1]
+  eot = w.renderer.eot_id
+  kv_args, re_args = [], []
+  for b in batches:
+    prefixes = generate.Prefixes(*map(jnp.asarray, (b.prefix_AS, b.prefix_lens_A, b.attrs_N)))
+    kv_args.append((jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new, eot, prefixes))
+    prompts, plens = b.prompts(w.pad_id)
+    re_args.append((jnp.asarray(prompts), jnp.asarray(plens), max_new, eot))
+  run = lambda fn, args: [fn(exp.model, params, *a) for a in args]
+  med, low, toks = _time_interleaved(
+      {"kv": lambda: run(generate.generate, kv_args),
+       "re": lambda: run(generate.generate_recompute, re_args)}, EVAL_REPEATS.value)
+  identical = all(np.array_equal(np.asarray(a), np.asarray(b))
+                  for a, b in zip(toks["kv"], toks["re"]))
+  flops_re, flops_kv = generation_flops(exp.model_cfg, batches, max_new)
   ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
-             params=int(count_params(params)), params_from=stage, batch=batch, prompt_len=P,
-             prompt_len_mean=round(float(plens[:batch].mean()), 2), max_new=int(max_new),
+             params=int(count_params(params)), params_from=stage, questions=n_q,
+             batches=len(batches), batch=int(batches[0].rest_NR.shape[0]),
+             prompt_len_mean=round(float(qs.prompts(w.pad_id)[1].mean()), 2),
+             rest_widths=[int(b.rest_NR.shape[1]) for b in batches], max_new=int(max_new),
              repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
              device=jax_device_kind(), cpus=os.cpu_count())
   return [
@@ -235,9 +254,8 @@ def bench_eval(cfg) -> list[dict]:
                   **ctx),
       measurement("kv_cache_speedup", round(med["re"] / med["kv"], 2), "ratio",
                   identical=identical, of_min_times=round(low["re"] / low["kv"], 2),
-                  flops_ratio=round(generation_flops_ratio(exp.model_cfg, P, max_new), 2),
-                  **ctx),
-      measurement("qa_eval_questions_per_s", round(batch / med["kv"], 1), "questions/s", **ctx),
+                  flops_ratio=round(flops_re / flops_kv, 2), **ctx),
+      measurement("qa_eval_questions_per_s", round(n_q / med["kv"], 1), "questions/s", **ctx),
   ]
 
 

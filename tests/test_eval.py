@@ -79,6 +79,61 @@ def test_kv_cache_equals_recompute_ragged_batch(world):
   np.testing.assert_array_equal(generate.generate(*one), generate.generate_recompute(*one))
 
 
+def test_qa_set_prompts_are_the_rendered_questions(world):
+  people = np.arange(N_PEOPLE)
+  qa = world.qa(people)
+  pieces = qa.pieces(np.arange(len(qa)))
+  whole, lens = world.renderer.render(pieces[:, :6], np.zeros(6, bool)).padded(world.pad_id)
+  qs = qa_eval.qa_set(world, people)
+  prompts, plens = qs.prompts(world.pad_id)
+  np.testing.assert_array_equal(plens, lens)
+  np.testing.assert_array_equal(prompts, whole)
+  # one shared prefix per attribute: EOT + the words before the name
+  assert qs.prefix_AS.shape[0] == len(ATTRIBUTES) and (qs.prefix_lens_A >= 2).all()
+  sub = qs.take(np.array([5, 0, 7]))
+  np.testing.assert_array_equal(sub.prompts(world.pad_id)[0],
+                                prompts[[5, 0, 7], :sub.prompts(world.pad_id)[1].max()])
+
+
+def test_shared_prefix_generation_equals_recompute(world):
+  """Questions decoded with their attribute's prefix cached once give the tokens of full
+  recompute on the whole questions, with early stopping at EOT in both."""
+  model, params = make_model(world)
+  qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
+  order = np.argsort(qs.rest_lens_N, kind="stable")[::-1]       # longest rest first
+  qs = qs.take(order)
+  prompts, plens = qs.prompts(world.pad_id)
+  eot, max_new = world.renderer.eot_id, qs.answers_NW.shape[1] + 2
+  prefixes = generate.Prefixes(*map(jnp.asarray, (qs.prefix_AS, qs.prefix_lens_A, qs.attrs_N)))
+  shared = np.asarray(generate.generate(model, params, jnp.asarray(qs.rest_NR),
+                                        jnp.asarray(qs.rest_lens_N), max_new, eot, prefixes))
+  full = np.asarray(generate.generate_recompute(model, params, jnp.asarray(prompts),
+                                                jnp.asarray(plens), max_new, eot))
+  np.testing.assert_array_equal(shared, full)
+  plain = np.asarray(generate.generate(model, params, jnp.asarray(prompts), jnp.asarray(plens),
+                                       max_new))
+  # early stop: a row's tokens agree with the full run up to and including its first EOT
+  for b in range(len(plain)):
+    stop = np.flatnonzero(plain[b] == eot)
+    upto = stop[0] + 1 if len(stop) else max_new
+    np.testing.assert_array_equal(shared[b, :upto], plain[b, :upto])
+
+
+def test_decoding_stops_once_every_row_ended():
+  eos = 99
+  ends_B = jnp.array([2, 0])         # the step at which each row first emits eos
+
+  def step(tok_B, t, calls):
+    del tok_B
+    return jnp.where(t == ends_B, eos, t + 10), calls + 1
+
+  out = np.asarray(jax.jit(lambda: generate._run(step, jnp.zeros(2, jnp.int32), 0, 6, eos))())
+  # three steps (t = 0, 1, 2) ran; the columns never reached hold eos
+  np.testing.assert_array_equal(out, [[10, 11, eos, eos, eos, eos], [eos, 11, 12, eos, eos, eos]])
+  never = np.asarray(generate._run(step, jnp.zeros(2, jnp.int32), 0, 4, -1))
+  np.testing.assert_array_equal(never, [[10, 11, eos, 13], [eos, 11, 12, 13]])
+
+
 def test_answers_match_is_exact():
   eot, pad = 0, 1
   answers = np.array([[7, 8, 9, eot], [5, eot, pad, pad]])
@@ -174,7 +229,7 @@ def test_bench_eval_contract(tmp_path):
                       "qa_eval_questions_per_s"}
   s = out["kv_cache_speedup"]
   assert s["identical"] is True and s["unit"] == "ratio" and s["value"] > 0
-  assert s["batch"] == 24 and s["max_new"] >= 2 and s["params_from"] == "random_init"
+  assert s["questions"] == 24 and s["max_new"] >= 2 and s["params_from"] == "random_init"
   r = subprocess.run(cmd + [f"--workdir={tmp_path / 'none'}"], cwd=root, capture_output=True,
                      text=True, timeout=120, check=False)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

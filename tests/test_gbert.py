@@ -134,14 +134,29 @@ def test_causal_switch(block):
     assert (diff[7:] > 1e-6).all()
 
 
+def prompt_key(tokens_BL, valid_BL, mask_id):
+  """An int32 fingerprint of each row's unmasked tokens (numpy or jax arrays; wraps alike)."""
+  xp = jnp if isinstance(tokens_BL, jax.Array) else np
+  pos = xp.arange(tokens_BL.shape[1], dtype=xp.int32)[None]
+  use = valid_BL & (tokens_BL != mask_id)
+  return xp.where(use, (tokens_BL.astype(xp.int32) + 1) * (pos * 7919 + 1), 0).sum(
+      1, dtype=xp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Oracle:
-  """A stand-in model: predicts `params['want']` where its input holds a mask token, else 0."""
+  """A stand-in model: where its input holds a mask token, predicts `params['want']` of the
+  question whose unmasked tokens match the row (qa_correct reorders and re-pads questions),
+  else 0."""
   cfg: ModelConfig
   mask_id: int
 
   def apply(self, variables, tokens_BL, positions_BL, segment_ids_BL):
-    pred = jnp.where(tokens_BL == self.mask_id, variables["params"]["want"], 0)
+    del positions_BL
+    key_B = prompt_key(tokens_BL, segment_ids_BL > 0, self.mask_id)
+    row_B = jnp.argmax(key_B[:, None] == variables["params"]["keys"][None], 1)
+    want_BL = variables["params"]["want"][row_B, :tokens_BL.shape[1]]
+    pred = jnp.where(tokens_BL == self.mask_id, want_BL, 0)
     return jax.nn.one_hot(pred, self.cfg.vocab_size) * 10.0, None, None
 
 
@@ -154,10 +169,12 @@ def test_gbert_exact_match_needs_every_answer_token(world):
   long = np.flatnonzero(alens >= 3)[:5]              # value of >= 2 tokens + EOT
   for i in long:
     want[i, plens[i] + alens[i] // 2] += 1           # one wrong middle token
-  model = Oracle(ModelConfig(vocab_size=model_vocab(world.renderer), causal=False),
-                 world.renderer.token_id(MASK))
-  params = {"want": jnp.asarray(want)}
-  correct, got_attrs, got_alens = qa_eval.qa_correct(model, params, world, people, len(prompts))
+  mask_id = world.renderer.token_id(MASK)
+  keys = prompt_key(prompts, np.arange(prompts.shape[1])[None] < plens[:, None], mask_id)
+  assert len(set(keys.tolist())) == len(keys)
+  model = Oracle(ModelConfig(vocab_size=model_vocab(world.renderer), causal=False), mask_id)
+  params = {"want": jnp.asarray(want), "keys": jnp.asarray(keys)}
+  correct, got_attrs, got_alens = qa_eval.qa_correct(model, params, world, people, 16)
   expect = np.ones(len(prompts), bool)
   expect[long] = False
   np.testing.assert_array_equal(correct, expect)

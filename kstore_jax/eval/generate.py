@@ -1,18 +1,30 @@
 """Batched greedy generation: prefill the prompts, then one token per step with a KV cache.
 
 Prompts come right-padded: row b's prompt is prompt_BP[b, :len_b]; its generated tokens take
-positions len_b, len_b + 1, ..., so rows of different lengths decode together.
+positions len_b, len_b + 1, ..., so rows of different lengths decode together. Rows may share
+a prefix (`Prefixes`: e.g. a QA question's wording before the name): each distinct prefix is
+run once and its keys/values are copied into the cache of every row that starts with it.
+Decoding stops once every row has emitted `eos_id`.
 `generate_recompute` is the same decoding without a cache (the whole sequence is re-run each
 step): the baseline for the speed benchmark.
 `fill_masks` answers with a bidirectional model (model.causal=False): prompt + mask tokens.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kstore_jax.model.transformer import Transformer, init_cache
+
+
+class Prefixes(NamedTuple):
+  """Shared prompt beginnings: row b's full prompt is tokens_AS[of_B[b], :lens_A[of_B[b]]]
+  followed by its own prompt."""
+  tokens_AS: jax.Array
+  lens_A: jax.Array
+  of_B: jax.Array
 
 
 def greedy(logits_BV: jax.Array) -> jax.Array:
@@ -24,54 +36,92 @@ def greedy(logits_BV: jax.Array) -> jax.Array:
   return jnp.where(logits_BV == max_B1, iota, vocab).min(-1)
 
 
+def _left_pad(tokens_BP, lens_B):
+  """Right-padded rows moved to the right end: (tokens, index within the row's prompt, 1 where
+  a token is real), each [B, P]."""
+  P = tokens_BP.shape[1]
+  src_BP = jnp.arange(P)[None] - (P - lens_B)[:, None]
+  valid_BP = src_BP >= 0
+  src_BP = jnp.maximum(src_BP, 0)
+  left_BP = jnp.where(valid_BP, jnp.take_along_axis(tokens_BP, src_BP, 1), 0)
+  return left_BP, src_BP, valid_BP.astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))
-def generate(model: Transformer, params, prompt_BP, lens_B, max_new: int):
-  """Greedy tokens [B, max_new] (everything after the first EOS is left as generated).
+def generate(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id=-1,
+             prefixes: Prefixes | None = None):
+  """Greedy tokens [B, max_new]; after a row's first eos_id the rest is not meaningful (eos_id
+  -1: run all max_new steps).
 
   The prompts are moved to the right end of their rows (left padding, segment 0), so every
   row's next token goes to the same cache column and each step writes the cache in place.
   The prefill caches every prompt token but the last (its logits are unused, so XLA drops the
   vocabulary projection of the prompt positions); decode step t feeds the token at position
-  len_b - 1 + t (the prompt's last token first) and emits generated token t: max_new
+  len_b - 1 + t (the prompt's last token first) and emits generated token t: at most max_new
   single-token steps, none wasted.
   """
   B, P = prompt_BP.shape
-  src_BP = jnp.arange(P)[None] - (P - lens_B)[:, None]      # left-padded column -> prompt index
-  valid_BP = src_BP >= 0
-  left_BP = jnp.where(valid_BP, jnp.take_along_axis(prompt_BP, jnp.maximum(src_BP, 0), 1), 0)
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
+  left_BP, src_BP, valid_BP = _left_pad(prompt_BP, lens_B)
   cache = init_cache(model.cfg, B, P - 1 + max_new)
+  start_B = jnp.zeros_like(lens_B)
+  if prefixes is not None:   # run each prefix once, copy its columns in front of its rows'
+    A, S = prefixes.tokens_AS.shape
+    _, _, shared = apply(*_left_pad(prefixes.tokens_AS, prefixes.lens_A),
+                         cache=init_cache(model.cfg, A, S))
+    of_B = prefixes.of_B
+    join = lambda axis: lambda mine, own: jnp.concatenate([mine[of_B], own], axis)
+    cache = dict(k=tuple(map(join(2), shared["k"], cache["k"])),
+                 v=tuple(map(join(2), shared["v"], cache["v"])),
+                 seg=join(1)(shared["seg"], cache["seg"]), pos=join(1)(shared["pos"], cache["pos"]),
+                 index=shared["index"])
+    start_B = prefixes.lens_A[of_B]
   if P > 1:
-    _, _, cache = model.apply({"params": params}, left_BP[:, :-1],
-                              jnp.maximum(src_BP[:, :-1], 0),
-                              valid_BP[:, :-1].astype(jnp.int32), cache=cache)
+    _, _, cache = apply(left_BP[:, :-1], start_B[:, None] + src_BP[:, :-1], valid_BP[:, :-1],
+                        cache=cache)
 
-  def body(carry, t):
-    tok_B, cache = carry
-    pos_B1 = (lens_B - 1 + t)[:, None]
-    logits_B1V, _, cache = model.apply({"params": params}, tok_B[:, None], pos_B1,
-                                       jnp.ones_like(pos_B1), cache=cache)
-    nxt_B = greedy(logits_B1V[:, 0])
-    return (nxt_B, cache), nxt_B
+  def step(tok_B, t, cache):
+    pos_B1 = (start_B + lens_B - 1 + t)[:, None]
+    logits_B1V, _, cache = apply(tok_B[:, None], pos_B1, jnp.ones_like(pos_B1), cache=cache)
+    return greedy(logits_B1V[:, 0]), cache
 
-  _, toks_TB = jax.lax.scan(body, (left_BP[:, -1].astype(jnp.int32), cache), jnp.arange(max_new))
-  return toks_TB.T
+  return _run(step, left_BP[:, -1].astype(jnp.int32), cache, max_new, eos_id)
+
+
+def _run(step, first_B, state, max_new: int, eos_id):
+  """Greedy tokens [B, max_new] from `step(token_B, t, state) -> (next_B, state)`, t = 0, 1,
+  ...; stops once every row has produced eos_id (the columns not reached hold eos_id)."""
+  B = first_B.shape[0]
+
+  def cond(carry):
+    t, _, done_B, _, _ = carry
+    return (t < max_new) & ~done_B.all()
+
+  def body(carry):
+    t, tok_B, done_B, out_BT, state = carry
+    nxt_B, state = step(tok_B, t, state)
+    return t + 1, nxt_B, done_B | (nxt_B == eos_id), out_BT.at[:, t].set(nxt_B), state
+
+  init = (jnp.int32(0), first_B, jnp.zeros(B, bool), jnp.full((B, max_new), eos_id, jnp.int32),
+          state)
+  return jax.lax.while_loop(cond, body, init)[3]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))
-def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: int):
+def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id=-1):
   """The same greedy decoding, re-running the full sequence for every new token."""
   B, P = prompt_BP.shape
   seq_BT = jnp.concatenate([prompt_BP, jnp.zeros((B, max_new), prompt_BP.dtype)], 1)
   positions_BT = jnp.broadcast_to(jnp.arange(P + max_new), (B, P + max_new))
 
-  def body(seq_BT, t):
+  def step(tok_B, t, seq_BT):
+    del tok_B   # already in seq_BT
     seg_BT = (positions_BT < (lens_B + t)[:, None]).astype(jnp.int32)
     logits_BTV, _, _ = model.apply({"params": params}, seq_BT, positions_BT, seg_BT)
     nxt_B = greedy(logits_BTV[jnp.arange(B), lens_B + t - 1])
-    return seq_BT.at[jnp.arange(B), lens_B + t].set(nxt_B), nxt_B
+    return nxt_B, seq_BT.at[jnp.arange(B), lens_B + t].set(nxt_B)
 
-  _, toks_TB = jax.lax.scan(body, seq_BT, jnp.arange(max_new))
-  return toks_TB.T
+  return _run(step, jnp.zeros(B, jnp.int32), seq_BT, max_new, eos_id)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))

@@ -1,6 +1,8 @@
 """Exact-match QA accuracy (KV-cache greedy generation; mask filling for a bidirectional model)
 and the bio-recall storage check."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,19 +11,65 @@ from kstore_jax.data.render import N_ATTR, QA_VALUE_SLOTS
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
 from kstore_jax.data.world import group_index
-from kstore_jax.eval.generate import fill_masks, generate, greedy
+from kstore_jax.eval.generate import Prefixes, fill_masks, generate, greedy
 
 
-def qa_arrays(world, people):
-  """Prompts [n, P], prompt lengths, answers [n, A] (value + EOT), answer lengths, attributes."""
+class QASet(NamedTuple):
+  """QA questions split where every person's question is the same: `prefix_AS` [A, S] (EOT and
+  the question's words before the name, one row per attribute, right-padded, `prefix_lens_A`)
+  and each question's own rest `rest_NR` (the name and the words after it, `rest_lens_N`);
+  question i is prefix attrs_N[i] followed by its rest. Answers [N, W] are value + EOT."""
+  prefix_AS: np.ndarray
+  prefix_lens_A: np.ndarray
+  rest_NR: np.ndarray
+  rest_lens_N: np.ndarray
+  answers_NW: np.ndarray
+  alens_N: np.ndarray
+  attrs_N: np.ndarray
+
+  def take(self, idx) -> "QASet":
+    """Questions idx, the rest trimmed to their longest."""
+    width = int(self.rest_lens_N[idx].max())
+    return self._replace(rest_NR=self.rest_NR[idx, :width], rest_lens_N=self.rest_lens_N[idx],
+                         answers_NW=self.answers_NW[idx], alens_N=self.alens_N[idx],
+                         attrs_N=self.attrs_N[idx])
+
+  def prompts(self, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole questions [N, P] right-padded with pad_id, and their lengths."""
+    pl_N1 = self.prefix_lens_A[self.attrs_N][:, None]
+    lens_N = pl_N1[:, 0] + self.rest_lens_N
+    cols_P = np.arange(lens_N.max())
+    head = self.prefix_AS[self.attrs_N[:, None], np.minimum(cols_P, self.prefix_AS.shape[1] - 1)]
+    tail = np.take_along_axis(self.rest_NR, np.clip(cols_P - pl_N1, 0,
+                                                     self.rest_NR.shape[1] - 1), 1)
+    out = np.where(cols_P < pl_N1, head, np.where(cols_P < lens_N[:, None], tail, pad_id))
+    return out.astype(self.rest_NR.dtype), lens_N
+
+
+def qa_set(world, people) -> QASet:
+  """The QA of `people` (N_ATTR questions per person, person-major) as a QASet."""
   qa = world.qa(people)
   pieces = qa.pieces(np.arange(len(qa)))
   r = world.renderer
-  no_loss = np.zeros(pieces.shape[1], bool)
-  prompts, plens = r.render(pieces[:, :QA_VALUE_SLOTS.start], no_loss[:6]).padded(world.pad_id)
-  answers, alens = r.render(pieces[:, QA_VALUE_SLOTS], no_loss[:5]).padded(world.pad_id)
+  render = lambda p: r.render(p, np.zeros(p.shape[1], bool)).padded(world.pad_id)
+  name_at = 2                     # EOT, question words, name pieces..., words after the name
   _, attrs = qa.locate(np.arange(len(qa)))
-  return prompts, plens, answers, alens, attrs
+  by_attr = np.full(N_ATTR, -1)
+  by_attr[attrs] = np.arange(len(attrs))     # one question per attribute present
+  present = by_attr >= 0
+  prefix, prefix_lens = render(pieces[by_attr[present], :name_at])
+  prefix_AS = np.zeros((N_ATTR, prefix.shape[1]), prefix.dtype)
+  prefix_lens_A = np.zeros(N_ATTR, prefix_lens.dtype)
+  prefix_AS[present], prefix_lens_A[present] = prefix, prefix_lens
+  return QASet(prefix_AS, prefix_lens_A, *render(pieces[:, name_at:QA_VALUE_SLOTS.start]),
+               *render(pieces[:, QA_VALUE_SLOTS]), attrs)
+
+
+def qa_arrays(world, people):
+  """Whole prompts [n, P], prompt lengths, answers [n, A] (value + EOT), answer lengths,
+  attributes."""
+  s = qa_set(world, people)
+  return (*s.prompts(world.pad_id), s.answers_NW, s.alens_N, s.attrs_N)
 
 
 def _batches(n: int, batch_size: int):
@@ -45,28 +93,55 @@ def answers_match(generated_BA: np.ndarray, answers_BA: np.ndarray, alens_B: np.
   return ((generated_BA[:, :width] == answers_BA) | ~valid).all(1)
 
 
-def answer(model, params, world, prompts_BP, plens_B, alens_B, max_new: int) -> np.ndarray:
-  """The model's answer tokens [B, max_new]: greedy decoding for a causal model; for a
-  bidirectional one (GBERT) the prompt + alens_B[b] mask tokens (the true answer's length, EOT
-  included), predicted at once."""
-  args = (model, params, jnp.asarray(prompts_BP), jnp.asarray(plens_B))
+def answer(model, params, world, qs: QASet, max_new: int) -> np.ndarray:
+  """The model's answer tokens [N, max_new] to the questions `qs`: greedy decoding with the
+  question prefixes cached once for all rows (causal model; stops when every row has closed
+  its answer with EOT); for a bidirectional model (GBERT) the prompt + as many mask tokens as
+  the true answer has (EOT included), predicted at once."""
+  rest = (model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N))
   if model.cfg.causal:
-    return np.asarray(generate(*args, max_new))
-  return np.asarray(fill_masks(*args, jnp.asarray(alens_B), world.renderer.token_id(MASK),
+    prefixes = Prefixes(*map(jnp.asarray, (qs.prefix_AS, qs.prefix_lens_A, qs.attrs_N)))
+    return np.asarray(generate(*rest, max_new, world.renderer.eot_id, prefixes))
+  prompts, plens = qs.prompts(world.pad_id)
+  return np.asarray(fill_masks(model, params, jnp.asarray(prompts), jnp.asarray(plens),
+                               jnp.asarray(qs.alens_N), world.renderer.token_id(MASK),
                                max_new))
+
+
+def length_batches(qs: QASet, batch_size: int, row_multiple: int = 64):
+  """(question indices, count, QASet batch): what QA eval decodes. Questions are grouped by
+  the length of their own part, so that a batch pads few of them; a length with fewer than
+  row_multiple questions joins the group below it (one wider batch costs less than a batch
+  that is mostly filler, and compiles once less). Each group is split into as few batches of
+  at most batch_size as it needs, of equal size rounded up to row_multiple (few distinct shapes
+  to compile) by repeating the group's first question; the first `count` rows are real."""
+  lens_N = qs.rest_lens_N
+  groups = []
+  for length in np.unique(lens_N):
+    members = np.flatnonzero(lens_N == length)
+    if groups and len(members) < row_multiple:
+      groups[-1] = np.concatenate([groups[-1], members])
+    else:
+      groups.append(members)
+  for group in groups:
+    n_batches = -(-len(group) // batch_size)
+    size = -(-len(group) // n_batches)
+    size = min(-(-size // row_multiple) * row_multiple, max(batch_size, size))
+    for chunk in np.array_split(group, n_batches):
+      rows = np.concatenate([chunk, np.full(size - len(chunk), chunk[0])])
+      yield rows, len(chunk), qs.take(rows)
 
 
 def qa_correct(model, params, world, people, batch_size: int = 512, progress=None):
   """(correct [n] bool, attributes [n], answer lengths [n] incl. EOT) for `people`'s QA."""
-  prompts, plens, answers, alens, attrs = qa_arrays(world, people)
-  batch_size = min(batch_size, len(prompts))
-  correct = np.zeros(len(prompts), bool)
-  for idx, n in _batches(len(prompts), batch_size):
-    got = answer(model, params, world, prompts[idx], plens[idx], alens[idx], answers.shape[1])
-    correct[idx[:n]] = answers_match(got, answers[idx], alens[idx])[:n]
+  qs = qa_set(world, people)
+  correct = np.zeros(len(qs.attrs_N), bool)
+  for rows, n, batch in length_batches(qs, batch_size):
+    got = answer(model, params, world, batch, qs.answers_NW.shape[1])
+    correct[rows[:n]] = answers_match(got, batch.answers_NW, batch.alens_N)[:n]
     if progress:
       progress(n)
-  return correct, attrs, alens
+  return correct, qs.attrs_N, qs.alens_N
 
 
 def by_group(groups, people, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:

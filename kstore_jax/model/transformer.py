@@ -5,7 +5,7 @@ carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`) mapped to th
 train/sharding.py. Documents packed in one row are isolated by `segment_ids_BL` (attention only
 within a segment) and `positions_BL` restart at 0 per document.
 
-Decoding uses an explicit KV cache pytree (`init_cache`: `{'k', 'v': [layers, B, H, T, Dh],
+Decoding uses an explicit KV cache pytree (`init_cache`: `{'k', 'v': per layer [B, H, T, Dh],
 'seg', 'pos': [B, T], 'index'}`) passed in and returned (so it stays a pure function); a call
 writes its L tokens at columns [index, index + L) of every row.
 """
@@ -161,15 +161,17 @@ class Attention(nn.Module):
     if cache is None:
       k_BHTD, v_BHTD, k_pos, k_seg = k_BHLD, v_BHLD, positions_BL, segment_ids_BL
     else:
-      # Write this call's keys/values at columns [index, index + L) of this layer's slice of
-      # the stacked head-major cache: one dynamic-update-slice, the same columns for every row,
-      # done in place (the cache is threaded through the layers and the decode loop, never
-      # copied). Attend to every column; unwritten ones have segment 0.
-      at = (layer, 0, 0, cache["index"], 0)
-      cache = dict(cache, **{n: jax.lax.dynamic_update_slice(
-          cache[n], x[None].astype(cache[n].dtype), at) for n, x in (("k", k_BHLD),
-                                                                        ("v", v_BHLD))})
-      k_BHTD, v_BHTD = cache["k"][layer], cache["v"][layer]
+      # Write this call's keys/values at columns [index, index + L) of this layer's head-major
+      # cache: one dynamic-update-slice, the same columns for every row, done in place (each
+      # layer's cache is its own buffer, threaded through the decode loop and read by the
+      # attention matmuls directly, never sliced or copied). Attend to every column; unwritten
+      # ones have segment 0.
+      at = (0, 0, cache["index"], 0)
+      k_BHTD, v_BHTD = (jax.lax.dynamic_update_slice(cache[n][layer],
+                                                     x.astype(cache[n][layer].dtype), at)
+                        for n, x in (("k", k_BHLD), ("v", v_BHLD)))
+      put = lambda layers, x: layers[:layer] + (x,) + layers[layer + 1:]
+      cache = dict(cache, k=put(cache["k"], k_BHTD), v=put(cache["v"], v_BHTD))
       k_pos, k_seg = cache["pos"], cache["seg"]
     mask = attention_mask(positions_BL, segment_ids_BL, k_pos, k_seg, cfg.causal)
     k_BHTD, v_BHTD = k_BHTD.astype(dtype), v_BHTD.astype(dtype)
@@ -259,12 +261,14 @@ class Transformer(nn.Module):
     return logits_BLV.astype(jnp.float32), hidden_BLD, cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
-  """An empty KV cache of `length` columns: keys/values per layer, each column's segment id
-  (0 = empty) and position, and `index`, the first unwritten column."""
-  shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty KV cache of `length` columns: keys and values, one [B, H, T, Dh] array per layer
+  (a tuple), each column's segment id (0 = empty) and position [B, T], and `index`, the first
+  unwritten column."""
+  shape = (batch, cfg.num_heads, length, cfg.head_dim)
   dtype = DTYPES[cfg.dtype]
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+  layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return {"k": layers(), "v": layers(),
           "seg": jnp.zeros((batch, length), jnp.int32),
           "pos": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
