@@ -268,11 +268,15 @@ class Experiment:
     cap = cfg.eval.max_people or None
     results = self.read_results()
     test, train = w.test_people[:cap], w.train_people[:cap]
-    correct, attrs, alens = qa_eval.qa_correct(self.model, params, w, test, cfg.eval.batch_size)
+    # Both halves in one pass: one set of batch shapes to compile (qa_correct's order is
+    # person-major, N_ATTR questions per person).
+    both_correct, both_attrs, both_alens = qa_eval.qa_correct(
+        self.model, params, w, np.concatenate([test, train]), cfg.eval.batch_size)
+    cut = len(test) * N_ATTR
+    correct, attrs, alens = both_correct[:cut], both_attrs[:cut], both_alens[:cut]
+    train_correct, train_attrs = both_correct[cut:], both_attrs[cut:]
     results["qa_test"] = qa_eval.per_attribute(correct, attrs)
     results["qa_test_by_tokens"] = qa_eval.by_answer_tokens(correct, attrs, alens)
-    train_correct, train_attrs, _ = qa_eval.qa_correct(self.model, params, w, train,
-                                                       cfg.eval.batch_size)
     results["qa_train"] = qa_eval.per_attribute(train_correct, train_attrs)
     if cfg.data.get("groups"):
       results["groups"] = group_results(w.groups, {
