@@ -130,6 +130,13 @@ def _labels(paths: list[str]) -> list[str]:
 
 
 # -- markdown ----------------------------------------------------------------------------
+def run_title(run: Run, runs: list[Run]) -> str:
+  """A run's row title: its config name, plus its directory label when another run has the
+  same name (e.g. one config run with two overrides)."""
+  twins = sum(r.name == run.name for r in runs)
+  return f"`{run.name}`" + (f" ({run.label})" if twins > 1 else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
           + ["| " + " | ".join(r) + " |" for r in rows])
@@ -184,7 +191,7 @@ def group_table(runs: list[Run]) -> list[str]:
     return (f"{pct(mean if isinstance(mean, (int, float)) else None)} "
             f"({DASH if paper is None else f'{paper:.1f}'})")
 
-  rows = [[f"`{r.name}`", r.mode or "?", *[cell(r, g) for g in names]] for r in grouped]
+  rows = [[run_title(r, grouped), r.mode or "?", *[cell(r, g) for g in names]] for r in grouped]
   return _table(["run", "training", *[f"`{g}` held-out QA (paper)" for g in names]],
                 rows) if rows else []
 
@@ -248,7 +255,7 @@ def token_table(runs: list[Run]) -> list[str]:
       return (f"{pct(get('single'))} / {pct(get('multi'))}"
               + (f" ({100 * share:.0f}% multi)" if share is not None else ""))
 
-    rows.append([f"`{r.name}`", arch_of(r), r.mode or "?", *[cell(a) for a in ATTRIBUTES],
+    rows.append([run_title(r, runs), arch_of(r), r.mode or "?", *[cell(a) for a in ATTRIBUTES],
                  cell("all")])
   if not rows:
     return []

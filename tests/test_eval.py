@@ -95,10 +95,12 @@ def test_qa_set_prompts_are_the_rendered_questions(world):
                                 prompts[[5, 0, 7], :sub.prompts(world.pad_id)[1].max()])
 
 
-def test_shared_prefix_generation_equals_recompute(world):
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_shared_prefix_generation_equals_recompute(world, attention):
   """Questions decoded with their attribute's prefix cached once give the tokens of full
-  recompute on the whole questions, with early stopping at EOT in both."""
-  model, params = make_model(world)
+  recompute on the whole questions, with early stopping at EOT in both; also through
+  `jax.nn.dot_product_attention` (the GPU path, which reads the head-major cache transposed)."""
+  model, params = make_model(world, attention=attention)
   qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
   order = np.argsort(qs.rest_lens_N, kind="stable")[::-1]       # longest rest first
   qs = qs.take(order)

@@ -276,3 +276,11 @@ def test_report_arch_and_token_tables(tmp_path):
           in text)
   assert ("| `gbert_single` | gbert | mixed | — | — | — | — | 50.0 / 25.0 (60% multi) | — | "
           "50.0 / 20.0 (90% multi) |" in text)
+  # two runs of one config (different overrides) are told apart by their directories
+  twin = tmp_path / "llama_single_wide"
+  twin.mkdir()
+  (twin / "config.json").write_text((tmp_path / "llama_single" / "config.json").read_text())
+  (twin / "results.json").write_text((tmp_path / "llama_single" / "results.json").read_text())
+  text, _ = report.build_report([runs[2], str(twin)], str(tmp_path / "twins.md"))
+  assert "| `llama_single` (llama_single) | llama |" in text
+  assert "| `llama_single` (llama_single_wide) | llama |" in text
