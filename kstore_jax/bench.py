@@ -188,7 +188,7 @@ def generation_flops(model_cfg, batches, max_new: int) -> tuple[float, float]:
   recompute = cached = 0.0
   for qs in batches:
     rows, width = qs.rest_NR.shape
-    whole = int((qs.prefix_lens_A[qs.attrs_N] + qs.rest_lens_N).max())
+    whole = int(qs.prompt_lens_N.max())
     recompute += max_new * rows * (whole + max_new) * (body + head)
     cached += (qs.prefix_AS.size + rows * (width - 1)) * body + max_new * rows * (body + head)
   return recompute, cached
@@ -221,8 +221,8 @@ def bench_eval(cfg) -> list[dict]:
       params = init(jax.random.PRNGKey(cfg.seed))
   w = exp.world
   people = np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
-  # The batches QA eval runs (qa_eval.qa_correct): questions in order of length, each batch
-  # padded to its longest. Both paths decode them with the same early stop at EOT.
+  # The batches QA eval runs (qa_eval.qa_correct: grouped by length). Both paths decode them
+  # with the same early stop at EOT.
   qs = qa_eval.qa_set(w, people)
   n_q = len(qs.attrs_N)
   batches = [b for _, _, b in qa_eval.length_batches(qs, EVAL_BATCH.value or cfg.eval.batch_size)]
@@ -230,8 +230,8 @@ def bench_eval(cfg) -> list[dict]:
   eot = w.renderer.eot_id
   kv_args, re_args = [], []
   for b in batches:
-    prefixes = generate.Prefixes(*map(jnp.asarray, (b.prefix_AS, b.prefix_lens_A, b.attrs_N)))
-    kv_args.append((jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new, eot, prefixes))
+    kv_args.append((jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new, eot,
+                    b.prefixes()))
     prompts, plens = b.prompts(w.pad_id)
     re_args.append((jnp.asarray(prompts), jnp.asarray(plens), max_new, eot))
   run = lambda fn, args: [fn(exp.model, params, *a) for a in args]
@@ -244,7 +244,7 @@ def bench_eval(cfg) -> list[dict]:
   ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
              params=int(count_params(params)), params_from=stage, questions=n_q,
              batches=len(batches), batch=int(batches[0].rest_NR.shape[0]),
-             prompt_len_mean=round(float(qs.prompts(w.pad_id)[1].mean()), 2),
+             prompt_len_mean=round(float(qs.prompt_lens_N.mean()), 2),
              rest_widths=[int(b.rest_NR.shape[1]) for b in batches], max_new=int(max_new),
              repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
              device=jax_device_kind(), cpus=os.cpu_count())

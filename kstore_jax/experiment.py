@@ -255,10 +255,11 @@ class Experiment:
     """QA accuracy on the first n people of each half (periodic eval during training)."""
     w = self.world
     out = {}
-    for half, people in (("train", w.train_people[:n]), ("test", w.test_people[:n])):
-      out[f"qa_{half}"] = qa_eval.evaluate_qa(self.model, params, w, people,
-                                              self.cfg.eval.batch_size)["mean"]
-    return out
+    halves = (("train", w.train_people[:n]), ("test", w.test_people[:n]))
+    parts = qa_eval.qa_correct_parts(self.model, params, w, [p for _, p in halves],
+                                     self.cfg.eval.batch_size)
+    return {f"qa_{half}": qa_eval.per_attribute(correct, attrs)["mean"]
+            for (half, _), (correct, attrs, _) in zip(halves, parts)}
 
   # -- evaluation ------------------------------------------------------------------------
   def evaluate(self) -> dict:
@@ -268,13 +269,8 @@ class Experiment:
     cap = cfg.eval.max_people or None
     results = self.read_results()
     test, train = w.test_people[:cap], w.train_people[:cap]
-    # Both halves in one pass: one set of batch shapes to compile (qa_correct's order is
-    # person-major, N_ATTR questions per person).
-    both_correct, both_attrs, both_alens = qa_eval.qa_correct(
-        self.model, params, w, np.concatenate([test, train]), cfg.eval.batch_size)
-    cut = len(test) * N_ATTR
-    correct, attrs, alens = both_correct[:cut], both_attrs[:cut], both_alens[:cut]
-    train_correct, train_attrs = both_correct[cut:], both_attrs[cut:]
+    (correct, attrs, alens), (train_correct, train_attrs, _) = qa_eval.qa_correct_parts(
+        self.model, params, w, [test, train], cfg.eval.batch_size)
     results["qa_test"] = qa_eval.per_attribute(correct, attrs)
     results["qa_test_by_tokens"] = qa_eval.by_answer_tokens(correct, attrs, alens)
     results["qa_train"] = qa_eval.per_attribute(train_correct, train_attrs)

@@ -106,9 +106,9 @@ def test_shared_prefix_generation_equals_recompute(world, attention):
   qs = qs.take(order)
   prompts, plens = qs.prompts(world.pad_id)
   eot, max_new = world.renderer.eot_id, qs.answers_NW.shape[1] + 2
-  prefixes = generate.Prefixes(*map(jnp.asarray, (qs.prefix_AS, qs.prefix_lens_A, qs.attrs_N)))
   shared = np.asarray(generate.generate(model, params, jnp.asarray(qs.rest_NR),
-                                        jnp.asarray(qs.rest_lens_N), max_new, eot, prefixes))
+                                        jnp.asarray(qs.rest_lens_N), max_new, eot,
+                                        qs.prefixes()))
   full = np.asarray(generate.generate_recompute(model, params, jnp.asarray(prompts),
                                                 jnp.asarray(plens), max_new, eot))
   np.testing.assert_array_equal(shared, full)
@@ -179,7 +179,9 @@ def memorised(world):
 
 def test_memorised_qa_scores_100(world, memorised):
   model, params = memorised
-  acc = qa_eval.evaluate_qa(model, params, world, np.arange(N_PEOPLE), batch_size=16)
+  correct, attrs, _ = qa_eval.qa_correct(model, params, world, np.arange(N_PEOPLE),
+                                        batch_size=16)
+  acc = qa_eval.per_attribute(correct, attrs)
   assert set(acc) == set(ATTRIBUTES) | {"mean"}
   assert acc["mean"] == 1.0, acc
 
@@ -235,3 +237,12 @@ def test_bench_eval_contract(tmp_path):
   r = subprocess.run(cmd + [f"--workdir={tmp_path / 'none'}"], cwd=root, capture_output=True,
                      text=True, timeout=120, check=False)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_qa_correct_parts_equals_separate_passes(world, memorised):
+  model, params = memorised
+  test, train = np.array([3, 1]), np.array([0, 2])
+  parts = qa_eval.qa_correct_parts(model, params, world, [test, train], batch_size=8)
+  for people, got in zip((test, train), parts):
+    for a, b in zip(got, qa_eval.qa_correct(model, params, world, people, batch_size=8)):
+      np.testing.assert_array_equal(a, b)

@@ -73,8 +73,8 @@ def generate(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id
     join = lambda axis: lambda mine, own: jnp.concatenate([mine[of_B], own], axis)
     cache = dict(k=tuple(map(join(2), shared["k"], cache["k"])),
                  v=tuple(map(join(2), shared["v"], cache["v"])),
-                 seg=join(1)(shared["seg"], cache["seg"]), pos=join(1)(shared["pos"], cache["pos"]),
-                 index=shared["index"])
+                 seg=join(1)(shared["seg"], cache["seg"]),
+                 pos=join(1)(shared["pos"], cache["pos"]), index=shared["index"])
     start_B = prefixes.lens_A[of_B]
   if P > 1:
     _, _, cache = apply(left_BP[:, :-1], start_B[:, None] + src_BP[:, :-1], valid_BP[:, :-1],

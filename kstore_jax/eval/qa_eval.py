@@ -34,10 +34,19 @@ class QASet(NamedTuple):
                          answers_NW=self.answers_NW[idx], alens_N=self.alens_N[idx],
                          attrs_N=self.attrs_N[idx])
 
+  @property
+  def prompt_lens_N(self) -> np.ndarray:
+    """Whole question lengths (prefix + rest)."""
+    return self.prefix_lens_A[self.attrs_N] + self.rest_lens_N
+
+  def prefixes(self) -> Prefixes:
+    """The shared prefixes as `generate` takes them (row i starts with prefix attrs_N[i])."""
+    return Prefixes(*map(jnp.asarray, (self.prefix_AS, self.prefix_lens_A, self.attrs_N)))
+
   def prompts(self, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Whole questions [N, P] right-padded with pad_id, and their lengths."""
     pl_N1 = self.prefix_lens_A[self.attrs_N][:, None]
-    lens_N = pl_N1[:, 0] + self.rest_lens_N
+    lens_N = self.prompt_lens_N
     cols_P = np.arange(lens_N.max())
     head = self.prefix_AS[self.attrs_N[:, None], np.minimum(cols_P, self.prefix_AS.shape[1] - 1)]
     tail = np.take_along_axis(self.rest_NR, np.clip(cols_P - pl_N1, 0,
@@ -100,8 +109,7 @@ def answer(model, params, world, qs: QASet, max_new: int) -> np.ndarray:
   the true answer has (EOT included), predicted at once."""
   rest = (model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N))
   if model.cfg.causal:
-    prefixes = Prefixes(*map(jnp.asarray, (qs.prefix_AS, qs.prefix_lens_A, qs.attrs_N)))
-    return np.asarray(generate(*rest, max_new, world.renderer.eot_id, prefixes))
+    return np.asarray(generate(*rest, max_new, world.renderer.eot_id, qs.prefixes()))
   prompts, plens = qs.prompts(world.pad_id)
   return np.asarray(fill_masks(model, params, jnp.asarray(prompts), jnp.asarray(plens),
                                jnp.asarray(qs.alens_N), world.renderer.token_id(MASK),
@@ -132,8 +140,17 @@ def length_batches(qs: QASet, batch_size: int, row_multiple: int = 64):
       yield rows, len(chunk), qs.take(rows)
 
 
+def qa_correct_parts(model, params, world, parts, batch_size: int = 512):
+  """qa_correct of each people array in `parts`, decoded in one pass (one set of batch shapes
+  to compile): a list of (correct, attributes, answer lengths), one per part."""
+  correct, attrs, alens = qa_correct(model, params, world, np.concatenate(parts), batch_size)
+  cuts = np.cumsum([len(p) * N_ATTR for p in parts])[:-1]   # N_ATTR questions per person
+  return list(zip(*(np.split(x, cuts) for x in (correct, attrs, alens))))
+
+
 def qa_correct(model, params, world, people, batch_size: int = 512, progress=None):
-  """(correct [n] bool, attributes [n], answer lengths [n] incl. EOT) for `people`'s QA."""
+  """(correct [n] bool, attributes [n], answer lengths [n] incl. EOT) for `people`'s QA
+  (person-major: N_ATTR questions per person)."""
   qs = qa_set(world, people)
   correct = np.zeros(len(qs.attrs_N), bool)
   for rows, n, batch in length_batches(qs, batch_size):
@@ -154,12 +171,6 @@ def by_group(groups, people, correct: np.ndarray, attrs: np.ndarray) -> dict[str
     if sel.any():
       out[g.name] = per_attribute(correct[sel], attrs[sel])
   return out
-
-
-def evaluate_qa(model, params, world, people, batch_size: int = 512, progress=None):
-  """Per-attribute exact-match accuracy of the answers for `people`, plus 'mean'."""
-  correct, attrs, _ = qa_correct(model, params, world, people, batch_size, progress)
-  return per_attribute(correct, attrs)
 
 
 def by_answer_tokens(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray) -> dict:
