@@ -261,6 +261,13 @@ class Transformer(nn.Module):
     return logits_BLV.astype(jnp.float32), hidden_BLD, cache
 
 
+def head_matrix(cfg: ModelConfig, params) -> jax.Array:
+  """The output projection [D, V] in the compute dtype, as `Transformer` applies it to the final
+  hidden states (the transposed embedding when tied)."""
+  head_DV = params["embed"]["embedding"].T if cfg.tie_embeddings else params["unembed"]["kernel"]
+  return head_DV.astype(DTYPES[cfg.dtype])
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
   """An empty KV cache of `length` columns: keys and values, one [B, H, T, Dh] array per layer
   (a tuple), each column's segment id (0 = empty) and position [B, T], and `index`, the first

@@ -8,6 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kstore_jax.model import transformer
+
+CHUNK_ROWS = 1024   # token rows per vocabulary chunk: [1024, V] f32 logits stay in cache
+
 
 def weighted_cross_entropy(logits_BLV, targets_BL, weights_BL):
   """Mean next-token cross entropy over positions with weight > 0; and the weight sum."""
@@ -16,14 +20,80 @@ def weighted_cross_entropy(logits_BLV, targets_BL, weights_BL):
   return (ce_BL * weights_BL).sum() / jnp.maximum(total, 1.0), total
 
 
+def _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN):
+  """Weighted CE sum of the output head over chunks [C, N] of positions, with its gradients
+  (d hidden, d head) computed in the same pass: each chunk's logits are made, soft-maxed and
+  turned into gradients while they are in cache, never written out whole. Every product is a
+  2-D matmul; the head's gradient contracts the chunk's rows in place (dot_general on dim 0 of
+  both: XLA:CPU runs `h.T @ g` through a transposed copy at ~2/3 the speed)."""
+  def chunk(dhead_DV, xs):
+    h_ND, t_N, w_N = xs
+    logits_NV = jnp.dot(h_ND, head_DV, preferred_element_type=jnp.float32)
+    top_N1 = logits_NV.max(-1, keepdims=True)
+    e_NV = jnp.exp(logits_NV - top_N1)
+    sum_N1 = e_NV.sum(-1, keepdims=True)
+    hit_NV = jax.lax.broadcasted_iota(jnp.int32, logits_NV.shape, 1) == t_N[:, None]
+    target_N = jnp.where(hit_NV, logits_NV, 0.0).sum(-1)
+    ce = ((top_N1[:, 0] + jnp.log(sum_N1[:, 0]) - target_N) * w_N).sum()
+    dlogits_NV = ((e_NV / sum_N1 - hit_NV) * w_N[:, None]).astype(h_ND.dtype)
+    dh_ND = jnp.dot(dlogits_NV, head_DV.T, preferred_element_type=jnp.float32)
+    dhead_DV = dhead_DV + jax.lax.dot_general(h_ND, dlogits_NV, (((0,), (0,)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+    return dhead_DV, (ce, dh_ND.astype(h_ND.dtype))
+
+  dhead_DV, (ce_C, dh_CND) = jax.lax.scan(
+      chunk, jnp.zeros(head_DV.shape, jnp.float32), (hidden_CND, targets_CN, weights_CN))
+  return ce_C.sum(), dh_CND, dhead_DV.astype(head_DV.dtype)
+
+
+@jax.custom_vjp
+def _chunked_ce_sum(hidden_CND, head_DV, targets_CN, weights_CN):
+  return _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN)[0]
+
+
+def _chunked_ce_fwd(hidden_CND, head_DV, targets_CN, weights_CN):
+  ce, dh_CND, dhead_DV = _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN)
+  return ce, (dh_CND, dhead_DV)
+
+
+def _chunked_ce_bwd(grads, g):
+  dh_CND, dhead_DV = grads
+  return g * dh_CND, g * dhead_DV, None, None
+
+
+_chunked_ce_sum.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
+def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL):
+  """`weighted_cross_entropy(hidden_BLD @ head_DV, ...)` without the [B, L, V] logits: the
+  positions go through the head in chunks of ~CHUNK_ROWS (whole batch rows times a slice of
+  positions, so a batch sharded over rows stays sharded), each chunk's gradients made while
+  its logits are in cache. Same value and gradients up to float summation order; at the tiny
+  CPU size the head's share of a train step falls by a third (BENCHMARKS.md)."""
+  b, l, d = hidden_BLD.shape
+  k = max(1, min(l, CHUNK_ROWS // b))
+  while l % k:
+    k -= 1
+  # [B, L, ...] -> [L/k, B*k, ...]: chunk c = positions [c*k, (c+1)*k) of every row
+  split = lambda x: jnp.moveaxis(x.reshape(b, l // k, k, *x.shape[2:]), 1, 0).reshape(
+      l // k, b * k, *x.shape[2:])
+  ce = _chunked_ce_sum(split(hidden_BLD), head_DV, split(targets_BL),
+                       split(weights_BL.astype(jnp.float32)))
+  total = weights_BL.sum()
+  return ce / jnp.maximum(total, 1.0), total
+
+
 def make_lm_loss(model, merge=None):
-  """LM loss of `model`; `merge(frozen, params)` builds effective params (LoRA), else params."""
+  """LM loss of `model`; `merge(frozen, params)` builds effective params (LoRA), else params.
+  The output head runs inside the loss (`head_cross_entropy`); the model's own logits are
+  unused and compiled away."""
 
   def loss_fn(params, frozen, batch):
     effective = params if merge is None else merge(frozen, params)
-    logits_BLV, _, _ = model.apply({"params": effective}, batch["inputs"], batch["positions"],
+    _, hidden_BLD, _ = model.apply({"params": effective}, batch["inputs"], batch["positions"],
                                    batch["segment_ids"])
-    loss, tokens = weighted_cross_entropy(logits_BLV, batch["targets"], batch["weights"])
+    loss, tokens = head_cross_entropy(hidden_BLD, transformer.head_matrix(model.cfg, effective),
+                                      batch["targets"], batch["weights"])
     return loss, {"loss_tokens": tokens}
 
   return loss_fn
