@@ -46,7 +46,9 @@ SCALES = {
         data=dict(n_people=500, seq_len=128), model=dict(size="tiny", rotary_fraction=0.5),
         **{s: dict(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100) for s in _CPU_STAGES},
         finetune=dict(steps=250, batch_size=16, lr=1e-3),
-        pprobe=dict(steps=200, batch_size=32), qprobe=dict(steps=300, batch_size=64),
+        # 200 P-probe steps at the paper's lr 1e-3 leave the heads untrained (train loss 3.3,
+        # every cell at baseline); at 1e-2 they fit and show the paper's picture (RESULTS.md)
+        pprobe=dict(steps=200, batch_size=32, lr=1e-2), qprobe=dict(steps=300, batch_size=64),
         train=dict(log_every=25, save_every=250)),
 }
 
