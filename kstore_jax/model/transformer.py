@@ -106,12 +106,16 @@ def einsum_attention(q_BLHD, k_BHTD, v_BHTD, mask_B1LT, causal_blocks: int = 1) 
                         preferred_element_type=jnp.float32)
     return o_BHLD / e_BHLT.sum(-1)[..., None]
 
-  n = causal_blocks if L % max(causal_blocks, 1) == 0 else 1
-  size = L // n
-  o_BHLD = jnp.concatenate([
-      attend(q_BHLD[:, :, j * size:(j + 1) * size], k_BHTD[:, :, :(j + 1) * size],
-             v_BHTD[:, :, :(j + 1) * size],
-             bias_B1LT[:, :, j * size:(j + 1) * size, :(j + 1) * size]) for j in range(n)], 2)
+  n = causal_blocks if causal_blocks > 1 and L % causal_blocks == 0 else 1
+  if n == 1:   # and whenever keys are not the queries' own positions (a KV cache)
+    o_BHLD = attend(q_BHLD, k_BHTD, v_BHTD, bias_B1LT)
+  else:
+    assert k_BHTD.shape[2] == L, "causal blocks need self-attention (T == L)"
+    size = L // n
+    o_BHLD = jnp.concatenate([
+        attend(q_BHLD[:, :, j * size:(j + 1) * size], k_BHTD[:, :, :(j + 1) * size],
+               v_BHTD[:, :, :(j + 1) * size],
+               bias_B1LT[:, :, j * size:(j + 1) * size, :(j + 1) * size]) for j in range(n)], 2)
   return o_BHLD.astype(q_BLHD.dtype).transpose(0, 2, 1, 3)
 
 
