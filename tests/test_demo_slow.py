@@ -1,4 +1,4 @@
-"""The README's demo end to end (~25 min on 2 cores): `bash launch/test.sh -m slow`."""
+"""The README's demo end to end (18–28 min on 2 cores): `bash launch/test.sh -m slow`."""
 
 import json
 import pathlib
