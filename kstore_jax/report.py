@@ -387,14 +387,18 @@ def plot_pprobe(run: Run, m, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6.2, 4.8))
   im = ax.imshow(100 * m, vmin=0, vmax=100, cmap="viridis")
   cols = list(ATTRIBUTES[:m.shape[1]]) + [str(j) for j in range(len(ATTRIBUTES), m.shape[1])]
-  ax.set_xticks(range(m.shape[1]), cols, rotation=30, ha="right")
+  base = run.results.get("probe_baseline") or {}   # majority class: what "above chance" means
+  cols = [c.replace("_", "\n", 1) + (f"\n[{100 * base[c]:.1f}]"
+                                     if isinstance(base.get(c), (int, float)) else "")
+          for c in cols]
+  ax.set_xticks(range(m.shape[1]), cols, fontsize=7)
   ax.set_yticks(range(m.shape[0]), [f"position {i + 1}" for i in range(m.shape[0])])
   for i in range(m.shape[0]):
     for j in range(m.shape[1]):
       ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=8,
               color="white" if m[i, j] < 0.6 else "black")
-  ax.set_xlabel("attribute predicted")
-  ax.set_ylabel("probed position (before attribute k's value)")
+  ax.set_xlabel("attribute predicted [majority baseline %]")
+  ax.set_ylabel("probed position (before the k-th sentence's value)")
   ax.set_title(f"P-probe accuracy (%): {run.name}")
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
