@@ -13,13 +13,6 @@ from kstore_jax.model import transformer
 CHUNK_ROWS = 1024   # token rows per vocabulary chunk: [1024, V] f32 logits stay in cache
 
 
-def weighted_cross_entropy(logits_BLV, targets_BL, weights_BL):
-  """Mean next-token cross entropy over positions with weight > 0; and the weight sum."""
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
-  total = weights_BL.sum()
-  return (ce_BL * weights_BL).sum() / jnp.maximum(total, 1.0), total
-
-
 def _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN):
   """Weighted CE sum of the output head over chunks [C, N] of positions, with its gradients
   (d hidden, d head) computed in the same pass: each chunk's logits are made, soft-maxed and
@@ -65,7 +58,8 @@ _chunked_ce_sum.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
 def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL):
-  """`weighted_cross_entropy(hidden_BLD @ head_DV, ...)` without the [B, L, V] logits: the
+  """Mean next-token cross entropy of the logits `hidden_BLD @ head_DV` over positions with
+  weight > 0, and the weight sum; without ever making the [B, L, V] logits: the
   positions go through the head in chunks of ~CHUNK_ROWS (whole batch rows times a slice of
   positions, so a batch sharded over rows stays sharded), each chunk's gradients made while
   its logits are in cache. Same value and gradients up to float summation order; at the tiny
