@@ -101,8 +101,10 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
   c.pretrain_mixed = stage(80_000, 96, 1e-3, 1000, 0.1)
   c.finetune = stage(50_000, 48, 3e-4, 0, 0.01, lora_rank=0, lora_embed_rank=0,
                      lora_alpha=1.0)
-  c.pprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=2)
-  c.qprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=16)
+  # head: 'linear' (the paper's classifier) | 'embedding' (class weights through the frozen
+  # embedding of each value's tokens; kstore_jax/model/probes.py)
+  c.pprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=2, head="linear")
+  c.qprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=16, head="linear")
 
   c.train = ml_collections.ConfigDict(dict(
       log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200))

@@ -336,7 +336,7 @@ def bench_probe(cfg) -> list[dict]:
     ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
                base_params=int(count_params(base)),
                probe_params=int(count_params(state["params"])), batch_size=sc.batch_size,
-               width=width, embed_rank=sc.embed_rank, steps=steps,
+               width=width, embed_rank=sc.embed_rank, head=sc.head, steps=steps,
                step_s=round(elapsed / steps, 4), warmup_s=round(warmup_s, 2),
                batch_render_s=round(data_s / steps, 4), loss=round(float(metrics["loss"]), 4),
                dtype=cfg.model.dtype, device=jax.devices()[0].device_kind, cpus=os.cpu_count())

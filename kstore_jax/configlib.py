@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from configs import base
+from kstore_jax.model.probes import HEADS as PROBE_HEADS
 from kstore_jax.model.transformer import DTYPES
 
 
@@ -207,6 +208,9 @@ def validate(cfg, n_devices: int) -> None:
     _require(st.steps >= 1, f"{s}.steps={st.steps} must be >= 1")
     _require(st.lr > 0, f"{s}.lr={st.lr} must be > 0")
     _require(0 <= st.warmup_steps, f"{s}.warmup_steps={st.warmup_steps} must be >= 0")
+    if s in ("pprobe", "qprobe"):
+      _require(st.head in PROBE_HEADS,
+               f"{s}.head={st.head!r} must be one of {'|'.join(PROBE_HEADS)}")
     _require(st.batch_size % (data * fsdp) == 0,
              f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "
              f"{data * fsdp} (mesh.data * mesh.fsdp)")

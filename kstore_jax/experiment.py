@@ -205,14 +205,20 @@ class Experiment:
     init = functools.partial(
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
-        classes=probes.n_classes())
+        classes=probes.n_classes(), head=sc.head)
     return loop.StageSpec(
-        stage, sc, probes.make_probe_loss(self.model), init, base,
+        stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)), init, base,
         data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
                                cfg.data.workers),
         positions_per_step=sc.batch_size * batches.width,
         flops_per_position=flops_per_token(self.model_cfg, batches.width),
         export=lambda p, f: p)
+
+  def class_tokens(self, stage: str):
+    """The embedding probe head's class value tokens (None for the linear head)."""
+    if self.cfg[stage].head == "embedding":
+      return probes.class_tokens(self.world.renderer)
+    return None
 
   def probe(self, stage: str) -> None:
     """Train (or resume) a probe on the QA-train half's people, score it on the test half."""
@@ -230,7 +236,8 @@ class Experiment:
     w = self.world
     test = probing.ProbeBatches(w, w.test_people[:self.cfg.eval.max_people or None], stage,
                                 self.cfg.eval.batch_size, probing.probe_width(w, stage), 0)
-    acc = jax.jit(functools.partial(probes.accuracy_matrix, self.model))
+    acc = jax.jit(functools.partial(probes.accuracy_matrix, self.model,
+                                    tokens=self.class_tokens(stage)))
     total, n = 0.0, 0
     for s in range(0, len(test.people), test.batch_size):
       idx = np.arange(s, min(s + test.batch_size, len(test.people)))

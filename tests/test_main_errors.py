@@ -80,6 +80,8 @@ BAD = {
                           ["data.tokenizer_path", "/nonexistent.json"]),
     "too_many_people": ([f"--config.data.n_people={half_name_space() + 1}"], 1,
                         ["data.n_people", "name space"]),
+    "probe_head": (["--config.stages=('pretrain','pprobe')", "--config.pprobe.head=mlp"], 1,
+                   ["pprobe.head", "'mlp'", "linear|embedding"]),
     "different_experiment": (["--config.data.n_people=120"], 1,
                              ["different experiment", "data.n_people"]),
 }

@@ -3,8 +3,18 @@
 The frozen base model reads the input through its embedding plus a low-rank update
 `embed_a @ embed_b` (rank 2 for P-probes, 16 for Q-probes; `embed_b` starts at zero, so training
 starts from the frozen model). At each probed position the final hidden state goes through a
-LayerNorm and one linear classifier per (position, attribute). Only the probe params train: the
-base params enter through `jax.lax.stop_gradient`.
+LayerNorm and one classifier per (position, attribute). Only the probe params train: the base
+params enter through `jax.lax.stop_gradient`.
+
+Two classifier heads (`<stage>.head`):
+- `linear` (the paper's): a weight vector and a bias per class, [D, C] per (position, attribute).
+- `embedding`: the same linear read-out with its [D, C] weights factored as M K^T: K [C, D]
+  holds the frozen model's input embedding of each class's value text (the mean over its
+  tokens, unit length), M [D, D] is learned (one per (position, attribute)); no bias. Every
+  class then gets its weights from what the probe learns about all of them; the linear head
+  must learn each class's weights from that class's own examples, which a few hundred
+  probe-training people do not give 200-300-class attributes (one or two examples per class
+  at the tiny scale; RESULTS.md, "Probes").
 
 Class sets: each attribute's values; company city = the HQ cities; birth date = the birth month
 (the first token of the date, 12 classes).
@@ -15,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kstore_jax.data.templates import ATTRIBUTES
+
+HEADS = ("linear", "embedding")
 
 
 def probe_labels(pop, people) -> np.ndarray:
@@ -30,16 +42,48 @@ def n_classes() -> list[int]:
           len(p.hq_cities)]
 
 
-def init(rng, vocab: int, d_model: int, embed_rank: int, n_positions: int, classes: list[int]):
+def class_tokens(renderer) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per attribute (model ids [C, T], 1 where a token is real [C, T]) of each class's value text
+  as bios render it (birth date: the month; company city: the HQ city)."""
+  firsts = [renderer.month0] + [renderer.value0[a] for a in ATTRIBUTES[1:]]
+  out = []
+  for first, c in zip(firsts, n_classes()):
+    pieces = first + np.arange(c)
+    lens = renderer.piece_len[pieces]
+    cols = np.arange(lens.max())
+    at = renderer.piece_start[pieces][:, None] + np.minimum(cols, lens[:, None] - 1)
+    out.append((renderer.piece_tokens[at].astype(np.int32), (cols < lens[:, None]).astype(np.float32)))
+  return out
+
+
+def class_vectors(base, tokens) -> list[jax.Array]:
+  """Per attribute [C, D]: the unit-length mean of the frozen input embedding over each class's
+  value tokens (`class_tokens`)."""
+  table_VD = jax.lax.stop_gradient(base["embed"]["embedding"]).astype(jnp.float32)
+  out = []
+  for ids_CT, real_CT in tokens:
+    mean_CD = (table_VD[ids_CT] * real_CT[..., None]).sum(1) / real_CT.sum(1, keepdims=True)
+    out.append(mean_CD / jnp.linalg.norm(mean_CD, axis=-1, keepdims=True))
+  return out
+
+
+def init(rng, vocab: int, d_model: int, embed_rank: int, n_positions: int, classes: list[int],
+         head: str = "linear"):
   k_embed, *k_heads = jax.random.split(rng, 1 + len(classes))
+  if head == "linear":
+    heads = [{"w": jax.random.normal(k, (n_positions, d_model, c), jnp.float32)
+                   / jnp.sqrt(d_model),
+              "b": jnp.zeros((n_positions, c), jnp.float32)} for k, c in zip(k_heads, classes)]
+  elif head == "embedding":   # class vectors have unit length: logits start at ~unit scale
+    heads = [{"m": jax.random.normal(k, (n_positions, d_model, d_model), jnp.float32)
+                   / jnp.sqrt(d_model)} for k in k_heads]
+  else:
+    raise ValueError(f"probe head {head!r}: expected one of {HEADS}")
   return {
       "embed_a": jax.random.normal(k_embed, (vocab, embed_rank), jnp.float32),
       "embed_b": jnp.zeros((embed_rank, d_model), jnp.float32),
       "ln": {"scale": jnp.ones((d_model,), jnp.float32), "bias": jnp.zeros((d_model,), jnp.float32)},
-      "heads": [{"w": jax.random.normal(k, (n_positions, d_model, c), jnp.float32)
-                      / jnp.sqrt(d_model),
-                 "b": jnp.zeros((n_positions, c), jnp.float32)}
-                for k, c in zip(k_heads, classes)],
+      "heads": heads,
   }
 
 
@@ -49,10 +93,20 @@ def _layer_norm(x, ln):
   return (x - mean) * jax.lax.rsqrt(var + 1e-6) * ln["scale"] + ln["bias"]
 
 
-def probe_apply(probe, hidden_BPD):
-  """Per attribute logits [B, P, C_a] from the hidden states at the P probed positions."""
+def probe_apply(probe, hidden_BPD, classes_CD=None):
+  """Per attribute logits [B, P, C_a] from the hidden states at the P probed positions;
+  `classes_CD` (`class_vectors`, per attribute) for the embedding head."""
   h = _layer_norm(hidden_BPD.astype(jnp.float32), probe["ln"])
-  return [jnp.einsum("bpd,pdc->bpc", h, head["w"]) + head["b"] for head in probe["heads"]]
+  return [jnp.einsum("bpe,ce->bpc", jnp.einsum("bpd,pde->bpe", h, head["m"]), classes_CD[a])
+          if "m" in head else jnp.einsum("bpd,pdc->bpc", h, head["w"]) + head["b"]
+          for a, head in enumerate(probe["heads"])]
+
+
+def probe_logits(model, base, probe, batch, tokens=None):
+  """Per attribute logits [B, P, C_a] of a batch; `tokens` = `class_tokens` for the embedding
+  head."""
+  classes = class_vectors(base, tokens) if tokens is not None else None
+  return probe_apply(probe, probed_hidden(model, base, probe, batch), classes)
 
 
 def probed_hidden(model, base, probe, batch):
@@ -77,11 +131,12 @@ def probed_hidden(model, base, probe, batch):
   return jnp.stack([hidden(cut(p))[rows, at_BP[:, p]] for p in range(at_BP.shape[1])], 1)
 
 
-def make_probe_loss(model):
-  """Mean cross entropy over positions x attributes; aux: accuracy."""
+def make_probe_loss(model, tokens=None):
+  """Mean cross entropy over positions x attributes; aux: accuracy. `tokens`: `class_tokens`
+  for the embedding head."""
 
   def loss_fn(probe, base, batch):
-    logits = probe_apply(probe, probed_hidden(model, base, probe, batch))
+    logits = probe_logits(model, base, probe, batch, tokens)
     labels = batch["labels"]                                   # [B, 6]
     ce, acc = [], []
     for a, lg in enumerate(logits):
@@ -94,8 +149,8 @@ def make_probe_loss(model):
   return loss_fn
 
 
-def accuracy_matrix(model, base, probe, batch) -> jax.Array:
+def accuracy_matrix(model, base, probe, batch, tokens=None) -> jax.Array:
   """[P, 6] accuracy of each (position, attribute) classifier on a batch."""
-  logits = probe_apply(probe, probed_hidden(model, base, probe, batch))
+  logits = probe_logits(model, base, probe, batch, tokens)
   return jnp.stack([(lg.argmax(-1) == batch["labels"][:, None, a]).mean(0)
                     for a, lg in enumerate(logits)], -1)
