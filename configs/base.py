@@ -47,8 +47,11 @@ SCALES = {
         **{s: dict(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100) for s in _CPU_STAGES},
         finetune=dict(steps=250, batch_size=16, lr=1e-3),
         # 200 P-probe steps at the paper's lr 1e-3 leave the heads untrained (train loss 3.3,
-        # every cell at baseline); at 1e-2 they fit and show the paper's picture (RESULTS.md)
-        pprobe=dict(steps=200, batch_size=32, lr=1e-2), qprobe=dict(steps=300, batch_size=64),
+        # every cell at baseline); at 1e-2 they fit and show the paper's picture. 250 probe
+        # people give one or two examples per class of the 200-300-class attributes: the
+        # embedding head reads them through the value tokens (RESULTS.md, "Probes")
+        pprobe=dict(steps=200, batch_size=32, lr=1e-2, head="embedding"),
+        qprobe=dict(steps=300, batch_size=64),
         train=dict(log_every=25, save_every=250)),
 }
 

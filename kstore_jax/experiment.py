@@ -220,6 +220,11 @@ class Experiment:
       return probes.class_tokens(self.world.renderer)
     return None
 
+  def probe_accuracy(self, stage: str):
+    """jitted (base, probe, batch) -> [P, 6] accuracy of the stage's probe on a batch."""
+    return jax.jit(functools.partial(probes.accuracy_matrix, self.model,
+                                     tokens=self.class_tokens(stage)))
+
   def probe(self, stage: str) -> None:
     """Train (or resume) a probe on the QA-train half's people, score it on the test half."""
     base = self.load_final(self.source_stage(stage, BASE_STAGES))
@@ -236,8 +241,7 @@ class Experiment:
     w = self.world
     test = probing.ProbeBatches(w, w.test_people[:self.cfg.eval.max_people or None], stage,
                                 self.cfg.eval.batch_size, probing.probe_width(w, stage), 0)
-    acc = jax.jit(functools.partial(probes.accuracy_matrix, self.model,
-                                    tokens=self.class_tokens(stage)))
+    acc = self.probe_accuracy(stage)
     total, n = 0.0, 0
     for s in range(0, len(test.people), test.batch_size):
       idx = np.arange(s, min(s + test.batch_size, len(test.people)))

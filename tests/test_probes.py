@@ -344,7 +344,7 @@ def train_probes(exp, base, stage, shifts=(0,)):
   init_state = jax.jit(lambda rng: (lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                                "opt_state": optimizer.init(p)})(
                                                    spec.init_params(rng)))
-  accuracy = jax.jit(functools.partial(probes.accuracy_matrix, exp.model))
+  accuracy = exp.probe_accuracy(stage)
   w = exp.world
   test = probing.ProbeBatches(w, w.test_people, stage, 0, probing.probe_width(w, stage), 0)
   test_batch = test.examples(np.arange(len(w.test_people))
