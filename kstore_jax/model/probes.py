@@ -52,7 +52,8 @@ def class_tokens(renderer) -> list[tuple[np.ndarray, np.ndarray]]:
     lens = renderer.piece_len[pieces]
     cols = np.arange(lens.max())
     at = renderer.piece_start[pieces][:, None] + np.minimum(cols, lens[:, None] - 1)
-    out.append((renderer.piece_tokens[at].astype(np.int32), (cols < lens[:, None]).astype(np.float32)))
+    out.append((renderer.piece_tokens[at].astype(np.int32),
+                (cols < lens[:, None]).astype(np.float32)))
   return out
 
 
