@@ -177,6 +177,22 @@ def test_labels_are_the_attribute_values():
     assert labels[person, 5] == p.company_hq[labels[person, 4]]
 
 
+def train_adam(loss_fn, probe, hidden_SNPD, labels_SNA, lr=1e-2):
+  """One Adam step per leading index of (hidden, labels), in one jitted scan: the trained probe
+  and the per-step losses of `loss_fn(probe, hidden, labels)`."""
+  opt = optax.adam(lr)
+
+  def body(carry, batch):
+    probe, opt_state = carry
+    loss, g = jax.value_and_grad(loss_fn)(probe, *batch)
+    updates, opt_state = opt.update(g, opt_state, probe)
+    return (optax.apply_updates(probe, updates), opt_state), loss
+
+  run = jax.jit(lambda p, h, y: jax.lax.scan(body, (p, opt.init(p)), (h, y)))
+  (probe, _), losses = run(probe, hidden_SNPD, labels_SNA)
+  return probe, losses
+
+
 # -- 3. a probe reads out a linearly encoded label ---------------------------------------------
 def test_probe_learns_linearly_encoded_labels():
   """Hidden states that encode the six labels linearly (one-hot codes of each attribute in its
@@ -208,17 +224,6 @@ def test_probe_learns_linearly_encoded_labels():
   k_probe = jax.random.key(0, impl="rbg")
   init = jax.jit(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
                                    n_positions=P, classes=classes))
-  opt = optax.adam(1e-2)
-
-  @jax.jit
-  def train(probe, hidden_SNPD, labels_SNA):
-    def body(carry, batch):
-      probe, opt_state = carry
-      loss, g = jax.value_and_grad(loss_fn)(probe, *batch)
-      updates, opt_state = opt.update(g, opt_state, probe)
-      return (optax.apply_updates(probe, updates), opt_state), loss
-    (probe, _), losses = jax.lax.scan(body, (probe, opt.init(probe)), (hidden_SNPD, labels_SNA))
-    return probe, losses
 
   @jax.jit
   def accuracy(probe, hidden, labels):                  # [P, 6]
@@ -228,8 +233,8 @@ def test_probe_learns_linearly_encoded_labels():
   steps, batch = 200, 128
   hidden, labels = sample(steps * batch)
   probe0 = init(k_probe)
-  probe, losses = train(probe0, hidden.reshape(steps, batch, P, D),
-                        labels.reshape(steps, batch, N_ATTR))
+  probe, losses = train_adam(loss_fn, probe0, hidden.reshape(steps, batch, P, D),
+                             labels.reshape(steps, batch, N_ATTR))
   assert losses[-1] < 0.1 * losses[0]
   test = sample(2000)                                   # held out: fresh draws
   acc = np.asarray(accuracy(probe, *test))
@@ -285,23 +290,15 @@ def test_embedding_head_reads_classes_through_their_values():
   def fit(head):
     probe = probes.init(jax.random.key(0, impl="rbg"), vocab=16, d_model=D, embed_rank=2,
                         n_positions=1, classes=[C] * N_ATTR, head=head)
-    opt = optax.adam(1e-2)
 
     def loss_fn(probe, hidden, labels):
       return jnp.mean(jnp.stack([
           optax.softmax_cross_entropy_with_integer_labels(lg[:, 0], labels[:, a]).mean()
           for a, lg in enumerate(probes.probe_apply(probe, hidden, classes_CD))]))
 
-    @jax.jit
-    def train(probe, hidden_SNPD, labels_SNA):
-      def body(carry, batch):
-        probe, opt_state = carry
-        updates, opt_state = opt.update(jax.grad(loss_fn)(probe, *batch), opt_state, probe)
-        return (optax.apply_updates(probe, updates), opt_state), None
-      return jax.lax.scan(body, (probe, opt.init(probe)), (hidden_SNPD, labels_SNA))[0][0]
-
     hidden, labels = train_set
-    probe = train(probe, hidden.reshape(300, 64, 1, D), labels.reshape(300, 64, N_ATTR))
+    probe, _ = train_adam(loss_fn, probe, hidden.reshape(300, 64, 1, D),
+                          labels.reshape(300, 64, N_ATTR))
     hidden, labels = unseen
     return np.array([(lg[:, 0].argmax(-1) == labels[:, a]).mean() for a, lg in
                      enumerate(probes.probe_apply(probe, jnp.asarray(hidden), classes_CD))])

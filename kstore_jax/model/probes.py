@@ -48,12 +48,8 @@ def class_tokens(renderer) -> list[tuple[np.ndarray, np.ndarray]]:
   firsts = [renderer.month0] + [renderer.value0[a] for a in ATTRIBUTES[1:]]
   out = []
   for first, c in zip(firsts, n_classes()):
-    pieces = first + np.arange(c)
-    lens = renderer.piece_len[pieces]
-    cols = np.arange(lens.max())
-    at = renderer.piece_start[pieces][:, None] + np.minimum(cols, lens[:, None] - 1)
-    out.append((renderer.piece_tokens[at].astype(np.int32),
-                (cols < lens[:, None]).astype(np.float32)))
+    ids_CT, lens_C = renderer.render((first + np.arange(c))[:, None], np.zeros(1, bool)).padded(0)
+    out.append((ids_CT, (np.arange(ids_CT.shape[1]) < lens_C[:, None]).astype(np.float32)))
   return out
 
 
