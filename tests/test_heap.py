@@ -26,7 +26,7 @@ print(kstore_jax.RETAINS_FREED_MEMORY, faults[1], faults[2])
 """
 
 glibc = pytest.mark.skipif(
-    platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc",
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="mallopt settings are glibc's")
 
 
