@@ -4,9 +4,9 @@ XLA:CPU allocates each executable's temporaries (1.2 GB for one `small` block's 
 backward, several GB for a train step) with malloc on every call and frees them after. glibc
 serves a request that large from a fresh anonymous mmap and unmaps it on free (a worker
 thread's arena falls back to mmap for anything above its 64 MB heap whatever the mmap
-threshold), so every step page-faults its whole working set in again (~325k faults for one `small` block) and the
-kernel zeroing each page, ~19% of a `small` train step on the 2-core CPU, 13% at tiny
-(BENCHMARKS.md).
+threshold), so every step page-faults its whole working set in again (~325k faults for one
+`small` block) and the kernel zeroes each page: ~19% of a `small` train step on the 2-core
+CPU, 13% at tiny (BENCHMARKS.md).
 
 `retain_freed_memory()` sets, through mallopt: one arena (threads share the main, brk-grown
 heap), no mmap for large blocks, no trimming of the heap's top. The process's resident size
