@@ -29,8 +29,9 @@ MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least t
 MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long")
 TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "train: timed steps (after 2 warm-up)")
 N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
-EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 200, "eval: people whose 6 QA prompts are "
-                                   "answered (held-out half first)")
+EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 0, "eval: people whose 6 QA prompts are "
+                                   "answered, held-out half first (0 = those the eval stage "
+                                   "answers: both halves, eval.max_people of each)")
 EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: questions per batch (0 = the "
                                   "config's eval.batch_size)")
 EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs of each, interleaved "
@@ -220,7 +221,8 @@ def bench_eval(cfg) -> list[dict]:
           exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
       params = init(jax.random.PRNGKey(cfg.seed))
   w = exp.world
-  people = np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
+  people = (np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
+            if EVAL_PEOPLE.value else np.concatenate(exp.eval_people()))
   # The batches QA eval runs (qa_eval.qa_correct: grouped by length). Both paths decode them
   # with the same early stop at EOT.
   qs = qa_eval.qa_set(w, people)

@@ -239,7 +239,7 @@ class Experiment:
     else:
       params = loop.run_stage(spec, self.cfg, self.workdir.file(stage), self.mesh)
     w = self.world
-    test = probing.ProbeBatches(w, w.test_people[:self.cfg.eval.max_people or None], stage,
+    test = probing.ProbeBatches(w, self.eval_people()[0], stage,
                                 self.cfg.eval.batch_size, probing.probe_width(w, stage), 0)
     acc = self.probe_accuracy(stage)
     total, n = 0.0, 0
@@ -273,13 +273,17 @@ class Experiment:
             for (half, _), (correct, attrs, _) in zip(halves, parts)}
 
   # -- evaluation ------------------------------------------------------------------------
+  def eval_people(self) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out and QA-train people the eval stage answers (eval.max_people of each)."""
+    cap = self.cfg.eval.max_people or None
+    return self.world.test_people[:cap], self.world.train_people[:cap]
+
   def evaluate(self) -> dict:
     cfg, w = self.cfg, self.world
     src = self.source_stage("eval", TRAIN_STAGES)
     params = self.load_final(src)
-    cap = cfg.eval.max_people or None
     results = self.read_results()
-    test, train = w.test_people[:cap], w.train_people[:cap]
+    test, train = self.eval_people()
     (correct, attrs, alens), (train_correct, train_attrs, _) = qa_eval.qa_correct_parts(
         self.model, params, w, [test, train], cfg.eval.batch_size)
     results["qa_test"] = qa_eval.per_attribute(correct, attrs)
@@ -291,8 +295,8 @@ class Experiment:
           "qa_train": qa_eval.by_group(w.groups, train, train_correct, train_attrs)})
     store = self.source_stage("eval", BASE_STAGES)
     store_params = params if store == src else self.load_final(store)
-    results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w,
-                                               w.test_people[:cap], cfg.eval.batch_size)
+    results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w, test,
+                                               cfg.eval.batch_size)
     results["evaluated_stage"] = src
     self.workdir.write_json("results.json", results)
     print(f"[eval] {src}: QA test {results['qa_test']['mean']:.3f} "

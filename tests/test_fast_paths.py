@@ -87,3 +87,28 @@ def test_causal_blocks_equal_full_attention(blocks):
   np.testing.assert_allclose(got_o, ref_o, rtol=1e-5, atol=1e-6)
   for g, r in zip(got_g, ref_g):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def rotary_reference(x_BLHD, positions_BL, rot_dim, base):
+  """NeoX rotary spelled out pair by pair: (x[i], x[i + half]) rotated by position * base^(-i /
+  half), the dims past rot_dim unchanged."""
+  half = rot_dim // 2
+  out = np.array(x_BLHD, np.float64)
+  for i in range(half):
+    angle = np.asarray(positions_BL, np.float64)[..., None] * base ** (-i / half)
+    x1, x2 = out[..., i].copy(), out[..., i + half].copy()
+    out[..., i] = x1 * np.cos(angle) - x2 * np.sin(angle)
+    out[..., i + half] = x2 * np.cos(angle) + x1 * np.sin(angle)
+  return out
+
+
+@pytest.mark.parametrize("head_dim,rot_dim", [(32, 16), (16, 16), (64, 16), (24, 10)])
+def test_rotary_tables_equal_pairwise_rotation(head_dim, rot_dim):
+  """The table form (x * cos + swapped halves * sin; a reshape-reversal swap when rot_dim
+  divides the head, a concatenation when not) is the pairwise rotation."""
+  x = jax.random.normal(jax.random.key(head_dim + rot_dim), (2, 5, 3, head_dim))
+  pos = jnp.array([[0, 1, 2, 3, 4], [7, 100, 0, 511, 3]])
+  tables = transformer.rotary_tables(pos, rot_dim, 10000.0, head_dim)
+  got = transformer.rotary(x, tables, rot_dim)
+  np.testing.assert_allclose(got, rotary_reference(x, pos, rot_dim, 10000.0), rtol=1e-4,
+                             atol=1e-4)

@@ -58,18 +58,40 @@ def _init(init_fn, *axes):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
-def rotary(x_BLHD: jax.Array, positions_BL: jax.Array, rot_dim: int, base: float) -> jax.Array:
-  """NeoX-style rotary embedding on the first `rot_dim` dims of each head."""
-  if rot_dim == 0:
-    return x_BLHD
+def rotary_tables(positions_BL: jax.Array, rot_dim: int, base: float, head_dim: int):
+  """NeoX rotary embedding as two [B, L, head_dim] f32 tables (cos, sin) such that
+  `rotary(x) = x * cos + swap_halves(x) * sin`: over the first rot_dim dims cos is each pair's
+  cosine and sin its sine, negated on the first half; past them 1 and 0 (dims left as they
+  are). Computed once per forward pass, shared by every layer's queries and keys."""
   half = rot_dim // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
-  cos, sin = jnp.cos(angle_BLK)[:, :, None], jnp.sin(angle_BLK)[:, :, None]
-  x_rot, x_pass = x_BLHD[..., :rot_dim].astype(jnp.float32), x_BLHD[..., rot_dim:]
-  x1, x2 = x_rot[..., :half], x_rot[..., half:]
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-  return jnp.concatenate([rotated.astype(x_BLHD.dtype), x_pass], -1)
+  cos_BLK, sin_BLK = jnp.cos(angle_BLK), jnp.sin(angle_BLK)
+  rest = jnp.zeros((*positions_BL.shape, head_dim - rot_dim), jnp.float32)
+  tables = (jnp.concatenate([cos_BLK, cos_BLK, rest + 1], -1),
+            jnp.concatenate([-sin_BLK, sin_BLK, rest], -1))
+  # The barrier keeps XLA from fusing (re-evaluating) cos and sin into every layer's rotary.
+  return jax.lax.optimization_barrier(tables)
+
+
+def swap_halves(x: jax.Array, rot_dim: int) -> jax.Array:
+  """x with the two halves of its first rot_dim trailing dims exchanged (the dims after them
+  come back unchanged or permuted: `rotary` multiplies them by 0)."""
+  D = x.shape[-1]
+  if D % rot_dim == 0:   # a reversal of a reshape: no concatenation (slow in XLA:CPU loops)
+    return jnp.flip(x.reshape(*x.shape[:-1], D // rot_dim, 2, rot_dim // 2), -2).reshape(x.shape)
+  half = rot_dim // 2
+  return jnp.concatenate([x[..., half:rot_dim], x[..., :half], x[..., rot_dim:]], -1)
+
+
+def rotary(x_BLHD: jax.Array, tables, rot_dim: int) -> jax.Array:
+  """NeoX-style rotary embedding on the first `rot_dim` dims of each head (`rotary_tables`):
+  each pair (x1, x2) = (x[i], x[i + rot_dim / 2]) becomes (x1 cos - x2 sin, x2 cos + x1 sin)."""
+  if rot_dim == 0:
+    return x_BLHD
+  cos_BL1D, sin_BL1D = (t[:, :, None] for t in tables)
+  x = x_BLHD.astype(jnp.float32)
+  return (x * cos_BL1D + swap_halves(x, rot_dim) * sin_BL1D).astype(x_BLHD.dtype)
 
 
 def attention_mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal: bool) -> jax.Array:
@@ -167,15 +189,15 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, layer=0):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
     proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
                              ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
     q_BLHD, k_BLHD, v_BLHD = (proj(n)(x_BLD) for n in ("query", "key", "value"))
-    q_BLHD = rotary(q_BLHD, positions_BL, cfg.rotary_dim, cfg.rotary_base)
-    k_BLHD = rotary(k_BLHD, positions_BL, cfg.rotary_dim, cfg.rotary_base)
+    q_BLHD = rotary(q_BLHD, rot, cfg.rotary_dim)
+    k_BLHD = rotary(k_BLHD, rot, cfg.rotary_dim)
     k_BHLD, v_BHLD = k_BLHD.transpose(0, 2, 1, 3), v_BLHD.transpose(0, 2, 1, 3)
     if cache is None:
       k_BHTD, v_BHTD, k_pos, k_seg = k_BHLD, v_BHLD, positions_BL, segment_ids_BL
@@ -232,10 +254,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, layer=0):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
     dtype = DTYPES[self.cfg.dtype]
     h_BLD, new_cache = Attention(self.cfg, name="attn")(
-        Norm(self.cfg.block, dtype, name="ln1")(x_BLD), positions_BL, segment_ids_BL,
+        Norm(self.cfg.block, dtype, name="ln1")(x_BLD), positions_BL, segment_ids_BL, rot,
         cache, layer)
     x_BLD = x_BLD + h_BLD
     x_BLD = x_BLD + Mlp(self.cfg, name="mlp")(Norm(self.cfg.block, dtype, name="ln2")(x_BLD))
@@ -267,8 +289,10 @@ class Transformer(nn.Module):
       cache = dict(cache, seg=jax.lax.dynamic_update_slice(cache["seg"], segment_ids_BL, at),
                    pos=jax.lax.dynamic_update_slice(cache["pos"], positions_BL, at))
     block = nn.remat(Block) if cfg.remat else Block
+    rot = rotary_tables(positions_BL, cfg.rotary_dim, cfg.rotary_base, cfg.head_dim)
     for i in range(cfg.num_layers):
-      x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, cache, i)
+      x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, rot,
+                                                  cache, i)
     if cache is not None:
       cache = dict(cache, index=cache["index"] + tokens_BL.shape[1])
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
