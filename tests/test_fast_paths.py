@@ -1,6 +1,7 @@
-"""The training step's fast paths equal the plain computations, in value and gradients: the
-chunked output-head loss (`step.head_cross_entropy`) vs cross entropy on the full logits, and
-causal attention in query blocks (`einsum_attention(causal_blocks=n)`) vs one block."""
+"""The model's and training step's fast paths equal the plain computations: the chunked
+output-head loss (`step.head_cross_entropy`) vs cross entropy on the full logits and causal
+attention in query blocks (`einsum_attention(causal_blocks=n)`) vs one block, in value and
+gradients; the table form of rotary (`rotary_tables`, `rotary`) vs the pairwise rotation."""
 
 import jax
 import jax.numpy as jnp
