@@ -289,7 +289,8 @@ class Transformer(nn.Module):
       cache = dict(cache, seg=jax.lax.dynamic_update_slice(cache["seg"], segment_ids_BL, at),
                    pos=jax.lax.dynamic_update_slice(cache["pos"], positions_BL, at))
     block = nn.remat(Block) if cfg.remat else Block
-    rot = rotary_tables(positions_BL, cfg.rotary_dim, cfg.rotary_base, cfg.head_dim)
+    rot = (rotary_tables(positions_BL, cfg.rotary_dim, cfg.rotary_base, cfg.head_dim)
+           if cfg.rotary_dim else None)   # no rotary: `rotary` returns its input
     for i in range(cfg.num_layers):
       x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, rot,
                                                   cache, i)
