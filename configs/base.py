@@ -99,8 +99,13 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       size="gpt2_small", **MODEL_SIZES["gpt2_small"], rotary_fraction=0.25,  # sizes: MODEL_SIZES
-      rotary_base=10000.0, block="gpt2", causal=True, dtype="float32", tie_embeddings=True,
-      remat=False, attention="auto"))
+      rotary_base=10000.0, block="gpt2", causal=True, tie_embeddings=True, remat=False,
+      # 'auto': float32 compute on CPU, bfloat16 on GPU/TPU (params and optimizer state stay
+      # float32; softmax, logits and the loss in float32)
+      dtype="auto",
+      # 'auto': einsum on CPU, pallas (flash, segment ids) on CUDA, splash on TPU; or one of
+      # kstore_jax/model/attention.py's IMPLEMENTATIONS
+      attention="auto"))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from configs import base
 from kstore_jax.model.probes import HEADS as PROBE_HEADS
+from kstore_jax.model import attention
 from kstore_jax.model.transformer import DTYPES
 
 
@@ -157,7 +158,7 @@ def _check_groups(d, stages: tuple[str, ...]) -> None:
   _require("pprobe" not in stages, f"stages: {PPROBE_GROUPS}")
 
 
-def validate(cfg, n_devices: int) -> None:
+def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   """Check the resolved config; raise ConfigError naming the first bad key."""
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
   _schema_check(cfg, base.get_config(cfg.scale))
@@ -188,9 +189,17 @@ def validate(cfg, n_devices: int) -> None:
            f"data.mlm.mask + data.mlm.random = {d.mlm.mask + d.mlm.random} must be <= 1")
   m = cfg.model
   _require(m.block in ("gpt2", "llama"), f"model.block={m.block!r} must be 'gpt2' or 'llama'")
-  _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {tuple(DTYPES)}")
-  _require(m.attention in ("auto", "einsum", "xla", "cudnn"),
-           f"model.attention={m.attention!r} must be auto|einsum|xla|cudnn")
+  _require(m.dtype == "auto" or m.dtype in DTYPES,
+           f"model.dtype={m.dtype!r} must be auto|{'|'.join(DTYPES)}")
+  _require(m.attention == "auto" or m.attention in attention.IMPLEMENTATIONS,
+           f"model.attention={m.attention!r} must be auto|{'|'.join(attention.IMPLEMENTATIONS)}")
+  if platform is None:
+    import jax
+    platform = attention.platform_of(jax.devices())
+  problem = attention.unsupported(
+      attention.resolve(m.attention, platform), attention.resolve_dtype(m.dtype, platform),
+      platform, d.seq_len)
+  _require(problem is None, f"model.attention={m.attention!r}: {problem}")
   for k in ("num_layers", "num_heads", "d_model", "d_ff"):
     _require(m[k] >= 1, f"model.{k}={m[k]} must be >= 1")
   _require(m.d_model % m.num_heads == 0,

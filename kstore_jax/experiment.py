@@ -20,7 +20,7 @@ from kstore_jax.data import pipeline, probing, world as world_lib
 from kstore_jax.data.render import N_ATTR
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import qa_eval
-from kstore_jax.model import lora as lora_lib, probes
+from kstore_jax.model import attention as attention_lib, lora as lora_lib, probes
 from kstore_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
 
@@ -106,7 +106,7 @@ def _flatten(d, prefix=""):
 class Experiment:
   """Config + world + model + mesh; runs stages."""
 
-  def __init__(self, cfg, tokenizer, workdir: Workdir):
+  def __init__(self, cfg, tokenizer, workdir: Workdir, platform: str | None = None):
     self.cfg, self.workdir = cfg, workdir
     self.world = world_lib.build_world(cfg, tokenizer)
     # next-token rows: a document of T tokens takes T-1 positions; masked-LM rows (GBERT): T
@@ -115,9 +115,13 @@ class Experiment:
       raise configlib.ConfigError(
           f"data.seq_len={cfg.data.seq_len} is shorter than the longest document "
           f"({longest} positions)")
-    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer))
-    self.model = Transformer(self.model_cfg)
     self.mesh = sharding.make_mesh(cfg.mesh)
+    # `auto` dtype and attention are decided for the platform the mesh's devices are on, or
+    # for `platform` when the caller lowers for another one (bench lower)
+    self.platform = platform or attention_lib.platform_of(self.mesh.devices.flat)
+    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer),
+                                             self.platform)
+    self.model = Transformer(self.model_cfg)
 
   @functools.cached_property
   def model_abstract(self):

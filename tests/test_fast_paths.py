@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from kstore_jax.model import transformer
+from kstore_jax.model import attention, transformer
 from kstore_jax.train import step
 
 
@@ -72,12 +72,12 @@ def test_causal_blocks_equal_full_attention(blocks):
   q, kk, v = (jax.random.normal(k[i], (b, l, h, d)) for i in range(3))
   seg = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0], [1, 2, 3, 3, 3, 3, 3, 4]])
   pos = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 0], [0, 0, 0, 1, 2, 3, 4, 0]])
-  mask = transformer.attention_mask(pos, seg, pos, seg, causal=True)
+  mask = attention.mask(pos, seg, pos, seg, causal=True)
   live = (seg > 0)[:, :, None, None]
 
   def out(n):
     def f(q, kk, v):
-      o = transformer.einsum_attention(q, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+      o = attention.einsum_attention(q, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                                        mask, causal_blocks=n)
       return (jnp.where(live, o, 0.0) * jnp.arange(1.0, d + 1)).sum(), o
     (val, o), grads = jax.value_and_grad(f, (0, 1, 2), has_aux=True)(q, kk, v)

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CAUSAL_BLOCKS = 4   # einsum_attention's query blocks in causal self-attention (training)
+from kstore_jax.model import attention as attention_lib
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -33,10 +34,11 @@ class ModelConfig:
   rotary_base: float = 10000.0
   block: str = "gpt2"            # 'gpt2' | 'llama'
   causal: bool = True
-  dtype: str = "float32"
+  dtype: str = "float32"         # compute dtype (resolved: not 'auto'); params stay float32
   tie_embeddings: bool = True
   remat: bool = False
-  attention: str = "auto"        # 'auto' (einsum on CPU) | 'einsum' | 'xla' | 'cudnn'
+  attention: str = "einsum"      # an `attention.IMPLEMENTATIONS` name (resolved: not 'auto')
+  platform: str = "cpu"          # what the model is lowered for: cpu | cuda | rocm | tpu
 
   @property
   def head_dim(self) -> int:
@@ -49,9 +51,14 @@ class ModelConfig:
     return int(self.head_dim * frac) // 2 * 2
 
   @classmethod
-  def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields if k in model_cfg})
+  def from_config(cls, model_cfg, vocab_size: int, platform: str) -> "ModelConfig":
+    """The model of config section `model_cfg` lowered for `platform`: `auto` dtype and
+    attention resolved for it (`attention.resolve_dtype`, `attention.resolve`)."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform"}
+    kw = {k: model_cfg[k] for k in fields if k in model_cfg}
+    kw["dtype"] = attention_lib.resolve_dtype(kw.get("dtype", "auto"), platform)
+    kw["attention"] = attention_lib.resolve(kw.get("attention", "auto"), platform)
+    return cls(vocab_size=vocab_size, platform=platform, **kw)
 
 
 def _init(init_fn, *axes):
@@ -92,53 +99,6 @@ def rotary(x_BLHD: jax.Array, tables, rot_dim: int) -> jax.Array:
   cos_BL1D, sin_BL1D = (t[:, :, None] for t in tables)
   x = x_BLHD.astype(jnp.float32)
   return (x * cos_BL1D + swap_halves(x, rot_dim) * sin_BL1D).astype(x_BLHD.dtype)
-
-
-def attention_mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal: bool) -> jax.Array:
-  """[B, 1, L, T] bool: same (non-padding) segment, and key position <= query position."""
-  mask = (q_seg_BL[:, :, None] == k_seg_BT[:, None, :]) & (k_seg_BT[:, None, :] > 0)
-  if causal:
-    mask &= k_pos_BT[:, None, :] <= q_pos_BL[:, :, None]
-  return mask[:, None]
-
-
-def einsum_attention(q_BLHD, k_BHTD, v_BHTD, mask_B1LT, causal_blocks: int = 1) -> jax.Array:
-  """Softmax attention as two head-major batched matmuls (the CPU default); keys and values
-  come head-major (the KV cache stores them so).
-
-  XLA:CPU runs `jax.nn.dot_product_attention`'s [B, L, H, D] einsums and its masked softmax
-  through transposed copies of the [B, H, L, T] scores in the backward pass; transposing q, k, v
-  (small) to [B, H, ., D] instead, adding the mask as a bias and normalising after the value
-  matmul halves attention's forward+backward time at the `small` size (BENCHMARKS.md).
-  Rows with no visible key (padding) get a finite, unused output.
-
-  causal_blocks = n > 1 (causal self-attention, query i = key i): the queries go in n blocks,
-  block j against keys [0, (j + 1) L / n) only, skipping the key blocks causality masks anyway
-  (n = 4: 10/16 of the score work).
-  """
-  L = q_BLHD.shape[1]
-  q_BHLD = q_BLHD.transpose(0, 2, 1, 3)
-  q_BHLD = q_BHLD * jnp.asarray(1.0 / math.sqrt(q_BLHD.shape[-1]), q_BLHD.dtype)
-  bias_B1LT = jnp.where(mask_B1LT, 0.0, -1e30)
-
-  def attend(q, k, v, bias):
-    s_BHLT = jnp.einsum("bhld,bhtd->bhlt", q, k, preferred_element_type=jnp.float32) + bias
-    e_BHLT = jnp.exp(s_BHLT - jax.lax.stop_gradient(s_BHLT.max(-1, keepdims=True)))
-    o_BHLD = jnp.einsum("bhlt,bhtd->bhld", e_BHLT.astype(v.dtype), v,
-                        preferred_element_type=jnp.float32)
-    return o_BHLD / e_BHLT.sum(-1)[..., None]
-
-  n = causal_blocks if causal_blocks > 1 and L % causal_blocks == 0 else 1
-  if n == 1:   # and whenever keys are not the queries' own positions (a KV cache)
-    o_BHLD = attend(q_BHLD, k_BHTD, v_BHTD, bias_B1LT)
-  else:
-    assert k_BHTD.shape[2] == L, "causal blocks need self-attention (T == L)"
-    size = L // n
-    o_BHLD = jnp.concatenate([
-        attend(q_BHLD[:, :, j * size:(j + 1) * size], k_BHTD[:, :, :(j + 1) * size],
-               v_BHTD[:, :, :(j + 1) * size],
-               bias_B1LT[:, :, j * size:(j + 1) * size, :(j + 1) * size]) for j in range(n)], 2)
-  return o_BHLD.astype(q_BLHD.dtype).transpose(0, 2, 1, 3)
 
 
 class Norm(nn.Module):
@@ -198,34 +158,26 @@ class Attention(nn.Module):
     q_BLHD, k_BLHD, v_BLHD = (proj(n)(x_BLD) for n in ("query", "key", "value"))
     q_BLHD = rotary(q_BLHD, rot, cfg.rotary_dim)
     k_BLHD = rotary(k_BLHD, rot, cfg.rotary_dim)
-    k_BHLD, v_BHLD = k_BLHD.transpose(0, 2, 1, 3), v_BLHD.transpose(0, 2, 1, 3)
     if cache is None:
-      k_BHTD, v_BHTD, k_pos, k_seg = k_BHLD, v_BHLD, positions_BL, segment_ids_BL
+      out_BLHD = attention_lib.self_attention(
+          cfg.attention, q_BLHD, k_BLHD, v_BLHD, positions_BL, segment_ids_BL, cfg.causal,
+          interpret=cfg.platform == "cpu")
     else:
       # Write this call's keys/values at columns [index, index + L) of this layer's head-major
       # cache: one dynamic-update-slice, the same columns for every row, done in place (each
       # layer's cache is its own buffer, threaded through the decode loop and read by the
       # attention matmuls directly, never sliced or copied). Attend to every column; unwritten
       # ones have segment 0.
+      k_BHLD, v_BHLD = k_BLHD.transpose(0, 2, 1, 3), v_BLHD.transpose(0, 2, 1, 3)
       at = (0, 0, cache["index"], 0)
       k_BHTD, v_BHTD = (jax.lax.dynamic_update_slice(cache[n][layer],
                                                      x.astype(cache[n][layer].dtype), at)
                         for n, x in (("k", k_BHLD), ("v", v_BHLD)))
       put = lambda layers, x: layers[:layer] + (x,) + layers[layer + 1:]
       cache = dict(cache, k=put(cache["k"], k_BHTD), v=put(cache["v"], v_BHTD))
-      k_pos, k_seg = cache["pos"], cache["seg"]
-    mask = attention_mask(positions_BL, segment_ids_BL, k_pos, k_seg, cfg.causal)
-    k_BHTD, v_BHTD = k_BHTD.astype(dtype), v_BHTD.astype(dtype)
-    impl = cfg.attention
-    if impl == "auto":
-      impl = "einsum" if jax.default_backend() == "cpu" else None
-    if impl == "einsum":
-      out_BLHD = einsum_attention(q_BLHD, k_BHTD, v_BHTD, mask,
-                                  CAUSAL_BLOCKS if cfg.causal and cache is None else 1)
-    else:
-      out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BHTD.transpose(0, 2, 1, 3),
-                                              v_BHTD.transpose(0, 2, 1, 3), mask=mask,
-                                              implementation=impl)
+      out_BLHD = attention_lib.cached_attention(
+          cfg.attention, q_BLHD, k_BHTD.astype(dtype), v_BHTD.astype(dtype), positions_BL,
+          segment_ids_BL, cache["pos"], cache["seg"], cfg.causal)
     out_BLD = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
                    ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
                    dtype, name="out")(out_BLHD)

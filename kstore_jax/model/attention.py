@@ -1,0 +1,230 @@
+"""Softmax attention over packed documents, one function per implementation.
+
+Every implementation computes, per head, softmax(q·kᵀ/√K + mask)·v where a query sees a key
+when both are in the same document (segment id, 0 = padding, never seen) and, if causal, the
+key's position is not after the query's. They differ in how:
+
+| name     | where                 | how                                                        |
+|----------|-----------------------|------------------------------------------------------------|
+| `einsum` | any (CPU default)     | two head-major batched matmuls, causal query blocks        |
+| `xla`    | any                   | `jax.nn.dot_product_attention(implementation='xla')`: the  |
+|          |                       | [B, H, L, T] scores written out                            |
+| `pallas` | CUDA (GPU default)    | jax's Pallas/Triton flash kernel with segment ids; CPU runs |
+|          |                       | it in interpret mode (tests)                               |
+| `cudnn`  | CUDA, Hopper, bf16    | cuDNN flash attention, packed layout (per-document offsets) |
+| `splash` | TPU (TPU default)     | Pallas splash attention with segment ids; CPU: interpret   |
+
+The flash kernels (`pallas`, `cudnn`, `splash`) never write the scores; they take causal
+self-attention over packed rows (documents left to right, positions restarting at 0, so the
+column order is the position order within a document). Calls with a KV cache (decoding) use
+`einsum` on CPU and `xla` elsewhere: one query row against the cache is small.
+
+`resolve(attention, platform)` turns `auto` into a name for a platform (`cpu`, `cuda`, `rocm`,
+`tpu`) chosen by the caller at lowering time, so a CPU host can build what a GPU would run.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+CAUSAL_BLOCKS = 4   # einsum_attention's query blocks in causal self-attention (training)
+
+IMPLEMENTATIONS = ("einsum", "xla", "pallas", "cudnn", "splash")
+FLASH = ("pallas", "cudnn", "splash")     # self-attention kernels that never write scores
+DEFAULT = {"cpu": "einsum", "cuda": "pallas", "rocm": "xla", "tpu": "splash"}
+# Where each kernel can run (CPU: Pallas interpret mode, for tests; slow).
+RUNS_ON = {"einsum": ("cpu", "cuda", "rocm", "tpu"), "xla": ("cpu", "cuda", "rocm", "tpu"),
+           "pallas": ("cuda", "cpu"), "cudnn": ("cuda",), "splash": ("tpu", "cpu")}
+HALF_ONLY = ("cudnn",)   # kernels that need a 16-bit compute dtype
+
+
+def platform_of(devices) -> str:
+  """The lowering platform name of a device list (jax calls CUDA devices `gpu`)."""
+  p = devices[0].platform
+  if p == "gpu":
+    return "rocm" if "rocm" in devices[0].client.platform_version.lower() else "cuda"
+  return p
+
+
+def resolve(attention: str, platform: str) -> str:
+  """`auto` -> the platform's default implementation; other names pass through."""
+  return DEFAULT.get(platform, "xla") if attention == "auto" else attention
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """`auto` -> float32 on CPU (no bf16 matrix units), bfloat16 on GPU/TPU."""
+  if dtype != "auto":
+    return dtype
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | None:
+  """Why `impl` (resolved) cannot run with compute `dtype` on `platform` for rows of seq_len
+  positions, in a few words; None when it can."""
+  if platform not in RUNS_ON[impl]:
+    return f"{impl} runs on {'|'.join(RUNS_ON[impl])}, not {platform}"
+  if impl in HALF_ONLY and dtype == "float32":
+    return f"{impl} needs model.dtype bfloat16 or float16, not float32"
+  if impl == "pallas" and seq_len % min(64, seq_len):
+    return f"pallas needs data.seq_len={seq_len} to be a multiple of 64"
+  if impl == "splash" and (seq_len % 128 or seq_len % min(512, seq_len)):
+    return (f"splash needs data.seq_len={seq_len} to be a multiple of 128 (and of 512 above "
+            f"512)")
+  return None
+
+
+def mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal: bool) -> jax.Array:
+  """[B, 1, L, T] bool: same (non-padding) segment, and key position <= query position."""
+  m = (q_seg_BL[:, :, None] == k_seg_BT[:, None, :]) & (k_seg_BT[:, None, :] > 0)
+  if causal:
+    m &= k_pos_BT[:, None, :] <= q_pos_BL[:, :, None]
+  return m[:, None]
+
+
+def einsum_attention(q_BLHK, k_BHTK, v_BHTK, mask_B1LT, causal_blocks: int = 1) -> jax.Array:
+  """Softmax attention as two head-major batched matmuls (the CPU default); keys and values
+  come head-major (the KV cache stores them so).
+
+  XLA:CPU runs `jax.nn.dot_product_attention`'s [B, L, H, K] einsums and its masked softmax
+  through transposed copies of the [B, H, L, T] scores in the backward pass; transposing q, k, v
+  (small) to [B, H, ., K] instead, adding the mask as a bias and normalising after the value
+  matmul halves attention's forward+backward time at the `small` size (BENCHMARKS.md).
+  Rows with no visible key (padding) get a finite, unused output.
+
+  causal_blocks = n > 1 (causal self-attention, query i = key i): the queries go in n blocks,
+  block j against keys [0, (j + 1) L / n) only, skipping the key blocks causality masks anyway
+  (n = 4: 10/16 of the score work).
+  """
+  L = q_BLHK.shape[1]
+  q_BHLK = q_BLHK.transpose(0, 2, 1, 3)
+  q_BHLK = q_BHLK * jnp.asarray(1.0 / math.sqrt(q_BLHK.shape[-1]), q_BLHK.dtype)
+  bias_B1LT = jnp.where(mask_B1LT, 0.0, -1e30)
+
+  def attend(q, k, v, bias):
+    s_BHLT = jnp.einsum("bhlk,bhtk->bhlt", q, k, preferred_element_type=jnp.float32) + bias
+    e_BHLT = jnp.exp(s_BHLT - jax.lax.stop_gradient(s_BHLT.max(-1, keepdims=True)))
+    o_BHLK = jnp.einsum("bhlt,bhtk->bhlk", e_BHLT.astype(v.dtype), v,
+                        preferred_element_type=jnp.float32)
+    return o_BHLK / e_BHLT.sum(-1)[..., None]
+
+  n = causal_blocks if causal_blocks > 1 and L % causal_blocks == 0 else 1
+  if n == 1:   # and whenever keys are not the queries' own positions (a KV cache)
+    o_BHLK = attend(q_BHLK, k_BHTK, v_BHTK, bias_B1LT)
+  else:
+    assert k_BHTK.shape[2] == L, "causal blocks need self-attention (T == L)"
+    size = L // n
+    o_BHLK = jnp.concatenate([
+        attend(q_BHLK[:, :, j * size:(j + 1) * size], k_BHTK[:, :, :(j + 1) * size],
+               v_BHTK[:, :, :(j + 1) * size],
+               bias_B1LT[:, :, j * size:(j + 1) * size, :(j + 1) * size]) for j in range(n)], 2)
+  return o_BHLK.astype(q_BLHK.dtype).transpose(0, 2, 1, 3)
+
+
+def xla_attention(q_BLHK, k_BHTK, v_BHTK, mask_B1LT) -> jax.Array:
+  """jax's XLA attention (scores written out), for any mask: decoding against a KV cache on
+  accelerators, and a reference point for the flash kernels."""
+  return jax.nn.dot_product_attention(q_BLHK, k_BHTK.transpose(0, 2, 1, 3),
+                                      v_BHTK.transpose(0, 2, 1, 3), mask=mask_B1LT,
+                                      implementation="xla")
+
+
+# -- flash kernels: causal (or bidirectional) self-attention over packed rows --------------------
+def pallas_block_sizes(L: int):
+  """Tiles of the Pallas/Triton kernel for rows of L positions (head dims up to 128): 64-row
+  query and key tiles in every pass (the library's 32-row backward tiles leave an H100/H200
+  underfed at head dim 64); at most L."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+  b = min(64, L)
+  return pallas_gpu.BlockSizes(block_q=b, block_k=b, block_q_dkv=b, block_kv_dkv=b,
+                               block_q_dq=b, block_kv_dq=b)
+
+
+def pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool,
+                     block_sizes=None) -> jax.Array:
+  """jax's Pallas flash attention for GPUs (Triton) with segment ids; `interpret` runs it as
+  plain jax ops (CPU tests). Padding (segment 0) attends to padding: its outputs are unused."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+  L = q_BLHK.shape[1]
+  return pallas_gpu.mha(q_BLHK, k_BLHK, v_BLHK, seg_BL.astype(jnp.int32),
+                        sm_scale=1.0 / math.sqrt(q_BLHK.shape[-1]), causal=causal,
+                        block_sizes=block_sizes or pallas_block_sizes(L), interpret=interpret)
+
+
+def packed_offsets(seg_BL, max_docs: int):
+  """(lengths, offsets) of the documents of each row in cuDNN's packed layout: [B, M] lengths
+  and [B, M + 1] first columns of documents 1..M, -1 where a row has fewer. Documents are the
+  row's segments 1, 2, ... laid out left to right from column 0 (PackedChunks' rows)."""
+  ids = jnp.arange(1, max_docs + 1, dtype=seg_BL.dtype)
+  lengths_BM = (seg_BL[:, None, :] == ids[None, :, None]).sum(-1, dtype=jnp.int32)
+  starts_BM = jnp.cumsum(lengths_BM, -1) - lengths_BM
+  present = lengths_BM > 0
+  lengths_BM = jnp.where(present, lengths_BM, -1)
+  offsets_BM = jnp.where(present, starts_BM, -1)
+  offsets_BM1 = jnp.concatenate([offsets_BM, jnp.full_like(offsets_BM[:, :1], -1)], -1)
+  return lengths_BM, offsets_BM1
+
+
+def cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, max_docs: int) -> jax.Array:
+  """cuDNN flash attention (bf16/fp16, Hopper) in the packed layout: per-row document lengths
+  and offsets instead of a mask, so no [B, H, L, T] bias is built or differentiated. Reaches
+  into jax's cuDNN module (the public `jax.nn.dot_product_attention` has no packed-document
+  argument); padding columns get no document and an unused output."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  lengths_BM, offsets_BM1 = packed_offsets(seg_BL, max_docs)
+  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  return cudnn.dot_product_attention(
+      q_BLHK, k_BLHK, v_BLHK, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
+      q_offsets=offsets_BM1, kv_offsets=offsets_BM1,
+      scale=1.0 / math.sqrt(q_BLHK.shape[-1]), mask_type=mask_type, qkv_layout="BTNH")
+
+
+def _splash_kernel(num_heads: int, L: int, causal: bool, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  head = masks.CausalMask((L, L)) if causal else masks.FullMask((L, L))
+  b = min(512, L)
+  sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  return splash.make_splash_mha(masks.MultiHeadMask([head] * num_heads), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool):
+  """Pallas splash attention (TPU) with segment ids; vmapped over rows (the kernel takes one
+  row's [H, L, K]). Padding attends to padding: unused outputs, and no row without a key."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  B, L, H, K = q_BLHK.shape
+  kernel = _splash_kernel(H, L, causal, interpret)
+  scaled_BLHK = q_BLHK * jnp.asarray(1.0 / math.sqrt(K), q_BLHK.dtype)
+  seg_BL = seg_BL.astype(jnp.int32)
+  one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+  out_BHLK = jax.vmap(one)(*(x.transpose(0, 2, 1, 3) for x in (scaled_BLHK, k_BLHK, v_BLHK)),
+                           seg_BL)
+  return out_BHLK.transpose(0, 2, 1, 3)
+
+
+def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bool,
+                   interpret: bool = False) -> jax.Array:
+  """Attention of a packed batch over itself (training, prefill without a cache) by `impl`."""
+  if impl == "pallas":
+    return pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
+  if impl == "cudnn":
+    return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, max_docs=q_BLHK.shape[1])
+  if impl == "splash":
+    return splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
+  k_BHTK, v_BHTK = k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3)
+  m = mask(pos_BL, seg_BL, pos_BL, seg_BL, causal)
+  if impl == "xla":
+    return xla_attention(q_BLHK, k_BHTK, v_BHTK, m)
+  return einsum_attention(q_BLHK, k_BHTK, v_BHTK, m, CAUSAL_BLOCKS if causal else 1)
+
+
+def cached_attention(impl: str, q_BLHK, k_BHTK, v_BHTK, q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT,
+                     causal: bool) -> jax.Array:
+  """Attention of L new queries against a KV cache's columns (decoding): `einsum` stays
+  `einsum`, anything else runs jax's XLA attention."""
+  m = mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal)
+  if impl == "einsum":
+    return einsum_attention(q_BLHK, k_BHTK, v_BHTK, m)
+  return xla_attention(q_BLHK, k_BHTK, v_BHTK, m)

@@ -1,0 +1,171 @@
+"""Every attention implementation against a plain NumPy softmax(q·kᵀ/√K + mask)·v written
+here (forward and, by hand, backward), on packed rows: several documents per row, positions
+restarting at 0, padding at the end; and against KV-cache columns for decoding. The Pallas
+kernels (GPU flash, TPU splash) run in interpret mode on the CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kstore_jax.model import attention
+
+
+def packed_row(rng, L, max_doc):
+  """segment ids 1.. of documents of random lengths left to right, padding (0) after;
+  positions restart at 0 in each document."""
+  seg, pos, s, col = np.zeros(L, np.int32), np.zeros(L, np.int32), 1, 0
+  while True:
+    n = int(rng.integers(1, max_doc + 1))
+    if col + n > L - 3:   # leave some padding
+      break
+    seg[col:col + n], pos[col:col + n] = s, np.arange(n)
+    s, col = s + 1, col + n
+  return seg, pos
+
+
+def batch(seed, B=2, L=64, H=2, K=32, max_doc=24, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  q, k, v, do = (rng.standard_normal((B, L, H, K)).astype(dtype) for _ in range(4))
+  rows = [packed_row(rng, L, max_doc) for _ in range(B)]
+  seg = np.stack([r[0] for r in rows])
+  pos = np.stack([r[1] for r in rows])
+  # padding rows' outputs feed nothing (no loss weight, no query sees them): no cotangent
+  do *= (seg > 0)[:, :, None, None]
+  return q, k, v, do, seg, pos
+
+
+def reference(q, k, v, do, q_seg, q_pos, k_seg, k_pos, causal):
+  """float64 NumPy: output [B, L, H, K] and the gradients of sum(out * do) w.r.t. q, k, v.
+  Queries with no visible key (padding) are left out (output and gradient 0)."""
+  q, k, v, do = (x.astype(np.float64) for x in (q, k, v, do))
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  visible = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+  if causal:
+    visible &= k_pos[:, None, :] <= q_pos[:, :, None]
+  vis = visible[:, None]                                         # [B, 1, L, T]
+  s = np.einsum("blhk,bthk->bhlt", q, k) * scale
+  s = np.where(vis, s, -np.inf)
+  has = vis.any(-1, keepdims=True)
+  s = np.where(has, s, 0.0)
+  p = np.exp(s - s.max(-1, keepdims=True)) * vis
+  p = p / np.where(has, p.sum(-1, keepdims=True), 1.0)
+  out = np.einsum("bhlt,bthk->blhk", p, v)
+  dv = np.einsum("bhlt,blhk->bthk", p, do)
+  dp = np.einsum("blhk,bthk->bhlt", do, v)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = np.einsum("bhlt,bthk->blhk", ds, k) * scale
+  dk = np.einsum("bhlt,blhk->bthk", ds, q) * scale
+  return out, dq, dk, dv, has[:, 0, :, 0].transpose(0, 1)        # has: [B, L]
+
+
+def run_self(impl, q, k, v, do, seg, pos, causal):
+  def f(q, k, v):
+    out = attention.self_attention(impl, q, k, v, jnp.asarray(pos), jnp.asarray(seg), causal,
+                                   interpret=True)
+    return (out.astype(jnp.float32) * do).sum(), out
+  (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
+      *(jnp.asarray(x) for x in (q, k, v)))
+  return (np.asarray(out, np.float64),) + tuple(np.asarray(g, np.float64) for g in grads)
+
+
+def rel(a, b):
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+SELF_IMPLS = ["einsum", "xla", "pallas", "splash"]
+LENGTH = {"splash": 128}   # splash's smallest tile; the others take 64-position rows
+
+
+@pytest.mark.parametrize("impl", SELF_IMPLS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_self_attention_matches_numpy(impl, causal):
+  q, k, v, do, seg, pos = batch(seed=SELF_IMPLS.index(impl) * 2 + causal,
+                                L=LENGTH.get(impl, 64))
+  out, dq, dk, dv = run_self(impl, q, k, v, do, seg, pos, causal)
+  ref_out, ref_dq, ref_dk, ref_dv, has = reference(q, k, v, do, seg, pos, seg, pos, causal)
+  real = (seg > 0)[:, :, None, None]   # padding rows' outputs are unused by every caller
+  for got, want in ((out, ref_out), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+    assert rel(got * real, want * real) < 2e-5, impl
+  assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", SELF_IMPLS)
+def test_self_attention_bfloat16(impl):
+  q, k, v, do, seg, pos = batch(seed=7, L=LENGTH.get(impl, 64))
+  out, dq, dk, dv = run_self(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)), do, seg, pos,
+                             causal=True)
+  ref_out, ref_dq, ref_dk, ref_dv, _ = reference(q, k, v, do, seg, pos, seg, pos, True)
+  real = (seg > 0)[:, :, None, None]
+  for got, want in ((out, ref_out), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+    assert rel(got * real, want * real) < 2e-2, impl
+
+
+def test_reference_is_not_trivially_satisfied():
+  """The reference's mask matters: leaving out segments or causality changes the output by
+  far more than the tolerance above (so the tests would catch a kernel that ignores them)."""
+  q, k, v, do, seg, pos = batch(seed=3)
+  full = reference(q, k, v, do, seg, pos, seg, pos, True)[0]
+  one_doc = reference(q, k, v, do, (seg > 0).astype(np.int32), pos, (seg > 0).astype(np.int32),
+                      pos, True)[0]
+  bidir = reference(q, k, v, do, seg, pos, seg, pos, False)[0]
+  real = (seg > 0)[:, :, None, None]
+  assert rel(one_doc * real, full * real) > 0.1
+  assert rel(bidir * real, full * real) > 0.1
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_cached_attention_matches_numpy(impl):
+  """Decoding: 3 new queries against 40 cache columns, rows left-padded differently (empty
+  columns have segment 0), the cache columns' own positions deciding causality."""
+  rng = np.random.default_rng(11)
+  B, L, T, H, K = 3, 3, 40, 2, 16
+  q, do = (rng.standard_normal((B, L, H, K)).astype(np.float32) for _ in range(2))
+  k, v = (rng.standard_normal((B, T, H, K)).astype(np.float32) for _ in range(2))
+  k_seg, k_pos = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+  q_seg, q_pos = np.ones((B, L), np.int32), np.zeros((B, L), np.int32)
+  for b, pad in enumerate((0, 5, 17)):
+    n = T - L - pad                               # cached prompt of n tokens after the padding
+    k_seg[b, pad:T - L], k_pos[b, pad:T - L] = 1, np.arange(n)
+    k_seg[b, T - L:], k_pos[b, T - L:] = 1, n + np.arange(L)   # this call's own columns
+    q_pos[b] = n + np.arange(L)
+  out = attention.cached_attention(impl, jnp.asarray(q), jnp.asarray(k).transpose(0, 2, 1, 3),
+                                   jnp.asarray(v).transpose(0, 2, 1, 3), jnp.asarray(q_pos),
+                                   jnp.asarray(q_seg), jnp.asarray(k_pos), jnp.asarray(k_seg),
+                                   causal=True)
+  ref = reference(q, k, v, do, q_seg, q_pos, k_seg, k_pos, True)[0]
+  assert rel(np.asarray(out, np.float64), ref) < 2e-5
+
+
+def test_packed_offsets_match_segments():
+  """cuDNN's packed layout (lengths and first columns of each row's documents) from segment
+  ids, checked against a Python walk over each row."""
+  rng = np.random.default_rng(5)
+  seg = np.stack([packed_row(rng, 64, 20)[0] for _ in range(4)])
+  lengths, offsets = (np.asarray(x) for x in attention.packed_offsets(jnp.asarray(seg), 64))
+  assert lengths.shape == (4, 64) and offsets.shape == (4, 65)
+  for b, row in enumerate(seg):
+    docs = [s for s in np.unique(row) if s > 0]
+    want_len = [int((row == s).sum()) for s in docs]
+    want_off = [int(np.argmax(row == s)) for s in docs]
+    n = len(docs)
+    assert list(lengths[b, :n]) == want_len and (lengths[b, n:] == -1).all()
+    assert list(offsets[b, :n]) == want_off and (offsets[b, n:] == -1).all()
+
+
+@pytest.mark.parametrize("platform,want", [("cpu", "einsum"), ("cuda", "pallas"),
+                                           ("tpu", "splash")])
+def test_auto_resolves_per_platform(platform, want):
+  assert attention.resolve("auto", platform) == want
+  assert attention.resolve("xla", platform) == "xla"
+  assert attention.resolve_dtype("auto", platform) == ("float32" if platform == "cpu"
+                                                       else "bfloat16")
+  assert attention.unsupported(want, attention.resolve_dtype("auto", platform), platform,
+                               512) is None
+
+
+def test_impossible_combinations_are_named():
+  assert "float32" in attention.unsupported("cudnn", "float32", "cuda", 512)
+  assert "cpu" in attention.unsupported("cudnn", "bfloat16", "cpu", 512)
+  assert "tpu" in attention.unsupported("pallas", "bfloat16", "tpu", 512)
+  assert "multiple of 64" in attention.unsupported("pallas", "bfloat16", "cuda", 96)
