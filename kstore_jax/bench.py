@@ -4,6 +4,9 @@
     python -m kstore_jax.bench population --n=10000000
     python -m kstore_jax.bench eval --config=configs/tiny.py [--workdir=DIR] [--eval_people=200]
     python -m kstore_jax.bench probe --config=configs/tiny.py [--probe_steps=20]
+    python -m kstore_jax.bench train --config=configs/base.py:small [--gpt2_vocab]
+    python -m kstore_jax.bench attention --config=configs/base.py [--attention=xla,pallas]
+    python -m kstore_jax.bench ceiling
 
 Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
 them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]` in BENCHMARKS
@@ -40,6 +43,11 @@ EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate
                                     "longest answer + EOT, as in QA eval)")
 PROBE_STEPS = flags.DEFINE_integer("probe_steps", 20, "probe: timed steps per probe (after 2 "
                                    "warm-up)")
+GPT2_VOCAB = flags.DEFINE_bool("gpt2_vocab", False, "train: the model with GPT-2's 50,304-token "
+                                "output head (comparable with 124M-parameter GPT-2 figures)")
+ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to time (default: "
+                              "every one that runs on this platform)")
+ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
 
@@ -262,21 +270,125 @@ def bench_eval(cfg) -> list[dict]:
 
 
 # -- train: step FLOP/s vs the machine's matmul FLOP/s -----------------------------------------
+def peak_rss_bytes() -> int:
+  """This process's peak resident size (VmHWM)."""
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+
+def matmul_size() -> int:
+  """The reference matmul's n: 2048 on a CPU, 8192 on an accelerator (fills the chip)."""
+  import jax
+  return 2048 if jax.default_backend() == "cpu" else 8192
+
+
 def bench_train(cfg) -> list[dict]:
   from kstore_jax.train import throughput
-  r = throughput.measure(cfg, steps=TRAIN_STEPS.value)
-  matmul = throughput.matmul_flops_per_s()
+  r = throughput.measure(cfg, steps=TRAIN_STEPS.value,
+                         vocab_size=throughput.GPT2_VOCAB if GPT2_VOCAB.value else None)
+  n = matmul_size()
+  matmul = throughput.matmul_flops_per_s(r["dtype"], n)
   ctx = dict(config=cfg.name, scale=cfg.scale, model=cfg.model.size, params=r["params"],
              vocab=r["vocab"], batch_size=cfg.pretrain.batch_size, seq_len=cfg.data.seq_len,
-             dtype=cfg.model.dtype, device=jax_device_kind())
+             dtype=r["dtype"], attention=r["attention"], remat=cfg.model.remat,
+             device=jax_device_kind())
   out = [measurement("train_tokens_per_s", round(r["tokens_per_s"], 1), "tokens/s", **ctx),
-         measurement("train_step_s", round(r["step_s"], 4), "s", **ctx),
+         measurement("train_step_s", round(r["step_s"], 4), "s", loss=round(r["loss"], 4),
+                     first_step_s=round(r["first_step_s"], 2), **ctx),
          measurement("train_flops_per_s", round(r["flops_per_s"] / 1e9, 2), "GFLOP/s", **ctx),
-         measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=2048, **ctx),
-         measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx)]
+         measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=n, **ctx),
+         measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx),
+         measurement("peak_rss_bytes", peak_rss_bytes(), "bytes", **ctx)]
   if r["peak"]:
     out.append(measurement("train_mfu", round(r["flops_per_s"] / r["peak"], 3), "fraction",
                            peak_flops_per_s=r["peak"], **ctx))
+  return out
+
+
+def bench_ceiling(cfg) -> list[dict]:
+  """The device's own ceilings: dense matmul FLOP/s in float32 and bfloat16 (random data) and
+  device-memory copy bandwidth."""
+  del cfg
+  from kstore_jax.train import throughput
+  n = matmul_size()
+  ctx = dict(device=jax_device_kind(), n=n)
+  out = [measurement(f"matmul_{dt}_flops_per_s", round(throughput.matmul_flops_per_s(dt, n)
+                                                        / 1e12, 2), "TFLOP/s", **ctx)
+         for dt in ("bfloat16", "float32")]
+  size = (1 << 28) if n == 2048 else (1 << 32)
+  out.append(measurement("copy_bytes_per_s",
+                         round(throughput.copy_bytes_per_s(size) / 1e9, 1), "GB/s",
+                         buffer_bytes=size, device=jax_device_kind()))
+  return out
+
+
+def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
+  """[B, L] segment ids and positions of rows packed with documents of random lengths in
+  [min_doc, max_doc] left to right, padding (0) after, as the data pipeline packs them."""
+  seg, pos = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
+  for b in range(B):
+    col, s = 0, 1
+    while True:
+      n = int(rng.integers(min_doc, max_doc + 1))
+      if col + n > L:
+        break
+      seg[b, col:col + n], pos[b, col:col + n] = s, np.arange(n)
+      col, s = col + n, s + 1
+  return seg, pos
+
+
+def bench_attention(cfg) -> list[dict]:
+  """Causal self-attention over packed documents, forward + backward, for each implementation
+  that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
+  heads, head dim) in the config's compute dtype: median ms and the output's and gradients'
+  error against XLA attention in float32 on the same inputs (documents of 20-111 positions,
+  as bioS packs)."""
+  import jax
+  import jax.numpy as jnp
+  from kstore_jax.model import attention
+  from kstore_jax.train import throughput
+  platform = attention.platform_of(jax.devices())
+  dtype = attention.resolve_dtype(cfg.model.dtype, platform)
+  B, L = cfg.pretrain.batch_size, cfg.data.seq_len
+  H, K = cfg.model.num_heads, cfg.model.d_model // cfg.model.num_heads
+  rng = np.random.default_rng(0)
+  seg, pos = (jnp.asarray(x) for x in packed_segments(rng, B, L, 20, 111))
+  q, k, v, do = (jax.random.normal(key, (B, L, H, K), jnp.float32)
+                 for key in jax.random.split(jax.random.PRNGKey(0), 4))
+  do = do * (seg > 0)[:, :, None, None]
+
+  def fwd_bwd(impl, cast):
+    def loss(q, k, v):
+      out = attention.self_attention(impl, q, k, v, pos, seg, True, interpret=platform == "cpu")
+      return (out.astype(jnp.float32) * do).sum(), out
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    return jax.jit(lambda q, k, v: grad(*(x.astype(cast) for x in (q, k, v))))
+
+  ref = fwd_bwd("xla", jnp.float32)(q, k, v)
+  ref_leaves = [ref[0][1]] + list(ref[1])
+  real = (seg > 0)[:, :, None, None]
+  out = []
+  ctx = dict(config=cfg.name, batch=B, seq_len=L, heads=H, head_dim=K, dtype=dtype,
+             device=jax_device_kind())
+  for impl in ATTENTION.value or attention.IMPLEMENTATIONS:
+    problem = attention.unsupported(impl, dtype, platform, L)
+    if problem:
+      out.append(measurement(f"attention_{impl}_ms", None, "ms", skipped=problem, **ctx))
+      continue
+    fn = fwd_bwd(impl, jnp.dtype(dtype))
+    t0 = time.perf_counter()
+    got = jax.block_until_ready(fn(q, k, v))
+    compile_s = time.perf_counter() - t0
+    errs = [float(jnp.linalg.norm(((a - b) * real).astype(jnp.float32))
+                  / jnp.linalg.norm((b * real).astype(jnp.float32)))
+            for a, b in zip([got[0][1]] + list(got[1]), ref_leaves)]
+    # fwd+bwd FLOPs as MFU papers count attention (causal counted in full): 4BLLHK fwd, 2x bwd
+    flops = 3 * 4 * B * L * L * H * K
+    ms = throughput.median_time(fn, q, k, v, repeats=ATTENTION_REPEATS.value) * 1e3
+    out.append(measurement(f"attention_{impl}_ms", round(ms, 3), "ms",
+                           tflops_per_s=round(flops / ms / 1e9, 1), compile_s=round(compile_s, 2),
+                           rel_err_out=errs[0], rel_err_dq=errs[1], rel_err_dk=errs[2],
+                           rel_err_dv=errs[3], **ctx))
   return out
 
 
@@ -351,8 +463,10 @@ def bench_probe(cfg) -> list[dict]:
   return out
 
 
-BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population, "eval": bench_eval, "probe": bench_probe}
-NO_CONFIG = {"population"}
+BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population,
+              "eval": bench_eval, "probe": bench_probe, "ceiling": bench_ceiling,
+              "attention": bench_attention}
+NO_CONFIG = {"population", "ceiling"}
 
 
 def _subcommand(argv) -> str | None:

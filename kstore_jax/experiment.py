@@ -187,7 +187,7 @@ class Experiment:
     data = functools.partial(pipeline.make_pipeline, chunks, sc.batch_size, cfg.data.workers)
     eval_fn = functools.partial(self.sample_eval, n=cfg.train.eval_people)
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
-              flops_per_position=lm_flops, eval_fn=eval_fn)
+              flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype)
     if stage != "finetune":
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model), init_model, {},
                             export=lambda p, f: p, **lm)
@@ -216,7 +216,7 @@ class Experiment:
                                cfg.data.workers),
         positions_per_step=sc.batch_size * batches.width,
         flops_per_position=flops_per_token(self.model_cfg, batches.width),
-        export=lambda p, f: p)
+        export=lambda p, f: p, dtype=self.model_cfg.dtype)
 
   def class_tokens(self, stage: str):
     """The embedding probe head's class value tokens (None for the linear head)."""

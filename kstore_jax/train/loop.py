@@ -15,9 +15,18 @@ import jax.numpy as jnp
 
 from kstore_jax.train import checkpoint, metrics as metrics_lib, optim, sharding, step as step_lib
 
-# Dense bf16 peak FLOP/s by device kind, for the MFU estimate (absent: not reported).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+# Dense peak FLOP/s by device kind (datasheets) and compute dtype, for MFU; float32 on a GPU
+# runs XLA's default-precision matmuls as TF32. Longest matching kind wins; absent: no MFU.
+PEAK_FLOPS = {
+    "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},       # SXM ("NVIDIA H100 80GB HBM3")
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},                   # v5e
+    "TPU v5p": {"bfloat16": 459e12}, "TPU v5": {"bfloat16": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12},                   # v6e (Trillium)
+}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -28,11 +37,12 @@ class Interrupted(RuntimeError):
   pass
 
 
-def device_peak_flops() -> float | None:
+def device_peak_flops(dtype: str) -> float | None:
+  """Summed dense peak FLOP/s of all devices for compute `dtype` (PEAK_FLOPS), or None."""
   kind = jax.devices()[0].device_kind
   for k, v in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if k in kind:
-      return v * jax.device_count()
+      return v[dtype] * jax.device_count() if dtype in v else None
   return None
 
 
@@ -49,6 +59,7 @@ class StageSpec:
   flops_per_position: float
   export: Callable             # (params, frozen) -> effective model params for final/
   eval_fn: Callable | None = None   # effective params -> {name: float}, run every eval_every
+  dtype: str = "float32"       # the model's compute dtype (the MFU's peak)
 
 
 def _fmt_time(s: float) -> str:
@@ -122,7 +133,7 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
     print(f"[{spec.name}] resumed from step {start}", flush=True)
   writer = metrics_lib.MetricsWriter(stage_dir, start, enabled=is_main)
   positions_per_step = spec.positions_per_step
-  peak = device_peak_flops()
+  peak = device_peak_flops(spec.dtype)
 
   pending = None   # (step, device metrics) fetched one step behind
   t_last, step_last = time.time(), start

@@ -1,6 +1,8 @@
-"""Train-step throughput: tokens/s, step time, achieved FLOP/s, and its ratio to the dense
-matmul FLOP/s of this machine measured in the same process (`python -m kstore_jax.bench train`)."""
+"""Train-step throughput (`python -m kstore_jax.bench train`): tokens/s, step time, achieved
+FLOP/s, and the machine's own ceilings measured in the same process: a dense matmul in the
+compute dtype (random data: zeros run faster on some chips) and a device-memory copy."""
 
+import dataclasses
 import tempfile
 import time
 
@@ -8,30 +10,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kstore_jax.model import transformer
 from kstore_jax.train import loop, sharding
 
+GPT2_VOCAB = 50_304   # GPT-2's 50,257 tokens padded to a multiple of 64 (nanoGPT, llm.c)
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
-  """Best-of-`repeats` FLOP/s of an n x n x n f32 matmul (the machine's dense reference)."""
-  a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  best = float("inf")
+
+def median_time(fn, *args, repeats: int) -> float:
+  """Median seconds of `fn(*args)` after one warm-up call (compile), synchronised."""
+  jax.block_until_ready(fn(*args))
+  times = []
   for _ in range(repeats):
     t = time.perf_counter()
-    mm(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
 
 
-def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain") -> dict:
-  """Time `steps` jitted train steps of `stage` on real pipeline batches."""
+def matmul_flops_per_s(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of an n x n x n matmul in `dtype` on random normal data (median of `repeats`;
+  two input pairs alternate so a cache does not hold the whole problem)."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  xs = [jax.random.normal(k, (n, n), transformer.DTYPES[dtype]) for k in keys]
+  mm = jax.jit(lambda a, b, c, d: (a @ b, c @ d))
+  return 2 * 2 * n ** 3 / median_time(mm, *xs, repeats=repeats)
+
+
+def copy_bytes_per_s(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
+  """Device-memory bandwidth of a copy (bytes read + bytes written per second)."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (n_bytes // 4,), jnp.float32)
+  copy = jax.jit(lambda a: a * jnp.float32(1.0001))   # one read, one write; not elided
+  return 2 * n_bytes / median_time(copy, x, repeats=repeats)
+
+
+def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain",
+            vocab_size: int | None = None) -> dict:
+  """Time `steps` jitted train steps of `stage` on real pipeline batches; `vocab_size` widens
+  the model's output head (GPT2_VOCAB: comparable with 124M-parameter GPT-2 figures; the
+  data's ids stay below the world's vocabulary)."""
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer as tokenizer_lib
   tok = tokenizer_lib.get_tokenizer(cfg.data)
   with tempfile.TemporaryDirectory() as tmp:
     exp = experiment.Experiment(cfg, tok, experiment.Workdir(tmp))
+    if vocab_size:
+      exp.model_cfg = dataclasses.replace(exp.model_cfg, vocab_size=vocab_size)
+      exp.model = transformer.Transformer(exp.model_cfg)
     spec = exp.train_spec(stage)
+    t0 = time.perf_counter()
     init, rng, _, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
     state = init(rng)
     it = iter(spec.data(jax.process_index(), jax.process_count()))
@@ -42,9 +68,13 @@ def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain") -> d
       state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
+      if i == 0:
+        first_s = time.perf_counter() - t0
   step_s = float(np.median(times[warmup:]))
   tokens = spec.positions_per_step
   flops = spec.flops_per_position * tokens / step_s
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
               params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
-              vocab=exp.model_cfg.vocab_size, peak=loop.device_peak_flops())
+              vocab=exp.model_cfg.vocab_size, dtype=exp.model_cfg.dtype,
+              attention=exp.model_cfg.attention, first_step_s=first_s,
+              loss=float(metrics["loss"]), peak=loop.device_peak_flops(exp.model_cfg.dtype))

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The prepared accelerator check: one command for a lent GPU (an H200, or any CUDA machine),
+# ending by its own deadline; every section is bounded and a failed one does not stop the rest.
+#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,train,small] OUTDIR
+# Sections: env (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
+# attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), train (bench train,
+# paper config in bf16 per attention kernel, --gpt2_vocab, 128x384 rows), small (single and
+# multi5_permute at `small`: pretrain -> finetune -> QA eval, as the deadline allows).
+# Writes at most 8 files under OUTDIR: summary.txt, bench.jsonl, log.txt, results_<row>.json.
+# Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
+# KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
+# (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480).
+set -uo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+SMOKE=0
+SECTIONS="env,ceiling,attention,train,small"
+while [ $# -gt 1 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --sections=*) SECTIONS="${1#--sections=}" ;;
+    *) echo "device_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ $# -eq 1 ] || { echo "device_check.sh: expected OUTDIR (see --help)" >&2; exit 2; }
+OUT="$1"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+for s in ${SECTIONS//,/ }; do
+  case "$s" in env|ceiling|attention|train|small) ;;
+    *) echo "device_check.sh: unknown section '$s' in --sections" >&2; exit 2 ;; esac
+done
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+mkdir -p "$OUT" || exit 2
+START=$(date +%s)
+DEADLINE="${KSTORE_CHECK_SECONDS:-$([ "$SMOKE" = 1 ] && echo 170 || echo 480)}"
+LOG="$OUT/log.txt"; JSON="$OUT/bench.jsonl"; STATUS="$OUT/.status"
+: > "$LOG"; : > "$JSON"; : > "$STATUS"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+# one compilation cache for every process of this check (the small rows share their shapes)
+export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache" PYTHONUNBUFFERED=1
+# shellcheck source=_device_env.sh source-path=SCRIPTDIR
+source "$ROOT/launch/_device_env.sh" "" >> "$LOG" 2>&1 || { cat "$LOG"; exit 2; }
+PY="${PYTHON:-python3}"
+
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+
+# run NAME MAX_SECONDS CMD...: bounded by the deadline (and MAX_SECONDS); JSON lines go to
+# bench.jsonl, everything to log.txt; the outcome to the status list for the summary.
+run() {
+  local name="$1" max="$2"; shift 2
+  local budget; budget=$(left)
+  [ "$budget" -gt "$max" ] && budget="$max"
+  if [ "$budget" -lt 15 ]; then
+    echo "$name skipped (deadline) 0" >> "$STATUS"; return 0
+  fi
+  local t0 rc; t0=$(date +%s)
+  echo "== $name (<= ${budget}s): $*" >> "$LOG"
+  timeout --kill-after=10 "$budget" "$@" > "$WORK/out" 2>> "$LOG"; rc=$?
+  cat "$WORK/out" >> "$LOG"
+  grep '^{"name"' "$WORK/out" | sed "s/^{/{\"section\": \"$name\", /" >> "$JSON"
+  local how="ok"; [ "$rc" -eq 0 ] || how="FAILED rc=$rc"; [ "$rc" -eq 124 ] && how="TIMEOUT"
+  echo "$name $how $(( $(date +%s) - t0 ))" >> "$STATUS"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  PAPER="configs/tiny.py"; KERNELS="einsum xla"; TRAIN_STEPS=2; REPEATS=2
+  SMALL_ROWS="single"; SMALL_ARG="tiny"
+  SMALL_OVERRIDES=(--config.data.n_people=200 --config.pretrain.steps=30
+                   --config.finetune.steps=10 --config.train.save_every=20)
+  ATTN=(--attention=einsum,xla,pallas)
+else
+  PAPER="configs/base.py"; KERNELS="pallas cudnn xla"; TRAIN_STEPS=10; REPEATS=20
+  SMALL_ROWS="single multi5_permute"; SMALL_ARG="small"; SMALL_OVERRIDES=(); ATTN=()
+fi
+BENCH=("$PY" -m kstore_jax.bench)
+
+if has env; then
+  run env 120 bash -c "$PY - <<'EOF'
+import importlib, json, platform, sys
+import jax
+mods = ['jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'array_record',
+        'ml_collections', 'tensorboardX', 'tokenizers', 'numpy']
+vers = {m: getattr(importlib.import_module(m), '__version__', '?') for m in mods}
+import kstore_jax.main, kstore_jax.bench, kstore_jax.report   # the project imports cleanly
+d = jax.devices()
+print(json.dumps(dict(name='environment', value=len(d), unit='devices', python=platform.python_version(),
+                      device=d[0].device_kind, platform=d[0].platform, **vers)))
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv >&2 || true"
+fi
+if has ceiling; then
+  run ceiling 90 "${BENCH[@]}" ceiling
+fi
+if has attention; then
+  run attention 150 "${BENCH[@]}" attention --config="$PAPER" "${ATTN[@]}" \
+    --attention_repeats="$REPEATS"
+fi
+if has train; then
+  for k in $KERNELS; do
+    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" --train_steps="$TRAIN_STEPS" \
+      --config.model.attention="$k"
+  done
+  first="${KERNELS%% *}"
+  run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" \
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab
+  # every bioS document fits in 128 positions: 128 x (4 x batch) rows are the same function
+  # with a quarter of the attention work
+  [ "$SMOKE" = 1 ] || run "train_${first}_rows128" 120 "${BENCH[@]}" train --config="$PAPER" \
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
+    --config.data.seq_len=128 --config.pretrain.batch_size=384
+fi
+if has small; then
+  for row in $SMALL_ROWS; do
+    run "small_$row" 600 "$PY" -m kstore_jax.main --config="configs/$row.py:$SMALL_ARG" \
+      --workdir="$WORK/runs/$row" "${SMALL_OVERRIDES[@]}"
+    [ -f "$WORK/runs/$row/results.json" ] && cp "$WORK/runs/$row/results.json" "$OUT/results_$row.json"
+  done
+fi
+
+"$PY" - "$OUT" "$(( $(date +%s) - START ))" "$WORK/runs" <<'EOF' > "$OUT/summary.txt"
+import json, os, sys
+out, took, runs = sys.argv[1:4]
+print(f"device_check: {took} s")
+for line in open(os.path.join(out, ".status")):
+  name, *how, secs = line.split()
+  print(f"  {name:28s} {' '.join(how):14s} {secs:>4s} s")
+for line in open(os.path.join(out, "bench.jsonl")):
+  r = json.loads(line)
+  keys = ("attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "rel_err_out",
+          "rel_err_dq", "skipped", "loss", "first_step_s", "device", "jax")
+  extra = " ".join(f"{k}={r[k]}" for k in keys if k in r)
+  print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
+for row in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+  for stage in ("pretrain", "finetune"):
+    path = os.path.join(runs, row, stage, "metrics.jsonl")
+    if os.path.exists(path):
+      last = json.loads(open(path).readlines()[-1])
+      print(f"small {row} {stage}: step {last.get('step')} loss {last.get('loss', 0):.4f} "
+            f"{last.get('tokens_per_s', 0):.0f} tokens/s mfu {last.get('mfu')}")
+  path = os.path.join(out, f"results_{row}.json")
+  if os.path.exists(path):
+    r = json.load(open(path))
+    print(f"small {row}: qa_test {r['qa_test']['mean']:.4f} qa_train {r['qa_train']['mean']:.4f} "
+          f"bio_recall {r['bio_recall']['mean']:.4f}")
+EOF
+rm -f "$STATUS"
+cat "$OUT/summary.txt"
