@@ -47,6 +47,7 @@ GPT2_VOCAB = flags.DEFINE_bool("gpt2_vocab", False, "train: the model with GPT-2
                                 "output head (comparable with 124M-parameter GPT-2 figures)")
 ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to time (default: "
                               "every one that runs on this platform)")
+PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most time first)")
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
@@ -305,6 +306,48 @@ def bench_train(cfg) -> list[dict]:
   return out
 
 
+def trace_op_times(trace_dir: str) -> tuple[dict, str]:
+  """Total µs per op name over a `jax.profiler` Perfetto trace, of the device's tracks (GPU or
+  TPU) where there are some, else of the host's; and which of the two."""
+  import collections
+  import glob
+  import gzip
+  path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {p for p, n in procs.items() if "GPU" in n or "TPU" in n}
+  where = "device" if device else "host"
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and (not device or e["pid"] in device):
+      totals[e["name"]] += e.get("dur", 0)
+  return dict(totals), where
+
+
+def bench_profile(cfg) -> list[dict]:
+  """`bench train`'s step under jax.profiler: the step time, and the ops that take the most
+  time per step (device tracks on an accelerator), as `profile_op_us` lines."""
+  import tempfile
+  from kstore_jax.train import throughput
+  steps = 3
+  with tempfile.TemporaryDirectory() as tmp:
+    r = throughput.measure(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps,
+                           vocab_size=throughput.GPT2_VOCAB if GPT2_VOCAB.value else None)
+    totals, where = trace_op_times(tmp)
+  ctx = dict(config=cfg.name, dtype=r["dtype"], attention=r["attention"],
+             device=jax_device_kind())
+  busy = sum(totals.values()) / steps
+  out = [measurement("profile_step_s", round(r["step_s"], 4), "s", busy_us_per_step=round(busy),
+                     tracks=where, **ctx)]
+  for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:PROFILE_TOP.value]:
+    out.append(measurement("profile_op_us", round(us / steps, 1), "us/step", op=name[:120],
+                           share=round(us / steps / max(busy, 1e-9), 4), **ctx))
+  return out
+
+
 def bench_ceiling(cfg) -> list[dict]:
   """The device's own ceilings: dense matmul FLOP/s in float32 and bfloat16 (random data) and
   device-memory copy bandwidth."""
@@ -357,38 +400,45 @@ def bench_attention(cfg) -> list[dict]:
                  for key in jax.random.split(jax.random.PRNGKey(0), 4))
   do = do * (seg > 0)[:, :, None, None]
 
-  def fwd_bwd(impl, cast):
-    def loss(q, k, v):
-      out = attention.self_attention(impl, q, k, v, pos, seg, True, interpret=platform == "cpu")
+  def fwd_bwd(impl, cast, max_docs=None):
+    def loss(q, k, v, do, pos, seg):
+      out = attention.self_attention(impl, *(x.astype(cast) for x in (q, k, v)), pos, seg, True,
+                                     interpret=platform == "cpu", max_docs=max_docs)
       return (out.astype(jnp.float32) * do).sum(), out
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-    return jax.jit(lambda q, k, v: grad(*(x.astype(cast) for x in (q, k, v))))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-  ref = fwd_bwd("xla", jnp.float32)(q, k, v)
+  args = (q, k, v, do, pos, seg)
+  ref = fwd_bwd("xla", jnp.float32)(*args)
   ref_leaves = [ref[0][1]] + list(ref[1])
   real = (seg > 0)[:, :, None, None]
   out = []
   ctx = dict(config=cfg.name, batch=B, seq_len=L, heads=H, head_dim=K, dtype=dtype,
              device=jax_device_kind())
-  for impl in ATTENTION.value or attention.IMPLEMENTATIONS:
+  variants = [(i, None) for i in ATTENTION.value or attention.IMPLEMENTATIONS]
+  if any(i == "cudnn" for i, _ in variants):   # the packed layout's document bound M matters?
+    variants.append(("cudnn", L // 16))
+  for impl, max_docs in variants:
+    name = f"attention_{impl}" + (f"_m{max_docs}" if max_docs else "") + "_ms"
     problem = attention.unsupported(impl, dtype, platform, L)
     if problem:
-      out.append(measurement(f"attention_{impl}_ms", None, "ms", skipped=problem, **ctx))
+      out.append(measurement(name, None, "ms", skipped=problem, **ctx))
       continue
-    fn = fwd_bwd(impl, jnp.dtype(dtype))
+    print(f"[bench attention] {name}: compiling", file=sys.stderr, flush=True)
+    fn = fwd_bwd(impl, jnp.dtype(dtype), max_docs)
     t0 = time.perf_counter()
-    got = jax.block_until_ready(fn(q, k, v))
+    got = jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
     errs = [float(jnp.linalg.norm(((a - b) * real).astype(jnp.float32))
                   / jnp.linalg.norm((b * real).astype(jnp.float32)))
             for a, b in zip([got[0][1]] + list(got[1]), ref_leaves)]
     # fwd+bwd FLOPs as MFU papers count attention (causal counted in full): 4BLLHK fwd, 2x bwd
     flops = 3 * 4 * B * L * L * H * K
-    ms = throughput.median_time(fn, q, k, v, repeats=ATTENTION_REPEATS.value) * 1e3
-    out.append(measurement(f"attention_{impl}_ms", round(ms, 3), "ms",
-                           tflops_per_s=round(flops / ms / 1e9, 1), compile_s=round(compile_s, 2),
-                           rel_err_out=errs[0], rel_err_dq=errs[1], rel_err_dk=errs[2],
-                           rel_err_dv=errs[3], **ctx))
+    ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
+    r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(flops / ms / 1e9, 1),
+                    compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
+                    rel_err_dk=errs[2], rel_err_dv=errs[3], **ctx)
+    print(json.dumps(r), file=sys.stderr, flush=True)
+    out.append(r)
   return out
 
 
@@ -465,7 +515,7 @@ def bench_probe(cfg) -> list[dict]:
 
 BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population,
               "eval": bench_eval, "probe": bench_probe, "ceiling": bench_ceiling,
-              "attention": bench_attention}
+              "attention": bench_attention, "profile": bench_profile}
 NO_CONFIG = {"population", "ceiling"}
 
 

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The prepared accelerator check: one command for a lent GPU (an H200, or any CUDA machine),
 # ending by its own deadline; every section is bounded and a failed one does not stop the rest.
-#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,train,small] OUTDIR
+#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,profile,train,small] OUTDIR
 # Sections: env (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
-# attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), train (bench train,
+# attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), profile (the top ops
+# of the first kernel's train step), train (bench train,
 # paper config in bf16 per attention kernel, --gpt2_vocab, 128x384 rows), small (single and
 # multi5_permute at `small`: pretrain -> finetune -> QA eval, as the deadline allows).
 # Writes at most 8 files under OUTDIR: summary.txt, bench.jsonl, log.txt, results_<row>.json.
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
-# (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480).
+# (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
+# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas cudnn xla").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
-SECTIONS="env,ceiling,attention,train,small"
+SECTIONS="env,ceiling,attention,profile,train,small"
 while [ $# -gt 1 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -29,7 +31,7 @@ done
 OUT="$1"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 for s in ${SECTIONS//,/ }; do
-  case "$s" in env|ceiling|attention|train|small) ;;
+  case "$s" in env|ceiling|attention|profile|train|small) ;;
     *) echo "device_check.sh: unknown section '$s' in --sections" >&2; exit 2 ;; esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -75,8 +77,10 @@ if [ "$SMOKE" = 1 ]; then
                    --config.finetune.steps=10 --config.train.save_every=20)
   ATTN=(--attention=einsum,xla,pallas)
 else
-  PAPER="configs/base.py"; KERNELS="pallas cudnn xla"; TRAIN_STEPS=10; REPEATS=20
-  SMALL_ROWS="single multi5_permute"; SMALL_ARG="small"; SMALL_OVERRIDES=(); ATTN=()
+  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas cudnn xla}"
+  TRAIN_STEPS=10; REPEATS=20
+  SMALL_ROWS="single multi5_permute"; SMALL_ARG="small"; SMALL_OVERRIDES=()
+  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
 
@@ -87,7 +91,7 @@ import jax
 mods = ['jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'array_record',
         'ml_collections', 'tensorboardX', 'tokenizers', 'numpy']
 vers = {m: getattr(importlib.import_module(m), '__version__', '?') for m in mods}
-import kstore_jax.main, kstore_jax.bench, kstore_jax.report   # the project imports cleanly
+import kstore_jax.main, kstore_jax.report, kstore_jax.eval.qa_eval  # the project imports
 d = jax.devices()
 print(json.dumps(dict(name='environment', value=len(d), unit='devices', python=platform.python_version(),
                       device=d[0].device_kind, platform=d[0].platform, **vers)))
@@ -98,8 +102,12 @@ if has ceiling; then
   run ceiling 90 "${BENCH[@]}" ceiling
 fi
 if has attention; then
-  run attention 150 "${BENCH[@]}" attention --config="$PAPER" "${ATTN[@]}" \
+  run attention 100 "${BENCH[@]}" attention --config="$PAPER" "${ATTN[@]}" \
     --attention_repeats="$REPEATS"
+fi
+if has profile; then   # where the first kernel's train step spends its time
+  run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" --train_steps=3 \
+    --config.model.attention="${KERNELS%% *}"
 fi
 if has train; then
   for k in $KERNELS; do
@@ -132,7 +140,7 @@ for line in open(os.path.join(out, ".status")):
   print(f"  {name:28s} {' '.join(how):14s} {secs:>4s} s")
 for line in open(os.path.join(out, "bench.jsonl")):
   r = json.loads(line)
-  keys = ("attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "rel_err_out",
+  keys = ("op", "share", "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "rel_err_out",
           "rel_err_dq", "skipped", "loss", "first_step_s", "device", "jax")
   extra = " ".join(f"{k}={r[k]}" for k in keys if k in r)
   print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")

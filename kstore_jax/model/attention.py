@@ -173,10 +173,13 @@ def cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, max_docs: int)
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   lengths_BM, offsets_BM1 = packed_offsets(seg_BL, max_docs)
   mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
-  return cudnn.dot_product_attention(
+  out_BLHK = cudnn.dot_product_attention(
       q_BLHK, k_BLHK, v_BLHK, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
       q_offsets=offsets_BM1, kv_offsets=offsets_BM1,
       scale=1.0 / math.sqrt(q_BLHK.shape[-1]), mask_type=mask_type, qkv_layout="BTNH")
+  # columns in no document are never written: zero them (garbage there would reach the loss
+  # as NaN * 0), and no gradient flows back through them
+  return jnp.where((seg_BL > 0)[:, :, None, None], out_BLHK, 0).astype(q_BLHK.dtype)
 
 
 def _splash_kernel(num_heads: int, L: int, causal: bool, interpret: bool):
@@ -205,12 +208,13 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bo
 
 
 def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bool,
-                   interpret: bool = False) -> jax.Array:
-  """Attention of a packed batch over itself (training, prefill without a cache) by `impl`."""
+                   interpret: bool = False, max_docs: int | None = None) -> jax.Array:
+  """Attention of a packed batch over itself (training, prefill without a cache) by `impl`;
+  `max_docs`: the most documents a row holds (cudnn's packed layout; default L)."""
   if impl == "pallas":
     return pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   if impl == "cudnn":
-    return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, max_docs=q_BLHK.shape[1])
+    return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, max_docs or q_BLHK.shape[1])
   if impl == "splash":
     return splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   k_BHTK, v_BHTK = k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3)

@@ -44,10 +44,12 @@ def copy_bytes_per_s(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
 
 
 def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain",
-            vocab_size: int | None = None) -> dict:
+            vocab_size: int | None = None, trace_dir: str | None = None,
+            trace_steps: int = 3) -> dict:
   """Time `steps` jitted train steps of `stage` on real pipeline batches; `vocab_size` widens
   the model's output head (GPT2_VOCAB: comparable with 124M-parameter GPT-2 figures; the
-  data's ids stay below the world's vocabulary)."""
+  data's ids stay below the world's vocabulary). `trace_dir`: then `trace_steps` more steps
+  under `jax.profiler` (a Perfetto trace in it)."""
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer as tokenizer_lib
   tok = tokenizer_lib.get_tokenizer(cfg.data)
@@ -70,6 +72,11 @@ def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain",
       times.append(time.perf_counter() - t)
       if i == 0:
         first_s = time.perf_counter() - t0
+    if trace_dir:
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for i in range(trace_steps):
+          state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
+          jax.block_until_ready(metrics)
   step_s = float(np.median(times[warmup:]))
   tokens = spec.positions_per_step
   flops = spec.flops_per_position * tokens / step_s
