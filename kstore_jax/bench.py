@@ -7,6 +7,7 @@
     python -m kstore_jax.bench train --config=configs/base.py:small [--gpt2_vocab]
     python -m kstore_jax.bench attention --config=configs/base.py [--attention=xla,pallas]
     python -m kstore_jax.bench ceiling
+    python -m kstore_jax.bench lower --config=configs/base.py --platform=cuda|tpu
 
 Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
 them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]` in BENCHMARKS
@@ -14,7 +15,9 @@ them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]`
 """
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,6 +50,8 @@ GPT2_VOCAB = flags.DEFINE_bool("gpt2_vocab", False, "train: the model with GPT-2
                                 "output head (comparable with 124M-parameter GPT-2 figures)")
 ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to time (default: "
                               "every one that runs on this platform)")
+PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
+                             "lower: the platform to lower for")
 PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most time first)")
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
@@ -330,7 +335,6 @@ def trace_op_times(trace_dir: str) -> tuple[dict, str]:
 def bench_profile(cfg) -> list[dict]:
   """`bench train`'s step under jax.profiler: the step time, and the ops that take the most
   time per step (device tracks on an accelerator), as `profile_op_us` lines."""
-  import tempfile
   from kstore_jax.train import throughput
   steps = 3
   with tempfile.TemporaryDirectory() as tmp:
@@ -346,6 +350,62 @@ def bench_profile(cfg) -> list[dict]:
     out.append(measurement("profile_op_us", round(us / steps, 1), "us/step", op=name[:120],
                            share=round(us / steps / max(busy, 1e-9), 4), **ctx))
   return out
+
+
+def hlo_facts(text: str) -> dict:
+  """From a StableHLO module's text: the custom-call targets it uses and the largest float32
+  rank-4 tensor it names, in bytes (XLA attention's [B, H, L, T] scores show up as one)."""
+  calls = set(re.findall(r"custom_call @([\w.$-]+)", text))
+  calls |= set(re.findall(r'call_target_name = "([^"]+)"', text))
+  f32_4d = [math.prod(int(d) for d in m.split("x")) * 4
+            for m in re.findall(r"tensor<(\d+x\d+x\d+x\d+)xf32>", text)]
+  return dict(custom_calls=sorted(calls), max_f32_4d_buffer_bytes=max(f32_4d, default=0))
+
+
+def bench_lower(cfg) -> list[dict]:
+  """Lower (not compile, not run) the config's pretrain step and its KV-cache QA decoding for
+  --platform on this machine, with `auto` resolved for that platform: which attention and
+  custom calls it uses, and its largest float32 rank-4 buffer. A CPU host checks what a
+  GPU/TPU would run."""
+  import jax
+  import jax.numpy as jnp
+  from kstore_jax import experiment
+  from kstore_jax.data import pipeline, tokenizer
+  from kstore_jax.eval import generate, qa_eval
+  from kstore_jax.model import attention
+  from kstore_jax.model.transformer import flops_per_token
+  from kstore_jax.train import loop, sharding
+  platform = PLATFORM.value   # the config was validated for it
+  with cli.config_errors():   # nothing is written to the workdir
+    exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data),
+                                experiment.Workdir(os.getcwd()), platform=platform)
+  spec = exp.train_spec("pretrain")
+  _, rng, abstract, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
+  B, L = cfg.pretrain.batch_size, cfg.data.seq_len
+  batch_sh = sharding.batch_sharding(exp.mesh)
+  batch = {k: jax.ShapeDtypeStruct((B, L), jnp.float32 if k == "weights" else jnp.int32,
+                                   sharding=batch_sh) for k in pipeline.FIELDS}
+  train_text = train_step.trace(abstract, spec.frozen, batch).lower(
+      lowering_platforms=(platform,)).as_text()
+  # QA decoding as evaluation runs it: a batch of questions, prefill + greedy KV-cache steps
+  qs = qa_eval.qa_set(exp.world, exp.world.test_people[:8])
+  _, _, b = next(iter(qa_eval.length_batches(qs, 8)))
+  max_new = qs.answers_NW.shape[1]
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract["params"])
+  decode_text = generate.generate.trace(
+      exp.model, params, jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new,
+      exp.world.renderer.eot_id, b.prefixes()).lower(lowering_platforms=(platform,)).as_text()
+  train, decode = hlo_facts(train_text), hlo_facts(decode_text)
+  mc = exp.model_cfg
+  return [measurement(
+      "lowered", True, "bool", platform=platform, attention=mc.attention, dtype=mc.dtype,
+      custom_calls=sorted(set(train["custom_calls"]) | set(decode["custom_calls"])),
+      max_f32_4d_buffer_bytes=max(train["max_f32_4d_buffer_bytes"],
+                                  decode["max_f32_4d_buffer_bytes"]),
+      scores_f32_bytes=B * mc.num_heads * L * L * 4,
+      train=train, decode=decode, params=int(sum(math.prod(x.shape)
+                                                 for x in jax.tree.leaves(params))),
+      flops_per_token=flops_per_token(mc, L), config=cfg.name, batch_size=B, seq_len=L)]
 
 
 def bench_ceiling(cfg) -> list[dict]:
@@ -515,7 +575,7 @@ def bench_probe(cfg) -> list[dict]:
 
 BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population,
               "eval": bench_eval, "probe": bench_probe, "ceiling": bench_ceiling,
-              "attention": bench_attention, "profile": bench_profile}
+              "attention": bench_attention, "profile": bench_profile, "lower": bench_lower}
 NO_CONFIG = {"population", "ceiling"}
 
 
@@ -528,7 +588,8 @@ def main(argv):
   what = argv[1:]
   if len(what) != 1 or what[0] not in BENCHMARKS:
     raise cli.ConfigError(f"expected one benchmark out of {sorted(BENCHMARKS)}, got {what}")
-  cfg = None if what[0] in NO_CONFIG else cli.validated_config(CONFIG.value)
+  platform = PLATFORM.value if what[0] == "lower" else None   # lower: for that platform
+  cfg = None if what[0] in NO_CONFIG else cli.validated_config(CONFIG.value, platform=platform)
   results = BENCHMARKS[what[0]](cfg)
   sys.stderr.flush()
   for r in results:

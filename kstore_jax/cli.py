@@ -56,12 +56,13 @@ def config_errors():
     raise ConfigError(str(e)) from e
 
 
-def validated_config(cfg, n_devices: int = 1):
-  """The parsed `--config`, validated (ConfigError naming the first bad key)."""
+def validated_config(cfg, n_devices: int = 1, platform: str | None = None):
+  """The parsed `--config`, validated for `platform` (default: this machine's; ConfigError
+  naming the first bad key)."""
   if cfg is None:
     raise ConfigError("--config is required (e.g. --config=configs/tiny.py)")
   with config_errors():
-    configlib.validate(cfg, n_devices=n_devices)
+    configlib.validate(cfg, n_devices=n_devices, platform=platform)
   return cfg
 
 

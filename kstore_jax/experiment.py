@@ -126,7 +126,7 @@ class Experiment:
   @functools.cached_property
   def model_abstract(self):
     """(abstract params with shardings, boxed init fn, boxed abstract params)."""
-    dummy = np.zeros((1, 8), np.int32)
+    dummy = np.zeros((1, self.cfg.data.seq_len), np.int32)   # a row length every kernel takes
     init = lambda rng: self.model.init(rng, dummy)["params"]
     with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(self.mesh):
       boxed = jax.eval_shape(init, jax.random.PRNGKey(0))

@@ -1,0 +1,56 @@
+"""`python -m kstore_jax.bench lower`: on this CPU machine, lower the train step and the
+KV-cache QA decoding for CUDA and TPU with `auto` resolved for them; they must take the flash
+kernels (no [B, H, L, T] float32 scores) and no CPU-only construct."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 256-position rows: splash keeps a [B, H, L, 128] float32 residual, under [B, H, L, L] at L > 128
+SMALL = ["--config=configs/tiny.py", "--config.data.seq_len=256",
+         "--config.pretrain.batch_size=16"]
+
+
+def lower(platform, *extra):
+  proc = subprocess.run([sys.executable, "-m", "kstore_jax.bench", "lower", *SMALL,
+                         f"--platform={platform}", *extra], cwd=ROOT, capture_output=True,
+                        text=True, check=False, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert len(lines) == 1 and lines[0]["name"] == "lowered"
+  return lines[0]
+
+
+def no_cpu_only(calls):
+  return not [c for c in calls if "cpu" in c.lower() or "callback" in c.lower()]
+
+
+@pytest.mark.parametrize("platform,kernel,call", [("cuda", "pallas", "__gpu$xla.gpu.triton"),
+                                                  ("tpu", "splash", "tpu_custom_call")])
+def test_lowers_flash_attention_for(platform, kernel, call):
+  r = lower(platform)
+  assert r["platform"] == platform and r["attention"] == kernel and r["dtype"] == "bfloat16"
+  assert call in r["train"]["custom_calls"]
+  assert r["max_f32_4d_buffer_bytes"] < r["scores_f32_bytes"], r
+  assert no_cpu_only(r["custom_calls"]), r["custom_calls"]
+  assert r["params"] > 0 and r["flops_per_token"] > 0
+
+
+def test_xla_attention_shows_its_scores():
+  """The check above can fail: XLA's attention lowered for CUDA names the f32 scores."""
+  r = lower("cuda", "--config.model.attention=xla")
+  assert r["attention"] == "xla" and r["max_f32_4d_buffer_bytes"] >= r["scores_f32_bytes"]
+
+
+def test_impossible_combination_is_one_line():
+  proc = subprocess.run([sys.executable, "-m", "kstore_jax.bench", "lower", *SMALL,
+                         "--platform=cuda", "--config.model.attention=cudnn",
+                         "--config.model.dtype=float32"], cwd=ROOT, capture_output=True,
+                        text=True, check=False, timeout=300)
+  assert proc.returncode == 2
+  err = [l for l in proc.stderr.splitlines() if "model.attention" in l]
+  assert len(err) == 1 and "float32" in err[0], proc.stderr[-2000:]
