@@ -99,7 +99,10 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       size="gpt2_small", **MODEL_SIZES["gpt2_small"], rotary_fraction=0.25,  # sizes: MODEL_SIZES
-      rotary_base=10000.0, block="gpt2", causal=True, tie_embeddings=True, remat=False,
+      rotary_base=10000.0, block="gpt2", causal=True, tie_embeddings=True,
+      # what the backward pass recomputes: none | full | dots | dots_no_batch
+      # (kstore_jax/model/transformer.py REMAT_POLICIES); scan_layers: one scanned block
+      remat="none", scan_layers=False,
       # 'auto': float32 compute on CPU, bfloat16 on GPU/TPU (params and optimizer state stay
       # float32; softmax, logits and the loss in float32)
       dtype="auto",
@@ -119,7 +122,9 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
   c.qprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=16, head="linear")
 
   c.train = ml_collections.ConfigDict(dict(
-      log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200))
+      log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200,
+      # jax's persistent compilation cache ('' = off): a rerun loads what it compiled before
+      compile_cache="~/.cache/kstore_jax/jax"))
   c.eval = ml_collections.ConfigDict(dict(batch_size=512, max_people=0))
 
   if scale not in SCALES:

@@ -16,7 +16,7 @@ import numpy as np
 from configs import base
 from kstore_jax.model.probes import HEADS as PROBE_HEADS
 from kstore_jax.model import attention
-from kstore_jax.model.transformer import DTYPES
+from kstore_jax.model.transformer import DTYPES, REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -193,6 +193,9 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
            f"model.dtype={m.dtype!r} must be auto|{'|'.join(DTYPES)}")
   _require(m.attention == "auto" or m.attention in attention.IMPLEMENTATIONS,
            f"model.attention={m.attention!r} must be auto|{'|'.join(attention.IMPLEMENTATIONS)}")
+  _require(m.remat in REMAT_POLICIES,
+           f"model.remat={m.remat!r} must be {'|'.join(REMAT_POLICIES)}")
+  _require(isinstance(m.scan_layers, bool), f"model.scan_layers={m.scan_layers!r} must be a bool")
   if platform is None:
     import jax
     platform = attention.platform_of(jax.devices())

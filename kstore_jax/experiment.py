@@ -58,17 +58,23 @@ class Workdir:
   def file(self, *parts) -> str:
     return os.path.join(self.path, *parts)
 
-  def check_same_experiment(self, cfg) -> None:
+  def check_same_experiment(self, cfg, platform: str) -> None:
     """Refuse to resume a workdir that holds a different experiment. A key missing from the
-    saved config (written before the key existed) counts as its configs/base.py default."""
+    saved config (written before the key existed) counts as its configs/base.py default;
+    `model.dtype` is compared as resolved for `platform` (a run saved with float32 resumes on
+    a CPU with `auto`)."""
     path = self.file("config.json")
     if not os.path.exists(path):
       return
     old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(json.load(open(path)))}
     new = _flatten(_json(cfg))
+    for d in (old, new):
+      d["model.dtype"] = attention_lib.resolve_dtype(d["model.dtype"], platform)
     # The mesh is a property of the run, not of the experiment: a checkpoint restores onto any
-    # mesh (elastic resume). data.workers changes Grain's state format, so it is compared.
-    ignore = ("stages", "variants", "train.", "eval.", "mesh.")
+    # mesh (elastic resume); so are the attention kernel, remat and layer scan (the same
+    # function). data.workers changes Grain's state format, so it is compared.
+    ignore = ("stages", "variants", "train.", "eval.", "mesh.", "model.attention",
+              "model.remat", "model.scan_layers")
     for k in sorted(set(old) | set(new)):
       if not k.startswith(ignore) and old.get(k) != new.get(k):
         raise configlib.ConfigError(

@@ -30,6 +30,15 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def use_compile_cache(path: str) -> None:
+  """jax's persistent compilation cache in `path` (train.compile_cache; '' = off), unless the
+  environment names one already (JAX_COMPILATION_CACHE_DIR): reruns, resumed stages and the
+  rows of a grid that share shapes then load their executables instead of compiling them."""
+  import jax
+  if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
 def main(argv):
   if len(argv) > 1:
     raise configlib.ConfigError(f"unexpected argument {argv[1]!r}")
@@ -41,12 +50,14 @@ def main(argv):
   import jax
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer as tokenizer_lib
+  from kstore_jax.model import attention
 
   cfg = _CONFIG.value
   configlib.validate(cfg, jax.device_count())
+  use_compile_cache(cfg.train.compile_cache)
   tok = tokenizer_lib.get_tokenizer(cfg.data)
   workdir = experiment.Workdir(_WORKDIR.value)
-  workdir.check_same_experiment(cfg)
+  workdir.check_same_experiment(cfg, attention.platform_of(jax.devices()))
   exp = experiment.Experiment(cfg, tok, workdir)   # validates seq_len against the documents
   workdir.lock()
   workdir.write_json("config.json", cfg.to_dict())

@@ -189,6 +189,13 @@ RESUME_CASES = {
                                     "'data.mlm.word_rate' is 0.15 there, 0.3 now"),
     "groups_added": (lambda: celeb_minority.get_config("tiny"), {"data.groups": DROP},
                      "'data.groups.minority."),
+    # dtype compared as resolved here (CPU: auto = float32); kernels and remat are not compared
+    "saved_float32_resumes_auto": (lambda: single.get_config("tiny"),
+                                   {"model.dtype": "float32", "model.remat": False,
+                                    "model.attention": "xla"}, None),
+    "saved_bfloat16_is_another_run": (lambda: single.get_config("tiny"),
+                                      {"model.dtype": "bfloat16"},
+                                      "'model.dtype' is 'bfloat16' there, 'float32' now"),
 }
 
 
@@ -198,8 +205,8 @@ def test_resume_treats_missing_keys_as_defaults(case, tmp_path):
   cfg = make_cfg()
   wd = saved_workdir(tmp_path, cfg, edits)
   if culprit is None:
-    wd.check_same_experiment(cfg)
+    wd.check_same_experiment(cfg, "cpu")
     return
   with pytest.raises(configlib.ConfigError, match="different experiment") as e:
-    wd.check_same_experiment(cfg)
+    wd.check_same_experiment(cfg, "cpu")
   assert culprit in str(e.value)

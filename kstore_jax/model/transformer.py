@@ -21,6 +21,13 @@ import jax.numpy as jnp
 from kstore_jax.model import attention as attention_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# model.remat: what each block keeps for the backward pass (jax.checkpoint policies); 'none'
+# keeps everything (no recomputation), 'full' only the block's input
+REMAT_POLICIES = {
+    "none": None, "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,   # matmul outputs kept, the rest recomputed
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +43,8 @@ class ModelConfig:
   causal: bool = True
   dtype: str = "float32"         # compute dtype (resolved: not 'auto'); params stay float32
   tie_embeddings: bool = True
-  remat: bool = False
+  remat: str = "none"            # a REMAT_POLICIES name: what the backward pass recomputes
+  scan_layers: bool = False      # training: one scanned block instead of num_layers unrolled
   attention: str = "einsum"      # an `attention.IMPLEMENTATIONS` name (resolved: not 'auto')
   platform: str = "cpu"          # what the model is lowered for: cpu | cuda | rocm | tpu
 
@@ -58,6 +66,8 @@ class ModelConfig:
     kw = {k: model_cfg[k] for k in fields if k in model_cfg}
     kw["dtype"] = attention_lib.resolve_dtype(kw.get("dtype", "auto"), platform)
     kw["attention"] = attention_lib.resolve(kw.get("attention", "auto"), platform)
+    if isinstance(kw.get("remat"), bool):   # configs written when remat was a bool
+      kw["remat"] = "full" if kw["remat"] else "none"
     return cls(vocab_size=vocab_size, platform=platform, **kw)
 
 
@@ -240,12 +250,16 @@ class Transformer(nn.Module):
       at = (0, cache["index"])
       cache = dict(cache, seg=jax.lax.dynamic_update_slice(cache["seg"], segment_ids_BL, at),
                    pos=jax.lax.dynamic_update_slice(cache["pos"], positions_BL, at))
-    block = nn.remat(Block) if cfg.remat else Block
+    policy = REMAT_POLICIES[cfg.remat]
     rot = (rotary_tables(positions_BL, cfg.rotary_dim, cfg.rotary_base, cfg.head_dim)
            if cfg.rotary_dim else None)   # no rotary: `rotary` returns its input
-    for i in range(cfg.num_layers):
-      x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, rot,
-                                                  cache, i)
+    if cfg.scan_layers and cache is None and not self.is_initializing():
+      x_BLD = self.scanned_blocks(x_BLD, positions_BL, segment_ids_BL, rot, policy)
+    else:
+      block = nn.remat(Block, policy=policy) if cfg.remat != "none" else Block
+      for i in range(cfg.num_layers):
+        x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, rot,
+                                                    cache, i)
     if cache is not None:
       cache = dict(cache, index=cache["index"] + tokens_BL.shape[1])
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
@@ -256,6 +270,23 @@ class Transformer(nn.Module):
       logits_BLV = Proj((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1, False, 0.02, dtype,
                         name="unembed")(hidden_BLD)
     return logits_BLV.astype(jnp.float32), hidden_BLD, cache
+
+
+  def scanned_blocks(self, x_BLD, positions_BL, segment_ids_BL, rot, policy):
+    """The blocks as one `lax.scan` over their params stacked on a leading layer axis: XLA
+    compiles one block instead of num_layers (compile time), same function. The params stay
+    `block0`, `block1`, ... (checkpoints, LoRA and probes see one layout either way)."""
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *(params[f"block{i}"] for i in range(self.cfg.num_layers)))
+    block = Block(self.cfg, parent=None)   # unbound: applied to each layer's params
+
+    def body(x_BLD, p):
+      return block.apply({"params": p}, x_BLD, positions_BL, segment_ids_BL, rot)[0], None
+
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy)
+    return jax.lax.scan(body, x_BLD, stacked)[0]
 
 
 def head_matrix(cfg: ModelConfig, params) -> jax.Array:
