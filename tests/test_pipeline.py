@@ -123,10 +123,87 @@ def test_rows_fit_and_padding_is_inert(world):
     assert (b["inputs"][padding] == pad).all() and (b["targets"][padding] == pad).all()
     assert (b["positions"][padding] == 0).all()
     assert (b["inputs"][~padding] != pad).all()
-    # First fit: no row could have taken a later row's first document.
-    lengths = [(b["segment_ids"][r] > 0).sum() for r in range(len(b["inputs"]))]
-    assert max(lengths) <= SEQ_LEN
+    lengths = (b["segment_ids"] > 0).sum(1)
+    assert lengths.max() <= SEQ_LEN
+    assert_first_fit(b["segment_ids"], SEQ_LEN)
   assert saw_padding
+
+
+def assert_first_fit(segment_ids, seq_len):
+  """First fit, from the packed rows alone: a row's free space only shrinks as documents are
+  placed, so a document in row r was longer than the *final* free space of every row before r
+  (else it would have gone there)."""
+  free = seq_len - (segment_ids > 0).sum(1)
+  for r in range(1, len(segment_ids)):
+    seg = segment_ids[r]
+    shortest = np.bincount(seg[seg > 0])[1:].min()
+    assert shortest > free[:r].max(), (r, shortest, free[:r])
+
+
+def next_fit_rows(n_pos, seq_len) -> int:
+  """Reference: next fit (a new row whenever the document does not fit the current one)."""
+  rows, free = 0, 0
+  for n in n_pos:
+    if n > free:
+      rows, free = rows + 1, seq_len
+    free -= n
+  return rows
+
+
+def first_fit_reference(n_pos, seq_len) -> list[list[int]]:
+  """Reference: first fit written plainly: each row's documents in placement order."""
+  rows, free = [], []
+  for i, n in enumerate(n_pos):
+    r = next((r for r, f in enumerate(free) if f >= n), len(rows))
+    if r == len(rows):
+      rows.append([])
+      free.append(seq_len)
+    rows[r].append(i)
+    free[r] -= n
+  return rows
+
+
+def test_first_fit_packs_fewer_rows_than_next_fit():
+  """Long and short documents in random order (a bio-and-QA mix): next fit strands the room a
+  long document leaves; first fit fills it with later short ones. The pipeline uses >= 15% fewer
+  rows than next fit (128 vs 162; the positions need >= 126), exactly the rows of a plain first
+  fit, and places every document once, whole, in one row, a row's documents in input order as
+  segments 1, 2, ..."""
+  seq_len, n_docs = 100, 400
+  rng = np.random.default_rng(0)
+  long = rng.random(n_docs) < 0.3
+  n_pos = np.where(long, rng.integers(60, 91, n_docs), rng.integers(5, 26, n_docs))
+  lengths = n_pos + 1                                   # T tokens -> T - 1 positions
+  # document i's tokens: (i + 1) * 1000 + 0, 1, ...: every token names its document and place
+  tokens = np.concatenate([(i + 1) * 1000 + np.arange(t) for i, t in enumerate(lengths)])
+  docs = Docs(tokens=tokens.astype(np.int32), loss=np.ones(len(tokens), bool),
+              offsets=np.concatenate([[0], np.cumsum(lengths)]))
+  out = pipeline.pack_docs(docs, seq_len, pad_id=0)
+  n_rows = len(out["inputs"])
+  lower_bound = -(-int(n_pos.sum()) // seq_len)
+  next_fit = next_fit_rows(n_pos, seq_len)
+  assert n_rows <= 0.85 * next_fit, (n_rows, next_fit, lower_bound)
+  assert n_rows >= lower_bound
+  placed = []
+  for r in range(n_rows):
+    seg, inp, tgt = out["segment_ids"][r], out["inputs"][r], out["targets"][r]
+    col, row_docs = 0, []
+    for s in range(1, seg.max() + 1):
+      m = np.flatnonzero(seg == s)
+      assert len(m) and m[0] == col and (np.diff(m) == 1).all(), (r, s)   # one block, in order
+      i = int(inp[m[0]]) // 1000 - 1
+      whole = (i + 1) * 1000 + np.arange(lengths[i])
+      np.testing.assert_array_equal(inp[m], whole[:-1])                    # whole document
+      np.testing.assert_array_equal(tgt[m], whole[1:])
+      np.testing.assert_array_equal(out["positions"][r][m], np.arange(n_pos[i]))
+      row_docs.append(i)
+      col += len(m)
+    assert (seg[col:] == 0).all() and (inp[col:] == 0).all()
+    assert row_docs == sorted(row_docs), (r, row_docs)
+    placed.append(row_docs)
+  assert sorted(sum(placed, [])) == list(range(n_docs))                     # each exactly once
+  assert placed == first_fit_reference(n_pos.tolist(), seq_len)
+  assert_first_fit(out["segment_ids"], seq_len)
 
 
 def test_qa_weights_are_answer_and_eot(world):
