@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -372,7 +373,6 @@ def bench_lower(cfg) -> list[dict]:
   from kstore_jax import experiment
   from kstore_jax.data import pipeline, tokenizer
   from kstore_jax.eval import generate, qa_eval
-  from kstore_jax.model import attention
   from kstore_jax.model.transformer import flops_per_token
   from kstore_jax.train import loop, sharding
   platform = PLATFORM.value   # the config was validated for it

@@ -5,6 +5,7 @@ checkpoints/, final/, events.*}. A stage with final/ is done and skipped; an int
 resumes from its newest readable checkpoint. Later stages read the previous stage's final/.
 """
 
+import dataclasses
 import fcntl
 import functools
 import json
@@ -125,8 +126,11 @@ class Experiment:
     # `auto` dtype and attention are decided for the platform the mesh's devices are on, or
     # for `platform` when the caller lowers for another one (bench lower)
     self.platform = platform or attention_lib.platform_of(self.mesh.devices.flat)
-    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer),
-                                             self.platform)
+    # a row holds at most this many documents (cudnn's packed layout is sized by it)
+    max_docs = -(-cfg.data.seq_len // max(self.world.doc_positions[0], 1))
+    self.model_cfg = dataclasses.replace(
+        ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer), self.platform),
+        max_docs=max_docs)
     self.model = Transformer(self.model_cfg)
 
   @functools.cached_property
@@ -275,7 +279,6 @@ class Experiment:
   def sample_eval(self, params, n: int) -> dict[str, float]:
     """QA accuracy on the first n people of each half (periodic eval during training)."""
     w = self.world
-    out = {}
     halves = (("train", w.train_people[:n]), ("test", w.test_people[:n]))
     parts = qa_eval.qa_correct_parts(self.model, params, w, [p for _, p in halves],
                                      self.cfg.eval.batch_size)

@@ -71,10 +71,11 @@ run() {
 }
 
 if [ "$SMOKE" = 1 ]; then
-  PAPER="configs/tiny.py"; KERNELS="einsum xla"; TRAIN_STEPS=2; REPEATS=2
+  PAPER="configs/tiny.py"; KERNELS="xla"; TRAIN_STEPS=2; REPEATS=2
   SMALL_ROWS="single"; SMALL_ARG="tiny"
-  SMALL_OVERRIDES=(--config.data.n_people=200 --config.pretrain.steps=30
-                   --config.finetune.steps=10 --config.train.save_every=20)
+  SMALL_OVERRIDES=(--config.data.n_people=100 --config.pretrain.steps=20
+                   --config.finetune.steps=10 --config.train.save_every=20
+                   --config.pretrain.batch_size=16)
   ATTN=(--attention=einsum,xla,pallas)
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas cudnn xla}"

@@ -99,7 +99,7 @@ def group_stats(world, srcs, weights, bio_lens) -> dict:
   """Per group (its bio source, document weight and sampled bio token counts): people, bios,
   QA split, the weight and its share of the stream's bio positions (weight x mean positions per
   bio, normalised), bio token counts."""
-  stream = np.array([w * total / len(s) for s, w, (total, _) in
+  stream = np.array([w * total / len(s) for s, w, (total, _, _) in
                      zip(srcs, weights, world.bio_positions)])
   return {g.name: {"people": g.stop - g.start, "bios": len(s), "copies_per_person": g.aug.copies,
                    "qa_train_people": int(world.qa_train[g.start:g.stop].sum()),

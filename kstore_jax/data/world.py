@@ -115,8 +115,8 @@ class World:
     return sources.QASource(self.renderer, self.pop, people)
 
   @functools.cached_property
-  def bio_positions(self) -> list[tuple[int, int]]:
-    """(total, longest) positions of each group's bios."""
+  def bio_positions(self) -> list[tuple[int, int, int]]:
+    """(total, shortest, longest) positions of each group's bios."""
     return [_positions(self.renderer, self.group_bios(g)) for g in self.groups]
 
   def bio_mixture(self) -> tuple[list, list]:
@@ -126,7 +126,7 @@ class World:
     srcs = [self.group_bios(g) for g in self.groups]
     if len(srcs) == 1:
       return srcs, [1.0]
-    w = np.array([g.tokens * len(s) / total for g, s, (total, _) in
+    w = np.array([g.tokens * len(s) / total for g, s, (total, _, _) in
                   zip(self.groups, srcs, self.bio_positions)])
     return srcs, (w / w.sum()).tolist()
 
@@ -142,10 +142,16 @@ class World:
       return [self.qa(self.train_people)], [1.0]
     raise ValueError(f"stage {stage!r} has no document stream")
 
+  @functools.cached_property
+  def doc_positions(self) -> tuple[int, int]:
+    """(shortest, longest) bio or QA of this population, in positions (tokens - 1)."""
+    qa = _positions(self.renderer, self.qa(np.arange(len(self.pop))))
+    every = [*self.bio_positions, qa]
+    return min(s for _, s, _ in every), max(longest for _, _, longest in every)
+
   def max_doc_positions(self) -> int:
     """The longest bio or QA of this population, in positions (tokens - 1)."""
-    qa = _positions(self.renderer, self.qa(np.arange(len(self.pop))))
-    return max(longest for _, longest in [*self.bio_positions, qa])
+    return self.doc_positions[1]
 
   def chunks(self, stage: str, data_cfg, seed_offset: int = 0,
              mlm: bool = False) -> pipeline.PackedChunks:
@@ -157,16 +163,18 @@ class World:
                                  chunk_docs=data_cfg.chunk_docs, mlm=spec)
 
 
-def _positions(renderer: render.Renderer, src, block: int = 1 << 20) -> tuple[int, int]:
-  """(total, longest) positions (tokens - 1) of a source's documents. Lengths are sums of
-  piece lengths, so this needs no rendering: a pass over piece ids, `block` docs at a time."""
-  total = longest = 0
+def _positions(renderer: render.Renderer, src, block: int = 1 << 20) -> tuple[int, int, int]:
+  """(total, shortest, longest) positions (tokens - 1) of a source's documents. Lengths are
+  sums of piece lengths, so this needs no rendering: a pass over piece ids, `block` docs at a
+  time."""
+  total, shortest, longest = 0, np.iinfo(np.int64).max, 0
   for s in range(0, len(src), block):
     pieces = src.pieces(np.arange(s, min(s + block, len(src))))
     pieces = pieces[0] if isinstance(pieces, tuple) else pieces
     positions = renderer.piece_len[pieces].sum(1) - 1
-    total, longest = total + int(positions.sum()), max(longest, int(positions.max()))
-  return total, longest
+    total += int(positions.sum())
+    shortest, longest = min(shortest, int(positions.min())), max(longest, int(positions.max()))
+  return total, shortest, longest
 
 
 def build_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:

@@ -45,6 +45,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   remat: str = "none"            # a REMAT_POLICIES name: what the backward pass recomputes
   scan_layers: bool = False      # training: one scanned block instead of num_layers unrolled
+  max_docs: int = 0              # the most documents a packed row holds (cudnn); 0: its length
   attention: str = "einsum"      # an `attention.IMPLEMENTATIONS` name (resolved: not 'auto')
   platform: str = "cpu"          # what the model is lowered for: cpu | cuda | rocm | tpu
 
@@ -62,7 +63,7 @@ class ModelConfig:
   def from_config(cls, model_cfg, vocab_size: int, platform: str) -> "ModelConfig":
     """The model of config section `model_cfg` lowered for `platform`: `auto` dtype and
     attention resolved for it (`attention.resolve_dtype`, `attention.resolve`)."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform", "max_docs"}
     kw = {k: model_cfg[k] for k in fields if k in model_cfg}
     kw["dtype"] = attention_lib.resolve_dtype(kw.get("dtype", "auto"), platform)
     kw["attention"] = attention_lib.resolve(kw.get("attention", "auto"), platform)
@@ -166,12 +167,13 @@ class Attention(nn.Module):
     proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
                              ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
     q_BLHD, k_BLHD, v_BLHD = (proj(n)(x_BLD) for n in ("query", "key", "value"))
+    L = x_BLD.shape[1]
     q_BLHD = rotary(q_BLHD, rot, cfg.rotary_dim)
     k_BLHD = rotary(k_BLHD, rot, cfg.rotary_dim)
     if cache is None:
       out_BLHD = attention_lib.self_attention(
           cfg.attention, q_BLHD, k_BLHD, v_BLHD, positions_BL, segment_ids_BL, cfg.causal,
-          interpret=cfg.platform == "cpu")
+          interpret=cfg.platform == "cpu", max_docs=min(cfg.max_docs or L, L))
     else:
       # Write this call's keys/values at columns [index, index + L) of this layer's head-major
       # cache: one dynamic-update-slice, the same columns for every row, done in place (each
