@@ -1,12 +1,14 @@
 """Training end to end, run as a user would (`python -m kstore_jax.main` subprocesses):
 loss falls, 1 vs 8 fake devices agree, kill -9 / SIGTERM resume bit-exactly, a checkpoint
-written on 8 devices restores on 1 and 4, a damaged newest checkpoint is skipped, NaN stops
-the run, and every bioS row config starts.
+written on 8 devices restores on 1 and 4, a damaged newest checkpoint is skipped, an error
+restoring an intact one stops the run and keeps it, NaN stops the run, and every bioS row
+config starts.
 
 Compile time dominates, so the runs share one persistent JAX compilation cache (identical
 programs compile to identical executables: it changes no number) and module-scoped fixtures.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -110,6 +112,13 @@ def interrupt_mid_run(proc, workdir, sig, timeout=240) -> int:
 
 def copy_tree(src, dst) -> None:
   subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+
+
+def tree_digest(path) -> dict[str, str]:
+  """{relative path: sha256 of a file's bytes, or 'dir'} of everything under `path`."""
+  path = pathlib.Path(path)
+  return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+          else "dir" for p in sorted(path.rglob("*"))}
 
 
 # -- shared runs --------------------------------------------------------------------------
@@ -217,13 +226,61 @@ def test_damaged_newest_checkpoint_falls_back(baseline, tmp_path, jax_cache):
   largest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   with open(largest, "r+b") as f:
     f.truncate(largest.stat().st_size // 2)
+  cut = f"{largest.relative_to(state.parent)} has {largest.stat().st_size} bytes"
   r = ok(train(wd, jax_cache))
   older = STEPS - SAVE_EVERY
   assert f"resumed from step {older}" in r.stdout, r.stdout
   assert f"checkpoint step {STEPS}" in r.stderr and "unreadable" in r.stderr, r.stderr[-2000:]
+  assert cut in r.stderr, r.stderr[-2000:]   # told from the step's manifest
   assert deterministic(metrics(wd)) == deterministic(rows1)
   assert (wd / "pretrain/final").is_dir()
   assert checkpoint_steps(wd) == [older, STEPS]   # step 40 saved again
+  assert (wd / f"pretrain/checkpoints/{STEPS}.unreadable").is_dir()   # the damaged one, aside
+
+
+# `python -m kstore_jax.main ARGS` with every orbax CheckpointManager.restore failing.
+FAILING_RESTORE = r"""
+import runpy, sys
+import kstore_jax   # first: it sets the allocator up before JAX starts (heap.py)
+import orbax.checkpoint as ocp
+
+def failing_restore(self, step, *args, **kwargs):
+  raise OSError(5, f"Input/output error (injected at step {step})")
+
+ocp.CheckpointManager.restore = failing_restore
+sys.argv = ["kstore_jax.main", *sys.argv[1:]]
+runpy.run_module("kstore_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_restore_error_stops_keeps_checkpoints_and_rerun_resumes(baseline, tmp_path,
+                                                                  jax_cache):
+  """An error restoring an intact step (an I/O error here; out of memory or a code change
+  alike) is not damage: one error line naming the step and the cause, a non-zero exit, not a
+  byte of the stage changed (no step set aside, metrics.jsonl not truncated); the next run
+  resumes from that step on exactly the next batch."""
+  src, rows1 = baseline
+  wd = tmp_path / "restore_error"
+  copy_tree(src, wd)   # a run stopped after its step-30 checkpoint
+  resume = STEPS - SAVE_EVERY
+  subprocess.run(["rm", "-rf", str(wd / "pretrain/final"),
+                  str(wd / f"pretrain/checkpoints/{STEPS}")], check=True)
+  assert checkpoint_steps(wd) == [resume]
+  before = tree_digest(wd / "pretrain")
+  r = subprocess.run([sys.executable, "-c", FAILING_RESTORE, *main_cmd(wd)[3:]], cwd=ROOT,
+                     env=run_env(1, jax_cache), capture_output=True, text=True, timeout=300,
+                     check=False)
+  assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+  errors = [l for l in r.stderr.splitlines() if l.startswith("kstore_jax.main: error: ")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  assert f"checkpoint step {resume} " in errors[0], errors[0]
+  assert "OSError: [Errno 5] Input/output error (injected" in errors[0], errors[0]
+  assert "resumed" not in r.stdout and "step 1/" not in r.stdout, r.stdout[-2000:]
+  assert tree_digest(wd / "pretrain") == before
+  r = ok(train(wd, jax_cache))
+  assert f"resumed from step {resume}" in r.stdout, r.stdout
+  assert deterministic(metrics(wd)) == deterministic(rows1)
+  assert (wd / "pretrain/final").is_dir()
 
 
 def test_nan_stops_the_run_and_keeps_last_good_checkpoint(tmp_path, jax_cache):

@@ -3,7 +3,13 @@
 A stage writes `checkpoints/` (CheckpointManager, async, keep-last-k) while it trains and
 `final/` (the effective model params, StandardCheckpointer) when it ends; later stages read
 `final/`. Restores go onto the current mesh: every abstract leaf carries its current sharding.
-A damaged newest step is still listed by orbax, so `restore_latest` falls back step by step.
+
+Each step this code saves gets a manifest once orbax has committed it
+(`<step>/kstore_manifest.json`: the size of every file of its `state` item), so a resume can
+tell a damaged step (a file missing or cut short, unparsable metadata) from a failure that
+has nothing to do with the files (an I/O error, out of memory, a state that does not fit the
+current code). `restore_latest` sets only the former aside and falls back to an older step;
+the latter stops the run with a one-line `CheckpointError` and leaves every step in place.
 """
 
 import json
@@ -14,6 +20,16 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from kstore_jax.configlib import ConfigError
+
+MANIFEST = "kstore_manifest.json"
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint step that is not shown damaged could not be restored. The message is one
+  line naming the step and the cause (the command-line tools print it as their one-line error,
+  exit status 2); no checkpoint was moved or removed, so a rerun retries the same step."""
+
 
 class Checkpointer:
 
@@ -23,40 +39,125 @@ class Checkpointer:
         self.directory, item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                              create=True))
+    self._unrecorded = []   # steps saved here whose manifest is not written yet
 
   def save(self, step: int, state, data_iter) -> None:
+    # orbax's save waits for the previous save to finish anyway: wait here and record it
+    self.manager.wait_until_finished()
+    self._record()
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+    self._unrecorded.append(step)
 
   def restore_latest(self, abstract_state, data_iter):
-    """(step, state) of the newest readable step, or (0, None) if there is none.
+    """(step, state) of the newest step, or (0, None) if there is none.
 
-    Unreadable newer steps are renamed aside (`<step>.unreadable`): left in place, they would
-    make the save of that step number fail later (orbax: StepAlreadyExistsError).
+    A step shown damaged (`damage`) is skipped for the next older one, and the damaged steps
+    are renamed aside (`<step>.unreadable`): left in place, they would make the save of that
+    step number fail later (orbax: StepAlreadyExistsError). A step not shown damaged that
+    fails to restore (or whose files cannot be checked) raises CheckpointError naming the
+    step and the cause; then nothing has been moved (damaged newer steps included), so a
+    rerun after the cause is gone resumes from that step.
     """
-    unreadable = []
+    damaged = []
     result = 0, None
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        foreign = self._data_state_of_other_process_count(step)
-        if foreign is None:
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=grain.checkpoint.CheckpointRestore(data_iter)))
-        else:
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state)))
-          data_iter.set_state(foreign)
-        result = step, restored["state"]
-        break
-      except Exception as e:  # orbax raises many types for damaged files; fall back
-        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-        unreadable.append(step)
-    if unreadable:
-      self._set_aside(unreadable)
+        why = self.damage(step)
+      except OSError as e:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory}: its files could "
+                              f"not be checked ({_cause(e)}); nothing was moved") from e
+      if why is not None:
+        logging.warning("checkpoint step %d in %s is unreadable: %s; trying an older one",
+                        step, self.directory, why)
+        damaged.append(step)
+        continue
+      try:
+        result = step, self._restore(step, abstract_state, data_iter)
+      except Exception as e:  # any cause: re-raised as one line naming the step, files kept
+        path = os.path.join(self.directory, str(step))
+        checked = ("its files have the sizes they were saved with"
+                   if os.path.exists(os.path.join(path, MANIFEST)) else
+                   "its files show no damage (it has no manifest of their sizes)")
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} could not be restored ({_cause(e)}); "
+            f"{checked}, so nothing was moved: rerun once the cause is gone, or move {path} "
+            "aside to resume from an older step") from e
+      break
+    if damaged:
+      self._set_aside(damaged)
     return result
+
+  def _restore(self, step: int, abstract_state, data_iter):
+    foreign = self._data_state_of_other_process_count(step)
+    if foreign is None:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    data_iter.set_state(foreign)
+    return restored["state"]
+
+  def damage(self, step: int) -> str | None:
+    """How the files of `step` are shown damaged, or None when they are not.
+
+    Damaged: with a manifest (written after orbax committed the step), a `state` file it
+    lists is missing or has another size, or the manifest itself is unparsable; without one
+    (a step saved before manifests existed, or one whose run was killed before writing it),
+    `state/_METADATA` is missing; and, either way, `state/_METADATA` or a Grain state file
+    (`data/process_*.json`, at least one) is missing or unparsable. Grain's files are not in
+    the manifest: a run resumed with another process count reads any of them. A file that
+    exists but cannot be read raises OSError (not damage: maybe transient).
+    """
+    path = os.path.join(self.directory, str(step))
+    if not os.path.isdir(path):
+      return "its directory is missing"
+    manifest = os.path.join(path, MANIFEST)
+    if os.path.exists(manifest):
+      with open(manifest) as f:
+        text = f.read()
+      try:
+        sizes = json.loads(text)["files"]
+        sizes = {str(k): int(v) for k, v in sizes.items()}
+      except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its manifest {MANIFEST} is unparsable"
+      for rel, size in sorted(sizes.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+          return f"{rel} is missing"
+        if (got := os.path.getsize(file)) != size:
+          return f"{rel} has {got} bytes, {size} when saved"
+    jsons = [os.path.join("state", "_METADATA")]
+    data_dir = os.path.join(path, "data")
+    states = sorted(n for n in os.listdir(data_dir) if n.startswith("process_")
+                    and n.endswith(".json")) if os.path.isdir(data_dir) else []
+    if not states:
+      return "data/ holds no Grain state (process_*.json)"
+    jsons += [os.path.join("data", n) for n in states]
+    for rel in jsons:
+      file = os.path.join(path, rel)
+      if not os.path.isfile(file):
+        return f"{rel} is missing"
+      with open(file) as f:
+        text = f.read()
+      try:
+        json.loads(text)
+      except ValueError:
+        return f"{rel} is unparsable"
+    return None
+
+  def _record(self) -> None:
+    """Write the manifest of every step saved here since the last call (process 0; call once
+    orbax has finished them: a step directory exists only once committed). A step that
+    max_to_keep has removed meanwhile is skipped."""
+    if jax.process_index() == 0:
+      for step in self._unrecorded:
+        path = os.path.join(self.directory, str(step))
+        if os.path.isdir(path):
+          write_manifest(path)
+    self._unrecorded = []
 
   def _data_state_of_other_process_count(self, step: int):
     """The Grain state of `step` when it was saved by a different number of processes.
@@ -96,11 +197,34 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
+    """Block until the pending save is committed, and write its manifest."""
     self.manager.wait_until_finished()
+    self._record()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+
+def write_manifest(step_dir: str) -> None:
+  """`<step_dir>/kstore_manifest.json`: {"files": {path under step_dir: size}} of every file
+  of the step's `state` item, written atomically (a temporary file renamed)."""
+  state = os.path.join(step_dir, "state")
+  sizes = {}
+  for root, _, names in os.walk(state):
+    for n in names:
+      file = os.path.join(root, n)
+      sizes[os.path.relpath(file, step_dir)] = os.path.getsize(file)
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"files": sizes}, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def _cause(e: BaseException) -> str:
+  """`Type: first line of the message` (at most 200 characters of it)."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def abstract_with_shardings(tree, shardings):
