@@ -15,6 +15,7 @@ from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from kstore_jax import configlib
@@ -87,6 +88,8 @@ def run(main: Callable, prog: str,
       configlib.fail(str(e), prog)
 
   def guarded(args):
+    if not flags.FLAGS["verbosity"].present:   # jax/orbax/grain INFO lines drown the output
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(args)
     except ConfigError as e:

@@ -7,7 +7,7 @@ Everything is validated before the workdir is touched; errors are one line namin
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from kstore_jax import cli, configlib
 
@@ -44,8 +44,6 @@ def main(argv):
     raise configlib.ConfigError(f"unexpected argument {argv[1]!r}")
   if not _WORKDIR.value:
     raise configlib.ConfigError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax/grain INFO lines drown the progress
   maybe_initialize_distributed()
   import jax
   from kstore_jax import experiment

@@ -11,7 +11,7 @@
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
-# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas cudnn xla").
+# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas xla cudnn").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
@@ -78,7 +78,7 @@ if [ "$SMOKE" = 1 ]; then
                    --config.pretrain.batch_size=16)
   ATTN=(--attention=einsum,xla,pallas)
 else
-  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas cudnn xla}"
+  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
   TRAIN_STEPS=10; REPEATS=20
   SMALL_ROWS="single multi5_permute"; SMALL_ARG="small"; SMALL_OVERRIDES=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
@@ -110,19 +110,21 @@ if has profile; then   # where the first kernel's train step spends its time
   run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" --train_steps=3 \
     --config.model.attention="${KERNELS%% *}"
 fi
-if has train; then
-  for k in $KERNELS; do
-    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" --train_steps="$TRAIN_STEPS" \
-      --config.model.attention="$k"
-  done
+if has train; then   # the first kernel (the default's) in its variants first, then the others
   first="${KERNELS%% *}"
-  run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" \
-    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab
+  run "train_$first" 120 "${BENCH[@]}" train --config="$PAPER" --train_steps="$TRAIN_STEPS" \
+    --config.model.attention="$first"
   # every bioS document fits in 128 positions: 128 x (4 x batch) rows are the same function
   # with a quarter of the attention work
   [ "$SMOKE" = 1 ] || run "train_${first}_rows128" 120 "${BENCH[@]}" train --config="$PAPER" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
     --config.data.seq_len=128 --config.pretrain.batch_size=384
+  run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" \
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab
+  for k in ${KERNELS#"$first"}; do
+    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" --train_steps="$TRAIN_STEPS" \
+      --config.model.attention="$k"
+  done
 fi
 if has small; then
   for row in $SMALL_ROWS; do
