@@ -28,6 +28,7 @@ from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
 TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune")
 PROBE_STAGES = ("pprobe", "qprobe")
 BASE_STAGES = ("pretrain", "pretrain_mixed")
+PRODUCED_BY = "produced_by"   # results.json: {key: the stage that wrote it}
 
 
 def model_vocab(renderer) -> int:
@@ -176,6 +177,7 @@ class Experiment:
     return checkpoint.load_params(self.final_dir(stage), self.model_abstract[0])
 
   def run(self) -> None:
+    self.write_results(None, {})   # drop an earlier run's entries of stages not configured now
     for stage in self.stages():
       if stage in TRAIN_STAGES:
         if os.path.isdir(self.final_dir(stage)):
@@ -264,7 +266,7 @@ class Experiment:
       total = total + np.asarray(acc(base, params, batch)) * len(idx)
       n += len(idx)
     matrix = total / n
-    results = self.read_results()
+    results = {}
     if stage == "pprobe":
       results["pprobe"] = matrix.tolist()
     else:
@@ -273,7 +275,7 @@ class Experiment:
     labels = probes.probe_labels(w.pop, test.people)
     results["probe_baseline"] = {a: float(np.bincount(labels[:, i]).max() / len(labels))
                                  for i, a in enumerate(ATTRIBUTES)}
-    self.workdir.write_json("results.json", results)
+    self.write_results(stage, results)
     print(f"[{stage}] accuracy by position x attribute:\n{np.round(matrix, 3)}", flush=True)
 
   def sample_eval(self, params, n: int) -> dict[str, float]:
@@ -295,7 +297,7 @@ class Experiment:
     cfg, w = self.cfg, self.world
     src = self.source_stage("eval", TRAIN_STAGES)
     params = self.load_final(src)
-    results = self.read_results()
+    results = {}
     test, train = self.eval_people()
     (correct, attrs, alens), (train_correct, train_attrs, _) = qa_eval.qa_correct_parts(
         self.model, params, w, [test, train], cfg.eval.batch_size)
@@ -311,7 +313,7 @@ class Experiment:
     results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w, test,
                                                cfg.eval.batch_size)
     results["evaluated_stage"] = src
-    self.workdir.write_json("results.json", results)
+    self.write_results("eval", results)
     print(f"[eval] {src}: QA test {results['qa_test']['mean']:.3f} "
           f"train {results['qa_train']['mean']:.3f} | bio recall "
           f"{results['bio_recall']['mean']:.3f}", flush=True)
@@ -320,9 +322,28 @@ class Experiment:
             f"[eval] group {name}: no held-out people", flush=True)
     return results
 
-  def read_results(self) -> dict:
+  def write_results(self, stage: str | None, entries: dict) -> None:
+    """Record `entries` as `stage`'s in results.json (process 0 writes it; the others return).
+
+    The file holds the entries of the stages in this config's stage list only: an earlier
+    run's entries of any other stage (or of no recorded stage: a file written before
+    PRODUCED_BY existed) are dropped, and so are `stage`'s own earlier entries. PRODUCED_BY
+    maps each key to the stage that wrote it (`python -m kstore_jax.inspect` shows it). A
+    file left empty is removed; `stage` None only drops entries."""
+    if jax.process_index() != 0:
+      return
     path = self.workdir.file("results.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    by = old.pop(PRODUCED_BY, {})
+    keep = set(self.stages()) - {stage}
+    results = {k: v for k, v in old.items() if by.get(k) in keep}
+    by = {k: by[k] for k in results}
+    results.update(entries)
+    by.update({k: stage for k in entries})
+    if results:
+      self.workdir.write_json("results.json", {**results, PRODUCED_BY: by})
+    elif os.path.exists(path):
+      os.remove(path)
 
 
 def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:

@@ -4,7 +4,8 @@
         [--json] [--no_restore]
 
 Lists the stages present (saved checkpoint steps, whether `final/` exists, the last metrics
-line), the config, and for one checkpoint (default: the newest step of `--stage`): the
+line), the keys of results.json under the stage that produced each (its `produced_by` map),
+the config, and for one checkpoint (default: the newest step of `--stage`): the
 parameter tree (path, shape, dtype, the sharding it was saved with), parameter counts per
 top-level module, an optimizer-state summary, the training step, and the Grain iterator state
 saved next to it. Shapes, dtypes and shardings come from orbax metadata (no model is built);
@@ -22,10 +23,12 @@ import tempfile
 
 from absl import flags, logging
 
+from configs.base import STAGE_NAMES
 from kstore_jax import cli
 from kstore_jax.configlib import ConfigError
 
 TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe")
+PRODUCED_BY = "produced_by"   # results.json: {key: stage} (kstore_jax.experiment.PRODUCED_BY)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
 _STAGE = flags.DEFINE_string("stage", None, "Stage to inspect (default: pretrain, else the "
@@ -282,6 +285,7 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
   res_path = os.path.join(workdir, "results.json")
   if os.path.exists(res_path):
     out["results"] = _read_json(res_path, "results")
+    out["results_by_stage"] = results_by_stage(out["results"])
   if not stages:
     raise ConfigError(f"--workdir={workdir}: no stage directories "
                       f"({', '.join(TRAIN_STAGES)}) in it: is it a kstore_jax run?")
@@ -349,10 +353,9 @@ def format_report(r: dict) -> str:
                  f"{'yes' if s['final'] else 'no ':<4} {last}{extra}")
   res = r.get("results")
   if res:
-    parts = [f"{k} {v['mean']:.3f}" for k, v in res.items()
-             if isinstance(v, dict) and "mean" in v]
-    lines.append(f"results.json: {', '.join(parts)}"
-                 + (f" (evaluated {res['evaluated_stage']})" if "evaluated_stage" in res else ""))
+    lines.append("results.json (each key under the stage that produced it):")
+    for stage, keys in results_by_stage(res).items():
+      lines.append(f"  {stage:<15} " + ", ".join(_result_str(k, res[k]) for k in keys))
   if cfg:
     lines.append("config:")
     scalars = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
@@ -394,6 +397,28 @@ def format_report(r: dict) -> str:
   lines.append(f"last metrics line ({r['stage']}): "
                + (json.dumps(m, sort_keys=True) if m else "none"))
   return "\n".join(lines)
+
+
+def results_by_stage(results: dict) -> dict[str, list[str]]:
+  """{stage: its keys} of results.json, by its `produced_by` map ({key: stage}), in stage
+  order; keys it does not name (a file written before it existed) under "(not recorded)"."""
+  by = results.get(PRODUCED_BY)
+  by = by if isinstance(by, dict) else {}
+  out: dict[str, list[str]] = {}
+  for k in sorted(results):
+    if k != PRODUCED_BY:
+      out.setdefault(str(by.get(k, "(not recorded)")), []).append(k)
+  order = {s: i for i, s in enumerate(STAGE_NAMES)}
+  return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _result_str(key: str, v) -> str:
+  """`key`, with its mean (`qa_test 0.512`) or, for a plain string, its value."""
+  if isinstance(v, dict) and isinstance(v.get("mean"), (int, float)):
+    return f"{key} {v['mean']:.3f}"
+  if isinstance(v, str):
+    return f"{key}={v}"
+  return key
 
 
 def _short(v) -> str:

@@ -174,6 +174,62 @@ def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
   assert losses(wd) == losses(run_dir)
 
 
+PROBE_ARGS = ["--config.pprobe.steps=4", "--config.qprobe.steps=4",
+              "--config.pprobe.batch_size=4", "--config.qprobe.batch_size=4"]
+EVAL_KEYS = {"qa_test", "qa_test_by_tokens", "qa_train", "bio_recall", "evaluated_stage"}
+PROBE_KEYS = {"pprobe", "qprobe", "probe_baseline"}
+
+
+def results_lines(out: str) -> dict[str, str]:
+  """{stage: its line} of the inspect report's results.json section."""
+  lines = out.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("results.json ("))
+  section = []
+  for l in lines[start + 1:]:
+    if not l.startswith("  "):
+      break
+    section.append(l)
+  return {l.split()[0]: l for l in section}
+
+
+def test_results_json_holds_only_the_configured_stages(tmp_path, jax_cache):
+  """A run with the `probe` variant, then the same workdir without it (only `stages` differs,
+  as the resume rule allows): the rerun's results.json has no pprobe/qprobe/probe_baseline
+  left, `produced_by` names each key's stage, inspect lists the keys under their stage, and
+  report still reads the file."""
+  wd = tmp_path / "run"
+
+  def main(config):
+    r = tool("main", f"--config={config}", *RUN_ARGS[1:], *PROBE_ARGS, f"--workdir={wd}",
+             cache=jax_cache, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((wd / "results.json").read_text())
+
+  def inspect_results():
+    r = tool("inspect", f"--workdir={wd}", "--restore=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return results_lines(r.stdout)
+
+  res1 = main("configs/single.py:tiny,probe")
+  assert set(res1) == EVAL_KEYS | PROBE_KEYS | {"produced_by"}
+  assert res1["produced_by"] == {**{k: "eval" for k in EVAL_KEYS}, "pprobe": "pprobe",
+                                 "qprobe": "qprobe", "probe_baseline": "qprobe"}
+  lines = inspect_results()
+  assert set(lines) == {"eval", "pprobe", "qprobe"}, lines
+  assert "qa_test " in lines["eval"] and "evaluated_stage=finetune" in lines["eval"], lines
+  assert "pprobe" in lines["pprobe"].split(None, 1)[1] and "qprobe " in lines["qprobe"], lines
+
+  res2 = main("configs/single.py:tiny")
+  assert set(res2) == EVAL_KEYS | {"produced_by"}, sorted(res2)
+  assert res2["produced_by"] == {k: "eval" for k in EVAL_KEYS}
+  assert res2["qa_test"] == res1["qa_test"]   # the same finetuned model, evaluated again
+  lines = inspect_results()
+  assert set(lines) == {"eval"}, lines
+  r = tool("report", str(wd))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "results.json lacks" not in r.stdout, r.stdout
+  assert f"{100 * res2['qa_test']['mean']:.1f}" in r.stdout, r.stdout
+
 # -- ask --------------------------------------------------------------------------------------
 def test_ask_by_name_prints_every_attribute_with_truth(run_dir, population, jax_cache):
   name = population.full_name(0)
