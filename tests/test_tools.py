@@ -225,7 +225,7 @@ def test_results_json_holds_only_the_configured_stages(tmp_path, jax_cache):
   assert res2["qa_test"] == res1["qa_test"]   # the same finetuned model, evaluated again
   lines = inspect_results()
   assert set(lines) == {"eval"}, lines
-  r = tool("report", str(wd))
+  r = tool("report", str(wd), f"--out={tmp_path / 'report.md'}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "results.json lacks" not in r.stdout, r.stdout
   assert f"{100 * res2['qa_test']['mean']:.1f}" in r.stdout, r.stdout
