@@ -2,12 +2,19 @@
 stored its people's bios from an untrained one; a bfloat16 run trains like float32 and
 evaluates."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import runs
 from configs import base
 from kstore_jax.data import pipeline, tokenizer as tokenizer_lib, world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES
@@ -76,3 +83,77 @@ def test_bio_recall_separates_stored_from_random(world, stored):
   assert never["mean"] <= 0.1, never
   untrained = qa_eval.bio_recall(model, init_params, world, np.arange(N_PEOPLE), batch_size=3)
   assert untrained["mean"] <= 0.1 and all(untrained[a] <= 0.25 for a in ATTRIBUTES), untrained
+
+
+# -- a bfloat16 run ---------------------------------------------------------------------------
+# configs/tiny.py shrunk as tests/runs.py does: 100 people, 2 layers of width 64, batch 8.
+BF16_STEPS = 100
+BF16_RUN = [
+    "--config=configs/tiny.py", "--config.data.n_people=100", "--config.data.seq_len=160",
+    "--config.data.vocab_size=1024", "--config.model.num_layers=2", "--config.model.d_model=64",
+    "--config.model.num_heads=4", "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
+    f"--config.pretrain.steps={BF16_STEPS}", "--config.pretrain.warmup_steps=10",
+    "--config.train.log_every=1", "--config.train.save_every=1000",
+    "--config.eval.max_people=20", "--config.pprobe.steps=5", "--config.qprobe.steps=5",
+    "--config.pprobe.batch_size=8", "--config.qprobe.batch_size=8",
+]
+LOSS_DROP = 2.0        # measured: first-10 mean 6.60 -> last-10 mean 3.73 (both dtypes)
+FINAL_TOL = 0.01       # measured |bf16 - f32| of the last-10 mean: 3e-5
+STEP_TOL = 0.02        # measured largest per-step |bf16 - f32|: 1.2e-3
+
+
+def _losses(workdir) -> np.ndarray:
+  rows = [json.loads(l) for l in (workdir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, BF16_STEPS + 1))
+  return np.array([r["loss"] for r in rows])
+
+
+@pytest.fixture(scope="module")
+def dtype_runs(tmp_path_factory):
+  """The same run in bfloat16 (pretrain, QA eval, P- and Q-probes) and in float32 (pretrain),
+  side by side: `python -m kstore_jax.main` subprocesses on CPU."""
+  base_dir = tmp_path_factory.mktemp("dtype")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COMPILATION_CACHE_DIR=str(base_dir / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  stages = {"bfloat16": "pretrain,eval,pprobe,qprobe", "float32": "pretrain"}
+  procs = {}
+  for dtype, st in stages.items():
+    log = open(base_dir / f"{dtype}.log", "w")   # a file, not a pipe: nobody reads it meanwhile
+    procs[dtype] = log, subprocess.Popen(
+        [sys.executable, "-m", "kstore_jax.main", *BF16_RUN, f"--config.model.dtype={dtype}",
+         f"--config.stages={st}", f"--workdir={base_dir / dtype}"], cwd=runs.ROOT, env=env,
+        stdout=log, stderr=subprocess.STDOUT)
+  for dtype, (log, proc) in procs.items():
+    rc = proc.wait(timeout=600)
+    log.close()
+    assert rc == 0, f"{dtype}: exit {rc}\n{(base_dir / f'{dtype}.log').read_text()[-3000:]}"
+  return {dtype: base_dir / dtype for dtype in stages}
+
+
+def test_bfloat16_run_trains_like_float32_and_evaluates(dtype_runs):
+  """`--config.model.dtype=bfloat16` on CPU: the loss falls by >= LOSS_DROP over 100 steps, ends
+  (last-10 mean) within FINAL_TOL of the same run in float32 and stays within STEP_TOL of it at
+  every step, yet differs from it (bf16 compute took effect); QA eval, bio recall and both
+  probes run on the bf16 model and report accuracies in [0, 1]."""
+  bf16, f32 = _losses(dtype_runs["bfloat16"]), _losses(dtype_runs["float32"])
+  assert json.loads((dtype_runs["bfloat16"] / "config.json").read_text())["model"]["dtype"] \
+      == "bfloat16"
+  assert np.isfinite(bf16).all()
+  assert bf16[:10].mean() - bf16[-10:].mean() >= LOSS_DROP, (bf16[:10].mean(), bf16[-10:].mean())
+  assert abs(bf16[-10:].mean() - f32[-10:].mean()) <= FINAL_TOL, (bf16[-10:], f32[-10:])
+  assert np.abs(bf16 - f32).max() <= STEP_TOL, np.abs(bf16 - f32).max()
+  assert (bf16 != f32).any()
+  res = json.loads((dtype_runs["bfloat16"] / "results.json").read_text())
+
+  def unit(x):
+    return np.isfinite(x) and 0.0 <= x <= 1.0
+
+  for key in ("qa_test", "qa_train", "bio_recall", "qprobe"):
+    assert set(res[key]) == set(ATTRIBUTES) | {"mean"}, key
+    assert all(unit(v) for v in res[key].values()), (key, res[key])
+  pprobe = np.array(res["pprobe"])
+  assert pprobe.shape == (len(ATTRIBUTES), len(ATTRIBUTES))
+  assert all(unit(v) for v in pprobe.ravel()), pprobe
