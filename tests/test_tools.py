@@ -5,6 +5,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,120 @@ def test_ask_prompt_completes(run_dir, population, jax_cache):
   assert d["prompt"] == prompt and 0 <= d["new_tokens"] <= 5
   assert isinstance(d["completion"], str)
 
+
+ASK_QUESTION = re.compile(r"^  ([✓✗]) (\S+) +Q: ([^\n]*)\n +model: (.*?) +truth: ([^\n]*)$",
+                          re.S)
+ASK_HEADER = re.compile(r"^(.+)  \(person (\d+), QA (in training \(train half\)|held out "
+                        r"\(test half\)); model: (\w+)/final\)$")
+
+
+def parse_ask(text: str) -> tuple[list[dict], tuple[int, int]]:
+  """`ask`'s text output as one record per question, and its closing 'n/M correct' counts."""
+  lines = text.rstrip("\n").split("\n")
+  total = re.fullmatch(r"(\d+)/(\d+) correct", lines[-1])
+  assert total, lines[-1]
+  # a question is its mark line and the lines up to the next mark or person line
+  chunks, person = [], None
+  for line in lines[:-1]:
+    header = ASK_HEADER.match(line)
+    if header:
+      person = header
+    elif line.startswith(("  ✓ ", "  ✗ ")):
+      chunks.append([person, line])
+    else:
+      chunks[-1][1] += "\n" + line
+  out = []
+  for header, chunk in chunks:
+    q = ASK_QUESTION.match(chunk)
+    assert q, chunk
+    out.append(dict(name=header[1], person=int(header[2]),
+                    split="train" if header[3].startswith("in training") else "test",
+                    stage=header[4], mark=q[1], attribute=q[2], question=q[3], answer=q[4],
+                    truth=q[5]))
+  return out, (int(total[1]), int(total[2]))
+
+
+def test_ask_random_split_compares_with_truth(run_dir, population, jax_cache):
+  """`--random=N --split=test|train`: --random above the half's size asks everyone of that half
+  once; the two halves split the population in two; every question prints the population's
+  value as the truth and ✓ exactly when the model's answer is that value; the closing count is
+  the number of ✓ out of 6 per person (text), or `correct` / `asked` (--json)."""
+  r = tool("ask", f"--workdir={run_dir}", f"--random={N_PEOPLE}", "--split=test", "--seed=3",
+           cache=jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  records, (n_right, n_asked) = parse_ask(r.stdout)
+  test_people = sorted({rec["person"] for rec in records})
+  assert len(records) == n_asked == len(ATTRIBUTES) * len(test_people)
+  assert n_right == sum(rec["mark"] == "✓" for rec in records)
+  for rec in records:
+    p = rec["person"]
+    assert rec["split"] == "test" and rec["stage"] == "finetune"
+    assert rec["name"] == population.full_name(p) and rec["name"] in rec["question"]
+    assert rec["truth"] == population.values(p)[rec["attribute"]], rec
+    assert (rec["mark"] == "✓") == (rec["answer"] == rec["truth"]), rec
+  assert [rec["attribute"] for rec in records] == list(ATTRIBUTES) * len(test_people)
+
+  r = tool("ask", f"--workdir={run_dir}", f"--random={N_PEOPLE}", "--split=train", "--json",
+           cache=jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  d = json.loads(r.stdout)
+  train_people = sorted({a["person"] for a in d["answers"]})
+  assert d["asked"] == len(d["answers"]) == len(ATTRIBUTES) * len(train_people)
+  assert d["correct"] == sum(a["correct"] for a in d["answers"])
+  for a in d["answers"]:
+    assert a["qa_split"] == "train" and a["name"] == population.full_name(a["person"])
+    assert a["truth"] == population.values(a["person"])[a["attribute"]], a
+    assert a["correct"] == (a["answer"] == a["truth"]), a
+  # configs/base.py: qa_train_fraction 0.5 -> two disjoint halves of everyone
+  assert len(test_people) == len(train_people) == N_PEOPLE // 2
+  assert sorted(test_people + train_people) == list(range(N_PEOPLE))
+
+  r = tool("ask", f"--workdir={run_dir}", "--random=3", "--split=test", "--seed=3", "--json",
+           cache=jax_cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  few = [a["person"] for a in json.loads(r.stdout)["answers"]]
+  assert len(set(few)) == 3 and set(few) <= set(test_people) and len(few) == 18
+
+
+def test_ask_marks_right_and_wrong_answers(run_dir, population, monkeypatch):
+  """The tiny run answers nothing right, so give `ask` the answers: the true value + EOT (must
+  be ✓), the true value running on without EOT, and another person's value (✗ unless it is the
+  same string): a mark is ✓ exactly when the printed answer is the population's value, and the
+  count adds up."""
+  from kstore_jax import ask
+  from kstore_jax.eval import qa_eval
+  asker = ask.Asker(str(run_dir))
+  people = asker.random_people(4, seed=0, split="train")
+  eot = asker.world.renderer.eot_id
+
+  def forced(model, params, world, qs, max_new):
+    out = np.full((len(qs.attrs_N), max_new), eot, np.int32)
+    for i in range(len(qs.attrs_N)):
+      kind = i % 3
+      src = i if kind < 2 else (i + len(ATTRIBUTES)) % len(qs.attrs_N)   # next person's
+      value = qs.answers_NW[src, :qs.alens_N[src] - 1]
+      out[i, :len(value)] = value
+      if kind == 1:
+        out[i, len(value):len(value) + 2] = value[:2]                     # no EOT: runs on
+    return out
+
+  monkeypatch.setattr(qa_eval, "answer", forced)
+  records = asker.ask(people)
+  text = ask.format_records(records, asker.stage)
+  parsed, (n_right, n_asked) = parse_ask(text)
+  assert n_asked == len(parsed) == len(records) == 4 * len(ATTRIBUTES)
+  marks = [rec["mark"] for rec in parsed]
+  assert n_right == marks.count("✓")
+  for i, (rec, got) in enumerate(zip(parsed, records)):
+    truth = population.values(rec["person"])[rec["attribute"]]
+    assert rec["truth"] == got["truth"] == truth
+    assert rec["answer"] == got["answer"]
+    assert (rec["mark"] == "✓") == got["correct"] == (got["answer"] == truth), (i, rec)
+    if i % 3 == 0:
+      assert rec["mark"] == "✓", rec
+    if i % 3 == 1:
+      assert rec["mark"] == "✗" and got["answer"].startswith(truth), rec
+  assert 0 < n_right < n_asked
 
 # -- launchers --------------------------------------------------------------------------------
 TPU_ENV = {"KSTORE_ZONE": "us-west4-a", "KSTORE_PROJECT": "my-project",
