@@ -267,11 +267,16 @@ class Experiment:
       n += len(idx)
     matrix = total / n
     results = {}
+    ci = functools.partial(qa_eval.accuracy_interval, n=n)   # each cell: over n people
     if stage == "pprobe":
       results["pprobe"] = matrix.tolist()
+      results["pprobe" + qa_eval.CI] = [[ci(v) for v in row] for row in matrix]
     else:
       results["qprobe"] = {**{a: float(matrix[0, i]) for i, a in enumerate(ATTRIBUTES)},
                            "mean": float(matrix[0].mean())}
+      results["qprobe" + qa_eval.CI] = {
+          **{a: ci(matrix[0, i]) for i, a in enumerate(ATTRIBUTES)},
+          "mean": qa_eval.interval(sum(round(v * n) for v in matrix[0]), n * len(ATTRIBUTES))}
     labels = probes.probe_labels(w.pop, test.people)
     results["probe_baseline"] = {a: float(np.bincount(labels[:, i]).max() / len(labels))
                                  for i, a in enumerate(ATTRIBUTES)}
@@ -294,24 +299,30 @@ class Experiment:
     return self.world.test_people[:cap], self.world.train_people[:cap]
 
   def evaluate(self) -> dict:
+    """QA test / train and bio recall of the last trained stage into results.json,
+    each accuracy with its 95% Wilson interval (qa_eval.CI siblings)."""
     cfg, w = self.cfg, self.world
     src = self.source_stage("eval", TRAIN_STAGES)
     params = self.load_final(src)
     results = {}
-    test, train = self.eval_people()
-    (correct, attrs, alens), (train_correct, train_attrs, _) = qa_eval.qa_correct_parts(
-        self.model, params, w, [test, train], cfg.eval.batch_size)
-    results["qa_test"] = qa_eval.per_attribute(correct, attrs)
+    parts = dict(zip(("qa_test", "qa_train"), self.eval_people()))
+    answered = dict(zip(parts, qa_eval.qa_correct_parts(self.model, params, w,
+                                                        list(parts.values()),
+                                                        cfg.eval.batch_size)))
+    for key, (correct, attrs, _) in answered.items():
+      results.update(qa_eval.scored(key, correct, attrs))
+    correct, attrs, alens = answered["qa_test"]
     results["qa_test_by_tokens"] = qa_eval.by_answer_tokens(correct, attrs, alens)
-    results["qa_train"] = qa_eval.per_attribute(train_correct, train_attrs)
+    results["qa_test_by_tokens" + qa_eval.CI] = qa_eval.by_answer_tokens_ci(correct, attrs,
+                                                                            alens)
     if cfg.data.get("groups"):
       results["groups"] = group_results(w.groups, {
-          "qa_test": qa_eval.by_group(w.groups, test, correct, attrs),
-          "qa_train": qa_eval.by_group(w.groups, train, train_correct, train_attrs)})
+          k: v for key, (c, a, _) in answered.items()
+          for k, v in qa_eval.by_group_scored(w.groups, key, parts[key], c, a).items()})
     store = self.source_stage("eval", BASE_STAGES)
     store_params = params if store == src else self.load_final(store)
-    results["bio_recall"] = qa_eval.bio_recall(self.model, store_params, w, test,
-                                               cfg.eval.batch_size)
+    results.update(qa_eval.scored("bio_recall", *qa_eval.bio_recall_correct(
+        self.model, store_params, w, parts["qa_test"], cfg.eval.batch_size)))
     results["evaluated_stage"] = src
     self.write_results("eval", results)
     print(f"[eval] {src}: QA test {results['qa_test']['mean']:.3f} "

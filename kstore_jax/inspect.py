@@ -4,8 +4,8 @@
         [--json] [--no_restore]
 
 Lists the stages present (saved checkpoint steps, whether `final/` exists, the last metrics
-line), the keys of results.json under the stage that produced each (its `produced_by` map),
-the config, and for one checkpoint (default: the newest step of `--stage`): the
+line), the keys of results.json under the stage that produced each (its `produced_by` map;
+a key's `<key>_ci` sibling shown as its mean's 95% interval beside it), the config, and for one checkpoint (default: the newest step of `--stage`): the
 parameter tree (path, shape, dtype, the sharding it was saved with), parameter counts per
 top-level module, an optimizer-state summary, the training step, and the Grain iterator state
 saved next to it. Shapes, dtypes and shardings come from orbax metadata (no model is built);
@@ -29,6 +29,7 @@ from kstore_jax.configlib import ConfigError
 
 TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe")
 PRODUCED_BY = "produced_by"   # results.json: {key: stage} (kstore_jax.experiment.PRODUCED_BY)
+CI = "_ci"   # results.json: key + CI holds the 95% intervals of key's accuracies (qa_eval.CI)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
 _STAGE = flags.DEFINE_string("stage", None, "Stage to inspect (default: pretrain, else the "
@@ -355,7 +356,9 @@ def format_report(r: dict) -> str:
   if res:
     lines.append("results.json (each key under the stage that produced it):")
     for stage, keys in results_by_stage(res).items():
-      lines.append(f"  {stage:<15} " + ", ".join(_result_str(k, res[k]) for k in keys))
+      shown = [k for k in keys if not (k.endswith(CI) and k[:-len(CI)] in keys)]
+      lines.append(f"  {stage:<15} " + ", ".join(_result_str(k, res[k], res.get(k + CI))
+                                                  for k in shown))
   if cfg:
     lines.append("config:")
     scalars = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
@@ -412,10 +415,15 @@ def results_by_stage(results: dict) -> dict[str, list[str]]:
   return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
-def _result_str(key: str, v) -> str:
-  """`key`, with its mean (`qa_test 0.512`) or, for a plain string, its value."""
+def _result_str(key: str, v, ci=None) -> str:
+  """`key`, with its mean (`qa_test 0.512`) and the mean's interval when `ci` (its `_ci`
+  sibling) has one (`qa_test 0.512 [0.481, 0.543]`), or, for a plain string, its value."""
   if isinstance(v, dict) and isinstance(v.get("mean"), (int, float)):
-    return f"{key} {v['mean']:.3f}"
+    m = ci.get("mean") if isinstance(ci, dict) else None
+    lo, hi = (m.get("lo"), m.get("hi")) if isinstance(m, dict) else (None, None)
+    bounds = (f" [{lo:.3f}, {hi:.3f}]" if all(isinstance(x, (int, float)) for x in (lo, hi))
+              else "")
+    return f"{key} {v['mean']:.3f}{bounds}"
   if isinstance(v, str):
     return f"{key}={v}"
   return key

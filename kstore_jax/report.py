@@ -4,8 +4,9 @@
 
 Reads each run directory's `config.json` (its `name` is the data row; `pretrain_mixed` among
 its stages makes it a mixed-training run, otherwise a QA-finetune run) and `results.json`
-(`qa_test`, `qa_train`, `bio_recall`; `pprobe`, `qprobe`, `qa_test_by_tokens` when present),
-and writes a markdown report: the headline table (data rows x finetune / mixed held-out QA
+(`qa_test`, `qa_train`, `bio_recall`; `qa_valid`, `pprobe`, `qprobe`, `qa_test_by_tokens` when
+present; each accuracy's 95% Wilson interval from the `<key>_ci` siblings, printed as
+`56.7 [54.2, 59.1]` where the file has them), and writes a markdown report: the headline table (data rows x finetune / mixed held-out QA
 accuracy, the paper's number beside each), a per-run table (per-attribute test accuracy, train
 half, bio recall), GPT vs GBERT vs Llama (the architecture from `model.causal`/`model.block`),
 single- vs multi-token answers per attribute, probe tables, held-out QA per group for runs
@@ -52,6 +53,7 @@ PAPER_GROUPS = {"minority_only": {"minority": 4.4}, "celeb_minority": {"minority
 ARCHS = ("gpt2", "gbert", "llama")
 PAPER_GBERT = {"finetune": "~4", "mixed": "~30"}
 DASH = "—"
+CI = "_ci"   # results.json: key + CI holds the intervals of key's accuracies (qa_eval.CI)
 
 
 @dataclasses.dataclass
@@ -68,6 +70,15 @@ class Run:
     v = self.results.get(key)
     v = v.get(attr) if isinstance(v, dict) else None
     return float(v) if isinstance(v, (int, float)) else None
+
+  def ci(self, key: str, attr: str = "mean") -> dict | None:
+    """The interval leaf {"lo", "hi", "n"} of metric(key, attr), if results.json has it."""
+    v = self.results.get(key + CI)
+    return v.get(attr) if isinstance(v, dict) else None
+
+  def cell(self, key: str, attr: str = "mean") -> str:
+    """metric(key, attr) as a percentage with its interval: `56.7 [54.2, 59.1]`."""
+    return pct_ci(self.metric(key, attr), self.ci(key, attr))
 
 
 def _read_json(path: str, notes: list[str], what: str):
@@ -115,6 +126,15 @@ def pct(v: float | None) -> str:
   return DASH if v is None else f"{100 * v:.1f}"
 
 
+def pct_ci(v: float | None, ci=None) -> str:
+  """pct(v), followed by its 95% interval `[lo, hi]` (%) when `ci` is an interval leaf
+  ({"lo", "hi", ...}, results.json's `<key>_ci`): `56.7 [54.2, 59.1]`."""
+  lo, hi = (ci.get("lo"), ci.get("hi")) if isinstance(ci, dict) else (None, None)
+  if v is None or not all(isinstance(x, (int, float)) for x in (lo, hi)):
+    return pct(v)
+  return f"{pct(v)} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def paper_pct(mode: str, row: str) -> str:
   v = PAPER[mode].get(row)
   return DASH if v is None else f"{v:.1f}"
@@ -157,23 +177,26 @@ def headline_table(runs: list[Run]) -> list[str]:
   for row in row_order(runs):
     cells = [f"`{row}`"]
     for mode in MODES:
-      mine = [pct(r.metric("qa_test")) for r in runs if data_row(r) == row and r.mode == mode]
+      mine = [r.cell("qa_test") for r in runs if data_row(r) == row and r.mode == mode]
       cells.append(f"{' / '.join(mine) if mine else DASH} ({paper_pct(mode, row)})")
     rows.append(cells)
   return _table(["data", "QA finetune: ours (paper)", "mixed training: ours (paper)"], rows)
 
 
 def detail_table(runs: list[Run]) -> list[str]:
+  """A row per run; a `QA valid` column when some run held QA-train people back
+  (data.qa_valid_fraction: results.json `qa_valid`)."""
+  valid = any(r.metric("qa_valid") is not None for r in runs)
   rows = []
   for r in sorted(runs, key=lambda r: (row_order(runs).index(data_row(r)), str(r.mode))):
     mode = r.mode or "?"
     paper = paper_pct(r.mode, data_row(r)) if r.mode else DASH
-    rows.append([f"`{r.name}`", mode, f"{pct(r.metric('qa_test'))} ({paper})",
-                 *[pct(r.metric("qa_test", a)) for a in ATTRIBUTES],
-                 pct(r.metric("qa_train")), pct(r.metric("bio_recall")),
-                 "; ".join(r.notes) or ""])
+    rows.append([f"`{r.name}`", mode, f"{r.cell('qa_test')} ({paper})",
+                 *[r.cell("qa_test", a) for a in ATTRIBUTES],
+                 r.cell("qa_train"), *([r.cell("qa_valid")] if valid else []),
+                 r.cell("bio_recall"), "; ".join(r.notes) or ""])
   header = ["run", "training", "QA test (paper)", *[f"test {ATTR_SHORT[a]}" for a in ATTRIBUTES],
-            "QA train half", "bio recall", "notes"]
+            "QA train half", *(["QA valid"] if valid else []), "bio recall", "notes"]
   return _table(header, rows)
 
 
@@ -184,11 +207,13 @@ def group_table(runs: list[Run]) -> list[str]:
   names = sorted({g for r in grouped for g in r.results["groups"]})
 
   def cell(r: Run, g: str) -> str:
-    test = r.results["groups"].get(g)
-    test = test.get("qa_test") if isinstance(test, dict) else None
+    entry = r.results["groups"].get(g)
+    entry = entry if isinstance(entry, dict) else {}
+    test, ci = entry.get("qa_test"), entry.get("qa_test" + CI)
     mean = test.get("mean") if isinstance(test, dict) else None
+    ci = ci.get("mean") if isinstance(ci, dict) else None
     paper = PAPER_GROUPS.get(data_row(r), {}).get(g) if r.mode == "finetune" else None
-    return (f"{pct(mean if isinstance(mean, (int, float)) else None)} "
+    return (f"{pct_ci(mean if isinstance(mean, (int, float)) else None, ci)} "
             f"({DASH if paper is None else f'{paper:.1f}'})")
 
   rows = [[run_title(r, grouped), r.mode or "?", *[cell(r, g) for g in names]] for r in grouped]
@@ -230,7 +255,7 @@ def arch_table(runs: list[Run]) -> list[str]:
     cells = [f"`{row}`"]
     for arch in archs:
       for mode in MODES:
-        mine = [pct(r.metric("qa_test")) for r in runs
+        mine = [r.cell("qa_test") for r in runs
                 if arch_row(r) == row and arch_of(r) == arch and r.mode == mode]
         cells.append(f"{' / '.join(mine) if mine else DASH} ({arch_paper(arch, mode, row)})")
     rows.append(cells)
@@ -239,20 +264,25 @@ def arch_table(runs: list[Run]) -> list[str]:
 
 def token_table(runs: list[Run]) -> list[str]:
   """Held-out QA of single-token vs multi-token answers (results.json `qa_test_by_tokens`):
-  per attribute "single / multi" accuracy, the share of multi-token answers beside it."""
+  per attribute "single / multi" accuracy (with intervals where recorded), the share of
+  multi-token answers beside it."""
   rows = []
   for r in runs:
     by = r.results.get("qa_test_by_tokens")
     if not isinstance(by, dict):
       continue
+    by_ci = r.results.get("qa_test_by_tokens" + CI)
+    by_ci = by_ci if isinstance(by_ci, dict) else {}
 
     def cell(key):
       d = by.get(key) if isinstance(by.get(key), dict) else {}
       if not d:
         return DASH
+      d_ci = by_ci.get(key) if isinstance(by_ci.get(key), dict) else {}
       get = lambda k: d.get(k) if isinstance(d.get(k), (int, float)) else None
       share = get("multi_share")
-      return (f"{pct(get('single'))} / {pct(get('multi'))}"
+      return (f"{pct_ci(get('single'), d_ci.get('single'))} / "
+              f"{pct_ci(get('multi'), d_ci.get('multi'))}"
               + (f" ({100 * share:.0f}% multi)" if share is not None else ""))
 
     rows.append([run_title(r, runs), arch_of(r), r.mode or "?", *[cell(a) for a in ATTRIBUTES],
@@ -268,12 +298,15 @@ def qprobe_table(runs: list[Run]) -> list[str]:
     q = r.results.get("qprobe")
     if not isinstance(q, dict):
       continue
-    val = lambda a: pct(q[a]) if isinstance(q.get(a), (int, float)) else DASH
+    val = lambda a: r.cell("qprobe", a) if isinstance(q.get(a), (int, float)) else DASH
     mean = q.get("mean")
     if not isinstance(mean, (int, float)):
       vals = [q[a] for a in ATTRIBUTES if isinstance(q.get(a), (int, float))]
       mean = sum(vals) / len(vals) if vals else None
-    rows.append([f"`{r.name}` ({r.mode or '?'})", *[val(a) for a in ATTRIBUTES], pct(mean)])
+      mean_cell = pct(mean)
+    else:
+      mean_cell = r.cell("qprobe")
+    rows.append([f"`{r.name}` ({r.mode or '?'})", *[val(a) for a in ATTRIBUTES], mean_cell])
   if not rows:
     return []
   return _table(["run", *[ATTR_SHORT[a] for a in ATTRIBUTES], "mean"], rows)
@@ -432,14 +465,16 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
         "Held-out QA exact match (%, mean over the six attributes) on people whose QA was "
         "never trained on; the paper's number in parentheses (PAPER.md, Allen-Zhu & Li 2023, "
         "Fig. 3; mixed training: 86.6 for `single`, ~82–96 on the other rows, no per-row "
-        "number).", ""]
+        "number). In brackets after our numbers: the 95% Wilson score interval (results.json "
+        "`<key>_ci`), where the run recorded one.", ""]
   md += headline_table(runs)
   acc_png = png("accuracy")
   plot_accuracy(runs, os.path.join(out_dir, acc_png))
   md += ["", f"![held-out QA accuracy]({acc_png})", "", "## Per run", "",
          "Test = held-out half; train half = people whose QA was trained on; bio recall = "
          "teacher-forced exact match of each value inside held-out people's bios (storage: is "
-         "the fact in the model at all?).", ""]
+         "the fact in the model at all?); QA valid (when present) = QA-train people held back "
+         "from training for tuning (`data.qa_valid_fraction`).", ""]
   md += detail_table(runs)
   md += section("## Groups (celebrity / minority)",
                 "Held-out QA (%) of each group's people whose QA was never trained on (a "

@@ -229,10 +229,17 @@ def test_results_and_report_per_group(tmp_path):
   assert set(groups) == {"minority", "star"}
   assert groups["minority"]["people"] == 100 and groups["star"]["people"] == 20
   assert "qa_train" not in groups["minority"]            # no minority QA is ever trained on
+  people = {"minority": {"qa_test": 100}, "star": {"qa_test": 10, "qa_train": 10}}
   for name, parts in (("minority", ("qa_test",)), ("star", ("qa_test", "qa_train"))):
     for part in parts:
       assert set(groups[name][part]) == {*report.ATTR_SHORT, "mean"}
+      ci = groups[name][part + "_ci"]                 # the 95% intervals (test_intervals.py)
+      assert set(ci) == {*report.ATTR_SHORT, "mean"}
+      assert ci["mean"]["n"] == 6 * people[name][part]
+      assert ci["mean"]["lo"] <= groups[name][part]["mean"] <= ci["mean"]["hi"]
   md, _ = report.build_report([str(wd)], str(tmp_path / "report.md"))
   row = next(line for line in md.splitlines() if line.startswith("| `celeb_minority` | finetune"
                                                                   " | ") and "(86.8)" in line)
-  assert f"{100 * groups['minority']['qa_test']['mean']:.1f} (86.8)" in row
+  ci = groups["minority"]["qa_test_ci"]["mean"]
+  assert (f"{100 * groups['minority']['qa_test']['mean']:.1f} [{100 * ci['lo']:.1f}, "
+          f"{100 * ci['hi']:.1f}] (86.8)") in row

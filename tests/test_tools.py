@@ -177,8 +177,9 @@ def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
 
 PROBE_ARGS = ["--config.pprobe.steps=4", "--config.qprobe.steps=4",
               "--config.pprobe.batch_size=4", "--config.qprobe.batch_size=4"]
-EVAL_KEYS = {"qa_test", "qa_test_by_tokens", "qa_train", "bio_recall", "evaluated_stage"}
-PROBE_KEYS = {"pprobe", "qprobe", "probe_baseline"}
+ACCURACIES = {"qa_test", "qa_test_by_tokens", "qa_train", "bio_recall"}
+EVAL_KEYS = ACCURACIES | {k + "_ci" for k in ACCURACIES} | {"evaluated_stage"}
+PROBE_KEYS = {"pprobe", "pprobe_ci", "qprobe", "qprobe_ci", "probe_baseline"}
 
 
 def results_lines(out: str) -> dict[str, str]:
@@ -214,7 +215,8 @@ def test_results_json_holds_only_the_configured_stages(tmp_path, jax_cache):
   res1 = main("configs/single.py:tiny,probe")
   assert set(res1) == EVAL_KEYS | PROBE_KEYS | {"produced_by"}
   assert res1["produced_by"] == {**{k: "eval" for k in EVAL_KEYS}, "pprobe": "pprobe",
-                                 "qprobe": "qprobe", "probe_baseline": "qprobe"}
+                                 "pprobe_ci": "pprobe", "qprobe": "qprobe", "qprobe_ci": "qprobe",
+                                 "probe_baseline": "qprobe"}
   lines = inspect_results()
   assert set(lines) == {"eval", "pprobe", "qprobe"}, lines
   assert "qa_test " in lines["eval"] and "evaluated_stage=finetune" in lines["eval"], lines

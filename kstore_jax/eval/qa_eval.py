@@ -1,6 +1,12 @@
 """Exact-match QA accuracy (KV-cache greedy generation; mask filling for a bidirectional model)
-and the bio-recall storage check."""
+and the bio-recall storage check; 95% Wilson score intervals of accuracies.
 
+results.json: every accuracy entry `key` (a dict of accuracies, or a matrix) has a sibling
+`key + CI` ("qa_test_ci") of the same shape whose leaves are `{"lo", "hi", "n"}`: the 95%
+Wilson score interval of that accuracy over its n examples (a mean over attributes: over the
+pooled questions). The accuracies themselves stay plain numbers where they were."""
+
+import math
 from typing import NamedTuple
 
 import jax
@@ -95,6 +101,50 @@ def per_attribute(correct: np.ndarray, attrs: np.ndarray) -> dict[str, float]:
   return out
 
 
+CI = "_ci"          # results.json: key + CI holds the intervals of key's accuracies
+Z95 = 1.959964      # the standard normal's 97.5% quantile: two-sided 95%
+
+
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+  """The Wilson score interval (lo, hi) of k successes in n trials (z = 1.959964: 95%):
+  (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n) with p = k/n; exactly 0 / 1 at
+  k = 0 / n (where the formula's bound is 0 / 1 up to rounding); (0, 1) for n = 0."""
+  if n <= 0:
+    return 0.0, 1.0
+  p, z2 = k / n, z * z
+  centre = p + z2 / (2 * n)
+  half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n))
+  lo = 0.0 if k <= 0 else max(0.0, (centre - half) / (1 + z2 / n))
+  hi = 1.0 if k >= n else min(1.0, (centre + half) / (1 + z2 / n))
+  return lo, hi
+
+
+def interval(k: float, n: int) -> dict:
+  """results.json's interval leaf: {"lo", "hi", "n"} of k right out of n."""
+  lo, hi = wilson(float(k), int(n))
+  return {"lo": lo, "hi": hi, "n": int(n)}
+
+
+def accuracy_interval(acc: float, n: int) -> dict:
+  """interval() of an accuracy over n examples given as a fraction (probe accuracies)."""
+  return interval(round(float(acc) * n), n)
+
+
+def per_attribute_ci(correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
+  """per_attribute's intervals: the same keys, each {"lo", "hi", "n"}; "mean" over the pooled
+  questions (every attribute's)."""
+  correct = np.asarray(correct, bool)
+  out = {a: interval(correct[attrs == i].sum(), (attrs == i).sum())
+         for i, a in enumerate(ATTRIBUTES) if (attrs == i).any()}
+  out["mean"] = interval(correct.sum(), correct.size)
+  return out
+
+
+def scored(key: str, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
+  """{key: per_attribute, key + CI: per_attribute_ci}: a results.json entry and its intervals."""
+  return {key: per_attribute(correct, attrs), key + CI: per_attribute_ci(correct, attrs)}
+
+
 def answers_match(generated_BA: np.ndarray, answers_BA: np.ndarray, alens_B: np.ndarray):
   """Exact match of every answer token, the closing EOT included."""
   width = answers_BA.shape[1]
@@ -161,16 +211,24 @@ def qa_correct(model, params, world, people, batch_size: int = 512, progress=Non
   return correct, qs.attrs_N, qs.alens_N
 
 
-def by_group(groups, people, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
-  """per_attribute of each group's share of the QA of `people` (qa_correct's order: N_ATTR
-  answers per person, person-major); groups with none of these people are left out."""
+def by_group(groups, people, correct: np.ndarray, attrs: np.ndarray,
+             score=per_attribute) -> dict[str, dict]:
+  """`score` (per_attribute, or per_attribute_ci) of each group's share of the QA of `people`
+  (qa_correct's order: N_ATTR answers per person, person-major); groups with none of these
+  people are left out."""
   group = group_index(groups, np.repeat(np.asarray(people, np.int64), N_ATTR))
   out = {}
   for k, g in enumerate(groups):
     sel = group == k
     if sel.any():
-      out[g.name] = per_attribute(correct[sel], attrs[sel])
+      out[g.name] = score(correct[sel], attrs[sel])
   return out
+
+
+def by_group_scored(groups, key: str, people, correct, attrs) -> dict[str, dict]:
+  """{key: by_group per_attribute, key + CI: its intervals} (group_results' parts)."""
+  return {key: by_group(groups, people, correct, attrs),
+          key + CI: by_group(groups, people, correct, attrs, per_attribute_ci)}
 
 
 def by_answer_tokens(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray) -> dict:
@@ -188,10 +246,29 @@ def by_answer_tokens(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray) 
           "all": split(np.ones_like(multi))}
 
 
+def by_answer_tokens_ci(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray) -> dict:
+  """by_answer_tokens' intervals: the same keys less `multi_share` (not an accuracy), each
+  {"lo", "hi", "n"}."""
+  multi = alens - 1 > 1
+  correct = np.asarray(correct, bool)
+
+  def split(sel):
+    return {k: interval(correct[sel & m].sum(), (sel & m).sum())
+            for k, m in (("single", ~multi), ("multi", multi)) if (sel & m).any()}
+
+  return {**{a: split(attrs == i) for i, a in enumerate(ATTRIBUTES) if (attrs == i).any()},
+          "all": split(np.ones_like(multi))}
+
+
 def bio_recall(model, params, world, people, batch_size: int = 256):
   """Exact match of each attribute value inside each person's first bio: teacher-forced for a
   causal model; for a bidirectional one each value is masked in turn (the other five stay
   visible) and predicted in one pass."""
+  return per_attribute(*bio_recall_correct(model, params, world, people, batch_size))
+
+
+def bio_recall_correct(model, params, world, people, batch_size: int = 256):
+  """bio_recall's (correct [n * N_ATTR] bool, attributes [n * N_ATTR]), person-major."""
   r = world.renderer
   pieces, order = world.bio_pieces(people, np.zeros(len(people), np.int64))   # copy 0
   tokens, lens = r.render(pieces, r.bio_loss_pieces()).padded(world.pad_id)
@@ -224,4 +301,4 @@ def bio_recall(model, params, world, people, batch_size: int = 256):
         correct[row, a] = (pred[j, 0 if causal else a, s - shift:e - shift]
                            == tokens[row, s:e]).all()
   attrs = np.broadcast_to(np.arange(N_ATTR), correct.shape)
-  return per_attribute(correct.ravel(), attrs.ravel())
+  return correct.ravel(), attrs.ravel()

@@ -1,0 +1,175 @@
+"""95% Wilson score intervals (issue 22 item 7): `qa_eval.wilson` against hand-computed values
+and the closed form, the pooled interval of a mean over attributes, the report's
+`56.7 [54.2, 59.1]` cells, and a tiny end-to-end run whose results.json has an interval (a
+`<key>_ci` sibling) for every accuracy, each containing it."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from runs import run_main
+
+from kstore_jax import report
+from kstore_jax.data.templates import ATTRIBUTES
+from kstore_jax.eval import qa_eval
+
+Z = 1.959964
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# -- the interval ----------------------------------------------------------------------------
+# Worked by hand with z² = 1.959964² = 3.8414588:
+#   0/10:  lo 0, hi = z²/(n + z²) = 3.8414588 / 13.8414588 = 0.2775328
+#   10/10: lo = n/(n + z²) = 10 / 13.8414588 = 0.7224672, hi 1
+#   5/10:  0.5 ± z·sqrt(0.025 + z²/400) / (1 + z²/10) = 0.5 ± 0.2634069
+#   1/1500: (1/1500 + z²/3000 ± z·sqrt((1/1500)(1499/1500)/1500 + z²/(4·1500²))) / (1 + z²/1500)
+#           = (0.0019471 ± 0.0018294) / 1.0025610 = 0.0001177, 0.0037667
+HAND = {(0, 10): (0.0, 0.2775328), (10, 10): (0.7224672, 1.0), (5, 10): (0.2365931, 0.7634069),
+        (1, 1500): (0.0001177, 0.0037667)}
+
+
+@pytest.mark.parametrize("k, n", sorted(HAND))
+def test_wilson_hand_values(k, n):
+  lo, hi = qa_eval.wilson(k, n)
+  assert lo == pytest.approx(HAND[k, n][0], abs=1e-7)
+  assert hi == pytest.approx(HAND[k, n][1], abs=1e-7)
+  assert qa_eval.interval(k, n) == {"lo": lo, "hi": hi, "n": n}
+
+
+def closed_form(k, n, z=Z):
+  p = k / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return centre - half, centre + half
+
+
+@pytest.mark.parametrize("k, n", [(0, 1), (1, 1), (3, 7), (340, 600), (1499, 1500), (1, 3000),
+                                  (2987, 3000)])
+def test_wilson_is_the_closed_form_and_the_score_test_bounds(k, n):
+  """The formula with z = 1.959964, and the same bounds as the roots of the score test's
+  quadratic (p̂ - x)² = z² x (1 - x) / n; the interval contains p̂."""
+  lo, hi = qa_eval.wilson(k, n)
+  assert (lo, hi) == pytest.approx(closed_form(k, n), abs=1e-12)
+  p, z2 = k / n, Z * Z
+  roots = np.sort(np.roots([1 + z2 / n, -(2 * p + z2 / n), p * p]).real)
+  assert (lo, hi) == pytest.approx(tuple(roots), abs=1e-9)
+  assert 0.0 <= lo <= p <= hi <= 1.0
+
+
+def test_wilson_of_no_examples_is_everything():
+  assert qa_eval.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_mean_interval_is_over_the_pooled_questions():
+  """Six attributes × 10 questions, k_a = a right: each attribute's interval is k_a of 10,
+  the mean's 15 of 60 (not an average of the six intervals)."""
+  attrs = np.repeat(np.arange(6), 10)
+  correct = np.concatenate([np.arange(10) < a for a in range(6)])
+  ci = qa_eval.per_attribute_ci(correct, attrs)
+  assert set(ci) == set(qa_eval.per_attribute(correct, attrs))
+  for a, name in enumerate(ATTRIBUTES):
+    assert ci[name] == qa_eval.interval(a, 10)
+  assert ci["mean"] == qa_eval.interval(15, 60)
+  assert qa_eval.scored("x", correct, attrs) == {"x": qa_eval.per_attribute(correct, attrs),
+                                                 "x_ci": ci}
+
+
+def test_token_split_intervals_count_each_kind():
+  """by_answer_tokens_ci: the keys of by_answer_tokens less multi_share, each single / multi
+  interval over the answers of that kind."""
+  attrs = np.array([0, 0, 0, 1, 1, 1])
+  alens = np.array([3, 4, 2, 2, 2, 3])      # value tokens + EOT: multi, multi, single, ...
+  correct = np.array([True, False, True, True, False, False])
+  ci = qa_eval.by_answer_tokens_ci(correct, attrs, alens)
+  acc = qa_eval.by_answer_tokens(correct, attrs, alens)
+  assert set(ci) == set(acc)
+  for key in ci:
+    assert set(ci[key]) == set(acc[key]) - {"multi_share"}
+  assert ci[ATTRIBUTES[0]] == {"single": qa_eval.interval(1, 1), "multi": qa_eval.interval(1, 2)}
+  assert ci["all"] == {"single": qa_eval.interval(2, 3), "multi": qa_eval.interval(1, 3)}
+
+
+# -- the report ------------------------------------------------------------------------------
+def test_report_prints_intervals(tmp_path):
+  """`56.7 [54.2, 59.1]` wherever results.json has the `_ci` sibling; a run without one keeps
+  the plain number."""
+  accs = {**{a: 0.5 for a in ATTRIBUTES}, "mean": 0.567}
+  ci = {**{a: {"lo": 0.4, "hi": 0.6, "n": 250} for a in ATTRIBUTES},
+        "mean": {"lo": 0.542, "hi": 0.591, "n": 1500}}
+  for name, extra in (("multi5_permute", {"qa_test_ci": ci}), ("single", {})):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"name": name, "stages": ["pretrain", "finetune",
+                                                                        "eval"]}))
+    (d / "results.json").write_text(json.dumps({"qa_test": accs, "qa_train": accs,
+                                                "bio_recall": accs, **extra}))
+  text, _ = report.build_report([str(tmp_path / n) for n in ("multi5_permute", "single")],
+                                str(tmp_path / "out" / "report.md"))
+  lines = text.splitlines()
+  assert "| `multi5_permute` | 56.7 [54.2, 59.1] (96.6) | — (—) |" in lines
+  assert "| `single` | 56.7 (9.7) | — (86.6) |" in lines
+  detail = next(l for l in lines if l.startswith("| `multi5_permute` | finetune |"))
+  assert "| 56.7 [54.2, 59.1] (96.6) | 50.0 [40.0, 60.0] |" in detail
+  assert "| 56.7 | 56.7 |" in detail        # train half and bio recall: no intervals recorded
+
+
+# -- end to end ------------------------------------------------------------------------------
+ACCURACY_KEYS = ("qa_test", "qa_train", "bio_recall", "qa_test_by_tokens", "pprobe", "qprobe")
+
+
+def intervals(value, ci, path=""):
+  """(path, accuracy, interval leaf) for every leaf of `ci` (results.json's `<key>_ci`), the
+  accuracy at the same place in `value`."""
+  if isinstance(ci, dict) and set(ci) == {"lo", "hi", "n"}:
+    return [(path, value, ci)]
+  items = ci.items() if isinstance(ci, dict) else enumerate(ci)
+  return [leaf for k, c in items for leaf in intervals(value[k], c, f"{path}/{k}")]
+
+
+def test_results_json_has_an_interval_for_every_accuracy(tmp_path):
+  wd = tmp_path / "run"
+  n_people = 60
+  args = ["--config=configs/single.py:tiny,probe", f"--workdir={wd}",
+          f"--config.data.n_people={n_people}", "--config.model.num_layers=1",
+          "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
+          "--config.pretrain.steps=6", "--config.pretrain.batch_size=4",
+          "--config.finetune.steps=4", "--config.finetune.batch_size=4",
+          "--config.pprobe.steps=4", "--config.pprobe.batch_size=4",
+          "--config.qprobe.steps=4", "--config.qprobe.batch_size=4",
+          "--config.train.log_every=1", "--config.train.save_every=10"]
+  r = run_main(args, tmp_path / "jax_cache", timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((wd / "results.json").read_text())
+  half = n_people // 2                          # qa_train_fraction 0.5: 30 test, 30 train
+  for key in ACCURACY_KEYS:
+    assert key + "_ci" in res, key
+    assert res["produced_by"][key + "_ci"] == res["produced_by"][key]
+  leaves = [(key, *leaf) for key in ACCURACY_KEYS
+            for leaf in intervals(res[key], res[key + "_ci"])]
+  for key, path, acc, ci in leaves:
+    assert 0.0 <= ci["lo"] <= acc <= ci["hi"] <= 1.0, (key, path, acc, ci)
+    assert ci["n"] >= 1
+    k = round(acc * ci["n"])
+    assert abs(k - acc * ci["n"]) < 1e-6, (key, path, acc, ci)      # an accuracy over n
+    assert (ci["lo"], ci["hi"]) == pytest.approx(qa_eval.wilson(k, ci["n"]))
+  n = {(key, path): ci["n"] for key, path, _, ci in leaves}
+  for key in ("qa_test", "qa_train", "bio_recall"):
+    assert n[key, "/mean"] == 6 * half and n[key, "/birth_date"] == half, key
+  assert n["qprobe", "/mean"] == 6 * half and n["qprobe", "/major"] == half
+  assert len(res["pprobe_ci"]) == 6 and n["pprobe", "/0/0"] == half
+  by_tokens = res["qa_test_by_tokens_ci"]["all"]
+  assert sum(c["n"] for c in by_tokens.values()) == 6 * half
+  md, _ = report.build_report([str(wd)], str(tmp_path / "report.md"))
+  mean, ci = res["qa_test"]["mean"], res["qa_test_ci"]["mean"]
+  assert f"{100 * mean:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]" in md
+  # inspect shows each mean with its interval instead of listing the _ci keys
+  out = subprocess.run([sys.executable, "-m", "kstore_jax.inspect", f"--workdir={wd}",
+                        "--restore=false"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout
+  assert f"qa_test {mean:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]" in out, out
+  assert "_ci" not in out, out
