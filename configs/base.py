@@ -87,6 +87,9 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       n_people=100_000, multi=1, permute=False, permute_copies=1, fullname=False,
       qa_ratio=0.8,            # pretrain_mixed: fraction of documents that are QA pairs
       qa_train_fraction=0.5,   # people whose QA is training data; the rest are the test
+      # of those QA-train people (each group's), the share held back from training for tuning:
+      # QA eval reports them as qa_valid; 0 = none (the test people are the same either way)
+      qa_valid_fraction=0.0,
       seq_len=512, vocab_size=8192, tokenizer_path="",
       chunk_docs=1024, workers=0,
       # named groups of people, each a `group(...)` (kstore_jax/data/world.py); empty: one

@@ -158,6 +158,17 @@ def _check_groups(d, stages: tuple[str, ...]) -> None:
   _require("pprobe" not in stages, f"stages: {PPROBE_GROUPS}")
 
 
+def _check_qa_valid(cfg) -> None:
+  """data.qa_valid_fraction: in [0, 1), and someone's QA still in training after it."""
+  v = cfg.data.qa_valid_fraction
+  ok = 0.0 <= v < 1.0
+  if ok:
+    from kstore_jax.data.world import qa_split
+    ok = qa_split(cfg.seed, cfg.data)[0].any()
+  _require(ok, f"data.qa_valid_fraction={v} must be in [0, 1) and leave at least one "
+           "person whose QA is trained on")
+
+
 def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   """Check the resolved config; raise ConfigError naming the first bad key."""
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
@@ -176,6 +187,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   space = load_pools().name_space
   _require(2 <= d.n_people <= space // 2,
            f"data.n_people={d.n_people} must be in [2, {space // 2}] (half the name space)")
+  _check_qa_valid(cfg)
   _require(d.seq_len >= 32, f"data.seq_len={d.seq_len} must be >= 32")
   _require(d.chunk_docs >= 1, f"data.chunk_docs={d.chunk_docs} must be >= 1")
   _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")

@@ -298,14 +298,21 @@ class Experiment:
     cap = self.cfg.eval.max_people or None
     return self.world.test_people[:cap], self.world.train_people[:cap]
 
+  def valid_people(self) -> np.ndarray:
+    """The QA-valid people the eval stage answers (eval.max_people of them; empty unless
+    data.qa_valid_fraction)."""
+    return self.world.valid_people[:self.cfg.eval.max_people or None]
+
   def evaluate(self) -> dict:
-    """QA test / train and bio recall of the last trained stage into results.json,
+    """QA test / train (/ valid) and bio recall of the last trained stage into results.json,
     each accuracy with its 95% Wilson interval (qa_eval.CI siblings)."""
     cfg, w = self.cfg, self.world
     src = self.source_stage("eval", TRAIN_STAGES)
     params = self.load_final(src)
     results = {}
     parts = dict(zip(("qa_test", "qa_train"), self.eval_people()))
+    if len(self.valid_people()):
+      parts["qa_valid"] = self.valid_people()
     answered = dict(zip(parts, qa_eval.qa_correct_parts(self.model, params, w,
                                                         list(parts.values()),
                                                         cfg.eval.batch_size)))
@@ -325,8 +332,9 @@ class Experiment:
         self.model, store_params, w, parts["qa_test"], cfg.eval.batch_size)))
     results["evaluated_stage"] = src
     self.write_results("eval", results)
+    valid = (f" valid {results['qa_valid']['mean']:.3f}" if "qa_valid" in results else "")
     print(f"[eval] {src}: QA test {results['qa_test']['mean']:.3f} "
-          f"train {results['qa_train']['mean']:.3f} | bio recall "
+          f"train {results['qa_train']['mean']:.3f}{valid} | bio recall "
           f"{results['bio_recall']['mean']:.3f}", flush=True)
     for name, r in results.get("groups", {}).items():
       print(f"[eval] group {name}: QA test {r['qa_test']['mean']:.3f}" if "qa_test" in r else

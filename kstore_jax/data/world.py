@@ -4,6 +4,11 @@ Groups (`data.groups`, configs/base.group): named contiguous person-id ranges, l
 sorted name order, each with its share of the people, its bio augmentation, its share of the
 pretraining bio positions and its QA-train fraction. Without groups the world has one group
 'all' built from the top-level data keys.
+
+QA split (`qa_split`): each group's people are QA-train (their QA is training data), QA-test
+(held out) or, with `data.qa_valid_fraction` > 0, QA-valid: that fraction of each group's
+QA-train side, held back from training for tuning (QA eval reports `qa_valid`). The test side
+is the same with or without a valid share.
 """
 
 import dataclasses
@@ -57,6 +62,17 @@ def make_groups(data_cfg) -> tuple[Group, ...]:
                      specs[n].tokens, specs[n].qa_train_fraction) for i, n in enumerate(names))
 
 
+def qa_split(seed: int, data_cfg, groups=None) -> tuple[np.ndarray, np.ndarray]:
+  """(qa_train, qa_valid) bool [n_people]: people whose QA is training data, and people of
+  the QA-train side held back for tuning (`data.qa_valid_fraction` of each group's QA-train
+  people); the rest are QA-test. Disjoint; deterministic in the seed."""
+  groups = make_groups(data_cfg) if groups is None else groups
+  frac = data_cfg.get("qa_valid_fraction", 0.0)
+  train = [render.qa_split(seed, g.stop - g.start, g.qa_train_fraction, g.start) for g in groups]
+  valid = [render.qa_valid_split(seed, t, frac, g.start) for t, g in zip(train, groups)]
+  return np.concatenate([t & ~v for t, v in zip(train, valid)]), np.concatenate(valid)
+
+
 @dataclasses.dataclass
 class World:
   seed: int
@@ -64,6 +80,11 @@ class World:
   renderer: render.Renderer
   groups: tuple[Group, ...]  # contiguous person-id ranges covering everyone
   qa_train: np.ndarray     # bool [n_people]: QA of these people is training data
+  qa_valid: np.ndarray | None = None   # bool [n_people]: held back for tuning (None: nobody)
+
+  def __post_init__(self):
+    if self.qa_valid is None:
+      self.qa_valid = np.zeros_like(self.qa_train)
 
   @property
   def aug(self) -> render.AugSpec:
@@ -79,7 +100,12 @@ class World:
 
   @property
   def test_people(self) -> np.ndarray:
-    return np.flatnonzero(~self.qa_train)
+    return np.flatnonzero(~self.qa_train & ~self.qa_valid)
+
+  @property
+  def valid_people(self) -> np.ndarray:
+    """The QA-valid people: neither trained on nor test (empty unless data.qa_valid_fraction)."""
+    return np.flatnonzero(self.qa_valid)
 
   def group_of(self, people) -> np.ndarray:
     """Index in `groups` of each person's group."""
@@ -182,10 +208,9 @@ def build_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
   (population.make_population), so a group keeps its people when later groups change."""
   data = cfg.data
   groups = make_groups(data)
+  qa_train, qa_valid = qa_split(cfg.seed, data, groups)
   return World(seed=cfg.seed,
                pop=population.make_population(cfg.seed, data.n_people,
                                               per_person=bool(data.get("groups"))),
                renderer=render.Renderer(tokenizer), groups=groups,
-               qa_train=np.concatenate([render.qa_split(cfg.seed, g.stop - g.start,
-                                                        g.qa_train_fraction, g.start)
-                                        for g in groups]))
+               qa_train=qa_train, qa_valid=qa_valid)
