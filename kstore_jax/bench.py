@@ -57,6 +57,9 @@ PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
+EVAL_FIXED_WIDTH = flags.DEFINE_bool("eval_fixed_width", True, "eval: also time the older "
+                                     "fixed-width recompute baseline "
+                                     "(kv_cache_speedup_vs_fixed_width)")
 
 
 def measurement(name: str, value, unit: str, **context) -> dict:
@@ -191,23 +194,30 @@ def _time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
           {k: float(np.min(t)) for k, t in times.items()}, out)
 
 
-def generation_flops(model_cfg, batches, max_new: int) -> tuple[float, float]:
+def generation_flops(model_cfg, batches, max_new: int) -> dict[str, float]:
   """Matmul FLOPs (attention scores left out) of QA generation over `batches` (QASet each),
-  max_new steps: (full recompute, KV cache). Recompute runs the whole padded question + max_new
-  positions, logits included, at every step; the cache path runs each distinct question prefix
-  once and each row's rest but its last token without logits, then max_new one-token steps with
-  logits."""
+  max_new steps, by path:
+  - `recompute` (`generate.generate_recompute`, the no-cache baseline): step t runs the A
+    distinct prefixes and every row's rest + t generated tokens through the body, and the head
+    on the last position only;
+  - `fixed_width` (`generate.generate_recompute_fixed_width`): the whole padded question +
+    max_new positions, head included, at every step;
+  - `kv_cache` (`generate.generate`): each distinct prefix once and each row's rest but its
+    last token without the head, then max_new one-token steps with it."""
   c = model_cfg
   mlp = (3 if c.block == "llama" else 2) * c.d_model * c.d_ff
   body = 2 * c.num_layers * (4 * c.d_model ** 2 + mlp)
   head = 2 * c.vocab_size * c.d_model
-  recompute = cached = 0.0
+  out = dict(recompute=0.0, fixed_width=0.0, kv_cache=0.0)
   for qs in batches:
     rows, width = qs.rest_NR.shape
     whole = int(qs.prompt_lens_N.max())
-    recompute += max_new * rows * (whole + max_new) * (body + head)
-    cached += (qs.prefix_AS.size + rows * (width - 1)) * body + max_new * rows * (body + head)
-  return recompute, cached
+    out["recompute"] += (sum(qs.prefix_AS.size + rows * (width + t) for t in range(max_new))
+                         * body + max_new * rows * head)
+    out["fixed_width"] += max_new * rows * (whole + max_new) * (body + head)
+    out["kv_cache"] += ((qs.prefix_AS.size + rows * (width - 1)) * body
+                        + max_new * rows * (body + head))
+  return out
 
 
 def bench_eval(cfg) -> list[dict]:
@@ -245,35 +255,54 @@ def bench_eval(cfg) -> list[dict]:
   batches = [b for _, _, b in qa_eval.length_batches(qs, EVAL_BATCH.value or cfg.eval.batch_size)]
   max_new = EVAL_MAX_NEW.value or qs.answers_NW.shape[1]
   eot = w.renderer.eot_id
-  kv_args, re_args = [], []
+  kv_args, fixed_args = [], []
   for b in batches:
     kv_args.append((jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new, eot,
                     b.prefixes()))
     prompts, plens = b.prompts(w.pad_id)
-    re_args.append((jnp.asarray(prompts), jnp.asarray(plens), max_new, eot))
+    fixed_args.append((jnp.asarray(prompts), jnp.asarray(plens), max_new, eot))
   run = lambda fn, args: [fn(exp.model, params, *a) for a in args]
-  med, low, toks = _time_interleaved(
-      {"kv": lambda: run(generate.generate, kv_args),
-       "re": lambda: run(generate.generate_recompute, re_args)}, EVAL_REPEATS.value)
-  identical = all(np.array_equal(np.asarray(a), np.asarray(b))
-                  for a, b in zip(toks["kv"], toks["re"]))
-  flops_re, flops_kv = generation_flops(exp.model_cfg, batches, max_new)
+  # kv: the KV cache (what QA eval runs); re: the best simple no-cache decoder on the same
+  # split questions; fixed: the older fixed-width recompute on whole questions.
+  paths = {"kv": lambda: run(generate.generate, kv_args),
+           "re": lambda: run(generate.generate_recompute, kv_args)}
+  if EVAL_FIXED_WIDTH.value:
+    paths["fixed"] = lambda: run(generate.generate_recompute_fixed_width, fixed_args)
+  load_before = os.getloadavg()[0]   # the machine's load around the timing (shared machines)
+  med, low, toks = _time_interleaved(paths, EVAL_REPEATS.value)
+  same = lambda k: all(np.array_equal(np.asarray(a), np.asarray(b))
+                       for a, b in zip(toks["kv"], toks[k]))
+  flops = generation_flops(exp.model_cfg, batches, max_new)
+  flops_ratio = flops["recompute"] / flops["kv_cache"]
+  speedup = med["re"] / med["kv"]
   ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
              params=int(count_params(params)), params_from=stage, questions=n_q,
              batches=len(batches), batch=int(batches[0].rest_NR.shape[0]),
              prompt_len_mean=round(float(qs.prompt_lens_N.mean()), 2),
              rest_widths=[int(b.rest_NR.shape[1]) for b in batches], max_new=int(max_new),
              repeats=EVAL_REPEATS.value, dtype=cfg.model.dtype,
-             device=jax_device_kind(), cpus=os.cpu_count())
-  return [
+             device=jax_device_kind(), cpus=os.cpu_count(),
+             load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+  out = [
       measurement("kv_cache_eval_s", round(med["kv"], 4), "s", min_s=round(low["kv"], 4), **ctx),
       measurement("recompute_eval_s", round(med["re"], 4), "s", min_s=round(low["re"], 4),
                   **ctx),
-      measurement("kv_cache_speedup", round(med["re"] / med["kv"], 2), "ratio",
-                  identical=identical, of_min_times=round(low["re"] / low["kv"], 2),
-                  flops_ratio=round(flops_re / flops_kv, 2), **ctx),
-      measurement("qa_eval_questions_per_s", round(n_q / med["kv"], 1), "questions/s", **ctx),
+      measurement("kv_cache_speedup", round(speedup, 2), "ratio",
+                  identical=same("re"), of_min_times=round(low["re"] / low["kv"], 2),
+                  flops_ratio=round(flops_ratio, 2),
+                  of_flops_ratio=round(speedup / flops_ratio, 3), **ctx),
   ]
+  if "fixed" in med:
+    out += [
+        measurement("recompute_fixed_width_eval_s", round(med["fixed"], 4), "s",
+                    min_s=round(low["fixed"], 4), **ctx),
+        measurement("kv_cache_speedup_vs_fixed_width", round(med["fixed"] / med["kv"], 2),
+                    "ratio", identical=same("fixed"),
+                    of_min_times=round(low["fixed"] / low["kv"], 2),
+                    flops_ratio=round(flops["fixed_width"] / flops["kv_cache"], 2), **ctx)]
+  out.append(measurement("qa_eval_questions_per_s", round(n_q / med["kv"], 1), "questions/s",
+                         **ctx))
+  return out
 
 
 # -- train: step FLOP/s vs the machine's matmul FLOP/s -----------------------------------------
@@ -305,7 +334,8 @@ def bench_train(cfg) -> list[dict]:
          measurement("train_flops_per_s", round(r["flops_per_s"] / 1e9, 2), "GFLOP/s", **ctx),
          measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=n, **ctx),
          measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx),
-         measurement("peak_rss_bytes", peak_rss_bytes(), "bytes", **ctx)]
+         measurement("peak_rss_bytes", peak_rss_bytes(), "bytes", heap_released=r["heap_released"],
+                     **ctx)]
   if r["peak"]:
     out.append(measurement("train_mfu", round(r["flops_per_s"] / r["peak"], 3), "fraction",
                            peak_flops_per_s=r["peak"], **ctx))

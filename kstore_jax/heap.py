@@ -13,7 +13,10 @@ heap), no mmap for large blocks, no trimming of the heap's top. The process's re
 then stays at its peak, and later steps reuse the pages. It runs when `kstore_jax` is first
 imported, before JAX starts its thread pools, on machines where jax computes on the CPU
 (`cpu_only`); `KSTORE_JAX_RETAIN_MEMORY=0` turns it off. A no-op where libc has no mallopt
-(macOS, musl).
+(macOS, musl). The retention is bounded (`Bound`, called by the training loop and the train
+benchmark): a process that holds more than RETAIN_MAX_SHARE of the machine's memory after its
+first step gets glibc's defaults back, since freed blocks fragment the one arena (`small`
+peaked at 20.3 GB with retention, 7.4 GB without; BENCHMARKS.md).
 """
 
 import ctypes
@@ -53,3 +56,46 @@ def retain_freed_memory() -> bool:
   # -1 as the trim threshold is SIZE_MAX inside glibc: never give the top of the heap back
   return all(mallopt(param, value) == 1
              for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+
+
+# Retention stops (glibc's defaults come back) once the process holds more than this share of
+# the machine's memory after its first step: freed blocks then fragment the one arena and
+# hold the process at up to ~2.75x the default allocator's peak (`small`: 20.3 GB vs 7.4 GB).
+RETAIN_MAX_SHARE = 0.2
+
+
+class Bound:
+  """Bounded retention: call `after_step()` once per train step, the first time after the
+  first step has completed. If the process's resident size then exceeds RETAIN_MAX_SHARE of
+  the machine's memory, glibc's defaults are restored (large blocks mmapped and unmapped on
+  free, the heap trimmed) and the freed pages handed back: a step that large page-faults its
+  temporaries again (the tweak's gain is lost), but the process stays near the default
+  allocator's peak. A no-op when the settings were not applied."""
+
+  def __init__(self, applied: bool):
+    self.applied, self.checked, self.released = applied, False, False
+
+  def after_step(self) -> None:
+    if not self.applied or self.checked:
+      return
+    self.checked = True
+    if resident_bytes() > RETAIN_MAX_SHARE * os.sysconf("SC_PHYS_PAGES") * os.sysconf(
+        "SC_PAGE_SIZE"):
+      self.released = restore_defaults()
+
+
+def restore_defaults() -> bool:
+  """glibc's allocation settings back (arenas per core, large blocks mmapped, 128 KiB trim
+  threshold) and the freed pages handed back; whether it worked."""
+  libc = ctypes.CDLL(None)
+  libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  ok = all(libc.mallopt(param, value) == 1 for param, value in
+           ((M_ARENA_MAX, 0), (M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024)))
+  libc.malloc_trim(ctypes.c_size_t(0))
+  return ok
+
+
+def resident_bytes() -> int:
+  """This process's resident set size (/proc/self/statm)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -30,9 +30,10 @@ glibc = pytest.mark.skipif(
     reason="mallopt settings are glibc's")
 
 
-def run_probe(retain: str) -> tuple[bool, int, int]:
+def run_probe(retain: str, prelude: str = "") -> tuple[bool, int, int]:
   env = {**os.environ, "KSTORE_JAX_RETAIN_MEMORY": retain}
-  out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+  probe = PROBE.replace("n = 256 << 20\n", prelude + "n = 256 << 20\n")
+  out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                        check=True).stdout.split()
   return out[0] == "True", int(out[1]), int(out[2])
 
@@ -58,3 +59,19 @@ def test_no_mallopt_is_a_no_op(monkeypatch):
 
   monkeypatch.setattr(ctypes, "CDLL", lambda name: NoMallopt())
   assert heap.retain_freed_memory() is False
+
+
+@glibc
+def test_a_large_process_gets_the_default_allocator_back():
+  """heap.Bound: when the first step leaves the process above RETAIN_MAX_SHARE of the
+  machine's memory, glibc's defaults come back: freed large blocks are unmapped again (each
+  round faults its pages in), as without the tweak; below the share nothing changes."""
+  pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+  release = ("from kstore_jax import heap\nheap.RETAIN_MAX_SHARE = 0.0\n"
+             "b = heap.Bound(True)\nb.after_step()\nassert b.released\n")
+  applied, second, third = run_probe("1", release)
+  assert applied and second > pages // 2 and third > pages // 2, (second, third, pages)
+  keep = ("from kstore_jax import heap\nheap.RETAIN_MAX_SHARE = 1.0\n"
+          "b = heap.Bound(True)\nb.after_step()\nassert not b.released\n")
+  applied, second, third = run_probe("1", keep)
+  assert applied and second < pages // 20 and third < pages // 20, (second, third, pages)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import kstore_jax
+from kstore_jax import heap
 from kstore_jax.train import checkpoint, metrics as metrics_lib, optim, sharding, step as step_lib
 
 # Dense peak FLOP/s by device kind (datasheets) and compute dtype, for MFU; float32 on a GPU
@@ -135,6 +137,7 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
   positions_per_step = spec.positions_per_step
   peak = device_peak_flops(spec.dtype)
 
+  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
   pending = None   # (step, device metrics) fetched one step behind
   t_last, step_last = time.time(), start
   t_start = time.time()
@@ -165,6 +168,9 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
       while step < sc.steps:
         batch = sharding.to_global(next(data_iter), mesh)
         state, device_metrics = train_step(state, spec.frozen, batch)
+        if step == start:   # the heap bound measures a completed step's working set
+          jax.block_until_ready(device_metrics)
+        bound.after_step()
         step += 1
         if pending is not None:
           log(*pending)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kstore_jax
+from kstore_jax import heap
 from kstore_jax.model import transformer
 from kstore_jax.train import loop, sharding
 
@@ -65,10 +67,12 @@ def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain",
     it = iter(spec.data(jax.process_index(), jax.process_count()))
     batches = [sharding.to_global(next(it), exp.mesh) for _ in range(4)]
     times = []
+    bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # as the training loop runs
     for i in range(warmup + steps):
       t = time.perf_counter()
       state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
       jax.block_until_ready(metrics)
+      bound.after_step()
       times.append(time.perf_counter() - t)
       if i == 0:
         first_s = time.perf_counter() - t0
@@ -84,4 +88,5 @@ def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain",
               params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
               vocab=exp.model_cfg.vocab_size, dtype=exp.model_cfg.dtype,
               attention=exp.model_cfg.attention, first_step_s=first_s,
-              loss=float(metrics["loss"]), peak=loop.device_peak_flops(exp.model_cfg.dtype))
+              loss=float(metrics["loss"]), peak=loop.device_peak_flops(exp.model_cfg.dtype),
+              heap_released=bound.released)
