@@ -1,7 +1,7 @@
 """Inspect a run directory: stages, saved steps, config, checkpoint contents, data state.
 
     python -m kstore_jax.inspect --workdir=runs/tiny/single [--stage=pretrain] [--step=N|final]
-        [--json] [--no_restore]
+        [--json] [--norestore]
 
 Lists the stages present (saved checkpoint steps, whether `final/` exists, the last metrics
 line), the keys of results.json under the stage that produced each (its `produced_by` map;
@@ -10,7 +10,7 @@ parameter tree (path, shape, dtype, the sharding it was saved with), parameter c
 top-level module, an optimizer-state summary, the training step, and the Grain iterator state
 saved next to it. Shapes, dtypes and shardings come from orbax metadata (no model is built);
 the arrays are then restored onto one CPU device to check that the step is readable (skip with
-`--no_restore`). `--json` prints one JSON object instead of the text report.
+`--norestore`). `--json` prints one JSON object instead of the text report.
 
 Read-only: it takes no lock and writes nothing. Errors (missing workdir, stage or step, an
 unreadable checkpoint) are one line on stderr, exit status 2.
@@ -38,7 +38,7 @@ _STEP = flags.DEFINE_string("step", None, "Checkpoint step to inspect, or 'final
                             "stage's final/ params (default: the newest saved step).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the text report.")
 _RESTORE = flags.DEFINE_bool("restore", True, "Restore the arrays (on one CPU device) to check "
-                             "that the checkpoint is readable; --no_restore reads metadata only.")
+                             "that the checkpoint is readable; --norestore reads metadata only.")
 
 
 # -- the workdir ----------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def format_report(r: dict) -> str:
     lines.append(f"  restored onto {rs['device']}: readable, {rs['nonfinite_params']} "
                  f"non-finite parameter values")
   else:
-    lines.append("  not restored (--no_restore): data files not checked")
+    lines.append("  not restored (--norestore): data files not checked")
   if "data_state" in c:
     for proc, st in c["data_state"].items():
       lines.append(f"  data iterator (grain) {proc}: {json.dumps(st, sort_keys=True)}")

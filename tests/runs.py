@@ -23,6 +23,18 @@ def small_run_args(steps: int, save_every: int) -> list[str]:
   ]
 
 
+def micro_stage_args(batch_size: int, save_every: int, **steps: int) -> list[str]:
+  """A 1-layer, width-32 model and `steps` (stage name -> steps) at `batch_size`, logging
+  every step: the smallest end-to-end run of the given stages."""
+  return [
+      "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+      "--config.model.d_ff=64",
+      *(a for stage, n in steps.items()
+        for a in (f"--config.{stage}.steps={n}", f"--config.{stage}.batch_size={batch_size}")),
+      "--config.train.log_every=1", f"--config.train.save_every={save_every}",
+  ]
+
+
 def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
   """`python -m kstore_jax.main ARGS` on n_devices fake CPU devices with the persistent JAX
   compilation cache in `cache`."""

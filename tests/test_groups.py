@@ -9,7 +9,7 @@ import pathlib
 import ml_collections
 import numpy as np
 import pytest
-from runs import run_main
+from runs import micro_stage_args, run_main
 
 from configs import base, celeb_minority, minority_only, single_permute1
 from kstore_jax import configlib, report
@@ -216,11 +216,7 @@ def test_results_and_report_per_group(tmp_path):
   wd = tmp_path / "celeb_minority"
   args = ["--config=configs/celeb_minority.py:tiny", f"--workdir={wd}",
           "--config.data.n_people=120", "--config.data.seq_len=160",
-          "--config.data.vocab_size=1024", "--config.model.num_layers=1",
-          "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
-          "--config.pretrain.steps=2", "--config.pretrain.batch_size=8",
-          "--config.finetune.steps=2", "--config.finetune.batch_size=8",
-          "--config.train.log_every=1", "--config.train.save_every=2"]
+          "--config.data.vocab_size=1024", *micro_stage_args(8, 2, pretrain=2, finetune=2)]
   r = run_main(args, tmp_path / "jax_cache", timeout=240)
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.loads((wd / "results.json").read_text())

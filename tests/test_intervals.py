@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from runs import run_main
+from runs import micro_stage_args, run_main
 
 from kstore_jax import report
 from kstore_jax.data.templates import ATTRIBUTES
@@ -135,13 +135,8 @@ def test_results_json_has_an_interval_for_every_accuracy(tmp_path):
   wd = tmp_path / "run"
   n_people = 60
   args = ["--config=configs/single.py:tiny,probe", f"--workdir={wd}",
-          f"--config.data.n_people={n_people}", "--config.model.num_layers=1",
-          "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
-          "--config.pretrain.steps=6", "--config.pretrain.batch_size=4",
-          "--config.finetune.steps=4", "--config.finetune.batch_size=4",
-          "--config.pprobe.steps=4", "--config.pprobe.batch_size=4",
-          "--config.qprobe.steps=4", "--config.qprobe.batch_size=4",
-          "--config.train.log_every=1", "--config.train.save_every=10"]
+          f"--config.data.n_people={n_people}",
+          *micro_stage_args(4, 10, pretrain=6, finetune=4, pprobe=4, qprobe=4)]
   r = run_main(args, tmp_path / "jax_cache", timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())

@@ -384,3 +384,17 @@ def test_chunks_are_thread_safe(world):
     sys.setswitchinterval(old)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
+
+
+def test_process_slice_takes_rows_of_any_batch_layout():
+  """Each of 2 processes keeps its half of the rows of an LM batch and of a probe batch
+  (tokens, segment_ids, probe_at, labels: no `inputs` field); the halves rebuild the batch."""
+  rng = np.random.default_rng(0)
+  lm = {k: rng.integers(0, 9, (8, 16)) for k in pipeline.FIELDS}
+  probe = {"tokens": rng.integers(0, 9, (8, 16)), "segment_ids": np.ones((8, 16), np.int32),
+           "probe_at": rng.integers(0, 16, (8, 6)), "labels": rng.integers(0, 5, (8, 6))}
+  for batch in (lm, probe):
+    halves = [pipeline.ProcessSlice(i, 2)(batch) for i in range(2)]
+    for k, v in batch.items():
+      assert all(len(h[k]) == 4 for h in halves)
+      np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v)

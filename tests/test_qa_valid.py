@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from runs import run_main
+from runs import micro_stage_args, run_main
 
 from configs import celeb_minority, single
 from kstore_jax import configlib, report
@@ -108,11 +108,8 @@ def test_results_json_has_qa_valid(tmp_path):
   """60 people: 30 test, 30 QA-train of which round(0.2 * 30) = 6 valid, 24 trained on."""
   wd = tmp_path / "run"
   args = ["--config=configs/single.py:tiny", f"--workdir={wd}", "--config.data.n_people=60",
-          "--config.data.qa_valid_fraction=0.2", "--config.model.num_layers=1",
-          "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
-          "--config.pretrain.steps=6", "--config.pretrain.batch_size=4",
-          "--config.finetune.steps=4", "--config.finetune.batch_size=4",
-          "--config.train.log_every=1", "--config.train.save_every=10"]
+          "--config.data.qa_valid_fraction=0.2",
+          *micro_stage_args(4, 10, pretrain=6, finetune=4)]
   r = run_main(args, tmp_path / "jax_cache", timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())

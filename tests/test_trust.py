@@ -4,7 +4,6 @@ evaluates."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

@@ -184,12 +184,13 @@ def _take_docs(docs: Docs, order: np.ndarray) -> Docs:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessSlice:
-  """Keep this process's contiguous block of rows of a global batch."""
+  """Keep this process's contiguous block of rows of a global batch, whatever its layout
+  (every field's leading axis is the batch row: LM batches, probe batches)."""
   index: int
   count: int
 
   def __call__(self, batch):
-    n = len(batch["inputs"]) // self.count
+    n = len(next(iter(batch.values()))) // self.count
     return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
 
 
