@@ -72,11 +72,13 @@ def test_kv_cache_equals_recompute_ragged_batch(world):
   full = np.asarray(generate.generate_recompute(*args))
   assert kv.shape == (len(prompt_BP), max_new)
   np.testing.assert_array_equal(kv, full)
+  np.testing.assert_array_equal(kv, generate.generate_recompute_fixed_width(*args))
   for b in (0, len(plens)):     # and both equal greedy decoding without padding
     ref = greedy_one(model, params, prompt_BP[b, :lens_B[b]], max_new)
     np.testing.assert_array_equal(kv[b], ref)
   one = (model, params, jnp.asarray(prompt_BP[:2, :1]), jnp.ones(2, jnp.int32), 3)
   np.testing.assert_array_equal(generate.generate(*one), generate.generate_recompute(*one))
+  assert generate.generate_recompute(*one[:-1], 0).shape == (2, 0)
 
 
 def test_qa_set_prompts_are_the_rendered_questions(world):
@@ -99,7 +101,9 @@ def test_qa_set_prompts_are_the_rendered_questions(world):
 def test_shared_prefix_generation_equals_recompute(world, attention):
   """Questions decoded with their attribute's prefix cached once give the tokens of full
   recompute on the whole questions, with early stopping at EOT in both; also through
-  `jax.nn.dot_product_attention` (the GPU path, which reads the head-major cache transposed)."""
+  `jax.nn.dot_product_attention` (the GPU path, which reads the head-major cache transposed).
+  The no-cache baseline on the same split questions (prefixes re-run once per step) and the
+  older fixed-width one give them too."""
   model, params = make_model(world, attention=attention)
   qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
   order = np.argsort(qs.rest_lens_N, kind="stable")[::-1]       # longest rest first
@@ -112,6 +116,12 @@ def test_shared_prefix_generation_equals_recompute(world, attention):
   full = np.asarray(generate.generate_recompute(model, params, jnp.asarray(prompts),
                                                 jnp.asarray(plens), max_new, eot))
   np.testing.assert_array_equal(shared, full)
+  baseline = np.asarray(generate.generate_recompute(
+      model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N), max_new, eot,
+      qs.prefixes()))
+  np.testing.assert_array_equal(shared, baseline)
+  np.testing.assert_array_equal(shared, generate.generate_recompute_fixed_width(
+      model, params, jnp.asarray(prompts), jnp.asarray(plens), max_new, eot))
   plain = np.asarray(generate.generate(model, params, jnp.asarray(prompts), jnp.asarray(plens),
                                        max_new))
   # early stop: a row's tokens agree with the full run up to and including its first EOT
@@ -119,6 +129,26 @@ def test_shared_prefix_generation_equals_recompute(world, attention):
     stop = np.flatnonzero(plain[b] == eot)
     upto = stop[0] + 1 if len(stop) else max_new
     np.testing.assert_array_equal(shared[b, :upto], plain[b, :upto])
+
+
+def test_recompute_baseline_flops_between_cache_and_fixed_width(world):
+  """generation_flops: the no-cache baseline (growing lengths, head on the last position,
+  prefixes once per step) counts fewer FLOPs than the fixed-width one and more than the cache;
+  checked against a count by hand for one batch."""
+  from kstore_jax.bench import generation_flops
+  model, _ = make_model(world)
+  qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
+  batches = [b for _, _, b in qa_eval.length_batches(qs, 8, row_multiple=4)]
+  max_new = qs.answers_NW.shape[1]
+  f = generation_flops(model.cfg, batches, max_new)
+  assert f["kv_cache"] < f["recompute"] < f["fixed_width"]
+  c = model.cfg
+  body = 2 * c.num_layers * (4 * c.d_model ** 2 + 2 * c.d_model * c.d_ff)
+  head = 2 * c.vocab_size * c.d_model
+  b = batches[0]
+  (rows, width), (A, S) = b.rest_NR.shape, b.prefix_AS.shape
+  by_hand = sum((A * S + rows * (width + t)) * body + rows * head for t in range(max_new))
+  assert generation_flops(c, batches[:1], max_new)["recompute"] == by_hand
 
 
 def test_decoding_stops_once_every_row_ended():
@@ -186,6 +216,19 @@ def test_memorised_qa_scores_100(world, memorised):
   assert acc["mean"] == 1.0, acc
 
 
+def test_recompute_baseline_stops_early_like_the_cache(world, memorised):
+  """A model that answers every question and closes it with EOT: the no-cache baseline skips
+  the steps after every row has ended and returns the cache path's tokens (EOT-filled)."""
+  model, params = memorised
+  qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
+  eot, max_new = world.renderer.eot_id, qs.answers_NW.shape[1] + 3
+  args = (model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N), max_new, eot,
+          qs.prefixes())
+  kv = np.asarray(generate.generate(*args))
+  assert (kv[:, -3:] == eot).all()      # every row ended before the last steps
+  np.testing.assert_array_equal(generate.generate_recompute(*args), kv)
+
+
 def test_bio_recall_values(world, memorised):
   model, params = memorised
   rec = qa_eval.bio_recall(model, params, world, np.arange(N_PEOPLE), batch_size=3)
@@ -228,11 +271,14 @@ def test_bench_eval_contract(tmp_path):
          "--eval_repeats=1"]
   r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 0, r.stderr
-  out = {m["name"]: m for m in map(json.loads, r.stdout.strip().splitlines()[-4:])}
+  out = {m["name"]: m for m in map(json.loads, r.stdout.strip().splitlines()[-6:])}
   assert set(out) == {"kv_cache_eval_s", "recompute_eval_s", "kv_cache_speedup",
+                      "recompute_fixed_width_eval_s", "kv_cache_speedup_vs_fixed_width",
                       "qa_eval_questions_per_s"}
-  s = out["kv_cache_speedup"]
+  s, fixed = out["kv_cache_speedup"], out["kv_cache_speedup_vs_fixed_width"]
   assert s["identical"] is True and s["unit"] == "ratio" and s["value"] > 0
+  assert fixed["identical"] is True and fixed["flops_ratio"] > s["flops_ratio"] > 1
+  assert s["of_flops_ratio"] == pytest.approx(s["value"] / s["flops_ratio"], rel=0.02)
   assert s["questions"] == 24 and s["max_new"] >= 2 and s["params_from"] == "random_init"
   r = subprocess.run(cmd + [f"--workdir={tmp_path / 'none'}"], cwd=root, capture_output=True,
                      text=True, timeout=120, check=False)

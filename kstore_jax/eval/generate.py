@@ -5,8 +5,13 @@ positions len_b, len_b + 1, ..., so rows of different lengths decode together. R
 a prefix (`Prefixes`: e.g. a QA question's wording before the name): each distinct prefix is
 run once and its keys/values are copied into the cache of every row that starts with it.
 Decoding stops once every row has emitted `eos_id`.
-`generate_recompute` is the same decoding without a cache (the whole sequence is re-run each
-step): the baseline for the speed benchmark.
+`generate_recompute` is the same decoding without a cache, the best simple one: every step
+re-runs each row's whole sequence so far (prompt + the tokens generated so far, one compiled
+length per step) and only its last position goes through the output head; each distinct
+prefix is re-run once per step, not once per row. Nothing computed in one step is reused in
+another. It is the baseline for the KV-cache speed benchmark (`bench eval`);
+`generate_recompute_fixed_width` is the older, wasteful one (the full padded width every step,
+every position through the head, whole questions).
 `fill_masks` answers with a bidirectional model (model.causal=False): prompt + mask tokens.
 """
 
@@ -16,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstore_jax.model.transformer import Transformer, init_cache
+from kstore_jax.model.transformer import Transformer, head_matrix, init_cache
 
 
 class Prefixes(NamedTuple):
@@ -47,6 +52,23 @@ def _left_pad(tokens_BP, lens_B):
   return left_BP, src_BP, valid_BP.astype(jnp.int32)
 
 
+def _prefix_cache(apply, cfg, prefixes: Prefixes, batch: int, width: int):
+  """Each distinct prefix run once (A rows), its keys/values copied in front of the `width`
+  empty columns of each row that starts with it: (cache with index at the first empty column,
+  each row's prefix length [B])."""
+  A, S = prefixes.tokens_AS.shape
+  _, _, shared = apply(*_left_pad(prefixes.tokens_AS, prefixes.lens_A),
+                       cache=init_cache(cfg, A, S))
+  cache = init_cache(cfg, batch, width)
+  of_B = prefixes.of_B
+  join = lambda axis: lambda mine, own: jnp.concatenate([mine[of_B], own], axis)
+  cache = dict(k=tuple(map(join(2), shared["k"], cache["k"])),
+               v=tuple(map(join(2), shared["v"], cache["v"])),
+               seg=join(1)(shared["seg"], cache["seg"]),
+               pos=join(1)(shared["pos"], cache["pos"]), index=shared["index"])
+  return cache, prefixes.lens_A[of_B]
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))
 def generate(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id=-1,
              prefixes: Prefixes | None = None):
@@ -63,19 +85,10 @@ def generate(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id
   B, P = prompt_BP.shape
   apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
   left_BP, src_BP, valid_BP = _left_pad(prompt_BP, lens_B)
-  cache = init_cache(model.cfg, B, P - 1 + max_new)
-  start_B = jnp.zeros_like(lens_B)
-  if prefixes is not None:   # run each prefix once, copy its columns in front of its rows'
-    A, S = prefixes.tokens_AS.shape
-    _, _, shared = apply(*_left_pad(prefixes.tokens_AS, prefixes.lens_A),
-                         cache=init_cache(model.cfg, A, S))
-    of_B = prefixes.of_B
-    join = lambda axis: lambda mine, own: jnp.concatenate([mine[of_B], own], axis)
-    cache = dict(k=tuple(map(join(2), shared["k"], cache["k"])),
-                 v=tuple(map(join(2), shared["v"], cache["v"])),
-                 seg=join(1)(shared["seg"], cache["seg"]),
-                 pos=join(1)(shared["pos"], cache["pos"]), index=shared["index"])
-    start_B = prefixes.lens_A[of_B]
+  if prefixes is None:
+    cache, start_B = init_cache(model.cfg, B, P - 1 + max_new), jnp.zeros_like(lens_B)
+  else:
+    cache, start_B = _prefix_cache(apply, model.cfg, prefixes, B, P - 1 + max_new)
   if P > 1:
     _, _, cache = apply(left_BP[:, :-1], start_B[:, None] + src_BP[:, :-1], valid_BP[:, :-1],
                         cache=cache)
@@ -108,8 +121,59 @@ def _run(step, first_B, state, max_new: int, eos_id):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))
-def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id=-1):
-  """The same greedy decoding, re-running the full sequence for every new token."""
+def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: int, eos_id=-1,
+                       prefixes: Prefixes | None = None):
+  """`generate`'s greedy tokens (same arguments, same early stop at eos_id) without a KV
+  cache: step t re-runs every row's whole sequence so far, its prompt (left-padded as in
+  `generate`) and the t tokens generated before, and projects only the last position onto the
+  vocabulary (the final hidden state times `head_matrix`; the model's logits are compiled
+  away). The steps are unrolled, each compiled for its own length P + t (no position beyond a
+  row's sequence but the prompts' padding), each but the first under a `lax.cond` that skips
+  it once every row has emitted eos_id. With `prefixes`, each step first re-runs the A
+  distinct prefixes (A rows, not B) and the rows attend to their prefix's keys/values of that
+  step: the whole sequence is recomputed every step, and no more than that; nothing is carried
+  from one step to the next but the tokens."""
+  B, P = prompt_BP.shape
+  cfg = model.cfg
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
+  head_DV = head_matrix(cfg, params)
+  left_BP, src_BP, valid_BP = _left_pad(prompt_BP, lens_B)
+  start_B = (jnp.zeros_like(lens_B) if prefixes is None
+             else prefixes.lens_A[prefixes.of_B])
+  pos_BP = start_B[:, None] + src_BP
+
+  def step(t, out_BT):
+    seq_BL = jnp.concatenate([left_BP, out_BT[:, :t]], 1).astype(jnp.int32)
+    pos_BL = jnp.concatenate([pos_BP, (start_B + lens_B)[:, None] + jnp.arange(t)], 1)
+    seg_BL = jnp.concatenate([valid_BP, jnp.ones((B, t), valid_BP.dtype)], 1)
+    if prefixes is None:
+      _, hidden_BLD, _ = apply(seq_BL, pos_BL, seg_BL)
+    else:
+      # The barrier ties this step's prefix run to this step's sequence: XLA may not merge the
+      # steps' identical prefix runs into one (that would be a cache).
+      tokens_AS, seq_BL = jax.lax.optimization_barrier((prefixes.tokens_AS, seq_BL))
+      cache, _ = _prefix_cache(apply, cfg, prefixes._replace(tokens_AS=tokens_AS), B, P + t)
+      _, hidden_BLD, _ = apply(seq_BL, pos_BL, seg_BL, cache=cache)
+    logits_BV = jnp.dot(hidden_BLD[:, -1], head_DV).astype(jnp.float32)
+    nxt_B = greedy(logits_BV)
+    return out_BT.at[:, t].set(nxt_B), nxt_B == eos_id
+
+  if max_new == 0:
+    return jnp.zeros((B, 0), jnp.int32)
+  out_BT, done_B = step(0, jnp.full((B, max_new), eos_id, jnp.int32))
+  for t in range(1, max_new):
+    out_BT, hit_B = jax.lax.cond(done_B.all(), lambda o: (o, jnp.zeros(B, bool)),
+                                 functools.partial(step, t), out_BT)
+    done_B = done_B | hit_B
+  return out_BT
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new"))
+def generate_recompute_fixed_width(model: Transformer, params, prompt_BP, lens_B, max_new: int,
+                                   eos_id=-1):
+  """The older recompute baseline, kept for comparison (`bench eval`'s
+  kv_cache_speedup_vs_fixed_width): whole prompts, every step re-runs the full padded width
+  P + max_new and projects every position onto the vocabulary."""
   B, P = prompt_BP.shape
   seq_BT = jnp.concatenate([prompt_BP, jnp.zeros((B, max_new), prompt_BP.dtype)], 1)
   positions_BT = jnp.broadcast_to(jnp.arange(P + max_new), (B, P + max_new))
