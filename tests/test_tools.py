@@ -357,6 +357,12 @@ def test_ask_marks_right_and_wrong_answers(run_dir, population, monkeypatch):
   be ✓), the true value running on without EOT, and another person's value (✗ unless it is the
   same string): a mark is ✓ exactly when the printed answer is the population's value, and the
   count adds up."""
+  import sys
+  from absl import flags
+  if "kstore_jax.ask" not in sys.modules:   # each tool defines its flags at import: another
+    for name in ("workdir",):               # tool imported by an earlier test (bench) holds
+      if name in flags.FLAGS:               # the same name in this process
+        delattr(flags.FLAGS, name)
   from kstore_jax import ask
   from kstore_jax.eval import qa_eval
   asker = ask.Asker(str(run_dir))
