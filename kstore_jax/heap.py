@@ -48,14 +48,19 @@ def retain_freed_memory() -> bool:
   flag = os.environ.get("KSTORE_JAX_RETAIN_MEMORY", "")
   if flag == "0" or (flag != "1" and not cpu_only()):
     return False
+  # -1 as the trim threshold is SIZE_MAX inside glibc: never give the top of the heap back
+  return _mallopt((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+  """Apply glibc mallopt (param, value) settings; whether every one was accepted (False where
+  libc has no mallopt)."""
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  # -1 as the trim threshold is SIZE_MAX inside glibc: never give the top of the heap back
-  return all(mallopt(param, value) == 1
-             for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+  return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 # Retention stops (glibc's defaults come back) once the process holds more than this share of
@@ -87,11 +92,8 @@ class Bound:
 def restore_defaults() -> bool:
   """glibc's allocation settings back (arenas per core, large blocks mmapped, 128 KiB trim
   threshold) and the freed pages handed back; whether it worked."""
-  libc = ctypes.CDLL(None)
-  libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  ok = all(libc.mallopt(param, value) == 1 for param, value in
-           ((M_ARENA_MAX, 0), (M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024)))
-  libc.malloc_trim(ctypes.c_size_t(0))
+  ok = _mallopt((M_ARENA_MAX, 0), (M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024))
+  ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
   return ok
 
 
