@@ -31,7 +31,6 @@ import jax.numpy as jnp
 CAUSAL_BLOCKS = 4   # einsum_attention's query blocks in causal self-attention (training)
 
 IMPLEMENTATIONS = ("einsum", "xla", "pallas", "cudnn", "splash")
-FLASH = ("pallas", "cudnn", "splash")     # self-attention kernels that never write scores
 DEFAULT = {"cpu": "einsum", "cuda": "pallas", "rocm": "xla", "tpu": "splash"}
 # Where each kernel can run (CPU: Pallas interpret mode, for tests; slow).
 RUNS_ON = {"einsum": ("cpu", "cuda", "rocm", "tpu"), "xla": ("cpu", "cuda", "rocm", "tpu"),
@@ -210,11 +209,13 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bo
 def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bool,
                    interpret: bool = False, max_docs: int | None = None) -> jax.Array:
   """Attention of a packed batch over itself (training, prefill without a cache) by `impl`;
-  `max_docs`: the most documents a row holds (cudnn's packed layout; default L)."""
+  `max_docs`: the most documents a row holds (cudnn's packed layout; 0/None or more than L:
+  L)."""
   if impl == "pallas":
     return pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   if impl == "cudnn":
-    return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, max_docs or q_BLHK.shape[1])
+    L = q_BLHK.shape[1]
+    return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, min(max_docs or L, L))
   if impl == "splash":
     return splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   k_BHTK, v_BHTK = k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3)

@@ -167,13 +167,12 @@ class Attention(nn.Module):
     proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
                              ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
     q_BLHD, k_BLHD, v_BLHD = (proj(n)(x_BLD) for n in ("query", "key", "value"))
-    L = x_BLD.shape[1]
     q_BLHD = rotary(q_BLHD, rot, cfg.rotary_dim)
     k_BLHD = rotary(k_BLHD, rot, cfg.rotary_dim)
     if cache is None:
       out_BLHD = attention_lib.self_attention(
           cfg.attention, q_BLHD, k_BLHD, v_BLHD, positions_BL, segment_ids_BL, cfg.causal,
-          interpret=cfg.platform == "cpu", max_docs=min(cfg.max_docs or L, L))
+          interpret=cfg.platform == "cpu", max_docs=cfg.max_docs)
     else:
       # Write this call's keys/values at columns [index, index + L) of this layer's head-major
       # cache: one dynamic-update-slice, the same columns for every row, done in place (each
