@@ -17,23 +17,18 @@ import numpy as np
 
 from configs import base
 from kstore_jax import configlib
-from kstore_jax.data import pipeline, probing, world as world_lib
+from kstore_jax.data import classes, pipeline, probing, world as world_lib
 from kstore_jax.data.render import N_ATTR
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import qa_eval
 from kstore_jax.model import attention as attention_lib, lora as lora_lib, probes
-from kstore_jax.model.transformer import ModelConfig, Transformer, flops_per_token
+from kstore_jax.model.transformer import ModelConfig, Transformer, flops_per_token, model_vocab
 from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
 
 TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune")
 PROBE_STAGES = ("pprobe", "qprobe")
 BASE_STAGES = ("pretrain", "pretrain_mixed")
 PRODUCED_BY = "produced_by"   # results.json: {key: the stage that wrote it}
-
-
-def model_vocab(renderer) -> int:
-  """The world's model ids, rounded up to a multiple of 128 (MXU/AVX-friendly, shardable)."""
-  return -(-renderer.vocab_size // 128) * 128
 
 
 class Workdir:
@@ -221,7 +216,7 @@ class Experiment:
     init = functools.partial(
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
-        classes=probes.n_classes(), head=sc.head)
+        classes=classes.n_classes(), head=sc.head)
     return loop.StageSpec(
         stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)), init, base,
         data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
@@ -233,7 +228,7 @@ class Experiment:
   def class_tokens(self, stage: str):
     """The embedding probe head's class value tokens (None for the linear head)."""
     if self.cfg[stage].head == "embedding":
-      return probes.class_tokens(self.world.renderer)
+      return classes.class_tokens(self.world.renderer)
     return None
 
   def probe_accuracy(self, stage: str):
@@ -277,7 +272,7 @@ class Experiment:
       results["qprobe" + qa_eval.CI] = {
           **{a: ci(matrix[0, i]) for i, a in enumerate(ATTRIBUTES)},
           "mean": qa_eval.interval(sum(round(v * n) for v in matrix[0]), n * len(ATTRIBUTES))}
-    labels = probes.probe_labels(w.pop, test.people)
+    labels = classes.probe_labels(w.pop, test.people)
     results["probe_baseline"] = {a: float(np.bincount(labels[:, i]).max() / len(labels))
                                  for i, a in enumerate(ATTRIBUTES)}
     self.write_results(stage, results)

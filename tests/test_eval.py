@@ -16,8 +16,7 @@ from configs import base
 from kstore_jax.data import pipeline, tokenizer as tokenizer_lib, world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import generate, qa_eval
-from kstore_jax.experiment import model_vocab
-from kstore_jax.model.transformer import ModelConfig, Transformer
+from kstore_jax.model.transformer import ModelConfig, Transformer, model_vocab
 from kstore_jax.train import step as step_lib
 
 N_PEOPLE = 4

@@ -18,9 +18,8 @@ from kstore_jax import configlib
 from kstore_jax.data import masking, tokenizer as tokenizer_lib, world as world_lib
 from kstore_jax.data.tokenizer import MASK
 from kstore_jax.eval import qa_eval
-from kstore_jax.experiment import model_vocab
 from kstore_jax.model import probes
-from kstore_jax.model.transformer import ModelConfig, Transformer
+from kstore_jax.model.transformer import ModelConfig, Transformer, model_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import pytest
 from configs import base as base_cfg
 from kstore_jax import experiment
 from kstore_jax.data import pools as pools_lib
-from kstore_jax.data import probing, tokenizer as tokenizer_lib, world as world_lib
+from kstore_jax.data import classes, probing, tokenizer as tokenizer_lib, world as world_lib
 from kstore_jax.data.population import MONTHS
 from kstore_jax.data.render import N_ATTR
 from kstore_jax.data.templates import ATTRIBUTES
@@ -77,7 +77,7 @@ def test_pprobe_positions_are_the_token_before_each_value(aug, vocab):
   copies = np.tile(np.arange(copies_per_person), len(people) // copies_per_person)
   (tokens, seg), at, labels = probing.pprobe_examples(w, people, copies)
   assert at.shape == labels.shape == (len(people), N_ATTR)
-  np.testing.assert_array_equal(labels, probes.probe_labels(w.pop, people))
+  np.testing.assert_array_equal(labels, classes.probe_labels(w.pop, people))
   # The probe input is exactly the training bio (same template draw and sentence order).
   idx = people * copies_per_person + copies
   docs = w.bios().docs(idx)
@@ -118,7 +118,7 @@ def test_qprobe_examples_are_the_name(vocab):
   people = np.arange(N_PEOPLE)
   (tokens, seg), at, labels = probing.qprobe_examples(w, people)
   assert at.shape == (N_PEOPLE, 1)
-  np.testing.assert_array_equal(labels, probes.probe_labels(w.pop, people))
+  np.testing.assert_array_equal(labels, classes.probe_labels(w.pop, people))
   lengths = seg.sum(1)
   assert len(set(lengths)) > 1          # names of different token lengths: padding is exercised
   for i, person in enumerate(people):
@@ -163,11 +163,11 @@ def test_labels_are_the_attribute_values():
   pool = {"birth_city": p.birth_cities, "university": p.universities, "major": p.majors,
           "company": p.companies, "company_city": p.hq_cities}
   people = np.arange(N_PEOPLE)
-  labels = probes.probe_labels(w.pop, people)
+  labels = classes.probe_labels(w.pop, people)
   assert labels.shape == (N_PEOPLE, N_ATTR) and labels.dtype == np.int32
-  classes = probes.n_classes()
-  assert classes == [12] + [len(pool[a]) for a in ATTRIBUTES[1:]]
-  assert (labels >= 0).all() and (labels < np.array(classes)).all()
+  counts = classes.n_classes()
+  assert counts == [12] + [len(pool[a]) for a in ATTRIBUTES[1:]]
+  assert (labels >= 0).all() and (labels < np.array(counts)).all()
   for person in people:
     values = w.pop.values(person)
     assert values["birth_date"].split()[0] == MONTHS[labels[person, 0]]
@@ -202,13 +202,13 @@ def test_probe_learns_linearly_encoded_labels():
   Class counts are small so that the codes fit in D = 64 (probe_apply takes any class list);
   the real class list is checked for shapes."""
   D, P = 64, N_ATTR
-  classes = [12, 10, 12, 8, 10, 8]                      # 60 one-hot coordinates <= D
-  offsets = np.cumsum([0] + classes[:-1])
+  counts = [12, 10, 12, 8, 10, 8]                       # 60 one-hot coordinates <= D
+  offsets = np.cumsum([0] + counts[:-1])
   rng = np.random.default_rng(0)
   rot = np.linalg.qr(rng.normal(size=(P, D, D)))[0]     # [P, D, D] orthogonal
 
   def sample(n):
-    labels = np.stack([rng.integers(0, c, n) for c in classes], -1)
+    labels = np.stack([rng.integers(0, c, n) for c in counts], -1)
     code = np.zeros((n, D), np.float32)
     np.put_along_axis(code, labels + offsets, 1.0, axis=1)
     hidden = np.einsum("nd,pde->npe", code, rot) + 0.05 * rng.normal(size=(n, P, D))
@@ -223,7 +223,7 @@ def test_probe_learns_linearly_encoded_labels():
   # rbg keys: XLA compiles threefry's random normals slowly on CPU (seconds per init).
   k_probe = jax.random.key(0, impl="rbg")
   init = jax.jit(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
-                                   n_positions=P, classes=classes))
+                                   n_positions=P, classes=counts))
 
   @jax.jit
   def accuracy(probe, hidden, labels):                  # [P, 6]
@@ -243,8 +243,8 @@ def test_probe_learns_linearly_encoded_labels():
   assert np.asarray(accuracy(probe0, *test)).max() < 0.3    # untrained: chance level
   # With the real class list: one [P, D, C] head per attribute, embed_b starting at zero.
   real = jax.eval_shape(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
-                                          n_positions=P, classes=probes.n_classes()), k_probe)
-  assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in probes.n_classes()]
+                                          n_positions=P, classes=classes.n_classes()), k_probe)
+  assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in classes.n_classes()]
   assert real["embed_a"].shape == (16, 2) and real["embed_b"].shape == (2, D)
   assert not np.asarray(probe0["embed_b"]).any()
 
@@ -254,8 +254,8 @@ def test_class_tokens_are_the_value_text():
   w = world("single")
   p = pools_lib.load_pools()
   texts = [list(MONTHS), p.birth_cities, p.universities, p.majors, p.companies, p.hq_cities]
-  tokens = probes.class_tokens(w.renderer)
-  assert [len(ids) for ids, _ in tokens] == probes.n_classes()
+  tokens = classes.class_tokens(w.renderer)
+  assert [len(ids) for ids, _ in tokens] == classes.n_classes()
   for (ids_CT, real_CT), values in zip(tokens, texts):
     for c, value in enumerate(values):
       assert w.renderer.decode(ids_CT[c][real_CT[c] > 0]) == " " + value
@@ -368,7 +368,7 @@ def chance_bound(exp) -> tuple[np.ndarray, np.ndarray]:
   per-person outcomes are independent, so the score's standard deviation is at most
   sqrt(b (1 - b) / n_test). 3 SE: a false alarm < 0.2% per entry in the normal approximation
   (< 5% over the 26 entries checked). With n_test = 300 the bound is 1.3-1.5x the baseline."""
-  labels = probes.probe_labels(exp.world.pop, exp.world.test_people)
+  labels = classes.probe_labels(exp.world.pop, exp.world.test_people)
   n = len(labels)
   b = np.array([np.bincount(labels[:, a]).max() / n for a in range(N_ATTR)])
   return b, b + 3 * np.sqrt(b * (1 - b) / n)

@@ -18,8 +18,7 @@ from configs import base
 from kstore_jax.data import pipeline, tokenizer as tokenizer_lib, world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import qa_eval
-from kstore_jax.experiment import model_vocab
-from kstore_jax.model.transformer import ModelConfig, Transformer
+from kstore_jax.model.transformer import ModelConfig, Transformer, model_vocab
 from kstore_jax.train import optim, step as step_lib
 
 N_PEOPLE = 16                # bios of the first half are trained on, the rest never seen

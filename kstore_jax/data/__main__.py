@@ -18,10 +18,9 @@ import numpy as np
 from absl import flags
 
 from kstore_jax import cli
-from kstore_jax.data import pools as pools_lib
+from kstore_jax.data import classes
 from kstore_jax.data import tokenizer as tokenizer_lib
 from kstore_jax.data import world as world_lib
-from kstore_jax.data.population import N_DAYS, N_YEARS
 from kstore_jax.data.templates import ATTRIBUTES, load_templates
 
 CONFIG = cli.config_flag()
@@ -31,14 +30,6 @@ STATS = flags.DEFINE_bool("stats", False, "print corpus statistics as one JSON l
 SPLIT = flags.DEFINE_enum("split", None, ["bios", "qa"],
                           "what --show prints: bios or QA pairs (default: both)")
 SAMPLE = 20_000
-
-
-def n_values(name: str) -> int:
-  """Number of possible values (classes) of an attribute."""
-  p = pools_lib.load_pools()
-  return {"birth_date": N_YEARS * 12 * N_DAYS, "birth_city": len(p.birth_cities),
-          "university": len(p.universities), "major": len(p.majors),
-          "company": len(p.companies), "company_city": len(p.hq_cities)}[name]
 
 
 def half(world, person: int) -> str:
@@ -115,7 +106,8 @@ def stats(world, tok) -> dict:
   bio_lens = [sample_lengths(s, rng) for s in bios]
   stands_for = np.concatenate([np.full(len(l), len(s) / len(l)) for s, l in zip(bios, bio_lens)])
   qa_len = sample_lengths(world.qa(np.arange(len(pop))), rng)
-  counts = {a: np.bincount(pop.attribute(a), minlength=n_values(a)) for a in ATTRIBUTES}
+  n_values = classes.value_counts()
+  counts = {a: np.bincount(pop.attribute(a), minlength=n_values[a]) for a in ATTRIBUTES}
   names = np.stack([pop.first, pop.middle, pop.last], 1)
   return {
       "people": len(pop), "bios": sum(len(s) for s in bios),

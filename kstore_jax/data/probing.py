@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from kstore_jax.model.probes import probe_labels
+from kstore_jax.data.classes import probe_labels
 
 
 def pprobe_examples(world, people, copies):

@@ -16,46 +16,19 @@ Two classifier heads (`<stage>.head`):
   probe-training people do not give 200-300-class attributes (one or two examples per class
   at the tiny scale; RESULTS.md, "Probes").
 
-Class sets: each attribute's values; company city = the HQ cities; birth date = the birth month
-(the first token of the date, 12 classes).
+Class sets, labels and class value texts: data/classes.py (birth date = the birth month, 12
+classes; company city = the HQ cities).
 """
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from kstore_jax.data.templates import ATTRIBUTES
 
 HEADS = ("linear", "embedding")
 
 
-def probe_labels(pop, people) -> np.ndarray:
-  """[n, 6] class ids of the probed attributes."""
-  cols = [pop.birth_month] + [pop.attribute(a) for a in ATTRIBUTES[1:]]
-  return np.stack([np.asarray(c)[people].astype(np.int32) for c in cols], -1)
-
-
-def n_classes() -> list[int]:
-  from kstore_jax.data import pools as pools_lib
-  p = pools_lib.load_pools()
-  return [12, len(p.birth_cities), len(p.universities), len(p.majors), len(p.companies),
-          len(p.hq_cities)]
-
-
-def class_tokens(renderer) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per attribute (model ids [C, T], 1 where a token is real [C, T]) of each class's value text
-  as bios render it (birth date: the month; company city: the HQ city)."""
-  firsts = [renderer.month0] + [renderer.value0[a] for a in ATTRIBUTES[1:]]
-  out = []
-  for first, c in zip(firsts, n_classes()):
-    ids_CT, lens_C = renderer.render((first + np.arange(c))[:, None], np.zeros(1, bool)).padded(0)
-    out.append((ids_CT, (np.arange(ids_CT.shape[1]) < lens_C[:, None]).astype(np.float32)))
-  return out
-
-
 def class_vectors(base, tokens) -> list[jax.Array]:
   """Per attribute [C, D]: the unit-length mean of the frozen input embedding over each class's
-  value tokens (`class_tokens`)."""
+  value tokens (`classes.class_tokens`)."""
   table_VD = jax.lax.stop_gradient(base["embed"]["embedding"]).astype(jnp.float32)
   out = []
   for ids_CT, real_CT in tokens:
@@ -100,8 +73,8 @@ def probe_apply(probe, hidden_BPD, classes_CD=None):
 
 
 def probe_logits(model, base, probe, batch, tokens=None):
-  """Per attribute logits [B, P, C_a] of a batch; `tokens` = `class_tokens` for the embedding
-  head."""
+  """Per attribute logits [B, P, C_a] of a batch; `tokens` = `classes.class_tokens` for the
+  embedding head."""
   classes = class_vectors(base, tokens) if tokens is not None else None
   return probe_apply(probe, probed_hidden(model, base, probe, batch), classes)
 
@@ -129,8 +102,8 @@ def probed_hidden(model, base, probe, batch):
 
 
 def make_probe_loss(model, tokens=None):
-  """Mean cross entropy over positions x attributes; aux: accuracy. `tokens`: `class_tokens`
-  for the embedding head."""
+  """Mean cross entropy over positions x attributes; aux: accuracy. `tokens`:
+  `classes.class_tokens` for the embedding head."""
 
   def loss_fn(probe, base, batch):
     logits = probe_logits(model, base, probe, batch, tokens)

@@ -290,6 +290,12 @@ class Transformer(nn.Module):
     return jax.lax.scan(body, x_BLD, stacked)[0]
 
 
+def model_vocab(renderer) -> int:
+  """The embedding and output width for a world's model ids (`renderer.vocab_size`), rounded up
+  to a multiple of 128 (MXU/AVX-friendly, shardable)."""
+  return -(-renderer.vocab_size // 128) * 128
+
+
 def head_matrix(cfg: ModelConfig, params) -> jax.Array:
   """The output projection [D, V] in the compute dtype, as `Transformer` applies it to the final
   hidden states (the transposed embedding when tied)."""
