@@ -4,6 +4,9 @@ ml_collections' own errors for a missing file or an unknown override are long tr
 do not name the flag, so `precheck_argv` looks at `--config=...` and `--config.a.b=v` before
 absl parses them, and `validate` checks the resolved config against the defaults of its scale
 (unknown keys, types) and against the semantics (ranges, stages, mesh, batch divisibility).
+
+Importing it imports no jax (`report` reads results without it): `validate` imports the data,
+model and train facts it checks against when it runs (WORKSPACE.md, "Layers").
 """
 
 import importlib.util
@@ -14,13 +17,7 @@ import ml_collections
 import numpy as np
 
 from configs import base
-from kstore_jax.model.probes import HEADS as PROBE_HEADS
-from kstore_jax.model import attention
-from kstore_jax.model.transformer import DTYPES, REMAT_POLICIES
-
-
-class ConfigError(ValueError):
-  """A bad config, flag or input file; its message is one line naming the culprit."""
+from kstore_jax.errors import ConfigError   # defined below every layer; raised by them all
 
 
 def fail(message: str, prog: str = "kstore_jax") -> None:
@@ -171,6 +168,11 @@ def _check_qa_valid(cfg) -> None:
 
 def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   """Check the resolved config; raise ConfigError naming the first bad key."""
+  from kstore_jax.data.pools import load_pools
+  from kstore_jax.model import attention
+  from kstore_jax.model.probes import HEADS as PROBE_HEADS
+  from kstore_jax.model.transformer import DTYPES, REMAT_POLICIES
+  from kstore_jax.train.sharding import mesh_shape
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
   _schema_check(cfg, base.get_config(cfg.scale))
   stages = stage_list(cfg)
@@ -183,7 +185,6 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(0.0 <= d.qa_ratio < 1.0, f"data.qa_ratio={d.qa_ratio} must be in [0, 1)")
   _require(0.0 < d.qa_train_fraction < 1.0,
            f"data.qa_train_fraction={d.qa_train_fraction} must be in (0, 1)")
-  from kstore_jax.data.pools import load_pools
   space = load_pools().name_space
   _require(2 <= d.n_people <= space // 2,
            f"data.n_people={d.n_people} must be in [2, {space // 2}] (half the name space)")
@@ -220,7 +221,6 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(m.d_model % m.num_heads == 0,
            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
   _require(0.0 <= m.rotary_fraction <= 1.0, f"model.rotary_fraction={m.rotary_fraction} must be in [0, 1]")
-  from kstore_jax.train.sharding import mesh_shape
   try:
     data, fsdp, tensor = mesh_shape(cfg.mesh, n_devices)
   except ValueError as e:

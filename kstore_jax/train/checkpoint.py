@@ -20,7 +20,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from kstore_jax.configlib import ConfigError
+from kstore_jax.errors import ConfigError
 
 MANIFEST = "kstore_manifest.json"
 
