@@ -244,3 +244,29 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(m.d_model % fsdp == 0, f"mesh.fsdp={fsdp} must divide model.d_model={m.d_model}")
   for k in ("log_every", "save_every", "keep_checkpoints"):
     _require(cfg.train[k] >= 1, f"train.{k}={cfg.train[k]} must be >= 1")
+
+
+def apply_override(cfg, key: str, text: str, prefix: str = "") -> None:
+  """Set `cfg`'s dotted `key` from the command-line text `text`, parsed by the type of the
+  current value (bool, int, float, str; a tuple from comma-separated items), as
+  `--config.<prefix><key>=<text>` would; ConfigError for an unknown key or a bad value."""
+  try:
+    current = _lookup(cfg, key)
+  except KeyError:
+    raise ConfigError(f"--config.{prefix}{key}: unknown config key {prefix + key!r}") from None
+  _check_override_value(prefix + key, current, text)
+  if isinstance(current, bool):
+    value = text.lower() in ("true", "1")
+  elif isinstance(current, (int, float)):
+    value = type(current)(float(text) if isinstance(current, float) else int(text))
+  elif isinstance(current, (tuple, list)):
+    value = tuple(x.strip() for x in text.split(",") if x.strip())
+  elif isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"--config.{prefix}{key}: is a section, not a value")
+  else:
+    value = text
+  *path, last = key.split(".")
+  node = cfg
+  for part in path:
+    node = node[part]
+  node[last] = value

@@ -13,6 +13,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import base
@@ -171,18 +172,55 @@ class Experiment:
   def load_final(self, stage: str):
     return checkpoint.load_params(self.final_dir(stage), self.model_abstract[0])
 
+  def start(self, tokenizer) -> None:
+    """Take the workdir: lock it, write config.json and tokenizer.json, and drop an earlier
+    run's results of stages not configured now. Call once everything is validated."""
+    self.workdir.lock()
+    self.workdir.write_json("config.json", self.cfg.to_dict())
+    if jax.process_index() == 0:
+      tokenizer.save(self.workdir.file("tokenizer.json"))
+    self.write_results(None, {})
+
   def run(self) -> None:
-    self.write_results(None, {})   # drop an earlier run's entries of stages not configured now
     for stage in self.stages():
-      if stage in TRAIN_STAGES:
-        if os.path.isdir(self.final_dir(stage)):
-          print(f"[{stage}] already done, skipping", flush=True)
-          continue
-        loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.file(stage), self.mesh)
-      elif stage in PROBE_STAGES:
-        self.probe(stage)
+      self.run_stage(stage)
+
+  def run_stage(self, stage: str) -> None:
+    """Train (unless done), probe or evaluate `stage` alone."""
+    if stage in TRAIN_STAGES:
+      if self.done(stage):
+        print(f"[{stage}] already done, skipping", flush=True)
       else:
-        self.evaluate()
+        loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.file(stage), self.mesh)
+    elif stage in PROBE_STAGES:
+      self.probe(stage)
+    else:
+      self.evaluate()
+
+  def done(self, stage: str) -> bool:
+    """A training or probing stage is done when its final/ params exist."""
+    return os.path.isdir(self.final_dir(stage))
+
+  def member(self, stage: str, label: str) -> tuple[loop.Member, tuple]:
+    """The training (or probe-training) `stage` as a cohort member, and its cohort key: runs
+    whose keys are equal can train in one vmapped step (the same model, stage settings,
+    batch shape and loss function; they differ in data, initial params and frozen trees)."""
+    cfg = self.cfg
+    if stage in PROBE_STAGES:
+      spec = self.probe_spec(stage, self.load_final(self.source_stage(stage, BASE_STAGES)))
+      tokens = self.class_tokens(stage)
+      loss_consts = None if tokens is None else tuple(
+          (ids.tobytes(), ids.shape) for ids, _ in tokens)
+    else:
+      spec, loss_consts = self.train_spec(stage), None
+    model_cfg = self.model_cfg
+    if model_cfg.attention != "cudnn":   # only cudnn's layout depends on max_docs
+      model_cfg = dataclasses.replace(model_cfg, max_docs=0)
+    train = {k: v for k, v in cfg.train.to_dict().items() if k != "eval_people"}
+    key = (stage, model_cfg, cfg[stage].to_json(), spec.positions_per_step,
+           json.dumps(train, sort_keys=True), loss_consts,
+           jax.tree.structure(spec.frozen), str(jax.tree.map(jnp.shape, spec.frozen)))
+    return loop.Member(spec, self.workdir.file(stage), cfg.seed, label), key
 
   # -- training stages -------------------------------------------------------------------
   def train_spec(self, stage: str) -> loop.StageSpec:
@@ -240,7 +278,7 @@ class Experiment:
     """Train (or resume) a probe on the QA-train half's people, score it on the test half."""
     base = self.load_final(self.source_stage(stage, BASE_STAGES))
     spec = self.probe_spec(stage, base)
-    if os.path.isdir(self.final_dir(stage)):
+    if self.done(stage):
       print(f"[{stage}] already done, skipping training", flush=True)
       abstract = jax.eval_shape(spec.init_params, jax.random.PRNGKey(0))
       rep = sharding.replicated(self.mesh)
@@ -370,3 +408,16 @@ def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:
 
 def loop_stage_index(stage: str) -> int:
   return base.STAGE_NAMES.index(stage)
+
+
+def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
+  """(Experiment, tokenizer) of `cfg` in `workdir`, everything checked and nothing written:
+  the config (ConfigError naming the first bad key), the tokenizer, a workdir holding another
+  experiment, sequence length against the documents. `Experiment.start` then takes the
+  workdir."""
+  from kstore_jax.data import tokenizer as tokenizer_lib
+  configlib.validate(cfg, n_devices, platform=platform)
+  tok = tokenizer_lib.get_tokenizer(cfg.data)
+  wd = Workdir(workdir)
+  wd.check_same_experiment(cfg, platform)
+  return Experiment(cfg, tok, wd), tok

@@ -118,82 +118,174 @@ def compile_stage(spec: StageSpec, mesh, seed: int):
   return init, rng, abstract, shardings, train_step
 
 
+def compile_cohort_step(spec: StageSpec, mesh, shardings):
+  """The train step of `spec` vmapped over a leading run axis of state, frozen and batch
+  (the run axis replicated on the mesh, every other axis sharded as in one run)."""
+  optimizer = optim.make_optimizer(spec.stage_cfg)
+  step = step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg))
+  stacked = jax.tree.map(sharding.with_run_axis, shardings)
+  return jax.jit(jax.vmap(step), in_shardings=(stacked, None, sharding.with_run_axis(
+      sharding.batch_sharding(mesh))), out_shardings=(stacked, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class Member:
+  """One run's share of a cohort: its stage spec, stage directory, seed and print label."""
+  spec: StageSpec
+  stage_dir: str
+  seed: int
+  label: str
+
+
 def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
   """Train (or resume) a stage; write final/ and return the effective params."""
-  sc, tc = spec.stage_cfg, cfg.train
+  return run_cohort([Member(spec, stage_dir, cfg.seed, spec.name)], cfg.train, mesh,
+                    vmapped=False)[0]
+
+
+def _stack(trees, shardings=None):
+  """Trees of equal structure stacked on a new leading (run) axis, placed on `shardings`'
+  run-axis versions when given."""
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  if shardings is None:
+    return stacked
+  return jax.device_put(stacked, jax.tree.map(sharding.with_run_axis, shardings))
+
+
+def _unstack(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
+  """Train (or resume) the same stage of several runs together; write each one's final/ and
+  return their effective params.
+
+  The members share the stage's model shape, schedule, step count and batch shape (their
+  specs' loss and optimizer are the same function; member 0's is compiled), and differ in
+  data, initial params and frozen trees. `vmapped`: one jitted step over states stacked on a
+  leading run axis (the grid); otherwise a single member trains with the plain step (main).
+  Each member keeps its own checkpoints (its state slice and its Grain iterator), metrics and
+  final/, exactly as a run trained alone writes them. Members resumed at different steps
+  first bring the ones behind up to the others (in smaller cohorts), then train together.
+  """
+  if not vmapped and len(members) != 1:
+    raise ValueError("an unvmapped cohort has exactly one member")
+  spec0 = members[0].spec
+  sc = spec0.stage_cfg
   is_main = jax.process_index() == 0
-  os.makedirs(stage_dir, exist_ok=True)
-  init, rng, abstract, shardings, train_step = compile_stage(spec, mesh, cfg.seed)
-
-  data_iter = iter(spec.data(jax.process_index(), jax.process_count()))
-  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), tc.keep_checkpoints)
-  start, state = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract, shardings),
-                                     data_iter)
-  if state is None:
-    state = init(rng)
-  elif is_main:
-    print(f"[{spec.name}] resumed from step {start}", flush=True)
-  writer = metrics_lib.MetricsWriter(stage_dir, start, enabled=is_main)
-  positions_per_step = spec.positions_per_step
-  peak = device_peak_flops(spec.dtype)
-
+  built = [build_state(m.spec, mesh, m.seed) for m in members]
+  abstract, shardings = built[0][2], built[0][3]
+  if vmapped:
+    step_fn = compile_cohort_step(spec0, mesh, shardings)
+  else:
+    step_fn = compile_stage(spec0, mesh, members[0].seed)[4]
+  data_iters, ckpts, writers, states, starts = [], [], [], [], []
+  for m, (init, rng, *_) in zip(members, built):
+    os.makedirs(m.stage_dir, exist_ok=True)
+    data_iters.append(iter(m.spec.data(jax.process_index(), jax.process_count())))
+    ckpts.append(checkpoint.Checkpointer(os.path.join(m.stage_dir, "checkpoints"),
+                                         tc.keep_checkpoints))
+    start, state = ckpts[-1].restore_latest(
+        checkpoint.abstract_with_shardings(abstract, shardings), data_iters[-1])
+    if state is None:
+      state = init(rng)
+    elif is_main:
+      print(f"[{m.label}] resumed from step {start}", flush=True)
+    states.append(state)
+    starts.append(start)
+    writers.append(metrics_lib.MetricsWriter(m.stage_dir, start, enabled=is_main))
+  peak = device_peak_flops(spec0.dtype)
   bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
-  pending = None   # (step, device metrics) fetched one step behind
-  t_last, step_last = time.time(), start
   t_start = time.time()
 
-  def log(step, device_metrics):
-    nonlocal t_last, step_last
+  def log(idx, step, device_metrics, t_last, step_last):
     values = jax.device_get(device_metrics)
-    if not all(math.isfinite(float(v)) for v in values.values()):
-      raise NonFiniteLoss(f"[{spec.name}] non-finite loss/gradient at step {step} "
-                          f"(loss={float(values['loss'])}); last good checkpoint kept")
     now = time.time()
-    tps = (step - step_last) * positions_per_step / max(now - t_last, 1e-9)
-    t_last, step_last = now, step
-    values = {k: float(v) for k, v in values.items()}
-    values.update(tokens_per_s=tps, step_time_s=positions_per_step / max(tps, 1e-9),
-                  flops_per_s=tps * spec.flops_per_position)
-    if peak:
-      values["mfu"] = values["flops_per_s"] / peak
-    writer.write(step, values)
-    if is_main:
-      eta = (sc.steps - step) * values["step_time_s"]
-      print(f"[{spec.name}] step {step}/{sc.steps} loss {values['loss']:.4f} "
-            f"lr {values['lr']:.2e} {tps / 1e3:.1f}k tok/s ETA {_fmt_time(eta)}", flush=True)
+    for j, i in enumerate(idx):
+      m = members[i]
+      row = {k: float(v[j] if vmapped else v) for k, v in values.items()}
+      if not all(math.isfinite(v) for v in row.values()):
+        raise NonFiniteLoss(f"[{m.label}] non-finite loss/gradient at step {step} "
+                            f"(loss={row['loss']}); last good checkpoint kept")
+      tps = (step - step_last) * m.spec.positions_per_step / max(now - t_last, 1e-9)
+      row.update(tokens_per_s=tps, step_time_s=m.spec.positions_per_step / max(tps, 1e-9),
+                 flops_per_s=tps * m.spec.flops_per_position)
+      if peak:
+        row["mfu"] = row["flops_per_s"] / peak
+      writers[i].write(step, row)
+      if is_main:
+        eta = (sc.steps - step) * row["step_time_s"]
+        print(f"[{m.label}] step {step}/{sc.steps} loss {row['loss']:.4f} "
+              f"lr {row['lr']:.2e} {tps / 1e3:.1f}k tok/s ETA {_fmt_time(eta)}", flush=True)
+    return now, step
 
-  step = start
+  def train(idx, state, start, stop, signals):
+    """Steps [start, stop) of the members `idx` (state stacked over them when vmapped)."""
+    frozen = (_stack([members[i].spec.frozen for i in idx]) if vmapped
+              else members[idx[0]].spec.frozen)
+    pending = None   # (step, device metrics) fetched one step behind
+    t_last, step_last = time.time(), start
+    step = start
+    while step < stop:
+      rows = [next(data_iters[i]) for i in idx]
+      batch = (sharding.to_global_stacked(rows, mesh) if vmapped
+               else sharding.to_global(rows[0], mesh))
+      state, device_metrics = step_fn(state, frozen, batch)
+      if step == start:   # the heap bound measures a completed step's working set
+        jax.block_until_ready(device_metrics)
+      bound.after_step()
+      step += 1
+      if pending is not None:
+        t_last, step_last = log(idx, *pending, t_last, step_last)
+        pending = None
+      if step % tc.log_every == 0 or step == sc.steps:
+        pending = (step, device_metrics)
+      boundary = step % tc.save_every == 0 or step == sc.steps or signals.caught
+      if boundary and pending is not None:
+        t_last, step_last = log(idx, *pending, t_last, step_last)   # never save unchecked
+        pending = None
+      evaluate = tc.eval_every and step % tc.eval_every == 0
+      for j, i in enumerate(idx):
+        m = members[i]
+        if not (boundary or (evaluate and m.spec.eval_fn)):
+          continue
+        one = _unstack(state, j) if vmapped else state
+        if boundary:
+          ckpts[i].save(step, one, data_iters[i])
+        if evaluate and m.spec.eval_fn:
+          writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
+      if signals.caught:
+        for i in idx:
+          ckpts[i].wait()
+        raise Interrupted(f"[{', '.join(members[i].label for i in idx)}] {signals.caught} "
+                          f"at step {step}; checkpoint saved")
+    return state
+
   try:
     with _Signals() as signals:
-      while step < sc.steps:
-        batch = sharding.to_global(next(data_iter), mesh)
-        state, device_metrics = train_step(state, spec.frozen, batch)
-        if step == start:   # the heap bound measures a completed step's working set
-          jax.block_until_ready(device_metrics)
-        bound.after_step()
-        step += 1
-        if pending is not None:
-          log(*pending)
-          pending = None
-        if step % tc.log_every == 0 or step == sc.steps:
-          pending = (step, device_metrics)
-        boundary = step % tc.save_every == 0 or step == sc.steps or signals.caught
-        if boundary and pending is not None:
-          log(*pending)   # never save a state whose loss was not checked
-          pending = None
-        if boundary:
-          ckpt.save(step, state, data_iter)
-        if spec.eval_fn and tc.eval_every and step % tc.eval_every == 0:
-          writer.write(step, spec.eval_fn(spec.export(state["params"], spec.frozen)))
-        if signals.caught:
-          ckpt.wait()
-          raise Interrupted(f"[{spec.name}] {signals.caught} at step {step}; checkpoint saved")
+      while len(set(starts)) > 1:   # bring the members behind up to the next one ahead
+        low = min(starts)
+        ahead = min(s for s in starts if s > low)
+        idx = [i for i, s in enumerate(starts) if s == low]
+        caught_up = train(idx, _stack([states[i] for i in idx], shardings), low, ahead,
+                          signals)
+        for j, i in enumerate(idx):
+          states[i], starts[i] = _unstack(caught_up, j), ahead
+      idx = list(range(len(members)))
+      state = train(idx, _stack(states, shardings) if vmapped else states[0], starts[0],
+                    sc.steps, signals)
   finally:
-    ckpt.close()
-    writer.close()
-  params = spec.export(state["params"], spec.frozen)
-  checkpoint.save_params(os.path.join(stage_dir, "final"), params)
-  if is_main:
-    print(f"[{spec.name}] done: {sc.steps} steps in {_fmt_time(time.time() - t_start)}",
-          file=sys.stdout, flush=True)
-  return params
+    for c in ckpts:
+      c.close()
+    for w in writers:
+      w.close()
+  out = []
+  for j, m in enumerate(members):
+    params = m.spec.export((_unstack(state, j) if vmapped else state)["params"], m.spec.frozen)
+    checkpoint.save_params(os.path.join(m.stage_dir, "final"), params)
+    out.append(params)
+    if is_main:
+      print(f"[{m.label}] done: {sc.steps} steps in {_fmt_time(time.time() - t_start)}",
+            file=sys.stdout, flush=True)
+  return out

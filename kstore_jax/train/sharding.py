@@ -50,3 +50,17 @@ def to_global(batch: dict, mesh) -> dict:
   """Per-process NumPy rows -> global jax.Arrays sharded over (data, fsdp)."""
   sh = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def with_run_axis(sh: NamedSharding) -> NamedSharding:
+  """`sh` for the same array with a leading run axis (grid mode), the run axis replicated."""
+  return NamedSharding(sh.mesh, P(None, *sh.spec))
+
+
+def to_global_stacked(rows: list[dict], mesh) -> dict:
+  """Several runs' per-process batches (each as `to_global` takes it) -> global jax.Arrays
+  [R, B, ...]: the run axis replicated, rows sharded as in one run's batch."""
+  sh = with_run_axis(batch_sharding(mesh))
+  return {k: jax.make_array_from_process_local_data(sh, np.stack([np.asarray(r[k])
+                                                                 for r in rows]))
+          for k in rows[0]}

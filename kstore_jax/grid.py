@@ -1,0 +1,253 @@
+"""Run a grid of experiments: `python -m kstore_jax.grid --config=configs/grids/<grid>.py[:scale]
+--workdir=DIR [--runs=a,b] [--config.<key>=<value> ...]`.
+
+A grid config (configs/grids/__init__.py) lists runs by name; each run's directory DIR/<run>/
+is exactly what `python -m kstore_jax.main` writes for that run's config (so `report`,
+`inspect`, `ask` and `main` work on it alone), and DIR/grid.json records the grid (its runs
+in order, each one's data row and training method, the config spec and overrides).
+`--config.grid.<key>=<value>` sets the grid section; every other `--config.<key>=<value>`
+applies to every run. All runs are validated before anything is written (a bad one is a
+one-line error naming the run and the key).
+
+`grid.mode`:
+  vmap        the runs' stages train in cohorts: runs whose stage has the same model shape,
+              stage settings, batch shape and loss train in one jitted step vmapped over a
+              leading run axis of params, optimizer state and batches (`grid.max_runs` per
+              cohort), each fed by its own Grain iterator and checkpointed into its own
+              directory; eval and probe scoring then run per run.
+  processes   each run in its own `python -m kstore_jax.grid --runs=<run>` process pinned
+              to one CPU core, as many at once as there are cores (2 cores: two runs side by
+              side).
+  sequential  the runs one after another in this process, as `main` would run them.
+  auto        vmap on a GPU/TPU; on a CPU, processes when there are several runs and cores,
+              else sequential (BENCHMARKS.md "Grid": a vmapped step gains nothing on 2 cores).
+A rerun resumes every run where it stopped (finished stages are skipped, interrupted ones
+resume from their checkpoints); kill -9 safe like `main`.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+from absl import flags
+
+from kstore_jax import cli, configlib, runtime
+from kstore_jax.configlib import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Grid directory: one subdirectory per run.")
+_RUNS = flags.DEFINE_list("runs", None, "Only these runs of the grid (default: all).")
+
+GRID_FILE = "grid.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ARGS = {}   # the --config spec and its overrides, taken off argv before absl parses it
+
+
+def split_config_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+  """(argv without --config arguments, the --config spec, the `key=value` overrides)."""
+  rest, spec, overrides = [], None, []
+  it = iter(argv)
+  for a in it:
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config":
+      spec = next(it, None)
+    elif a.startswith("--config."):
+      overrides.append(a[len("--config."):])
+    else:
+      rest.append(a)
+  return rest, spec, overrides
+
+
+def load_grid(spec: str | None, overrides: list[str]):
+  """The grid ConfigDict of `spec` with `overrides` applied (`grid.*` to the grid section,
+  the rest to every run), its structure checked; ConfigError in one line otherwise."""
+  from configs import grids
+  if spec is None:
+    raise ConfigError("--config is required (e.g. --config=configs/grids/demo.py:tiny)")
+  g = configlib.load_config_file(spec)
+  if not all(k in g for k in ("grid", "runs", "order")):
+    raise ConfigError(f"--config={spec}: not a grid config (it needs `grid`, `runs` and "
+                      "`order`: configs/grids/__init__.py make())")
+  if sorted(g.order) != sorted(g.runs):
+    raise ConfigError(f"--config={spec}: `order` does not name each run exactly once")
+  if not g.runs:
+    raise ConfigError(f"--config={spec}: the grid has no runs")
+  for name in g.order:
+    if not _NAME.match(name):
+      raise ConfigError(f"--config={spec}: run name {name!r} is not a directory name")
+  for o in overrides:
+    key, has_value, text = o.partition("=")
+    if not has_value:
+      raise ConfigError(f"--config.{key}: expected --config.{key}=<value>")
+    if key.startswith("grid."):
+      configlib.apply_override(g.grid, key[len("grid."):], text, prefix="grid.")
+    else:
+      for run in g.runs.values():
+        configlib.apply_override(run, key, text)
+  mode, max_runs = g.grid.mode, g.grid.max_runs
+  if mode not in grids.MODES:
+    raise ConfigError(f"config key 'grid.mode'={mode!r} must be one of {grids.MODES}")
+  if not isinstance(max_runs, int) or max_runs < 1:
+    raise ConfigError(f"config key 'grid.max_runs'={max_runs!r} must be an integer >= 1")
+  return g
+
+
+def method(cfg) -> str:
+  """'mixed' when the run pretrains on QA mixed in, else 'finetune'."""
+  return "mixed" if "pretrain_mixed" in configlib.stage_list(cfg) else "finetune"
+
+
+def open_runs(g, names: list[str], workdir: str, platform: str, n_devices: int) -> dict:
+  """{run: (Experiment, tokenizer)} for `names`, every run checked, nothing written."""
+  from kstore_jax import experiment
+  out = {}
+  for name in names:
+    try:
+      out[name] = experiment.open_experiment(g.runs[name], os.path.join(workdir, name),
+                                             n_devices, platform)
+    except ConfigError as e:
+      raise ConfigError(f"run {name!r}: {e}") from None
+    except (FileNotFoundError, ValueError) as e:   # a bad input file of one run
+      raise ConfigError(f"run {name!r}: {e}") from None
+  return out
+
+
+def resolve_mode(mode: str, platform: str, n_runs: int) -> str:
+  if mode != "auto":
+    return mode
+  if platform != "cpu":
+    return "vmap"
+  return "processes" if n_runs > 1 and len(os.sched_getaffinity(0)) > 1 else "sequential"
+
+
+def train_vmapped(exps: dict, max_runs: int) -> None:
+  """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
+  keys) of at most `max_runs` runs, each stage of all runs before the next stage."""
+  from configs import base
+  from kstore_jax import experiment
+  from kstore_jax.train import loop
+  pending = {n: list(e.stages()) for n, e in exps.items()}
+  while any(pending.values()):
+    nexts = {n: s[0] for n, s in pending.items() if s}
+    stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
+    names = [n for n, s in nexts.items() if s == stage]
+    cohorts: dict[tuple, list] = {}
+    if stage in experiment.TRAIN_STAGES + experiment.PROBE_STAGES:
+      for n in names:
+        if exps[n].done(stage):
+          print(f"[{n}/{stage}] already done, skipping", flush=True)
+          continue
+        member, key = exps[n].member(stage, f"{n}/{stage}")
+        cohorts.setdefault(key, []).append((n, member))
+    for group in cohorts.values():
+      for i in range(0, len(group), max_runs):
+        part = group[i:i + max_runs]
+        first = exps[part[0][0]]
+        print(f"[grid] {stage}: {len(part)} run(s) in one step: "
+              f"{', '.join(n for n, _ in part)}", flush=True)
+        loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh)
+    for n in names:
+      if stage not in experiment.TRAIN_STAGES:   # probe scoring (trained above) or eval
+        print(f"== {n}: {stage} ==", flush=True)
+        exps[n].run_stage(stage)
+      pending[n].pop(0)
+
+
+def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str]) -> None:
+  """Each run in its own grid process (`--runs=<run>`, sequential mode) pinned to one core,
+  one per core at a time; their output lines prefixed with the run's name."""
+  cores = sorted(os.sched_getaffinity(0))
+  queue = list(names)
+  failed = []
+  lock = threading.Lock()
+
+  def worker(core: int) -> None:
+    while True:
+      with lock:
+        if not queue:
+          return
+        name = queue.pop(0)
+      cmd = [sys.executable, "-m", "kstore_jax.grid", f"--config={spec}",
+             f"--workdir={workdir}", f"--runs={name}", "--config.grid.mode=sequential",
+             *[f"--config.{o}" for o in overrides if not o.startswith("grid.mode=")]]
+      proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+      for line in proc.stdout:
+        print(f"[{name}] {line}", end="", flush=True)
+      if proc.wait() != 0:
+        with lock:
+          failed.append((name, proc.returncode))
+
+  threads = [threading.Thread(target=worker, args=(c,)) for c in cores[:len(names)]]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if failed:
+    print("kstore_jax.grid: " + "; ".join(f"run {n!r} failed (exit {rc})" for n, rc in failed),
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def write_grid_file(workdir: str, g, spec: str, overrides: list[str]) -> None:
+  """DIR/grid.json: the runs in order with their data row and method (the report reads it,
+  also for runs that have not started), the spec and the overrides."""
+  import json
+  os.makedirs(workdir, exist_ok=True)
+  record = {"config": spec, "overrides": overrides, "grid": g.grid.to_dict(),
+            "runs": [{"name": n, "row": g.runs[n].name, "method": method(g.runs[n])}
+                     for n in g.order]}
+  tmp = os.path.join(workdir, GRID_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, GRID_FILE))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected argument {argv[1]!r}")
+  if not _WORKDIR.value:
+    raise ConfigError("--workdir is required")
+  spec, overrides = _ARGS["spec"], _ARGS["overrides"]
+  g = load_grid(spec, overrides)
+  names = list(g.order)
+  if _RUNS.value:
+    unknown = [n for n in _RUNS.value if n not in g.runs]
+    if unknown:
+      raise ConfigError(f"--runs: {unknown[0]!r} is not a run of the grid ({', '.join(names)})")
+    names = [n for n in names if n in _RUNS.value]
+  workdir = os.path.abspath(_WORKDIR.value)
+  runtime.maybe_initialize_distributed()
+  import jax
+  from kstore_jax.model import attention
+  platform = attention.platform_of(jax.devices())
+  opened = open_runs(g, names, workdir, platform, jax.device_count())
+  mode = resolve_mode(g.grid.mode, platform, len(names))
+  if not _RUNS.value:
+    write_grid_file(workdir, g, spec, overrides)
+  print(f"[grid] {len(names)} run(s), mode {mode}: {', '.join(names)}", flush=True)
+  if mode == "processes":
+    run_processes(spec, overrides, workdir, names)
+    return
+  runtime.use_compile_cache(g.runs[names[0]].train.compile_cache)
+  for exp, tok in opened.values():
+    exp.start(tok)
+  exps = {n: e for n, (e, _) in opened.items()}
+  from kstore_jax.train import loop
+  try:
+    if mode == "vmap":
+      train_vmapped(exps, g.grid.max_runs)
+    else:
+      for n, e in exps.items():
+        print(f"== {n} ==", flush=True)
+        e.run()
+  except (loop.NonFiniteLoss, loop.Interrupted) as e:
+    print(f"kstore_jax.grid: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  sys.argv, _ARGS["spec"], _ARGS["overrides"] = split_config_args(sys.argv)
+  cli.run(main, "kstore_jax.grid", config_required=False)
