@@ -318,10 +318,27 @@ def matmul_size() -> int:
   return 2048 if jax.default_backend() == "cpu" else 8192
 
 
+def measure_train(cfg, **kw) -> dict:
+  """`throughput.measure` of the config's pretrain step: an Experiment in a temporary workdir,
+  the model's output head widened to GPT-2's vocabulary with --gpt2_vocab (the data's ids stay
+  below the world's vocabulary)."""
+  import dataclasses
+  from kstore_jax import experiment
+  from kstore_jax.data import tokenizer
+  from kstore_jax.model import transformer
+  from kstore_jax.train import throughput
+  with tempfile.TemporaryDirectory() as tmp:
+    exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data), experiment.Workdir(tmp))
+    if GPT2_VOCAB.value:
+      exp.model_cfg = dataclasses.replace(exp.model_cfg, vocab_size=throughput.GPT2_VOCAB)
+      exp.model = transformer.Transformer(exp.model_cfg)
+    return throughput.measure(exp.train_spec("pretrain"), exp.mesh, cfg.seed, exp.model_cfg,
+                              **kw)
+
+
 def bench_train(cfg) -> list[dict]:
   from kstore_jax.train import throughput
-  r = throughput.measure(cfg, steps=TRAIN_STEPS.value,
-                         vocab_size=throughput.GPT2_VOCAB if GPT2_VOCAB.value else None)
+  r = measure_train(cfg, steps=TRAIN_STEPS.value)
   n = matmul_size()
   matmul = throughput.matmul_flops_per_s(r["dtype"], n)
   ctx = dict(config=cfg.name, scale=cfg.scale, model=cfg.model.size, params=r["params"],
@@ -366,11 +383,9 @@ def trace_op_times(trace_dir: str) -> tuple[dict, str]:
 def bench_profile(cfg) -> list[dict]:
   """`bench train`'s step under jax.profiler: the step time, and the ops that take the most
   time per step (device tracks on an accelerator), as `profile_op_us` lines."""
-  from kstore_jax.train import throughput
   steps = 3
   with tempfile.TemporaryDirectory() as tmp:
-    r = throughput.measure(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps,
-                           vocab_size=throughput.GPT2_VOCAB if GPT2_VOCAB.value else None)
+    r = measure_train(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps)
     totals, where = trace_op_times(tmp)
   ctx = dict(config=cfg.name, dtype=r["dtype"], attention=r["attention"],
              device=jax_device_kind())

@@ -2,8 +2,6 @@
 FLOP/s, and the machine's own ceilings measured in the same process: a dense matmul in the
 compute dtype (random data: zeros run faster on some chips) and a device-memory copy."""
 
-import dataclasses
-import tempfile
 import time
 
 import jax
@@ -45,48 +43,39 @@ def copy_bytes_per_s(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
   return 2 * n_bytes / median_time(copy, x, repeats=repeats)
 
 
-def measure(cfg, steps: int = 10, warmup: int = 2, stage: str = "pretrain",
-            vocab_size: int | None = None, trace_dir: str | None = None,
+def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelConfig,
+            steps: int = 10, warmup: int = 2, trace_dir: str | None = None,
             trace_steps: int = 3) -> dict:
-  """Time `steps` jitted train steps of `stage` on real pipeline batches; `vocab_size` widens
-  the model's output head (GPT2_VOCAB: comparable with 124M-parameter GPT-2 figures; the
-  data's ids stay below the world's vocabulary). `trace_dir`: then `trace_steps` more steps
-  under `jax.profiler` (a Perfetto trace in it)."""
-  from kstore_jax import experiment
-  from kstore_jax.data import tokenizer as tokenizer_lib
-  tok = tokenizer_lib.get_tokenizer(cfg.data)
-  with tempfile.TemporaryDirectory() as tmp:
-    exp = experiment.Experiment(cfg, tok, experiment.Workdir(tmp))
-    if vocab_size:
-      exp.model_cfg = dataclasses.replace(exp.model_cfg, vocab_size=vocab_size)
-      exp.model = transformer.Transformer(exp.model_cfg)
-    spec = exp.train_spec(stage)
-    t0 = time.perf_counter()
-    init, rng, _, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
-    state = init(rng)
-    it = iter(spec.data(jax.process_index(), jax.process_count()))
-    batches = [sharding.to_global(next(it), exp.mesh) for _ in range(4)]
-    times = []
-    bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # as the training loop runs
-    for i in range(warmup + steps):
-      t = time.perf_counter()
-      state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
-      jax.block_until_ready(metrics)
-      bound.after_step()
-      times.append(time.perf_counter() - t)
-      if i == 0:
-        first_s = time.perf_counter() - t0
-    if trace_dir:
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for i in range(trace_steps):
-          state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
-          jax.block_until_ready(metrics)
+  """Time `steps` jitted train steps of the stage `spec` (of the model `model_cfg`) on `mesh`,
+  on real pipeline batches (`bench train` builds the spec: an Experiment's pretrain stage,
+  its output head widened to GPT2_VOCAB on request). `trace_dir`: then `trace_steps` more
+  steps under `jax.profiler` (a Perfetto trace in it)."""
+  t0 = time.perf_counter()
+  init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
+  state = init(rng)
+  it = iter(spec.data(jax.process_index(), jax.process_count()))
+  batches = [sharding.to_global(next(it), mesh) for _ in range(4)]
+  times = []
+  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # as the training loop runs
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+    bound.after_step()
+    times.append(time.perf_counter() - t)
+    if i == 0:
+      first_s = time.perf_counter() - t0
+  if trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for i in range(trace_steps):
+        state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
+        jax.block_until_ready(metrics)
   step_s = float(np.median(times[warmup:]))
   tokens = spec.positions_per_step
   flops = spec.flops_per_position * tokens / step_s
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
               params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
-              vocab=exp.model_cfg.vocab_size, dtype=exp.model_cfg.dtype,
-              attention=exp.model_cfg.attention, first_step_s=first_s,
-              loss=float(metrics["loss"]), peak=loop.device_peak_flops(exp.model_cfg.dtype),
+              vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
+              attention=model_cfg.attention, first_step_s=first_s,
+              loss=float(metrics["loss"]), peak=loop.device_peak_flops(model_cfg.dtype),
               heap_released=bound.released)
