@@ -86,7 +86,7 @@ def test_no_groups_is_the_single_world(tok):
   w = world_lib.build_world(cfg, tok)
   old = population.make_population(0, 500)
   assert all((getattr(w.pop, f) == getattr(old, f)).all() for f in ("first", "last", "major"))
-  np.testing.assert_array_equal(w.qa_train, render.qa_split(0, 500, 0.5))
+  np.testing.assert_array_equal(w.qa_train, world_lib.qa_train_split(0, 500, 0.5))
   srcs, weights = w.stage_mixture("pretrain", cfg.data)
   assert weights == [1.0] and len(srcs) == 1 and srcs[0].people.tolist() == list(range(500))
   assert w.aug == render.AugSpec(permute=True)

@@ -1,4 +1,5 @@
-"""data.qa_valid_fraction (issue 22 item 7): a slice of the QA-train people held back from
+"""The QA split (data/world.py): the train/test split itself, and
+data.qa_valid_fraction (issue 22 item 7): a slice of the QA-train people held back from
 training for tuning. Off by default (the split is the old one); when set, the valid, test and
 trained-on people are disjoint, of the stated sizes, the same for the same seed, the test
 people are those of the default split, no training stream holds a valid person's QA, a bad
@@ -12,7 +13,7 @@ from runs import micro_stage_args, run_main
 
 from configs import celeb_minority, single
 from kstore_jax import configlib, report
-from kstore_jax.data import render, sources, tokenizer, world as world_lib
+from kstore_jax.data import sources, tokenizer, world as world_lib
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,28 @@ def config(fraction, module=single, **data):
   return c
 
 
+def test_qa_train_split():
+  """The train/test split alone: deterministic, of the stated size, spread over the ids."""
+  for n, frac in ((200, 0.5), (101, 0.5), (200, 0.25), (10, 1.0), (10, 0.0)):
+    a = world_lib.qa_train_split(7, n, frac)
+    np.testing.assert_array_equal(a, world_lib.qa_train_split(7, n, frac))
+    assert a.dtype == bool and a.shape == (n,)
+    assert a.sum() == int(round(frac * n))
+    train, test = np.flatnonzero(a), np.flatnonzero(~a)
+    assert not set(train) & set(test) and len(train) + len(test) == n
+  a, b = world_lib.qa_train_split(7, 200), world_lib.qa_train_split(8, 200)
+  assert not np.array_equal(a, b)
+  # Not a prefix split: the training people are spread over the population.
+  assert 0 < a[:100].sum() < 100
+
+
 def test_default_is_off(tok):
-  """The default (0) holds nobody back: the old qa_split's train half, everyone else test."""
+  """The default (0) holds nobody back: qa_train_split's train half, everyone else test."""
   c = single.get_config("tiny")
   assert c.data.qa_valid_fraction == 0.0
   w = world_lib.build_world(c, tok)
-  np.testing.assert_array_equal(w.qa_train, render.qa_split(c.seed, c.data.n_people, 0.5))
+  np.testing.assert_array_equal(w.qa_train,
+                                world_lib.qa_train_split(c.seed, c.data.n_people, 0.5))
   assert len(w.valid_people) == 0
   np.testing.assert_array_equal(w.test_people, np.flatnonzero(~w.qa_train))
 

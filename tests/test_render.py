@@ -255,20 +255,6 @@ def test_qa_prompt_text_is_pinned(tok, renderer, pop):
       f"{pop.values(0)['birth_date']}{EOT}")
 
 
-def test_qa_split():
-  for n, frac in ((200, 0.5), (101, 0.5), (200, 0.25), (10, 1.0), (10, 0.0)):
-    a = render.qa_split(7, n, frac)
-    np.testing.assert_array_equal(a, render.qa_split(7, n, frac))
-    assert a.dtype == bool and a.shape == (n,)
-    assert a.sum() == int(round(frac * n))
-    train, test = np.flatnonzero(a), np.flatnonzero(~a)
-    assert not set(train) & set(test) and len(train) + len(test) == n
-  a, b = render.qa_split(7, 200), render.qa_split(8, 200)
-  assert not np.array_equal(a, b)
-  # Not a prefix split: the training people are spread over the population.
-  assert 0 < a[:100].sum() < 100
-
-
 # -- the bioS rows ------------------------------------------------------------------------
 
 ROWS = {

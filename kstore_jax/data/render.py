@@ -36,7 +36,7 @@ PERMUTATIONS = np.array(list(itertools.permutations(range(N_ATTR))), np.int8)  #
 _PERM_STRIDE = 331                    # coprime with 720: copies of one bio get distinct orders
 
 # Hash purposes, so that independent choices never share a stream.
-_H_TEMPLATE, _H_ORDER, _H_SPLIT, _H_VALID = 1, 2, 3, 4
+_H_TEMPLATE, _H_ORDER = 1, 2           # (3, 4: the QA split's, data/world.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,29 +268,3 @@ class Renderer:
 
 def _take(column: np.ndarray, people: np.ndarray) -> np.ndarray:
   return column[people].astype(np.int64)
-
-
-def qa_split(seed: int, n_people: int, train_fraction: float = 0.5,
-             first: int = 0) -> np.ndarray:
-  """Boolean [n_people] over person ids first .. first + n_people - 1: True for people whose
-  QA is training data; deterministic."""
-  people = np.arange(first, first + n_people)
-  rank = np.argsort(hashing.hash_keys(seed, _H_SPLIT, people), kind="stable")
-  is_train = np.zeros(n_people, bool)
-  is_train[rank[:int(round(train_fraction * n_people))]] = True
-  return is_train
-
-
-def qa_valid_split(seed: int, is_train: np.ndarray, valid_fraction: float,
-                   first: int = 0) -> np.ndarray:
-  """Boolean like `is_train` (qa_split's, over person ids first ..): True for the
-  round(valid_fraction * is_train.sum()) people of the QA-train side held back for tuning
-  (their QA is neither trained on nor test), drawn by a hash of the person id independent of
-  qa_split's; deterministic. A subset of is_train, so the test side is the same with any
-  valid_fraction."""
-  is_train = np.asarray(is_train, bool)
-  train = np.flatnonzero(is_train)
-  rank = np.argsort(hashing.hash_keys(seed, _H_VALID, first + train), kind="stable")
-  held = np.zeros(len(is_train), bool)
-  held[train[rank[:int(round(valid_fraction * len(train)))]]] = True
-  return held

@@ -17,8 +17,10 @@ import functools
 import numpy as np
 import tokenizers
 
-from kstore_jax.data import masking, pipeline, population, render, sources
+from kstore_jax.data import hashing, masking, pipeline, population, render, sources
 from kstore_jax.data.tokenizer import PAD
+
+_H_SPLIT, _H_VALID = 3, 4   # hash purposes of the QA split (render.py has 1, 2: never reuse one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +64,40 @@ def make_groups(data_cfg) -> tuple[Group, ...]:
                      specs[n].tokens, specs[n].qa_train_fraction) for i, n in enumerate(names))
 
 
+def qa_train_split(seed: int, n_people: int, train_fraction: float = 0.5,
+                   first: int = 0) -> np.ndarray:
+  """Boolean [n_people] over person ids first .. first + n_people - 1: True for people whose
+  QA is training data; deterministic."""
+  people = np.arange(first, first + n_people)
+  rank = np.argsort(hashing.hash_keys(seed, _H_SPLIT, people), kind="stable")
+  is_train = np.zeros(n_people, bool)
+  is_train[rank[:int(round(train_fraction * n_people))]] = True
+  return is_train
+
+
+def qa_valid_split(seed: int, is_train: np.ndarray, valid_fraction: float,
+                   first: int = 0) -> np.ndarray:
+  """Boolean like `is_train` (qa_train_split's, over person ids first ..): True for the
+  round(valid_fraction * is_train.sum()) people of the QA-train side held back for tuning
+  (their QA is neither trained on nor test), drawn by a hash of the person id independent of
+  qa_train_split's; deterministic. A subset of is_train, so the test side is the same with any
+  valid_fraction."""
+  is_train = np.asarray(is_train, bool)
+  train = np.flatnonzero(is_train)
+  rank = np.argsort(hashing.hash_keys(seed, _H_VALID, first + train), kind="stable")
+  held = np.zeros(len(is_train), bool)
+  held[train[rank[:int(round(valid_fraction * len(train)))]]] = True
+  return held
+
+
 def qa_split(seed: int, data_cfg, groups=None) -> tuple[np.ndarray, np.ndarray]:
   """(qa_train, qa_valid) bool [n_people]: people whose QA is training data, and people of
   the QA-train side held back for tuning (`data.qa_valid_fraction` of each group's QA-train
   people); the rest are QA-test. Disjoint; deterministic in the seed."""
   groups = make_groups(data_cfg) if groups is None else groups
   frac = data_cfg.get("qa_valid_fraction", 0.0)
-  train = [render.qa_split(seed, g.stop - g.start, g.qa_train_fraction, g.start) for g in groups]
-  valid = [render.qa_valid_split(seed, t, frac, g.start) for t, g in zip(train, groups)]
+  train = [qa_train_split(seed, g.stop - g.start, g.qa_train_fraction, g.start) for g in groups]
+  valid = [qa_valid_split(seed, t, frac, g.start) for t, g in zip(train, groups)]
   return np.concatenate([t & ~v for t, v in zip(train, valid)]), np.concatenate(valid)
 
 
