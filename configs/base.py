@@ -127,7 +127,10 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200,
       # jax's persistent compilation cache ('' = off): a rerun loads what it compiled before
-      compile_cache="~/.cache/kstore_jax/jax"))
+      compile_cache="~/.cache/kstore_jax/jax",
+      # "START,STOP": a jax.profiler trace of steps [START, STOP) into <stage>/profile/
+      # (kstore_jax/train/profiling.py); '' = off
+      profile_steps=""))
   c.eval = ml_collections.ConfigDict(dict(batch_size=512, max_people=0))
 
   if scale not in SCALES:

@@ -166,6 +166,15 @@ def _check_qa_valid(cfg) -> None:
            "person whose QA is trained on")
 
 
+def _check_profile_steps(t) -> None:
+  """train.profile_steps: '' or 'START,STOP' with 0 <= START < STOP."""
+  from kstore_jax.train.profiling import parse_steps
+  try:
+    parse_steps(t.profile_steps)
+  except ValueError as e:
+    raise ConfigError(f"train.profile_steps={t.profile_steps!r}: {e}") from None
+
+
 def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   """Check the resolved config; raise ConfigError naming the first bad key."""
   from kstore_jax.data.pools import load_pools
@@ -244,6 +253,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(m.d_model % fsdp == 0, f"mesh.fsdp={fsdp} must divide model.d_model={m.d_model}")
   for k in ("log_every", "save_every", "keep_checkpoints"):
     _require(cfg.train[k] >= 1, f"train.{k}={cfg.train[k]} must be >= 1")
+  _check_profile_steps(cfg.train)
 
 
 def apply_override(cfg, key: str, text: str, prefix: str = "") -> None:
