@@ -270,7 +270,7 @@ class Experiment:
     return None
 
   def probe_accuracy(self, stage: str):
-    """jitted (base, probe, batch) -> [P, 6] accuracy of the stage's probe on a batch."""
+    """jitted (base, probe, batch) -> [J, 6] accuracy of the stage's probe on a batch."""
     return jax.jit(functools.partial(probes.accuracy_matrix, self.model,
                                      tokens=self.class_tokens(stage)))
 

@@ -177,7 +177,7 @@ def test_labels_are_the_attribute_values():
     assert labels[person, 5] == p.company_hq[labels[person, 4]]
 
 
-def train_adam(loss_fn, probe, hidden_SNPD, labels_SNA, lr=1e-2):
+def train_adam(loss_fn, probe, hidden_by_step, labels_by_step, lr=1e-2):
   """One Adam step per leading index of (hidden, labels), in one jitted scan: the trained probe
   and the per-step losses of `loss_fn(probe, hidden, labels)`."""
   opt = optax.adam(lr)
@@ -189,7 +189,7 @@ def train_adam(loss_fn, probe, hidden_SNPD, labels_SNA, lr=1e-2):
     return (optax.apply_updates(probe, updates), opt_state), loss
 
   run = jax.jit(lambda p, h, y: jax.lax.scan(body, (p, opt.init(p)), (h, y)))
-  (probe, _), losses = run(probe, hidden_SNPD, labels_SNA)
+  (probe, _), losses = run(probe, hidden_by_step, labels_by_step)
   return probe, losses
 
 

@@ -31,11 +31,11 @@ def probe_labels(pop, people) -> np.ndarray:
 
 
 def class_tokens(renderer) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per attribute (model ids [C, T], 1 where a token is real [C, T]) of each class's value text
+  """Per attribute (model ids [C, W], 1 where a token is real [C, W]) of each class's value text
   as bios render it (birth date: the month; company city: the HQ city)."""
   firsts = [renderer.month0] + [renderer.value0[a] for a in ATTRIBUTES[1:]]
   out = []
   for first, c in zip(firsts, n_classes()):
-    ids_CT, lens_C = renderer.render((first + np.arange(c))[:, None], np.zeros(1, bool)).padded(0)
-    out.append((ids_CT, (np.arange(ids_CT.shape[1]) < lens_C[:, None]).astype(np.float32)))
+    ids_CW, lens_C = renderer.render((first + np.arange(c))[:, None], np.zeros(1, bool)).padded(0)
+    out.append((ids_CW, (np.arange(ids_CW.shape[1]) < lens_C[:, None]).astype(np.float32)))
   return out

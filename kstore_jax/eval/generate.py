@@ -111,9 +111,9 @@ def _run(step, first_B, state, max_new: int, eos_id):
     return (t < max_new) & ~done_B.all()
 
   def body(carry):
-    t, tok_B, done_B, out_BT, state = carry
+    t, tok_B, done_B, out_BW, state = carry
     nxt_B, state = step(tok_B, t, state)
-    return t + 1, nxt_B, done_B | (nxt_B == eos_id), out_BT.at[:, t].set(nxt_B), state
+    return t + 1, nxt_B, done_B | (nxt_B == eos_id), out_BW.at[:, t].set(nxt_B), state
 
   init = (jnp.int32(0), first_B, jnp.zeros(B, bool), jnp.full((B, max_new), eos_id, jnp.int32),
           state)
@@ -142,8 +142,8 @@ def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: i
              else prefixes.lens_A[prefixes.of_B])
   pos_BP = start_B[:, None] + src_BP
 
-  def step(t, out_BT):
-    seq_BL = jnp.concatenate([left_BP, out_BT[:, :t]], 1).astype(jnp.int32)
+  def step(t, out_BW):
+    seq_BL = jnp.concatenate([left_BP, out_BW[:, :t]], 1).astype(jnp.int32)
     pos_BL = jnp.concatenate([pos_BP, (start_B + lens_B)[:, None] + jnp.arange(t)], 1)
     seg_BL = jnp.concatenate([valid_BP, jnp.ones((B, t), valid_BP.dtype)], 1)
     if prefixes is None:
@@ -156,16 +156,16 @@ def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: i
       _, hidden_BLD, _ = apply(seq_BL, pos_BL, seg_BL, cache=cache)
     logits_BV = jnp.dot(hidden_BLD[:, -1], head_DV).astype(jnp.float32)
     nxt_B = greedy(logits_BV)
-    return out_BT.at[:, t].set(nxt_B), nxt_B == eos_id
+    return out_BW.at[:, t].set(nxt_B), nxt_B == eos_id
 
   if max_new == 0:
     return jnp.zeros((B, 0), jnp.int32)
-  out_BT, done_B = step(0, jnp.full((B, max_new), eos_id, jnp.int32))
+  out_BW, done_B = step(0, jnp.full((B, max_new), eos_id, jnp.int32))
   for t in range(1, max_new):
-    out_BT, hit_B = jax.lax.cond(done_B.all(), lambda o: (o, jnp.zeros(B, bool)),
-                                 functools.partial(step, t), out_BT)
+    out_BW, hit_B = jax.lax.cond(done_B.all(), lambda o: (o, jnp.zeros(B, bool)),
+                                 functools.partial(step, t), out_BW)
     done_B = done_B | hit_B
-  return out_BT
+  return out_BW
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))
@@ -202,5 +202,5 @@ def fill_masks(model: Transformer, params, prompt_BP, lens_B, answer_lens_B, mas
   seq_BT = jnp.where(masked_BT, mask_id, seq_BT).astype(jnp.int32)
   logits_BTV, _, _ = model.apply({"params": params}, seq_BT, positions_BT,
                                  (positions_BT < end_B1).astype(jnp.int32))
-  at_BA = jnp.minimum(lens_B[:, None] + jnp.arange(max_new), P + max_new - 1)
-  return greedy(jnp.take_along_axis(logits_BTV, at_BA[..., None], 1))
+  at_BW = jnp.minimum(lens_B[:, None] + jnp.arange(max_new), P + max_new - 1)
+  return greedy(jnp.take_along_axis(logits_BTV, at_BW[..., None], 1))

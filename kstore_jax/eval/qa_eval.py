@@ -81,7 +81,7 @@ def qa_set(world, people) -> QASet:
 
 
 def qa_arrays(world, people):
-  """Whole prompts [n, P], prompt lengths, answers [n, A] (value + EOT), answer lengths,
+  """Whole prompts [n, P], prompt lengths, answers [n, W] (value + EOT), answer lengths,
   attributes."""
   s = qa_set(world, people)
   return (*s.prompts(world.pad_id), s.answers_NW, s.alens_N, s.attrs_N)
@@ -145,11 +145,11 @@ def scored(key: str, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
   return {key: per_attribute(correct, attrs), key + CI: per_attribute_ci(correct, attrs)}
 
 
-def answers_match(generated_BA: np.ndarray, answers_BA: np.ndarray, alens_B: np.ndarray):
+def answers_match(generated_BW: np.ndarray, answers_BW: np.ndarray, alens_B: np.ndarray):
   """Exact match of every answer token, the closing EOT included."""
-  width = answers_BA.shape[1]
+  width = answers_BW.shape[1]
   valid = np.arange(width)[None] < alens_B[:, None]
-  return ((generated_BA[:, :width] == answers_BA) | ~valid).all(1)
+  return ((generated_BW[:, :width] == answers_BW) | ~valid).all(1)
 
 
 def answer(model, params, world, qs: QASet, max_new: int) -> np.ndarray:

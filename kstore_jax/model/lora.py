@@ -21,7 +21,7 @@ def init(rng, base, rank: int, embed_rank: int = 0):
   keys = iter(jax.random.split(rng, 2 * len(_blocks(base)) + 1))
   for b in _blocks(base):
     for t in TARGETS:
-      kernel = base[b]["attn"][t]["kernel"]               # [D, H, Dh]
+      kernel = base[b]["attn"][t]["kernel"]               # [D, H, K]
       d = kernel.shape[0]
       lora.setdefault(b, {})[t] = {
           "a": jax.random.normal(next(keys), (d, rank), jnp.float32) / jnp.sqrt(d),

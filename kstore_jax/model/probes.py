@@ -31,8 +31,8 @@ def class_vectors(base, tokens) -> list[jax.Array]:
   value tokens (`classes.class_tokens`)."""
   table_VD = jax.lax.stop_gradient(base["embed"]["embedding"]).astype(jnp.float32)
   out = []
-  for ids_CT, real_CT in tokens:
-    mean_CD = (table_VD[ids_CT] * real_CT[..., None]).sum(1) / real_CT.sum(1, keepdims=True)
+  for ids_CW, real_CW in tokens:
+    mean_CD = (table_VD[ids_CW] * real_CW[..., None]).sum(1) / real_CW.sum(1, keepdims=True)
     out.append(mean_CD / jnp.linalg.norm(mean_CD, axis=-1, keepdims=True))
   return out
 
@@ -63,31 +63,31 @@ def _layer_norm(x, ln):
   return (x - mean) * jax.lax.rsqrt(var + 1e-6) * ln["scale"] + ln["bias"]
 
 
-def probe_apply(probe, hidden_BPD, classes_CD=None):
-  """Per attribute logits [B, P, C_a] from the hidden states at the P probed positions;
+def probe_apply(probe, hidden_BJD, classes_CD=None):
+  """Per attribute logits [B, J, C_a] from the hidden states at the J probed positions;
   `classes_CD` (`class_vectors`, per attribute) for the embedding head."""
-  h = _layer_norm(hidden_BPD.astype(jnp.float32), probe["ln"])
-  return [jnp.einsum("bpe,ce->bpc", jnp.einsum("bpd,pde->bpe", h, head["m"]), classes_CD[a])
-          if "m" in head else jnp.einsum("bpd,pdc->bpc", h, head["w"]) + head["b"]
+  h = _layer_norm(hidden_BJD.astype(jnp.float32), probe["ln"])
+  return [jnp.einsum("bje,ce->bjc", jnp.einsum("bjd,jde->bje", h, head["m"]), classes_CD[a])
+          if "m" in head else jnp.einsum("bjd,jdc->bjc", h, head["w"]) + head["b"]
           for a, head in enumerate(probe["heads"])]
 
 
 def probe_logits(model, base, probe, batch, tokens=None):
-  """Per attribute logits [B, P, C_a] of a batch; `tokens` = `classes.class_tokens` for the
+  """Per attribute logits [B, J, C_a] of a batch; `tokens` = `classes.class_tokens` for the
   embedding head."""
   classes = class_vectors(base, tokens) if tokens is not None else None
   return probe_apply(probe, probed_hidden(model, base, probe, batch), classes)
 
 
 def probed_hidden(model, base, probe, batch):
-  """Final hidden states [B, P, D] at batch['probe_at'] with the embedding update applied.
+  """Final hidden states [B, J, D] at batch['probe_at'] with the embedding update applied.
 
   Each probed position sees the input up to and including itself: one pass for a causal model;
   a bidirectional one (GBERT) would otherwise see the value it is probed for, so it gets one
   pass per probed position with the input cut right after it (Q-probes: the name, uncut)."""
   base = jax.lax.stop_gradient(base)
   delta_VD = probe["embed_a"] @ probe["embed_b"]
-  tokens, at_BP = batch["tokens"], batch["probe_at"]
+  tokens, at_BJ = batch["tokens"], batch["probe_at"]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
   def hidden(segment_ids_BL):
@@ -95,10 +95,10 @@ def probed_hidden(model, base, probe, batch):
                        embed_delta_VD=delta_VD)[1]
 
   if model.cfg.causal:
-    return jnp.take_along_axis(hidden(batch["segment_ids"]), at_BP[..., None], axis=1)
+    return jnp.take_along_axis(hidden(batch["segment_ids"]), at_BJ[..., None], axis=1)
   rows = jnp.arange(tokens.shape[0])
-  cut = lambda p: batch["segment_ids"] * (positions <= at_BP[:, p:p + 1])
-  return jnp.stack([hidden(cut(p))[rows, at_BP[:, p]] for p in range(at_BP.shape[1])], 1)
+  cut = lambda p: batch["segment_ids"] * (positions <= at_BJ[:, p:p + 1])
+  return jnp.stack([hidden(cut(p))[rows, at_BJ[:, p]] for p in range(at_BJ.shape[1])], 1)
 
 
 def make_probe_loss(model, tokens=None):
@@ -120,7 +120,7 @@ def make_probe_loss(model, tokens=None):
 
 
 def accuracy_matrix(model, base, probe, batch, tokens=None) -> jax.Array:
-  """[P, 6] accuracy of each (position, attribute) classifier on a batch."""
+  """[J, 6] accuracy of each (position, attribute) classifier on a batch."""
   logits = probe_logits(model, base, probe, batch, tokens)
   return jnp.stack([(lg.argmax(-1) == batch["labels"][:, None, a]).mean(0)
                     for a, lg in enumerate(logits)], -1)

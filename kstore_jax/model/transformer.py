@@ -5,7 +5,7 @@ carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`) mapped to th
 train/sharding.py. Documents packed in one row are isolated by `segment_ids_BL` (attention only
 within a segment) and `positions_BL` restart at 0 per document.
 
-Decoding uses an explicit KV cache pytree (`init_cache`: `{'k', 'v': per layer [B, H, T, Dh],
+Decoding uses an explicit KV cache pytree (`init_cache`: `{'k', 'v': per layer [B, H, T, K],
 'seg', 'pos': [B, T], 'index'}`) passed in and returned (so it stays a pure function); a call
 writes its L tokens at columns [index, index + L) of every row.
 """
@@ -77,17 +77,17 @@ def _init(init_fn, *axes):
 
 
 def rotary_tables(positions_BL: jax.Array, rot_dim: int, base: float, head_dim: int):
-  """NeoX rotary embedding as two [B, L, head_dim] f32 tables (cos, sin) such that
+  """NeoX rotary embedding as two [B, L, K] f32 tables (cos, sin; K = head_dim) such that
   `rotary(x) = x * cos + swap_halves(x) * sin`: over the first rot_dim dims cos is each pair's
   cosine and sin its sine, negated on the first half; past them 1 and 0 (dims left as they
   are). Computed once per forward pass, shared by every layer's queries and keys."""
   half = rot_dim // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
-  cos_BLK, sin_BLK = jnp.cos(angle_BLK), jnp.sin(angle_BLK)
+  angle_BLE = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  cos_BLE, sin_BLE = jnp.cos(angle_BLE), jnp.sin(angle_BLE)
   rest = jnp.zeros((*positions_BL.shape, head_dim - rot_dim), jnp.float32)
-  tables = (jnp.concatenate([cos_BLK, cos_BLK, rest + 1], -1),
-            jnp.concatenate([-sin_BLK, sin_BLK, rest], -1))
+  tables = (jnp.concatenate([cos_BLE, cos_BLE, rest + 1], -1),
+            jnp.concatenate([-sin_BLE, sin_BLE, rest], -1))
   # The barrier keeps XLA from fusing (re-evaluating) cos and sin into every layer's rotary.
   return jax.lax.optimization_barrier(tables)
 
@@ -95,21 +95,21 @@ def rotary_tables(positions_BL: jax.Array, rot_dim: int, base: float, head_dim: 
 def swap_halves(x: jax.Array, rot_dim: int) -> jax.Array:
   """x with the two halves of its first rot_dim trailing dims exchanged (the dims after them
   come back unchanged or permuted: `rotary` multiplies them by 0)."""
-  D = x.shape[-1]
-  if D % rot_dim == 0:   # a reversal of a reshape: no concatenation (slow in XLA:CPU loops)
-    return jnp.flip(x.reshape(*x.shape[:-1], D // rot_dim, 2, rot_dim // 2), -2).reshape(x.shape)
+  K = x.shape[-1]
+  if K % rot_dim == 0:   # a reversal of a reshape: no concatenation (slow in XLA:CPU loops)
+    return jnp.flip(x.reshape(*x.shape[:-1], K // rot_dim, 2, rot_dim // 2), -2).reshape(x.shape)
   half = rot_dim // 2
   return jnp.concatenate([x[..., half:rot_dim], x[..., :half], x[..., rot_dim:]], -1)
 
 
-def rotary(x_BLHD: jax.Array, tables, rot_dim: int) -> jax.Array:
+def rotary(x_BLHK: jax.Array, tables, rot_dim: int) -> jax.Array:
   """NeoX-style rotary embedding on the first `rot_dim` dims of each head (`rotary_tables`):
   each pair (x1, x2) = (x[i], x[i + rot_dim / 2]) becomes (x1 cos - x2 sin, x2 cos + x1 sin)."""
   if rot_dim == 0:
-    return x_BLHD
-  cos_BL1D, sin_BL1D = (t[:, :, None] for t in tables)
-  x = x_BLHD.astype(jnp.float32)
-  return (x * cos_BL1D + swap_halves(x, rot_dim) * sin_BL1D).astype(x_BLHD.dtype)
+    return x_BLHK
+  cos_BL1K, sin_BL1K = (t[:, :, None] for t in tables)
+  x = x_BLHK.astype(jnp.float32)
+  return (x * cos_BL1K + swap_halves(x, rot_dim) * sin_BL1K).astype(x_BLHK.dtype)
 
 
 class Norm(nn.Module):
@@ -166,12 +166,12 @@ class Attention(nn.Module):
     bias = cfg.block == "gpt2"
     proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
                              ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
-    q_BLHD, k_BLHD, v_BLHD = (proj(n)(x_BLD) for n in ("query", "key", "value"))
-    q_BLHD = rotary(q_BLHD, rot, cfg.rotary_dim)
-    k_BLHD = rotary(k_BLHD, rot, cfg.rotary_dim)
+    q_BLHK, k_BLHK, v_BLHK = (proj(n)(x_BLD) for n in ("query", "key", "value"))
+    q_BLHK = rotary(q_BLHK, rot, cfg.rotary_dim)
+    k_BLHK = rotary(k_BLHK, rot, cfg.rotary_dim)
     if cache is None:
-      out_BLHD = attention_lib.self_attention(
-          cfg.attention, q_BLHD, k_BLHD, v_BLHD, positions_BL, segment_ids_BL, cfg.causal,
+      out_BLHK = attention_lib.self_attention(
+          cfg.attention, q_BLHK, k_BLHK, v_BLHK, positions_BL, segment_ids_BL, cfg.causal,
           interpret=cfg.platform == "cpu", max_docs=cfg.max_docs)
     else:
       # Write this call's keys/values at columns [index, index + L) of this layer's head-major
@@ -179,19 +179,19 @@ class Attention(nn.Module):
       # layer's cache is its own buffer, threaded through the decode loop and read by the
       # attention matmuls directly, never sliced or copied). Attend to every column; unwritten
       # ones have segment 0.
-      k_BHLD, v_BHLD = k_BLHD.transpose(0, 2, 1, 3), v_BLHD.transpose(0, 2, 1, 3)
+      k_BHLK, v_BHLK = k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3)
       at = (0, 0, cache["index"], 0)
-      k_BHTD, v_BHTD = (jax.lax.dynamic_update_slice(cache[n][layer],
+      k_BHTK, v_BHTK = (jax.lax.dynamic_update_slice(cache[n][layer],
                                                      x.astype(cache[n][layer].dtype), at)
-                        for n, x in (("k", k_BHLD), ("v", v_BHLD)))
+                        for n, x in (("k", k_BHLK), ("v", v_BHLK)))
       put = lambda layers, x: layers[:layer] + (x,) + layers[layer + 1:]
-      cache = dict(cache, k=put(cache["k"], k_BHTD), v=put(cache["v"], v_BHTD))
-      out_BLHD = attention_lib.cached_attention(
-          cfg.attention, q_BLHD, k_BHTD.astype(dtype), v_BHTD.astype(dtype), positions_BL,
+      cache = dict(cache, k=put(cache["k"], k_BHTK), v=put(cache["v"], v_BHTK))
+      out_BLHK = attention_lib.cached_attention(
+          cfg.attention, q_BLHK, k_BHTK.astype(dtype), v_BHTK.astype(dtype), positions_BL,
           segment_ids_BL, cache["pos"], cache["seg"], cfg.causal)
     out_BLD = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
                    ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
-                   dtype, name="out")(out_BLHD)
+                   dtype, name="out")(out_BLHK)
     return out_BLD, cache
 
 
@@ -304,7 +304,7 @@ def head_matrix(cfg: ModelConfig, params) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-  """An empty KV cache of `length` columns: keys and values, one [B, H, T, Dh] array per layer
+  """An empty KV cache of `length` columns: keys and values, one [B, H, T, K] array per layer
   (a tuple), each column's segment id (0 = empty) and position [B, T], and `index`, the first
   unwritten column."""
   shape = (batch, cfg.num_heads, length, cfg.head_dim)

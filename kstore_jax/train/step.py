@@ -13,45 +13,45 @@ from kstore_jax.model import transformer
 CHUNK_ROWS = 1024   # token rows per vocabulary chunk: [1024, V] f32 logits stay in cache
 
 
-def _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN):
-  """Weighted CE sum of the output head over chunks [C, N] of positions, with its gradients
+def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL):
+  """Weighted CE sum of the output head over chunks [G, L] of positions, with its gradients
   (d hidden, d head) computed in the same pass: each chunk's logits are made, soft-maxed and
   turned into gradients while they are in cache, never written out whole. Every product is a
   2-D matmul; the head's gradient contracts the chunk's rows in place (dot_general on dim 0 of
   both: XLA:CPU runs `h.T @ g` through a transposed copy at ~2/3 the speed)."""
   def chunk(dhead_DV, xs):
-    h_ND, t_N, w_N = xs
-    logits_NV = jnp.dot(h_ND, head_DV, preferred_element_type=jnp.float32)
-    top_N1 = logits_NV.max(-1, keepdims=True)
-    e_NV = jnp.exp(logits_NV - top_N1)
-    sum_N1 = e_NV.sum(-1, keepdims=True)
-    hit_NV = jax.lax.broadcasted_iota(jnp.int32, logits_NV.shape, 1) == t_N[:, None]
-    target_N = jnp.where(hit_NV, logits_NV, 0.0).sum(-1)
-    ce = ((top_N1[:, 0] + jnp.log(sum_N1[:, 0]) - target_N) * w_N).sum()
-    dlogits_NV = ((e_NV / sum_N1 - hit_NV) * w_N[:, None]).astype(h_ND.dtype)
-    dh_ND = jnp.dot(dlogits_NV, head_DV.T, preferred_element_type=jnp.float32)
-    dhead_DV = dhead_DV + jax.lax.dot_general(h_ND, dlogits_NV, (((0,), (0,)), ((), ())),
+    h_LD, t_L, w_L = xs
+    logits_LV = jnp.dot(h_LD, head_DV, preferred_element_type=jnp.float32)
+    top_L1 = logits_LV.max(-1, keepdims=True)
+    e_LV = jnp.exp(logits_LV - top_L1)
+    sum_L1 = e_LV.sum(-1, keepdims=True)
+    hit_LV = jax.lax.broadcasted_iota(jnp.int32, logits_LV.shape, 1) == t_L[:, None]
+    target_L = jnp.where(hit_LV, logits_LV, 0.0).sum(-1)
+    ce = ((top_L1[:, 0] + jnp.log(sum_L1[:, 0]) - target_L) * w_L).sum()
+    dlogits_LV = ((e_LV / sum_L1 - hit_LV) * w_L[:, None]).astype(h_LD.dtype)
+    dh_LD = jnp.dot(dlogits_LV, head_DV.T, preferred_element_type=jnp.float32)
+    dhead_DV = dhead_DV + jax.lax.dot_general(h_LD, dlogits_LV, (((0,), (0,)), ((), ())),
                                               preferred_element_type=jnp.float32)
-    return dhead_DV, (ce, dh_ND.astype(h_ND.dtype))
+    return dhead_DV, (ce, dh_LD.astype(h_LD.dtype))
 
-  dhead_DV, (ce_C, dh_CND) = jax.lax.scan(
-      chunk, jnp.zeros(head_DV.shape, jnp.float32), (hidden_CND, targets_CN, weights_CN))
-  return ce_C.sum(), dh_CND, dhead_DV.astype(head_DV.dtype)
+  dhead_DV, (ce_G, dh_GLD) = jax.lax.scan(
+      chunk, jnp.zeros(head_DV.shape, jnp.float32), (hidden_GLD, targets_GL, weights_GL))
+  return ce_G.sum(), dh_GLD, dhead_DV.astype(head_DV.dtype)
 
 
 @jax.custom_vjp
-def _chunked_ce_sum(hidden_CND, head_DV, targets_CN, weights_CN):
-  return _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN)[0]
+def _chunked_ce_sum(hidden_GLD, head_DV, targets_GL, weights_GL):
+  return _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL)[0]
 
 
-def _chunked_ce_fwd(hidden_CND, head_DV, targets_CN, weights_CN):
-  ce, dh_CND, dhead_DV = _head_chunks(hidden_CND, head_DV, targets_CN, weights_CN)
-  return ce, (dh_CND, dhead_DV)
+def _chunked_ce_fwd(hidden_GLD, head_DV, targets_GL, weights_GL):
+  ce, dh_GLD, dhead_DV = _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL)
+  return ce, (dh_GLD, dhead_DV)
 
 
 def _chunked_ce_bwd(grads, g):
-  dh_CND, dhead_DV = grads
-  return g * dh_CND, g * dhead_DV, None, None
+  dh_GLD, dhead_DV = grads
+  return g * dh_GLD, g * dhead_DV, None, None
 
 
 _chunked_ce_sum.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
