@@ -2,7 +2,11 @@
 joined by `jax.distributed.initialize` (KSTORE_NUM_PROCESSES / KSTORE_PROCESS_ID /
 KSTORE_COORDINATOR, a localhost coordinator, one CPU device each, gloo collectives) train the
 same losses as one process with two devices and the same global batch; their checkpoint
-resumes on two processes and on one.
+resumes on two processes and on one. The runs go on to train and score the P- and Q-probes
+(probe batches through the same process slicing), with the one-process losses and accuracies.
+Hosts that share rows: two processes of two devices each under a mesh whose tensor axis spans
+both (data=fsdp=1, tensor=4: every device holds every row) train the same losses and probes
+as the one-process reference.
 
 The runs share one persistent JAX compilation cache (it changes no number) and a
 module-scoped fixture; the model is the tiny one of test_train.py.
@@ -17,12 +21,23 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from runs import DETERMINISTIC, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS, SAVE_EVERY = 12, 6
-ARGS = ["--config=configs/single.py:tiny", *small_run_args(STEPS, SAVE_EVERY)]
+STEPS, SAVE_EVERY, PROBE_STEPS = 12, 6, 4
+STAGES = ("pretrain", "pprobe", "qprobe")
+# Pretraining, then both probes (a few steps at batch 8: 4 rows a process).
+ARGS = ["--config=configs/single.py:tiny",
+        *(a for a in small_run_args(STEPS, SAVE_EVERY) if not a.startswith("--config.stages")),
+        f"--config.stages={','.join(STAGES)}",
+        *(f"--config.{p}.{k}={v}" for p in STAGES[1:]
+          for k, v in (("steps", PROBE_STEPS), ("batch_size", 8), ("warmup_steps", 1)))]
+# The resumes: pretraining alone (a stage list may change on resume, the probe keys may not).
+PRETRAIN_ARGS = [("--config.stages=pretrain" if a.startswith("--config.stages") else a)
+                 for a in ARGS]
+SHARED_ROWS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4"]
 # Variables that make maybe_initialize_distributed join a cluster: none leaks into a run.
 CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR",
                 "SLURM_NTASKS", "TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS")
@@ -51,26 +66,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, log, env) -> subprocess.Popen:
+def start(workdir, log, env, args=ARGS) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "kstore_jax.main", f"--workdir={workdir}",
-                           *ARGS], cwd=ROOT, env=env, stdout=open(log, "w"),
+                           *args], cwd=ROOT, env=env, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT)
 
 
-def start_one(workdir, cache) -> list:
-  """One process with 2 fake CPU devices: [(proc, log)]."""
+def start_one(workdir, cache, n_devices=2, args=ARGS) -> list:
+  """One process with n_devices fake CPU devices: [(proc, log)]."""
   log = pathlib.Path(f"{workdir}.log")
-  return [(start(workdir, log, run_env(2, cache)), log)]
+  return [(start(workdir, log, run_env(n_devices, cache), args), log)]
 
 
-def start_two(workdir, cache) -> list:
-  """Two processes of one JAX cluster, 1 CPU device each, sharing `workdir`."""
+def start_two(workdir, cache, n_devices=1, args=ARGS) -> list:
+  """Two processes of one JAX cluster, n_devices CPU devices each, sharing `workdir`."""
   port, runs = free_port(), []
   for i in range(2):
     log = pathlib.Path(f"{workdir}.p{i}.log")
-    env = run_env(1, cache, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
+    env = run_env(n_devices, cache, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
                   KSTORE_COORDINATOR=f"localhost:{port}")
-    runs.append((start(workdir, log, env), log))
+    runs.append((start(workdir, log, env, args), log))
   return runs
 
 
@@ -96,8 +111,8 @@ def finish(*groups) -> list[str]:
   return texts
 
 
-def metrics(workdir) -> list[dict]:
-  path = pathlib.Path(workdir) / "pretrain" / "metrics.jsonl"
+def metrics(workdir, stage="pretrain") -> list[dict]:
+  path = pathlib.Path(workdir) / stage / "metrics.jsonl"
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
@@ -110,7 +125,7 @@ def assert_close_losses(got, want, rtol=1e-5):
   for g, w in zip(got, want):
     rel = abs(g["loss"] - w["loss"]) / abs(w["loss"])
     assert rel <= rtol, f"step {g['step']}: loss {g['loss']} vs {w['loss']} (rel {rel:.2e})"
-  assert [r["loss_tokens"] for r in got] == [r["loss_tokens"] for r in want]
+  assert [r.get("loss_tokens") for r in got] == [r.get("loss_tokens") for r in want]
 
 
 def stopped_after_first_checkpoint(src, dst) -> None:
@@ -152,13 +167,31 @@ def test_two_processes_match_one(runs):
     assert states[0] == states[1], states
 
 
+def assert_same_probes(got_dir, want_dir):
+  """Probe training losses and the results' probe accuracies of two runs agree."""
+  for stage in STAGES[1:]:
+    rows = metrics(got_dir, stage)
+    assert [r["step"] for r in rows] == list(range(1, PROBE_STEPS + 1)), stage
+    assert_close_losses(rows, metrics(want_dir, stage))
+  got, want = (json.loads((d / "results.json").read_text()) for d in (got_dir, want_dir))
+  np.testing.assert_allclose(got["pprobe"], want["pprobe"], atol=1e-6)
+  for key in ("qprobe", "probe_baseline"):
+    assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_two_processes_probe_like_one(runs):
+  # Probe batches (tokens, segment_ids, probe_at, labels) through the same process slicing.
+  assert_same_probes(runs["two"], runs["one"])
+  assert "[pprobe]" in runs["logs"][1] and "[qprobe]" in runs["logs"][1]
+
+
 def test_two_processes_resume_from_their_checkpoint(runs, tmp_path, jax_cache):
   # Process 0 prints the resume; process 1 cannot silently start over: its step count would
   # no longer match process 0's collectives, and its half of every batch (and its replica of
   # the state) would change the losses, which must equal the uninterrupted run's bit for bit.
   wd = tmp_path / "resumed2"
   stopped_after_first_checkpoint(runs["two"], wd)
-  logs = finish(start_two(wd, jax_cache))
+  logs = finish(start_two(wd, jax_cache, args=PRETRAIN_ARGS))
   assert f"resumed from step {SAVE_EVERY}" in logs[0], logs[0][-2000:]
   assert deterministic(metrics(wd)) == deterministic(metrics(runs["two"]))
   assert (wd / "pretrain" / "final").is_dir()
@@ -167,7 +200,7 @@ def test_two_processes_resume_from_their_checkpoint(runs, tmp_path, jax_cache):
 def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, jax_cache):
   wd = tmp_path / "resumed1"
   stopped_after_first_checkpoint(runs["two"], wd)
-  (log,) = finish(start_one(wd, jax_cache))
+  (log,) = finish(start_one(wd, jax_cache, args=PRETRAIN_ARGS))
   assert f"resumed from step {SAVE_EVERY}" in log, log[-2000:]
   assert "saved by another process count" in log, log[-2000:]
   rows = metrics(wd)
@@ -175,3 +208,16 @@ def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, jax_cache)
   assert_close_losses(rows, metrics(runs["two"]))
   assert_close_losses(rows, metrics(runs["one"]))
   assert (wd / "pretrain" / "final").is_dir()
+
+
+
+
+def test_processes_that_share_rows_match_one(runs, tmp_path, jax_cache):
+  """tensor=4 over 2 processes x 2 devices: the batch axes (data, fsdp) have one shard, so
+  both processes' devices hold all 8 rows of every batch, and each must feed its devices all
+  of them (its half alone made a 4-row global batch: loss 1e-3 off at step 1), LM and probe
+  batches alike. The reference: the one-process run on the data=2 mesh."""
+  wd = tmp_path / "shared"
+  finish(start_two(wd, jax_cache, n_devices=2, args=[*ARGS, *SHARED_ROWS_MESH]))
+  assert_close_losses(metrics(wd), metrics(runs["one"]))
+  assert_same_probes(wd, runs["one"])

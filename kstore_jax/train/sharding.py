@@ -1,8 +1,11 @@
 """Device mesh (data, fsdp, tensor) with Auto axes, logical axis rules, state/batch shardings."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -46,10 +49,39 @@ def logical_shardings(boxed_tree, mesh):
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 
 
+@functools.lru_cache(maxsize=64)
+def process_rows(sh: NamedSharding, global_batch: int) -> tuple[tuple[int, int], ...]:
+  """[start, stop) of the rows of a global batch that each process's devices hold, from the
+  sharding's device indices (one contiguous block per process: processes are the mesh's
+  outermost devices). Blocks are distinct while the batch axes span the processes and equal
+  where processes share rows (e.g. `tensor` across hosts: data * fsdp < process count)."""
+  rows = [set() for _ in range(jax.process_count())]
+  for device, index in sh.devices_indices_map((global_batch,)).items():
+    rows[device.process_index].update(range(global_batch)[index[0]])
+  blocks = tuple((min(r), max(r) + 1) for r in rows)
+  if any(len(r) != hi - lo for r, (lo, hi) in zip(rows, blocks)):
+    raise ValueError(f"a process's devices hold non-contiguous batch rows: {blocks}")
+  return blocks
+
+
 def to_global(batch: dict, mesh) -> dict:
-  """Per-process NumPy rows -> global jax.Arrays sharded over (data, fsdp)."""
+  """This process's block of a global batch -> global jax.Arrays sharded over (data, fsdp).
+
+  `batch` holds block `process_index` of `process_count` equal blocks of rows (the
+  pipeline's `ProcessSlice`). Each process gives its devices exactly the rows they hold
+  (`process_rows`): its own block while the batch axes span the processes; where processes
+  share rows, every process first gathers the others' blocks (a collective, decided from the
+  mesh alone, so all processes take it) and keeps the rows its devices hold."""
   sh = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+  local = {k: np.asarray(v) for k, v in batch.items()}
+  count = jax.process_count()
+  n = len(next(iter(local.values())))
+  blocks = process_rows(sh, n * count)
+  if blocks != tuple((i * n, (i + 1) * n) for i in range(count)):
+    lo, hi = blocks[jax.process_index()]
+    local = {k: v[lo:hi] for k, v in multihost_utils.process_allgather(local, tiled=True).items()}
+  return {k: jax.make_array_from_process_local_data(sh, v, (n * count, *v.shape[1:]))
+          for k, v in local.items()}
 
 
 def with_run_axis(sh: NamedSharding) -> NamedSharding:
