@@ -91,6 +91,10 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       # QA eval reports them as qa_valid; 0 = none (the test people are the same either way)
       qa_valid_fraction=0.0,
       seq_len=512, vocab_size=8192, tokenizer_path="",
+      # where bios come from: 'generated' (the population and templates), or an imported
+      # dataset of bio records (kstore_jax/data/records.py): 'jsonl:FILE' | 'tfds:DIR'; its
+      # people replace n_people and its bios the augmentation keys (README, "Bring your own")
+      source="generated",
       chunk_docs=1024, workers=0,
       # named groups of people, each a `group(...)` (kstore_jax/data/world.py); empty: one
       # group of everyone written as the keys above say

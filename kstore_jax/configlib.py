@@ -166,6 +166,15 @@ def _check_qa_valid(cfg) -> None:
            "person whose QA is trained on")
 
 
+def _check_source(d) -> None:
+  """data.source: 'generated', or 'jsonl:FILE' / 'tfds:DIR' that exists (its records are
+  checked when the world is built, before anything is written)."""
+  from kstore_jax.data.records import GENERATED, parse_source
+  kind, path = parse_source(d.source)
+  _require(kind == GENERATED or os.path.exists(path),
+           f"data.source={d.source!r}: no such {'directory' if kind == 'tfds' else 'file'}")
+
+
 def _check_profile_steps(t) -> None:
   """train.profile_steps: '' or 'START,STOP' with 0 <= START < STOP."""
   from kstore_jax.train.profiling import parse_steps
@@ -204,6 +213,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
            f"data.tokenizer_path: no such file {d.tokenizer_path!r}")
   _require(d.tokenizer_path or d.vocab_size >= 512, f"data.vocab_size={d.vocab_size} must be >= 512")
+  _check_source(d)
   _require(0.0 < d.mlm.word_rate <= 1.0, f"data.mlm.word_rate={d.mlm.word_rate} must be in (0, 1]")
   for k in ("mask", "random"):
     _require(0.0 <= d.mlm[k] <= 1.0, f"data.mlm.{k}={d.mlm[k]} must be in [0, 1]")

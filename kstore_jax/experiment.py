@@ -254,7 +254,7 @@ class Experiment:
     init = functools.partial(
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
-        classes=classes.n_classes(), head=sc.head)
+        classes=classes.n_classes(self.world.pop), head=sc.head)
     return loop.StageSpec(
         stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)), init, base,
         data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
@@ -266,7 +266,7 @@ class Experiment:
   def class_tokens(self, stage: str):
     """The embedding probe head's class value tokens (None for the linear head)."""
     if self.cfg[stage].head == "embedding":
-      return classes.class_tokens(self.world.renderer)
+      return classes.class_tokens(self.world.renderer, self.world.pop)
     return None
 
   def probe_accuracy(self, stage: str):

@@ -105,10 +105,11 @@ def test_each_group_writes_its_own_bios(tok):
     assert per_person == [copies] * 20
     _, order = src.pieces(np.arange(copies * 20))
     assert (order != np.arange(6)).any(1).mean() > 0.8           # permuted sentence orders
-  # bio_pieces renders each person with their group's spec: a star's copy 0 is a star bio.
-  pieces, _ = w.bio_pieces([3, star.start + 2], [0, 0])
-  np.testing.assert_array_equal(pieces[0], w.group_bios(minority).pieces([3])[0][0])
-  np.testing.assert_array_equal(pieces[1], w.group_bios(star).pieces([10])[0][0])
+  # bio_docs renders each person with their group's spec: a star's copy 0 is a star bio.
+  docs, spans = w.bio_docs([3, star.start + 2], [0, 0])
+  for i, (g, index) in enumerate(((minority, 3), (star, 10))):
+    np.testing.assert_array_equal(docs.doc(i)["tokens"], w.group_bios(g).docs([index]).tokens)
+    np.testing.assert_array_equal(spans[i], w.group_bios(g).spans([index])[0])
   with pytest.raises(ValueError, match="data.groups"):
     w.aug
 

@@ -20,7 +20,8 @@ import pytest
 from configs import base as base_cfg
 from kstore_jax import experiment
 from kstore_jax.data import pools as pools_lib
-from kstore_jax.data import classes, probing, tokenizer as tokenizer_lib, world as world_lib
+from kstore_jax.data import classes, population, probing, tokenizer as tokenizer_lib
+from kstore_jax.data import world as world_lib
 from kstore_jax.data.population import MONTHS
 from kstore_jax.data.render import N_ATTR
 from kstore_jax.data.templates import ATTRIBUTES
@@ -165,7 +166,7 @@ def test_labels_are_the_attribute_values():
   people = np.arange(N_PEOPLE)
   labels = classes.probe_labels(w.pop, people)
   assert labels.shape == (N_PEOPLE, N_ATTR) and labels.dtype == np.int32
-  counts = classes.n_classes()
+  counts = classes.n_classes(w.pop)
   assert counts == [12] + [len(pool[a]) for a in ATTRIBUTES[1:]]
   assert (labels >= 0).all() and (labels < np.array(counts)).all()
   for person in people:
@@ -242,9 +243,10 @@ def test_probe_learns_linearly_encoded_labels():
   assert acc.min() >= 0.98, np.round(acc, 3)
   assert np.asarray(accuracy(probe0, *test)).max() < 0.3    # untrained: chance level
   # With the real class list: one [P, D, C] head per attribute, embed_b starting at zero.
+  counts = classes.n_classes(population.make_population(0, 2))
   real = jax.eval_shape(functools.partial(probes.init, vocab=16, d_model=D, embed_rank=2,
-                                          n_positions=P, classes=classes.n_classes()), k_probe)
-  assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in classes.n_classes()]
+                                          n_positions=P, classes=counts), k_probe)
+  assert [h["w"].shape for h in real["heads"]] == [(P, D, c) for c in counts]
   assert real["embed_a"].shape == (16, 2) and real["embed_b"].shape == (2, D)
   assert not np.asarray(probe0["embed_b"]).any()
 
@@ -254,8 +256,8 @@ def test_class_tokens_are_the_value_text():
   w = world("single")
   p = pools_lib.load_pools()
   texts = [list(MONTHS), p.birth_cities, p.universities, p.majors, p.companies, p.hq_cities]
-  tokens = classes.class_tokens(w.renderer)
-  assert [len(ids) for ids, _ in tokens] == classes.n_classes()
+  tokens = classes.class_tokens(w.renderer, w.pop)
+  assert [len(ids) for ids, _ in tokens] == classes.n_classes(w.pop)
   for (ids_CT, real_CT), values in zip(tokens, texts):
     for c, value in enumerate(values):
       assert w.renderer.decode(ids_CT[c][real_CT[c] > 0]) == " " + value

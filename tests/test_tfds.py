@@ -1,170 +1,155 @@
-"""The tfds/array_record corpus: built without TensorFlow, read back equal to the live sources."""
+"""Export and import of bio records: a world exported (JSON lines or tfds/array_record, without
+TensorFlow) and imported with its tokenizer gives the generator's people, bios, QA and batches."""
 
-import collections
 import json
-import pickle
+import pathlib
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from configs import base, celeb_minority
-from kstore_jax.data import pipeline, tfds_bios, tokenizer
+from kstore_jax.data import export, pipeline, records, tfds_bios, tokenizer
 from kstore_jax.data import world as world_lib
+from kstore_jax.data.templates import ATTRIBUTES
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_PEOPLE = 50
 
 
-def make_world(**data):
-  cfg = base.get_config("tiny")
-  cfg.data.update(n_people=N_PEOPLE, multi=2, permute=True, **data)
-  return world_lib.build_world(cfg, tokenizer.train_tokenizer(cfg.data.vocab_size)), cfg
+def make_world(cfg):
+  return world_lib.build_world(cfg, tokenizer.get_tokenizer(cfg.data))
+
+
+def imported(cfg, spec, out_dir):
+  """cfg reading `spec` with the exported tokenizer."""
+  c = cfg.copy_and_resolve_references()
+  c.data.update(source=spec, tokenizer_path=str(out_dir / export.TOKENIZER))
+  return c
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-  world, cfg = make_world()
-  data_dir = tmp_path_factory.mktemp("tfds")
-  return world, cfg, data_dir, tfds_bios.build(world, data_dir)
+def generated():
+  cfg = base.get_config("tiny")
+  cfg.data.update(n_people=N_PEOPLE, multi=2, permute=True, permute_copies=2, vocab_size=1024,
+                  seq_len=256)
+  return cfg, make_world(cfg)
 
 
-def live_sources(world):
-  return {"bios": world.bios(), "qa_train": world.qa(world.train_people),
-          "qa_test": world.qa(world.test_people)}
+@pytest.fixture(scope="module", params=export.FORMATS)
+def exported(generated, request, tmp_path_factory):
+  cfg, world = generated
+  out = tmp_path_factory.mktemp(request.param)
+  spec = export.export(world, str(out), request.param)
+  return spec, out
 
 
-def test_built_without_tensorflow(built):
-  assert "tensorflow" not in sys.modules
-  _, _, data_dir, builder = built
-  assert builder.info.file_format.value == "array_record"
-  assert set(builder.info.splits) == set(tfds_bios.SPLITS)
-  assert list(data_dir.glob(f"kstore_bios/{tfds_bios.KstoreBios.VERSION}/*.array_record-*"))
+def batches(world, cfg, stage, n=4):
+  chunks = world.chunks(stage, cfg.data, base.STAGE_NAMES.index(stage))
+  it = iter(pipeline.make_pipeline(chunks, 8))
+  return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("split", tfds_bios.SPLITS)
-def test_records_equal_live_sources(built, split):
-  world, _, _, builder = built
-  live = live_sources(world)[split]
-  src = tfds_bios.data_source(builder, split)
-  assert len(src) == len(live) == builder.info.splits[split].num_examples
-  want = live.docs(np.arange(len(live)))
-  people, _ = live.locate(np.arange(len(live)))
-  seen = np.zeros(len(live), bool)
-  order = []
-  for r in range(len(src)):
-    rec = src[r]
-    i = int(rec["index"])
-    assert not seen[i]
-    seen[i] = True
-    order.append(i)
-    d = want.doc(i)
-    assert rec["tokens"].dtype == np.int32
-    np.testing.assert_array_equal(rec["tokens"], d["tokens"])
-    np.testing.assert_array_equal(np.asarray(rec["loss"], bool), d["loss"])
-    assert int(rec["person"]) == people[i] and int(rec["group"]) == 0
-    assert int(rec["kind"]) == (tfds_bios.KIND_BIO if split == "bios" else tfds_bios.KIND_QA)
-    assert rec["text"].decode() == world.renderer.decode(d["tokens"])
-  assert seen.all()
-  if split == "bios":
-    assert order != sorted(order)            # tfds stores records shuffled
-  # Reordered by `index`, the corpus is the live source exactly.
-  back = src.docs(np.argsort(order))
-  np.testing.assert_array_equal(back.tokens, want.tokens)
-  np.testing.assert_array_equal(back.loss, want.loss)
-  np.testing.assert_array_equal(back.offsets, want.offsets)
+def test_round_trip_gives_the_generators_batches(generated, exported):
+  cfg, world = generated
+  spec, out = exported
+  c = imported(cfg, spec, out)
+  back = make_world(c)
+  assert len(back.pop) == N_PEOPLE and back.renderer.vocab_size == world.renderer.vocab_size
+  assert [(g.name, g.start, g.stop, g.aug.copies) for g in back.groups] == [("all", 0, 50, 4)]
+  np.testing.assert_array_equal(back.qa_train, world.qa_train)
+  for p in range(N_PEOPLE):
+    assert back.pop.full_name(p) == world.pop.full_name(p)
+    assert back.pop.values(p) == world.pop.values(p)
+  idx = np.arange(len(world.bios()))
+  a, b = world.bios().docs(idx), back.bios().docs(idx)
+  for k in ("tokens", "loss", "offsets"):
+    np.testing.assert_array_equal(getattr(b, k), getattr(a, k), err_msg=k)
+  np.testing.assert_array_equal(back.bios().spans(idx), world.bios().spans(idx))
+  for stage in ("pretrain", "finetune", "pretrain_mixed"):
+    for x, y in zip(batches(world, cfg, stage), batches(back, c, stage)):
+      for k in x:
+        np.testing.assert_array_equal(y[k], x[k], err_msg=f"{stage} {k}")
+  assert back.doc_positions == world.doc_positions
 
 
-def test_qa_splits_are_the_world_split(built):
-  world, _, _, builder = built
-  train = {int(r["person"]) for r in tfds_bios.data_source(builder, "qa_train").source}
-  test = {int(r["person"]) for r in tfds_bios.data_source(builder, "qa_test").source}
-  assert train == set(world.train_people.tolist()) and test == set(world.test_people.tolist())
-  assert not train & test and len(train | test) == N_PEOPLE
+def test_records_hold_text_and_exact_spans(generated, exported):
+  cfg, world = generated
+  spec, _ = exported
+  corpus = records.read_source(spec)
+  assert len(corpus.bio_ref) == len(world.bios()) == N_PEOPLE * 4
+  texts = corpus.texts(np.arange(len(corpus.bio_ref)))
+  for i in range(len(texts)):
+    p = int(corpus.ids[corpus.bio_person[i]])
+    values = world.pop.values(p)
+    assert texts[i].startswith(world.pop.full_name(p))
+    for k, a in enumerate(ATTRIBUTES):
+      s, e = corpus.bio_spans[i, k]
+      assert texts[i][s:e] == values[a]
+  if spec.startswith("tfds:"):
+    assert "tensorflow" not in sys.modules
+    order = [int(r) for r in corpus.bio_ref]
+    people = corpus.ids[corpus.bio_person].tolist()
+    assert people != sorted(people) and order == sorted(order)   # tfds stores them shuffled
+    assert list(pathlib.Path(spec[5:]).glob("kstore_bios/2.0.0/*.array_record-*"))
 
 
-def test_packed_chunks_over_corpus(built):
-  world, cfg, _, builder = built
-  bios = tfds_bios.data_source(builder, "bios")
-  qa = tfds_bios.data_source(builder, "qa_train")
-  live = live_sources(world)
-  # One epoch of the frozen bios packs into exactly the live bios.
-  chunks = pipeline.PackedChunks([bios], [1.0], cfg.data.seq_len, world.pad_id, seed=0,
-                                 chunk_docs=len(bios))
-  packed = chunks[0]
-  assert packed["inputs"].shape[1] == cfg.data.seq_len
-  real = packed["segment_ids"] > 0
-  assert (packed["weights"][~real] == 0).all()
-  want = live["bios"].docs(np.arange(len(live["bios"])))
-  assert real.sum() == len(want.tokens) - len(want)
-
-  def row_docs(b):
-    out = []
-    for r in range(len(b["inputs"])):
-      seg = b["segment_ids"][r]
-      for s in np.unique(seg[seg > 0]):
-        m = seg == s
-        out.append(tuple(b["inputs"][r][m].tolist()) + (int(b["targets"][r][m][-1]),))
-    return collections.Counter(out)
-
-  assert row_docs(packed) == collections.Counter(
-      tuple(want.doc(i)["tokens"].tolist()) for i in range(len(want)))
-  # A bio/QA mixture through the Grain pipeline.
-  mixed = pipeline.PackedChunks([bios, qa], [0.5, 0.5], cfg.data.seq_len, world.pad_id, seed=1,
-                                chunk_docs=40)
-  batches = list(zip(range(3), pipeline.make_pipeline(mixed, 4)))
-  assert all(b["inputs"].shape == (4, cfg.data.seq_len) for _, b in batches)
-  qa_docs = {tuple(live["qa_train"].docs([i]).tokens.tolist()) for i in range(len(qa))}
-  n_qa = sum(d in qa_docs for d in row_docs(mixed[0]).elements())
-  assert n_qa == 20
+def test_export_refuses_a_used_directory(generated, exported):
+  _, world = generated
+  _, out = exported
+  with pytest.raises(records.ConfigError, match="holds an export already"):
+    export.export(world, str(out), "jsonl")
 
 
-def test_rebuild_reuses_and_checks_identity(built, tmp_path):
-  world, _, data_dir, builder = built
-  again = tfds_bios.build(world, data_dir)           # same world: reused, same records
-  a, b = tfds_bios.data_source(builder, "bios"), tfds_bios.data_source(again, "bios")
-  assert [int(a[i]["index"]) for i in range(len(a))] == [int(b[i]["index"]) for i in range(len(b))]
-  version = tfds_bios.KstoreBios.VERSION
-  meta = json.loads((data_dir / f"kstore_bios/{version}/metadata.json").read_text())
-  assert meta == tfds_bios.world_metadata(world)
-  assert meta["n_people"] == N_PEOPLE and list(meta["groups"]) == ["all"]
-  assert meta["groups"]["all"]["multi"] == 2 and meta["groups"]["all"]["permute"]
-  other, _ = make_world(fullname=True)
-  with pytest.raises(ValueError, match="different corpus"):
-    tfds_bios.build(other, data_dir)
-  with pytest.raises(ValueError, match="unknown split"):
-    tfds_bios.data_source(builder, "train")
+def test_tokenizer_trained_on_the_imported_text(generated, exported):
+  cfg, world = generated
+  spec, out = exported
+  c = imported(cfg, spec, out)
+  c.data.tokenizer_path = ""
+  back = make_world(c)
+  # another tokenizer, the same texts: every bio and QA decodes to the generator's
+  idx = np.arange(0, len(world.bios()), 7)
+  a, b = world.bios().docs(idx), back.bios().docs(idx)
+  assert [back.renderer.decode(b.doc(i)["tokens"]) for i in range(len(idx))] == \
+         [world.renderer.decode(a.doc(i)["tokens"]) for i in range(len(idx))]
+  qa = np.arange(6 * 5)
+  assert back.renderer.decode(back.qa(np.arange(5)).docs(qa).tokens) == \
+         world.renderer.decode(world.qa(np.arange(5)).docs(qa).tokens)
 
 
-def test_corpus_source_pickles_for_workers(built):
-  # Grain worker processes receive the pipeline pickled; the tfds source must survive it.
-  world, cfg, _, builder = built
-  chunks = pipeline.PackedChunks([tfds_bios.data_source(builder, "bios")], [1.0],
-                                 cfg.data.seq_len, world.pad_id, seed=2, chunk_docs=16)
-  clone = pickle.loads(pickle.dumps(chunks))
-  for c in range(3):
-    for k, v in chunks[c].items():
-      np.testing.assert_array_equal(clone[c][k], v, err_msg=k)
-
-
-def test_grouped_world(tmp_path):
-  """celeb_minority at 60 people: 50 minority people with one bio each, then 10 stars with
-  five; the bios split holds both groups' bios, group after group, with their group field."""
+def test_grouped_world_round_trip(tmp_path):
+  """celeb_minority at 60 people: 50 minority people with one bio each, 10 stars with five;
+  the groups come back from the records' `group` field with data.groups' shares."""
   cfg = celeb_minority.get_config("tiny")
-  cfg.data.update(n_people=60, vocab_size=1024)
-  world = world_lib.build_world(cfg, tokenizer.train_tokenizer(cfg.data.vocab_size))
-  builder = tfds_bios.build(world, tmp_path)
-  assert builder.info.features["group"].names == ["minority", "star"]
-  bios = tfds_bios.data_source(builder, "bios")
-  minority, star = (world.group_bios(g) for g in world.groups)
-  assert len(bios) == len(minority) + len(star) == 100
-  recs = sorted((bios[r] for r in range(len(bios))), key=lambda rec: int(rec["index"]))
-  assert [int(rec["index"]) for rec in recs] == list(range(100))
-  assert [int(rec["group"]) for rec in recs] == [0] * 50 + [1] * 50
-  live = [(minority, i) for i in range(50)] + [(star, i) for i in range(50)]
-  for rec, (src, i) in zip(recs, live):
-    np.testing.assert_array_equal(rec["tokens"], src.docs([i]).doc(0)["tokens"])
-    assert int(rec["person"]) == src.locate([i])[0][0]
-  qa = tfds_bios.data_source(builder, "qa_test").source
-  assert {(int(r["person"]) >= 50, int(r["group"])) for r in qa} == {(False, 0), (True, 1)}
-  meta = tfds_bios.world_metadata(world)["groups"]
-  assert meta["minority"]["people"] == [0, 50] and meta["star"]["multi"] == 5
+  cfg.data.update(n_people=60, vocab_size=1024, seq_len=256)
+  world = make_world(cfg)
+  spec = export.export(world, str(tmp_path), "tfds")
+  c = imported(cfg, spec, tmp_path)
+  back = make_world(c)
+  assert [(g.name, g.start, g.stop, g.aug.copies) for g in back.groups] == \
+         [("minority", 0, 50, 1), ("star", 50, 60, 5)]
+  np.testing.assert_array_equal(back.qa_train, world.qa_train)
+  for x, y in zip(batches(world, cfg, "pretrain"), batches(back, c, "pretrain")):
+    for k in x:
+      np.testing.assert_array_equal(y[k], x[k], err_msg=k)
+  c.data.groups = base.ml_collections.ConfigDict({"star": base.group(1.0, 1.0, 0.5)})
+  with pytest.raises(records.ConfigError, match=r"must be the groups of the dataset"):
+    make_world(c)
+
+
+def test_export_command_and_import_by_config(tmp_path):
+  out = tmp_path / "jsonl"
+  r = subprocess.run([sys.executable, "-m", "kstore_jax.data", "--config=configs/tiny.py",
+                      "--config.data.n_people=20", f"--export={out}", "--format=jsonl"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr
+  spec = f"jsonl:{out / export.JSONL}"
+  assert repr(spec) in r.stdout and (out / export.TOKENIZER).exists()
+  lines = (out / export.JSONL).read_text().splitlines()
+  assert len(lines) == 20 * 5 and set(json.loads(lines[0])) == set(records.FIELDS)
+  r = subprocess.run([sys.executable, "-m", "kstore_jax.data", "--config=configs/tiny.py",
+                      f"--config.data.source={spec}", "--show=1", "--split=bios"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(lines[0])["text"] in r.stdout

@@ -3,6 +3,7 @@
     python -m kstore_jax.data --config=configs/tiny.py                 # a few bios + QA
     python -m kstore_jax.data --config=configs/multi5_permute.py:tiny --show=5 --split=bios
     python -m kstore_jax.data --config=configs/base.py:small --stats  # JSON on the last line
+    python -m kstore_jax.data --config=configs/tiny.py --export=DIR [--format=jsonl]
 
 `--show=N` prints, for each group of people (data.groups; one group `all` without), its first N
 bios (all copies of its first person first), with their token counts and the value each
@@ -10,6 +11,8 @@ attribute span points at, then the six QA pairs of its first person (`--split=qa
 of its first N people). Token counts include the BOS/EOT tokens.
 `--stats` prints one JSON object as the last line; `groups` holds per-group counts (people,
 bios, QA split, pretraining document weight, share of the stream's bio positions).
+`--export=DIR` writes the world's bios as bio records (data/export.py: `--format=tfds`, the
+default, or `jsonl`) with its tokenizer, and prints the `data.source` that imports them.
 """
 
 import json
@@ -18,7 +21,7 @@ import numpy as np
 from absl import flags
 
 from kstore_jax import cli
-from kstore_jax.data import classes
+from kstore_jax.data import export as export_lib
 from kstore_jax.data import tokenizer as tokenizer_lib
 from kstore_jax.data import world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES, load_templates
@@ -29,6 +32,10 @@ SHOW = flags.DEFINE_integer("show", 3, "print this many rendered documents (0: n
 STATS = flags.DEFINE_bool("stats", False, "print corpus statistics as one JSON line (last)")
 SPLIT = flags.DEFINE_enum("split", None, ["bios", "qa"],
                           "what --show prints: bios or QA pairs (default: both)")
+EXPORT = flags.DEFINE_string("export", None, "write the world's bios as bio records (and its "
+                             "tokenizer.json) into this new directory")
+FORMAT = flags.DEFINE_enum("format", "tfds", list(export_lib.FORMATS),
+                           "--export: a tfds dataset (array_record) or JSON lines")
 SAMPLE = 20_000
 
 
@@ -46,7 +53,7 @@ def show_bios(world, group, n: int) -> None:
     tokens = docs.doc(i)["tokens"]
     p = int(people[i])
     print(f"--- bio {idx[i]} of group {group.name}: person {p} ({world.pop.full_name(p)}, "
-          f"{half(world, p)}), copy {copies[i]} of {bios.aug.copies}, {len(tokens)} tokens")
+          f"{half(world, p)}), copy {copies[i]} of {group.aug.copies}, {len(tokens)} tokens")
     print(r.decode(tokens))
     print("    spans: " + "; ".join(f"{a}={r.decode(tokens[s:e]).strip()!r}"
                                     for a, (s, e) in zip(ATTRIBUTES, spans[i])))
@@ -106,9 +113,8 @@ def stats(world, tok) -> dict:
   bio_lens = [sample_lengths(s, rng) for s in bios]
   stands_for = np.concatenate([np.full(len(l), len(s) / len(l)) for s, l in zip(bios, bio_lens)])
   qa_len = sample_lengths(world.qa(np.arange(len(pop))), rng)
-  n_values = classes.value_counts()
+  n_values = pop.value_counts()
   counts = {a: np.bincount(pop.attribute(a), minlength=n_values[a]) for a in ATTRIBUTES}
-  names = np.stack([pop.first, pop.middle, pop.last], 1)
   return {
       "people": len(pop), "bios": sum(len(s) for s in bios),
       "templates_per_attribute": {a: len(t) for a, t in load_templates().items()},
@@ -116,7 +122,7 @@ def stats(world, tok) -> dict:
       "qa_tokens_mean": round(float(qa_len.mean()), 2),
       "value_counts_min_max": {a: [int(c.min()), int(c.max())] for a, c in counts.items()},
       "value_classes": {a: len(c) for a, c in counts.items()},
-      "unique_names": len(np.unique(names, axis=0)),
+      "unique_names": len({pop.full_name(i) for i in range(len(pop))}),
       "vocab_size": tok.get_vocab_size(),
       "qa_train_people": int(world.qa_train.sum()), "qa_test_people": int((~world.qa_train).sum()),
       "groups": group_stats(world, bios, weights, bio_lens),
@@ -130,11 +136,15 @@ def main(argv):
   with cli.config_errors():
     tok = tokenizer_lib.get_tokenizer(cfg.data)
     world = world_lib.build_world(cfg, tok)
-  n = SHOW.value if (SHOW.present or not STATS.value) else 0
+  n = SHOW.value if (SHOW.present or not (STATS.value or EXPORT.value)) else 0
   if n:
     show(world, n, SPLIT.value)
   if STATS.value:
     print(json.dumps(stats(world, tok)))
+  if EXPORT.value:
+    spec = export_lib.export(world, EXPORT.value, FORMAT.value)
+    print(f"exported the bios of {len(world.pop)} people: data.source={spec!r} "
+          f"(data.tokenizer_path={EXPORT.value}/{export_lib.TOKENIZER} for the same tokens)")
 
 
 if __name__ == "__main__":

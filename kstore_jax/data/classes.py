@@ -1,26 +1,19 @@
-"""Class facts of the six attributes: how many values each has (`value_counts`), the classes a
+"""Class facts of the six attributes of a world's people (`pop`: a generated Population or an
+imported Roster, whose `value_counts()` says how many values each attribute has): the classes a
 probe predicts (`n_classes`: birth date as the birth month, 12 classes; company city as the HQ
-city), each person's class ids (`probe_labels`) and each class's value text as bios render it
-(`class_tokens`, the embedding probe head's class vectors)."""
+city, or the imported company_city values), each person's class ids (`probe_labels`) and each
+class's value text as bios render it (`class_tokens`, the embedding probe head's class
+vectors)."""
 
 import numpy as np
 
-from kstore_jax.data import pools as pools_lib
-from kstore_jax.data.population import MONTHS, N_DAYS, N_YEARS
+from kstore_jax.data.population import MONTHS
 from kstore_jax.data.templates import ATTRIBUTES
 
 
-def value_counts() -> dict[str, int]:
-  """Number of possible values (classes) of each attribute (birth date: every date)."""
-  p = pools_lib.load_pools()
-  return {"birth_date": N_YEARS * len(MONTHS) * N_DAYS, "birth_city": len(p.birth_cities),
-          "university": len(p.universities), "major": len(p.majors),
-          "company": len(p.companies), "company_city": len(p.hq_cities)}
-
-
-def n_classes() -> list[int]:
+def n_classes(pop) -> list[int]:
   """Classes of each probed attribute, in ATTRIBUTES order (birth date: the month)."""
-  counts = value_counts()
+  counts = pop.value_counts()
   return [len(MONTHS)] + [counts[a] for a in ATTRIBUTES[1:]]
 
 
@@ -30,12 +23,12 @@ def probe_labels(pop, people) -> np.ndarray:
   return np.stack([np.asarray(c)[people].astype(np.int32) for c in cols], -1)
 
 
-def class_tokens(renderer) -> list[tuple[np.ndarray, np.ndarray]]:
+def class_tokens(renderer, pop) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per attribute (model ids [C, W], 1 where a token is real [C, W]) of each class's value text
   as bios render it (birth date: the month; company city: the HQ city)."""
   firsts = [renderer.month0] + [renderer.value0[a] for a in ATTRIBUTES[1:]]
   out = []
-  for first, c in zip(firsts, n_classes()):
+  for first, c in zip(firsts, n_classes(pop)):
     ids_CW, lens_C = renderer.render((first + np.arange(c))[:, None], np.zeros(1, bool)).padded(0)
     out.append((ids_CW, (np.arange(ids_CW.shape[1]) < lens_C[:, None]).astype(np.float32)))
   return out

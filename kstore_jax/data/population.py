@@ -48,6 +48,13 @@ class Population:
     return ((self.birth_year.astype(np.int32) * 12 + self.birth_month) * N_DAYS
             + self.birth_day)
 
+  def value_counts(self) -> dict[str, int]:
+    """Number of possible values (classes) of each attribute (birth date: every date)."""
+    p = pools_lib.load_pools()
+    return {"birth_date": N_YEARS * len(MONTHS) * N_DAYS, "birth_city": len(p.birth_cities),
+            "university": len(p.universities), "major": len(p.majors),
+            "company": len(p.companies), "company_city": len(p.hq_cities)}
+
   def attribute(self, name: str) -> np.ndarray:
     """Class id of attribute `name` for every person."""
     if name not in ATTRIBUTES:

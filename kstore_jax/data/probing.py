@@ -10,14 +10,10 @@ from kstore_jax.data.classes import probe_labels
 
 def pprobe_examples(world, people, copies):
   """Bios of (people[i], copies[i]): inputs [n, W], segment ids, probe_at [n, 6] (the input
-  position whose next token is the value of the k-th sentence), labels [n, 6]."""
-  src = world.bios(people)
-  idx = np.arange(len(people)) * world.aug.copies + np.asarray(copies)
-  pieces, order = src.pieces(idx)
-  docs = world.renderer.render(pieces, world.renderer.bio_loss_pieces())
-  spans = world.renderer.value_spans(pieces, order)
-  rows = np.arange(len(people))[:, None]
-  probe_at = spans[rows, order, 0] - 1
+  position whose next token is the k-th value in the bio: values sorted by their spans, so
+  imported bios in any order and wording too), labels [n, 6]."""
+  docs, spans = world.bio_docs(people, copies)
+  probe_at = np.sort(spans[..., 0], 1) - 1
   return _pad(docs, world.pad_id), probe_at.astype(np.int32), probe_labels(world.pop, people)
 
 

@@ -96,7 +96,10 @@ class Docs:
 class Renderer:
   """The piece table for one tokenizer, and vectorised rendering of bios and QA."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, extra_texts=(), extra_ids=()):
+    """`extra_texts`: more pieces, from piece `extra0` on (an imported world's names and
+    values); `extra_ids`: tokenizer ids the model must know besides the pieces' (an imported
+    world's bio text)."""
     self.tokenizer = tokenizer
     eot = tokenizer.token_to_id(EOT)
     p = pools_lib.load_pools()
@@ -129,11 +132,13 @@ class Renderer:
     self.tail0 = np.array([add([t for _, t in temps[a]]) for a in ATTRIBUTES])
     self.question0 = add([templates_lib.QUESTIONS[a][0] for a in ATTRIBUTES])
     self.question1 = add([templates_lib.QUESTIONS[a][1] for a in ATTRIBUTES])
+    self.extra0 = add(list(extra_texts))
 
     ids = [[s] if s is not None else tokenizer.encode(t).ids for t, s in zip(texts, special)]
     flat = np.array(list(itertools.chain.from_iterable(ids)), np.int64)
     specials = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-    self.tokenizer_ids = np.unique(np.concatenate([flat, specials]))   # model id -> tokenizer id
+    self.tokenizer_ids = np.unique(np.concatenate(   # model id -> tokenizer id
+        [flat, specials, np.asarray(extra_ids, np.int64)]))
     self.piece_len = np.array([len(i) for i in ids], np.int64)
     self.piece_start = np.concatenate([[0], np.cumsum(self.piece_len)[:-1]])
     self.piece_tokens = self.to_model_ids(flat)

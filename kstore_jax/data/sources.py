@@ -1,4 +1,5 @@
-"""Grain random-access sources of documents (bios, QA), each with a vectorised `docs()`.
+"""Grain random-access sources of generated documents (bios, QA), each with a vectorised
+`docs()` (imported bios: data/imported.py's StoredBios, the same interface).
 
 They follow `grain.sources.RandomAccessDataSource` (`__len__`, `__getitem__`), so they can be
 used with any Grain pipeline; the packing pipeline (pipeline.py) calls `docs(indices)` to render
@@ -9,14 +10,6 @@ import numpy as np
 
 from kstore_jax.data.population import Population
 from kstore_jax.data.render import N_ATTR, AugSpec, Docs, Renderer
-
-
-def docs_from_items(items) -> Docs:
-  """Docs from per-document dicts with 'tokens' and 'loss' (e.g. an array_record source)."""
-  lens = [len(it["tokens"]) for it in items]
-  return Docs(tokens=np.concatenate([np.asarray(it["tokens"], np.int32) for it in items]),
-              loss=np.concatenate([np.asarray(it["loss"], bool) for it in items]),
-              offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
 
 
 class BioSource:
@@ -50,6 +43,10 @@ class BioSource:
     """[n, 6, 2] token spans of each attribute value (doc coordinates, BOS at 0)."""
     return self.renderer.value_spans(*self.pieces(indices))
 
+  def lengths(self, indices) -> np.ndarray:
+    """Token counts of the documents (sums of piece lengths: nothing rendered)."""
+    return self.renderer.piece_len[self.pieces(indices)[0]].sum(1)
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     person, copy = self.locate([index])
     return {**self.docs([index]).doc(0), "spans": self.spans([index])[0],
@@ -81,22 +78,11 @@ class QASource:
   def docs(self, indices) -> Docs:
     return self.renderer.render(self.pieces(indices), self.renderer.qa_loss_pieces())
 
+  def lengths(self, indices) -> np.ndarray:
+    """Token counts of the documents (sums of piece lengths: nothing rendered)."""
+    return self.renderer.piece_len[self.pieces(indices)].sum(1)
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     person, attr = self.locate([index])
     return {**self.docs([index]).doc(0), "person": person[0], "attribute": attr[0]}
 
-
-class ItemSource:
-  """Adapts any random-access source of {'tokens', 'loss'} dicts (e.g. tfds array_record)."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int):
-    return self.source[index]
-
-  def docs(self, indices) -> Docs:
-    return docs_from_items([self.source[int(i)] for i in indices])

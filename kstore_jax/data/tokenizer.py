@@ -1,4 +1,5 @@
-"""Byte-level BPE trained offline and deterministically on text generated from the pools.
+"""Byte-level BPE trained offline and deterministically on text generated from the pools (or
+on an imported world's records, data.source).
 
 Special tokens: `<|endoftext|>` (document separator, BOS and EOS), `<|pad|>`, `<|mask|>`.
 """
@@ -9,6 +10,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from kstore_jax.data import pools as pools_lib
+from kstore_jax.data import records
 from kstore_jax.data import templates as templates_lib
 from kstore_jax.data.population import MONTHS, FIRST_YEAR, N_DAYS, N_YEARS
 
@@ -40,14 +42,16 @@ def training_corpus() -> list[str]:
   return lines
 
 
-def train_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
+def train_tokenizer(vocab_size: int, texts=None) -> tokenizers.Tokenizer:
+  """A byte-level BPE of `vocab_size` trained on `texts` (an iterable; default:
+  training_corpus(), the generated world's text)."""
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
-  tok.train_from_iterator(training_corpus(), trainer=trainer)
+  tok.train_from_iterator(training_corpus() if texts is None else texts, trainer=trainer)
   return tok
 
 
@@ -65,7 +69,11 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
 
 
 def get_tokenizer(data_cfg) -> tokenizers.Tokenizer:
-  """The tokenizer a data config asks for: loaded from `tokenizer_path` or trained."""
+  """The tokenizer a data config asks for: loaded from `tokenizer_path`, or trained on the
+  world's text (`data.source`: generated, or the imported records' bios, names and values)."""
   if data_cfg.tokenizer_path:
     return load_tokenizer(data_cfg.tokenizer_path)
-  return train_tokenizer(data_cfg.vocab_size)
+  if records.parse_source(data_cfg.source)[0] == records.GENERATED:
+    return train_tokenizer(data_cfg.vocab_size)
+  return train_tokenizer(data_cfg.vocab_size,
+                         records.read_source(data_cfg.source).training_texts())

@@ -17,7 +17,8 @@ import functools
 import numpy as np
 import tokenizers
 
-from kstore_jax.data import hashing, masking, pipeline, population, render, sources
+from kstore_jax.data import (hashing, imported, masking, pipeline, population, records, render,
+                             sources)
 from kstore_jax.data.tokenizer import PAD
 
 _H_SPLIT, _H_VALID = 3, 4   # hash purposes of the QA split (render.py has 1, 2: never reuse one)
@@ -109,6 +110,7 @@ class World:
   groups: tuple[Group, ...]  # contiguous person-id ranges covering everyone
   qa_train: np.ndarray     # bool [n_people]: QA of these people is training data
   qa_valid: np.ndarray | None = None   # bool [n_people]: held back for tuning (None: nobody)
+  stored: imported.BioStore | None = None   # an imported world's bios (None: rendered)
 
   def __post_init__(self):
     if self.qa_valid is None:
@@ -119,7 +121,7 @@ class World:
     """Everyone's bio augmentation (ValueError when the groups write bios differently)."""
     augs = {g.aug for g in self.groups}
     if len(augs) > 1:
-      raise ValueError("data.groups write bios differently: use World.groups / bio_pieces")
+      raise ValueError("data.groups write bios differently: use World.groups / bio_docs")
     return augs.pop()
 
   @property
@@ -143,19 +145,27 @@ class World:
   def pad_id(self) -> int:
     return self.renderer.token_id(PAD)
 
-  def bios(self, people=None) -> sources.BioSource:
+  def _bio_source(self, people, aug: render.AugSpec):
+    """The bios of `people`, aug.copies each: rendered (BioSource) or imported (StoredBios)."""
+    if self.stored is not None:
+      return imported.StoredBios(self.stored, people, aug.copies)
+    return sources.BioSource(self.renderer, self.pop, people, aug, self.seed)
+
+  def bios(self, people=None):
     """Bios of `people` (default: everyone) written as `aug` (one augmentation for everyone;
     with groups that differ use group_bios / bio_mixture)."""
-    people = np.arange(len(self.pop)) if people is None else people
-    return sources.BioSource(self.renderer, self.pop, people, self.aug, self.seed)
+    return self._bio_source(np.arange(len(self.pop)) if people is None else people, self.aug)
 
-  def group_bios(self, group: Group) -> sources.BioSource:
-    return sources.BioSource(self.renderer, self.pop, group.people, group.aug, self.seed)
+  def group_bios(self, group: Group):
+    return self._bio_source(group.people, group.aug)
 
-  def bio_pieces(self, people, copies) -> tuple[np.ndarray, np.ndarray]:
-    """Piece ids and sentence orders (render.Renderer.bio_pieces) of the bios
-    (people[i], copies[i]), each written with its person's group augmentation."""
+  def bio_docs(self, people, copies) -> tuple[render.Docs, np.ndarray]:
+    """The bios (people[i], copies[i]), each as its person's group writes it, and their value
+    token spans [n, 6, 2] (doc coordinates, EOT at 0)."""
     people, copies = np.asarray(people, np.int64), np.asarray(copies, np.int64)
+    if self.stored is not None:
+      ids = self.stored.bio_ids(people, copies)
+      return self.stored.docs(ids), self.stored.spans[ids]
     pieces = np.empty((len(people), render.BIO_PIECES), np.int64)
     order = np.empty((len(people), render.N_ATTR), np.int64)
     group = self.group_of(people)
@@ -163,7 +173,8 @@ class World:
       sel = group == k
       pieces[sel], order[sel] = self.renderer.bio_pieces(self.pop, people[sel], copies[sel],
                                                          g.aug, self.seed)
-    return pieces, order
+    r = self.renderer
+    return r.render(pieces, r.bio_loss_pieces()), r.value_spans(pieces, order)
 
   def qa(self, people) -> sources.QASource:
     return sources.QASource(self.renderer, self.pop, people)
@@ -171,7 +182,7 @@ class World:
   @functools.cached_property
   def bio_positions(self) -> list[tuple[int, int, int]]:
     """(total, shortest, longest) positions of each group's bios."""
-    return [_positions(self.renderer, self.group_bios(g)) for g in self.groups]
+    return [_positions(self.group_bios(g)) for g in self.groups]
 
   def bio_mixture(self) -> tuple[list, list]:
     """Each group's bio source and its document weight (summing to 1). The pipeline mixes
@@ -199,7 +210,7 @@ class World:
   @functools.cached_property
   def doc_positions(self) -> tuple[int, int]:
     """(shortest, longest) bio or QA of this population, in positions (tokens - 1)."""
-    qa = _positions(self.renderer, self.qa(np.arange(len(self.pop))))
+    qa = _positions(self.qa(np.arange(len(self.pop))))
     every = [*self.bio_positions, qa]
     return min(s for _, s, _ in every), max(longest for _, _, longest in every)
 
@@ -217,24 +228,56 @@ class World:
                                  chunk_docs=data_cfg.chunk_docs, mlm=spec)
 
 
-def _positions(renderer: render.Renderer, src, block: int = 1 << 20) -> tuple[int, int, int]:
-  """(total, shortest, longest) positions (tokens - 1) of a source's documents. Lengths are
-  sums of piece lengths, so this needs no rendering: a pass over piece ids, `block` docs at a
-  time."""
+def _positions(src, block: int = 1 << 20) -> tuple[int, int, int]:
+  """(total, shortest, longest) positions (tokens - 1) of a source's documents, from the
+  source's `lengths` (no rendering), `block` docs at a time."""
   total, shortest, longest = 0, np.iinfo(np.int64).max, 0
   for s in range(0, len(src), block):
-    pieces = src.pieces(np.arange(s, min(s + block, len(src))))
-    pieces = pieces[0] if isinstance(pieces, tuple) else pieces
-    positions = renderer.piece_len[pieces].sum(1) - 1
+    positions = src.lengths(np.arange(s, min(s + block, len(src)))) - 1
     total += int(positions.sum())
     shortest, longest = min(shortest, int(positions.min())), max(longest, int(positions.max()))
   return total, shortest, longest
 
 
+def imported_groups(corpus: records.Corpus, order: np.ndarray, data_cfg) -> tuple[Group, ...]:
+  """An imported world's groups: data.groups' names, shares of the bio positions and QA-train
+  fractions over the dataset's groups of people (laid out in `order`), or one group 'all' of
+  everyone; a group's copies per person are the dataset's."""
+  specs = data_cfg.get("groups")
+  names = sorted(specs.keys()) if specs else [records.DEFAULT_GROUP]
+  label = (np.array(corpus.groups, object)[order] if specs
+           else np.full(len(order), records.DEFAULT_GROUP, object))
+  copies = np.bincount(corpus.bio_person, minlength=len(order))[order]
+  out, start = [], 0
+  for n in names:
+    stop = start + int((label == n).sum())
+    spec = specs[n] if specs else data_cfg
+    out.append(Group(n, start, stop, render.AugSpec(multi=int(copies[start])),
+                     spec.tokens if specs else 1.0, spec.qa_train_fraction))
+    start = stop
+  return tuple(out)
+
+
+def build_imported_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
+  """The world of an imported `data.source`: its people, their bios and groups (data.groups
+  naming the dataset's groups, else one group 'all')."""
+  corpus = records.read_source(cfg.data.source)
+  specs = cfg.data.get("groups")
+  order = imported.people_order(corpus, sorted(specs.keys()) if specs else None)
+  pop, renderer, stored = imported.build(corpus, tokenizer, order)
+  groups = imported_groups(corpus, order, cfg.data)
+  qa_train, qa_valid = qa_split(cfg.seed, cfg.data, groups)
+  return World(seed=cfg.seed, pop=pop, renderer=renderer, groups=groups, qa_train=qa_train,
+               qa_valid=qa_valid, stored=stored)
+
+
 def build_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
-  """The world of `cfg`. With data.groups the population is drawn per person
-  (population.make_population), so a group keeps its people when later groups change."""
+  """The world of `cfg`: generated, or imported (`data.source`, build_imported_world). With
+  data.groups a generated population is drawn per person (population.make_population), so a
+  group keeps its people when later groups change."""
   data = cfg.data
+  if records.parse_source(data.source)[0] != records.GENERATED:
+    return build_imported_world(cfg, tokenizer)
   groups = make_groups(data)
   qa_train, qa_valid = qa_split(cfg.seed, data, groups)
   return World(seed=cfg.seed,

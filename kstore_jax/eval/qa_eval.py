@@ -270,9 +270,8 @@ def bio_recall(model, params, world, people, batch_size: int = 256):
 def bio_recall_correct(model, params, world, people, batch_size: int = 256):
   """bio_recall's (correct [n * N_ATTR] bool, attributes [n * N_ATTR]), person-major."""
   r = world.renderer
-  pieces, order = world.bio_pieces(people, np.zeros(len(people), np.int64))   # copy 0
-  tokens, lens = r.render(pieces, r.bio_loss_pieces()).padded(world.pad_id)
-  spans = r.value_spans(pieces, order)
+  docs, spans = world.bio_docs(people, np.zeros(len(people), np.int64))   # copy 0
+  tokens, lens = docs.padded(world.pad_id)
   causal = model.cfg.causal
   variants = 1 if causal else N_ATTR      # bidirectional: one input per masked attribute
   batch_size = max(1, min(batch_size // variants, len(tokens)))
