@@ -1,6 +1,6 @@
 """Benchmarks: `python -m kstore_jax.bench <what> [--config=...]`.
 
-    python -m kstore_jax.bench data --config=configs/tiny.py [--workers=0,2]
+    python -m kstore_jax.bench data --config=configs/tiny.py [--workers=0,2] [--imported=jsonl,tfds]
     python -m kstore_jax.bench population --n=10000000
     python -m kstore_jax.bench eval --config=configs/tiny.py [--workdir=DIR] [--eval_people=200]
     python -m kstore_jax.bench probe --config=configs/tiny.py [--probe_steps=20]
@@ -30,6 +30,8 @@ from kstore_jax import cli, configlib
 
 CONFIG = cli.config_flag()
 WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data: Grain worker processes to compare")
+IMPORTED = flags.DEFINE_list("imported", [], "data: also time the config's world exported in "
+                             "these formats (jsonl, tfds) and read back through data.source")
 WARMUP = flags.DEFINE_integer("warmup", 5, "data: batches taken before timing starts")
 MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this long ...")
 MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches")
@@ -128,6 +130,33 @@ def bench_data(cfg) -> list[dict]:
   first = next(iter(runs))
   out.append(measurement("pipeline_packing_utilisation", round(runs[first]["utilisation"], 4),
                          "fraction", batches=runs[first]["batches"], **ctx))
+  for fmt in IMPORTED.value:
+    out += bench_imported(cfg, w, fmt, ctx)
+  return out
+
+
+def bench_imported(cfg, w, fmt: str, ctx: dict) -> list[dict]:
+  """World `w` exported as `fmt` into a temporary directory and imported back (data.source,
+  the exported tokenizer: the generator's token stream): the import's seconds (read, check,
+  tokenise) and its pretraining pipeline's tokens/s at each --workers."""
+  from kstore_jax.data import export, tokenizer, world
+  with tempfile.TemporaryDirectory() as tmp, cli.config_errors():
+    spec = export.export(w, tmp, fmt)
+    c = cfg.copy_and_resolve_references()
+    c.data.update(source=spec, tokenizer_path=os.path.join(tmp, export.TOKENIZER))
+    t0 = time.perf_counter()
+    imported = world.build_world(c, tokenizer.get_tokenizer(c.data))
+    build_s = time.perf_counter() - t0
+    chunks = imported.chunks("pretrain", c.data)
+    tokens = len(imported.stored.tokens)
+    out = [measurement(f"imported_{fmt}_build_s", round(build_s, 3), "s", tokens=tokens,
+                       import_tokens_per_s=round(tokens / build_s), **ctx)]
+    for w_str in WORKERS.value:
+      r = time_pipeline(chunks, cfg.pretrain.batch_size, int(w_str))
+      out.append(measurement(f"imported_{fmt}_tokens_per_s_workers{w_str}",
+                             round(r["tokens_per_s"]), "tokens/s", workers=int(w_str),
+                             batches=r["batches"], seconds=r["seconds"],
+                             startup_s=r["startup_s"], cpus=os.cpu_count(), **ctx))
   return out
 
 

@@ -173,10 +173,9 @@ class RecordIndex:
     self.first: list[int] = []              # record number of each person's first record
     self.facts: list[tuple] = []
     self.by_name: dict[str, int] = {}
-    self.seen: set[tuple[int, int]] = set()
     self.n_copies: list[int] = []
     self.person, self.copy = array.array("q"), array.array("q")
-    self.spans, self.ref = array.array("q"), array.array("q")
+    self.spans, self.ref, self.recno = array.array("q"), array.array("q"), array.array("q")
 
   def add(self, i: int, ref: int, rec) -> None:
     try:
@@ -201,9 +200,6 @@ class RecordIndex:
       raise ConfigError(f"{self.where(i)}: {PERSON_FIELDS[k]}: {facts[k]!r} for person {pid}, "
                         f"but {self.facts[p][k]!r} in {self.where(self.first[p])}")
     copy = self.n_copies[p] if copy is None else copy
-    if (p, copy) in self.seen:
-      raise ConfigError(f"{self.where(i)}: copy: person {pid} has copy {copy} twice")
-    self.seen.add((p, copy))
     self.n_copies[p] += 1
     try:
       spans = locate(text, facts[1], facts[3:], given)
@@ -213,15 +209,26 @@ class RecordIndex:
     self.copy.append(copy)
     self.spans.extend(spans.ravel().tolist())
     self.ref.append(ref)
+    self.recno.append(i)
 
   def corpus(self, where: str, reader) -> Corpus:
     if not self.facts:
       raise ConfigError(f"{where}: no bio records (empty dataset)")
-    for p, k in enumerate(self.n_copies):
-      missing = sorted(set(range(k)) - {c for c in range(k) if (p, c) in self.seen})
-      if missing:
-        raise ConfigError(f"{self.where(self.first[p])}: copy: person {self.facts[p][0]} has "
-                          f"{k} bios but no copy {missing[0]} (copies must be 0..{k - 1})")
+    person, copy = np.frombuffer(self.person, np.int64), np.frombuffer(self.copy, np.int64)
+    order = np.lexsort((np.frombuffer(self.recno, np.int64), copy, person))
+    p, c = person[order], copy[order]
+    twice = np.flatnonzero((p[1:] == p[:-1]) & (c[1:] == c[:-1]))
+    if len(twice):
+      j = order[twice[0] + 1]
+      raise ConfigError(f"{self.where(self.recno[j])}: copy: person {self.facts[person[j]][0]} "
+                        f"has copy {copy[j]} twice")
+    rank = np.arange(len(p)) - np.searchsorted(p, p)        # the copy each bio should have
+    gap = np.flatnonzero(c != rank)
+    if len(gap):
+      q = p[gap[0]]
+      raise ConfigError(f"{self.where(self.first[q])}: copy: person {self.facts[q][0]} has "
+                        f"{self.n_copies[q]} bios but no copy {rank[gap[0]]} (copies must be "
+                        f"0..{self.n_copies[q] - 1})")
     by_group: dict[str, int] = {}
     for p, k in enumerate(self.n_copies):
       g = self.facts[p][2]
@@ -234,8 +241,7 @@ class RecordIndex:
     return Corpus(where=where, ids=np.array([f[0] for f in self.facts], np.int64),
                   names=[f[1] for f in self.facts],
                   groups=[f[2] for f in self.facts], values=[f[3:] for f in self.facts],
-                  bio_person=np.frombuffer(self.person, np.int64),
-                  bio_copy=np.frombuffer(self.copy, np.int64),
+                  bio_person=person, bio_copy=copy,
                   bio_spans=np.frombuffer(self.spans, np.int64).reshape(-1, N_ATTR, 2),
                   bio_ref=np.frombuffer(self.ref, np.int64), reader=reader)
 
