@@ -8,6 +8,7 @@
     python -m kstore_jax.bench attention --config=configs/base.py [--attention=xla,pallas]
     python -m kstore_jax.bench ceiling
     python -m kstore_jax.bench lower --config=configs/base.py --platform=cuda|tpu
+    python -m kstore_jax.bench grid --config=configs/grids/demo.py:tiny [--runs=2,4,8]
 
 Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
 them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]` in BENCHMARKS
@@ -59,6 +60,9 @@ PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
+GRID_RUNS = flags.DEFINE_list("runs", ["2", "4", "8"], "grid: run counts R to time (the "
+                              "grid's runs repeated up to R)")
+_GRID_ARGS = {}   # grid: the --config spec and overrides, taken off argv before absl parses it
 EVAL_FIXED_WIDTH = flags.DEFINE_bool("eval_fixed_width", True, "eval: also time the older "
                                      "fixed-width recompute baseline "
                                      "(kv_cache_speedup_vs_fixed_width)")
@@ -647,10 +651,52 @@ def bench_probe(cfg) -> list[dict]:
   return out
 
 
+# -- grid: many runs in one vmapped step vs one after another ------------------------------
+def bench_grid(_cfg) -> list[dict]:
+  """grid_speedup per run count R: (median step seconds of R runs' first training stage, each
+  alone, summed) / (one step of the R runs vmapped together), measured back to back."""
+  import jax
+  from kstore_jax import experiment
+  from kstore_jax.model import attention
+  from kstore_jax.train import throughput
+  spec, overrides = _GRID_ARGS.get("spec"), _GRID_ARGS.get("overrides", [])
+  g = configlib.load_grid(spec, overrides)
+  order = list(g.order)
+  platform = attention.platform_of(jax.devices())
+  stage = configlib.stage_list(g.runs[order[0]])[0]
+  out = []
+  with tempfile.TemporaryDirectory() as tmp:
+    exps = {}
+
+    def exp(name):
+      if name not in exps:
+        exps[name] = experiment.open_experiment(g.runs[name], os.path.join(tmp, name),
+                                                jax.device_count(), platform)[0]
+      return exps[name]
+
+    for r in GRID_RUNS.value:
+      if not r.isdigit() or int(r) < 1:
+        raise cli.ConfigError(f"--runs: {r!r} is not a run count >= 1")
+      names = [order[i % len(order)] for i in range(int(r))]
+      pairs = [exp(n).member(stage, n) for n in names]
+      if len({key for _, key in pairs}) > 1:
+        raise cli.ConfigError(f"bench grid: the runs' {stage} stages differ in shape or "
+                              "settings, so they cannot share one step")
+      m = throughput.measure_cohort([member for member, _ in pairs], exp(names[0]).mesh,
+                                    steps=TRAIN_STEPS.value)
+      out.append(measurement(
+          "grid_speedup", round(m["speedup"], 3), "ratio", runs=int(r), stage=stage,
+          alone_step_s=round(m["alone_s"], 4), grid_step_s=round(m["grid_s"], 4),
+          config=spec, overrides=overrides, model=g.runs[order[0]].model.size,
+          device=jax_device_kind(), cpus=len(os.sched_getaffinity(0))))
+  return out
+
+
 BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population,
               "eval": bench_eval, "probe": bench_probe, "ceiling": bench_ceiling,
-              "attention": bench_attention, "profile": bench_profile, "lower": bench_lower}
-NO_CONFIG = {"population", "ceiling"}
+              "attention": bench_attention, "profile": bench_profile, "lower": bench_lower,
+              "grid": bench_grid}
+NO_CONFIG = {"population", "ceiling", "grid"}   # grid reads its grid config itself
 
 
 def _subcommand(argv) -> str | None:
@@ -671,5 +717,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if _subcommand(sys.argv) == "grid":   # a grid config: its overrides apply to every run
+    sys.argv, _GRID_ARGS["spec"], _GRID_ARGS["overrides"] = configlib.split_config_args(
+        sys.argv)
   cli.run(main, "kstore_jax.bench",
           config_required=lambda argv: _subcommand(argv) in set(BENCHMARKS) - NO_CONFIG)

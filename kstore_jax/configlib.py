@@ -11,6 +11,7 @@ model and train facts it checks against when it runs (WORKSPACE.md, "Layers").
 
 import importlib.util
 import os
+import re
 import sys
 
 import ml_collections
@@ -290,3 +291,57 @@ def apply_override(cfg, key: str, text: str, prefix: str = "") -> None:
   for part in path:
     node = node[part]
   node[last] = value
+
+
+# -- grid configs (python -m kstore_jax.grid, bench grid) --------------------------------
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def split_config_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+  """(argv without --config arguments, the --config spec, the `key=value` overrides)."""
+  rest, spec, overrides = [], None, []
+  it = iter(argv)
+  for a in it:
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config":
+      spec = next(it, None)
+    elif a.startswith("--config."):
+      overrides.append(a[len("--config."):])
+    else:
+      rest.append(a)
+  return rest, spec, overrides
+
+
+def load_grid(spec: str | None, overrides: list[str]):
+  """The grid ConfigDict of `spec` with `overrides` applied (`grid.*` to the grid section,
+  the rest to every run), its structure checked; ConfigError in one line otherwise."""
+  from configs import grids
+  if spec is None:
+    raise ConfigError("--config is required (e.g. --config=configs/grids/demo.py:tiny)")
+  g = load_config_file(spec)
+  if not all(k in g for k in ("grid", "runs", "order")):
+    raise ConfigError(f"--config={spec}: not a grid config (it needs `grid`, `runs` and "
+                      "`order`: configs/grids/__init__.py make())")
+  if sorted(g.order) != sorted(g.runs):
+    raise ConfigError(f"--config={spec}: `order` does not name each run exactly once")
+  if not g.runs:
+    raise ConfigError(f"--config={spec}: the grid has no runs")
+  for name in g.order:
+    if not _RUN_NAME.match(name):
+      raise ConfigError(f"--config={spec}: run name {name!r} is not a directory name")
+  for o in overrides:
+    key, has_value, text = o.partition("=")
+    if not has_value:
+      raise ConfigError(f"--config.{key}: expected --config.{key}=<value>")
+    if key.startswith("grid."):
+      apply_override(g.grid, key[len("grid."):], text, prefix="grid.")
+    else:
+      for run in g.runs.values():
+        apply_override(run, key, text)
+  mode, max_runs = g.grid.mode, g.grid.max_runs
+  if mode not in grids.MODES:
+    raise ConfigError(f"config key 'grid.mode'={mode!r} must be one of {grids.MODES}")
+  if not isinstance(max_runs, int) or max_runs < 1:
+    raise ConfigError(f"config key 'grid.max_runs'={max_runs!r} must be an integer >= 1")
+  return g

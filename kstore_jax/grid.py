@@ -26,7 +26,6 @@ resume from their checkpoints); kill -9 safe like `main`.
 """
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -40,58 +39,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Grid directory: one subdirector
 _RUNS = flags.DEFINE_list("runs", None, "Only these runs of the grid (default: all).")
 
 GRID_FILE = "grid.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ARGS = {}   # the --config spec and its overrides, taken off argv before absl parses it
-
-
-def split_config_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-  """(argv without --config arguments, the --config spec, the `key=value` overrides)."""
-  rest, spec, overrides = [], None, []
-  it = iter(argv)
-  for a in it:
-    if a.startswith("--config="):
-      spec = a.split("=", 1)[1]
-    elif a == "--config":
-      spec = next(it, None)
-    elif a.startswith("--config."):
-      overrides.append(a[len("--config."):])
-    else:
-      rest.append(a)
-  return rest, spec, overrides
-
-
-def load_grid(spec: str | None, overrides: list[str]):
-  """The grid ConfigDict of `spec` with `overrides` applied (`grid.*` to the grid section,
-  the rest to every run), its structure checked; ConfigError in one line otherwise."""
-  from configs import grids
-  if spec is None:
-    raise ConfigError("--config is required (e.g. --config=configs/grids/demo.py:tiny)")
-  g = configlib.load_config_file(spec)
-  if not all(k in g for k in ("grid", "runs", "order")):
-    raise ConfigError(f"--config={spec}: not a grid config (it needs `grid`, `runs` and "
-                      "`order`: configs/grids/__init__.py make())")
-  if sorted(g.order) != sorted(g.runs):
-    raise ConfigError(f"--config={spec}: `order` does not name each run exactly once")
-  if not g.runs:
-    raise ConfigError(f"--config={spec}: the grid has no runs")
-  for name in g.order:
-    if not _NAME.match(name):
-      raise ConfigError(f"--config={spec}: run name {name!r} is not a directory name")
-  for o in overrides:
-    key, has_value, text = o.partition("=")
-    if not has_value:
-      raise ConfigError(f"--config.{key}: expected --config.{key}=<value>")
-    if key.startswith("grid."):
-      configlib.apply_override(g.grid, key[len("grid."):], text, prefix="grid.")
-    else:
-      for run in g.runs.values():
-        configlib.apply_override(run, key, text)
-  mode, max_runs = g.grid.mode, g.grid.max_runs
-  if mode not in grids.MODES:
-    raise ConfigError(f"config key 'grid.mode'={mode!r} must be one of {grids.MODES}")
-  if not isinstance(max_runs, int) or max_runs < 1:
-    raise ConfigError(f"config key 'grid.max_runs'={max_runs!r} must be an integer >= 1")
-  return g
 
 
 def method(cfg) -> str:
@@ -211,7 +159,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise ConfigError("--workdir is required")
   spec, overrides = _ARGS["spec"], _ARGS["overrides"]
-  g = load_grid(spec, overrides)
+  g = configlib.load_grid(spec, overrides)
   names = list(g.order)
   if _RUNS.value:
     unknown = [n for n in _RUNS.value if n not in g.runs]
@@ -249,5 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.argv, _ARGS["spec"], _ARGS["overrides"] = split_config_args(sys.argv)
+  sys.argv, _ARGS["spec"], _ARGS["overrides"] = configlib.split_config_args(sys.argv)
   cli.run(main, "kstore_jax.grid", config_required=False)

@@ -1,6 +1,10 @@
 """The Fig-3-style report of finished runs: `python -m kstore_jax.report RUN_DIR... [--out=F]`.
 
     python -m kstore_jax.report runs/tiny/single runs/tiny/multi5_permute --out=runs/tiny/report.md
+    python -m kstore_jax.report runs/fig3 --out=runs/fig3/report.md     (a grid directory)
+
+A grid directory (`python -m kstore_jax.grid`: it holds grid.json) stands for its runs in
+the grid's order; a run not started or not finished yet shows as "—".
 
 Reads each run directory's `config.json` (its `name` is the data row; `pretrain_mixed` among
 its stages makes it a mixed-training run, otherwise a QA-finetune run) and `results.json`
@@ -93,14 +97,21 @@ def _read_json(path: str, notes: list[str], what: str):
     return None
 
 
-def load_run(path: str, label: str) -> Run:
+def load_run(path: str, label: str, planned: dict | None = None) -> Run:
+  """The run in `path`; `planned` ({"row", "method"} from a grid's grid.json) names its data
+  row and training method while the run has no config.json yet."""
   notes: list[str] = []
-  cfg = _read_json(os.path.join(path, "config.json"), notes, "config.json")
-  cfg = cfg if isinstance(cfg, dict) else {}
-  name = str(cfg.get("name") or os.path.basename(os.path.normpath(path)))
+  if planned and not os.path.isdir(path):
+    notes.append("not started")
+    cfg = {}
+  else:
+    cfg = _read_json(os.path.join(path, "config.json"), notes, "config.json")
+    cfg = cfg if isinstance(cfg, dict) else {}
+  planned = planned or {}
+  name = str(cfg.get("name") or planned.get("row") or os.path.basename(os.path.normpath(path)))
   stages = cfg.get("stages")
   stages = stages.split(",") if isinstance(stages, str) else list(stages or [])
-  mode = ("mixed" if "pretrain_mixed" in stages else "finetune") if cfg else None
+  mode = ("mixed" if "pretrain_mixed" in stages else "finetune") if cfg else planned.get("method")
   ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
   if mode == "finetune" and ft.get("lora_rank"):
     notes.append(f"LoRA finetune (r={ft['lora_rank']}, embedding r={ft.get('lora_embed_rank', 0)})")
@@ -445,12 +456,37 @@ def section(title: str, intro: str, table: list[str]) -> list[str]:
   return ["", title, "", *([intro, ""] if intro else []), *table] if table else []
 
 
-def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
-  """Write the markdown and PNGs; return (markdown, PNG paths)."""
-  for d in run_dirs:
+GRID_FILE = "grid.json"   # written by python -m kstore_jax.grid in a grid directory
+
+
+def expand_grids(dirs: list[str]) -> list[tuple[str, dict | None]]:
+  """[(run directory, planned)]: a grid directory (it holds grid.json) stands for its runs in
+  the grid's order, each with its planned row and method (a run not started yet is listed,
+  not an error); any other directory is one run."""
+  out = []
+  for d in dirs:
     if not os.path.isdir(d):
       raise ConfigError(f"{d}: no such run directory")
-  runs = [load_run(d, label) for d, label in zip(run_dirs, _labels(run_dirs))]
+    path = os.path.join(d, GRID_FILE)
+    if not os.path.exists(path):
+      out.append((d, None))
+      continue
+    try:
+      with open(path) as f:
+        runs = json.load(f)["runs"]
+      out += [(os.path.join(d, r["name"]), {"row": r["row"], "method": r["method"]})
+              for r in runs]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ConfigError(f"{path}: unreadable grid file ({type(e).__name__}: {e})") from None
+  return out
+
+
+def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
+  """Write the markdown and PNGs; return (markdown, PNG paths). A grid directory in
+  `run_dirs` stands for its runs (`expand_grids`)."""
+  planned = expand_grids(run_dirs)
+  paths = [p for p, _ in planned]
+  runs = [load_run(p, label, plan) for (p, plan), label in zip(planned, _labels(paths))]
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.splitext(os.path.basename(out_path))[0]
@@ -522,7 +558,7 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
 def main(argv):
   run_dirs = argv[1:]
   if not run_dirs:
-    raise ConfigError("expected one or more RUN_DIR arguments")
+    raise ConfigError("expected one or more RUN_DIR (or grid directory) arguments")
   text, pngs = build_report(run_dirs, OUT.value)
   print(text, end="")
   print(f"\nwrote {OUT.value} and {len(pngs)} PNG files", file=sys.stderr)

@@ -144,7 +144,7 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
                     vmapped=False)[0]
 
 
-def _stack(trees, shardings=None):
+def stack_runs(trees, shardings=None):
   """Trees of equal structure stacked on a new leading (run) axis, placed on `shardings`'
   run-axis versions when given."""
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -167,7 +167,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   leading run axis (the grid); otherwise a single member trains with the plain step (main).
   Each member keeps its own checkpoints (its state slice and its Grain iterator), metrics and
   final/, exactly as a run trained alone writes them. Members resumed at different steps
-  first bring the ones behind up to the others (in smaller cohorts), then train together.
+  (a kill between their saves) first bring the ones behind up to the others, in steps of the
+  whole cohort: a vmapped step's numbers depend on the run count, so a resumed grid repeats
+  an uninterrupted one's exactly only with the same count.
   """
   if not vmapped and len(members) != 1:
     raise ValueError("an unvmapped cohort has exactly one member")
@@ -199,12 +201,12 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
   t_start = time.time()
 
-  def log(idx, step, device_metrics, t_last, step_last):
+  def log(active, step, device_metrics, t_last, step_last):
     values = jax.device_get(device_metrics)
     now = time.time()
-    for j, i in enumerate(idx):
+    for i in active:
       m = members[i]
-      row = {k: float(v[j] if vmapped else v) for k, v in values.items()}
+      row = {k: float(v[i] if vmapped else v) for k, v in values.items()}
       if not all(math.isfinite(v) for v in row.values()):
         raise NonFiniteLoss(f"[{m.label}] non-finite loss/gradient at step {step} "
                             f"(loss={row['loss']}); last good checkpoint kept")
@@ -220,46 +222,52 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
               f"lr {row['lr']:.2e} {tps / 1e3:.1f}k tok/s ETA {_fmt_time(eta)}", flush=True)
     return now, step
 
-  def train(idx, state, start, stop, signals):
-    """Steps [start, stop) of the members `idx` (state stacked over them when vmapped)."""
-    frozen = (_stack([members[i].spec.frozen for i in idx]) if vmapped
-              else members[idx[0]].spec.frozen)
+  frozen = (stack_runs([m.spec.frozen for m in members]) if vmapped else members[0].spec.frozen)
+
+  def train(state, active, start, stop, signals):
+    """Steps [start, stop) of the members `active` (indices); the others (members ahead,
+    while those behind catch up) ride along on a borrowed batch and their slices are
+    discarded by the caller, so the step is always the full cohort's (the same program, so
+    the same numbers, as an uninterrupted grid's)."""
     pending = None   # (step, device metrics) fetched one step behind
     t_last, step_last = time.time(), start
     step = start
     while step < stop:
-      rows = [next(data_iters[i]) for i in idx]
-      batch = (sharding.to_global_stacked(rows, mesh) if vmapped
-               else sharding.to_global(rows[0], mesh))
+      rows = {i: next(data_iters[i]) for i in active}
+      if vmapped:
+        batch = sharding.to_global_stacked(
+            [rows.get(i, rows[active[0]]) for i in range(len(members))], mesh)
+      else:
+        batch = sharding.to_global(rows[0], mesh)
       state, device_metrics = step_fn(state, frozen, batch)
       if step == start:   # the heap bound measures a completed step's working set
         jax.block_until_ready(device_metrics)
       bound.after_step()
       step += 1
       if pending is not None:
-        t_last, step_last = log(idx, *pending, t_last, step_last)
+        t_last, step_last = log(active, *pending, t_last, step_last)
         pending = None
       if step % tc.log_every == 0 or step == sc.steps:
         pending = (step, device_metrics)
       boundary = step % tc.save_every == 0 or step == sc.steps or signals.caught
       if boundary and pending is not None:
-        t_last, step_last = log(idx, *pending, t_last, step_last)   # never save unchecked
+        t_last, step_last = log(active, *pending, t_last, step_last)   # never save unchecked
         pending = None
       evaluate = tc.eval_every and step % tc.eval_every == 0
-      for j, i in enumerate(idx):
+      for i in active:
         m = members[i]
         if not (boundary or (evaluate and m.spec.eval_fn)):
           continue
-        one = _unstack(state, j) if vmapped else state
+        one = _unstack(state, i) if vmapped else state
         if boundary:
           ckpts[i].save(step, one, data_iters[i])
         if evaluate and m.spec.eval_fn:
           writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
       if signals.caught:
-        for i in idx:
+        for i in active:
           ckpts[i].wait()
-        raise Interrupted(f"[{', '.join(members[i].label for i in idx)}] {signals.caught} "
-                          f"at step {step}; checkpoint saved")
+        raise Interrupted(f"[{', '.join(members[i].label for i in active)}] "
+                          f"{signals.caught} at step {step}; checkpoint saved")
     return state
 
   try:
@@ -267,14 +275,12 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
       while len(set(starts)) > 1:   # bring the members behind up to the next one ahead
         low = min(starts)
         ahead = min(s for s in starts if s > low)
-        idx = [i for i, s in enumerate(starts) if s == low]
-        caught_up = train(idx, _stack([states[i] for i in idx], shardings), low, ahead,
-                          signals)
-        for j, i in enumerate(idx):
-          states[i], starts[i] = _unstack(caught_up, j), ahead
-      idx = list(range(len(members)))
-      state = train(idx, _stack(states, shardings) if vmapped else states[0], starts[0],
-                    sc.steps, signals)
+        active = [i for i, s in enumerate(starts) if s == low]
+        caught_up = train(stack_runs(states, shardings), active, low, ahead, signals)
+        for i in active:
+          states[i], starts[i] = _unstack(caught_up, i), ahead
+      state = train(stack_runs(states, shardings) if vmapped else states[0],
+                    list(range(len(members))), starts[0], sc.steps, signals)
   finally:
     for c in ckpts:
       c.close()

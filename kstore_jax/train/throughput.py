@@ -43,6 +43,28 @@ def copy_bytes_per_s(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
   return 2 * n_bytes / median_time(copy, x, repeats=repeats)
 
 
+def first_batches(spec: loop.StageSpec, mesh, n: int = 4) -> list[dict]:
+  """The first `n` batches of the stage's pipeline, as this process's rows (timed steps
+  cycle through them)."""
+  it = iter(spec.data(jax.process_index(), jax.process_count()))
+  return [next(it) for _ in range(n)]
+
+
+def timed_steps(step_fn, state, frozen, batches, n: int):
+  """`n` synchronised calls `state, metrics = step_fn(state, frozen, batch)` cycling through
+  the global `batches`, with the loop's heap bound: (seconds of each call, state, metrics,
+  whether the bound released the retained heap)."""
+  times = []
+  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # as the training loop runs
+  for i in range(n):
+    t = time.perf_counter()
+    state, metrics = step_fn(state, frozen, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+    bound.after_step()
+    times.append(time.perf_counter() - t)
+  return times, state, metrics, bound.released
+
+
 def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelConfig,
             steps: int = 10, warmup: int = 2, trace_dir: str | None = None,
             trace_steps: int = 3) -> dict:
@@ -52,19 +74,10 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   steps under `jax.profiler` (a Perfetto trace in it)."""
   t0 = time.perf_counter()
   init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
-  state = init(rng)
-  it = iter(spec.data(jax.process_index(), jax.process_count()))
-  batches = [sharding.to_global(next(it), mesh) for _ in range(4)]
-  times = []
-  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # as the training loop runs
-  for i in range(warmup + steps):
-    t = time.perf_counter()
-    state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
-    jax.block_until_ready(metrics)
-    bound.after_step()
-    times.append(time.perf_counter() - t)
-    if i == 0:
-      first_s = time.perf_counter() - t0
+  batches = [sharding.to_global(b, mesh) for b in first_batches(spec, mesh)]
+  times, state, metrics, released = timed_steps(train_step, init(rng), spec.frozen, batches,
+                                                warmup + steps)
+  first_s = time.perf_counter() - t0 - sum(times[1:])   # compile, init and the first step
   if trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for i in range(trace_steps):
@@ -78,4 +91,27 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
               vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
               attention=model_cfg.attention, first_step_s=first_s,
               loss=float(metrics["loss"]), peak=loop.device_peak_flops(model_cfg.dtype),
-              heap_released=bound.released)
+              heap_released=released)
+
+
+def measure_cohort(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> dict:
+  """Median seconds of one step of the members' stage trained one after another (each
+  member's plain jitted step, as `main` runs it: `alone_s` is their sum) and all together in
+  one vmapped cohort step (`grid_s`, as the grid runs them), on the same batches."""
+  local = [first_batches(m.spec, mesh) for m in members]
+  alone = 0.0
+  for m, rows in zip(members, local):
+    init, rng, _, _, step = loop.compile_stage(m.spec, mesh, m.seed)
+    times, *_ = timed_steps(step, init(rng), m.spec.frozen,
+                            [sharding.to_global(b, mesh) for b in rows], warmup + steps)
+    alone += float(np.median(times[warmup:]))
+  built = [loop.build_state(m.spec, mesh, m.seed) for m in members]
+  shardings = built[0][3]
+  step = loop.compile_cohort_step(members[0].spec, mesh, shardings)
+  state = loop.stack_runs([init(rng) for init, rng, *_ in built], shardings)
+  frozen = loop.stack_runs([m.spec.frozen for m in members])
+  batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh)
+             for i in range(len(local[0]))]
+  times, *_ = timed_steps(step, state, frozen, batches, warmup + steps)
+  grid = float(np.median(times[warmup:]))
+  return dict(alone_s=alone, grid_s=grid, speedup=alone / grid)

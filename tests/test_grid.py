@@ -1,0 +1,214 @@
+"""Grid mode (`python -m kstore_jax.grid`), run as a user would: a vmapped grid's runs train as
+they would alone (1e-5 relative, on 1 and on 8 fake devices), each run's directory is main's,
+kill -9 then rerun gives every run the uninterrupted grid's metrics bit for bit, a bad grid is
+one line with nothing written, and a toy Figure-3 grid of 32 runs reports every row in both
+columns.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from runs import DETERMINISTIC, ROOT, small_run_args
+
+STEPS, SAVE_EVERY = 20, 10
+ARGS = small_run_args(STEPS, SAVE_EVERY)
+ROWS = ("single", "single_permute1", "multi5", "multi5_permute")
+SOLO = ("single", "multi5_permute")   # the runs also trained alone by main
+GRID_FILE = f'''from configs import grids
+
+
+def get_config(arg="tiny"):
+  return grids.make({{r: grids.row_config(r, arg) for r in {ROWS!r}}})
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.getbasetemp() / "jax_cache"
+  cache.mkdir(exist_ok=True)
+
+  def make(n_devices: int = 1) -> dict:
+    e = dict(os.environ)
+    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return e
+  return make
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+  path = tmp_path_factory.mktemp("grids") / "four.py"
+  path.write_text(GRID_FILE)
+  return path
+
+
+def grid_cmd(config, workdir, *extra) -> list[str]:
+  return [sys.executable, "-m", "kstore_jax.grid", f"--config={config}:tiny",
+          f"--workdir={workdir}", "--config.grid.mode=vmap", *ARGS, *extra]
+
+
+def run(cmd, env, timeout=400) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def ok(r):
+  assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+  return r
+
+
+def metrics(stage_dir) -> list[dict]:
+  path = pathlib.Path(stage_dir) / "metrics.jsonl"
+  rows = []
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      rows.append(json.loads(line))
+    except ValueError:   # a line being written right now
+      pass
+  return rows
+
+
+def assert_close(got, want, rtol=1e-5):
+  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+  for g, w in zip(got, want):
+    rel = abs(g["loss"] - w["loss"]) / abs(w["loss"])
+    assert rel <= rtol, f"step {g['step']}: loss {g['loss']} vs {w['loss']} (rel {rel:.2e})"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, four, env):
+  """(grid directory, {row: solo workdir}): the 4-run grid, and two of its rows run by main."""
+  base = tmp_path_factory.mktemp("trained")
+  grid = base / "grid"
+  r = ok(run(grid_cmd(four, grid), env()))
+  assert "4 run(s) in one step" in r.stdout, r.stdout[-2000:]
+  solo = {}
+  for row in SOLO:
+    solo[row] = base / f"solo_{row}"
+    ok(run([sys.executable, "-m", "kstore_jax.main", f"--config=configs/{row}.py:tiny",
+            f"--workdir={solo[row]}", *ARGS], env()))
+  return grid, solo
+
+
+def test_grid_runs_equal_solo_runs(trained):
+  grid, solo = trained
+  assert json.loads((grid / "grid.json").read_text())["runs"][0] == {
+      "name": "single", "row": "single", "method": "finetune"}
+  for row in ROWS:
+    d = grid / row
+    for f in ("config.json", "tokenizer.json", "pretrain/final", "pretrain/checkpoints/20"):
+      assert (d / f).exists(), (row, f)
+  for row, wd in solo.items():
+    assert (json.loads((grid / row / "config.json").read_text())
+            == json.loads((wd / "config.json").read_text()))
+    assert_close(metrics(grid / row / "pretrain"), metrics(wd / "pretrain"))
+  # the rows differ in data: their losses are not the same numbers
+  assert metrics(grid / "single/pretrain")[-1]["loss"] != metrics(
+      grid / "multi5_permute/pretrain")[-1]["loss"]
+
+
+def test_grid_on_8_devices_equals_solo(trained, four, env, tmp_path):
+  _, solo = trained
+  wd = tmp_path / "grid8"
+  ok(run(grid_cmd(four, wd, f"--runs={','.join(SOLO)}"), env(8)))
+  assert not (wd / "single_permute1").exists()
+  for row, solo_wd in solo.items():
+    assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))
+
+
+def test_main_takes_over_a_grid_run(trained, env):
+  grid, _ = trained
+  r = ok(run([sys.executable, "-m", "kstore_jax.main", "--config=configs/multi5.py:tiny",
+              f"--workdir={grid / 'multi5'}", *ARGS], env()))
+  assert "[pretrain] already done" in r.stdout, r.stdout
+
+
+def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_path):
+  grid, _ = trained
+  wd = tmp_path / "killed"
+  log = open(tmp_path / "killed.log", "w")
+  proc = subprocess.Popen(grid_cmd(four, wd), cwd=ROOT, env=env(), stdout=log,
+                          stderr=subprocess.STDOUT)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = metrics(wd / ROWS[-1] / "pretrain")
+    if (wd / ROWS[0] / "pretrain/checkpoints" / str(SAVE_EVERY)).exists() and done and (
+        done[-1]["step"] >= SAVE_EVERY + 2):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.01)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+  r = ok(run(grid_cmd(four, wd), env()))
+  assert "resumed from step" in r.stdout, r.stdout[-2000:]
+  for row in ROWS:
+    got, want = metrics(wd / row / "pretrain"), metrics(grid / row / "pretrain")
+    assert [tuple(x[k] for k in DETERMINISTIC) for x in got] == [
+        tuple(x[k] for k in DETERMINISTIC) for x in want], row
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.model.bogus=1"], "--config.model.bogus: unknown config key"),
+    (["--config.grid.mode=fast"], "'grid.mode'='fast' must be one of"),
+    (["--config.data.qa_ratio=2.0"], "run 'single': data.qa_ratio=2.0"),
+    (["--runs=single,nobody"], "--runs: 'nobody' is not a run of the grid"),
+])
+def test_bad_grid_is_one_line_and_writes_nothing(four, env, tmp_path, extra, message):
+  wd = tmp_path / "bad"
+  r = run(grid_cmd(four, wd, *extra), env(), timeout=120)
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], r.stderr
+  assert not wd.exists()
+
+
+def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
+  wd = tmp_path / "fig3"
+  micro = ["--config.data.n_people=60", "--config.data.vocab_size=1024",
+           "--config.data.seq_len=192", "--config.model.num_layers=1",
+           "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
+           "--config.eval.max_people=8", "--config.train.log_every=1",
+           "--config.grid.max_runs=16",
+           *(f"--config.{s}.{k}={v}" for s in ("pretrain", "pretrain_mixed", "finetune")
+             for k, v in (("steps", 2), ("batch_size", 4), ("warmup_steps", 1)))]
+  r = ok(run([sys.executable, "-m", "kstore_jax.grid", "--config=configs/grids/fig3.py:tiny",
+              f"--workdir={wd}", "--config.grid.mode=vmap", *micro], env(), timeout=600))
+  assert r.stdout.count("16 run(s) in one step") == 3, r.stdout[-3000:]   # the 3 train stages
+  sys.path.insert(0, str(ROOT))
+  from configs import grids
+  out = tmp_path / "report.md"
+  r = ok(run([sys.executable, "-m", "kstore_jax.report", str(wd), f"--out={out}"], env()))
+  table = out.read_text().split("\n\n")[2].splitlines()[2:]   # the headline table's rows
+  # FIG3_ROWS is the paper's order: the report keeps it
+  assert [row.split("|")[1].strip() for row in table] == [f"`{n}`" for n in grids.FIG3_ROWS]
+  for row in table:   # a number with its interval in both columns, e.g. "0.0 [0.0, 12.3]"
+    cells = row.split("|")[2:4]
+    assert all("[" in c for c in cells), row
+
+
+
+def test_a_run_behind_catches_up_in_the_whole_cohort(trained, four, env, tmp_path):
+  """One run resumes at step 10, the others at 20 (a kill between their saves): it catches
+  up in steps of the whole 4-run cohort, so its numbers are the uninterrupted grid's."""
+  grid, _ = trained
+  wd = tmp_path / "behind"
+  subprocess.run(["cp", "-a", str(grid), str(wd)], check=True)
+  for row in ROWS:
+    subprocess.run(["rm", "-rf", str(wd / row / "pretrain/final")], check=True)
+  subprocess.run(["rm", "-rf", str(wd / "multi5/pretrain/checkpoints/20")], check=True)
+  r = ok(run(grid_cmd(four, wd), env()))
+  assert "[multi5/pretrain] resumed from step 10" in r.stdout, r.stdout[-2000:]
+  assert "[single/pretrain] resumed from step 20" in r.stdout, r.stdout[-2000:]
+  for row in ROWS:
+    got, want = metrics(wd / row / "pretrain"), metrics(grid / row / "pretrain")
+    assert [tuple(x[k] for k in DETERMINISTIC) for x in got] == [
+        tuple(x[k] for k in DETERMINISTIC) for x in want], row
+    assert (wd / row / "pretrain/final").is_dir()
