@@ -6,7 +6,6 @@ resumes from its newest readable checkpoint. Later stages read the previous stag
 """
 
 import dataclasses
-import fcntl
 import functools
 import json
 import os
@@ -17,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from kstore_jax import configlib
+from configs.base import BASE_STAGES, PROBE_STAGES, TRAIN_STAGES
+from kstore_jax import configlib, rundir
 from kstore_jax.data import classes, pipeline, probing, world as world_lib
 from kstore_jax.data.render import N_ATTR
 from kstore_jax.data.templates import ATTRIBUTES
@@ -26,45 +26,34 @@ from kstore_jax.model import attention as attention_lib, lora as lora_lib, probe
 from kstore_jax.model.transformer import ModelConfig, Transformer, flops_per_token, model_vocab
 from kstore_jax.train import checkpoint, loop, sharding, step as step_lib
 
-TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune")
-PROBE_STAGES = ("pprobe", "qprobe")
-BASE_STAGES = ("pretrain", "pretrain_mixed")
-PRODUCED_BY = "produced_by"   # results.json: {key: the stage that wrote it}
-
 
 class Workdir:
-  """The exclusive lock and the run files of a workdir."""
+  """The exclusive lock and the run files of a workdir (their layout: kstore_jax/rundir.py)."""
 
   def __init__(self, path: str):
     self.path = os.path.abspath(path)
     self._lock = None
 
   def lock(self) -> None:
-    """Lock the workdir against a second run. One lock file per process (`.lock` for process
-    0, `.lock.<i>` for the others): the processes of one multi-process run share the workdir
-    (same node or a shared filesystem) and must not exclude each other."""
-    os.makedirs(self.path, exist_ok=True)
-    i = jax.process_index()
-    name = ".lock" if i == 0 else f".lock.{i}"
-    self._lock = open(os.path.join(self.path, name), "a")   # "w" would touch a held lock
-    try:
-      fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise configlib.ConfigError(
-          f"--workdir={self.path}: locked by another running experiment") from None
+    """Lock the workdir against a second run (one lock file per process: rundir.lock)."""
+    self._lock = rundir.lock(self.path, jax.process_index())
 
   def file(self, *parts) -> str:
     return os.path.join(self.path, *parts)
+
+  def stage(self, stage: str) -> str:
+    """The stage's directory."""
+    return rundir.stage_dir(self.path, stage)
 
   def check_same_experiment(self, cfg, platform: str) -> None:
     """Refuse to resume a workdir that holds a different experiment. A key missing from the
     saved config (written before the key existed) counts as its configs/base.py default;
     `model.dtype` is compared as resolved for `platform` (a run saved with float32 resumes on
     a CPU with `auto`)."""
-    path = self.file("config.json")
+    path = self.file(rundir.CONFIG)
     if not os.path.exists(path):
       return
-    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(json.load(open(path)))}
+    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(rundir.read_json(path))}
     new = _flatten(_json(cfg))
     for d in (old, new):
       d["model.dtype"] = attention_lib.resolve_dtype(d["model.dtype"], platform)
@@ -82,10 +71,7 @@ class Workdir:
   def write_json(self, name: str, obj) -> None:
     if jax.process_index() != 0:
       return
-    tmp = self.file(name + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, self.file(name))
+    rundir.write_json(self.file(name), obj)
 
 
 def _json(cfg) -> dict:
@@ -123,11 +109,14 @@ class Experiment:
     # `auto` dtype and attention are decided for the platform the mesh's devices are on, or
     # for `platform` when the caller lowers for another one (bench lower)
     self.platform = platform or attention_lib.platform_of(self.mesh.devices.flat)
-    # a row holds at most this many documents (cudnn's packed layout is sized by it)
-    max_docs = -(-cfg.data.seq_len // max(self.world.doc_positions[0], 1))
-    self.model_cfg = dataclasses.replace(
-        ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer), self.platform),
-        max_docs=max_docs)
+    # a row holds at most this many documents (cudnn's packed layout is sized by it; 0 for
+    # the other kernels, so worlds with other document lengths share one model and its
+    # compiled functions: a grid's runs)
+    self.model_cfg = ModelConfig.from_config(cfg.model, model_vocab(self.world.renderer),
+                                             self.platform)
+    if self.model_cfg.attention == "cudnn":
+      self.model_cfg = dataclasses.replace(
+          self.model_cfg, max_docs=-(-cfg.data.seq_len // max(self.world.doc_positions[0], 1)))
     self.model = Transformer(self.model_cfg)
 
   @functools.cached_property
@@ -153,7 +142,7 @@ class Experiment:
     return configlib.stage_list(self.cfg)
 
   def final_dir(self, stage: str) -> str:
-    return self.workdir.file(stage, "final")
+    return rundir.final_dir(self.workdir.stage(stage))
 
   def source_stage(self, stage: str, candidates) -> str:
     """The stage whose final params `stage` starts from: the last earlier configured one among
@@ -176,9 +165,9 @@ class Experiment:
     """Take the workdir: lock it, write config.json and tokenizer.json, and drop an earlier
     run's results of stages not configured now. Call once everything is validated."""
     self.workdir.lock()
-    self.workdir.write_json("config.json", self.cfg.to_dict())
+    self.workdir.write_json(rundir.CONFIG, self.cfg.to_dict())
     if jax.process_index() == 0:
-      tokenizer.save(self.workdir.file("tokenizer.json"))
+      tokenizer.save(self.workdir.file(rundir.TOKENIZER))
     self.write_results(None, {})
 
   def run(self) -> None:
@@ -191,7 +180,7 @@ class Experiment:
       if self.done(stage):
         print(f"[{stage}] already done, skipping", flush=True)
       else:
-        loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.file(stage), self.mesh)
+        loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.stage(stage), self.mesh)
     elif stage in PROBE_STAGES:
       self.probe(stage)
     else:
@@ -199,7 +188,7 @@ class Experiment:
 
   def done(self, stage: str) -> bool:
     """A training or probing stage is done when its final/ params exist."""
-    return os.path.isdir(self.final_dir(stage))
+    return rundir.is_done(self.workdir.stage(stage))
 
   def member(self, stage: str, label: str) -> tuple[loop.Member, tuple]:
     """The training (or probe-training) `stage` as a cohort member, and its cohort key: runs
@@ -213,22 +202,18 @@ class Experiment:
           (ids.tobytes(), ids.shape) for ids, _ in tokens)
     else:
       spec, loss_consts = self.train_spec(stage), None
-    model_cfg = self.model_cfg
-    if model_cfg.attention != "cudnn":   # only cudnn's layout depends on max_docs
-      model_cfg = dataclasses.replace(model_cfg, max_docs=0)
     train = {k: v for k, v in cfg.train.to_dict().items() if k != "eval_people"}
-    key = (stage, model_cfg, cfg[stage].to_json(), spec.positions_per_step,
+    key = (stage, self.model_cfg, cfg[stage].to_json(), spec.positions_per_step,
            json.dumps(train, sort_keys=True), loss_consts,
            jax.tree.structure(spec.frozen), str(jax.tree.map(jnp.shape, spec.frozen)))
-    return loop.Member(spec, self.workdir.file(stage), cfg.seed, label), key
+    return loop.Member(spec, self.workdir.stage(stage), cfg.seed, label), key
 
   # -- training stages -------------------------------------------------------------------
   def train_spec(self, stage: str) -> loop.StageSpec:
     cfg, sc = self.cfg, self.cfg[stage]
     lm_flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
     _, init_model, _ = self.model_abstract
-    seed_offset = loop_stage_index(stage)
-    chunks = self.world.chunks(stage, cfg.data, seed_offset, mlm=not cfg.model.causal)
+    chunks = self.world.chunks(stage, cfg.data, mlm=not cfg.model.causal)
     data = functools.partial(pipeline.make_pipeline, chunks, sc.batch_size, cfg.data.workers)
     eval_fn = functools.partial(self.sample_eval, n=cfg.train.eval_people)
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
@@ -250,7 +235,7 @@ class Experiment:
     cfg, sc, w = self.cfg, self.cfg[stage], self.world
     batches = probing.ProbeBatches(w, w.train_people, stage, sc.batch_size,
                                    probing.probe_width(w, stage),
-                                   seed=cfg.seed * 1000 + loop_stage_index(stage))
+                                   seed=base.stage_seed(cfg.seed, stage))
     init = functools.partial(
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
@@ -286,7 +271,7 @@ class Experiment:
                                       checkpoint.abstract_with_shardings(
                                           abstract, jax.tree.map(lambda _: rep, abstract)))
     else:
-      params = loop.run_stage(spec, self.cfg, self.workdir.file(stage), self.mesh)
+      params = loop.run_stage(spec, self.cfg, self.workdir.stage(stage), self.mesh)
     w = self.world
     test = probing.ProbeBatches(w, self.eval_people()[0], stage,
                                 self.cfg.eval.batch_size, probing.probe_width(w, stage), 0)
@@ -379,21 +364,21 @@ class Experiment:
 
     The file holds the entries of the stages in this config's stage list only: an earlier
     run's entries of any other stage (or of no recorded stage: a file written before
-    PRODUCED_BY existed) are dropped, and so are `stage`'s own earlier entries. PRODUCED_BY
+    rundir.PRODUCED_BY existed) are dropped, and so are `stage`'s own earlier entries. It
     maps each key to the stage that wrote it (`python -m kstore_jax.inspect` shows it). A
     file left empty is removed; `stage` None only drops entries."""
     if jax.process_index() != 0:
       return
-    path = self.workdir.file("results.json")
-    old = json.load(open(path)) if os.path.exists(path) else {}
-    by = old.pop(PRODUCED_BY, {})
+    path = self.workdir.file(rundir.RESULTS)
+    old = rundir.read_json(path) if os.path.exists(path) else {}
+    by = old.pop(rundir.PRODUCED_BY, {})
     keep = set(self.stages()) - {stage}
     results = {k: v for k, v in old.items() if by.get(k) in keep}
     by = {k: by[k] for k in results}
     results.update(entries)
     by.update({k: stage for k in entries})
     if results:
-      self.workdir.write_json("results.json", {**results, PRODUCED_BY: by})
+      self.workdir.write_json(rundir.RESULTS, {**results, rundir.PRODUCED_BY: by})
     elif os.path.exists(path):
       os.remove(path)
 
@@ -404,10 +389,6 @@ def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:
   return {g.name: {"people": g.stop - g.start,
                    **{part: by[g.name] for part, by in parts.items() if g.name in by}}
           for g in groups}
-
-
-def loop_stage_index(stage: str) -> int:
-  return base.STAGE_NAMES.index(stage)
 
 
 def open_experiment(cfg, workdir: str, n_devices: int, platform: str):

@@ -88,7 +88,8 @@ def trained(tmp_path_factory, four, env):
   """(grid directory, {row: solo workdir}): the 4-run grid, and two of its rows run by main."""
   base = tmp_path_factory.mktemp("trained")
   grid = base / "grid"
-  r = ok(run(grid_cmd(four, grid), env()))
+  # with a profiler trace of steps 2-3 (train.profile_steps; it changes no number)
+  r = ok(run(grid_cmd(four, grid, "--config.train.profile_steps=2,4"), env()))
   assert "4 run(s) in one step" in r.stdout, r.stdout[-2000:]
   solo = {}
   for row in SOLO:
@@ -106,9 +107,14 @@ def test_grid_runs_equal_solo_runs(trained):
     d = grid / row
     for f in ("config.json", "tokenizer.json", "pretrain/final", "pretrain/checkpoints/20"):
       assert (d / f).exists(), (row, f)
+  # the cohort's trace lands in its first run's stage directory
+  assert list((grid / "single/pretrain/profile").rglob("*.xplane.pb")), "no profiler trace"
   for row, wd in solo.items():
-    assert (json.loads((grid / row / "config.json").read_text())
-            == json.loads((wd / "config.json").read_text()))
+    got = json.loads((grid / row / "config.json").read_text())
+    assert got["train"].pop("profile_steps") == "2,4"
+    want = json.loads((wd / "config.json").read_text())
+    want["train"].pop("profile_steps")
+    assert got == want
     assert_close(metrics(grid / row / "pretrain"), metrics(wd / "pretrain"))
   # the rows differ in data: their losses are not the same numbers
   assert metrics(grid / "single/pretrain")[-1]["loss"] != metrics(

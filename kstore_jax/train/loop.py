@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 import kstore_jax
 from kstore_jax import heap
-from kstore_jax.train import checkpoint, metrics as metrics_lib, optim, sharding, step as step_lib
+from kstore_jax.train import (checkpoint, metrics as metrics_lib, optim, profiling, sharding,
+                              step as step_lib)
 
 # Dense peak FLOP/s by device kind (datasheets) and compute dtype, for MFU; float32 on a GPU
 # runs XLA's default-precision matmuls as TF32. Longest matching kind wins; absent: no MFU.
@@ -239,6 +240,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
             [rows.get(i, rows[active[0]]) for i in range(len(members))], mesh)
       else:
         batch = sharding.to_global(rows[0], mesh)
+      profiler.step(step, state)   # train.profile_steps: a trace of that window
       state, device_metrics = step_fn(state, frozen, batch)
       if step == start:   # the heap bound measures a completed step's working set
         jax.block_until_ready(device_metrics)
@@ -270,8 +272,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
                           f"{signals.caught} at step {step}; checkpoint saved")
     return state
 
+  # one trace per cohort (of its one step), in the first member's stage directory
+  profiler = profiling.StepProfiler(members[0].stage_dir, tc.profile_steps)
   try:
-    with _Signals() as signals:
+    with _Signals() as signals, profiler:
       while len(set(starts)) > 1:   # bring the members behind up to the next one ahead
         low = min(starts)
         ahead = min(s for s in starts if s > low)
