@@ -33,6 +33,10 @@ def test_locate_exact_then_case_insensitive_whole_words():
                          {"company_city": (first_paris, first_paris + 5)})
   assert [text[s:e] for s, e in given] == ["May 3, 1950", "paris", "Art Institute", "ART",
                                            "Acme", "Paris"]
+  # whole words only: not the "Art" of "Arthur" or "Artistic"
+  text2 = "Arthur (May 3, 1950, Paris) studied Artistic stuff and Art at the Art Institute."
+  spans2 = records.locate(text2, "Arthur", (*VALUES[:4], "stuff", "Artistic"), {})
+  assert spans2[3].tolist() == [text2.index(" Art ") + 1, text2.index(" Art ") + 4]
   with pytest.raises(ValueError, match=r"text: the company value 'Acme Corp' is not in the bio"):
     records.locate(text, "Art Lee", (*VALUES[:4], "Acme Corp", "Paris"), {})
   with pytest.raises(ValueError, match=r"spans.major: text\[0:3\] is 'Art', not the major"):

@@ -54,9 +54,24 @@ def parse_source(spec: str) -> tuple[str, str]:
   return kind, path
 
 
-def _word(value: str, flags: int) -> re.Pattern:
-  """The value as a whole word: not glued to a letter or digit on either side."""
-  return re.compile(r"(?<!\w)" + re.escape(value) + r"(?!\w)", flags)
+def _is_word_char(c: str) -> bool:
+  return c.isalnum() or c == "_"
+
+
+def _words(text: str, value: str, fold: bool):
+  """(start, end) of each occurrence of `value` in `text` as a whole word (no letter, digit or
+  underscore glued to either end), case-insensitively when `fold`."""
+  if fold and len(text.lower()) != len(text):   # lower() changed the length: let re fold
+    pattern = re.compile(r"(?<!\w)" + re.escape(value) + r"(?!\w)", re.IGNORECASE)
+    yield from (m.span() for m in pattern.finditer(text))
+    return
+  hay, needle = (text.lower(), value.lower()) if fold else (text, value)
+  i = hay.find(needle)
+  while i >= 0:
+    e = i + len(needle)
+    if not ((i > 0 and _is_word_char(hay[i - 1])) or (e < len(hay) and _is_word_char(hay[e]))):
+      yield i, e
+    i = hay.find(needle, i + 1)
 
 
 def _free(spans, start: int, end: int) -> bool:
@@ -69,7 +84,7 @@ def locate(text: str, name: str, values, given: dict) -> np.ndarray:
   longest value first, each clear of the name's occurrences and of the spans taken so far.
   ValueError('<field>: ...') when a value is not there."""
   spans = np.full((N_ATTR, 2), -1, np.int64)
-  taken = [m.span() for m in _word(name, re.IGNORECASE).finditer(text)]
+  taken = list(_words(text, name, fold=True))
   for a, (start, end) in given.items():
     k = ATTRIBUTES.index(a)
     if text[start:end].lower() != values[k].lower():
@@ -78,9 +93,8 @@ def locate(text: str, name: str, values, given: dict) -> np.ndarray:
     spans[k] = start, end
   owned = [tuple(s) for s in spans.tolist() if s[0] >= 0]
   for k in sorted((k for k in range(N_ATTR) if spans[k, 0] < 0), key=lambda k: -len(values[k])):
-    for flags in (0, re.IGNORECASE):
-      hit = next((m.span() for m in _word(values[k], flags).finditer(text)
-                  if _free(taken + owned, *m.span())), None)
+    for fold in (False, True):
+      hit = next((se for se in _words(text, values[k], fold) if _free(taken + owned, *se)), None)
       if hit:
         break
     else:

@@ -23,6 +23,7 @@ from kstore_jax.errors import ConfigError
 
 NAME, SPLIT = "kstore_bios", "bios"
 _TEXT = ("name", "group", *ATTRIBUTES, "text")
+_BATCH = 1024       # records read per call
 
 
 class KstoreBios(tfds.core.GeneratorBasedBuilder):
@@ -121,6 +122,8 @@ def read(data_dir: str) -> records.Corpus:
   reader = TfdsReader(path)
   index = records.RecordIndex(lambda i: f"{path} record {i}")
   source = reader.source
-  for i in range(len(source)):
-    index.add(i, i, as_record(source[i]))
+  for start in range(0, len(source), _BATCH):
+    batch = list(range(start, min(start + _BATCH, len(source))))
+    for i, example in zip(batch, source.__getitems__(batch)):
+      index.add(i, i, as_record(example))
   return index.corpus(path, reader)
