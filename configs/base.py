@@ -12,7 +12,31 @@ another architecture (configs/gbert/, configs/llama/).
 
 import ml_collections
 
-STAGE_NAMES = ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe", "eval")
+# The stages in run order, each with its kind: `base` trains a language model from scratch
+# (what probes and bio recall read), `train` trains one further (from a base stage's final/),
+# `probe` trains a probe on a frozen base model, `eval` scores the last trained model. A new
+# stage gets a line here (and a section in get_config).
+STAGE_KINDS = {"pretrain": "base", "pretrain_mixed": "base", "finetune": "train",
+               "pprobe": "probe", "qprobe": "probe", "eval": "eval"}
+STAGE_NAMES = tuple(STAGE_KINDS)
+
+
+def stages_of(*kinds: str) -> tuple[str, ...]:
+  """The stages of these kinds, in run order."""
+  return tuple(s for s, k in STAGE_KINDS.items() if k in kinds)
+
+
+BASE_STAGES = stages_of("base")
+TRAIN_STAGES = stages_of("base", "train")            # the language model trains
+PROBE_STAGES = stages_of("probe")
+TRAINED_STAGES = stages_of("base", "train", "probe")  # a <stage>/ dir: checkpoints/, final/
+
+
+def stage_seed(seed: int, stage: str) -> int:
+  """The seed of a stage's data streams (document orders, chunk shuffles, masking, probe
+  batches): distinct per stage, the same on every rerun."""
+  return seed * 1000 + STAGE_NAMES.index(stage)
+
 
 MODEL_SIZES = {
     "tiny": dict(num_layers=4, num_heads=4, d_model=128, d_ff=512),
@@ -31,20 +55,19 @@ def stage(steps, batch_size, lr, warmup_steps, weight_decay, **extra):
 
 VARIANTS = ("mixed", "lora", "probe")
 
-_CPU_STAGES = ("pretrain", "pretrain_mixed")
 SCALES = {
     "paper": {},
     "small": dict(
         # 128-position rows (every bioS document fits: the longest, a fullname bio, has 111
         # positions at this size) attend over half the keys of 256-position ones.
         data=dict(n_people=2_000, seq_len=128), model=dict(size="small", rotary_fraction=0.5),
-        **{s: dict(steps=6_000, batch_size=128, lr=1e-3, warmup_steps=300) for s in _CPU_STAGES},
+        **{s: dict(steps=6_000, batch_size=128, lr=1e-3, warmup_steps=300) for s in BASE_STAGES},
         finetune=dict(steps=1_500, batch_size=128, lr=3e-4),
         pprobe=dict(steps=1_000, batch_size=64), qprobe=dict(steps=1_000, batch_size=64),
         train=dict(log_every=50, save_every=500)),
     "tiny": dict(
         data=dict(n_people=500, seq_len=128), model=dict(size="tiny", rotary_fraction=0.5),
-        **{s: dict(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100) for s in _CPU_STAGES},
+        **{s: dict(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100) for s in BASE_STAGES},
         finetune=dict(steps=250, batch_size=16, lr=1e-3),
         # 200 P-probe steps at the paper's lr 1e-3 leave the heads untrained (train loss 3.3,
         # every cell at baseline); at 1e-2 they fit and show the paper's picture. 250 probe

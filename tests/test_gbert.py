@@ -100,8 +100,8 @@ def test_qa_answers_are_masked_in_full(world, spec):
 def test_masking_is_deterministic(world):
   cfg = base.get_config("tiny")
   cfg.data.chunk_docs = 64
-  a = world.chunks("pretrain_mixed", cfg.data, 1, mlm=True)
-  b = world.chunks("pretrain_mixed", cfg.data, 1, mlm=True)
+  a = world.chunks("pretrain_mixed", cfg.data, mlm=True)
+  b = world.chunks("pretrain_mixed", cfg.data, mlm=True)
   for k, v in a[5].items():
     np.testing.assert_array_equal(v, b[5][k])
   assert not np.array_equal(a[5]["weights"], a[6]["weights"])
@@ -109,7 +109,7 @@ def test_masking_is_deterministic(world):
   # masked-LM rows pair each input with the original token at the same position
   keep = a[5]["weights"] == 0
   np.testing.assert_array_equal(a[5]["inputs"][keep], a[5]["targets"][keep])
-  causal = world.chunks("pretrain_mixed", cfg.data, 1)[5]
+  causal = world.chunks("pretrain_mixed", cfg.data)[5]
   assert not (causal["inputs"] == world.renderer.token_id(MASK)).any()
 
 

@@ -46,7 +46,7 @@ def exported(generated, request, tmp_path_factory):
 
 
 def batches(world, cfg, stage, n=4):
-  chunks = world.chunks(stage, cfg.data, base.STAGE_NAMES.index(stage))
+  chunks = world.chunks(stage, cfg.data)
   it = iter(pipeline.make_pipeline(chunks, 8))
   return [next(it) for _ in range(n)]
 

@@ -302,9 +302,8 @@ def test_nan_stops_the_run_and_keeps_last_good_checkpoint(tmp_path, jax_cache):
 ROWS_SCRIPT = r"""
 import glob, json, os, sys
 import jax
-from kstore_jax import configlib, experiment
+from kstore_jax import configlib, experiment, rundir
 from kstore_jax.data import tokenizer as tokenizer_lib
-from kstore_jax.train import metrics as metrics_lib
 
 out, tok = sys.argv[1], None
 for path in sorted(glob.glob("configs/*.py")):
@@ -322,7 +321,7 @@ for path in sorted(glob.glob("configs/*.py")):
   wd = os.path.join(out, name)
   exp = experiment.Experiment(cfg, tok, experiment.Workdir(wd))
   exp.run()
-  rows = metrics_lib.read_metrics(os.path.join(wd, "pretrain", "metrics.jsonl"))
+  rows = rundir.read_metrics(os.path.join(wd, "pretrain", "metrics.jsonl"))
   print(json.dumps({"row": name, "name": cfg.name, "multi": cfg.data.multi,
                     "permute": cfg.data.permute, "fullname": cfg.data.fullname,
                     "bios": sum(len(exp.world.group_bios(g)) for g in exp.world.groups),

@@ -17,6 +17,7 @@ import functools
 import numpy as np
 import tokenizers
 
+from configs import base
 from kstore_jax.data import (hashing, imported, masking, pipeline, population, records, render,
                              sources)
 from kstore_jax.data.tokenizer import PAD
@@ -218,13 +219,13 @@ class World:
     """The longest bio or QA of this population, in positions (tokens - 1)."""
     return self.doc_positions[1]
 
-  def chunks(self, stage: str, data_cfg, seed_offset: int = 0,
-             mlm: bool = False) -> pipeline.PackedChunks:
-    """The stage's packed stream; `mlm`: whole-word masked-LM rows (data_cfg.mlm rates)."""
+  def chunks(self, stage: str, data_cfg, mlm: bool = False) -> pipeline.PackedChunks:
+    """The stage's packed stream, drawn with the stage seed (`base.stage_seed`); `mlm`:
+    whole-word masked-LM rows (data_cfg.mlm rates)."""
     srcs, weights = self.stage_mixture(stage, data_cfg)
     spec = masking.MlmSpec.from_config(data_cfg.mlm, self.renderer) if mlm else None
     return pipeline.PackedChunks(srcs, weights, data_cfg.seq_len, self.pad_id,
-                                 seed=self.seed * 1000 + seed_offset,
+                                 seed=base.stage_seed(self.seed, stage),
                                  chunk_docs=data_cfg.chunk_docs, mlm=spec)
 
 

@@ -20,7 +20,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from kstore_jax import rundir
 from kstore_jax.errors import ConfigError
+from kstore_jax.rundir import DATA, STATE
 
 MANIFEST = "kstore_manifest.json"
 
@@ -36,7 +38,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data"),
+        self.directory, item_names=(STATE, DATA),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                              create=True))
     self._unrecorded = []   # steps saved here whose manifest is not written yet
@@ -45,9 +47,9 @@ class Checkpointer:
     # orbax's save waits for the previous save to finish anyway: wait here and record it
     self.manager.wait_until_finished()
     self._record()
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+    self.manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA: grain.checkpoint.CheckpointSave(data_iter)}), force=True)
     self._unrecorded.append(step)
 
   def restore_latest(self, abstract_state, data_iter):
@@ -92,13 +94,13 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state, data_iter):
     foreign = self._data_state_of_other_process_count(step)
     if foreign is None:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+      return self.manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(abstract_state),
+          DATA: grain.checkpoint.CheckpointRestore(data_iter)}))[STATE]
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state)}))
     data_iter.set_state(foreign)
-    return restored["state"]
+    return restored[STATE]
 
   def damage(self, step: int) -> str | None:
     """How the files of `step` are shown damaged, or None when they are not.
@@ -129,13 +131,13 @@ class Checkpointer:
           return f"{rel} is missing"
         if (got := os.path.getsize(file)) != size:
           return f"{rel} has {got} bytes, {size} when saved"
-    jsons = [os.path.join("state", "_METADATA")]
-    data_dir = os.path.join(path, "data")
+    jsons = [os.path.join(STATE, "_METADATA")]
+    data_dir = os.path.join(path, DATA)
     states = sorted(n for n in os.listdir(data_dir) if n.startswith("process_")
                     and n.endswith(".json")) if os.path.isdir(data_dir) else []
     if not states:
       return "data/ holds no Grain state (process_*.json)"
-    jsons += [os.path.join("data", n) for n in states]
+    jsons += [os.path.join(DATA, n) for n in states]
     for rel in jsons:
       file = os.path.join(path, rel)
       if not os.path.isfile(file):
@@ -168,7 +170,7 @@ class Checkpointer:
     map), so any process's state is every process's state: read the first one. None when
     this process's own file exists (or there is no state at all: the normal restore fails).
     """
-    data_dir = os.path.join(self.directory, str(step), "data")
+    data_dir = os.path.join(self.directory, str(step), DATA)
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, own)):
       return None
@@ -178,8 +180,7 @@ class Checkpointer:
       return None
     logging.warning("checkpoint step %d was saved by another process count (%s); resuming "
                     "its data iterator from that state", step, others[0])
-    with open(os.path.join(data_dir, others[0])) as f:
-      return json.load(f)
+    return rundir.read_json(os.path.join(data_dir, others[0]))
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:
@@ -209,16 +210,13 @@ class Checkpointer:
 def write_manifest(step_dir: str) -> None:
   """`<step_dir>/kstore_manifest.json`: {"files": {path under step_dir: size}} of every file
   of the step's `state` item, written atomically (a temporary file renamed)."""
-  state = os.path.join(step_dir, "state")
+  state = os.path.join(step_dir, STATE)
   sizes = {}
   for root, _, names in os.walk(state):
     for n in names:
       file = os.path.join(root, n)
       sizes[os.path.relpath(file, step_dir)] = os.path.getsize(file)
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"files": sizes}, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  rundir.write_json(os.path.join(step_dir, MANIFEST), {"files": sizes}, indent=1)
 
 
 def _cause(e: BaseException) -> str:

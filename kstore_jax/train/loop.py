@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import kstore_jax
-from kstore_jax import heap
+from kstore_jax import heap, rundir
 from kstore_jax.train import (checkpoint, metrics as metrics_lib, optim, profiling, sharding,
                               step as step_lib)
 
@@ -187,7 +187,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   for m, (init, rng, *_) in zip(members, built):
     os.makedirs(m.stage_dir, exist_ok=True)
     data_iters.append(iter(m.spec.data(jax.process_index(), jax.process_count())))
-    ckpts.append(checkpoint.Checkpointer(os.path.join(m.stage_dir, "checkpoints"),
+    ckpts.append(checkpoint.Checkpointer(rundir.checkpoints_dir(m.stage_dir),
                                          tc.keep_checkpoints))
     start, state = ckpts[-1].restore_latest(
         checkpoint.abstract_with_shardings(abstract, shardings), data_iters[-1])
@@ -293,7 +293,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   out = []
   for j, m in enumerate(members):
     params = m.spec.export((_unstack(state, j) if vmapped else state)["params"], m.spec.frozen)
-    checkpoint.save_params(os.path.join(m.stage_dir, "final"), params)
+    checkpoint.save_params(rundir.final_dir(m.stage_dir), params)
     out.append(params)
     if is_main:
       print(f"[{m.label}] done: {sc.steps} steps in {_fmt_time(time.time() - t_start)}",

@@ -1,10 +1,12 @@
-"""metrics.jsonl (one JSON object per logged step) + TensorBoard event files (tensorboardX)."""
+"""metrics.jsonl (one JSON object per logged step; rundir.read_metrics reads it) + TensorBoard
+event files (tensorboardX)."""
 
 import json
 import math
-import os
 
 import tensorboardX
+
+from kstore_jax import rundir
 
 
 class MetricsWriter:
@@ -13,17 +15,14 @@ class MetricsWriter:
 
   def __init__(self, directory: str, resume_step: int, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(directory, "metrics.jsonl")
+    self.path = rundir.metrics_file(directory)
     self.tb = None
     if not enabled:
       return
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [l if l.endswith("\n") else l + "\n" for l in f
-                if (s := _line_step(l)) is not None and s <= resume_step]
+    kept = [row for row in rundir.read_metrics(self.path)
+            if (s := rundir.metrics_step(row)) is not None and s <= resume_step]
     with open(self.path, "w") as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(row) + "\n" for row in kept)
     self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30)
 
   def write(self, step: int, values: dict) -> None:
@@ -41,15 +40,3 @@ class MetricsWriter:
     if self.tb is not None:
       self.tb.close()
 
-
-def _line_step(line: str) -> int | None:
-  """The step of a metrics line; None for a blank line or one cut short by a kill."""
-  try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return None
-
-
-def read_metrics(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]

@@ -16,7 +16,7 @@ import os
 
 import jax
 
-DIR = "profile"
+from kstore_jax import rundir
 
 
 def parse_steps(text: str) -> tuple[int, int] | None:
@@ -38,7 +38,7 @@ class StepProfiler:
 
   def __init__(self, stage_dir: str, profile_steps: str):
     self.window = parse_steps(profile_steps)
-    self.log_dir = os.path.join(stage_dir, DIR)
+    self.log_dir = os.path.join(stage_dir, rundir.PROFILE)
     self.active = False
 
   def step(self, step: int, pending=None) -> None:

@@ -1,0 +1,119 @@
+"""The layout of a run directory, and reading and writing its files: the one place that names them.
+
+    WORKDIR/                        what `python -m kstore_jax.main --workdir=WORKDIR` writes
+      config.json                   CONFIG: the run's config (checked on resume)
+      tokenizer.json                TOKENIZER
+      results.json                  RESULTS: {key: value, ..., "produced_by": {key: stage}}
+      .lock, .lock.<i>              lock_name(i): one per process of the run
+      <stage>/                      stage_dir(WORKDIR, stage), one per trained stage
+        metrics.jsonl               METRICS: one JSON object per logged step (read_metrics)
+        checkpoints/<step>/         CHECKPOINTS: STATE (orbax train state) and DATA (Grain state)
+        final/                      FINAL: the effective params; its presence marks the stage done
+        profile/                    PROFILE: a jax.profiler trace (train.profile_steps)
+        events.out.tfevents.*       TensorBoard (tensorboardX names them)
+    GRID_DIR/                       what `python -m kstore_jax.grid --workdir=GRID_DIR` writes
+      grid.json                     GRID: the runs in order, each one's row and method
+      <run>/                        a run directory as above
+
+JSON files are written atomically (a temporary file renamed over the old one), so a kill leaves
+the old file or the new one. Imports nothing of kstore_jax but errors, and no jax: the report
+reads runs without it.
+"""
+
+import fcntl
+import json
+import os
+
+from kstore_jax.errors import ConfigError
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+RESULTS = "results.json"
+GRID = "grid.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+PROFILE = "profile"
+STATE = "state"      # checkpoints/<step>/STATE: the orbax train state item
+DATA = "data"        # checkpoints/<step>/DATA: the Grain iterator state item
+PRODUCED_BY = "produced_by"   # results.json: {key: the stage that wrote it}
+CI = "_ci"           # results.json: key + CI holds the 95% intervals of key's accuracies
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def checkpoints_dir(stage_dir_: str) -> str:
+  return os.path.join(stage_dir_, CHECKPOINTS)
+
+
+def final_dir(stage_dir_: str) -> str:
+  return os.path.join(stage_dir_, FINAL)
+
+
+def metrics_file(stage_dir_: str) -> str:
+  return os.path.join(stage_dir_, METRICS)
+
+
+def is_done(stage_dir_: str) -> bool:
+  """A training or probing stage is done when its final/ params exist."""
+  return os.path.isdir(final_dir(stage_dir_))
+
+
+def lock_name(process_index: int) -> str:
+  """`.lock` for process 0, `.lock.<i>` for the others: the processes of one multi-process run
+  share the workdir (same node or a shared filesystem) and must not exclude each other."""
+  return ".lock" if process_index == 0 else f".lock.{process_index}"
+
+
+def lock(workdir: str, process_index: int):
+  """Take this process's exclusive lock of `workdir` (created if missing); the open lock file
+  (keep it open: closing it releases the lock). ConfigError when another run holds it."""
+  os.makedirs(workdir, exist_ok=True)
+  held = open(os.path.join(workdir, lock_name(process_index)), "a")   # "w" would touch a held lock
+  try:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    held.close()
+    raise ConfigError(f"--workdir={workdir}: locked by another running experiment") from None
+  return held
+
+
+def read_json(path: str):
+  """The JSON value in `path` (OSError / ValueError as `json.load` raises them)."""
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj, indent: int = 2, sort_keys: bool = True) -> None:
+  """Write `obj` as JSON to `path` atomically (a temporary file renamed over it)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+  os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl, in order; a line that is not a JSON object (blank, or cut
+  short by a kill) is skipped. [] when the file does not exist."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows
+
+
+def metrics_step(row: dict) -> int | None:
+  """The step of a metrics row; None when it has none."""
+  try:
+    return int(row["step"])
+  except (KeyError, TypeError, ValueError):
+    return None
