@@ -21,7 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # `kstore_jax` alone is the package's __init__ (it covers nothing below it).
 LAYERS = (
     ("configs", 0, ("configs",)),        # the config schema: imports nothing of kstore_jax
-    ("base", 0, ("kstore_jax", "kstore_jax.errors", "kstore_jax.heap")),
+    ("base", 0, ("kstore_jax", "kstore_jax.errors", "kstore_jax.heap",
+                 "kstore_jax.rundir")),   # rundir: the run-directory layout, no jax
     ("data", 1, ("kstore_jax.data",)),
     ("model", 2, ("kstore_jax.model",)),
     ("train", 3, ("kstore_jax.train",)),
