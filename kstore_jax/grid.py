@@ -32,13 +32,13 @@ import threading
 
 from absl import flags
 
-from kstore_jax import cli, configlib, runtime
+from kstore_jax import cli, configlib, rundir, runtime
 from kstore_jax.configlib import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Grid directory: one subdirectory per run.")
 _RUNS = flags.DEFINE_list("runs", None, "Only these runs of the grid (default: all).")
 
-GRID_FILE = "grid.json"
+PIN_CORE = "KSTORE_GRID_CORE"   # processes mode: the CPU core a child runs on
 _ARGS = {}   # the --config spec and its overrides, taken off argv before absl parses it
 
 
@@ -74,7 +74,6 @@ def train_vmapped(exps: dict, max_runs: int) -> None:
   """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
   keys) of at most `max_runs` runs, each stage of all runs before the next stage."""
   from configs import base
-  from kstore_jax import experiment
   from kstore_jax.train import loop
   pending = {n: list(e.stages()) for n, e in exps.items()}
   while any(pending.values()):
@@ -82,7 +81,7 @@ def train_vmapped(exps: dict, max_runs: int) -> None:
     stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
     names = [n for n, s in nexts.items() if s == stage]
     cohorts: dict[tuple, list] = {}
-    if stage in experiment.TRAIN_STAGES + experiment.PROBE_STAGES:
+    if stage in base.TRAINED_STAGES:
       for n in names:
         if exps[n].done(stage):
           print(f"[{n}/{stage}] already done, skipping", flush=True)
@@ -97,7 +96,7 @@ def train_vmapped(exps: dict, max_runs: int) -> None:
               f"{', '.join(n for n, _ in part)}", flush=True)
         loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh)
     for n in names:
-      if stage not in experiment.TRAIN_STAGES:   # probe scoring (trained above) or eval
+      if stage not in base.TRAIN_STAGES:   # probe scoring (trained above) or eval
         print(f"== {n}: {stage} ==", flush=True)
         exps[n].run_stage(stage)
       pending[n].pop(0)
@@ -120,8 +119,9 @@ def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str
       cmd = [sys.executable, "-m", "kstore_jax.grid", f"--config={spec}",
              f"--workdir={workdir}", f"--runs={name}", "--config.grid.mode=sequential",
              *[f"--config.{o}" for o in overrides if not o.startswith("grid.mode=")]]
+      env = {**os.environ, PIN_CORE: str(core)}   # the child pins itself (no fork here)
       proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+                              env=env)
       for line in proc.stdout:
         print(f"[{name}] {line}", end="", flush=True)
       if proc.wait() != 0:
@@ -142,15 +142,11 @@ def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str
 def write_grid_file(workdir: str, g, spec: str, overrides: list[str]) -> None:
   """DIR/grid.json: the runs in order with their data row and method (the report reads it,
   also for runs that have not started), the spec and the overrides."""
-  import json
   os.makedirs(workdir, exist_ok=True)
   record = {"config": spec, "overrides": overrides, "grid": g.grid.to_dict(),
             "runs": [{"name": n, "row": g.runs[n].name, "method": method(g.runs[n])}
                      for n in g.order]}
-  tmp = os.path.join(workdir, GRID_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, GRID_FILE))
+  rundir.write_json(os.path.join(workdir, rundir.GRID), record, sort_keys=False)
 
 
 def main(argv):
@@ -197,5 +193,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if PIN_CORE in os.environ:   # before JAX sizes its thread pool from the usable cores
+    os.sched_setaffinity(0, {int(os.environ[PIN_CORE])})
   sys.argv, _ARGS["spec"], _ARGS["overrides"] = configlib.split_config_args(sys.argv)
   cli.run(main, "kstore_jax.grid", config_required=False)
