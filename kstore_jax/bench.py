@@ -27,7 +27,8 @@ import time
 import numpy as np
 from absl import flags
 
-from kstore_jax import cli, configlib
+from configs.base import PROBE_STAGES, TRAIN_STAGES
+from kstore_jax import cli, configlib, rundir
 
 CONFIG = cli.config_flag()
 WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data: Grain worker processes to compare")
@@ -266,12 +267,12 @@ def bench_eval(cfg) -> list[dict]:
   if workdir and not os.path.isdir(workdir):
     raise cli.ConfigError(f"--workdir={workdir}: no such directory")
   with cli.config_errors():
-    tok_path = os.path.join(workdir, "tokenizer.json") if workdir else ""
+    tok_path = os.path.join(workdir, rundir.TOKENIZER) if workdir else ""
     tok = (tokenizer.load_tokenizer(tok_path) if os.path.exists(tok_path)
            else tokenizer.get_tokenizer(cfg.data))
     exp = experiment.Experiment(cfg, tok, experiment.Workdir(workdir or os.getcwd()))
     if workdir:   # the finished training stage that `eval` would read
-      stage = exp.source_stage("eval", experiment.TRAIN_STAGES)
+      stage = exp.source_stage("eval", TRAIN_STAGES)
       params = exp.load_final(stage)
     else:
       stage = "random_init"
@@ -610,7 +611,7 @@ def bench_probe(cfg) -> list[dict]:
   base = jax.device_put(init(jax.random.PRNGKey(cfg.seed)), rep)
   steps = PROBE_STEPS.value
   out = []
-  for stage in experiment.PROBE_STAGES:
+  for stage in PROBE_STAGES:
     spec = exp.probe_spec(stage, base)
     sc = spec.stage_cfg
     state_init, rng, _, shardings, optimizer = loop.build_state(spec, exp.mesh, cfg.seed)

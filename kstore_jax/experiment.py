@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from configs.base import BASE_STAGES, PROBE_STAGES, TRAIN_STAGES
+from configs.base import BASE_STAGES, PROBE_STAGES, TRAIN_STAGES, stage_seed
 from kstore_jax import configlib, rundir
 from kstore_jax.data import classes, pipeline, probing, world as world_lib
 from kstore_jax.data.render import N_ATTR
@@ -235,7 +235,7 @@ class Experiment:
     cfg, sc, w = self.cfg, self.cfg[stage], self.world
     batches = probing.ProbeBatches(w, w.train_people, stage, sc.batch_size,
                                    probing.probe_width(w, stage),
-                                   seed=base.stage_seed(cfg.seed, stage))
+                                   seed=stage_seed(cfg.seed, stage))
     init = functools.partial(
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,

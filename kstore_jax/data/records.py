@@ -267,9 +267,6 @@ class JsonlReader:
     self.path = path
     self._map = None
 
-  def __getstate__(self):
-    return {"path": self.path, "_map": None}
-
   def record(self, offset: int) -> dict:
     if self._map is None:
       with open(self.path, "rb") as f:

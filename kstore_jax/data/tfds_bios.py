@@ -103,9 +103,6 @@ class TfdsReader:
     self.path = path
     self._source = None
 
-  def __getstate__(self):
-    return {"path": self.path, "_source": None}
-
   @property
   def source(self):
     if self._source is None:

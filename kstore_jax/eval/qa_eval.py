@@ -18,6 +18,7 @@ from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
 from kstore_jax.data.world import group_index
 from kstore_jax.eval.generate import Prefixes, fill_masks, generate, greedy
+from kstore_jax.rundir import CI   # results.json: key + CI holds the intervals of key's accuracies
 
 
 class QASet(NamedTuple):
@@ -101,7 +102,6 @@ def per_attribute(correct: np.ndarray, attrs: np.ndarray) -> dict[str, float]:
   return out
 
 
-CI = "_ci"          # results.json: key + CI holds the intervals of key's accuracies
 Z95 = 1.959964      # the standard normal's 97.5% quantile: two-sided 95%
 
 
