@@ -50,9 +50,9 @@ def four(tmp_path_factory):
   return path
 
 
-def grid_cmd(config, workdir, *extra) -> list[str]:
+def grid_cmd(config, workdir, *extra, mode="vmap") -> list[str]:
   return [sys.executable, "-m", "kstore_jax.grid", f"--config={config}:tiny",
-          f"--workdir={workdir}", "--config.grid.mode=vmap", *ARGS, *extra]
+          f"--workdir={workdir}", f"--config.grid.mode={mode}", *ARGS, *extra]
 
 
 def run(cmd, env, timeout=400) -> subprocess.CompletedProcess:
@@ -127,6 +127,17 @@ def test_grid_on_8_devices_equals_solo(trained, four, env, tmp_path):
   ok(run(grid_cmd(four, wd, f"--runs={','.join(SOLO)}"), env(8)))
   assert not (wd / "single_permute1").exists()
   for row, solo_wd in solo.items():
+    assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))
+
+
+def test_processes_mode_equals_solo(trained, four, env, tmp_path):
+  """Each run in its own process pinned to one core (the CPU default): main's numbers."""
+  _, solo = trained
+  wd = tmp_path / "procs"
+  r = ok(run(grid_cmd(four, wd, f"--runs={','.join(SOLO)}", mode="processes"), env()))
+  assert "mode processes" in r.stdout, r.stdout[-2000:]
+  for row, solo_wd in solo.items():
+    assert f"[{row}] [pretrain] step {STEPS}/{STEPS}" in r.stdout, r.stdout[-2000:]
     assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))
 
 
