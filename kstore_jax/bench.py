@@ -63,6 +63,10 @@ WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose fini
                               "stage's final params are used (default: a random model)")
 GRID_RUNS = flags.DEFINE_list("runs", ["2", "4", "8"], "grid: run counts R to time (the "
                               "grid's runs repeated up to R)")
+GRID_MODES = flags.DEFINE_list("grid_modes", ["vmap", "processes"], "grid: the grid modes "
+                               "timed against the runs one after another")
+GRID_ALONE = flags.DEFINE_list("grid_alone", [], "grid: (internal) time these runs one "
+                               "after another and print the sum (a processes-mode child)")
 _GRID_ARGS = {}   # grid: the --config spec and overrides, taken off argv before absl parses it
 EVAL_FIXED_WIDTH = flags.DEFINE_bool("eval_fixed_width", True, "eval: also time the older "
                                      "fixed-width recompute baseline "
@@ -654,8 +658,10 @@ def bench_probe(cfg) -> list[dict]:
 
 # -- grid: many runs in one vmapped step vs one after another ------------------------------
 def bench_grid(_cfg) -> list[dict]:
-  """grid_speedup per run count R: (median step seconds of R runs' first training stage, each
-  alone, summed) / (one step of the R runs vmapped together), measured back to back."""
+  """grid_speedup per run count R and grid mode: (median step seconds of R runs' first
+  training stage, each alone, summed) / (the same steps as the grid runs them), measured back
+  to back: `vmap` one cohort step; `processes` the runs shared out over one process per core
+  (each pinned to it, all at once; the slowest process's summed step seconds)."""
   import jax
   from kstore_jax import experiment
   from kstore_jax.model import attention
@@ -665,31 +671,65 @@ def bench_grid(_cfg) -> list[dict]:
   order = list(g.order)
   platform = attention.platform_of(jax.devices())
   stage = configlib.stage_list(g.runs[order[0]])[0]
-  out = []
+  cores = sorted(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as tmp:
     exps = {}
 
-    def exp(name):
-      if name not in exps:
-        exps[name] = experiment.open_experiment(g.runs[name], os.path.join(tmp, name),
-                                                jax.device_count(), platform)[0]
-      return exps[name]
+    def members(names):
+      for n in names:
+        if n not in exps:
+          exps[n] = experiment.open_experiment(g.runs[n], os.path.join(tmp, n),
+                                               jax.device_count(), platform)[0]
+      pairs = [exps[n].member(stage, n) for n in names]
+      if len({key for _, key in pairs}) > 1:
+        raise cli.ConfigError(f"bench grid: the runs' {stage} stages differ in shape or "
+                              "settings, so they cannot share one step")
+      return [m for m, _ in pairs], exps[names[0]].mesh
 
+    if GRID_ALONE.value:   # a processes-mode child: its share of the runs, one after another
+      ms, mesh = members(GRID_ALONE.value)
+      return [measurement("grid_alone_step_s", throughput.alone_step_s(ms, mesh,
+                                                                       TRAIN_STEPS.value), "s")]
+    out = []
+    ctx = dict(stage=stage, config=spec, overrides=overrides,
+               model=g.runs[order[0]].model.size, device=jax_device_kind(), cpus=len(cores))
     for r in GRID_RUNS.value:
       if not r.isdigit() or int(r) < 1:
         raise cli.ConfigError(f"--runs: {r!r} is not a run count >= 1")
       names = [order[i % len(order)] for i in range(int(r))]
-      pairs = [exp(n).member(stage, n) for n in names]
-      if len({key for _, key in pairs}) > 1:
-        raise cli.ConfigError(f"bench grid: the runs' {stage} stages differ in shape or "
-                              "settings, so they cannot share one step")
-      m = throughput.measure_cohort([member for member, _ in pairs], exp(names[0]).mesh,
-                                    steps=TRAIN_STEPS.value)
-      out.append(measurement(
-          "grid_speedup", round(m["speedup"], 3), "ratio", runs=int(r), stage=stage,
-          alone_step_s=round(m["alone_s"], 4), grid_step_s=round(m["grid_s"], 4),
-          config=spec, overrides=overrides, model=g.runs[order[0]].model.size,
-          device=jax_device_kind(), cpus=len(os.sched_getaffinity(0))))
+      ms, mesh = members(names)
+      alone = throughput.alone_step_s(ms, mesh, TRAIN_STEPS.value)
+      for mode in GRID_MODES.value:
+        if mode == "vmap":
+          grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value)
+        elif mode == "processes" and len(cores) > 1:
+          shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
+          grid_s = max(processes_alone_s(shares, cores, spec, overrides))
+        else:
+          continue
+        out.append(measurement("grid_speedup", round(alone / grid_s, 3), "ratio",
+                               runs=int(r), mode=mode, alone_step_s=round(alone, 4),
+                               grid_step_s=round(grid_s, 4), **ctx))
+  return out
+
+
+def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
+  """Each share of run names timed one after another by a `bench grid --grid_alone` child
+  pinned to its own core, all children at once: their summed step seconds."""
+  from kstore_jax import runtime
+  procs = []
+  for share, core in zip(shares, cores):
+    cmd = [sys.executable, "-m", "kstore_jax.bench", "grid", f"--config={spec}",
+           f"--grid_alone={','.join(share)}", f"--train_steps={TRAIN_STEPS.value}",
+           *[f"--config.{o}" for o in overrides]]
+    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, runtime.PIN_CORE: str(core)}))
+  out = []
+  for p in procs:
+    stdout, stderr = p.communicate()
+    if p.returncode != 0:
+      raise RuntimeError(f"bench grid child failed (exit {p.returncode}): {stderr[-2000:]}")
+    out.append(json.loads(stdout.strip().splitlines()[-1])["value"])
   return out
 
 
@@ -718,6 +758,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from kstore_jax import runtime
+  runtime.pin_to_core_from_env()   # a bench grid child of the processes mode
   if _subcommand(sys.argv) == "grid":   # a grid config: its overrides apply to every run
     sys.argv, _GRID_ARGS["spec"], _GRID_ARGS["overrides"] = configlib.split_config_args(
         sys.argv)

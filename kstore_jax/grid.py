@@ -38,7 +38,6 @@ from kstore_jax.configlib import ConfigError
 _WORKDIR = flags.DEFINE_string("workdir", None, "Grid directory: one subdirectory per run.")
 _RUNS = flags.DEFINE_list("runs", None, "Only these runs of the grid (default: all).")
 
-PIN_CORE = "KSTORE_GRID_CORE"   # processes mode: the CPU core a child runs on
 _ARGS = {}   # the --config spec and its overrides, taken off argv before absl parses it
 
 
@@ -119,7 +118,7 @@ def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str
       cmd = [sys.executable, "-m", "kstore_jax.grid", f"--config={spec}",
              f"--workdir={workdir}", f"--runs={name}", "--config.grid.mode=sequential",
              *[f"--config.{o}" for o in overrides if not o.startswith("grid.mode=")]]
-      env = {**os.environ, PIN_CORE: str(core)}   # the child pins itself (no fork here)
+      env = {**os.environ, runtime.PIN_CORE: str(core)}   # the child pins itself (no fork)
       proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env)
       for line in proc.stdout:
@@ -193,7 +192,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  if PIN_CORE in os.environ:   # before JAX sizes its thread pool from the usable cores
-    os.sched_setaffinity(0, {int(os.environ[PIN_CORE])})
+  runtime.pin_to_core_from_env()
   sys.argv, _ARGS["spec"], _ARGS["overrides"] = configlib.split_config_args(sys.argv)
   cli.run(main, "kstore_jax.grid", config_required=False)

@@ -1,7 +1,16 @@
-"""Process set-up shared by the command-line tools that train (main, grid): joining a
-multi-process JAX cluster and the persistent compilation cache."""
+"""Process set-up shared by the command-line tools that train (main, grid, bench): joining a
+multi-process JAX cluster, the persistent compilation cache, pinning to one CPU core."""
 
 import os
+
+PIN_CORE = "KSTORE_GRID_CORE"   # a grid's processes mode: the CPU core a child runs on
+
+
+def pin_to_core_from_env() -> None:
+  """Run on the core PIN_CORE names, if set (call before JAX sizes its thread pool from the
+  usable cores, i.e. before it computes anything)."""
+  if PIN_CORE in os.environ:
+    os.sched_setaffinity(0, {int(os.environ[PIN_CORE])})
 
 
 def maybe_initialize_distributed() -> None:

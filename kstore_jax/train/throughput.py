@@ -94,17 +94,22 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
               heap_released=released)
 
 
-def measure_cohort(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> dict:
-  """Median seconds of one step of the members' stage trained one after another (each
-  member's plain jitted step, as `main` runs it: `alone_s` is their sum) and all together in
-  one vmapped cohort step (`grid_s`, as the grid runs them), on the same batches."""
-  local = [first_batches(m.spec, mesh) for m in members]
-  alone = 0.0
-  for m, rows in zip(members, local):
+def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
+  """Sum over the members of the median seconds of one step of their stage, each trained
+  alone with its plain jitted step (as `main` runs it), on its first pipeline batches."""
+  total = 0.0
+  for m in members:
     init, rng, _, _, step = loop.compile_stage(m.spec, mesh, m.seed)
-    times, *_ = timed_steps(step, init(rng), m.spec.frozen,
-                            [sharding.to_global(b, mesh) for b in rows], warmup + steps)
-    alone += float(np.median(times[warmup:]))
+    batches = [sharding.to_global(b, mesh) for b in first_batches(m.spec, mesh)]
+    times, *_ = timed_steps(step, init(rng), m.spec.frozen, batches, warmup + steps)
+    total += float(np.median(times[warmup:]))
+  return total
+
+
+def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
+  """Median seconds of one step of the members' stage vmapped together in one cohort step
+  (as the grid runs them), on the same batches as `alone_step_s`."""
+  local = [first_batches(m.spec, mesh) for m in members]
   built = [loop.build_state(m.spec, mesh, m.seed) for m in members]
   shardings = built[0][3]
   step = loop.compile_cohort_step(members[0].spec, mesh, shardings)
@@ -113,5 +118,4 @@ def measure_cohort(members: list[loop.Member], mesh, steps: int = 5, warmup: int
   batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh)
              for i in range(len(local[0]))]
   times, *_ = timed_steps(step, state, frozen, batches, warmup + steps)
-  grid = float(np.median(times[warmup:]))
-  return dict(alone_s=alone, grid_s=grid, speedup=alone / grid)
+  return float(np.median(times[warmup:]))
