@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base, celeb_minority
-from kstore_jax.data import export, pipeline, records, tfds_bios, tokenizer
+from kstore_jax.data import export, pipeline, records, tokenizer
 from kstore_jax.data import world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES
 
