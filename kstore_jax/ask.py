@@ -23,10 +23,11 @@ import sys
 
 from absl import flags, logging
 
-from kstore_jax import cli
+from configs.base import TRAIN_STAGES
+from kstore_jax import cli, rundir
 from kstore_jax.configlib import ConfigError
 
-FINISHED_ORDER = ("finetune", "pretrain_mixed", "pretrain")   # preferred first
+FINISHED_ORDER = TRAIN_STAGES[::-1]   # preferred first: finetune, pretrain_mixed, pretrain
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
 _NAME = flags.DEFINE_string("name", None, 'Full name of a person, e.g. "Anya Briar Forger".')
@@ -53,13 +54,12 @@ def load_run(workdir: str):
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir}: no such directory")
-  for name in ("config.json", "tokenizer.json"):
+  for name in (rundir.CONFIG, rundir.TOKENIZER):
     if not os.path.isfile(os.path.join(workdir, name)):
       raise ConfigError(f"--workdir={workdir}: no {name} (not a kstore_jax run?)")
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
-    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+    cfg = ml_collections.ConfigDict(rundir.read_json(os.path.join(workdir, rundir.CONFIG)))
+    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, rundir.TOKENIZER))
   except (OSError, ValueError) as e:
     raise ConfigError(f"--workdir={workdir}: {type(e).__name__}: {e}") from None
   # This process answers on its own devices: the training mesh may not fit them.
@@ -69,7 +69,7 @@ def load_run(workdir: str):
 
 def pick_stage(workdir: str, stage: str | None) -> str:
   def done(s):
-    return os.path.isdir(os.path.join(workdir, s, "final"))
+    return rundir.is_done(rundir.stage_dir(workdir, s))
   if stage is not None:
     if stage not in FINISHED_ORDER:
       raise ConfigError(f"--stage={stage}: expected one of {', '.join(FINISHED_ORDER)}")

@@ -23,13 +23,10 @@ import tempfile
 
 from absl import flags, logging
 
-from configs.base import STAGE_NAMES
-from kstore_jax import cli
+from configs.base import STAGE_NAMES, TRAINED_STAGES
+from kstore_jax import cli, rundir
 from kstore_jax.configlib import ConfigError
-
-TRAIN_STAGES = ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe")
-PRODUCED_BY = "produced_by"   # results.json: {key: stage} (kstore_jax.experiment.PRODUCED_BY)
-CI = "_ci"   # results.json: key + CI holds the 95% intervals of key's accuracies (qa_eval.CI)
+from kstore_jax.rundir import CI, PRODUCED_BY
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
 _STAGE = flags.DEFINE_string("stage", None, "Stage to inspect (default: pretrain, else the "
@@ -44,8 +41,7 @@ _RESTORE = flags.DEFINE_bool("restore", True, "Restore the arrays (on one CPU de
 # -- the workdir ----------------------------------------------------------------------------
 def _read_json(path: str, what: str):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return rundir.read_json(path)
   except (OSError, ValueError) as e:
     raise ConfigError(f"{what} {path} is unreadable ({type(e).__name__}: "
                       f"{_first_line(e)})") from None
@@ -58,20 +54,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def last_metrics_line(stage_dir: str):
-  path = os.path.join(stage_dir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return None
-  last = None
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        last = line
-  if last is None:
-    return None
-  try:
-    return json.loads(last)
-  except ValueError:
-    return {"unparsable": last.strip()[:300]}
+  """The last complete row of the stage's metrics.jsonl (a line cut short by a kill is
+  skipped); None when there is none."""
+  rows = rundir.read_metrics(rundir.metrics_file(stage_dir))
+  return rows[-1] if rows else None
 
 
 def saved_steps(ckpt_dir: str) -> tuple[list[int], list[str]]:
@@ -91,12 +77,12 @@ def saved_steps(ckpt_dir: str) -> tuple[list[int], list[str]]:
 
 def stage_summary(workdir: str) -> dict:
   out = {}
-  for stage in TRAIN_STAGES:
-    d = os.path.join(workdir, stage)
+  for stage in TRAINED_STAGES:
+    d = rundir.stage_dir(workdir, stage)
     if not os.path.isdir(d):
       continue
-    steps, other = saved_steps(os.path.join(d, "checkpoints"))
-    out[stage] = {"steps": steps, "final": os.path.isdir(os.path.join(d, "final")),
+    steps, other = saved_steps(rundir.checkpoints_dir(d))
+    out[stage] = {"steps": steps, "final": rundir.is_done(d),
                   "other_checkpoint_entries": other, "last_metrics": last_metrics_line(d)}
   return out
 
@@ -217,7 +203,7 @@ def inspect_checkpoint(stage_dir: str, stage: str, step, restore: bool) -> dict:
   """Metadata (and, with restore, a readability check) of one checkpoint step or final/."""
   import numpy as np
   if step == "final":
-    item_dir = os.path.join(stage_dir, "final")
+    item_dir = rundir.final_dir(stage_dir)
     what = f"{stage} final params"
     md = _read_metadata(item_dir, what)
     if md is None:
@@ -226,8 +212,8 @@ def inspect_checkpoint(stage_dir: str, stage: str, step, restore: bool) -> dict:
     params_md, opt_md, step_md, data = md, None, None, None
     path = item_dir
   else:
-    path = os.path.join(stage_dir, "checkpoints", str(step))
-    item_dir = os.path.join(path, "state")
+    path = os.path.join(rundir.checkpoints_dir(stage_dir), str(step))
+    item_dir = os.path.join(path, rundir.STATE)
     what = f"{stage} checkpoint step {step}"
     md = _read_metadata(item_dir, what)
     if not hasattr(md, "keys"):
@@ -235,7 +221,7 @@ def inspect_checkpoint(stage_dir: str, stage: str, step, restore: bool) -> dict:
                         "damaged)")
     params_md = md.get("params")
     opt_md, step_md = md.get("opt_state"), md.get("step")
-    data = _grain_state(os.path.join(path, "data"), what)
+    data = _grain_state(os.path.join(path, rundir.DATA), what)
     if params_md is None:
       raise ConfigError(f"{what}: no 'params' in {item_dir}")
   params = _leaf_rows(params_md)
@@ -279,17 +265,17 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir}: no such directory")
-  cfg_path = os.path.join(workdir, "config.json")
+  cfg_path = os.path.join(workdir, rundir.CONFIG)
   config = _read_json(cfg_path, "config") if os.path.exists(cfg_path) else None
   stages = stage_summary(workdir)
   out = {"workdir": workdir, "config": config, "stages": stages}
-  res_path = os.path.join(workdir, "results.json")
+  res_path = os.path.join(workdir, rundir.RESULTS)
   if os.path.exists(res_path):
     out["results"] = _read_json(res_path, "results")
     out["results_by_stage"] = results_by_stage(out["results"])
   if not stages:
     raise ConfigError(f"--workdir={workdir}: no stage directories "
-                      f"({', '.join(TRAIN_STAGES)}) in it: is it a kstore_jax run?")
+                      f"({', '.join(TRAINED_STAGES)}) in it: is it a kstore_jax run?")
   if stage is None:
     stage = "pretrain" if "pretrain" in stages else next(iter(stages))
   if stage not in stages:
@@ -303,7 +289,7 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
       step = "final"
     else:
       raise ConfigError(f"--stage={stage}: no checkpoint and no final/ in "
-                        f"{os.path.join(workdir, stage)}")
+                        f"{rundir.stage_dir(workdir, stage)}")
   if step != "final":
     if not step.isdigit():
       raise ConfigError(f"--step={step}: expected a step number or 'final'")
@@ -313,7 +299,7 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
   elif not info["final"]:
     raise ConfigError(f"--step=final: stage {stage} has no final/ (not finished)")
   out["stage"] = stage
-  out["checkpoint"] = inspect_checkpoint(os.path.join(workdir, stage), stage, step, restore)
+  out["checkpoint"] = inspect_checkpoint(rundir.stage_dir(workdir, stage), stage, step, restore)
   out["last_metrics"] = info["last_metrics"]
   return out
 

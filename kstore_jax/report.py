@@ -23,22 +23,22 @@ is a one-line error (exit status 2).
 """
 
 import dataclasses
-import json
 import os
 import re
 import sys
 
 from absl import flags
 
-from kstore_jax import cli
+from configs.base import TRAINED_STAGES
+from kstore_jax import cli, rundir
 from kstore_jax.configlib import ConfigError
 from kstore_jax.data.templates import ATTRIBUTES
+from kstore_jax.rundir import CI
 
 OUT = flags.DEFINE_string("out", "report.md", "markdown file to write; PNGs go next to it")
 
 ATTR_SHORT = {"birth_date": "date", "birth_city": "city", "university": "univ",
               "major": "major", "company": "company", "company_city": "c.city"}
-STAGES = ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe")
 MODES = ("finetune", "mixed")
 
 # PAPER.md, "Headline numbers": held-out QA exact match (%), averaged over attributes.
@@ -57,7 +57,6 @@ PAPER_GROUPS = {"minority_only": {"minority": 4.4}, "celeb_minority": {"minority
 ARCHS = ("gpt2", "gbert", "llama")
 PAPER_GBERT = {"finetune": "~4", "mixed": "~30"}
 DASH = "—"
-CI = "_ci"   # results.json: key + CI holds the intervals of key's accuracies (qa_eval.CI)
 
 
 @dataclasses.dataclass
@@ -90,8 +89,7 @@ def _read_json(path: str, notes: list[str], what: str):
     notes.append(f"no {what}")
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return rundir.read_json(path)
   except (OSError, ValueError) as e:
     notes.append(f"unreadable {what} ({type(e).__name__})")
     return None
@@ -105,7 +103,7 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
     notes.append("not started")
     cfg = {}
   else:
-    cfg = _read_json(os.path.join(path, "config.json"), notes, "config.json")
+    cfg = _read_json(os.path.join(path, rundir.CONFIG), notes, rundir.CONFIG)
     cfg = cfg if isinstance(cfg, dict) else {}
   planned = planned or {}
   name = str(cfg.get("name") or planned.get("row") or os.path.basename(os.path.normpath(path)))
@@ -115,7 +113,8 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
   ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
   if mode == "finetune" and ft.get("lora_rank"):
     notes.append(f"LoRA finetune (r={ft['lora_rank']}, embedding r={ft.get('lora_embed_rank', 0)})")
-  results = _read_json(os.path.join(path, "results.json"), notes, "results.json (not evaluated)")
+  results = _read_json(os.path.join(path, rundir.RESULTS), notes,
+                       f"{rundir.RESULTS} (not evaluated)")
   results = results if isinstance(results, dict) else {}
   if results:
     missing = [k for k in ("qa_test", "qa_train", "bio_recall") if not isinstance(
@@ -390,20 +389,12 @@ def plot_qprobe_vs_qa(runs: list[Run], path: str) -> None:
 
 def read_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
   out = {}
-  for stage in STAGES:
-    path = os.path.join(run.path, stage, "metrics.jsonl")
-    if not os.path.exists(path):
-      continue
+  for stage in TRAINED_STAGES:
     steps, losses = [], []
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue        # a line cut short by an interrupted run
-        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
-          steps.append(row.get("step", len(steps)))
-          losses.append(row["loss"])
+    for row in rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(run.path, stage))):
+      if isinstance(row.get("loss"), (int, float)):
+        steps.append(row.get("step", len(steps)))
+        losses.append(row["loss"])
     if steps:
       out[stage] = (steps, losses)
   return out
@@ -456,9 +447,6 @@ def section(title: str, intro: str, table: list[str]) -> list[str]:
   return ["", title, "", *([intro, ""] if intro else []), *table] if table else []
 
 
-GRID_FILE = "grid.json"   # written by python -m kstore_jax.grid in a grid directory
-
-
 def expand_grids(dirs: list[str]) -> list[tuple[str, dict | None]]:
   """[(run directory, planned)]: a grid directory (it holds grid.json) stands for its runs in
   the grid's order, each with its planned row and method (a run not started yet is listed,
@@ -467,13 +455,12 @@ def expand_grids(dirs: list[str]) -> list[tuple[str, dict | None]]:
   for d in dirs:
     if not os.path.isdir(d):
       raise ConfigError(f"{d}: no such run directory")
-    path = os.path.join(d, GRID_FILE)
+    path = os.path.join(d, rundir.GRID)
     if not os.path.exists(path):
       out.append((d, None))
       continue
     try:
-      with open(path) as f:
-        runs = json.load(f)["runs"]
+      runs = rundir.read_json(path)["runs"]
       out += [(os.path.join(d, r["name"]), {"row": r["row"], "method": r["method"]})
               for r in runs]
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -71,15 +71,18 @@ run() {
 }
 
 if [ "$SMOKE" = 1 ]; then
+  # toy sizes: every section's code path, in seconds on a CPU (a 1-layer model, 4 rows a
+  # step: the --gpt2_vocab head alone is 50k x 128 per position)
   PAPER="configs/tiny.py"; KERNELS="xla"; TRAIN_STEPS=2; REPEATS=2
+  SIZES=(--config.data.n_people=100 --config.model.num_layers=1 --config.pretrain.batch_size=4)
   SMALL_ROWS="single"; SMALL_ARG="tiny"
-  SMALL_OVERRIDES=(--config.data.n_people=100 --config.pretrain.steps=20
-                   --config.finetune.steps=10 --config.train.save_every=20
-                   --config.pretrain.batch_size=16)
+  SMALL_OVERRIDES=("${SIZES[@]}" --config.model.d_model=32 --config.model.num_heads=2
+                   --config.model.d_ff=64 --config.pretrain.steps=6 --config.finetune.steps=4
+                   --config.finetune.batch_size=4 --config.train.save_every=6)
   ATTN=(--attention=einsum,xla,pallas)
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
-  TRAIN_STEPS=10; REPEATS=20
+  TRAIN_STEPS=10; REPEATS=20; SIZES=()
   SMALL_ROWS="single multi5_permute"; SMALL_ARG="small"; SMALL_OVERRIDES=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
 fi
@@ -103,27 +106,27 @@ if has ceiling; then
   run ceiling 90 "${BENCH[@]}" ceiling
 fi
 if has attention; then
-  run attention 100 "${BENCH[@]}" attention --config="$PAPER" "${ATTN[@]}" \
+  run attention 100 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \
     --attention_repeats="$REPEATS"
 fi
 if has profile; then   # where the first kernel's train step spends its time
-  run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" --train_steps=3 \
-    --config.model.attention="${KERNELS%% *}"
+  run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" "${SIZES[@]}" \
+    --train_steps=3 --config.model.attention="${KERNELS%% *}"
 fi
 if has train; then   # the first kernel (the default's) in its variants first, then the others
   first="${KERNELS%% *}"
-  run "train_$first" 120 "${BENCH[@]}" train --config="$PAPER" --train_steps="$TRAIN_STEPS" \
-    --config.model.attention="$first"
+  run "train_$first" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first"
   # every bioS document fits in 128 positions: 128 x (4 x batch) rows are the same function
   # with a quarter of the attention work
   [ "$SMOKE" = 1 ] || run "train_${first}_rows128" 120 "${BENCH[@]}" train --config="$PAPER" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
     --config.data.seq_len=128 --config.pretrain.batch_size=384
-  run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" \
+  run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab
   for k in ${KERNELS#"$first"}; do
-    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" --train_steps="$TRAIN_STEPS" \
-      --config.model.attention="$k"
+    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
+      --train_steps="$TRAIN_STEPS" --config.model.attention="$k"
   done
 fi
 if has small; then
@@ -136,6 +139,7 @@ fi
 
 "$PY" - "$OUT" "$(( $(date +%s) - START ))" "$WORK/runs" <<'EOF' > "$OUT/summary.txt"
 import json, os, sys
+from kstore_jax import rundir   # the run files' names; metrics rows (a line cut short skipped)
 out, took, runs = sys.argv[1:4]
 print(f"device_check: {took} s")
 for line in open(os.path.join(out, ".status")):
@@ -149,9 +153,9 @@ for line in open(os.path.join(out, "bench.jsonl")):
   print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
 for row in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
   for stage in ("pretrain", "finetune"):
-    path = os.path.join(runs, row, stage, "metrics.jsonl")
-    if os.path.exists(path):
-      last = json.loads(open(path).readlines()[-1])
+    rows = rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(os.path.join(runs, row), stage)))
+    if rows:
+      last = rows[-1]
       print(f"small {row} {stage}: step {last.get('step')} loss {last.get('loss', 0):.4f} "
             f"{last.get('tokens_per_s', 0):.0f} tokens/s mfu {last.get('mfu')}")
   path = os.path.join(out, f"results_{row}.json")
