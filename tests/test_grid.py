@@ -229,3 +229,14 @@ def test_a_run_behind_catches_up_in_the_whole_cohort(trained, four, env, tmp_pat
     assert [tuple(x[k] for k in DETERMINISTIC) for x in got] == [
         tuple(x[k] for k in DETERMINISTIC) for x in want], row
     assert (wd / row / "pretrain/final").is_dir()
+
+
+def test_bench_grid_times_both_modes(four, env):
+  r = ok(run([sys.executable, "-m", "kstore_jax.bench", "grid", f"--config={four}:tiny",
+              "--runs=2", "--train_steps=1", *ARGS], env()))
+  rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+  assert {row["mode"] for row in rows} == ({"vmap", "processes"} if len(
+      os.sched_getaffinity(0)) > 1 else {"vmap"})
+  for row in rows:
+    assert row["name"] == "grid_speedup" and row["runs"] == 2 and row["value"] > 0
+    assert abs(row["value"] - row["alone_step_s"] / row["grid_step_s"]) < 0.01
