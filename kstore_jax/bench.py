@@ -87,7 +87,7 @@ def human(n: int) -> str:
 
 # -- data: the pretraining pipeline ------------------------------------------------------------
 def time_pipeline(chunks, batch_size: int, workers: int) -> dict:
-  from kstore_jax.data import pipeline
+  from kstore_jax.data import batches, pipeline
   it = iter(pipeline.make_pipeline(chunks, global_batch=batch_size, workers=workers))
   try:
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def time_pipeline(chunks, batch_size: int, workers: int) -> dict:
     n = tokens = nonpad = 0
     t0 = time.perf_counter()
     while True:
-      seg = next(it)["segment_ids"]
+      seg = next(it)[batches.SEGMENT_IDS]
       n += 1
       tokens += seg.size
       nonpad += int(np.count_nonzero(seg))
@@ -454,7 +454,7 @@ def bench_lower(cfg) -> list[dict]:
   import jax
   import jax.numpy as jnp
   from kstore_jax import experiment
-  from kstore_jax.data import pipeline, tokenizer
+  from kstore_jax.data import batches, tokenizer
   from kstore_jax.eval import generate, qa_eval
   from kstore_jax.model.transformer import flops_per_token
   from kstore_jax.train import loop, sharding
@@ -466,8 +466,8 @@ def bench_lower(cfg) -> list[dict]:
   _, rng, abstract, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
   B, L = cfg.pretrain.batch_size, cfg.data.seq_len
   batch_sh = sharding.batch_sharding(exp.mesh)
-  batch = {k: jax.ShapeDtypeStruct((B, L), jnp.float32 if k == "weights" else jnp.int32,
-                                   sharding=batch_sh) for k in pipeline.FIELDS}
+  batch = {k: jax.ShapeDtypeStruct((B, L), dtype, sharding=batch_sh)
+           for k, dtype in batches.LM_DTYPES.items()}
   train_text = train_step.trace(abstract, spec.frozen, batch).lower(
       lowering_platforms=(platform,)).as_text()
   # QA decoding as evaluation runs it: a batch of questions, prefill + greedy KV-cache steps

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from kstore_jax.data import pipeline, population, render, sources, tokenizer
+from kstore_jax.data import batches, pipeline, population, render, sources, tokenizer
 from kstore_jax.data.render import Docs
 
 N_PEOPLE = 100
@@ -84,9 +84,10 @@ def test_packing_is_lossless(world, weights):
     batch = chunks[c]
     docs = chunks.chunk_docs_of(c)
     assert len(docs) == chunks.chunk_docs
-    assert set(batch) == set(pipeline.FIELDS)
-    for k in pipeline.FIELDS:
+    assert set(batch) == set(batches.LM_FIELDS)
+    for k in batches.LM_FIELDS:
       assert batch[k].ndim == 2 and batch[k].shape[1] == SEQ_LEN, k
+      assert batch[k].dtype == batches.LM_DTYPES[k], k
     got = unpack(batch)
     assert collections.Counter(got) == collections.Counter(docs_as_pairs(docs))
     # No token lost or duplicated: real positions = total tokens - one per document.
@@ -314,7 +315,7 @@ def test_epochs_of_mixed_sources_are_independent(world):
 def test_batches_have_global_batch_rows(world):
   ds = pipeline.make_pipeline(chunks_of(world), 8)
   for b in take(iter(ds), 5):
-    assert set(b) == set(pipeline.FIELDS)
+    assert set(b) == set(batches.LM_FIELDS)
     assert all(v.shape == (8, SEQ_LEN) for v in b.values())
   with pytest.raises(ValueError, match="divisible"):
     pipeline.make_pipeline(chunks_of(world), 6, process_count=4)
@@ -359,7 +360,7 @@ def test_process_sharding(world):
   halves = [take(iter(pipeline.make_pipeline(chunks, 8, process_index=p, process_count=2)), 5)
             for p in range(2)]
   for g, h0, h1 in zip(whole, *halves):
-    for k in pipeline.FIELDS:
+    for k in batches.LM_FIELDS:
       assert h0[k].shape == h1[k].shape == (4, SEQ_LEN)
       np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), g[k])
     # Disjoint: no row is in both halves.
@@ -390,9 +391,11 @@ def test_process_slice_takes_rows_of_any_batch_layout():
   """Each of 2 processes keeps its half of the rows of an LM batch and of a probe batch
   (tokens, segment_ids, probe_at, labels: no `inputs` field); the halves rebuild the batch."""
   rng = np.random.default_rng(0)
-  lm = {k: rng.integers(0, 9, (8, 16)) for k in pipeline.FIELDS}
-  probe = {"tokens": rng.integers(0, 9, (8, 16)), "segment_ids": np.ones((8, 16), np.int32),
-           "probe_at": rng.integers(0, 16, (8, 6)), "labels": rng.integers(0, 5, (8, 6))}
+  lm = {k: rng.integers(0, 9, (8, 16)) for k in batches.LM_FIELDS}
+  probe = {batches.TOKENS: rng.integers(0, 9, (8, 16)),
+           batches.SEGMENT_IDS: np.ones((8, 16), np.int32),
+           batches.PROBE_AT: rng.integers(0, 16, (8, 6)), batches.LABELS: rng.integers(0, 5, (8, 6))}
+  assert set(probe) == set(batches.PROBE_FIELDS)
   for batch in (lm, probe):
     halves = [pipeline.ProcessSlice(i, 2)(batch) for i in range(2)]
     for k, v in batch.items():

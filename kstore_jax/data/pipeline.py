@@ -24,9 +24,9 @@ import grain
 import numpy as np
 
 from kstore_jax.data import masking
+from kstore_jax.data.batches import (INPUTS, LM_DTYPES, POSITIONS, SEGMENT_IDS, TARGETS,
+                                     WEIGHTS)
 from kstore_jax.data.render import Docs
-
-FIELDS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
 def mix_counts(weights, chunk_docs: int) -> np.ndarray:
@@ -61,17 +61,16 @@ def first_fit(n_pos: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, 
 def pack_docs(docs: Docs, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """First-fit pack documents into rows of `seq_len` (next-token pairs), never splitting one.
 
-  A document of T tokens gives T-1 (input, target) positions. Outputs [R, L]: inputs, targets,
-  weights (1 where the target is a loss token), segment_ids (1.. per document in its row,
-  0 = padding), positions (restart at 0 for each document).
+  A document of T tokens gives T-1 (input, target) positions. Outputs the LM batch fields
+  (batches.py), [R, L] each.
   """
   not_last = np.ones(len(docs.tokens), bool)
   not_last[docs.offsets[1:] - 1] = False
   not_first = np.ones(len(docs.tokens), bool)
   not_first[docs.offsets[:-1]] = False
   return pack_positions(docs.lengths - 1, {
-      "inputs": docs.tokens[not_last], "targets": docs.tokens[not_first],
-      "weights": docs.loss[not_first]}, seq_len, pad_id)
+      INPUTS: docs.tokens[not_last], TARGETS: docs.tokens[not_first],
+      WEIGHTS: docs.loss[not_first]}, seq_len, pad_id)
 
 
 def pack_positions(n_pos: np.ndarray, fields: dict[str, np.ndarray], seq_len: int,
@@ -87,17 +86,12 @@ def pack_positions(n_pos: np.ndarray, fields: dict[str, np.ndarray], seq_len: in
   by_row = np.argsort(row * seq_len + col, kind="stable")
   segment = np.empty(len(n_pos), np.int64)
   segment[by_row] = np.arange(len(n_pos)) - np.searchsorted(row[by_row], row[by_row]) + 1
-  out = {
-      "inputs": np.full(n_rows * seq_len, pad_id, np.int32),
-      "targets": np.full(n_rows * seq_len, pad_id, np.int32),
-      "weights": np.zeros(n_rows * seq_len, np.float32),
-      "segment_ids": np.zeros(n_rows * seq_len, np.int32),
-      "positions": np.zeros(n_rows * seq_len, np.int32),
-  }
+  out = {k: np.full(n_rows * seq_len, pad_id if k in (INPUTS, TARGETS) else 0, dtype)
+         for k, dtype in LM_DTYPES.items()}
   for k, v in fields.items():
     out[k][dest] = v
-  out["segment_ids"][dest] = np.repeat(segment, n_pos)
-  out["positions"][dest] = local
+  out[SEGMENT_IDS][dest] = np.repeat(segment, n_pos)
+  out[POSITIONS][dest] = local
   return {k: v.reshape(n_rows, seq_len) for k, v in out.items()}
 
 
@@ -161,8 +155,8 @@ class PackedChunks:
     if self.mlm is None:
       return pack_docs(docs, self.seq_len, self.pad_id)
     inputs, weights = masking.mask_docs(docs, self.mlm, self.seed, chunk)
-    return pack_positions(docs.lengths, {"inputs": inputs, "targets": docs.tokens,
-                                         "weights": weights}, self.seq_len, self.pad_id)
+    return pack_positions(docs.lengths, {INPUTS: inputs, TARGETS: docs.tokens,
+                                         WEIGHTS: weights}, self.seq_len, self.pad_id)
 
 
 def _concat_docs(parts: list[Docs]) -> Docs:
@@ -185,7 +179,7 @@ def _take_docs(docs: Docs, order: np.ndarray) -> Docs:
 @dataclasses.dataclass(frozen=True)
 class ProcessSlice:
   """Keep this process's contiguous block of rows of a global batch, whatever its layout
-  (every field's leading axis is the batch row: LM batches, probe batches)."""
+  (every field's leading axis is the batch row: LM batches, probe batches; batches.py)."""
   index: int
   count: int
 
@@ -214,7 +208,7 @@ def _slice(ds: grain.IterDataset, global_batch: int, process_index: int,
 
 def make_pipeline(chunks: PackedChunks, global_batch: int, workers: int = 0,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """The LM batch stream: dicts of [global_batch // process_count, seq_len] NumPy arrays."""
+  """The LM batch stream (batches.py): [global_batch // process_count, seq_len] per field."""
   ds = grain.experimental.RebatchIterDataset(_read(chunks, workers), batch_size=global_batch,
                                              drop_remainder=True)
   return _slice(ds, global_batch, process_index, process_count)
@@ -222,5 +216,6 @@ def make_pipeline(chunks: PackedChunks, global_batch: int, workers: int = 0,
 
 def batch_pipeline(batches, global_batch: int, workers: int = 0, process_index: int = 0,
                    process_count: int = 1) -> grain.IterDataset:
-  """A stream from a random-access source of whole global batches (e.g. probe batches)."""
+  """A stream from a random-access source of whole global batches (e.g. probe batches,
+  batches.py)."""
   return _slice(_read(batches, workers), global_batch, process_index, process_count)

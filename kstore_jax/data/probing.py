@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 
+from kstore_jax.data.batches import LABELS, PROBE_AT, SEGMENT_IDS, TOKENS
 from kstore_jax.data.classes import probe_labels
 
 
@@ -35,7 +36,7 @@ def _pad(docs, pad_id):
 
 @dataclasses.dataclass
 class ProbeBatches:
-  """Random-access source: batch b -> a dict of [batch_size, ...] arrays for probe training.
+  """Random-access source: batch b -> a probe batch (batches.py) of batch_size rows.
 
   Examples are (person, bio copy) pairs of `people` (P-probe) or people (Q-probe), read through
   a seeded permutation per epoch; `width` pads every batch to one shape for jit."""
@@ -68,8 +69,8 @@ class ProbeBatches:
     else:
       (tokens, seg), at, labels = qprobe_examples(self.world, self.people[idx])
     pad = self.width - tokens.shape[1]
-    return {"tokens": np.pad(tokens, ((0, 0), (0, pad)), constant_values=self.world.pad_id),
-            "segment_ids": np.pad(seg, ((0, 0), (0, pad))), "probe_at": at, "labels": labels}
+    return {TOKENS: np.pad(tokens, ((0, 0), (0, pad)), constant_values=self.world.pad_id),
+            SEGMENT_IDS: np.pad(seg, ((0, 0), (0, pad))), PROBE_AT: at, LABELS: labels}
 
 
 def probe_width(world, kind: str) -> int:

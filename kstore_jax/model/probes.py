@@ -23,6 +23,8 @@ classes; company city = the HQ cities).
 import jax
 import jax.numpy as jnp
 
+from kstore_jax.data.batches import LABELS, PROBE_AT, SEGMENT_IDS, TOKENS
+
 HEADS = ("linear", "embedding")
 
 
@@ -80,14 +82,15 @@ def probe_logits(model, base, probe, batch, tokens=None):
 
 
 def probed_hidden(model, base, probe, batch):
-  """Final hidden states [B, J, D] at batch['probe_at'] with the embedding update applied.
+  """Final hidden states [B, J, D] at the probe batch's PROBE_AT (data/batches.py) with the
+  embedding update applied.
 
   Each probed position sees the input up to and including itself: one pass for a causal model;
   a bidirectional one (GBERT) would otherwise see the value it is probed for, so it gets one
   pass per probed position with the input cut right after it (Q-probes: the name, uncut)."""
   base = jax.lax.stop_gradient(base)
   delta_VD = probe["embed_a"] @ probe["embed_b"]
-  tokens, at_BJ = batch["tokens"], batch["probe_at"]
+  tokens, at_BJ = batch[TOKENS], batch[PROBE_AT]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
   def hidden(segment_ids_BL):
@@ -95,9 +98,9 @@ def probed_hidden(model, base, probe, batch):
                        embed_delta_VD=delta_VD)[1]
 
   if model.cfg.causal:
-    return jnp.take_along_axis(hidden(batch["segment_ids"]), at_BJ[..., None], axis=1)
+    return jnp.take_along_axis(hidden(batch[SEGMENT_IDS]), at_BJ[..., None], axis=1)
   rows = jnp.arange(tokens.shape[0])
-  cut = lambda p: batch["segment_ids"] * (positions <= at_BJ[:, p:p + 1])
+  cut = lambda p: batch[SEGMENT_IDS] * (positions <= at_BJ[:, p:p + 1])
   return jnp.stack([hidden(cut(p))[rows, at_BJ[:, p]] for p in range(at_BJ.shape[1])], 1)
 
 
@@ -107,7 +110,7 @@ def make_probe_loss(model, tokens=None):
 
   def loss_fn(probe, base, batch):
     logits = probe_logits(model, base, probe, batch, tokens)
-    labels = batch["labels"]                                   # [B, 6]
+    labels = batch[LABELS]                                     # [B, 6]
     ce, acc = [], []
     for a, lg in enumerate(logits):
       y = jnp.broadcast_to(labels[:, None, a], lg.shape[:2])
@@ -122,5 +125,5 @@ def make_probe_loss(model, tokens=None):
 def accuracy_matrix(model, base, probe, batch, tokens=None) -> jax.Array:
   """[J, 6] accuracy of each (position, attribute) classifier on a batch."""
   logits = probe_logits(model, base, probe, batch, tokens)
-  return jnp.stack([(lg.argmax(-1) == batch["labels"][:, None, a]).mean(0)
+  return jnp.stack([(lg.argmax(-1) == batch[LABELS][:, None, a]).mean(0)
                     for a, lg in enumerate(logits)], -1)

@@ -36,6 +36,7 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
 
 
 def batch_sharding(mesh) -> NamedSharding:
+  """Every field of a batch (data/batches.py: the leading axis is the row) split by rows."""
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
@@ -65,7 +66,8 @@ def process_rows(sh: NamedSharding, global_batch: int) -> tuple[tuple[int, int],
 
 
 def to_global(batch: dict, mesh) -> dict:
-  """This process's block of a global batch -> global jax.Arrays sharded over (data, fsdp).
+  """This process's block of a global batch (any layout of data/batches.py) -> global
+  jax.Arrays sharded over (data, fsdp).
 
   `batch` holds block `process_index` of `process_count` equal blocks of rows (the
   pipeline's `ProcessSlice`). Each process gives its devices exactly the rows they hold

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kstore_jax.data.batches import INPUTS, POSITIONS, SEGMENT_IDS, TARGETS, WEIGHTS
 from kstore_jax.model import transformer
 
 CHUNK_ROWS = 1024   # token rows per vocabulary chunk: [1024, V] f32 logits stay in cache
@@ -78,16 +79,17 @@ def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL):
 
 
 def make_lm_loss(model, merge=None):
-  """LM loss of `model`; `merge(frozen, params)` builds effective params (LoRA), else params.
+  """LM loss of `model` on an LM batch (data/batches.py); `merge(frozen, params)` builds
+  effective params (LoRA), else params.
   The output head runs inside the loss (`head_cross_entropy`); the model's own logits are
   unused and compiled away."""
 
   def loss_fn(params, frozen, batch):
     effective = params if merge is None else merge(frozen, params)
-    _, hidden_BLD, _ = model.apply({"params": effective}, batch["inputs"], batch["positions"],
-                                   batch["segment_ids"])
+    _, hidden_BLD, _ = model.apply({"params": effective}, batch[INPUTS], batch[POSITIONS],
+                                   batch[SEGMENT_IDS])
     loss, tokens = head_cross_entropy(hidden_BLD, transformer.head_matrix(model.cfg, effective),
-                                      batch["targets"], batch["weights"])
+                                      batch[TARGETS], batch[WEIGHTS])
     return loss, {"loss_tokens": tokens}
 
   return loss_fn
