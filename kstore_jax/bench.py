@@ -447,10 +447,10 @@ def hlo_facts(text: str) -> dict:
 
 
 def bench_lower(cfg) -> list[dict]:
-  """Lower (not compile, not run) the config's pretrain step and its KV-cache QA decoding for
-  --platform on this machine, with `auto` resolved for that platform: which attention and
-  custom calls it uses, and its largest float32 rank-4 buffer. A CPU host checks what a
-  GPU/TPU would run."""
+  """Lower (not compile, not run) the config's pretrain step (alone, and as a grid of two runs
+  vmapped) and its KV-cache QA decoding for --platform on this machine, with `auto` resolved
+  for that platform: which attention and custom calls it uses, and its largest float32 rank-4
+  buffer. A CPU host checks what a GPU/TPU would run."""
   import jax
   import jax.numpy as jnp
   from kstore_jax import experiment
@@ -470,6 +470,14 @@ def bench_lower(cfg) -> list[dict]:
            for k, dtype in batches.LM_DTYPES.items()}
   train_text = train_step.trace(abstract, spec.frozen, batch).lower(
       lowering_platforms=(platform,)).as_text()
+  # the same step as a grid runs it: two runs vmapped over a leading run axis
+  _, _, _, shardings, _ = loop.build_state(spec, exp.mesh, cfg.seed)
+  runs = lambda x, sh: jax.ShapeDtypeStruct((2, *x.shape), x.dtype,
+                                            sharding=sharding.with_run_axis(sh))
+  grid_text = loop.compile_cohort_step(spec, exp.mesh, shardings).trace(
+      jax.tree.map(lambda x: runs(x, x.sharding), abstract), spec.frozen,
+      {k: runs(v, batch_sh) for k, v in batch.items()}).lower(
+          lowering_platforms=(platform,)).as_text()
   # QA decoding as evaluation runs it: a batch of questions, prefill + greedy KV-cache steps
   qs = qa_eval.qa_set(exp.world, exp.world.test_people[:8])
   _, _, b = next(iter(qa_eval.length_batches(qs, 8)))
@@ -478,7 +486,7 @@ def bench_lower(cfg) -> list[dict]:
   decode_text = generate.generate.trace(
       exp.model, params, jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new,
       exp.world.renderer.eot_id, b.prefixes()).lower(lowering_platforms=(platform,)).as_text()
-  train, decode = hlo_facts(train_text), hlo_facts(decode_text)
+  train, decode, grid = hlo_facts(train_text), hlo_facts(decode_text), hlo_facts(grid_text)
   mc = exp.model_cfg
   return [measurement(
       "lowered", True, "bool", platform=platform, attention=mc.attention, dtype=mc.dtype,
@@ -486,7 +494,7 @@ def bench_lower(cfg) -> list[dict]:
       max_f32_4d_buffer_bytes=max(train["max_f32_4d_buffer_bytes"],
                                   decode["max_f32_4d_buffer_bytes"]),
       scores_f32_bytes=B * mc.num_heads * L * L * 4,
-      train=train, decode=decode, params=int(sum(math.prod(x.shape)
+      train=train, decode=decode, grid=grid, params=int(sum(math.prod(x.shape)
                                                  for x in jax.tree.leaves(params))),
       flops_per_token=flops_per_token(mc, L), config=cfg.name, batch_size=B, seq_len=L)]
 

@@ -1,5 +1,6 @@
-"""`python -m kstore_jax.bench lower`: on this CPU machine, lower the train step and the
-KV-cache QA decoding for CUDA and TPU with `auto` resolved for them; they must take the flash
+"""`python -m kstore_jax.bench lower`: on this CPU machine, lower the train step (alone and
+vmapped over two grid runs) and the KV-cache QA decoding for CUDA and TPU with `auto` resolved
+for them; they must take the flash
 kernels (no [B, H, L, T] float32 scores) and no CPU-only construct."""
 
 import json
@@ -35,6 +36,7 @@ def test_lowers_flash_attention_for(platform, kernel, call):
   r = lower(platform)
   assert r["platform"] == platform and r["attention"] == kernel and r["dtype"] == "bfloat16"
   assert call in r["train"]["custom_calls"]
+  assert call in r["grid"]["custom_calls"]   # the vmapped grid step keeps the flash kernel
   assert r["max_f32_4d_buffer_bytes"] < r["scores_f32_bytes"], r
   assert no_cpu_only(r["custom_calls"]), r["custom_calls"]
   assert r["params"] > 0 and r["flops_per_token"] > 0
