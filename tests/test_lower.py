@@ -1,7 +1,7 @@
 """`python -m kstore_jax.bench lower`: on this CPU machine, lower the train step (alone and
 vmapped over two grid runs) and the KV-cache QA decoding for CUDA and TPU with `auto` resolved
-for them; they must take the flash
-kernels (no [B, H, L, T] float32 scores) and no CPU-only construct."""
+for them; they must take the flash kernels (no [B, H, L, T] float32 scores) and no CPU-only
+construct."""
 
 import json
 import os
