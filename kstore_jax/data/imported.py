@@ -91,7 +91,7 @@ class RosterRenderer(render.Renderer):
     starts = self.extra0 + len(roster) + np.cumsum([0, *map(len, tables[:-1])])
     self.value0 = dict(zip(ATTRIBUTES, starts.tolist()))   # class_tokens reads value0
 
-  def _name_pieces(self, pop: Roster, people) -> np.ndarray:
+  def name_pieces(self, pop: Roster, people) -> np.ndarray:
     people = np.asarray(people, np.int64)
     return np.stack([self.name0 + people, *np.zeros((2, len(people)), np.int64)], -1)
 

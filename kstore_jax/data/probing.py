@@ -21,7 +21,7 @@ def pprobe_examples(world, people, copies):
 def qprobe_examples(world, people):
   """[EOT] + full name: probe_at = the last name token."""
   r = world.renderer
-  pieces = np.concatenate([np.full((len(people), 1), r.bos), r._name_pieces(world.pop, people)],
+  pieces = np.concatenate([np.full((len(people), 1), r.bos), r.name_pieces(world.pop, people)],
                           1)
   docs = r.render(pieces, np.zeros(pieces.shape[1], bool))
   return (_pad(docs, world.pad_id), (docs.lengths - 1)[:, None].astype(np.int32),

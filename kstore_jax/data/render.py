@@ -30,7 +30,11 @@ N_ATTR = len(ATTRIBUTES)
 SUBJ, MID, VAL, TAIL = 0, 3, 4, 8     # slot offsets inside a sentence
 SENT = 9                              # pieces per sentence
 BIO_PIECES = 2 + N_ATTR * SENT
+# A QA pair's pieces: EOT, the question's words before the name, the name (NAME_SLOTS
+# pieces: first, middle, last), the words after it, the answer value and EOT (QA_VALUE_SLOTS).
 QA_PIECES = 11
+NAME_SLOTS = 3
+QA_NAME_SLOTS = slice(2, 2 + NAME_SLOTS)
 QA_VALUE_SLOTS = slice(6, 11)         # answer value + EOT: the only targets with loss
 PERMUTATIONS = np.array(list(itertools.permutations(range(N_ATTR))), np.int8)  # 720 x 6
 _PERM_STRIDE = 331                    # coprime with 720: copies of one bio get distinct orders
@@ -167,7 +171,8 @@ class Renderer:
     return self.to_model_ids(self.tokenizer.encode(text).ids)
 
   # -- piece ids -------------------------------------------------------------------------
-  def _name_pieces(self, pop: Population, people: np.ndarray) -> np.ndarray:
+  def name_pieces(self, pop: Population, people: np.ndarray) -> np.ndarray:
+    """[n, NAME_SLOTS] piece ids of the people's full names (as bios and QA render them)."""
     return np.stack([self.first0 + _take(pop.first, people),
                      self.middle0 + _take(pop.middle, people),
                      self.last0 + _take(pop.last, people)], -1)
@@ -199,7 +204,7 @@ class Renderer:
                            % len(PERMUTATIONS)].astype(np.int64)
     else:
       order = np.broadcast_to(attrs, (n, N_ATTR))
-    name = self._name_pieces(pop, people)
+    name = self.name_pieces(pop, people)
     subj = np.zeros((n, N_ATTR, 3), np.int64)
     subj[:, :, 0] = (self.pronoun0 + _take(pop.gender, people))[:, None]
     subj[:, 0] = name
@@ -225,7 +230,7 @@ class Renderer:
     out = np.zeros((len(people), QA_PIECES), np.int64)
     out[:, 0] = self.bos
     out[:, 1] = self.question0 + attrs
-    out[:, 2:5] = self._name_pieces(pop, people)
+    out[:, QA_NAME_SLOTS] = self.name_pieces(pop, people)
     out[:, 5] = self.question1 + attrs
     out[:, 6:10] = self._value_pieces(pop, people)[np.arange(len(people)), attrs]
     out[:, 10] = self.bos

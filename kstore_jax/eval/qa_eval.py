@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kstore_jax.data.render import N_ATTR, QA_VALUE_SLOTS
+from kstore_jax.data.render import N_ATTR, QA_NAME_SLOTS, QA_VALUE_SLOTS
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
 from kstore_jax.data.world import group_index
@@ -68,7 +68,7 @@ def qa_set(world, people) -> QASet:
   pieces = qa.pieces(np.arange(len(qa)))
   r = world.renderer
   render = lambda p: r.render(p, np.zeros(p.shape[1], bool)).padded(world.pad_id)
-  name_at = 2                     # EOT, question words, name pieces..., words after the name
+  name_at = QA_NAME_SLOTS.start   # prefix: EOT + the question's words before the name
   _, attrs = qa.locate(np.arange(len(qa)))
   by_attr = np.full(N_ATTR, -1)
   by_attr[attrs] = np.arange(len(attrs))     # one question per attribute present
