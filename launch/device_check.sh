@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The prepared accelerator check: one command for a lent GPU (an H200, or any CUDA machine),
 # ending by its own deadline; every section is bounded and a failed one does not stop the rest.
-#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,profile,train,small] OUTDIR
+#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,profile,train,grid,small] OUTDIR
 # Sections: env (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), profile (the top ops
 # of the first kernel's train step), train (bench train,
-# paper config in bf16 per attention kernel, --gpt2_vocab, 128x384 rows), small (single and
-# multi5_permute at `small`: pretrain -> finetune -> QA eval, as the deadline allows).
-# Writes at most 8 files under OUTDIR: summary.txt, bench.jsonl, log.txt, results_<row>.json.
+# paper config in bf16 per attention kernel, --gpt2_vocab, 128x384 rows), grid (bench grid:
+# grid_speedup of 2/4/8 `small` runs in one vmapped step), small (the small grid,
+# configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
+# the deadline allows; rerun with --sections=env,grid,small for the whole of it).
+# Writes at most 8 files under OUTDIR: summary.txt, bench.jsonl, log.txt, results_small.json
+# (each finished run's results.json by run name).
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
 # KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas xla cudnn").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
-SECTIONS="env,ceiling,attention,profile,train,small"
+SECTIONS="env,ceiling,attention,profile,train,grid,small"
 while [ $# -gt 1 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
@@ -31,7 +34,7 @@ done
 OUT="$1"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 for s in ${SECTIONS//,/ }; do
-  case "$s" in env|ceiling|attention|profile|train|small) ;;
+  case "$s" in env|ceiling|attention|profile|train|grid|small) ;;
     *) echo "device_check.sh: unknown section '$s' in --sections" >&2; exit 2 ;; esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -75,15 +78,18 @@ if [ "$SMOKE" = 1 ]; then
   # step: the --gpt2_vocab head alone is 50k x 128 per position)
   PAPER="configs/tiny.py"; KERNELS="xla"; TRAIN_STEPS=2; REPEATS=2
   SIZES=(--config.data.n_people=100 --config.model.num_layers=1 --config.pretrain.batch_size=4)
-  SMALL_ROWS="single"; SMALL_ARG="tiny"
+  SMALL_ARG="tiny"
   SMALL_OVERRIDES=("${SIZES[@]}" --config.model.d_model=32 --config.model.num_heads=2
                    --config.model.d_ff=64 --config.pretrain.steps=6 --config.finetune.steps=4
-                   --config.finetune.batch_size=4 --config.train.save_every=6)
+                   --config.finetune.batch_size=4 --config.train.save_every=6
+                   --config.pretrain_mixed.steps=6 --config.pretrain_mixed.batch_size=4
+                   --config.grid.mode=vmap --runs=single_finetune,single_mixed)
+  GRID_RUNS="2"
   ATTN=(--attention=einsum,xla,pallas)
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
-  SMALL_ROWS="single multi5_permute"; SMALL_ARG="small"; SMALL_OVERRIDES=()
+  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
@@ -129,12 +135,26 @@ if has train; then   # the first kernel (the default's) in its variants first, t
       --train_steps="$TRAIN_STEPS" --config.model.attention="$k"
   done
 fi
-if has small; then
-  for row in $SMALL_ROWS; do
-    run "small_$row" 600 "$PY" -m kstore_jax.main --config="configs/$row.py:$SMALL_ARG" \
-      --workdir="$WORK/runs/$row" "${SMALL_OVERRIDES[@]}"
-    [ -f "$WORK/runs/$row/results.json" ] && cp "$WORK/runs/$row/results.json" "$OUT/results_$row.json"
-  done
+if has grid; then   # R small runs in one vmapped step vs one after another
+  run grid 240 "${BENCH[@]}" grid --config="configs/grids/small5.py:$SMALL_ARG" \
+    --runs="$GRID_RUNS" --grid_modes=vmap --train_steps="$TRAIN_STEPS" "${SIZES[@]}"
+fi
+if has small; then   # the small grid, one vmapped step per stage (grid.mode auto on a GPU)
+  run small 900 "$PY" -m kstore_jax.grid --config="configs/grids/small5.py:$SMALL_ARG" \
+    --workdir="$WORK/runs" "${SMALL_OVERRIDES[@]}"
+  "$PY" - "$WORK/runs" "$OUT/results_small.json" <<'EOF'
+import json, os, sys
+from kstore_jax import rundir
+runs, out = sys.argv[1:3]
+found = {}
+for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+  path = os.path.join(runs, name, rundir.RESULTS)
+  if os.path.exists(path):
+    found[name] = rundir.read_json(path)
+if found:
+  with open(out, "w") as f:
+    json.dump(found, f, indent=1)
+EOF
 fi
 
 "$PY" - "$OUT" "$(( $(date +%s) - START ))" "$WORK/runs" <<'EOF' > "$OUT/summary.txt"
@@ -151,16 +171,17 @@ for line in open(os.path.join(out, "bench.jsonl")):
           "rel_err_dq", "skipped", "loss", "first_step_s", "device", "jax")
   extra = " ".join(f"{k}={r[k]}" for k in keys if k in r)
   print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
+results = os.path.join(out, "results_small.json")
+results = json.load(open(results)) if os.path.exists(results) else {}
 for row in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-  for stage in ("pretrain", "finetune"):
+  for stage in ("pretrain", "pretrain_mixed", "finetune"):
     rows = rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(os.path.join(runs, row), stage)))
     if rows:
       last = rows[-1]
       print(f"small {row} {stage}: step {last.get('step')} loss {last.get('loss', 0):.4f} "
             f"{last.get('tokens_per_s', 0):.0f} tokens/s mfu {last.get('mfu')}")
-  path = os.path.join(out, f"results_{row}.json")
-  if os.path.exists(path):
-    r = json.load(open(path))
+  if row in results:
+    r = results[row]
     print(f"small {row}: qa_test {r['qa_test']['mean']:.4f} qa_train {r['qa_train']['mean']:.4f} "
           f"bio_recall {r['bio_recall']['mean']:.4f}")
 EOF

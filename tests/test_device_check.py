@@ -21,24 +21,27 @@ def test_smoke_runs_every_section(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   files = sorted(os.listdir(out))
   assert len(files) <= 8 and {"summary.txt", "bench.jsonl", "log.txt",
-                              "results_single.json"} <= set(files), files
+                              "results_small.json"} <= set(files), files
   summary = (out / "summary.txt").read_text()
   status = [l.split() for l in summary.splitlines()[1:] if l.startswith("  ")]
   sections = {s[0]: s[1] for s in status}
   assert set(sections) == {"env", "ceiling", "attention", "profile_xla", "train_xla",
-                           "train_xla_gpt2_vocab", "small_single"}, summary
+                           "train_xla_gpt2_vocab", "grid", "small"}, summary
   assert all(how == "ok" for how in sections.values()), summary
   lines = [json.loads(l) for l in (out / "bench.jsonl").read_text().splitlines()]
   names = {(l["section"], l["name"]) for l in lines}
   for want in [("env", "environment"), ("ceiling", "matmul_bfloat16_flops_per_s"),
                ("attention", "attention_pallas_ms"), ("profile_xla", "profile_step_s"),
-               ("train_xla", "train_tokens_per_s"), ("train_xla_gpt2_vocab", "train_step_s")]:
+               ("train_xla", "train_tokens_per_s"), ("train_xla_gpt2_vocab", "train_step_s"),
+               ("grid", "grid_speedup")]:
     assert want in names, want
   vocab = {l["vocab"] for l in lines if l["section"] == "train_xla_gpt2_vocab" and "vocab" in l}
   assert vocab == {50304}
-  results = json.loads((out / "results_single.json").read_text())
-  assert 0.0 <= results["qa_test"]["mean"] <= 1.0
-  assert "small single: qa_test" in summary and "small single: qa_test" in proc.stdout
+  results = json.loads((out / "results_small.json").read_text())
+  assert set(results) == {"single_finetune", "single_mixed"}   # the grid's two runs asked for
+  assert all(0.0 <= r["qa_test"]["mean"] <= 1.0 for r in results.values())
+  for run in results:
+    assert f"small {run}: qa_test" in summary and f"small {run}: qa_test" in proc.stdout
 
 
 def test_bad_arguments_are_one_line(tmp_path):
