@@ -54,9 +54,7 @@ def open_runs(g, names: list[str], workdir: str, platform: str, n_devices: int) 
     try:
       out[name] = experiment.open_experiment(g.runs[name], os.path.join(workdir, name),
                                              n_devices, platform)
-    except ConfigError as e:
-      raise ConfigError(f"run {name!r}: {e}") from None
-    except (FileNotFoundError, ValueError) as e:   # a bad input file of one run
+    except (FileNotFoundError, ValueError) as e:   # ConfigError, or a bad input file
       raise ConfigError(f"run {name!r}: {e}") from None
   return out
 
