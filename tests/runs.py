@@ -35,13 +35,30 @@ def micro_stage_args(batch_size: int, save_every: int, **steps: int) -> list[str
   ]
 
 
+# Variables that make a run join a cluster (runtime.maybe_initialize_distributed): a test's
+# subprocess gets them only when it asks (the two-process tests).
+CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR",
+                "SLURM_NTASKS", "TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS")
+
+
+def env(cache=None, n_devices: int = 1, **extra) -> dict:
+  """The environment of a `python -m kstore_jax.*` subprocess: JAX on n_devices fake CPU
+  devices, the persistent compilation cache in `cache` (conftest's `jax_cache`; every program
+  cached, however fast it compiled), no cluster variables, then `extra`."""
+  out = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
+  out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+             JAX_PLATFORMS="cpu")
+  if cache is not None:
+    out.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  out.update(extra)
+  return out
+
+
 def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
   """`python -m kstore_jax.main ARGS` on n_devices fake CPU devices with the persistent JAX
   compilation cache in `cache`."""
-  env = dict(os.environ)
-  env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.run([sys.executable, "-m", "kstore_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run([sys.executable, "-m", "kstore_jax.main", *args], cwd=ROOT,
+                        env=env(cache, n_devices), capture_output=True, text=True,
+                        timeout=timeout, check=False)

@@ -4,14 +4,13 @@ determinism, the causal switch, mask-filling QA exact match, probes, configs, en
 import dataclasses
 import json
 import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import runs
 
 from configs import base
 from kstore_jax import configlib
@@ -21,7 +20,6 @@ from kstore_jax.eval import qa_eval
 from kstore_jax.model import probes
 from kstore_jax.model.transformer import ModelConfig, Transformer, model_vocab
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +227,14 @@ SMALL = ["--config.data.n_people=100", "--config.model.num_layers=2",
     for k, v in (("steps", 2), ("batch_size", 8), ("warmup_steps", 1))]
 
 
-def run_main(config: str, workdir: pathlib.Path) -> dict:
-  out = subprocess.run([sys.executable, "-m", "kstore_jax.main", f"--config={config}",
-                        f"--workdir={workdir}", *SMALL], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+def run(config: str, workdir: pathlib.Path, cache) -> dict:
+  out = runs.run_main([f"--config={config}", f"--workdir={workdir}", *SMALL], cache)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads((workdir / "results.json").read_text())
 
 
-def test_gbert_run_with_probes(tmp_path):
-  results = run_main("configs/gbert/single.py:tiny,probe", tmp_path)
+def test_gbert_run_with_probes(tmp_path, jax_cache):
+  results = run("configs/gbert/single.py:tiny,probe", tmp_path, jax_cache)
   cfg = json.loads((tmp_path / "config.json").read_text())
   assert cfg["model"]["causal"] is False and cfg["name"] == "gbert_single"
   assert results["evaluated_stage"] == "finetune"
@@ -248,8 +244,8 @@ def test_gbert_run_with_probes(tmp_path):
   assert results["qa_test_by_tokens"]["all"]["multi_share"] > 0
 
 
-def test_llama_mixed_run(tmp_path):
-  results = run_main("configs/llama/multi5_permute.py:tiny,mixed", tmp_path)
+def test_llama_mixed_run(tmp_path, jax_cache):
+  results = run("configs/llama/multi5_permute.py:tiny,mixed", tmp_path, jax_cache)
   assert results["evaluated_stage"] == "pretrain_mixed"
   assert 0.0 <= results["qa_test"]["mean"] <= 1.0
   assert (tmp_path / "pretrain_mixed" / "final").is_dir()

@@ -212,13 +212,13 @@ def test_pprobe_needs_one_augmentation():
 
 
 # -- end to end -----------------------------------------------------------------------------
-def test_results_and_report_per_group(tmp_path):
+def test_results_and_report_per_group(tmp_path, jax_cache):
   """celeb_minority at 120 people (100 minority, 20 stars), a few steps of each stage."""
   wd = tmp_path / "celeb_minority"
   args = ["--config=configs/celeb_minority.py:tiny", f"--workdir={wd}",
           "--config.data.n_people=120", "--config.data.seq_len=160",
           "--config.data.vocab_size=1024", *micro_stage_args(8, 2, pretrain=2, finetune=2)]
-  r = run_main(args, tmp_path / "jax_cache", timeout=240)
+  r = run_main(args, jax_cache, timeout=240)
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.loads((wd / "results.json").read_text())
   assert {"qa_test", "qa_train", "bio_recall"} <= set(results)

@@ -5,14 +5,13 @@ and the closed form, the pooled interval of a mean over attributes, the report's
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from runs import micro_stage_args, run_main
+from runs import env as run_env, micro_stage_args, run_main
 
 from kstore_jax import report
 from kstore_jax.data.templates import ATTRIBUTES
@@ -131,13 +130,13 @@ def intervals(value, ci, path=""):
   return [leaf for k, c in items for leaf in intervals(value[k], c, f"{path}/{k}")]
 
 
-def test_results_json_has_an_interval_for_every_accuracy(tmp_path):
+def test_results_json_has_an_interval_for_every_accuracy(tmp_path, jax_cache):
   wd = tmp_path / "run"
   n_people = 60
   args = ["--config=configs/single.py:tiny,probe", f"--workdir={wd}",
           f"--config.data.n_people={n_people}",
           *micro_stage_args(4, 10, pretrain=6, finetune=4, pprobe=4, qprobe=4)]
-  r = run_main(args, tmp_path / "jax_cache", timeout=600)
+  r = run_main(args, jax_cache, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())
   half = n_people // 2                          # qa_train_fraction 0.5: 30 test, 30 train
@@ -165,6 +164,6 @@ def test_results_json_has_an_interval_for_every_accuracy(tmp_path):
   # inspect shows each mean with its interval instead of listing the _ci keys
   out = subprocess.run([sys.executable, "-m", "kstore_jax.inspect", f"--workdir={wd}",
                         "--restore=false"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout
+                       timeout=300, check=True, env=run_env()).stdout
   assert f"qa_test {mean:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]" in out, out
   assert "_ci" not in out, out

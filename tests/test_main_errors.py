@@ -23,13 +23,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "jax_cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
 def snapshot(root: pathlib.Path) -> dict:
   """Every path under root (the root included) -> (mtime_ns, size, sha256 for files)."""
   out = {}

@@ -13,7 +13,6 @@ module-scoped fixture; the model is the tiny one of test_train.py.
 """
 
 import json
-import os
 import pathlib
 import shutil
 import socket
@@ -23,7 +22,7 @@ import time
 
 import numpy as np
 import pytest
-from runs import DETERMINISTIC, small_run_args
+from runs import DETERMINISTIC, env as run_env, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, PROBE_STEPS = 12, 6, 4
@@ -38,26 +37,7 @@ ARGS = ["--config=configs/single.py:tiny",
 PRETRAIN_ARGS = [("--config.stages=pretrain" if a.startswith("--config.stages") else a)
                  for a in ARGS]
 SHARED_ROWS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4"]
-# Variables that make maybe_initialize_distributed join a cluster: none leaks into a run.
-CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR",
-                "SLURM_NTASKS", "TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS")
 TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "jax_cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def run_env(n_devices: int, cache, **cluster) -> dict:
-  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
-  env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **cluster)
-  return env
 
 
 def free_port() -> int:
@@ -75,7 +55,7 @@ def start(workdir, log, env, args=ARGS) -> subprocess.Popen:
 def start_one(workdir, cache, n_devices=2, args=ARGS) -> list:
   """One process with n_devices fake CPU devices: [(proc, log)]."""
   log = pathlib.Path(f"{workdir}.log")
-  return [(start(workdir, log, run_env(n_devices, cache), args), log)]
+  return [(start(workdir, log, run_env(cache, n_devices), args), log)]
 
 
 def start_two(workdir, cache, n_devices=1, args=ARGS) -> list:
@@ -83,7 +63,7 @@ def start_two(workdir, cache, n_devices=1, args=ARGS) -> list:
   port, runs = free_port(), []
   for i in range(2):
     log = pathlib.Path(f"{workdir}.p{i}.log")
-    env = run_env(n_devices, cache, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
+    env = run_env(cache, n_devices, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
                   KSTORE_COORDINATOR=f"localhost:{port}")
     runs.append((start(workdir, log, env, args), log))
   return runs

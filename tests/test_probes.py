@@ -4,11 +4,7 @@ position), the base model is frozen, and the probe stages run end to end and res
 
 import functools
 import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -16,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from runs import run_main
 
 from configs import base as base_cfg
 from kstore_jax import experiment
@@ -28,7 +25,6 @@ from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.model import probes
 from kstore_jax.train import optim, step as step_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOT = tokenizer_lib.EOT
 N_PEOPLE = 60
 # (data overrides) of the worlds whose probe inputs are checked token by token.
@@ -449,17 +445,11 @@ E2E = ["--config=configs/multi5_permute.py:tiny", "--config.data.n_people=60",
        "--config.qprobe.batch_size=4", "--config.stages=pretrain,pprobe,qprobe"]
 
 
-def test_probe_stages_end_to_end_and_rerun(tmp_path):
+def test_probe_stages_end_to_end_and_rerun(tmp_path, jax_cache):
   workdir = tmp_path / "run"
-  # A compilation cache shared by both runs: the rerun reuses the first run's executables.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jc"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
-  def run():
-    r = subprocess.run([sys.executable, "-m", "kstore_jax.main", f"--workdir={workdir}", *E2E],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                       check=False)
+  def run():   # the session's compilation cache: the rerun loads the first run's executables
+    r = run_main([f"--workdir={workdir}", *E2E], jax_cache, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr, json.loads((workdir / "results.json").read_text())
 

@@ -121,13 +121,13 @@ def test_bad_fraction_is_one_line(fraction):
   configlib.validate(config(0.99), 1, "cpu")      # 248 of 250: 2 people still trained on
 
 
-def test_results_json_has_qa_valid(tmp_path):
+def test_results_json_has_qa_valid(tmp_path, jax_cache):
   """60 people: 30 test, 30 QA-train of which round(0.2 * 30) = 6 valid, 24 trained on."""
   wd = tmp_path / "run"
   args = ["--config=configs/single.py:tiny", f"--workdir={wd}", "--config.data.n_people=60",
           "--config.data.qa_valid_fraction=0.2",
           *micro_stage_args(4, 10, pretrain=6, finetune=4)]
-  r = run_main(args, tmp_path / "jax_cache", timeout=600)
+  r = run_main(args, jax_cache, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())
   assert res["produced_by"]["qa_valid"] == res["produced_by"]["qa_valid_ci"] == "eval"

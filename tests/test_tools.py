@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from runs import env as run_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_PEOPLE = 60
@@ -25,18 +26,9 @@ RUN_ARGS = [
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company", "company_city")
 
 
-def _env(cache=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if cache is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
-
-
 def tool(name, *args, cache=None, timeout=300) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", f"kstore_jax.{name}", *args], cwd=ROOT,
-                        env=_env(cache), capture_output=True, text=True, timeout=timeout,
+                        env=run_env(cache), capture_output=True, text=True, timeout=timeout,
                         check=False)
 
 
@@ -57,18 +49,11 @@ def one_line_error(r, prog, *culprits) -> str:
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "jax_cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, jax_cache):
   """pretrain (6 steps) -> finetune (4 steps) -> eval; checkpoints every 3 steps."""
   wd = tmp_path_factory.mktemp("tools") / "run"
   r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}"],
-                     cwd=ROOT, env=_env(jax_cache), capture_output=True, text=True,
+                     cwd=ROOT, env=run_env(jax_cache), capture_output=True, text=True,
                      timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   return wd
@@ -166,7 +151,7 @@ def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
   for i in range(2):
     (data / f"process_{i}-of-2.json").write_text(state)
   r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}",
-                      "--config.stages=pretrain"], cwd=ROOT, env=_env(jax_cache),
+                      "--config.stages=pretrain"], cwd=ROOT, env=run_env(jax_cache),
                      capture_output=True, text=True, timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from step 3" in r.stdout

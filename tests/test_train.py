@@ -18,7 +18,7 @@ import sys
 import time
 
 import pytest
-from runs import DETERMINISTIC, small_run_args
+from runs import DETERMINISTIC, env as run_env, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/single.py:tiny"
@@ -28,35 +28,19 @@ MESH_2x2x2 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.ten
 
 
 # -- helpers ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / "jax_cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def run_env(n_devices: int, cache) -> dict:
-  env = dict(os.environ)
-  env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
-
-
 def main_cmd(workdir, *extra) -> list[str]:
   return [sys.executable, "-m", "kstore_jax.main", CONFIG, f"--workdir={workdir}", *SMALL,
           *extra]
 
 
 def train(workdir, cache, *extra, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
-  return subprocess.run(main_cmd(workdir, *extra), cwd=ROOT, env=run_env(n_devices, cache),
+  return subprocess.run(main_cmd(workdir, *extra), cwd=ROOT, env=run_env(cache, n_devices),
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def start(workdir, cache, *extra, n_devices=1) -> subprocess.Popen:
   log = pathlib.Path(str(workdir) + ".log")   # files, not pipes: nobody reads them meanwhile
-  return subprocess.Popen(main_cmd(workdir, *extra), cwd=ROOT, env=run_env(n_devices, cache),
+  return subprocess.Popen(main_cmd(workdir, *extra), cwd=ROOT, env=run_env(cache, n_devices),
                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -268,7 +252,7 @@ def test_restore_error_stops_keeps_checkpoints_and_rerun_resumes(baseline, tmp_p
   assert checkpoint_steps(wd) == [resume]
   before = tree_digest(wd / "pretrain")
   r = subprocess.run([sys.executable, "-c", FAILING_RESTORE, *main_cmd(wd)[3:]], cwd=ROOT,
-                     env=run_env(1, jax_cache), capture_output=True, text=True, timeout=300,
+                     env=run_env(jax_cache), capture_output=True, text=True, timeout=300,
                      check=False)
   assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
   errors = [l for l in r.stderr.splitlines() if l.startswith("kstore_jax.main: error: ")]
@@ -333,7 +317,7 @@ for path in sorted(glob.glob("configs/*.py")):
 
 def test_every_row_config_starts(tmp_path, jax_cache):
   r = subprocess.run([sys.executable, "-c", ROWS_SCRIPT, str(tmp_path)], cwd=ROOT,
-                     env=run_env(1, jax_cache), capture_output=True, text=True, timeout=600)
+                     env=run_env(jax_cache), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = {d["row"]: d for d in map(json.loads, (l for l in r.stdout.splitlines()
                                                   if l.startswith("{")))}

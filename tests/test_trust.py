@@ -3,7 +3,6 @@ stored its people's bios from an untrained one; a bfloat16 run trains like float
 evaluates."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -107,15 +106,11 @@ def _losses(workdir) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def dtype_runs(tmp_path_factory):
+def dtype_runs(tmp_path_factory, jax_cache):
   """The same run in bfloat16 (pretrain, QA eval, P- and Q-probes) and in float32 (pretrain),
   side by side: `python -m kstore_jax.main` subprocesses on CPU."""
   base_dir = tmp_path_factory.mktemp("dtype")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(base_dir / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = runs.env(jax_cache)
   stages = {"bfloat16": "pretrain,eval,pprobe,qprobe", "float32": "pretrain"}
   procs = {}
   for dtype, st in stages.items():
