@@ -463,7 +463,7 @@ def bench_lower(cfg) -> list[dict]:
     exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data),
                                 experiment.Workdir(os.getcwd()), platform=platform)
   spec = exp.train_spec("pretrain")
-  _, rng, abstract, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
+  _, rng, abstract, shardings, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
   B, L = cfg.pretrain.batch_size, cfg.data.seq_len
   batch_sh = sharding.batch_sharding(exp.mesh)
   batch = {k: jax.ShapeDtypeStruct((B, L), dtype, sharding=batch_sh)
@@ -471,10 +471,9 @@ def bench_lower(cfg) -> list[dict]:
   train_text = train_step.trace(abstract, spec.frozen, batch).lower(
       lowering_platforms=(platform,)).as_text()
   # the same step as a grid runs it: two runs vmapped over a leading run axis
-  _, _, _, shardings, _ = loop.build_state(spec, exp.mesh, cfg.seed)
   runs = lambda x, sh: jax.ShapeDtypeStruct((2, *x.shape), x.dtype,
                                             sharding=sharding.with_run_axis(sh))
-  grid_text = loop.compile_cohort_step(spec, exp.mesh, shardings).trace(
+  grid_text = loop.compile_step(spec, exp.mesh, shardings, runs=True).trace(
       jax.tree.map(lambda x: runs(x, x.sharding), abstract), spec.frozen,
       {k: runs(v, batch_sh) for k, v in batch.items()}).lower(
           lowering_platforms=(platform,)).as_text()

@@ -110,24 +110,25 @@ def build_state(spec: StageSpec, mesh, seed: int):
 
 def compile_stage(spec: StageSpec, mesh, seed: int):
   """(init, rng, abstract state, state shardings, jitted train_step(state, frozen, batch))."""
-  init, rng, abstract, shardings, optimizer = build_state(spec, mesh, seed)
-  frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
-  train_step = jax.jit(
-      step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg)),
-      in_shardings=(shardings, frozen_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  return init, rng, abstract, shardings, train_step
+  init, rng, abstract, shardings, _ = build_state(spec, mesh, seed)
+  return init, rng, abstract, shardings, compile_step(spec, mesh, shardings)
 
 
-def compile_cohort_step(spec: StageSpec, mesh, shardings):
-  """The train step of `spec` vmapped over a leading run axis of state, frozen and batch
-  (the run axis replicated on the mesh, every other axis sharded as in one run)."""
-  optimizer = optim.make_optimizer(spec.stage_cfg)
-  step = step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg))
-  stacked = jax.tree.map(sharding.with_run_axis, shardings)
-  return jax.jit(jax.vmap(step), in_shardings=(stacked, None, sharding.with_run_axis(
-      sharding.batch_sharding(mesh))), out_shardings=(stacked, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False):
+  """The jitted train step of `spec` on states with `shardings`; `runs`: vmapped over a
+  leading run axis of state, frozen and batch (a grid cohort: the run axis replicated on the
+  mesh, every other axis sharded as in one run; the frozen trees as given)."""
+  step = step_lib.make_train_step(spec.loss_fn, optim.make_optimizer(spec.stage_cfg),
+                                  optim.schedule(spec.stage_cfg))
+  batch_sh = sharding.batch_sharding(mesh)
+  if runs:
+    step, shardings, batch_sh = jax.vmap(step), jax.tree.map(
+        sharding.with_run_axis, shardings), sharding.with_run_axis(batch_sh)
+    frozen_sh = None
+  else:
+    frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
+  return jax.jit(step, in_shardings=(shardings, frozen_sh, batch_sh),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 @dataclasses.dataclass
@@ -179,10 +180,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   is_main = jax.process_index() == 0
   built = [build_state(m.spec, mesh, m.seed) for m in members]
   abstract, shardings = built[0][2], built[0][3]
-  if vmapped:
-    step_fn = compile_cohort_step(spec0, mesh, shardings)
-  else:
-    step_fn = compile_stage(spec0, mesh, members[0].seed)[4]
+  step_fn = compile_step(spec0, mesh, shardings, runs=vmapped)
   data_iters, ckpts, writers, states, starts = [], [], [], [], []
   for m, (init, rng, *_) in zip(members, built):
     os.makedirs(m.stage_dir, exist_ok=True)

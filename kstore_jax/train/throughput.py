@@ -112,7 +112,7 @@ def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int 
   local = [first_batches(m.spec, mesh) for m in members]
   built = [loop.build_state(m.spec, mesh, m.seed) for m in members]
   shardings = built[0][3]
-  step = loop.compile_cohort_step(members[0].spec, mesh, shardings)
+  step = loop.compile_step(members[0].spec, mesh, shardings, runs=True)
   state = loop.stack_runs([init(rng) for init, rng, *_ in built], shardings)
   frozen = loop.stack_runs([m.spec.frozen for m in members])
   batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh)
