@@ -130,6 +130,15 @@ class Experiment:
     abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
     return abstract, init, boxed
 
+  def random_params(self, seed: int):
+    """A fresh model's params: pretrain's initial params for `seed` (the same init and key),
+    sharded as `load_final` places a finished stage's (benchmarks run on them)."""
+    abstract, init, _ = self.model_abstract
+    with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(self.mesh):
+      fresh = jax.jit(lambda rng: nn.meta.unbox(init(rng)),
+                      out_shardings=jax.tree.map(lambda x: x.sharding, abstract))
+      return fresh(jax.random.PRNGKey(seed))
+
   def rebox(self, params):
     """Loaded (plain) params boxed with the model's logical axes, so a stage that starts from
     them shards them (and their optimizer state) like a fresh model."""

@@ -101,7 +101,7 @@ import jax
 mods = ['jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'array_record',
         'ml_collections', 'tensorboardX', 'tokenizers', 'numpy']
 vers = {m: getattr(importlib.import_module(m), '__version__', '?') for m in mods}
-import kstore_jax.main, kstore_jax.report, kstore_jax.eval.qa_eval  # the project imports
+import kstore_jax.tools.main, kstore_jax.tools.report, kstore_jax.eval.qa_eval  # the project imports
 d = jax.devices()
 print(json.dumps(dict(name='environment', value=len(d), unit='devices', python=platform.python_version(),
                       device=d[0].device_kind, platform=d[0].platform, **vers)))

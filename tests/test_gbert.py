@@ -252,7 +252,7 @@ def test_llama_mixed_run(tmp_path, jax_cache):
 
 
 def test_report_arch_and_token_tables(tmp_path):
-  from kstore_jax import report
+  from kstore_jax.tools import report
   by_tokens = {"company": {"single": 0.5, "multi": 0.25, "multi_share": 0.6},
                "all": {"single": 0.5, "multi": 0.2, "multi_share": 0.9}}
   runs = []

@@ -12,8 +12,9 @@ import pytest
 from runs import micro_stage_args, run_main
 
 from configs import base, celeb_minority, minority_only, single_permute1
-from kstore_jax import configlib, report
+from kstore_jax import configlib
 from kstore_jax.data import population, render, tokenizer, world as world_lib
+from kstore_jax.tools import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from runs import env as run_env, micro_stage_args, run_main
 
-from kstore_jax import report
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import qa_eval
+from kstore_jax.tools import report
 
 Z = 1.959964
 ROOT = pathlib.Path(__file__).resolve().parents[1]

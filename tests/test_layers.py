@@ -17,6 +17,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# `python -m <shim>` runs the tool kstore_jax.tools.<name> (test_shims_only_call_their_tool).
+SHIMS = ("kstore_jax.main", "kstore_jax.grid", "kstore_jax.data.__main__", "kstore_jax.ask",
+         "kstore_jax.inspect", "kstore_jax.report", "kstore_jax.bench")
 # (layer, rank, modules): a name covers that module and, for a package, everything in it.
 # `kstore_jax` alone is the package's __init__ (it covers nothing below it).
 LAYERS = (
@@ -28,10 +31,7 @@ LAYERS = (
     ("train", 3, ("kstore_jax.train",)),
     ("eval", 3, ("kstore_jax.eval",)),
     ("experiment", 4, ("kstore_jax.experiment", "kstore_jax.configlib")),
-    ("tools", 5, ("kstore_jax.cli", "kstore_jax.runtime", "kstore_jax.main",
-                  "kstore_jax.data.__main__", "kstore_jax.ask", "kstore_jax.inspect",
-                  "kstore_jax.report", "kstore_jax.bench", "kstore_jax.grid",
-                  "kstore_jax.tools")),
+    ("tools", 5, ("kstore_jax.tools",) + SHIMS),
 )
 PACKAGES = ("kstore_jax", "configs")
 # What `report` must not load (it reads results.json and draws with matplotlib).
@@ -121,6 +121,20 @@ def test_checker_flags_upward_and_sideways_imports(module, source, culprit):
   upward = layer_of(culprit)[1] >= layer_of(module)[1] and (
       layer_of(culprit)[0] != layer_of(module)[0])
   assert bool(found) == upward, found
+
+
+@pytest.mark.parametrize("shim", SHIMS)
+def test_shims_only_call_their_tool(shim):
+  """A documented command's module is a docstring and `if __name__ == "__main__":` importing
+  its tool and calling `run()`; the code is in kstore_jax/tools/."""
+  tool = "data" if shim == "kstore_jax.data.__main__" else shim.split(".")[-1]
+  tree = ast.parse(all_modules()[shim].read_text())
+  doc, main = tree.body if len(tree.body) == 2 else (None, None)
+  assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), ast.dump(tree)
+  assert f"kstore_jax/tools/{tool}.py" in " ".join(doc.value.value.split())
+  assert isinstance(main, ast.If) and ast.unparse(main.test) == "__name__ == '__main__'"
+  assert [ast.unparse(s) for s in main.body] == [
+      f"from kstore_jax.tools import {tool}", f"{tool}.run()"]
 
 
 def test_report_runs_without_jax(tmp_path):

@@ -12,8 +12,9 @@ import pytest
 from runs import micro_stage_args, run_main
 
 from configs import celeb_minority, single
-from kstore_jax import configlib, report
+from kstore_jax import configlib
 from kstore_jax.data import sources, tokenizer, world as world_lib
+from kstore_jax.tools import report
 
 
 @pytest.fixture(scope="module")

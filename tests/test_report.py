@@ -5,8 +5,8 @@ import pathlib
 import subprocess
 import sys
 
-from kstore_jax import report
 from kstore_jax.data.templates import ATTRIBUTES
+from kstore_jax.tools import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -344,11 +344,11 @@ def test_ask_marks_right_and_wrong_answers(run_dir, population, monkeypatch):
   count adds up."""
   import sys
   from absl import flags
-  if "kstore_jax.ask" not in sys.modules:   # each tool defines its flags at import: another
+  if "kstore_jax.tools.ask" not in sys.modules:   # each tool defines its flags at import: another
     for name in ("workdir",):               # tool imported by an earlier test (bench) holds
       if name in flags.FLAGS:               # the same name in this process
         delattr(flags.FLAGS, name)
-  from kstore_jax import ask
+  from kstore_jax.tools import ask
   from kstore_jax.eval import qa_eval
   asker = ask.Asker(str(run_dir))
   people = asker.random_people(4, seed=0, split="train")

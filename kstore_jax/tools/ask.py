@@ -24,8 +24,9 @@ import sys
 from absl import flags, logging
 
 from configs.base import TRAIN_STAGES
-from kstore_jax import cli, rundir
+from kstore_jax import rundir
 from kstore_jax.configlib import ConfigError
+from kstore_jax.tools import cli
 
 FINISHED_ORDER = TRAIN_STAGES[::-1]   # preferred first: finetune, pretrain_mixed, pretrain
 
@@ -265,5 +266,6 @@ def main(argv):
   sys.stdout.flush()
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m kstore_jax.ask` (the shim kstore_jax/ask.py calls this)."""
   cli.run(main, "kstore_jax.ask", config_required=False)

@@ -15,6 +15,7 @@ them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]`
 (cfg is the validated `--config`, or None for those in NO_CONFIG).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,10 @@ import time
 import numpy as np
 from absl import flags
 
+import kstore_jax
 from configs.base import PROBE_STAGES, TRAIN_STAGES
-from kstore_jax import cli, configlib, rundir
+from kstore_jax import configlib, rundir
+from kstore_jax.tools import cli, runtime
 
 CONFIG = cli.config_flag()
 WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data: Grain worker processes to compare")
@@ -196,7 +199,7 @@ print(json.dumps(dict(seconds=dt, nbytes=nbytes, peak_rss=rss(), base_rss=base))
 def bench_population(cfg) -> list[dict]:
   del cfg
   n = N_PEOPLE.value
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(kstore_jax.__file__)))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(
       [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
   proc = subprocess.run([sys.executable, "-c", _POPULATION_CHILD, str(n)], env=env,
@@ -232,6 +235,18 @@ def _time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
           {k: float(np.min(t)) for k, t in times.items()}, out)
 
 
+def forward_flops(model_cfg, seq_len: int = 0) -> dict[str, float]:
+  """Forward FLOPs per position by part, from the model's own count
+  (`transformer.flops_per_token`, training = 3 x forward): `body` (the blocks' projections),
+  `head` (the output head), `attention` (QK^T and AV over `seq_len` positions, causal counted
+  in full, all layers)."""
+  from kstore_jax.model import transformer
+  forward = lambda c, length: transformer.flops_per_token(c, length) / 3
+  no_head = dataclasses.replace(model_cfg, vocab_size=0)
+  return dict(body=forward(no_head, 0), head=forward(model_cfg, 0) - forward(no_head, 0),
+              attention=forward(model_cfg, seq_len) - forward(model_cfg, 0))
+
+
 def generation_flops(model_cfg, batches, max_new: int) -> dict[str, float]:
   """Matmul FLOPs (attention scores left out) of QA generation over `batches` (QASet each),
   max_new steps, by path:
@@ -242,10 +257,8 @@ def generation_flops(model_cfg, batches, max_new: int) -> dict[str, float]:
     max_new positions, head included, at every step;
   - `kv_cache` (`generate.generate`): each distinct prefix once and each row's rest but its
     last token without the head, then max_new one-token steps with it."""
-  c = model_cfg
-  mlp = (3 if c.block == "llama" else 2) * c.d_model * c.d_ff
-  body = 2 * c.num_layers * (4 * c.d_model ** 2 + mlp)
-  head = 2 * c.vocab_size * c.d_model
+  parts = forward_flops(model_cfg)
+  body, head = parts["body"], parts["head"]
   out = dict(recompute=0.0, fixed_width=0.0, kv_cache=0.0)
   for qs in batches:
     rows, width = qs.rest_NR.shape
@@ -259,8 +272,6 @@ def generation_flops(model_cfg, batches, max_new: int) -> dict[str, float]:
 
 
 def bench_eval(cfg) -> list[dict]:
-  import flax.linen as nn
-  import jax
   import jax.numpy as jnp
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
@@ -280,9 +291,7 @@ def bench_eval(cfg) -> list[dict]:
       params = exp.load_final(stage)
     else:
       stage = "random_init"
-      init = jax.jit(lambda rng: nn.meta.unbox(
-          exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
-      params = init(jax.random.PRNGKey(cfg.seed))
+      params = exp.random_params(cfg.seed)
   w = exp.world
   people = (np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
             if EVAL_PEOPLE.value else np.concatenate(exp.eval_people()))
@@ -360,7 +369,6 @@ def measure_train(cfg, **kw) -> dict:
   """`throughput.measure` of the config's pretrain step: an Experiment in a temporary workdir,
   the model's output head widened to GPT-2's vocabulary with --gpt2_vocab (the data's ids stay
   below the world's vocabulary)."""
-  import dataclasses
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
   from kstore_jax.model import transformer
@@ -456,7 +464,7 @@ def bench_lower(cfg) -> list[dict]:
   from kstore_jax import experiment
   from kstore_jax.data import batches, tokenizer
   from kstore_jax.eval import generate, qa_eval
-  from kstore_jax.model.transformer import flops_per_token
+  from kstore_jax.model.transformer import count_params, flops_per_token
   from kstore_jax.train import loop, sharding
   platform = PLATFORM.value   # the config was validated for it
   with cli.config_errors():   # nothing is written to the workdir
@@ -493,8 +501,7 @@ def bench_lower(cfg) -> list[dict]:
       max_f32_4d_buffer_bytes=max(train["max_f32_4d_buffer_bytes"],
                                   decode["max_f32_4d_buffer_bytes"]),
       scores_f32_bytes=B * mc.num_heads * L * L * 4,
-      train=train, decode=decode, grid=grid, params=int(sum(math.prod(x.shape)
-                                                 for x in jax.tree.leaves(params))),
+      train=train, decode=decode, grid=grid, params=int(count_params(params)),
       flops_per_token=flops_per_token(mc, L), config=cfg.name, batch_size=B, seq_len=L)]
 
 
@@ -538,7 +545,7 @@ def bench_attention(cfg) -> list[dict]:
   as bioS packs)."""
   import jax
   import jax.numpy as jnp
-  from kstore_jax.model import attention
+  from kstore_jax.model import attention, transformer
   from kstore_jax.train import throughput
   platform = attention.platform_of(jax.devices())
   dtype = attention.resolve_dtype(cfg.model.dtype, platform)
@@ -564,6 +571,10 @@ def bench_attention(cfg) -> list[dict]:
   out = []
   ctx = dict(config=cfg.name, batch=B, seq_len=L, heads=H, head_dim=K, dtype=dtype,
              device=jax_device_kind())
+  # fwd + bwd (3 x fwd) of one layer's attention over the batch, as the model's FLOP count
+  # has it (MFU papers' accounting: causal counted in full)
+  mc = transformer.ModelConfig.from_config(cfg.model, 0, platform)
+  attention_flops = 3 * forward_flops(mc, L)["attention"] / mc.num_layers * B * L
   variants = [(i, None) for i in ATTENTION.value or attention.IMPLEMENTATIONS]
   if any(i == "cudnn" for i, _ in variants):   # the packed layout's document bound M matters?
     variants.append(("cudnn", L // 16))
@@ -581,10 +592,8 @@ def bench_attention(cfg) -> list[dict]:
     errs = [float(jnp.linalg.norm(((a - b) * real).astype(jnp.float32))
                   / jnp.linalg.norm((b * real).astype(jnp.float32)))
             for a, b in zip([got[0][1]] + list(got[1]), ref_leaves)]
-    # fwd+bwd FLOPs as MFU papers count attention (causal counted in full): 4BLLHK fwd, 2x bwd
-    flops = 3 * 4 * B * L * L * H * K
     ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
-    r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(flops / ms / 1e9, 1),
+    r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
                     compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
                     rel_err_dk=errs[2], rel_err_dv=errs[3], **ctx)
     print(json.dumps(r), file=sys.stderr, flush=True)
@@ -605,31 +614,22 @@ def bench_probe(cfg) -> list[dict]:
   PROBE_STEPS steps after 2 warm-up (compile) steps; batch rendering alone is timed too."""
   if cfg.data.groups:
     raise cli.ConfigError(f"bench probe: {configlib.PPROBE_GROUPS}")
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
   from kstore_jax.model.transformer import count_params
-  from kstore_jax.train import loop, optim, sharding, step as step_lib
+  from kstore_jax.train import loop, sharding
 
   with cli.config_errors():
     exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data),
                                 experiment.Workdir(os.getcwd()))   # nothing is written
-  init = jax.jit(lambda rng: nn.meta.unbox(
-      exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
-  rep = sharding.replicated(exp.mesh)
-  base = jax.device_put(init(jax.random.PRNGKey(cfg.seed)), rep)
+  base = exp.random_params(cfg.seed)
   steps = PROBE_STEPS.value
   out = []
   for stage in PROBE_STAGES:
     spec = exp.probe_spec(stage, base)
     sc = spec.stage_cfg
-    state_init, rng, _, shardings, optimizer = loop.build_state(spec, exp.mesh, cfg.seed)
-    train_step = jax.jit(step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(sc)),
-                         in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, base),
-                                       sharding.batch_sharding(exp.mesh)),
-                         out_shardings=(shardings, rep), donate_argnums=(0,))
+    state_init, rng, _, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
     data = iter(spec.data(0, 1))
     t0 = time.perf_counter()
     state = state_init(rng)
@@ -723,7 +723,6 @@ def bench_grid(_cfg) -> list[dict]:
 def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
   """Each share of run names timed one after another by a `bench grid --grid_alone` child
   pinned to its own core, all children at once: their summed step seconds."""
-  from kstore_jax import runtime
   procs = []
   for share, core in zip(shares, cores):
     cmd = [sys.executable, "-m", "kstore_jax.bench", "grid", f"--config={spec}",
@@ -764,8 +763,8 @@ def main(argv):
     print(json.dumps(r), flush=True)
 
 
-if __name__ == "__main__":
-  from kstore_jax import runtime
+def run() -> None:
+  """`python -m kstore_jax.bench` (the shim kstore_jax/bench.py calls this)."""
   runtime.pin_to_core_from_env()   # a bench grid child of the processes mode
   if _subcommand(sys.argv) == "grid":   # a grid config: its overrides apply to every run
     sys.argv, _GRID_ARGS["spec"], _GRID_ARGS["overrides"] = configlib.split_config_args(

@@ -2,11 +2,12 @@
 
     FLAGS_CONFIG = cli.config_flag()
     def main(argv): cfg = cli.validated_config(FLAGS_CONFIG.value); ...
-    if __name__ == "__main__": cli.run(main, "kstore_jax.<tool>")
+    def run(): cli.run(main, "kstore_jax.<tool>")   # the shim kstore_jax/<tool>.py calls it
 
 `run` checks `--config=...` and its `--config.a.b=v` overrides before absl parses them (a
 missing file or an unknown key would otherwise be a long traceback), and turns a ConfigError
-raised inside `main` into one line on stderr and exit status 2.
+raised inside `main` into one line on stderr and exit status 2. `--help` shows the tool
+module's docstring and flags, though the program absl runs is the shim.
 """
 
 import contextlib
@@ -67,12 +68,25 @@ def validated_config(cfg, n_devices: int = 1, platform: str | None = None):
   return cfg
 
 
+def _help_as_main(tool) -> None:
+  """absl's `--help` shows the program's main module: its docstring and its key flags. The
+  program is the shim (`python -m kstore_jax.main` runs kstore_jax/main.py), the usage and
+  flags are the tool's (kstore_jax/tools/main.py): show those."""
+  program = sys.modules["__main__"]
+  if tool is program:
+    return
+  program.__doc__ = tool.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(tool.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable, prog: str,
         config_required: bool | Callable[[list[str]], bool] = True) -> None:
   """`absl.app.run(main)` with one-line config errors (stderr, exit status 2).
 
   `config_required` may be a predicate of argv (e.g. only some subcommands need a config).
   """
+  _help_as_main(sys.modules[main.__module__])
   argv = sys.argv
   if wants_help(argv):
     try:

@@ -20,11 +20,11 @@ import json
 import numpy as np
 from absl import flags
 
-from kstore_jax import cli
 from kstore_jax.data import export as export_lib
 from kstore_jax.data import tokenizer as tokenizer_lib
 from kstore_jax.data import world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES, load_templates
+from kstore_jax.tools import cli
 
 CONFIG = cli.config_flag()
 SHOW = flags.DEFINE_integer("show", 3, "print this many rendered documents (0: none)",
@@ -147,5 +147,6 @@ def main(argv):
           f"(data.tokenizer_path={EXPORT.value}/{export_lib.TOKENIZER} for the same tokens)")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m kstore_jax.data` (the shim kstore_jax/data/__main__.py calls this)."""
   cli.run(main, "kstore_jax.data")

@@ -32,8 +32,9 @@ import threading
 
 from absl import flags
 
-from kstore_jax import cli, configlib, rundir, runtime
+from kstore_jax import configlib, rundir
 from kstore_jax.configlib import ConfigError
+from kstore_jax.tools import cli, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Grid directory: one subdirectory per run.")
 _RUNS = flags.DEFINE_list("runs", None, "Only these runs of the grid (default: all).")
@@ -189,7 +190,8 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m kstore_jax.grid` (the shim kstore_jax/grid.py calls this)."""
   runtime.pin_to_core_from_env()
   sys.argv, _ARGS["spec"], _ARGS["overrides"] = configlib.split_config_args(sys.argv)
   cli.run(main, "kstore_jax.grid", config_required=False)

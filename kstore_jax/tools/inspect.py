@@ -24,9 +24,10 @@ import tempfile
 from absl import flags, logging
 
 from configs.base import STAGE_NAMES, TRAINED_STAGES
-from kstore_jax import cli, rundir
+from kstore_jax import rundir
 from kstore_jax.configlib import ConfigError
 from kstore_jax.rundir import CI, PRODUCED_BY
+from kstore_jax.tools import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
 _STAGE = flags.DEFINE_string("stage", None, "Stage to inspect (default: pretrain, else the "
@@ -461,5 +462,6 @@ def main(argv):
   sys.stdout.flush()
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m kstore_jax.inspect` (the shim kstore_jax/inspect.py calls this)."""
   cli.run(main, "kstore_jax.inspect", config_required=False)

@@ -8,7 +8,8 @@ import sys
 
 from absl import flags
 
-from kstore_jax import cli, configlib, runtime
+from kstore_jax import configlib
+from kstore_jax.tools import cli, runtime
 
 _CONFIG = cli.config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (created if missing).")
@@ -36,5 +37,6 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m kstore_jax.main` (the shim kstore_jax/main.py calls this)."""
   cli.run(main, "kstore_jax.main")

@@ -30,10 +30,11 @@ import sys
 from absl import flags
 
 from configs.base import TRAINED_STAGES
-from kstore_jax import cli, rundir
+from kstore_jax import rundir
 from kstore_jax.configlib import ConfigError
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.rundir import CI
+from kstore_jax.tools import cli
 
 OUT = flags.DEFINE_string("out", "report.md", "markdown file to write; PNGs go next to it")
 
@@ -551,5 +552,6 @@ def main(argv):
   print(f"\nwrote {OUT.value} and {len(pngs)} PNG files", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m kstore_jax.report` (the shim kstore_jax/report.py calls this)."""
   cli.run(main, "kstore_jax.report", config_required=False)
