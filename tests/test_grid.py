@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import runs
 from runs import DETERMINISTIC, ROOT, small_run_args
 
 STEPS, SAVE_EVERY = 20, 10
@@ -29,18 +30,9 @@ def get_config(arg="tiny"):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.getbasetemp() / "jax_cache"
-  cache.mkdir(exist_ok=True)
-
-  def make(n_devices: int = 1) -> dict:
-    e = dict(os.environ)
-    e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return e
-  return make
+def env(jax_cache):
+  """n_devices -> the environment of a grid subprocess (runs.env)."""
+  return lambda n_devices=1: runs.env(jax_cache, n_devices)
 
 
 @pytest.fixture(scope="module")

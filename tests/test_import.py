@@ -135,11 +135,11 @@ def test_data_source_key_is_validated(tmp_path):
       configlib.validate(c, 1, platform="cpu")
 
 
-def test_main_refuses_a_bad_file_before_writing_anything(tmp_path):
+def test_main_refuses_a_bad_file_before_writing_anything(tmp_path, jax_cache):
   spec = bad(tmp_path, lambda r: r[0].update(hometown="Paris"))
   wd = tmp_path / "run"
   r = run_main(["--config=configs/tiny.py", f"--workdir={wd}", f"--config.data.source={spec}"],
-               tmp_path / "jax_cache", timeout=300)
+               jax_cache, timeout=300)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].endswith("line 1: hometown: unknown field; expected "
                                                     + ", ".join(records.FIELDS))
@@ -221,13 +221,13 @@ def test_worked_example_world(worked):
         f" {pop.values(p)[ATTRIBUTES[a]]}<|endoftext|>")
 
 
-def test_worked_example_trains_and_evaluates_end_to_end(worked, tmp_path):
+def test_worked_example_trains_and_evaluates_end_to_end(worked, tmp_path, jax_cache):
   spec, _, _ = worked
   wd = tmp_path / "run"
   args = ["--config=configs/base.py:tiny", f"--workdir={wd}", f"--config.data.source={spec}",
           "--config.data.vocab_size=1024", "--config.stages=pretrain,finetune,eval,pprobe",
           *micro_stage_args(8, 10, pretrain=4, finetune=2, pprobe=2)]
-  r = run_main(args, tmp_path / "jax_cache", timeout=600)
+  r = run_main(args, jax_cache, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())
   for key in ("qa_test", "qa_train", "bio_recall"):

@@ -87,7 +87,7 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   tokens = spec.positions_per_step
   flops = spec.flops_per_position * tokens / step_s
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
-              params=int(sum(x.size for x in jax.tree.leaves(state["params"]))),
+              params=int(transformer.count_params(state["params"])),
               vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
               attention=model_cfg.attention, first_step_s=first_s,
               loss=float(metrics["loss"]), peak=loop.device_peak_flops(model_cfg.dtype),
