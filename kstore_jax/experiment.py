@@ -228,16 +228,17 @@ class Experiment:
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
               flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype)
     if stage != "finetune":
-      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model), init_model, {},
-                            export=lambda p, f: p, **lm)
+      return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
+                            lambda rng, _: init_model(rng), {}, export=lambda p, f: p, **lm)
     base = self.load_final(self.source_stage(stage, BASE_STAGES))
     if not sc.lora_rank:
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
-                            lambda rng: self.rebox(base), {}, export=lambda p, f: p, **lm)
+                            lambda rng, base: self.rebox(base), {}, export=lambda p, f: p,
+                            init_args=base, **lm)
     merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
-    init_lora = lambda rng: lora_lib.init(rng, base, sc.lora_rank, sc.lora_embed_rank)
+    init_lora = functools.partial(lora_lib.init, rank=sc.lora_rank, embed_rank=sc.lora_embed_rank)
     return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model, merge), init_lora, base,
-                          export=lambda p, f: merge(f, p), **lm)
+                          export=lambda p, f: merge(f, p), init_args=base, **lm)
 
   # -- probing stages --------------------------------------------------------------------
   def probe_spec(self, stage: str, base) -> loop.StageSpec:
@@ -245,12 +246,13 @@ class Experiment:
     batches = probing.ProbeBatches(w, w.train_people, stage, sc.batch_size,
                                    probing.probe_width(w, stage),
                                    seed=stage_seed(cfg.seed, stage))
-    init = functools.partial(
+    init = functools.partial(   # the settings bound now: a config changed later does not count
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
         classes=classes.n_classes(self.world.pop), head=sc.head)
     return loop.StageSpec(
-        stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)), init, base,
+        stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)),
+        lambda rng, _: init(rng), base,
         data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
                                cfg.data.workers),
         positions_per_step=sc.batch_size * batches.width,
@@ -274,7 +276,7 @@ class Experiment:
     spec = self.probe_spec(stage, base)
     if self.done(stage):
       print(f"[{stage}] already done, skipping training", flush=True)
-      abstract = jax.eval_shape(spec.init_params, jax.random.PRNGKey(0))
+      abstract = jax.eval_shape(spec.init_params, jax.random.PRNGKey(0), spec.init_args)
       rep = sharding.replicated(self.mesh)
       params = checkpoint.load_params(self.final_dir(stage),
                                       checkpoint.abstract_with_shardings(

@@ -5,8 +5,9 @@ same losses as one process with two devices and the same global batch; their che
 resumes on two processes and on one. The runs go on to train and score the P- and Q-probes
 (probe batches through the same process slicing), with the one-process losses and accuracies.
 Hosts that share rows: two processes of two devices each under a mesh whose tensor axis spans
-both (data=fsdp=1, tensor=4: every device holds every row) train the same losses and probes
-as the one-process reference.
+both (data=fsdp=1, tensor=4: every device holds every row), running a grid of two copies of
+the reference run (batches stacked over runs), train the same losses and probes as the
+one-process reference.
 
 The runs share one persistent JAX compilation cache (it changes no number) and a
 module-scoped fixture; the model is the tiny one of test_train.py.
@@ -46,10 +47,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, log, env, args=ARGS) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "kstore_jax.main", f"--workdir={workdir}",
-                           *args], cwd=ROOT, env=env, stdout=open(log, "w"),
-                          stderr=subprocess.STDOUT)
+def start(workdir, log, env, args=ARGS, program="kstore_jax.main") -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", program, f"--workdir={workdir}", *args],
+                          cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def start_one(workdir, cache, n_devices=2, args=ARGS) -> list:
@@ -58,14 +58,14 @@ def start_one(workdir, cache, n_devices=2, args=ARGS) -> list:
   return [(start(workdir, log, run_env(cache, n_devices), args), log)]
 
 
-def start_two(workdir, cache, n_devices=1, args=ARGS) -> list:
+def start_two(workdir, cache, n_devices=1, args=ARGS, program="kstore_jax.main") -> list:
   """Two processes of one JAX cluster, n_devices CPU devices each, sharing `workdir`."""
   port, runs = free_port(), []
   for i in range(2):
     log = pathlib.Path(f"{workdir}.p{i}.log")
     env = run_env(cache, n_devices, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
                   KSTORE_COORDINATOR=f"localhost:{port}")
-    runs.append((start(workdir, log, env, args), log))
+    runs.append((start(workdir, log, env, args, program), log))
   return runs
 
 
@@ -192,12 +192,29 @@ def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, jax_cache)
 
 
 
+# A grid of two copies of the reference run: `python -m kstore_jax.grid` with the run
+# arguments (ARGS less --config) applied to both.
+TWIN_GRID = """from configs import grids
+
+
+def get_config(arg="tiny"):
+  return grids.make({"a": grids.row_config("single", arg), "b": grids.row_config("single", arg)},
+                    mode="vmap")
+"""
+
+
 def test_processes_that_share_rows_match_one(runs, tmp_path, jax_cache):
   """tensor=4 over 2 processes x 2 devices: the batch axes (data, fsdp) have one shard, so
   both processes' devices hold all 8 rows of every batch, and each must feed its devices all
   of them (its half alone made a 4-row global batch: loss 1e-3 off at step 1), LM and probe
-  batches alike. The reference: the one-process run on the data=2 mesh."""
+  batches alike. Run as a two-run grid (the runs' batches stacked [R, B, L]: the grid's
+  stacking shares rows as one run's batch does); the reference for both runs: the
+  one-process run on the data=2 mesh."""
+  grid_file = tmp_path / "twins.py"
+  grid_file.write_text(TWIN_GRID)
   wd = tmp_path / "shared"
-  finish(start_two(wd, jax_cache, n_devices=2, args=[*ARGS, *SHARED_ROWS_MESH]))
-  assert_close_losses(metrics(wd), metrics(runs["one"]))
-  assert_same_probes(wd, runs["one"])
+  finish(start_two(wd, jax_cache, n_devices=2, program="kstore_jax.grid",
+                   args=[f"--config={grid_file}:tiny", *ARGS[1:], *SHARED_ROWS_MESH]))
+  for run in ("a", "b"):
+    assert_close_losses(metrics(wd / run), metrics(runs["one"]))
+    assert_same_probes(wd / run, runs["one"])

@@ -338,7 +338,7 @@ def train_probes(exp, base, stage, shifts=(0,)):
                  donate_argnums=(0,))
   init_state = jax.jit(lambda rng: (lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                                "opt_state": optimizer.init(p)})(
-                                                   spec.init_params(rng)))
+                                                   spec.init_params(rng, spec.init_args)))
   accuracy = exp.probe_accuracy(stage)
   w = exp.world
   test = probing.ProbeBatches(w, w.test_people, stage, 0, probing.probe_width(w, stage), 0)
@@ -412,7 +412,7 @@ def test_base_params_get_no_gradient(random_model, head):
     spec = exp.probe_spec("pprobe", base)
   finally:
     exp.cfg.pprobe.head = "linear"
-  probe = jax.jit(spec.init_params)(RBG_KEY)
+  probe = jax.jit(spec.init_params)(RBG_KEY, spec.init_args)
   w = exp.world
   batch = probing.ProbeBatches(w, w.train_people, "pprobe", 4, probing.probe_width(w, "pprobe"),
                                0)[0]

@@ -4,6 +4,7 @@ on an imported world's records, data.source).
 Special tokens: `<|endoftext|>` (document separator, BOS and EOS), `<|pad|>`, `<|mask|>`.
 """
 
+import functools
 import os
 
 import tokenizers
@@ -68,12 +69,20 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   return tok
 
 
+@functools.lru_cache(maxsize=4)
+def _generated_tokenizer_json(vocab_size: int) -> str:
+  """The generated world's BPE (its text depends on nothing but the templates and pools), as
+  JSON: trained once per process and vocabulary size (the runs of a grid share it), a fresh
+  Tokenizer made from it for each caller."""
+  return train_tokenizer(vocab_size).to_str()
+
+
 def get_tokenizer(data_cfg) -> tokenizers.Tokenizer:
   """The tokenizer a data config asks for: loaded from `tokenizer_path`, or trained on the
   world's text (`data.source`: generated, or the imported records' bios, names and values)."""
   if data_cfg.tokenizer_path:
     return load_tokenizer(data_cfg.tokenizer_path)
   if records.parse_source(data_cfg.source)[0] == records.GENERATED:
-    return train_tokenizer(data_cfg.vocab_size)
+    return tokenizers.Tokenizer.from_str(_generated_tokenizer_json(data_cfg.vocab_size))
   return train_tokenizer(data_cfg.vocab_size,
                          records.read_source(data_cfg.source).training_texts())

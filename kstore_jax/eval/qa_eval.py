@@ -6,6 +6,7 @@ results.json: every accuracy entry `key` (a dict of accuracies, or a matrix) has
 Wilson score interval of that accuracy over its n examples (a mean over attributes: over the
 pooled questions). The accuracies themselves stay plain numbers where they were."""
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -267,21 +268,27 @@ def bio_recall(model, params, world, people, batch_size: int = 256):
   return per_attribute(*bio_recall_correct(model, params, world, people, batch_size))
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _greedy_in_place(model, params, tokens_BL, lens_B):
+  """The greedy token at every position of right-padded documents (one segment each)."""
+  positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+  seg = (positions < lens_B[:, None]).astype(jnp.int32)
+  logits, _, _ = model.apply({"params": params}, tokens_BL, positions, seg)
+  return greedy(logits)
+
+
 def bio_recall_correct(model, params, world, people, batch_size: int = 256):
-  """bio_recall's (correct [n * N_ATTR] bool, attributes [n * N_ATTR]), person-major."""
+  """bio_recall's (correct [n * N_ATTR] bool, attributes [n * N_ATTR]), person-major.
+  The bios are padded to a multiple of 64 positions, so runs whose longest bio differs (the
+  rows of a grid) share one compiled program."""
   r = world.renderer
   docs, spans = world.bio_docs(people, np.zeros(len(people), np.int64))   # copy 0
   tokens, lens = docs.padded(world.pad_id)
+  width = -(-tokens.shape[1] // 64) * 64
+  tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=world.pad_id)
   causal = model.cfg.causal
   variants = 1 if causal else N_ATTR      # bidirectional: one input per masked attribute
   batch_size = max(1, min(batch_size // variants, len(tokens)))
-
-  @jax.jit
-  def predict(tokens_BL, lens_B):
-    positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    seg = (positions < lens_B[:, None]).astype(jnp.int32)
-    logits, _, _ = model.apply({"params": params}, tokens_BL, positions, seg)
-    return greedy(logits)
 
   cols = np.arange(tokens.shape[1])
   correct = np.zeros((len(tokens), N_ATTR), bool)
@@ -290,8 +297,8 @@ def bio_recall_correct(model, params, world, people, batch_size: int = 256):
     if not causal:
       s, e = spans[idx][..., :1], spans[idx][..., 1:]                  # [B, 6, 1]
       toks[(cols >= s) & (cols < e)] = r.token_id(MASK)
-    pred = np.asarray(predict(jnp.asarray(toks.reshape(-1, toks.shape[-1])),
-                              jnp.asarray(np.repeat(lens[idx], variants))))
+    pred = np.asarray(_greedy_in_place(model, params, jnp.asarray(toks.reshape(-1, width)),
+                                       jnp.asarray(np.repeat(lens[idx], variants))))
     pred = pred.reshape(toks.shape)
     shift = 1 if causal else 0                # causal: the value at s..e is predicted at s-1..e-1
     for j in range(n):

@@ -632,7 +632,7 @@ def bench_probe(cfg) -> list[dict]:
     state_init, rng, _, _, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
     data = iter(spec.data(0, 1))
     t0 = time.perf_counter()
-    state = state_init(rng)
+    state = state_init(rng, spec.init_args)
     for _ in range(2):   # compile + one more
       state, metrics = train_step(state, base, sharding.to_global(next(data), exp.mesh))
     jax.block_until_ready(metrics)

@@ -2,6 +2,7 @@
 checkpoints (with the data iterator), NaN guard, SIGTERM/SIGINT save, final params export."""
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -55,7 +56,7 @@ class StageSpec:
   name: str
   stage_cfg: Any
   loss_fn: Callable            # (params, frozen, batch) -> (loss, aux)
-  init_params: Callable        # rng -> params (may be boxed with logical partitioning)
+  init_params: Callable        # (rng, init_args) -> params (may be boxed, logical partitioning)
   frozen: Any                  # already-sharded pytree the loss reads but does not train
   data: Callable               # (process_index, process_count) -> grain IterDataset of batches
   positions_per_step: int      # token positions in one global batch (for tokens/s)
@@ -63,6 +64,8 @@ class StageSpec:
   export: Callable             # (params, frozen) -> effective model params for final/
   eval_fn: Callable | None = None   # effective params -> {name: float}, run every eval_every
   dtype: str = "float32"       # the model's compute dtype (the MFU's peak)
+  init_args: Any = None        # arrays init_params reads (a base model's params), passed as
+                               # arguments: one compiled init serves every run of a cohort
 
 
 def _fmt_time(s: float) -> str:
@@ -91,25 +94,28 @@ class _Signals:
 
 
 def build_state(spec: StageSpec, mesh, seed: int):
-  """Sharded initial state via eval_shape -> logical shardings -> jit(init, out_shardings)."""
+  """(init, rng, abstract state, state shardings, optimizer): `init(rng, spec.init_args)` is
+  the sharded initial state (eval_shape -> logical shardings -> jit(out_shardings)); the same
+  compiled init serves any spec of the same cohort with its own rng and init_args."""
   optimizer = optim.make_optimizer(spec.stage_cfg)
 
-  def init_boxed(rng):
-    params = spec.init_params(rng)
+  def init_boxed(rng, args):
+    params = spec.init_params(rng, args)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": optimizer.init(params)}
 
   rng = jax.random.PRNGKey(seed)
   with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):
-    abstract_boxed = jax.eval_shape(init_boxed, rng)
+    abstract_boxed = jax.eval_shape(init_boxed, rng, spec.init_args)
     shardings = sharding.logical_shardings(abstract_boxed, mesh)
-    init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
-    abstract = jax.eval_shape(init, rng)
+    init = jax.jit(lambda r, a: nn.meta.unbox(init_boxed(r, a)), out_shardings=shardings)
+    abstract = jax.eval_shape(init, rng, spec.init_args)
     return init, rng, abstract, shardings, optimizer
 
 
 def compile_stage(spec: StageSpec, mesh, seed: int):
-  """(init, rng, abstract state, state shardings, jitted train_step(state, frozen, batch))."""
+  """(init, rng, abstract state, state shardings, jitted train_step(state, frozen, batch));
+  the initial state is `init(rng, spec.init_args)`."""
   init, rng, abstract, shardings, _ = build_state(spec, mesh, seed)
   return init, rng, abstract, shardings, compile_step(spec, mesh, shardings)
 
@@ -155,8 +161,11 @@ def stack_runs(trees, shardings=None):
   return jax.device_put(stacked, jax.tree.map(sharding.with_run_axis, shardings))
 
 
-def _unstack(tree, i: int):
-  return jax.tree.map(lambda x: x[i], tree)
+@functools.partial(jax.jit, static_argnums=1)
+def _split_runs(tree, n: int) -> tuple:
+  """The n runs' trees of a tree stacked on a leading run axis, in one dispatch (slicing
+  leaf by leaf, run by run, cost a cohort of 16 toy runs seconds of dispatches)."""
+  return tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))
 
 
 def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
@@ -178,11 +187,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   spec0 = members[0].spec
   sc = spec0.stage_cfg
   is_main = jax.process_index() == 0
-  built = [build_state(m.spec, mesh, m.seed) for m in members]
-  abstract, shardings = built[0][2], built[0][3]
+  init, _, abstract, shardings, _ = build_state(spec0, mesh, members[0].seed)   # one for all
   step_fn = compile_step(spec0, mesh, shardings, runs=vmapped)
   data_iters, ckpts, writers, states, starts = [], [], [], [], []
-  for m, (init, rng, *_) in zip(members, built):
+  for m in members:
     os.makedirs(m.stage_dir, exist_ok=True)
     data_iters.append(iter(m.spec.data(jax.process_index(), jax.process_count())))
     ckpts.append(checkpoint.Checkpointer(rundir.checkpoints_dir(m.stage_dir),
@@ -190,7 +198,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
     start, state = ckpts[-1].restore_latest(
         checkpoint.abstract_with_shardings(abstract, shardings), data_iters[-1])
     if state is None:
-      state = init(rng)
+      state = init(jax.random.PRNGKey(m.seed), m.spec.init_args)
     elif is_main:
       print(f"[{m.label}] resumed from step {start}", flush=True)
     states.append(state)
@@ -222,6 +230,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
     return now, step
 
   frozen = (stack_runs([m.spec.frozen for m in members]) if vmapped else members[0].spec.frozen)
+  # Several processes: orbax's save barriers are named without the checkpoint directory, so
+  # two members' background saves in flight at once collide ("barrier already ongoing");
+  # each member's save completes before the next one's starts.
+  serial_saves = len(members) > 1 and jax.process_count() > 1
 
   def train(state, active, start, stop, signals):
     """Steps [start, stop) of the members `active` (indices); the others (members ahead,
@@ -254,13 +266,18 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
         t_last, step_last = log(active, *pending, t_last, step_last)   # never save unchecked
         pending = None
       evaluate = tc.eval_every and step % tc.eval_every == 0
+      runs = None   # the members' states, split from the cohort's when first needed
       for i in active:
         m = members[i]
         if not (boundary or (evaluate and m.spec.eval_fn)):
           continue
-        one = _unstack(state, i) if vmapped else state
+        if runs is None:
+          runs = _split_runs(state, len(members)) if vmapped else [state]
+        one = runs[i]
         if boundary:
           ckpts[i].save(step, one, data_iters[i])
+          if serial_saves:
+            ckpts[i].wait()
         if evaluate and m.spec.eval_fn:
           writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
       if signals.caught:
@@ -278,9 +295,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
         low = min(starts)
         ahead = min(s for s in starts if s > low)
         active = [i for i, s in enumerate(starts) if s == low]
-        caught_up = train(stack_runs(states, shardings), active, low, ahead, signals)
+        caught_up = _split_runs(train(stack_runs(states, shardings), active, low, ahead,
+                                      signals), len(members))
         for i in active:
-          states[i], starts[i] = _unstack(caught_up, i), ahead
+          states[i], starts[i] = caught_up[i], ahead
       state = train(stack_runs(states, shardings) if vmapped else states[0],
                     list(range(len(members))), starts[0], sc.steps, signals)
   finally:
@@ -289,8 +307,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
     for w in writers:
       w.close()
   out = []
-  for j, m in enumerate(members):
-    params = m.spec.export((_unstack(state, j) if vmapped else state)["params"], m.spec.frozen)
+  finals = _split_runs(state["params"], len(members)) if vmapped else [state["params"]]
+  for m, final in zip(members, finals):
+    params = m.spec.export(final, m.spec.frozen)
     checkpoint.save_params(rundir.final_dir(m.stage_dir), params)
     out.append(params)
     if is_main:

@@ -65,16 +65,12 @@ def process_rows(sh: NamedSharding, global_batch: int) -> tuple[tuple[int, int],
   return blocks
 
 
-def to_global(batch: dict, mesh) -> dict:
-  """This process's block of a global batch (any layout of data/batches.py) -> global
-  jax.Arrays sharded over (data, fsdp).
-
-  `batch` holds block `process_index` of `process_count` equal blocks of rows (the
-  pipeline's `ProcessSlice`). Each process gives its devices exactly the rows they hold
-  (`process_rows`): its own block while the batch axes span the processes; where processes
-  share rows, every process first gathers the others' blocks (a collective, decided from the
-  mesh alone, so all processes take it) and keeps the rows its devices hold."""
-  sh = batch_sharding(mesh)
+def _held_rows(batch: dict, sh: NamedSharding) -> tuple[dict, int]:
+  """(the rows of the global batch this process's devices hold, the global row count), from
+  this process's block of it (the pipeline's `ProcessSlice`: block `process_index` of
+  `process_count` equal blocks). While the batch axes span the processes that is the block
+  itself; where processes share rows, every process first gathers the others' blocks (a
+  collective, decided from the mesh alone, so all processes take it) and keeps its rows."""
   local = {k: np.asarray(v) for k, v in batch.items()}
   count = jax.process_count()
   n = len(next(iter(local.values())))
@@ -82,7 +78,15 @@ def to_global(batch: dict, mesh) -> dict:
   if blocks != tuple((i * n, (i + 1) * n) for i in range(count)):
     lo, hi = blocks[jax.process_index()]
     local = {k: v[lo:hi] for k, v in multihost_utils.process_allgather(local, tiled=True).items()}
-  return {k: jax.make_array_from_process_local_data(sh, v, (n * count, *v.shape[1:]))
+  return local, n * count
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """This process's block of a global batch (any layout of data/batches.py) -> global
+  jax.Arrays sharded over (data, fsdp), each device given exactly the rows it holds."""
+  sh = batch_sharding(mesh)
+  local, n = _held_rows(batch, sh)
+  return {k: jax.make_array_from_process_local_data(sh, v, (n, *v.shape[1:]))
           for k, v in local.items()}
 
 
@@ -93,8 +97,11 @@ def with_run_axis(sh: NamedSharding) -> NamedSharding:
 
 def to_global_stacked(rows: list[dict], mesh) -> dict:
   """Several runs' per-process batches (each as `to_global` takes it) -> global jax.Arrays
-  [R, B, ...]: the run axis replicated, rows sharded as in one run's batch."""
-  sh = with_run_axis(batch_sharding(mesh))
-  return {k: jax.make_array_from_process_local_data(sh, np.stack([np.asarray(r[k])
-                                                                 for r in rows]))
-          for k in rows[0]}
+  [R, B, ...]: the run axis replicated, rows sharded (and shared between processes) as in one
+  run's batch."""
+  sh = batch_sharding(mesh)
+  held = [_held_rows(r, sh) for r in rows]
+  n = held[0][1]
+  return {k: jax.make_array_from_process_local_data(
+      with_run_axis(sh), np.stack([h[k] for h, _ in held]),
+      (len(rows), n, *held[0][0][k].shape[1:])) for k in rows[0]}

@@ -75,7 +75,8 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   t0 = time.perf_counter()
   init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
   batches = [sharding.to_global(b, mesh) for b in first_batches(spec, mesh)]
-  times, state, metrics, released = timed_steps(train_step, init(rng), spec.frozen, batches,
+  times, state, metrics, released = timed_steps(train_step, init(rng, spec.init_args),
+                                                spec.frozen, batches,
                                                 warmup + steps)
   first_s = time.perf_counter() - t0 - sum(times[1:])   # compile, init and the first step
   if trace_dir:
@@ -101,7 +102,8 @@ def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int =
   for m in members:
     init, rng, _, _, step = loop.compile_stage(m.spec, mesh, m.seed)
     batches = [sharding.to_global(b, mesh) for b in first_batches(m.spec, mesh)]
-    times, *_ = timed_steps(step, init(rng), m.spec.frozen, batches, warmup + steps)
+    times, *_ = timed_steps(step, init(rng, m.spec.init_args), m.spec.frozen, batches,
+                            warmup + steps)
     total += float(np.median(times[warmup:]))
   return total
 
@@ -110,10 +112,10 @@ def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int 
   """Median seconds of one step of the members' stage vmapped together in one cohort step
   (as the grid runs them), on the same batches as `alone_step_s`."""
   local = [first_batches(m.spec, mesh) for m in members]
-  built = [loop.build_state(m.spec, mesh, m.seed) for m in members]
-  shardings = built[0][3]
+  init, _, _, shardings, _ = loop.build_state(members[0].spec, mesh, members[0].seed)
   step = loop.compile_step(members[0].spec, mesh, shardings, runs=True)
-  state = loop.stack_runs([init(rng) for init, rng, *_ in built], shardings)
+  state = loop.stack_runs([init(jax.random.PRNGKey(m.seed), m.spec.init_args)
+                           for m in members], shardings)
   frozen = loop.stack_runs([m.spec.frozen for m in members])
   batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh)
              for i in range(len(local[0]))]
