@@ -1,24 +1,20 @@
 """95% Wilson score intervals (issue 22 item 7): `qa_eval.wilson` against hand-computed values
 and the closed form, the pooled interval of a mean over attributes, the report's
-`56.7 [54.2, 59.1]` cells, and a tiny end-to-end run whose results.json has an interval (a
-`<key>_ci` sibling) for every accuracy, each containing it."""
+`56.7 [54.2, 59.1]` cells. The end-to-end check (a run's results.json has an interval, a
+`<key>_ci` sibling, for every accuracy, each containing it) is in test_tools.py, on the probe
+run it shares with the results.json tests there."""
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from runs import env as run_env, micro_stage_args, run_main
 
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import qa_eval
 from kstore_jax.tools import report
 
 Z = 1.959964
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # -- the interval ----------------------------------------------------------------------------
@@ -115,55 +111,3 @@ def test_report_prints_intervals(tmp_path):
   detail = next(l for l in lines if l.startswith("| `multi5_permute` | finetune |"))
   assert "| 56.7 [54.2, 59.1] (96.6) | 50.0 [40.0, 60.0] |" in detail
   assert "| 56.7 | 56.7 |" in detail        # train half and bio recall: no intervals recorded
-
-
-# -- end to end ------------------------------------------------------------------------------
-ACCURACY_KEYS = ("qa_test", "qa_train", "bio_recall", "qa_test_by_tokens", "pprobe", "qprobe")
-
-
-def intervals(value, ci, path=""):
-  """(path, accuracy, interval leaf) for every leaf of `ci` (results.json's `<key>_ci`), the
-  accuracy at the same place in `value`."""
-  if isinstance(ci, dict) and set(ci) == {"lo", "hi", "n"}:
-    return [(path, value, ci)]
-  items = ci.items() if isinstance(ci, dict) else enumerate(ci)
-  return [leaf for k, c in items for leaf in intervals(value[k], c, f"{path}/{k}")]
-
-
-def test_results_json_has_an_interval_for_every_accuracy(tmp_path, jax_cache):
-  wd = tmp_path / "run"
-  n_people = 60
-  args = ["--config=configs/single.py:tiny,probe", f"--workdir={wd}",
-          f"--config.data.n_people={n_people}",
-          *micro_stage_args(4, 10, pretrain=6, finetune=4, pprobe=4, qprobe=4)]
-  r = run_main(args, jax_cache, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads((wd / "results.json").read_text())
-  half = n_people // 2                          # qa_train_fraction 0.5: 30 test, 30 train
-  for key in ACCURACY_KEYS:
-    assert key + "_ci" in res, key
-    assert res["produced_by"][key + "_ci"] == res["produced_by"][key]
-  leaves = [(key, *leaf) for key in ACCURACY_KEYS
-            for leaf in intervals(res[key], res[key + "_ci"])]
-  for key, path, acc, ci in leaves:
-    assert 0.0 <= ci["lo"] <= acc <= ci["hi"] <= 1.0, (key, path, acc, ci)
-    assert ci["n"] >= 1
-    k = round(acc * ci["n"])
-    assert abs(k - acc * ci["n"]) < 1e-6, (key, path, acc, ci)      # an accuracy over n
-    assert (ci["lo"], ci["hi"]) == pytest.approx(qa_eval.wilson(k, ci["n"]))
-  n = {(key, path): ci["n"] for key, path, _, ci in leaves}
-  for key in ("qa_test", "qa_train", "bio_recall"):
-    assert n[key, "/mean"] == 6 * half and n[key, "/birth_date"] == half, key
-  assert n["qprobe", "/mean"] == 6 * half and n["qprobe", "/major"] == half
-  assert len(res["pprobe_ci"]) == 6 and n["pprobe", "/0/0"] == half
-  by_tokens = res["qa_test_by_tokens_ci"]["all"]
-  assert sum(c["n"] for c in by_tokens.values()) == 6 * half
-  md, _ = report.build_report([str(wd)], str(tmp_path / "report.md"))
-  mean, ci = res["qa_test"]["mean"], res["qa_test_ci"]["mean"]
-  assert f"{100 * mean:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]" in md
-  # inspect shows each mean with its interval instead of listing the _ci keys
-  out = subprocess.run([sys.executable, "-m", "kstore_jax.inspect", f"--workdir={wd}",
-                        "--restore=false"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, check=True, env=run_env()).stdout
-  assert f"qa_test {mean:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]" in out, out
-  assert "_ci" not in out, out

@@ -1,6 +1,8 @@
 """The run tools and launchers as a user calls them: `python -m kstore_jax.inspect`,
 `python -m kstore_jax.ask` on one tiny trained workdir, and `launch/{tpu_pod,slurm_gpu}.sh
---dry-run` (plus shellcheck on every launch script when it is installed)."""
+--dry-run` (plus shellcheck on every launch script when it is installed); and, on one run with
+the probes, what results.json holds: only the configured stages' keys, an interval for every
+accuracy."""
 
 import json
 import os
@@ -179,12 +181,69 @@ def results_lines(out: str) -> dict[str, str]:
   return {l.split()[0]: l for l in section}
 
 
-def test_results_json_holds_only_the_configured_stages(tmp_path, jax_cache):
-  """A run with the `probe` variant, then the same workdir without it (only `stages` differs,
-  as the resume rule allows): the rerun's results.json has no pprobe/qprobe/probe_baseline
-  left, `produced_by` names each key's stage, inspect lists the keys under their stage, and
-  report still reads the file."""
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, jax_cache):
+  """RUN_ARGS with the `probe` variant: pretrain -> finetune -> eval -> pprobe -> qprobe."""
+  wd = tmp_path_factory.mktemp("probe_run") / "run"
+  r = tool("main", "--config=configs/single.py:tiny,probe", *RUN_ARGS[1:], *PROBE_ARGS,
+           f"--workdir={wd}", cache=jax_cache, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd
+
+
+ACCURACY_KEYS = ("qa_test", "qa_train", "bio_recall", "qa_test_by_tokens", "pprobe", "qprobe")
+
+
+def intervals(value, ci, path=""):
+  """(path, accuracy, interval leaf) for every leaf of `ci` (results.json's `<key>_ci`), the
+  accuracy at the same place in `value`."""
+  if isinstance(ci, dict) and set(ci) == {"lo", "hi", "n"}:
+    return [(path, value, ci)]
+  items = ci.items() if isinstance(ci, dict) else enumerate(ci)
+  return [leaf for k, c in items for leaf in intervals(value[k], c, f"{path}/{k}")]
+
+
+def test_results_json_has_an_interval_for_every_accuracy(probe_run, tmp_path):
+  """Issue 22 item 7: every accuracy of results.json has its 95% Wilson interval (`<key>_ci`)
+  over the right number of examples, containing it; report and inspect print them."""
+  from kstore_jax.eval import qa_eval
+  from kstore_jax.tools import report
+  res = json.loads((probe_run / "results.json").read_text())
+  half = N_PEOPLE // 2                          # qa_train_fraction 0.5: 30 test, 30 train
+  for key in ACCURACY_KEYS:
+    assert key + "_ci" in res, key
+    assert res["produced_by"][key + "_ci"] == res["produced_by"][key]
+  leaves = [(key, *leaf) for key in ACCURACY_KEYS
+            for leaf in intervals(res[key], res[key + "_ci"])]
+  for key, path, acc, ci in leaves:
+    assert 0.0 <= ci["lo"] <= acc <= ci["hi"] <= 1.0, (key, path, acc, ci)
+    assert ci["n"] >= 1
+    k = round(acc * ci["n"])
+    assert abs(k - acc * ci["n"]) < 1e-6, (key, path, acc, ci)      # an accuracy over n
+    assert (ci["lo"], ci["hi"]) == pytest.approx(qa_eval.wilson(k, ci["n"]))
+  n = {(key, path): ci["n"] for key, path, _, ci in leaves}
+  for key in ("qa_test", "qa_train", "bio_recall"):
+    assert n[key, "/mean"] == 6 * half and n[key, "/birth_date"] == half, key
+  assert n["qprobe", "/mean"] == 6 * half and n["qprobe", "/major"] == half
+  assert len(res["pprobe_ci"]) == 6 and n["pprobe", "/0/0"] == half
+  by_tokens = res["qa_test_by_tokens_ci"]["all"]
+  assert sum(c["n"] for c in by_tokens.values()) == 6 * half
+  md, _ = report.build_report([str(probe_run)], str(tmp_path / "report.md"))
+  mean, ci = res["qa_test"]["mean"], res["qa_test_ci"]["mean"]
+  assert f"{100 * mean:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]" in md
+  # inspect shows each mean with its interval instead of listing the _ci keys
+  out = tool("inspect", f"--workdir={probe_run}", "--restore=false").stdout
+  assert f"qa_test {mean:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]" in out, out
+  assert "_ci" not in out, out
+
+
+def test_results_json_holds_only_the_configured_stages(probe_run, tmp_path, jax_cache):
+  """A run with the `probe` variant (the shared probe run, copied), then the same workdir
+  without it (only `stages` differs, as the resume rule allows): the rerun's results.json has
+  no pprobe/qprobe/probe_baseline left, `produced_by` names each key's stage, inspect lists
+  the keys under their stage, and report still reads the file."""
   wd = tmp_path / "run"
+  shutil.copytree(probe_run, wd)
 
   def main(config):
     r = tool("main", f"--config={config}", *RUN_ARGS[1:], *PROBE_ARGS, f"--workdir={wd}",
@@ -197,7 +256,7 @@ def test_results_json_holds_only_the_configured_stages(tmp_path, jax_cache):
     assert r.returncode == 0, r.stderr[-3000:]
     return results_lines(r.stdout)
 
-  res1 = main("configs/single.py:tiny,probe")
+  res1 = json.loads((wd / "results.json").read_text())
   assert set(res1) == EVAL_KEYS | PROBE_KEYS | {"produced_by"}
   assert res1["produced_by"] == {**{k: "eval" for k in EVAL_KEYS}, "pprobe": "pprobe",
                                  "pprobe_ci": "pprobe", "qprobe": "qprobe", "qprobe_ci": "qprobe",
