@@ -233,7 +233,7 @@ class Experiment:
     base = self.load_final(self.source_stage(stage, BASE_STAGES))
     if not sc.lora_rank:
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
-                            lambda rng, base: self.rebox(base), {}, export=lambda p, f: p,
+                            lambda rng, params: self.rebox(params), {}, export=lambda p, f: p,
                             init_args=base, **lm)
     merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
     init_lora = functools.partial(lora_lib.init, rank=sc.lora_rank, embed_rank=sc.lora_embed_rank)

@@ -98,10 +98,11 @@ def with_run_axis(sh: NamedSharding) -> NamedSharding:
 def to_global_stacked(rows: list[dict], mesh) -> dict:
   """Several runs' per-process batches (each as `to_global` takes it) -> global jax.Arrays
   [R, B, ...]: the run axis replicated, rows sharded (and shared between processes) as in one
-  run's batch."""
+  run's batch. The runs are stacked behind the rows first, so processes that share rows
+  gather every run's block in one collective."""
   sh = batch_sharding(mesh)
-  held = [_held_rows(r, sh) for r in rows]
-  n = held[0][1]
+  local, n = _held_rows({k: np.stack([np.asarray(r[k]) for r in rows], axis=1)
+                         for k in rows[0]}, sh)                       # [rows, R, ...]
   return {k: jax.make_array_from_process_local_data(
-      with_run_axis(sh), np.stack([h[k] for h, _ in held]),
-      (len(rows), n, *held[0][0][k].shape[1:])) for k in rows[0]}
+      with_run_axis(sh), np.moveaxis(v, 1, 0), (len(rows), n, *v.shape[2:]))
+          for k, v in local.items()}
