@@ -344,4 +344,7 @@ def load_grid(spec: str | None, overrides: list[str]):
     raise ConfigError(f"config key 'grid.mode'={mode!r} must be one of {grids.MODES}")
   if not isinstance(max_runs, int) or max_runs < 1:
     raise ConfigError(f"config key 'grid.max_runs'={max_runs!r} must be an integer >= 1")
+  if g.grid.run_axis not in grids.RUN_AXES:
+    raise ConfigError(f"config key 'grid.run_axis'={g.grid.run_axis!r} must be one of "
+                      f"{grids.RUN_AXES}")
   return g

@@ -113,10 +113,16 @@ def test_grid_runs_equal_solo_runs(trained):
       grid / "multi5_permute/pretrain")[-1]["loss"]
 
 
-def test_grid_on_8_devices_equals_solo(trained, four, env, tmp_path):
+@pytest.mark.parametrize("mesh, run_axis", [
+    # data = 8 does not divide 2 runs: the run axis is replicated, each run's rows split 8 ways
+    ([], "replicated"),
+    # data = 2 divides them: one run per data slice, its rows split over fsdp's 4 devices
+    (["--config.mesh.data=2", "--config.mesh.fsdp=4"], "data")])
+def test_grid_on_8_devices_equals_solo(trained, four, env, tmp_path, mesh, run_axis):
   _, solo = trained
   wd = tmp_path / "grid8"
-  ok(run(grid_cmd(four, wd, f"--runs={','.join(SOLO)}"), env(8)))
+  r = ok(run(grid_cmd(four, wd, f"--runs={','.join(SOLO)}", *mesh), env(8)))
+  assert f"(run axis {run_axis})" in r.stdout, r.stdout[-2000:]
   assert not (wd / "single_permute1").exists()
   for row, solo_wd in solo.items():
     assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))
@@ -167,6 +173,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_pa
 @pytest.mark.parametrize("extra, message", [
     (["--config.model.bogus=1"], "--config.model.bogus: unknown config key"),
     (["--config.grid.mode=fast"], "'grid.mode'='fast' must be one of"),
+    (["--config.grid.run_axis=tensor"], "'grid.run_axis'='tensor' must be one of"),
     (["--config.data.qa_ratio=2.0"], "run 'single': data.qa_ratio=2.0"),
     (["--runs=single,nobody"], "--runs: 'nobody' is not a run of the grid"),
 ])

@@ -672,7 +672,7 @@ def bench_grid(_cfg) -> list[dict]:
   import jax
   from kstore_jax import experiment
   from kstore_jax.model import attention
-  from kstore_jax.train import throughput
+  from kstore_jax.train import sharding, throughput
   spec, overrides = _GRID_ARGS.get("spec"), _GRID_ARGS.get("overrides", [])
   g = configlib.load_grid(spec, overrides)
   order = list(g.order)
@@ -708,14 +708,17 @@ def bench_grid(_cfg) -> list[dict]:
       alone = throughput.alone_step_s(ms, mesh, TRAIN_STEPS.value)
       for mode in GRID_MODES.value:
         if mode == "vmap":
-          grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value)
+          run_axis = sharding.run_axis_for(g.grid.run_axis, mesh, len(ms))
+          grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value, run_axis=run_axis)
         elif mode == "processes" and len(cores) > 1:
           shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
           grid_s = max(processes_alone_s(shares, cores, spec, overrides))
         else:
           continue
         out.append(measurement("grid_speedup", round(alone / grid_s, 3), "ratio",
-                               runs=int(r), mode=mode, alone_step_s=round(alone, 4),
+                               runs=int(r), mode=mode, devices=jax.device_count(),
+                               run_axis=(run_axis or "replicated") if mode == "vmap" else None,
+                               alone_step_s=round(alone, 4),
                                grid_step_s=round(grid_s, 4), **ctx))
   return out
 

@@ -14,7 +14,11 @@ one-line error naming the run and the key).
               stage settings, batch shape and loss train in one jitted step vmapped over a
               leading run axis of params, optimizer state and batches (`grid.max_runs` per
               cohort), each fed by its own Grain iterator and checkpointed into its own
-              directory; eval and probe scoring then run per run.
+              directory; eval and probe scoring then run per run. `grid.run_axis` places
+              the run axis on the mesh: `data` (the default: whole runs per slice of the
+              data axis, so no gradient all-reduce across it, where the axis divides the
+              cohort; else replicated) or `replicated` (each run's rows split over
+              data x fsdp as when it trains alone).
   processes   each run in its own `python -m kstore_jax.grid --runs=<run>` process pinned
               to one CPU core, as many at once as there are cores (2 cores: two runs side by
               side).
@@ -68,11 +72,12 @@ def resolve_mode(mode: str, platform: str, n_runs: int) -> str:
   return "processes" if n_runs > 1 and len(os.sched_getaffinity(0)) > 1 else "sequential"
 
 
-def train_vmapped(exps: dict, max_runs: int) -> None:
+def train_vmapped(exps: dict, max_runs: int, run_axis: str = "data") -> None:
   """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
-  keys) of at most `max_runs` runs, each stage of all runs before the next stage."""
+  keys) of at most `max_runs` runs, each stage of all runs before the next stage; a cohort's
+  run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for)."""
   from configs import base
-  from kstore_jax.train import loop
+  from kstore_jax.train import loop, sharding
   pending = {n: list(e.stages()) for n, e in exps.items()}
   while any(pending.values()):
     nexts = {n: s[0] for n, s in pending.items() if s}
@@ -90,9 +95,10 @@ def train_vmapped(exps: dict, max_runs: int) -> None:
       for i in range(0, len(group), max_runs):
         part = group[i:i + max_runs]
         first = exps[part[0][0]]
-        print(f"[grid] {stage}: {len(part)} run(s) in one step: "
-              f"{', '.join(n for n, _ in part)}", flush=True)
-        loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh)
+        axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
+        print(f"[grid] {stage}: {len(part)} run(s) in one step (run axis "
+              f"{axis or 'replicated'}): {', '.join(n for n, _ in part)}", flush=True)
+        loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh, run_axis=axis)
     for n in names:
       if stage not in base.TRAIN_STAGES:   # probe scoring (trained above) or eval
         print(f"== {n}: {stage} ==", flush=True)
@@ -180,7 +186,7 @@ def main(argv):
   from kstore_jax.train import loop
   try:
     if mode == "vmap":
-      train_vmapped(exps, g.grid.max_runs)
+      train_vmapped(exps, g.grid.max_runs, g.grid.run_axis)
     else:
       for n, e in exps.items():
         print(f"== {n} ==", flush=True)

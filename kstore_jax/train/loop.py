@@ -120,16 +120,19 @@ def compile_stage(spec: StageSpec, mesh, seed: int):
   return init, rng, abstract, shardings, compile_step(spec, mesh, shardings)
 
 
-def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False):
+def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False,
+                 run_axis: str | None = None):
   """The jitted train step of `spec` on states with `shardings`; `runs`: vmapped over a
   leading run axis of state, frozen and batch (a grid cohort: the run axis replicated on the
-  mesh, every other axis sharded as in one run; the frozen trees as given)."""
+  mesh or split over mesh axis `run_axis` (sharding.with_run_axis), every other axis sharded
+  as in one run; the frozen trees as given)."""
   step = step_lib.make_train_step(spec.loss_fn, optim.make_optimizer(spec.stage_cfg),
                                   optim.schedule(spec.stage_cfg))
   batch_sh = sharding.batch_sharding(mesh)
   if runs:
-    step, shardings, batch_sh = jax.vmap(step), jax.tree.map(
-        sharding.with_run_axis, shardings), sharding.with_run_axis(batch_sh)
+    def add(sh):
+      return sharding.with_run_axis(sh, run_axis)
+    step, shardings, batch_sh = jax.vmap(step), jax.tree.map(add, shardings), add(batch_sh)
     frozen_sh = None
   else:
     frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
@@ -152,13 +155,14 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
                     vmapped=False)[0]
 
 
-def stack_runs(trees, shardings=None):
+def stack_runs(trees, shardings=None, run_axis: str | None = None):
   """Trees of equal structure stacked on a new leading (run) axis, placed on `shardings`'
-  run-axis versions when given."""
+  run-axis versions (`sharding.with_run_axis(sh, run_axis)`) when given."""
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   if shardings is None:
     return stacked
-  return jax.device_put(stacked, jax.tree.map(sharding.with_run_axis, shardings))
+  return jax.device_put(stacked, jax.tree.map(
+      lambda sh: sharding.with_run_axis(sh, run_axis), shardings))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -168,14 +172,16 @@ def _split_runs(tree, n: int) -> tuple:
   return tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))
 
 
-def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
+def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
+               run_axis: str | None = None) -> list:
   """Train (or resume) the same stage of several runs together; write each one's final/ and
   return their effective params.
 
   The members share the stage's model shape, schedule, step count and batch shape (their
   specs' loss and optimizer are the same function; member 0's is compiled), and differ in
   data, initial params and frozen trees. `vmapped`: one jitted step over states stacked on a
-  leading run axis (the grid); otherwise a single member trains with the plain step (main).
+  leading run axis (the grid), replicated or split over mesh axis `run_axis`
+  (`sharding.run_axis_for`); otherwise a single member trains with the plain step (main).
   Each member keeps its own checkpoints (its state slice and its Grain iterator), metrics and
   final/, exactly as a run trained alone writes them. Members resumed at different steps
   (a kill between their saves) first bring the ones behind up to the others, in steps of the
@@ -188,7 +194,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
   sc = spec0.stage_cfg
   is_main = jax.process_index() == 0
   init, _, abstract, shardings, _ = build_state(spec0, mesh, members[0].seed)   # one for all
-  step_fn = compile_step(spec0, mesh, shardings, runs=vmapped)
+  step_fn = compile_step(spec0, mesh, shardings, runs=vmapped, run_axis=run_axis)
   data_iters, ckpts, writers, states, starts = [], [], [], [], []
   for m in members:
     os.makedirs(m.stage_dir, exist_ok=True)
@@ -247,7 +253,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
       rows = {i: next(data_iters[i]) for i in active}
       if vmapped:
         batch = sharding.to_global_stacked(
-            [rows.get(i, rows[active[0]]) for i in range(len(members))], mesh)
+            [rows.get(i, rows[active[0]]) for i in range(len(members))], mesh, run_axis)
       else:
         batch = sharding.to_global(rows[0], mesh)
       profiler.step(step, state)   # train.profile_steps: a trace of that window
@@ -295,11 +301,11 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True) -> list:
         low = min(starts)
         ahead = min(s for s in starts if s > low)
         active = [i for i, s in enumerate(starts) if s == low]
-        caught_up = _split_runs(train(stack_runs(states, shardings), active, low, ahead,
-                                      signals), len(members))
+        caught_up = _split_runs(train(stack_runs(states, shardings, run_axis), active, low,
+                                      ahead, signals), len(members))
         for i in active:
           states[i], starts[i] = caught_up[i], ahead
-      state = train(stack_runs(states, shardings) if vmapped else states[0],
+      state = train(stack_runs(states, shardings, run_axis) if vmapped else states[0],
                     list(range(len(members))), starts[0], sc.steps, signals)
   finally:
     for c in ckpts:

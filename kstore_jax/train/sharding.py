@@ -90,19 +90,51 @@ def to_global(batch: dict, mesh) -> dict:
           for k, v in local.items()}
 
 
-def with_run_axis(sh: NamedSharding) -> NamedSharding:
-  """`sh` for the same array with a leading run axis (grid mode), the run axis replicated."""
-  return NamedSharding(sh.mesh, P(None, *sh.spec))
+def run_axis_for(choice: str, mesh, n_runs: int) -> str | None:
+  """The mesh axis a grid cohort of `n_runs` runs is split over, None for the run axis
+  replicated (grid.run_axis: configs/grids RUN_AXES). 'data': each run's whole batch on its own
+  slice of the `data` axis, so a run's gradients need no all-reduce across it, where the axis is
+  larger than 1 and divides the runs (else replicated); 'replicated': every device holds every
+  run, each run's rows split over data x fsdp as when it trains alone."""
+  size = mesh.shape["data"]
+  return "data" if choice == "data" and size > 1 and n_runs % size == 0 else None
 
 
-def to_global_stacked(rows: list[dict], mesh) -> dict:
+def _without(entry, axis: str):
+  """A PartitionSpec entry (None, a mesh axis or a tuple of them) without mesh axis `axis`."""
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  kept = tuple(a for a in names if a != axis)
+  return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def with_run_axis(sh: NamedSharding, run_axis: str | None = None) -> NamedSharding:
+  """`sh` for the same array with a leading run axis (grid mode): replicated (None), or split
+  over mesh axis `run_axis`, which the other dimensions then no longer use."""
+  if run_axis is None:
+    return NamedSharding(sh.mesh, P(None, *sh.spec))
+  return NamedSharding(sh.mesh, P(run_axis, *(_without(e, run_axis) for e in sh.spec)))
+
+
+def to_global_stacked(rows: list[dict], mesh, run_axis: str | None = None) -> dict:
   """Several runs' per-process batches (each as `to_global` takes it) -> global jax.Arrays
-  [R, B, ...]: the run axis replicated, rows sharded (and shared between processes) as in one
-  run's batch. The runs are stacked behind the rows first, so processes that share rows
-  gather every run's block in one collective."""
+  [R, B, ...], sharded by `with_run_axis(batch_sharding, run_axis)`. Run axis replicated: the
+  rows sharded (and shared between processes) as in one run's batch; the runs are stacked
+  behind the rows first, so processes that share rows gather every run's block in one
+  collective. Run axis split: a process's devices hold whole runs, whose other rows the other
+  processes read (each process's pipelines read its block of every run): with several
+  processes every step gathers the blocks (a collective decided by the mesh alone)."""
   sh = batch_sharding(mesh)
-  local, n = _held_rows({k: np.stack([np.asarray(r[k]) for r in rows], axis=1)
-                         for k in rows[0]}, sh)                       # [rows, R, ...]
-  return {k: jax.make_array_from_process_local_data(
-      with_run_axis(sh), np.moveaxis(v, 1, 0), (len(rows), n, *v.shape[2:]))
-          for k, v in local.items()}
+  stacked = {k: np.stack([np.asarray(r[k]) for r in rows], axis=1) for k in rows[0]}  # [rows, R]
+  if run_axis is None:
+    local, n = _held_rows(stacked, sh)
+    return {k: jax.make_array_from_process_local_data(
+        with_run_axis(sh), np.moveaxis(v, 1, 0), (len(rows), n, *v.shape[2:]))
+            for k, v in local.items()}
+  if jax.process_count() > 1:
+    stacked = multihost_utils.process_allgather(stacked, tiled=True)
+  run_sh = with_run_axis(sh, run_axis)
+  out = {}
+  for k, v in stacked.items():
+    full = np.moveaxis(v, 1, 0)                                        # [R, B, ...] global
+    out[k] = jax.make_array_from_callback(full.shape, run_sh, lambda idx, a=full: a[idx])
+  return out

@@ -108,16 +108,18 @@ def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int =
   return total
 
 
-def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
+def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2,
+                  run_axis: str | None = None) -> float:
   """Median seconds of one step of the members' stage vmapped together in one cohort step
-  (as the grid runs them), on the same batches as `alone_step_s`."""
+  (as the grid runs them, the run axis placed by `run_axis`), on the same batches as
+  `alone_step_s`."""
   local = [first_batches(m.spec, mesh) for m in members]
   init, _, _, shardings, _ = loop.build_state(members[0].spec, mesh, members[0].seed)
-  step = loop.compile_step(members[0].spec, mesh, shardings, runs=True)
+  step = loop.compile_step(members[0].spec, mesh, shardings, runs=True, run_axis=run_axis)
   state = loop.stack_runs([init(jax.random.PRNGKey(m.seed), m.spec.init_args)
-                           for m in members], shardings)
+                           for m in members], shardings, run_axis)
   frozen = loop.stack_runs([m.spec.frozen for m in members])
-  batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh)
+  batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh, run_axis)
              for i in range(len(local[0]))]
   times, *_ = timed_steps(step, state, frozen, batches, warmup + steps)
   return float(np.median(times[warmup:]))
