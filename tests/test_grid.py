@@ -114,10 +114,11 @@ def test_grid_runs_equal_solo_runs(trained):
 
 
 @pytest.mark.parametrize("mesh, run_axis", [
-    # data = 8 does not divide 2 runs: the run axis is replicated, each run's rows split 8 ways
+    # the default: the run axis replicated, each run's rows split over data's 8 devices
     ([], "replicated"),
-    # data = 2 divides them: one run per data slice, its rows split over fsdp's 4 devices
-    (["--config.mesh.data=2", "--config.mesh.fsdp=4"], "data")])
+    # run_axis=data, and data = 2 divides them: one run per data slice, its rows split over
+    # fsdp's 4 devices
+    (["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.grid.run_axis=data"], "data")])
 def test_grid_on_8_devices_equals_solo(trained, four, env, tmp_path, mesh, run_axis):
   _, solo = trained
   wd = tmp_path / "grid8"

@@ -15,10 +15,10 @@ one-line error naming the run and the key).
               leading run axis of params, optimizer state and batches (`grid.max_runs` per
               cohort), each fed by its own Grain iterator and checkpointed into its own
               directory; eval and probe scoring then run per run. `grid.run_axis` places
-              the run axis on the mesh: `data` (the default: whole runs per slice of the
-              data axis, so no gradient all-reduce across it, where the axis divides the
-              cohort; else replicated) or `replicated` (each run's rows split over
-              data x fsdp as when it trains alone).
+              the run axis on the mesh: `replicated` (the default: each run's rows split
+              over data x fsdp as when it trains alone) or `data` (whole runs per slice of
+              the data axis, so no gradient all-reduce across it, where the axis divides
+              the cohort; else replicated).
   processes   each run in its own `python -m kstore_jax.grid --runs=<run>` process pinned
               to one CPU core, as many at once as there are cores (2 cores: two runs side by
               side).
@@ -72,7 +72,7 @@ def resolve_mode(mode: str, platform: str, n_runs: int) -> str:
   return "processes" if n_runs > 1 and len(os.sched_getaffinity(0)) > 1 else "sequential"
 
 
-def train_vmapped(exps: dict, max_runs: int, run_axis: str = "data") -> None:
+def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated") -> None:
   """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
   keys) of at most `max_runs` runs, each stage of all runs before the next stage; a cohort's
   run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for)."""
