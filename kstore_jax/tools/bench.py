@@ -706,9 +706,9 @@ def bench_grid(_cfg) -> list[dict]:
       names = [order[i % len(order)] for i in range(int(r))]
       ms, mesh = members(names)
       alone = throughput.alone_step_s(ms, mesh, TRAIN_STEPS.value)
+      run_axis = sharding.run_axis_for(g.grid.run_axis, mesh, len(ms))   # vmap's placement
       for mode in GRID_MODES.value:
         if mode == "vmap":
-          run_axis = sharding.run_axis_for(g.grid.run_axis, mesh, len(ms))
           grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value, run_axis=run_axis)
         elif mode == "processes" and len(cores) > 1:
           shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
