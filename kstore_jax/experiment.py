@@ -7,6 +7,7 @@ resumes from its newest readable checkpoint. Later stages read the previous stag
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 
@@ -332,19 +333,35 @@ class Experiment:
     data.qa_valid_fraction)."""
     return self.world.valid_people[:self.cfg.eval.max_people or None]
 
-  def evaluate(self) -> dict:
-    """QA test / train (/ valid) and bio recall of the last trained stage into results.json,
-    each accuracy with its 95% Wilson interval (qa_eval.CI siblings)."""
-    cfg, w = self.cfg, self.world
-    src = self.source_stage("eval", TRAIN_STAGES)
-    params = self.load_final(src)
-    results = {}
+  def eval_parts(self) -> dict[str, np.ndarray]:
+    """The people whose QA the eval stage answers: {"qa_test", "qa_train"[, "qa_valid"]}."""
     parts = dict(zip(("qa_test", "qa_train"), self.eval_people()))
     if len(self.valid_people()):
       parts["qa_valid"] = self.valid_people()
-    answered = dict(zip(parts, qa_eval.qa_correct_parts(self.model, params, w,
-                                                        list(parts.values()),
-                                                        cfg.eval.batch_size)))
+    return parts
+
+  def eval_key(self) -> tuple:
+    """Runs with equal keys ask the same questions of the same model shape: their eval can
+    decode in one vmapped pass (evaluate_runs)."""
+    qs = qa_eval.qa_set(self.world, np.concatenate(list(self.eval_parts().values())))
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in qs)).hexdigest()
+    return self.model_cfg, self.cfg.eval.batch_size, digest
+
+  def evaluate(self, params=None, answered=None) -> dict:
+    """QA test / train (/ valid) and bio recall of the last trained stage into results.json,
+    each accuracy with its 95% Wilson interval (qa_eval.CI siblings). `params` (that stage's)
+    and `answered` (qa_correct_parts of eval_parts, in its order) when the caller has them
+    (evaluate_runs), else loaded and decoded here."""
+    cfg, w = self.cfg, self.world
+    src = self.source_stage("eval", TRAIN_STAGES)
+    if params is None:
+      params = self.load_final(src)
+    results = {}
+    parts = self.eval_parts()
+    if answered is None:
+      answered = qa_eval.qa_correct_parts(self.model, params, w, list(parts.values()),
+                                          cfg.eval.batch_size)
+    answered = dict(zip(parts, answered))
     for key, (correct, attrs, _) in answered.items():
       results.update(qa_eval.scored(key, correct, attrs))
     correct, attrs, alens = answered["qa_test"]
@@ -392,6 +409,19 @@ class Experiment:
       self.workdir.write_json(rundir.RESULTS, {**results, rundir.PRODUCED_BY: by})
     elif os.path.exists(path):
       os.remove(path)
+
+
+def evaluate_runs(exps: list[Experiment]) -> None:
+  """The eval stage of several runs with one eval_key (a grid's cohort): their QA decoded in
+  one pass vmapped over their params (stacked on a run axis), each run then scored and written
+  as its own evaluate() does, with the same answers."""
+  first = exps[0]
+  params = [e.load_final(e.source_stage("eval", TRAIN_STAGES)) for e in exps]
+  answered = qa_eval.qa_correct_parts(first.model, loop.stack_runs(params), first.world,
+                                      list(first.eval_parts().values()),
+                                      first.cfg.eval.batch_size, runs=True)
+  for r, (e, p) in enumerate(zip(exps, params)):
+    e.evaluate(p, [(correct[r], attrs, alens) for correct, attrs, alens in answered])
 
 
 def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:

@@ -34,12 +34,12 @@ def world(tok):
   return world_lib.build_world(cfg, tok)
 
 
-def make_model(world, **kw):
+def make_model(world, seed=0, **kw):
   mc = ModelConfig(vocab_size=model_vocab(world.renderer), **{
       **dict(num_layers=2, num_heads=4, d_model=64, d_ff=256, rotary_fraction=0.5), **kw})
   model = Transformer(mc)
   init = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))))
-  params = init(jax.random.PRNGKey(0))["params"]
+  params = init(jax.random.PRNGKey(seed))["params"]
   return model, params
 
 
@@ -99,10 +99,10 @@ def test_qa_set_prompts_are_the_rendered_questions(world):
 @pytest.mark.parametrize("attention", ["einsum", "xla"])
 def test_shared_prefix_generation_equals_recompute(world, attention):
   """Questions decoded with their attribute's prefix cached once give the tokens of full
-  recompute on the whole questions, with early stopping at EOT in both; also through
-  `jax.nn.dot_product_attention` (the GPU path, which reads the head-major cache transposed).
-  The no-cache baseline on the same split questions (prefixes re-run once per step) and the
-  older fixed-width one give them too."""
+  recompute on the whole questions (the fixed-width baseline), with early stopping at EOT;
+  also through `jax.nn.dot_product_attention` (the GPU path, which reads the head-major cache
+  transposed). The no-cache baseline, on whole questions and on the split ones (prefixes re-run
+  once per step), gives them too (einsum: its code does not depend on the cache path)."""
   model, params = make_model(world, attention=attention)
   qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
   order = np.argsort(qs.rest_lens_N, kind="stable")[::-1]       # longest rest first
@@ -112,15 +112,16 @@ def test_shared_prefix_generation_equals_recompute(world, attention):
   shared = np.asarray(generate.generate(model, params, jnp.asarray(qs.rest_NR),
                                         jnp.asarray(qs.rest_lens_N), max_new, eot,
                                         qs.prefixes()))
-  full = np.asarray(generate.generate_recompute(model, params, jnp.asarray(prompts),
-                                                jnp.asarray(plens), max_new, eot))
-  np.testing.assert_array_equal(shared, full)
-  baseline = np.asarray(generate.generate_recompute(
-      model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N), max_new, eot,
-      qs.prefixes()))
-  np.testing.assert_array_equal(shared, baseline)
   np.testing.assert_array_equal(shared, generate.generate_recompute_fixed_width(
       model, params, jnp.asarray(prompts), jnp.asarray(plens), max_new, eot))
+  if attention == "einsum":   # the no-cache baseline's own code (no cache to read): once
+    full = np.asarray(generate.generate_recompute(model, params, jnp.asarray(prompts),
+                                                  jnp.asarray(plens), max_new, eot))
+    np.testing.assert_array_equal(shared, full)
+    baseline = np.asarray(generate.generate_recompute(
+        model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N), max_new, eot,
+        qs.prefixes()))
+    np.testing.assert_array_equal(shared, baseline)
   plain = np.asarray(generate.generate(model, params, jnp.asarray(prompts), jnp.asarray(plens),
                                        max_new))
   # early stop: a row's tokens agree with the full run up to and including its first EOT
@@ -213,6 +214,46 @@ def test_memorised_qa_scores_100(world, memorised):
   acc = qa_eval.per_attribute(correct, attrs)
   assert set(acc) == set(ATTRIBUTES) | {"mean"}
   assert acc["mean"] == 1.0, acc
+
+
+def test_runs_decoded_together_answer_as_alone(world, memorised):
+  """A grid's eval (qa_correct with runs=True): three runs' params stacked on a run axis and
+  decoded in one vmapped pass give each run the answers it gives alone: a model that answers
+  everything and stops early at EOT, a random one that never stops, and the memorised one with
+  its embeddings perturbed (some right, some wrong), so the runs stop at different steps."""
+  model, params = memorised
+  _, random = make_model(world)
+  noisy = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape)
+      if "embed" in jax.tree_util.keystr(path) else x, params)
+  runs = [params, random, noisy]
+  people = np.arange(N_PEOPLE)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
+  together, attrs, _ = qa_eval.qa_correct(model, stacked, world, people, batch_size=64,
+                                          runs=True)
+  assert together.shape == (3, N_PEOPLE * len(ATTRIBUTES))
+  for r, p in enumerate(runs):
+    alone, attrs_alone, _ = qa_eval.qa_correct(model, p, world, people, batch_size=64)
+    np.testing.assert_array_equal(together[r], alone)
+    np.testing.assert_array_equal(attrs, attrs_alone)
+  assert together[0].all() and not together[1].any() and 0 < together[2].mean() < 1, together
+  # the tokens themselves, up to and including each row's first EOT (qa_correct's one batch)
+  qs = qa_eval.qa_set(world, people)
+  width, eot = qs.answers_NW.shape[1], world.renderer.eot_id
+  ((_, _, qs),) = qa_eval.length_batches(qs, 64)
+  got = qa_eval.answer(model, stacked, world, qs, width, runs=True)
+  for r, p in enumerate(runs):
+    want = qa_eval.answer(model, p, world, qs, width)
+    for b in range(len(want)):
+      stop = np.flatnonzero(want[b] == eot)
+      upto = stop[0] + 1 if len(stop) else width
+      np.testing.assert_array_equal(got[r, b, :upto], want[b, :upto])
+  # a bidirectional model's mask filling (GBERT), two random inits
+  bert = [make_model(world, causal=False, seed=s) for s in (0, 1)]
+  got = qa_eval.answer(bert[0][0], jax.tree.map(lambda *xs: jnp.stack(xs), *(p for _, p in bert)),
+                       world, qs, width, runs=True)
+  for r, (m, p) in enumerate(bert):
+    np.testing.assert_array_equal(got[r], qa_eval.answer(m, p, world, qs, width))
 
 
 def test_recompute_baseline_stops_early_like_the_cache(world, memorised):

@@ -199,6 +199,8 @@ def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
   r = ok(run([sys.executable, "-m", "kstore_jax.grid", "--config=configs/grids/fig3.py:tiny",
               f"--workdir={wd}", "--config.grid.mode=vmap", *micro], env(), timeout=600))
   assert r.stdout.count("16 run(s) in one step") == 3, r.stdout[-3000:]   # the 3 train stages
+  # every run asks the same questions of the same model: 2 x 16 evals decoded together
+  assert r.stdout.count("eval: 16 run(s) decoded together") == 2, r.stdout[-3000:]
   sys.path.insert(0, str(ROOT))
   from configs import grids
   out = tmp_path / "report.md"
@@ -233,10 +235,15 @@ def test_a_run_behind_catches_up_in_the_whole_cohort(trained, four, env, tmp_pat
 
 def test_bench_grid_times_both_modes(four, env):
   r = ok(run([sys.executable, "-m", "kstore_jax.bench", "grid", f"--config={four}:tiny",
-              "--runs=2", "--train_steps=1", *ARGS], env()))
-  rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+              "--runs=2", "--train_steps=1", "--grid_eval_people=4", *ARGS], env()))
+  lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+  rows = [row for row in lines if row["name"] == "grid_speedup"]
   assert {row["mode"] for row in rows} == ({"vmap", "processes"} if len(
       os.sched_getaffinity(0)) > 1 else {"vmap"})
   for row in rows:
-    assert row["name"] == "grid_speedup" and row["runs"] == 2 and row["value"] > 0
+    assert row["runs"] == 2 and row["value"] > 0
     assert abs(row["value"] - row["alone_step_s"] / row["grid_step_s"]) < 0.01
+  (ev,) = [row for row in lines if row["name"] == "grid_eval_speedup"]   # vmap's eval
+  assert ev["runs"] == 2 and ev["questions"] == 2 * 4 * 6, ev
+  assert ev["value"] == pytest.approx(ev["alone_s"] / ev["together_s"], rel=0.02)
+  assert len(lines) == len(rows) + 1

@@ -215,6 +215,9 @@ def test_processes_that_share_rows_match_one(runs, tmp_path, jax_cache):
   wd = tmp_path / "shared"
   finish(start_two(wd, jax_cache, n_devices=2, program="kstore_jax.grid",
                    args=[f"--config={grid_file}:tiny", *ARGS[1:], *SHARED_ROWS_MESH]))
+  # process 0 alone writes grid.json (both writing it raced on its temporary file: one
+  # process failed with FileNotFoundError and the other hung in a collective)
+  assert json.loads((wd / "grid.json").read_text())["runs"][1]["name"] == "b"
   for run in ("a", "b"):
     assert_close_losses(metrics(wd / run), metrics(runs["one"]))
     assert_same_probes(wd / run, runs["one"])

@@ -13,6 +13,8 @@ another. It is the baseline for the KV-cache speed benchmark (`bench eval`);
 `generate_recompute_fixed_width` is the older, wasteful one (the full padded width every step,
 every position through the head, whole questions).
 `fill_masks` answers with a bidirectional model (model.causal=False): prompt + mask tokens.
+`over_runs` runs either for several runs' params at once (a grid's eval: the same questions,
+params stacked on a leading run axis).
 """
 
 import functools
@@ -186,6 +188,15 @@ def generate_recompute_fixed_width(model: Transformer, params, prompt_BP, lens_B
     return nxt_B, seq_BT.at[jnp.arange(B), lens_B + t].set(nxt_B)
 
   return _run(step, jnp.zeros(B, jnp.int32), seq_BT, max_new, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "model", "max_new"))
+def over_runs(fn, model: Transformer, params_R, *args, max_new: int, **kw):
+  """`fn(model, params, *args, max_new=max_new, **kw)` (generate, fill_masks) for each run's
+  params, stacked on a leading run axis: [R, ...], vmapped over the runs. Each run's tokens
+  are its own call's: `generate`'s loop then runs until every run has stopped, holding a
+  stopped run's state as it is."""
+  return jax.vmap(lambda p: fn(model, p, *args, max_new=max_new, **kw))(params_R)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new"))

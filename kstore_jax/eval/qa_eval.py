@@ -18,7 +18,7 @@ from kstore_jax.data.render import N_ATTR, QA_NAME_SLOTS, QA_VALUE_SLOTS
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
 from kstore_jax.data.world import group_index
-from kstore_jax.eval.generate import Prefixes, fill_masks, generate, greedy
+from kstore_jax.eval.generate import Prefixes, fill_masks, generate, greedy, over_runs
 from kstore_jax.rundir import CI   # results.json: key + CI holds the intervals of key's accuracies
 
 
@@ -147,24 +147,29 @@ def scored(key: str, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
 
 
 def answers_match(generated_BW: np.ndarray, answers_BW: np.ndarray, alens_B: np.ndarray):
-  """Exact match of every answer token, the closing EOT included."""
+  """Exact match of every answer token, the closing EOT included ([B]; [R, B] for several
+  runs' answers [R, B, W])."""
   width = answers_BW.shape[1]
   valid = np.arange(width)[None] < alens_B[:, None]
-  return ((generated_BW[:, :width] == answers_BW) | ~valid).all(1)
+  return ((generated_BW[..., :width] == answers_BW) | ~valid).all(-1)
 
 
-def answer(model, params, world, qs: QASet, max_new: int) -> np.ndarray:
+def answer(model, params, world, qs: QASet, max_new: int, runs: bool = False) -> np.ndarray:
   """The model's answer tokens [N, max_new] to the questions `qs`: greedy decoding with the
   question prefixes cached once for all rows (causal model; stops when every row has closed
   its answer with EOT); for a bidirectional model (GBERT) the prompt + as many mask tokens as
-  the true answer has (EOT included), predicted at once."""
-  rest = (model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N))
+  the true answer has (EOT included), predicted at once. `runs`: params are several runs'
+  stacked on a leading axis, answered in one vmapped call: [R, N, max_new]."""
+  fn = generate if model.cfg.causal else fill_masks
+  call = functools.partial(over_runs, fn) if runs else fn
   if model.cfg.causal:
-    return np.asarray(generate(*rest, max_new, world.renderer.eot_id, qs.prefixes()))
+    return np.asarray(call(model, params, jnp.asarray(qs.rest_NR), jnp.asarray(qs.rest_lens_N),
+                           max_new=max_new, eos_id=world.renderer.eot_id,
+                           prefixes=qs.prefixes()))
   prompts, plens = qs.prompts(world.pad_id)
-  return np.asarray(fill_masks(model, params, jnp.asarray(prompts), jnp.asarray(plens),
-                               jnp.asarray(qs.alens_N), world.renderer.token_id(MASK),
-                               max_new))
+  return np.asarray(call(model, params, jnp.asarray(prompts), jnp.asarray(plens),
+                         jnp.asarray(qs.alens_N), world.renderer.token_id(MASK),
+                         max_new=max_new))
 
 
 def length_batches(qs: QASet, batch_size: int, row_multiple: int = 64):
@@ -191,22 +196,28 @@ def length_batches(qs: QASet, batch_size: int, row_multiple: int = 64):
       yield rows, len(chunk), qs.take(rows)
 
 
-def qa_correct_parts(model, params, world, parts, batch_size: int = 512):
+def qa_correct_parts(model, params, world, parts, batch_size: int = 512, runs: bool = False):
   """qa_correct of each people array in `parts`, decoded in one pass (one set of batch shapes
-  to compile): a list of (correct, attributes, answer lengths), one per part."""
-  correct, attrs, alens = qa_correct(model, params, world, np.concatenate(parts), batch_size)
+  to compile): a list of (correct, attributes, answer lengths), one per part (`runs`: correct
+  [R, n] of each run, as in qa_correct)."""
+  correct, attrs, alens = qa_correct(model, params, world, np.concatenate(parts), batch_size,
+                                     runs=runs)
   cuts = np.cumsum([len(p) * N_ATTR for p in parts])[:-1]   # N_ATTR questions per person
-  return list(zip(*(np.split(x, cuts) for x in (correct, attrs, alens))))
+  return list(zip(*(np.split(x, cuts, axis=-1) for x in (correct, attrs, alens))))
 
 
-def qa_correct(model, params, world, people, batch_size: int = 512, progress=None):
+def qa_correct(model, params, world, people, batch_size: int = 512, progress=None,
+               runs: bool = False):
   """(correct [n] bool, attributes [n], answer lengths [n] incl. EOT) for `people`'s QA
-  (person-major: N_ATTR questions per person)."""
+  (person-major: N_ATTR questions per person). `runs`: params are R runs' stacked on a
+  leading axis (the same model and questions: a grid's), decoded together; correct is [R, n],
+  each run's row what it gives alone."""
   qs = qa_set(world, people)
-  correct = np.zeros(len(qs.attrs_N), bool)
+  n_runs = (jax.tree.leaves(params)[0].shape[0],) if runs else ()
+  correct = np.zeros((*n_runs, len(qs.attrs_N)), bool)
   for rows, n, batch in length_batches(qs, batch_size):
-    got = answer(model, params, world, batch, qs.answers_NW.shape[1])
-    correct[rows[:n]] = answers_match(got, batch.answers_NW, batch.alens_N)[:n]
+    got = answer(model, params, world, batch, qs.answers_NW.shape[1], runs)
+    correct[..., rows[:n]] = answers_match(got, batch.answers_NW, batch.alens_N)[..., :n]
     if progress:
       progress(n)
   return correct, qs.attrs_N, qs.alens_N

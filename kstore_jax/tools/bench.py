@@ -70,6 +70,9 @@ GRID_MODES = flags.DEFINE_list("grid_modes", ["vmap", "processes"], "grid: the g
                                "timed against the runs one after another")
 GRID_ALONE = flags.DEFINE_list("grid_alone", [], "grid: (internal) time these runs one "
                                "after another and print the sum (a processes-mode child)")
+GRID_EVAL_PEOPLE = flags.DEFINE_integer("grid_eval_people", 64, "grid: people of each eval "
+                                        "part (held out, QA-trained) whose QA the vmap mode's "
+                                        "eval timing decodes (0: no eval timing)")
 _GRID_ARGS = {}   # grid: the --config spec and overrides, taken off argv before absl parses it
 EVAL_FIXED_WIDTH = flags.DEFINE_bool("eval_fixed_width", True, "eval: also time the older "
                                      "fixed-width recompute baseline "
@@ -668,7 +671,9 @@ def bench_grid(_cfg) -> list[dict]:
   """grid_speedup per run count R and grid mode: (median step seconds of R runs' first
   training stage, each alone, summed) / (the same steps as the grid runs them), measured back
   to back: `vmap` one cohort step; `processes` the runs shared out over one process per core
-  (each pinned to it, all at once; the slowest process's summed step seconds)."""
+  (each pinned to it, all at once; the slowest process's summed step seconds). With `vmap`
+  also grid_eval_speedup: the eval's QA decoding (--grid_eval_people of each part) of R
+  runs one after another / decoded together as the grid's eval does it."""
   import jax
   from kstore_jax import experiment
   from kstore_jax.model import attention
@@ -710,6 +715,8 @@ def bench_grid(_cfg) -> list[dict]:
       for mode in GRID_MODES.value:
         if mode == "vmap":
           grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value, run_axis=run_axis)
+          if GRID_EVAL_PEOPLE.value > 0:
+            out.append(measure_grid_eval([exps[n] for n in names], ctx))
         elif mode == "processes" and len(cores) > 1:
           shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
           grid_s = max(processes_alone_s(shares, cores, spec, overrides))
@@ -721,6 +728,26 @@ def bench_grid(_cfg) -> list[dict]:
                                alone_step_s=round(alone, 4),
                                grid_step_s=round(grid_s, 4), **ctx))
   return out
+
+
+def measure_grid_eval(exps, ctx) -> dict:
+  """grid_eval_speedup of R runs (random params, one per run: no early stop, every question
+  decoded to its full width): their QA decoded one run after another / in one vmapped pass
+  (experiment.evaluate_runs' call), each the median of 3 after a warm-up call."""
+  from kstore_jax.data.render import N_ATTR
+  from kstore_jax.eval import qa_eval
+  from kstore_jax.train import loop, throughput
+  first = exps[0]
+  parts = [p[:GRID_EVAL_PEOPLE.value] for p in first.eval_parts().values()]
+  params = [e.random_params(i) for i, e in enumerate(exps)]
+  stacked = loop.stack_runs(params)
+  decode = lambda p, runs: qa_eval.qa_correct_parts(first.model, p, first.world, parts,
+                                                    first.cfg.eval.batch_size, runs=runs)
+  alone = throughput.median_time(lambda: [decode(p, False) for p in params], repeats=3)
+  together = throughput.median_time(lambda: decode(stacked, True), repeats=3)
+  return measurement("grid_eval_speedup", round(alone / together, 3), "ratio", runs=len(exps),
+                     mode="vmap", questions=sum(len(p) for p in parts) * N_ATTR,
+                     alone_s=round(alone, 4), together_s=round(together, 4), **ctx)
 
 
 def processes_alone_s(shares, cores, spec, overrides) -> list[float]:

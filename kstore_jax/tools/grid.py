@@ -14,11 +14,13 @@ one-line error naming the run and the key).
               stage settings, batch shape and loss train in one jitted step vmapped over a
               leading run axis of params, optimizer state and batches (`grid.max_runs` per
               cohort), each fed by its own Grain iterator and checkpointed into its own
-              directory; eval and probe scoring then run per run. `grid.run_axis` places
-              the run axis on the mesh: `replicated` (the default: each run's rows split
-              over data x fsdp as when it trains alone) or `data` (whole runs per slice of
-              the data axis, so no gradient all-reduce across it, where the axis divides
-              the cohort; else replicated).
+              directory. `grid.run_axis` places the run axis on the mesh: `replicated`
+              (the default: each run's rows split over data x fsdp as when it trains
+              alone) or `data` (whole runs per slice of the data axis, so no gradient
+              all-reduce across it, where the axis divides the cohort; else replicated).
+              The eval stage of runs that ask the same questions of the same model shape
+              decodes in one pass vmapped over their params (`grid.max_runs` at a time);
+              probe scoring runs per run.
   processes   each run in its own `python -m kstore_jax.grid --runs=<run>` process pinned
               to one CPU core, as many at once as there are cores (2 cores: two runs side by
               side).
@@ -77,6 +79,7 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated") -> No
   keys) of at most `max_runs` runs, each stage of all runs before the next stage; a cohort's
   run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for)."""
   from configs import base
+  from kstore_jax import experiment
   from kstore_jax.train import loop, sharding
   pending = {n: list(e.stages()) for n, e in exps.items()}
   while any(pending.values()):
@@ -99,11 +102,27 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated") -> No
         print(f"[grid] {stage}: {len(part)} run(s) in one step (run axis "
               f"{axis or 'replicated'}): {', '.join(n for n, _ in part)}", flush=True)
         loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh, run_axis=axis)
+    together = eval_cohorts(exps, names, max_runs) if base.STAGE_KINDS[stage] == "eval" else []
+    for part in together:
+      print(f"[grid] {stage}: {len(part)} run(s) decoded together: {', '.join(part)}",
+            flush=True)
+      experiment.evaluate_runs([exps[n] for n in part])
     for n in names:
-      if stage not in base.TRAIN_STAGES:   # probe scoring (trained above) or eval
-        print(f"== {n}: {stage} ==", flush=True)
+      if stage not in base.TRAIN_STAGES and not any(n in p for p in together):
+        print(f"== {n}: {stage} ==", flush=True)   # probe scoring (trained above) or eval
         exps[n].run_stage(stage)
       pending[n].pop(0)
+
+
+def eval_cohorts(exps: dict, names: list[str], max_runs: int) -> list[list[str]]:
+  """The runs among `names` whose eval can decode in one vmapped pass (equal
+  Experiment.eval_key: the same model shape and questions), in parts of at most `max_runs`;
+  a run with no partner is left out (it evaluates alone)."""
+  by_key: dict[tuple, list] = {}
+  for n in names:
+    by_key.setdefault(exps[n].eval_key(), []).append(n)
+  return [part for group in by_key.values() for i in range(0, len(group), max_runs)
+          if len(part := group[i:i + max_runs]) > 1]
 
 
 def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str]) -> None:
@@ -173,7 +192,7 @@ def main(argv):
   platform = attention.platform_of(jax.devices())
   opened = open_runs(g, names, workdir, platform, jax.device_count())
   mode = resolve_mode(g.grid.mode, platform, len(names))
-  if not _RUNS.value:
+  if not _RUNS.value and jax.process_index() == 0:   # one writer, as for every run file
     write_grid_file(workdir, g, spec, overrides)
   print(f"[grid] {len(names)} run(s), mode {mode}: {', '.join(names)}", flush=True)
   if mode == "processes":
