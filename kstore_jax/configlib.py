@@ -339,12 +339,11 @@ def load_grid(spec: str | None, overrides: list[str]):
     else:
       for run in g.runs.values():
         apply_override(run, key, text)
-  mode, max_runs = g.grid.mode, g.grid.max_runs
-  if mode not in grids.MODES:
-    raise ConfigError(f"config key 'grid.mode'={mode!r} must be one of {grids.MODES}")
+  for key, choices in (("mode", grids.MODES), ("run_axis", grids.RUN_AXES),
+                       ("eval_runs", grids.EVAL_RUNS)):
+    if g.grid[key] not in choices:
+      raise ConfigError(f"config key 'grid.{key}'={g.grid[key]!r} must be one of {choices}")
+  max_runs = g.grid.max_runs
   if not isinstance(max_runs, int) or max_runs < 1:
     raise ConfigError(f"config key 'grid.max_runs'={max_runs!r} must be an integer >= 1")
-  if g.grid.run_axis not in grids.RUN_AXES:
-    raise ConfigError(f"config key 'grid.run_axis'={g.grid.run_axis!r} must be one of "
-                      f"{grids.RUN_AXES}")
   return g

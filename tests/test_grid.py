@@ -175,6 +175,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_pa
     (["--config.model.bogus=1"], "--config.model.bogus: unknown config key"),
     (["--config.grid.mode=fast"], "'grid.mode'='fast' must be one of"),
     (["--config.grid.run_axis=tensor"], "'grid.run_axis'='tensor' must be one of"),
+    (["--config.grid.eval_runs=sometimes"], "'grid.eval_runs'='sometimes' must be one of"),
     (["--config.data.qa_ratio=2.0"], "run 'single': data.qa_ratio=2.0"),
     (["--runs=single,nobody"], "--runs: 'nobody' is not a run of the grid"),
 ])
@@ -193,7 +194,7 @@ def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
            "--config.data.seq_len=192", "--config.model.num_layers=1",
            "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
            "--config.eval.max_people=8", "--config.train.log_every=1",
-           "--config.grid.max_runs=16",
+           "--config.grid.max_runs=16", "--config.grid.eval_runs=together",
            *(f"--config.{s}.{k}={v}" for s in ("pretrain", "pretrain_mixed", "finetune")
              for k, v in (("steps", 2), ("batch_size", 4), ("warmup_steps", 1)))]
   r = ok(run([sys.executable, "-m", "kstore_jax.grid", "--config=configs/grids/fig3.py:tiny",

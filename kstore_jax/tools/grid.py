@@ -18,9 +18,10 @@ one-line error naming the run and the key).
               (the default: each run's rows split over data x fsdp as when it trains
               alone) or `data` (whole runs per slice of the data axis, so no gradient
               all-reduce across it, where the axis divides the cohort; else replicated).
-              The eval stage of runs that ask the same questions of the same model shape
-              decodes in one pass vmapped over their params (`grid.max_runs` at a time);
-              probe scoring runs per run.
+              `grid.eval_runs`: the eval stage of runs that ask the same questions of the
+              same model shape decodes in one pass vmapped over their params (`together`,
+              `grid.max_runs` at a time; `auto`: on a GPU/TPU, not on a CPU, where it
+              measured slower) or run by run (`alone`); probe scoring runs per run.
   processes   each run in its own `python -m kstore_jax.grid --runs=<run>` process pinned
               to one CPU core, as many at once as there are cores (2 cores: two runs side by
               side).
@@ -74,10 +75,12 @@ def resolve_mode(mode: str, platform: str, n_runs: int) -> str:
   return "processes" if n_runs > 1 and len(os.sched_getaffinity(0)) > 1 else "sequential"
 
 
-def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated") -> None:
+def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
+                  eval_together: bool = False) -> None:
   """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
   keys) of at most `max_runs` runs, each stage of all runs before the next stage; a cohort's
-  run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for)."""
+  run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for); with
+  `eval_together` the eval of runs with one Experiment.eval_key decoded in one pass."""
   from configs import base
   from kstore_jax import experiment
   from kstore_jax.train import loop, sharding
@@ -102,7 +105,8 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated") -> No
         print(f"[grid] {stage}: {len(part)} run(s) in one step (run axis "
               f"{axis or 'replicated'}): {', '.join(n for n, _ in part)}", flush=True)
         loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh, run_axis=axis)
-    together = eval_cohorts(exps, names, max_runs) if base.STAGE_KINDS[stage] == "eval" else []
+    together = (eval_cohorts(exps, names, max_runs)
+                if eval_together and base.STAGE_KINDS[stage] == "eval" else [])
     for part in together:
       print(f"[grid] {stage}: {len(part)} run(s) decoded together: {', '.join(part)}",
             flush=True)
@@ -123,6 +127,12 @@ def eval_cohorts(exps: dict, names: list[str], max_runs: int) -> list[list[str]]
     by_key.setdefault(exps[n].eval_key(), []).append(n)
   return [part for group in by_key.values() for i in range(0, len(group), max_runs)
           if len(part := group[i:i + max_runs]) > 1]
+
+
+def eval_together(choice: str, platform: str) -> bool:
+  """grid.eval_runs: `together`, or `auto` off a CPU (on 2 CPU cores one vmapped decode of R
+  runs took 1.2-1.5x their decodes one after another: BENCHMARKS.md "Grid")."""
+  return choice == "together" or (choice == "auto" and platform != "cpu")
 
 
 def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str]) -> None:
@@ -205,7 +215,8 @@ def main(argv):
   from kstore_jax.train import loop
   try:
     if mode == "vmap":
-      train_vmapped(exps, g.grid.max_runs, g.grid.run_axis)
+      train_vmapped(exps, g.grid.max_runs, g.grid.run_axis,
+                    eval_together=eval_together(g.grid.eval_runs, platform))
     else:
       for n, e in exps.items():
         print(f"== {n} ==", flush=True)
