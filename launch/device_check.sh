@@ -6,7 +6,8 @@
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), profile (the top ops
 # of the first kernel's train step), train (bench train,
 # paper config in bf16 per attention kernel, --gpt2_vocab, 128x384 rows), grid (bench grid:
-# grid_speedup of 2/4/8 `small` runs in one vmapped step), small (the small grid,
+# grid_speedup of 2/4/8 `small` runs in one vmapped step, grid_eval_speedup of their eval
+# decoded together), small (the small grid,
 # configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
 # the deadline allows; rerun with --sections=env,grid,small for the whole of it).
 # Writes at most 8 files under OUTDIR: summary.txt, bench.jsonl, log.txt, results_small.json
@@ -17,7 +18,7 @@
 # KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas xla cudnn").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -84,12 +85,12 @@ if [ "$SMOKE" = 1 ]; then
                    --config.finetune.batch_size=4 --config.train.save_every=6
                    --config.pretrain_mixed.steps=6 --config.pretrain_mixed.batch_size=4
                    --config.grid.mode=vmap --runs=single_finetune,single_mixed)
-  GRID_RUNS="2"
+  GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4)
   ATTN=(--attention=einsum,xla,pallas)
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
-  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"
+  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
@@ -137,7 +138,8 @@ if has train; then   # the first kernel (the default's) in its variants first, t
 fi
 if has grid; then   # R small runs in one vmapped step vs one after another
   run grid 240 "${BENCH[@]}" grid --config="configs/grids/small5.py:$SMALL_ARG" \
-    --runs="$GRID_RUNS" --grid_modes=vmap --train_steps="$TRAIN_STEPS" "${SIZES[@]}"
+    --runs="$GRID_RUNS" --grid_modes=vmap --train_steps="$TRAIN_STEPS" "${GRID_EVAL[@]}" \
+    "${SIZES[@]}"
 fi
 if has small; then   # the small grid, one vmapped step per stage (grid.mode auto on a GPU)
   run small 900 "$PY" -m kstore_jax.grid --config="configs/grids/small5.py:$SMALL_ARG" \

@@ -35,7 +35,7 @@ def test_smoke_runs_every_section(tmp_path):
   for want in [("env", "environment"), ("ceiling", "matmul_bfloat16_flops_per_s"),
                ("attention", "attention_pallas_ms"), ("profile_xla", "profile_step_s"),
                ("train_xla", "train_tokens_per_s"), ("train_xla_gpt2_vocab", "train_step_s"),
-               ("grid", "grid_speedup")]:
+               ("grid", "grid_speedup"), ("grid", "grid_eval_speedup")]:
     assert want in names, want
   vocab = {l["vocab"] for l in lines if l["section"] == "train_xla_gpt2_vocab" and "vocab" in l}
   assert vocab == {50304}
