@@ -38,6 +38,8 @@ ARGS = ["--config=configs/single.py:tiny",
 PRETRAIN_ARGS = [("--config.stages=pretrain" if a.startswith("--config.stages") else a)
                  for a in ARGS]
 SHARED_ROWS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4"]
+RUN_AXIS_DATA_MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2",
+                      "--config.grid.run_axis=data"]
 TIMEOUT = 300
 
 
@@ -203,18 +205,25 @@ def get_config(arg="tiny"):
 """
 
 
-def test_processes_that_share_rows_match_one(runs, tmp_path, jax_cache):
+@pytest.mark.parametrize("mesh, run_axis", [
+    (SHARED_ROWS_MESH, "replicated"),
+    (RUN_AXIS_DATA_MESH, "data")])
+def test_processes_that_share_rows_match_one(runs, tmp_path, jax_cache, mesh, run_axis):
   """tensor=4 over 2 processes x 2 devices: the batch axes (data, fsdp) have one shard, so
   both processes' devices hold all 8 rows of every batch, and each must feed its devices all
   of them (its half alone made a 4-row global batch: loss 1e-3 off at step 1), LM and probe
   batches alike. Run as a two-run grid (the runs' batches stacked [R, B, L]: the grid's
   stacking shares rows as one run's batch does); the reference for both runs: the
-  one-process run on the data=2 mesh."""
+  one-process run on the data=2 mesh.
+  Also grid.run_axis=data on data=2 x tensor=2: each process's devices hold one whole run
+  (its rows shared by the process's two devices), while each process's pipelines read its
+  block of both runs' batches: the blocks are gathered into the runs the devices hold."""
   grid_file = tmp_path / "twins.py"
   grid_file.write_text(TWIN_GRID)
   wd = tmp_path / "shared"
-  finish(start_two(wd, jax_cache, n_devices=2, program="kstore_jax.grid",
-                   args=[f"--config={grid_file}:tiny", *ARGS[1:], *SHARED_ROWS_MESH]))
+  logs = finish(start_two(wd, jax_cache, n_devices=2, program="kstore_jax.grid",
+                          args=[f"--config={grid_file}:tiny", *ARGS[1:], *mesh]))
+  assert f"(run axis {run_axis})" in logs[0], logs[0][-2000:]
   # process 0 alone writes grid.json (both writing it raced on its temporary file: one
   # process failed with FileNotFoundError and the other hung in a collective)
   assert json.loads((wd / "grid.json").read_text())["runs"][1]["name"] == "b"
