@@ -126,6 +126,14 @@ def test_seq_len_shorter_than_longest_document(tmp_path, jax_cache):
   assert not wd.exists()
 
 
+def test_unknown_flag_is_one_line(workdir, jax_cache):
+  """A mistyped flag (absl alone prints 'FATAL Flags parsing error' and a hint: two lines)."""
+  before = snapshot(workdir)
+  r = run_main([CONFIG, f"--workdri={workdir}", *SMALL], jax_cache)
+  assert_one_line_error(r, "'workdri'", "workdir")
+  assert r.returncode == 2 and snapshot(workdir) == before
+
+
 def test_missing_workdir_flag(jax_cache):
   r = run_main([CONFIG, *SMALL], jax_cache)
   assert_one_line_error(r, "--workdir")

@@ -532,6 +532,17 @@ def test_slurm_dry_run():
   assert subprocess.run(["bash", "-n"], input=script_text, text=True).returncode == 0
 
 
+@pytest.mark.parametrize("name, args, culprit", [
+    ("report", ["--bogus"], "'bogus'"), ("inspect", ["--bogus"], "'bogus'"),
+    ("ask", ["--bogus"], "'bogus'"), ("grid", ["--bogus"], "'bogus'"),
+    ("bench", ["train", "--config=configs/tiny.py", "--train_steps=abc"], "--train_steps=abc")])
+def test_bad_flag_is_one_line(name, args, culprit):
+  r = tool(name, *args)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert lines[0].startswith(f"kstore_jax.{name}: error: ") and culprit in lines[0], lines[0]
+
+
 def test_launch_errors():
   r = script("tpu_pod.sh", "--dry-run", "--config=configs/single.py", "--workdir=x",
              env={"KSTORE_ZONE": ""})

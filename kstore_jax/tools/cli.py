@@ -82,7 +82,7 @@ def _help_as_main(tool) -> None:
 
 def run(main: Callable, prog: str,
         config_required: bool | Callable[[list[str]], bool] = True) -> None:
-  """`absl.app.run(main)` with one-line config errors (stderr, exit status 2).
+  """`absl.app.run(main)` with one-line config and flag errors (stderr, exit status 2).
 
   `config_required` may be a predicate of argv (e.g. only some subcommands need a config).
   """
@@ -101,6 +101,12 @@ def run(main: Callable, prog: str,
     except ConfigError as e:
       configlib.fail(str(e), prog)
 
+  def parse_flags(args):   # absl's own parser prints two lines (FATAL ..., a hint), exit 1
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      configlib.fail(" ".join(str(e).split()), prog)
+
   def guarded(args):
     if not flags.FLAGS["verbosity"].present:   # jax/orbax/grain INFO lines drown the output
       logging.set_verbosity(logging.WARNING)
@@ -109,4 +115,4 @@ def run(main: Callable, prog: str,
     except ConfigError as e:
       configlib.fail(str(e), prog)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=parse_flags)
