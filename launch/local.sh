@@ -9,6 +9,9 @@ if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
+case "${1:-}" in -*) echo "local.sh: unknown option '$1' (usage: bash launch/local.sh [OUTDIR])" >&2
+                    exit 2 ;; esac
+[ $# -le 1 ] || { echo "local.sh: unexpected argument '$2' (usage: bash launch/local.sh [OUTDIR])" >&2; exit 2; }
 OUT="${1:-runs/tiny}"
 [ -z "${1:-}" ] || case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac   # _venv.sh cds to the repo
 # shellcheck source=_venv.sh source-path=SCRIPTDIR

@@ -551,6 +551,9 @@ def test_launch_errors():
   assert r.returncode == 2 and "--workdir" in r.stderr
   r = script("slurm_gpu.sh", "--dry-run", "--bogus")
   assert r.returncode == 2 and "--bogus" in r.stderr
+  for args, culprit in ((["--bogus"], "'--bogus'"), (["a", "b"], "'b'")):   # before any install
+    r = script("local.sh", *args)
+    assert r.returncode == 2 and culprit in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
