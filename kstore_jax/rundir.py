@@ -87,8 +87,9 @@ def read_json(path: str):
 
 
 def write_json(path: str, obj, indent: int = 2, sort_keys: bool = True) -> None:
-  """Write `obj` as JSON to `path` atomically (a temporary file renamed over it)."""
-  tmp = path + ".tmp"
+  """Write `obj` as JSON to `path` atomically (a temporary file of this process's own renamed
+  over it: processes writing the same file at once each rename a whole file)."""
+  tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=indent, sort_keys=sort_keys)
   os.replace(tmp, path)

@@ -135,6 +135,10 @@ def test_processes_mode_equals_solo(trained, four, env, tmp_path):
   wd = tmp_path / "procs"
   r = ok(run(grid_cmd(four, wd, f"--runs={','.join(SOLO)}", mode="processes"), env()))
   assert "mode processes" in r.stdout, r.stdout[-2000:]
+  # grid.json lists every run of the grid, also when --runs trains some (the report shows
+  # the others as not run); the parent and its two children all wrote it, whole
+  assert [r["name"] for r in json.loads((wd / "grid.json").read_text())["runs"]] == list(ROWS)
+  assert not list(wd.glob("*.tmp"))
   for row, solo_wd in solo.items():
     assert f"[{row}] [pretrain] step {STEPS}/{STEPS}" in r.stdout, r.stdout[-2000:]
     assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))

@@ -202,8 +202,8 @@ def main(argv):
   platform = attention.platform_of(jax.devices())
   opened = open_runs(g, names, workdir, platform, jax.device_count())
   mode = resolve_mode(g.grid.mode, platform, len(names))
-  if not _RUNS.value and jax.process_index() == 0:   # one writer, as for every run file
-    write_grid_file(workdir, g, spec, overrides)
+  if jax.process_index() == 0:   # one writer per cluster, as for every run file (--runs too:
+    write_grid_file(workdir, g, spec, overrides)   # the report lists the runs not yet run)
   print(f"[grid] {len(names)} run(s), mode {mode}: {', '.join(names)}", flush=True)
   if mode == "processes":
     run_processes(spec, overrides, workdir, names)
