@@ -341,11 +341,13 @@ class Experiment:
     return parts
 
   def eval_key(self) -> tuple:
-    """Runs with equal keys ask the same questions of the same model shape: their eval can
-    decode in one vmapped pass (evaluate_runs)."""
-    qs = qa_eval.qa_set(self.world, np.concatenate(list(self.eval_parts().values())))
+    """Runs with equal keys ask the same questions, split into the same parts, of the same
+    model shape: their eval can decode in one vmapped pass (evaluate_runs)."""
+    parts = self.eval_parts()
+    qs = qa_eval.qa_set(self.world, np.concatenate(list(parts.values())))
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in qs)).hexdigest()
-    return self.model_cfg, self.cfg.eval.batch_size, digest
+    sizes = tuple((name, len(people)) for name, people in parts.items())
+    return self.model_cfg, self.cfg.eval.batch_size, sizes, digest
 
   def evaluate(self, params=None, answered=None) -> dict:
     """QA test / train (/ valid) and bio recall of the last trained stage into results.json,

@@ -8,8 +8,9 @@ Setting: the demo's rows (configs/single.py, configs/multi5_permute.py at `tiny`
 people of whom 80% are QA-finetuned on (160) and 40 held out (240 questions), a 2-layer
 d_model-128 model, 400 pretraining steps of 32 x 128 positions at peak lr 5e-3 (multi5: ~26
 passes over its 1,000 bios), 100 finetune steps; eval on the 40 held-out people and 40 of
-the QA-trained ones (the held-out numbers are those of every person held out). Both arms run side by side, each pinned to a
-core of its own (4.0 min on the session-11 2-core machine; 4.5 min unpinned, two threads each).
+the QA-trained ones (the held-out numbers are those of every person held out). Both arms run
+side by side, each pinned to a core of its own (4.0 min on the session-11 2-core machine; 4.5
+min unpinned, two threads each).
 
 Measured (QA test % held out, bio recall % in brackets), this code, seeds 0 / 1 / 2:
   single          4.6 (100.0) /  2.5 (100.0) /  4.2 (100.0)

@@ -17,7 +17,7 @@ from kstore_jax.data import pipeline, tokenizer as tokenizer_lib, world as world
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.eval import generate, qa_eval
 from kstore_jax.model.transformer import ModelConfig, Transformer, model_vocab
-from kstore_jax.train import step as step_lib
+from kstore_jax.train import loop, step as step_lib
 
 N_PEOPLE = 4
 
@@ -228,7 +228,7 @@ def test_runs_decoded_together_answer_as_alone(world, memorised):
       if "embed" in jax.tree_util.keystr(path) else x, params)
   runs = [params, random, noisy]
   people = np.arange(N_PEOPLE)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
+  stacked = loop.stack_runs(runs)
   together, attrs, _ = qa_eval.qa_correct(model, stacked, world, people, batch_size=64,
                                           runs=True)
   assert together.shape == (3, N_PEOPLE * len(ATTRIBUTES))
@@ -250,8 +250,8 @@ def test_runs_decoded_together_answer_as_alone(world, memorised):
       np.testing.assert_array_equal(got[r, b, :upto], want[b, :upto])
   # a bidirectional model's mask filling (GBERT), two random inits
   bert = [make_model(world, causal=False, seed=s) for s in (0, 1)]
-  got = qa_eval.answer(bert[0][0], jax.tree.map(lambda *xs: jnp.stack(xs), *(p for _, p in bert)),
-                       world, qs, width, runs=True)
+  got = qa_eval.answer(bert[0][0], loop.stack_runs([p for _, p in bert]), world, qs, width,
+                       runs=True)
   for r, (m, p) in enumerate(bert):
     np.testing.assert_array_equal(got[r], qa_eval.answer(m, p, world, qs, width))
 

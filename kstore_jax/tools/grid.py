@@ -111,8 +111,9 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
       print(f"[grid] {stage}: {len(part)} run(s) decoded together: {', '.join(part)}",
             flush=True)
       experiment.evaluate_runs([exps[n] for n in part])
+    evaluated = {n for part in together for n in part}
     for n in names:
-      if stage not in base.TRAIN_STAGES and not any(n in p for p in together):
+      if stage not in base.TRAIN_STAGES and n not in evaluated:
         print(f"== {n}: {stage} ==", flush=True)   # probe scoring (trained above) or eval
         exps[n].run_stage(stage)
       pending[n].pop(0)
