@@ -5,6 +5,9 @@
   is loaded by the next file's instead of compiled again). Under pytest-xdist (launch/test.sh
   runs `-n auto --dist loadfile`) the workers share it too. The subprocess environment that
   points a run at it is `runs.env`.
+- XLA:CPU's fast-compile flags (runs.fast_compile_flags) for the pytest processes and every
+  subprocess: the suite's time is mostly compiling; a test whose time is its steps asks for
+  XLA's defaults (`runs.env(optimize=True)`: test_demo_fast).
 - The order files are handed to xdist workers: the longest first (longest-processing-time
   scheduling), so that no long file starts last while the other worker sits idle. Durations are
   the `--durations` figures of a 2-core CI run; a file not listed keeps its place after them.
@@ -14,12 +17,20 @@ import os
 
 import pytest
 
-# Longest first: seconds of one 2-core CI run (session 10), whole file.
+import runs
+
+# The pytest processes' own JAX (in-process tests: one device) compiles with the one-device
+# subprocesses' flags; set before any test module imports jax (pytest-xdist's workers inherit
+# them from the controller's environment).
+if runs.fast_compile_flags() not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {runs.fast_compile_flags()}".strip()
+
+# Longest first: seconds of one 2-core run of the whole suite (session 13), whole file.
 LONGEST_FIRST = (
-    "test_demo_fast.py", "test_multiprocess.py", "test_grid.py", "test_gbert.py",
-    "test_eval.py", "test_device_check.py", "test_train.py", "test_intervals.py",
-    "test_import.py", "test_trust.py", "test_probes.py", "test_groups.py", "test_tools.py",
-    "test_fast_paths.py",
+    "test_demo_fast.py", "test_multiprocess.py", "test_grid.py", "test_train.py",
+    "test_device_check.py", "test_tools.py", "test_eval.py", "test_trust.py", "test_gbert.py",
+    "test_probes.py", "test_fast_paths.py", "test_main_errors.py", "test_cli_data.py",
+    "test_lower.py",
 )
 
 

@@ -1,5 +1,6 @@
 """Shared settings for tests that train through `python -m kstore_jax.main` subprocesses."""
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -41,13 +42,48 @@ CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR
                 "SLURM_NTASKS", "TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS")
 
 
-def env(cache=None, n_devices: int = 1, **extra) -> dict:
+# XLA:CPU flags that trade step speed for compile time. The default suite is compile-bound:
+# a test's run is a few steps of a toy model, so compiling its programs is most of its CPU time
+# (measured, a cold-cache bf16 test run: 52.9 CPU-s at XLA's defaults, 32.1 with
+# FAST_COMPILE_FLAGS, 27.7 adding ONE_DEVICE_FLAGS; 15 from a warm cache). Steps run up to ~2x
+# slower (tiny train step on one core: 0.96 -> 1.82 s) with the same loss; a run whose steps
+# dominate (test_demo_fast) asks for the defaults (`optimize`). Every test compares computations
+# compiled with the same flags. ONE_DEVICE_FLAGS (XLA:CPU's older loop emitters) only where a
+# process has one device and no peers: with two local devices they deadlocked a resumed run's
+# cross-module all-reduce (each device thread waiting in a different one).
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_llvm_disable_expensive_passes=true")
+ONE_DEVICE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+
+
+@functools.cache
+def fast_compile_flags(one_device: bool = True) -> str:
+  """The flags for a process with one device (and no peers) or several: FAST_COMPILE_FLAGS and
+  ONE_DEVICE_FLAGS, '' if this jaxlib rejects one (XLA aborts on an unknown flag, and an
+  upgrade may drop one), checked once per test session (the answer reaches pytest-xdist's
+  workers in the environment)."""
+  if "KSTORE_TEST_FAST_FLAGS" not in os.environ:
+    flags = " ".join(FAST_COMPILE_FLAGS + ONE_DEVICE_FLAGS)
+    ok = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).sum()"],
+                        env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, check=False).returncode == 0
+    os.environ["KSTORE_TEST_FAST_FLAGS"] = "1" if ok else ""
+  if not os.environ["KSTORE_TEST_FAST_FLAGS"]:
+    return ""
+  return " ".join(FAST_COMPILE_FLAGS + (ONE_DEVICE_FLAGS if one_device else ()))
+
+
+def env(cache=None, n_devices: int = 1, optimize: bool = False, **extra) -> dict:
   """The environment of a `python -m kstore_jax.*` subprocess: JAX on n_devices fake CPU
-  devices, the persistent compilation cache in `cache` (conftest's `jax_cache`; every program
-  cached, however fast it compiled), no cluster variables, then `extra`."""
+  devices compiling with `fast_compile_flags` (XLA's defaults if `optimize`), the persistent
+  compilation cache in `cache` (conftest's `jax_cache`; every program cached, however fast it
+  compiled), no cluster variables, then `extra`."""
   out = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
-  out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-             JAX_PLATFORMS="cpu")
+  flags = f"--xla_force_host_platform_device_count={n_devices}"
+  if not optimize:
+    alone = n_devices == 1 and not set(extra) & set(CLUSTER_VARS)
+    flags = f"{flags} {fast_compile_flags(alone)}".strip()
+  out.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   if cache is not None:
     out.update(JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
