@@ -85,12 +85,12 @@ if [ "$SMOKE" = 1 ]; then
                    --config.finetune.batch_size=4 --config.train.save_every=6
                    --config.pretrain_mixed.steps=6 --config.pretrain_mixed.batch_size=4
                    --config.grid.mode=vmap --runs=single_finetune,single_mixed)
-  GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4)
+  GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4); MATMUL=(--matmul_n=512)
   ATTN=(--attention=einsum,xla,pallas)
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
-  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=()
+  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
@@ -110,7 +110,7 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv >&2 || true"
 fi
 if has ceiling; then
-  run ceiling 90 "${BENCH[@]}" ceiling
+  run ceiling 90 "${BENCH[@]}" ceiling "${MATMUL[@]}"
 fi
 if has attention; then
   run attention 100 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \
@@ -123,17 +123,17 @@ fi
 if has train; then   # the first kernel (the default's) in its variants first, then the others
   first="${KERNELS%% *}"
   run "train_$first" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
-    --train_steps="$TRAIN_STEPS" --config.model.attention="$first"
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" "${MATMUL[@]}"
   # every bioS document fits in 128 positions: 128 x (4 x batch) rows are the same function
   # with a quarter of the attention work
   [ "$SMOKE" = 1 ] || run "train_${first}_rows128" 120 "${BENCH[@]}" train --config="$PAPER" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
     --config.data.seq_len=128 --config.pretrain.batch_size=384
   run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
-    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab "${MATMUL[@]}"
   for k in ${KERNELS#"$first"}; do
     run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
-      --train_steps="$TRAIN_STEPS" --config.model.attention="$k"
+      --train_steps="$TRAIN_STEPS" --config.model.attention="$k" "${MATMUL[@]}"
   done
 fi
 if has grid; then   # R small runs in one vmapped step vs one after another

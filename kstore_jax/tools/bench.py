@@ -61,6 +61,8 @@ ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to ti
 PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
                              "lower: the platform to lower for")
 PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most time first)")
+MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n x n x n matmul's n "
+                                "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
@@ -362,10 +364,15 @@ def peak_rss_bytes() -> int:
     return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
 
-def matmul_size() -> int:
-  """The reference matmul's n: 2048 on a CPU, 8192 on an accelerator (fills the chip)."""
+def on_cpu() -> bool:
   import jax
-  return 2048 if jax.default_backend() == "cpu" else 8192
+  return jax.default_backend() == "cpu"
+
+
+def matmul_size() -> int:
+  """The reference matmul's n: --matmul_n, else 2048 on a CPU, 8192 on an accelerator (fills
+  the chip)."""
+  return MATMUL_N.value or (2048 if on_cpu() else 8192)
 
 
 def measure_train(cfg, **kw) -> dict:
@@ -518,7 +525,7 @@ def bench_ceiling(cfg) -> list[dict]:
   out = [measurement(f"matmul_{dt}_flops_per_s", round(throughput.matmul_flops_per_s(dt, n)
                                                         / 1e12, 2), "TFLOP/s", **ctx)
          for dt in ("bfloat16", "float32")]
-  size = (1 << 28) if n == 2048 else (1 << 32)
+  size = (1 << 28) if on_cpu() else (1 << 32)
   out.append(measurement("copy_bytes_per_s",
                          round(throughput.copy_bytes_per_s(size) / 1e9, 1), "GB/s",
                          buffer_bytes=size, device=jax_device_kind()))
