@@ -22,8 +22,9 @@ import runs
 # The pytest processes' own JAX (in-process tests: one device) compiles with the one-device
 # subprocesses' flags; set before any test module imports jax (pytest-xdist's workers inherit
 # them from the controller's environment).
-if runs.fast_compile_flags() not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {runs.fast_compile_flags()}".strip()
+_FLAGS = runs.fast_compile_flags()
+if _FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAGS}".strip()
 
 # Longest first: seconds of one 2-core run of the whole suite (session 13), whole file.
 LONGEST_FIRST = (
