@@ -86,11 +86,12 @@ if [ "$SMOKE" = 1 ]; then
                    --config.pretrain_mixed.steps=6 --config.pretrain_mixed.batch_size=4
                    --config.grid.mode=vmap --runs=single_finetune,single_mixed)
   GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4); MATMUL=(--matmul_n=512)
+  CEILING=("${MATMUL[@]}" --copy_bytes=16777216)
   ATTN=(--attention=einsum,xla,pallas)
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
-  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=()
+  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
@@ -110,7 +111,7 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv >&2 || true"
 fi
 if has ceiling; then
-  run ceiling 90 "${BENCH[@]}" ceiling "${MATMUL[@]}"
+  run ceiling 90 "${BENCH[@]}" ceiling "${CEILING[@]}"
 fi
 if has attention; then
   run attention 100 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \

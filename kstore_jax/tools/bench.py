@@ -63,6 +63,8 @@ PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
 PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most time first)")
 MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n x n x n matmul's n "
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
+COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
+                                  "on a CPU, 4 GiB on an accelerator)", lower_bound=0)
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
@@ -525,7 +527,7 @@ def bench_ceiling(cfg) -> list[dict]:
   out = [measurement(f"matmul_{dt}_flops_per_s", round(throughput.matmul_flops_per_s(dt, n)
                                                         / 1e12, 2), "TFLOP/s", **ctx)
          for dt in ("bfloat16", "float32")]
-  size = (1 << 28) if on_cpu() else (1 << 32)
+  size = COPY_BYTES.value or ((1 << 28) if on_cpu() else (1 << 32))
   out.append(measurement("copy_bytes_per_s",
                          round(throughput.copy_bytes_per_s(size) / 1e9, 1), "GB/s",
                          buffer_bytes=size, device=jax_device_kind()))
