@@ -6,7 +6,7 @@
     python -m kstore_jax.bench probe --config=configs/tiny.py [--probe_steps=20]
     python -m kstore_jax.bench train --config=configs/base.py:small [--gpt2_vocab]
     python -m kstore_jax.bench attention --config=configs/base.py [--attention=xla,pallas]
-    python -m kstore_jax.bench ceiling
+    python -m kstore_jax.bench ceiling [--matmul_n=2048] [--copy_bytes=268435456]
     python -m kstore_jax.bench lower --config=configs/base.py --platform=cuda|tpu
     python -m kstore_jax.bench grid --config=configs/grids/demo.py:tiny [--runs=2,4,8]
 
