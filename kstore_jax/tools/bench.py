@@ -367,6 +367,7 @@ def peak_rss_bytes() -> int:
 
 
 def on_cpu() -> bool:
+  """Whether JAX's default backend is the CPU (the benches' sizes follow it)."""
   import jax
   return jax.default_backend() == "cpu"
 
