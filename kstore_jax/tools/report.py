@@ -49,6 +49,7 @@ PAPER_FINETUNE = {
     "multi5_fullname": 82.4, "multi5_permute": 96.6, "multi5_permute_fullname": 96.2}
 # Mixed training: 86.6 for single; "~82-96% on all rows" otherwise (no per-row number).
 PAPER_MIXED = {"single": 86.6}
+PAPER_MIXED_BAND = (82.0, 96.0)
 PAPER = {"finetune": PAPER_FINETUNE, "mixed": PAPER_MIXED}
 # PAPER.md, "Celebrity / minority" (QA finetune): the minority's held-out QA without / with
 # celebrities in pretraining.
@@ -348,20 +349,30 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
   x = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.8))
   for k, (mode, color) in enumerate((("finetune", "tab:blue"), ("mixed", "tab:orange"))):
-    vals = []
+    vals, err = [], []   # the bar, and its 95% interval as (below, above) where recorded
     for row in rows:
-      got = [r.metric("qa_test") for r in runs if data_row(r) == row and r.mode == mode]
-      got = [v for v in got if v is not None]
-      vals.append(100 * got[-1] if got else np.nan)
-    ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=f"ours, {mode}", color=color)
+      got = [r for r in runs if data_row(r) == row and r.mode == mode
+             and r.metric("qa_test") is not None]
+      v = 100 * got[-1].metric("qa_test") if got else np.nan
+      ci = got[-1].ci("qa_test") if got else None
+      lo, hi = (100 * ci["lo"], 100 * ci["hi"]) if ci and "lo" in ci and "hi" in ci else (v, v)
+      vals.append(v)
+      err.append((v - lo, hi - v))
+    ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=f"ours, {mode}", color=color,
+           yerr=np.array(err).T, error_kw=dict(elinewidth=0.8, capsize=2, ecolor="0.3"))
     paper = [PAPER[mode].get(row, np.nan) for row in rows]
     ax.scatter(x + (k - 0.5) * 0.38, paper, marker="_", s=300, color="black", zorder=3,
                label="paper" if k == 0 else None)
+    if mode == "mixed":   # the paper's band where it gives no per-row number (our runs only)
+      band = [i for i, (row, v) in enumerate(zip(rows, vals))
+              if row not in PAPER_MIXED and not np.isnan(v)]
+      ax.vlines(x[band] + 0.19, *PAPER_MIXED_BAND, color="0.7", lw=5, zorder=0,
+                label="paper, mixed: ~82–96 on every row" if band else None)
   ax.set_xticks(x, rows, rotation=30, ha="right")
   ax.set_ylim(0, 100)
   ax.set_ylabel("held-out QA exact match (%)")
-  ax.set_title("QA accuracy on people never seen in QA")
-  ax.legend(fontsize=8)
+  ax.set_title("QA accuracy on people never seen in QA (bars: 95% interval)")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
