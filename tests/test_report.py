@@ -90,3 +90,25 @@ def test_report_cli(tmp_path):
   assert not (tmp_path / "x.md").exists()
   r = run_cli("--help")
   assert r.returncode == 0 and "--out" in r.stdout
+
+
+def test_ordering_against_the_paper_hand_computed(tmp_path):
+  """Four rows the paper orders single_permute1 (4.4) < single (9.7) < multi5 (41.0) <
+  multi5_permute (96.6); ours swaps the first two: rank differences (1, -1, 0, 0), so
+  Spearman's rho = 1 - 6 * 2 / (4 * 15) = 0.8, and 5 of the 6 pairs agree. A mixed run and a
+  row the paper lacks do not count."""
+  ours = {"single": 0.01, "single_permute1": 0.02, "multi5": 0.10, "multi5_permute": 0.50,
+          "single_permute5_fullname": 0.99}
+  dirs = []
+  for row, acc in ours.items():
+    fake_run(tmp_path / row, row, ("pretrain", "finetune", "eval"), {"qa_test": accs(acc)})
+    dirs.append(str(tmp_path / row))
+  fake_run(tmp_path / "mixed", "single", ("pretrain_mixed", "eval"), {"qa_test": accs(0.99)})
+  dirs.append(str(tmp_path / "mixed"))
+  runs = [report.load_run(d, pathlib.Path(d).name) for d in dirs]
+  o = report.paper_ordering(runs)
+  assert o["rows"] == 4 and abs(o["spearman"] - 0.8) < 1e-12
+  assert (o["pairs_same"], o["pairs"]) == (5, 6)
+  text, _ = report.build_report(dirs, str(tmp_path / "out" / "report.md"))
+  assert "Spearman's rho 0.80; 5 of the 6 row pairs" in text
+  assert report.paper_ordering(runs[:2]) is None   # too few rows to order

@@ -195,6 +195,52 @@ def headline_table(runs: list[Run]) -> list[str]:
   return _table(["data", "QA finetune: ours (paper)", "mixed training: ours (paper)"], rows)
 
 
+def _ranks(v):
+  """Ranks 1..n of `v`, ties sharing their mean rank."""
+  import numpy as np
+  v = np.asarray(v, float)
+  order = np.argsort(v, kind="stable")
+  ranks = np.empty(len(v))
+  ranks[order] = np.arange(1, len(v) + 1)
+  for x in np.unique(v):
+    ranks[v == x] = ranks[v == x].mean()
+  return ranks
+
+
+def paper_ordering(runs: list[Run], mode: str = "finetune") -> dict | None:
+  """How our held-out QA orders the data rows against the paper's numbers (`mode` column,
+  rows with both; the last run of a row counts): Spearman's rho (ties at mean rank), and
+  of the row pairs the paper orders strictly, how many ours orders the same way. None under
+  3 rows."""
+  import numpy as np
+  pairs = []
+  for row in row_order(runs):
+    got = [r.metric("qa_test") for r in runs if data_row(r) == row and r.mode == mode]
+    got = [v for v in got if v is not None]
+    if got and row in PAPER[mode]:
+      pairs.append((row, 100 * got[-1], PAPER[mode][row]))
+  if len(pairs) < 3:
+    return None
+  ours, paper = np.array([p[1] for p in pairs]), np.array([p[2] for p in pairs])
+  ro, rp = _ranks(ours) - (len(pairs) + 1) / 2, _ranks(paper) - (len(pairs) + 1) / 2
+  denom = np.sqrt((ro ** 2).sum() * (rp ** 2).sum())
+  i, j = np.triu_indices(len(pairs), 1)
+  strict = paper[i] != paper[j]
+  same = np.sign(ours[i] - ours[j]) == np.sign(paper[i] - paper[j])
+  return {"rows": len(pairs), "spearman": float((ro * rp).sum() / denom) if denom else None,
+          "pairs": int(strict.sum()), "pairs_same": int((same & strict).sum())}
+
+
+def ordering_line(runs: list[Run]) -> list[str]:
+  o = paper_ordering(runs)
+  if o is None:
+    return []
+  rho = DASH if o["spearman"] is None else f"{o['spearman']:.2f}"
+  return ["", f"Ordering against the paper (QA finetune, the {o['rows']} rows with both "
+              f"numbers): Spearman's rho {rho}; {o['pairs_same']} of the {o['pairs']} row pairs "
+              f"the paper orders are ordered the same way here."]
+
+
 def detail_table(runs: list[Run]) -> list[str]:
   """A row per run; a `QA valid` column when some run held QA-train people back
   (data.qa_valid_fraction: results.json `qa_valid`)."""
@@ -503,6 +549,7 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
         "number). In brackets after our numbers: the 95% Wilson score interval (results.json "
         "`<key>_ci`), where the run recorded one.", ""]
   md += headline_table(runs)
+  md += ordering_line(runs)
   acc_png = png("accuracy")
   plot_accuracy(runs, os.path.join(out_dir, acc_png))
   md += ["", f"![held-out QA accuracy]({acc_png})", "", "## Per run", "",
