@@ -195,6 +195,14 @@ def headline_table(runs: list[Run]) -> list[str]:
   return _table(["data", "QA finetune: ours (paper)", "mixed training: ours (paper)"], rows)
 
 
+def row_run(runs: list[Run], row: str, mode: str) -> Run | None:
+  """The last run of data row `row` trained by `mode` ('finetune' | 'mixed') that has a
+  held-out QA number (what the chart and the ordering count for the row)."""
+  got = [r for r in runs
+         if data_row(r) == row and r.mode == mode and r.metric("qa_test") is not None]
+  return got[-1] if got else None
+
+
 def _ranks(v):
   """Ranks 1..n of `v`, ties sharing their mean rank."""
   import numpy as np
@@ -213,12 +221,8 @@ def paper_ordering(runs: list[Run], mode: str = "finetune") -> dict | None:
   of the row pairs the paper orders strictly, how many ours orders the same way. None under
   3 rows."""
   import numpy as np
-  pairs = []
-  for row in row_order(runs):
-    got = [r.metric("qa_test") for r in runs if data_row(r) == row and r.mode == mode]
-    got = [v for v in got if v is not None]
-    if got and row in PAPER[mode]:
-      pairs.append((row, 100 * got[-1], PAPER[mode][row]))
+  pairs = [(row, 100 * run.metric("qa_test"), PAPER[mode][row]) for row in row_order(runs)
+           if row in PAPER[mode] and (run := row_run(runs, row, mode))]
   if len(pairs) < 3:
     return None
   ours, paper = np.array([p[1] for p in pairs]), np.array([p[2] for p in pairs])
@@ -395,25 +399,25 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
   x = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.8))
   for k, (mode, color) in enumerate((("finetune", "tab:blue"), ("mixed", "tab:orange"))):
+    at = x + (k - 0.5) * 0.38
     vals, err = [], []   # the bar, and its 95% interval as (below, above) where recorded
     for row in rows:
-      got = [r for r in runs if data_row(r) == row and r.mode == mode
-             and r.metric("qa_test") is not None]
-      v = 100 * got[-1].metric("qa_test") if got else np.nan
-      ci = got[-1].ci("qa_test") if got else None
+      run = row_run(runs, row, mode)
+      v = 100 * run.metric("qa_test") if run else np.nan
+      ci = run.ci("qa_test") if run else None
       lo, hi = (100 * ci["lo"], 100 * ci["hi"]) if ci and "lo" in ci and "hi" in ci else (v, v)
       vals.append(v)
       err.append((v - lo, hi - v))
-    ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=f"ours, {mode}", color=color,
-           yerr=np.array(err).T, error_kw=dict(elinewidth=0.8, capsize=2, ecolor="0.3"))
+    ax.bar(at, vals, 0.38, label=f"ours, {mode}", color=color, yerr=np.array(err).T,
+           error_kw=dict(elinewidth=0.8, capsize=2, ecolor="0.3"))
     paper = [PAPER[mode].get(row, np.nan) for row in rows]
-    ax.scatter(x + (k - 0.5) * 0.38, paper, marker="_", s=300, color="black", zorder=3,
+    ax.scatter(at, paper, marker="_", s=300, color="black", zorder=3,
                label="paper" if k == 0 else None)
-    if mode == "mixed":   # the paper's band where it gives no per-row number (our runs only)
+    if mode == "mixed":   # the paper's band on its rows without a number (our runs only)
       band = [i for i, (row, v) in enumerate(zip(rows, vals))
-              if row not in PAPER_MIXED and not np.isnan(v)]
-      ax.vlines(x[band] + 0.19, *PAPER_MIXED_BAND, color="0.7", lw=5, zorder=0,
-                label="paper, mixed: ~82–96 on every row" if band else None)
+              if row in PAPER_FINETUNE and row not in PAPER_MIXED and not np.isnan(v)]
+      ax.vlines(at[band], *PAPER_MIXED_BAND, color="0.7", lw=5, zorder=0,
+                label="paper, mixed: ~82–96 (rows without a number)" if band else None)
   ax.set_xticks(x, rows, rotation=30, ha="right")
   ax.set_ylim(0, 100)
   ax.set_ylabel("held-out QA exact match (%)")
