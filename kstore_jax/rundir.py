@@ -40,6 +40,13 @@ PRODUCED_BY = "produced_by"   # results.json: {key: the stage that wrote it}
 CI = "_ci"           # results.json: key + CI holds the 95% intervals of key's accuracies
 
 
+def ci_bounds(leaf) -> tuple[float, float] | None:
+  """(lo, hi) of an interval leaf of a results.json `<key>_ci` entry ({"lo", "hi", "n"}), None
+  when `leaf` is not one."""
+  lo, hi = (leaf.get("lo"), leaf.get("hi")) if isinstance(leaf, dict) else (None, None)
+  return (lo, hi) if all(isinstance(x, (int, float)) for x in (lo, hi)) else None
+
+
 def stage_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage)
 

@@ -111,3 +111,11 @@ def test_report_prints_intervals(tmp_path):
   detail = next(l for l in lines if l.startswith("| `multi5_permute` | finetune |"))
   assert "| 56.7 [54.2, 59.1] (96.6) | 50.0 [40.0, 60.0] |" in detail
   assert "| 56.7 | 56.7 |" in detail        # train half and bio recall: no intervals recorded
+
+
+def test_inspect_prints_a_mean_with_its_interval_only_when_recorded():
+  from kstore_jax.tools import inspect
+  ci = {"mean": {"lo": 0.481, "hi": 0.543, "n": 1500}}
+  assert inspect._result_str("qa_test", {"mean": 0.512}, ci) == "qa_test 0.512 [0.481, 0.543]"
+  for no_interval in (None, {}, {"mean": {"lo": 0.481}}, {"mean": {"lo": None, "hi": 0.5}}):
+    assert inspect._result_str("qa_test", {"mean": 0.512}, no_interval) == "qa_test 0.512"

@@ -406,11 +406,8 @@ def _result_str(key: str, v, ci=None) -> str:
   """`key`, with its mean (`qa_test 0.512`) and the mean's interval when `ci` (its `_ci`
   sibling) has one (`qa_test 0.512 [0.481, 0.543]`), or, for a plain string, its value."""
   if isinstance(v, dict) and isinstance(v.get("mean"), (int, float)):
-    m = ci.get("mean") if isinstance(ci, dict) else None
-    lo, hi = (m.get("lo"), m.get("hi")) if isinstance(m, dict) else (None, None)
-    bounds = (f" [{lo:.3f}, {hi:.3f}]" if all(isinstance(x, (int, float)) for x in (lo, hi))
-              else "")
-    return f"{key} {v['mean']:.3f}{bounds}"
+    b = rundir.ci_bounds(ci.get("mean") if isinstance(ci, dict) else None)
+    return f"{key} {v['mean']:.3f}" + (f" [{b[0]:.3f}, {b[1]:.3f}]" if b else "")
   if isinstance(v, str):
     return f"{key}={v}"
   return key

@@ -140,11 +140,11 @@ def pct(v: float | None) -> str:
 
 def pct_ci(v: float | None, ci=None) -> str:
   """pct(v), followed by its 95% interval `[lo, hi]` (%) when `ci` is an interval leaf
-  ({"lo", "hi", ...}, results.json's `<key>_ci`): `56.7 [54.2, 59.1]`."""
-  lo, hi = (ci.get("lo"), ci.get("hi")) if isinstance(ci, dict) else (None, None)
-  if v is None or not all(isinstance(x, (int, float)) for x in (lo, hi)):
+  (rundir.ci_bounds): `56.7 [54.2, 59.1]`."""
+  b = rundir.ci_bounds(ci)
+  if v is None or b is None:
     return pct(v)
-  return f"{pct(v)} [{100 * lo:.1f}, {100 * hi:.1f}]"
+  return f"{pct(v)} [{100 * b[0]:.1f}, {100 * b[1]:.1f}]"
 
 
 def paper_pct(mode: str, row: str) -> str:
@@ -404,8 +404,8 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
     for row in rows:
       run = row_run(runs, row, mode)
       v = 100 * run.metric("qa_test") if run else np.nan
-      ci = run.ci("qa_test") if run else None
-      lo, hi = (100 * ci["lo"], 100 * ci["hi"]) if ci and "lo" in ci and "hi" in ci else (v, v)
+      b = rundir.ci_bounds(run.ci("qa_test")) if run else None
+      lo, hi = (100 * b[0], 100 * b[1]) if b else (v, v)
       vals.append(v)
       err.append((v - lo, hi - v))
     ax.bar(at, vals, 0.38, label=f"ours, {mode}", color=color, yerr=np.array(err).T,
