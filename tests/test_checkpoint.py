@@ -131,6 +131,11 @@ def test_restore_error_of_an_intact_step_stops_and_moves_nothing(ckpt_dir, monke
   assert batch.tolist() == [8, 9, 10, 11]
 
 
+# The failed orbax restore leaves its asynchronous reads behind; their "Exception ignored in"
+# reports (a coroutine closed by the collector, a callback into the closed event loop) are
+# orbax's clean-up, not this test's result (setup.cfg ignores the coroutine report wherever the
+# collector gets to it later).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_state_that_does_not_fit_the_code_is_not_damage(ckpt_dir):
   """A code change (here: a parameter of another shape) fails the restore of intact files."""
   before = digest(ckpt_dir)

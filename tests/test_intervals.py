@@ -113,9 +113,11 @@ def test_report_prints_intervals(tmp_path):
   assert "| 56.7 | 56.7 |" in detail        # train half and bio recall: no intervals recorded
 
 
-def test_inspect_prints_a_mean_with_its_interval_only_when_recorded():
-  from kstore_jax.tools import inspect
-  ci = {"mean": {"lo": 0.481, "hi": 0.543, "n": 1500}}
-  assert inspect._result_str("qa_test", {"mean": 0.512}, ci) == "qa_test 0.512 [0.481, 0.543]"
-  for no_interval in (None, {}, {"mean": {"lo": 0.481}}, {"mean": {"lo": None, "hi": 0.5}}):
-    assert inspect._result_str("qa_test", {"mean": 0.512}, no_interval) == "qa_test 0.512"
+
+def test_ci_bounds_reads_only_a_whole_interval_leaf():
+  """rundir.ci_bounds, the one reader of a `<key>_ci` leaf (report's cells and chart, inspect's
+  results line): (lo, hi) when both are numbers, else None."""
+  from kstore_jax import rundir
+  assert rundir.ci_bounds({"lo": 0.481, "hi": 0.543, "n": 1500}) == (0.481, 0.543)
+  for not_a_leaf in (None, {}, {"lo": 0.481}, {"lo": None, "hi": 0.5}, [0.4, 0.5]):
+    assert rundir.ci_bounds(not_a_leaf) is None
