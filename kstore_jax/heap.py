@@ -17,13 +17,26 @@ imported, before JAX starts its thread pools, on machines where jax computes on 
 benchmark): a process that holds more than RETAIN_MAX_SHARE of the machine's memory after its
 first step gets glibc's defaults back, since freed blocks fragment the one arena (`small`
 peaked at 20.3 GB with retention, 7.4 GB without; BENCHMARKS.md).
+
+Huge pages (`use_huge_pages`, called by the compute commands' `python -m` entry points before
+anything else): glibc >= 2.35 asks the kernel for transparent huge pages (2 MiB) on the memory
+malloc maps when the process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which only
+the environment a process starts with can set, so the entry point re-executes itself once
+with it. A step's temporaries then fault in 2 MiB at a time, 512 times fewer faults: at
+`small`, where the retention above is released, the step runs ~13% faster at the same peak
+(BENCHMARKS.md); at tiny it matches the retention. Where the kernel's THP mode is `madvise`
+(with `always` every process has them already, with `never` none can), on CPU-only machines;
+`KSTORE_JAX_HUGE_PAGES=0` turns it off (the test suite does: its processes are a few seconds
+of compiling, and touching fresh 2 MiB pages costs them ~1 s each).
 """
 
 import ctypes
 import os
+import sys
 
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
@@ -89,10 +102,19 @@ class Bound:
       self.released = restore_defaults()
 
 
+# After a release: blocks from MMAP_THRESHOLD up are mmapped and unmapped on free, the heap's
+# top trimmed beyond twice that. glibc's default threshold is dynamic (128 KiB, raised to the
+# largest freed mmapped block up to 32 MiB on 64-bit); any mallopt of these fixes it, so the
+# release sets the dynamic one's steady state rather than its 128 KiB start (which mmaps and
+# faults in every block of 128 KiB to 32 MiB on every call: BENCHMARKS.md).
+MMAP_THRESHOLD = 32 << 20
+
+
 def restore_defaults() -> bool:
-  """glibc's allocation settings back (arenas per core, large blocks mmapped, 128 KiB trim
-  threshold) and the freed pages handed back; whether it worked."""
-  ok = _mallopt((M_ARENA_MAX, 0), (M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024))
+  """glibc's allocation settings back (arenas per core, large blocks mmapped, the heap
+  trimmed: MMAP_THRESHOLD) and the freed pages handed back; whether it worked."""
+  ok = _mallopt((M_ARENA_MAX, 0), (M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                (M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD))
   ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
   return ok
 
@@ -101,3 +123,55 @@ def resident_bytes() -> int:
   """This process's resident set size (/proc/self/statm)."""
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_mode() -> str:
+  """The kernel's transparent-huge-page mode (`always`, `madvise`, `never`; '' if unknown)."""
+  try:
+    with open(THP_MODE_FILE) as f:
+      text = f.read()
+  except OSError:
+    return ""
+  return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+
+
+def glibc_version() -> tuple[int, ...]:
+  """(major, minor) of the C library if it is glibc, else ()."""
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (ValueError, OSError, AttributeError):   # no such confstr name (macOS, musl)
+    return ()
+  return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else ()
+
+
+def huge_pages_env(environ=None) -> dict | None:
+  """The environment to re-execute this process in so that malloc uses huge pages, or None
+  when there is nothing to gain: turned off (KSTORE_JAX_HUGE_PAGES=0), already asked for, not
+  a CPU-only machine, a libc without the tunable, or a THP mode other than `madvise`."""
+  env = os.environ if environ is None else environ
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if (env.get("KSTORE_JAX_HUGE_PAGES", "") == "0" or "glibc.malloc.hugetlb" in tunables
+      or not cpu_only() or glibc_version() < (2, 35) or thp_mode() != "madvise"):
+    return None
+  return {**env, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)}
+
+
+def huge_pages_asked() -> bool:
+  """Whether this process started with malloc on huge pages (GLIBC_TUNABLES)."""
+  return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def use_huge_pages() -> None:
+  """Re-execute this process (the same interpreter, options and arguments) with malloc on
+  huge pages, where `huge_pages_env` says it helps; call it first thing in a program's
+  `__main__`, before anything is printed or started. Returns only when no re-execution is
+  needed (or this is the re-executed process)."""
+  env = huge_pages_env()
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -8,6 +8,9 @@
 - XLA:CPU's fast-compile flags (runs.fast_compile_flags) for the pytest processes and every
   subprocess: the suite's time is mostly compiling; a test whose time is its steps asks for
   XLA's defaults (`runs.env(optimize=True)`: test_demo_fast).
+- No huge-page re-execution (heap.use_huge_pages) in the suite's `python -m` subprocesses:
+  they are seconds of compiling, where fresh 2 MiB pages cost ~1 s each and gain nothing
+  (test_heap.py turns it back on where it tests it).
 - The order files are handed to xdist workers: the longest first (longest-processing-time
   scheduling), so that no long file starts last while the other worker sits idle. Durations are
   the `--durations` figures of a 2-core CI run; a file not listed keeps its place after them.
@@ -25,6 +28,8 @@ import runs
 _FLAGS = runs.fast_compile_flags()
 if _FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAGS}".strip()
+
+os.environ["KSTORE_JAX_HUGE_PAGES"] = "0"
 
 # Longest first: seconds of one 2-core run of the whole suite (session 13), whole file.
 LONGEST_FIRST = (

@@ -30,7 +30,7 @@ from absl import flags
 
 import kstore_jax
 from configs.base import PROBE_STAGES, TRAIN_STAGES
-from kstore_jax import configlib, rundir
+from kstore_jax import configlib, heap, rundir
 from kstore_jax.tools import cli, runtime
 
 CONFIG = cli.config_flag()
@@ -411,7 +411,7 @@ def bench_train(cfg) -> list[dict]:
          measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=n, **ctx),
          measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx),
          measurement("peak_rss_bytes", peak_rss_bytes(), "bytes", heap_released=r["heap_released"],
-                     **ctx)]
+                     huge_pages=heap.huge_pages_asked(), **ctx)]
   if r["peak"]:
     out.append(measurement("train_mfu", round(r["flops_per_s"] / r["peak"], 3), "fraction",
                            peak_flops_per_s=r["peak"], **ctx))
