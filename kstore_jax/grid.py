@@ -3,7 +3,5 @@
 The tool is kstore_jax/tools/grid.py; this module only runs it."""
 
 if __name__ == "__main__":
-  from kstore_jax import heap
-  heap.use_huge_pages()   # CPU: malloc on 2 MiB pages (a re-execution; heap.py)
   from kstore_jax.tools import grid
   grid.run()

@@ -18,11 +18,11 @@ benchmark): a process that holds more than RETAIN_MAX_SHARE of the machine's mem
 first step gets glibc's defaults back, since freed blocks fragment the one arena (`small`
 peaked at 20.3 GB with retention, 7.4 GB without; BENCHMARKS.md).
 
-Huge pages (`use_huge_pages`, called by the compute commands' `python -m` entry points before
-anything else): glibc >= 2.35 asks the kernel for transparent huge pages (2 MiB) on the memory
-malloc maps when the process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which only
-the environment a process starts with can set, so the entry point re-executes itself once
-with it. A step's temporaries then fault in 2 MiB at a time, 512 times fewer faults: at
+Huge pages (`use_huge_pages`, the first call of the compute commands' `run()`: `python -m
+kstore_jax.main | grid | bench`): glibc >= 2.35 asks the kernel for transparent huge pages
+(2 MiB) on the memory malloc maps when the process starts with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which only the environment a process starts with can
+set, so the command re-executes itself once with it. A step's temporaries then fault in 2 MiB at a time, 512 times fewer faults: at
 `small`, where the retention above is released, the step runs ~13% faster at the same peak
 (BENCHMARKS.md); at tiny it matches the retention. Where the kernel's THP mode is `madvise`
 (with `always` every process has them already, with `never` none can), on CPU-only machines;
@@ -167,8 +167,8 @@ def huge_pages_asked() -> bool:
 
 def use_huge_pages() -> None:
   """Re-execute this process (the same interpreter, options and arguments) with malloc on
-  huge pages, where `huge_pages_env` says it helps; call it first thing in a program's
-  `__main__`, before anything is printed or started. Returns only when no re-execution is
+  huge pages, where `huge_pages_env` says it helps; call it first thing in a command,
+  before anything is printed, started or changed in sys.argv. Returns only when no re-execution is
   needed (or this is the re-executed process)."""
   env = huge_pages_env()
   if env is not None:

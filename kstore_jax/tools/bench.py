@@ -805,6 +805,7 @@ def main(argv):
 
 def run() -> None:
   """`python -m kstore_jax.bench` (the shim kstore_jax/bench.py calls this)."""
+  heap.use_huge_pages()   # CPU: a re-execution with malloc on 2 MiB pages (heap.py)
   runtime.pin_to_core_from_env()   # a bench grid child of the processes mode
   if _subcommand(sys.argv) == "grid":   # a grid config: its overrides apply to every run
     sys.argv, _GRID_ARGS["spec"], _GRID_ARGS["overrides"] = configlib.split_config_args(
