@@ -22,9 +22,9 @@ Huge pages (`use_huge_pages`, the first call of the compute commands' `run()`: `
 kstore_jax.main | grid | bench`): glibc >= 2.35 asks the kernel for transparent huge pages
 (2 MiB) on the memory malloc maps when the process starts with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which only the environment a process starts with can
-set, so the command re-executes itself once with it. A step's temporaries then fault in 2 MiB at a time, 512 times fewer faults: at
-`small`, where the retention above is released, the step runs ~13% faster at the same peak
-(BENCHMARKS.md); at tiny it matches the retention. Where the kernel's THP mode is `madvise`
+set, so the command re-executes itself once with it. A step's temporaries then fault in 2 MiB
+at a time, 512 times fewer faults: at `small`, where the retention above is released, the
+step runs ~13% faster at the same peak (BENCHMARKS.md); at tiny it matches the retention. Where the kernel's THP mode is `madvise`
 (with `always` every process has them already, with `never` none can), on CPU-only machines;
 `KSTORE_JAX_HUGE_PAGES=0` turns it off (the test suite does: its processes are a few seconds
 of compiling, and touching fresh 2 MiB pages costs them ~1 s each).
@@ -167,8 +167,8 @@ def huge_pages_asked() -> bool:
 
 def use_huge_pages() -> None:
   """Re-execute this process (the same interpreter, options and arguments) with malloc on
-  huge pages, where `huge_pages_env` says it helps; call it first thing in a command,
-  before anything is printed, started or changed in sys.argv. Returns only when no re-execution is
+  huge pages, where `huge_pages_env` says it helps; call it first thing in a command, before
+  anything is printed, started or changed in sys.argv. Returns only when no re-execution is
   needed (or this is the re-executed process)."""
   env = huge_pages_env()
   if env is not None:

@@ -94,7 +94,7 @@ print(heap.huge_pages_asked(), int(huge.split()[1]) << 10, n)
 @glibc
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="no smaps_rollup")
 @pytest.mark.parametrize("retain", ["1", "0"])
-def test_entry_points_put_malloc_on_huge_pages(retain):
+def test_use_huge_pages_puts_malloc_on_huge_pages(retain):
   """heap.use_huge_pages re-executes the process with glibc.malloc.hugetlb=1: a 256 MiB block
   (from the retained heap, or mmapped without the retention) then lies on 2 MiB pages; with
   KSTORE_JAX_HUGE_PAGES=0 nothing changes and none does (THP mode `madvise`: only advised

@@ -113,7 +113,6 @@ def test_report_prints_intervals(tmp_path):
   assert "| 56.7 | 56.7 |" in detail        # train half and bio recall: no intervals recorded
 
 
-
 def test_ci_bounds_reads_only_a_whole_interval_leaf():
   """rundir.ci_bounds, the one reader of a `<key>_ci` leaf (report's cells and chart, inspect's
   results line): (lo, hi) when both are numbers, else None."""
