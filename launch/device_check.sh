@@ -15,10 +15,11 @@
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
-# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas xla cudnn").
+# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas_docs pallas xla";
+# cudnn ran at 5% MFU in session 8); KSTORE_CHECK_ATTENTION: those of the attention section.
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -87,12 +88,12 @@ if [ "$SMOKE" = 1 ]; then
                    --config.grid.mode=vmap --runs=single_finetune,single_mixed)
   GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4); MATMUL=(--matmul_n=512)
   CEILING=("${MATMUL[@]}" --copy_bytes=16777216)
-  ATTN=(--attention=einsum,xla,pallas)
+  ATTN=(--attention=einsum,xla,pallas,pallas_docs)
 else
-  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas xla cudnn}"
+  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs pallas xla}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
   SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=(); CEILING=()
-  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-xla,cudnn,pallas}")
+  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,pallas,xla,cudnn}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
 
@@ -170,7 +171,8 @@ for line in open(os.path.join(out, ".status")):
   print(f"  {name:28s} {' '.join(how):14s} {secs:>4s} s")
 for line in open(os.path.join(out, "bench.jsonl")):
   r = json.loads(line)
-  keys = ("op", "share", "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "rel_err_out",
+  keys = ("op", "share", "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s",
+          "tiles_visited", "rel_err_out",
           "rel_err_dq", "skipped", "loss", "first_step_s", "device", "jax")
   extra = " ".join(f"{k}={r[k]}" for k in keys if k in r)
   print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")

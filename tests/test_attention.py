@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kstore_jax.model import attention
+from kstore_jax.model import attention, flash_docs
 
 
 def packed_row(rng, L, max_doc):
@@ -73,7 +73,7 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-SELF_IMPLS = ["einsum", "xla", "pallas", "splash"]
+SELF_IMPLS = ["einsum", "xla", "pallas", "pallas_docs", "splash"]
 LENGTH = {"splash": 128}   # splash's smallest tile; the others take 64-position rows
 
 
@@ -169,3 +169,90 @@ def test_impossible_combinations_are_named():
   assert "cpu" in attention.unsupported("cudnn", "bfloat16", "cpu", 512)
   assert "tpu" in attention.unsupported("pallas", "bfloat16", "tpu", 512)
   assert "multiple of 64" in attention.unsupported("pallas", "bfloat16", "cuda", 96)
+  assert "multiple of 64" in attention.unsupported("pallas_docs", "bfloat16", "cuda", 96)
+  assert "tpu" in attention.unsupported("pallas_docs", "bfloat16", "tpu", 512)
+
+
+# -- pallas_docs: the kernel that visits only the tiles its documents reach --------------------
+def run_flash_docs(q, k, v, do, seg, causal, block):
+  def f(q, k, v):
+    out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, block=block)
+    return (out * do).sum(), out
+  (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
+      *(jnp.asarray(x) for x in (q, k, v)))
+  return (np.asarray(out, np.float64),) + tuple(np.asarray(g, np.float64) for g in grads)
+
+
+def visible_tiles(seg, block, causal):
+  """NumPy: for each row and query tile, the key tiles holding a key some query of the tile
+  sees (same segment id, padding included, as the kernels mask; key column <= query column if
+  causal)."""
+  B, L = seg.shape
+  cols = np.arange(L)
+  sees = seg[:, :, None] == seg[:, None, :]
+  if causal:
+    sees &= cols[None, None, :] <= cols[None, :, None]
+  N = L // block
+  tiles = sees.reshape(B, N, block, N, block).any((2, 4))        # [B, query tile, key tile]
+  return tiles
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_docs_skips_tiles_and_matches_numpy(causal):
+  """16-position tiles over 128-position rows of documents up to 24 long: most tile pairs are
+  skipped, and the output and gradients are the reference's."""
+  q, k, v, do, seg, pos = batch(seed=21 + causal, L=128)
+  visited, dense = flash_docs.visited_tiles(seg, 16, causal)
+  assert visited < 0.6 * dense, (visited, dense)
+  got = run_flash_docs(q, k, v, do, seg, causal, block=16)
+  want = reference(q, k, v, do, seg, pos, seg, pos, causal)
+  real = (seg > 0)[:, :, None, None]
+  for g, w in zip(got, want[:4]):
+    assert rel(g * real, w * real) < 2e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_docs_any_segment_layout(causal):
+  """Segment ids scattered over the row (a document in pieces, ids beyond L): the bounds widen
+  and the function stays the reference's (causality by column, as the kernel has it)."""
+  rng = np.random.default_rng(31)
+  q, k, v, do, _, _ = batch(seed=31, L=128)
+  seg = rng.choice(np.array([0, 1, 2, 7, 500]), size=(2, 128)).astype(np.int32)
+  cols = np.broadcast_to(np.arange(128, dtype=np.int32), seg.shape)
+  got = run_flash_docs(q, k, v, do, seg, causal, block=16)
+  want = reference(q, k, v, do, seg, cols, seg, cols, causal)
+  real = (seg > 0)[:, :, None, None]
+  for g, w in zip(got, want[:4]):
+    assert rel(g * real, w * real) < 2e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_docs_bounds_are_the_visible_tiles(causal):
+  """On packed rows (documents left to right) each tile's range is exactly from the first to
+  the last tile holding something it sees: no visible tile left out, no needless one walked."""
+  rng = np.random.default_rng(41)
+  seg = np.stack([packed_row(rng, 256, 40)[0] for _ in range(6)])
+  tiles = visible_tiles(seg, 16, causal)
+  k_lo, k_hi, q_lo, q_hi = (np.asarray(x) for x in flash_docs.tile_bounds(
+      jnp.asarray(seg), 16, causal))
+  for b in range(seg.shape[0]):
+    for n in range(tiles.shape[1]):
+      keys, queries = np.flatnonzero(tiles[b, n]), np.flatnonzero(tiles[b, :, n])
+      assert (k_lo[b, n], k_hi[b, n]) == (keys.min(), keys.max() + 1)
+      assert (q_lo[b, n], q_hi[b, n]) == (queries.min(), queries.max() + 1)
+
+
+def test_flash_docs_lowers_for_cuda():
+  """Forward and backward lower to Triton kernels for CUDA on this CPU host, alone and vmapped
+  over grid runs, with no [B, H, L, L] scores."""
+  B, L, H, K = 2, 256, 4, 64
+  def loss(q, k, v, seg):
+    return flash_docs.attention(q, k, v, seg, True).astype(jnp.float32).sum()
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  args = [jax.ShapeDtypeStruct((B, L, H, K), jnp.bfloat16)] * 3 + [
+      jax.ShapeDtypeStruct((B, L), jnp.int32)]
+  runs = [jax.ShapeDtypeStruct((2, *a.shape), a.dtype) for a in args]
+  for fn, a in ((grad, args), (jax.vmap(grad), runs)):
+    text = jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2      # the forward and the backward kernel
+    assert f"{L}x{L}xf32" not in text and "x256x256x" not in text

@@ -11,12 +11,14 @@ key's position is not after the query's. They differ in how:
 |          |                       | [B, H, L, T] scores written out                            |
 | `pallas` | CUDA (GPU default)    | jax's Pallas/Triton flash kernel with segment ids; CPU runs |
 |          |                       | it in interpret mode (tests)                               |
+| `pallas_docs` | CUDA             | our Pallas/Triton flash kernel visiting only the tiles a   |
+|          |                       | query's documents reach (`model/flash_docs.py`); CPU: interpret |
 | `cudnn`  | CUDA, Hopper, bf16    | cuDNN flash attention, packed layout (per-document offsets) |
 | `splash` | TPU (TPU default)     | Pallas splash attention with segment ids; CPU: interpret   |
 
-The flash kernels (`pallas`, `cudnn`, `splash`) never write the scores; they take causal
-self-attention over packed rows (documents left to right, positions restarting at 0, so the
-column order is the position order within a document). Calls with a KV cache (decoding) use
+The flash kernels (`pallas`, `pallas_docs`, `cudnn`, `splash`) never write the scores; they
+take causal self-attention over packed rows (documents left to right, positions restarting at
+0, so the column order is the position order within a document). Calls with a KV cache (decoding) use
 `einsum` on CPU and `xla` elsewhere: one query row against the cache is small.
 
 `resolve(attention, platform)` turns `auto` into a name for a platform (`cpu`, `cuda`, `rocm`,
@@ -30,11 +32,12 @@ import jax.numpy as jnp
 
 CAUSAL_BLOCKS = 4   # einsum_attention's query blocks in causal self-attention (training)
 
-IMPLEMENTATIONS = ("einsum", "xla", "pallas", "cudnn", "splash")
+IMPLEMENTATIONS = ("einsum", "xla", "pallas", "pallas_docs", "cudnn", "splash")
 DEFAULT = {"cpu": "einsum", "cuda": "pallas", "rocm": "xla", "tpu": "splash"}
 # Where each kernel can run (CPU: Pallas interpret mode, for tests; slow).
 RUNS_ON = {"einsum": ("cpu", "cuda", "rocm", "tpu"), "xla": ("cpu", "cuda", "rocm", "tpu"),
-           "pallas": ("cuda", "cpu"), "cudnn": ("cuda",), "splash": ("tpu", "cpu")}
+           "pallas": ("cuda", "cpu"), "pallas_docs": ("cuda", "cpu"), "cudnn": ("cuda",),
+           "splash": ("tpu", "cpu")}
 HALF_ONLY = ("cudnn",)   # kernels that need a 16-bit compute dtype
 
 
@@ -65,8 +68,8 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
     return f"{impl} runs on {'|'.join(RUNS_ON[impl])}, not {platform}"
   if impl in HALF_ONLY and dtype == "float32":
     return f"{impl} needs model.dtype bfloat16 or float16, not float32"
-  if impl == "pallas" and seq_len % min(64, seq_len):
-    return f"pallas needs data.seq_len={seq_len} to be a multiple of 64"
+  if impl in ("pallas", "pallas_docs") and seq_len % min(64, seq_len):
+    return f"{impl} needs data.seq_len={seq_len} to be a multiple of 64"
   if impl == "splash" and (seq_len % 128 or seq_len % min(512, seq_len)):
     return (f"splash needs data.seq_len={seq_len} to be a multiple of 128 (and of 512 above "
             f"512)")
@@ -213,6 +216,9 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
   L)."""
   if impl == "pallas":
     return pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
+  if impl == "pallas_docs":
+    from kstore_jax.model import flash_docs   # Pallas: imported where it runs
+    return flash_docs.attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   if impl == "cudnn":
     L = q_BLHK.shape[1]
     return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, min(max_docs or L, L))

@@ -606,9 +606,14 @@ def bench_attention(cfg) -> list[dict]:
                   / jnp.linalg.norm((b * real).astype(jnp.float32)))
             for a, b in zip([got[0][1]] + list(got[1]), ref_leaves)]
     ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
+    extra = {}
+    if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
+      from kstore_jax.model import flash_docs
+      visited, causal_only = flash_docs.visited_tiles(seg, min(flash_docs.BLOCK, L), True)
+      extra = dict(tiles_visited=round(visited / causal_only, 3))
     r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
                     compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
-                    rel_err_dk=errs[2], rel_err_dv=errs[3], **ctx)
+                    rel_err_dk=errs[2], rel_err_dv=errs[3], **extra, **ctx)
     print(json.dumps(r), file=sys.stderr, flush=True)
     out.append(r)
   return out

@@ -1,0 +1,238 @@
+"""Flash attention for GPUs (Pallas, lowered to Triton) that visits only the tiles its
+documents reach.
+
+A packed row holds several short documents (bioS: 20-111 positions in rows of 512) and a query
+sees only keys of its own document. jax's Pallas kernel (`attention.pallas_attention`) walks
+every key tile up to the diagonal and masks what it must not see; at the paper's shape that
+is 36 query x key tile pairs a row and head (64-position tiles), most of them masked whole,
+and attention was ~30% of the H200 step (BENCHMARKS.md, session 8). Here query tile n walks
+only key tiles [k_lo[n], k_hi[n]) - from the first column of the earliest document any of its
+queries is in, to its diagonal (causal) or the last column of the latest such document - and
+in the backward pass key tile m is visited only by query tiles [q_lo[m], q_hi[m]). Inside a
+tile the mask is the exact one (same segment id; key column <= query column if causal), so the
+function is jax's kernel's for any segment layout: the bounds leave out only tiles in which no
+query sees a key. Like jax's kernel, padding (segment 0) attends to padding: unused outputs.
+
+The tiles' bounds are computed from the segment ids outside the kernel (`tile_bounds`, O(B L))
+and read by each program as two scalars, the loop's limits.
+
+Shapes: B rows, L positions, H heads, K head dim (padded to a power of two inside), N = L / T
+tiles of T positions.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+BLOCK = 64                                   # T: query and key tile, every pass
+LOG2E = math.log2(math.e)                    # scores go through exp2 (base-2 log-sum-exp)
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot make NaN
+WARPS, STAGES = 4, 2                         # Triton launch parameters (head dim <= 128)
+
+
+def tile_bounds(seg_BL, block: int, causal: bool):
+  """(k_lo_BN, k_hi_BN, q_lo_BN, q_hi_BN) int32: query tile n visits key tiles
+  [k_lo, k_hi), key tile m is visited by query tiles [q_lo, q_hi).
+
+  A segment's columns lie between its first and last occurrence in the row, so the keys a
+  tile's queries can see lie between the smallest first and the largest last occurrence of
+  their segments (and, causal, not after the tile); symmetrically for the queries that see a
+  key tile. Ids outside [0, L] share one slot: wider bounds, never wrong ones."""
+  B, L = seg_BL.shape
+  N = L // block
+  ids_BL = jnp.clip(seg_BL, 0, L).astype(jnp.int32)
+  rows_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
+  cols_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
+  first_BS = jnp.full((B, L + 1), L, jnp.int32).at[rows_BL, ids_BL].min(cols_BL)
+  last_BS = jnp.full((B, L + 1), -1, jnp.int32).at[rows_BL, ids_BL].max(cols_BL)
+  first_BL = jnp.take_along_axis(first_BS, ids_BL, 1)
+  last_BL = jnp.take_along_axis(last_BS, ids_BL, 1)
+  lo_BN = first_BL.reshape(B, N, block).min(-1) // block
+  hi_BN = last_BL.reshape(B, N, block).max(-1) // block + 1
+  if not causal:
+    return lo_BN, hi_BN, lo_BN, hi_BN
+  tiles_BN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
+  return lo_BN, tiles_BN + 1, tiles_BN, hi_BN
+
+
+def visited_tiles(seg_BL, block: int, causal: bool) -> tuple[int, int]:
+  """(tile pairs this kernel visits, tile pairs a causal-only walk visits; all N^2 if not
+  causal), summed over the rows: the share of attention's tile work left."""
+  B, L = seg_BL.shape
+  N = L // block
+  k_lo, k_hi, _, _ = tile_bounds(jnp.asarray(seg_BL), block, causal)
+  return int((k_hi - k_lo).sum()), B * (N * (N + 1) // 2 if causal else N * N)
+
+
+def _scores(q_TK, k_TK, seg_q_T, seg_k_T, n, m, block, scale, causal):
+  """Base-2 scaled scores of query tile n against key tile m, masked: [T, T] float32."""
+  s_TT = plgpu.dot(q_TK, k_TK.T) * (scale * LOG2E)
+  visible = seg_q_T[:, None] == seg_k_T[None, :]
+  if causal:
+    visible &= (n * block + jnp.arange(block))[:, None] >= (m * block + jnp.arange(block))[None, :]
+  return jnp.where(visible, s_TT, MASKED)
+
+
+def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                    scale, causal, block):
+  n = pl.program_id(0)
+  q_TK = q_ref[...]
+  seg_q_T = seg_ref[pl.ds(n * block, block)]
+
+  def visit(m, carry):
+    o_TK, max_T, sum_T = carry
+    cols = pl.ds(m * block, block)
+    s_TT = _scores(q_TK, k_ref[cols, :], seg_q_T, seg_ref[cols], n, m, block, scale, causal)
+    new_max_T = jnp.maximum(max_T, s_TT.max(-1))
+    fade_T = jnp.exp2(max_T - new_max_T)
+    p_TT = jnp.exp2(s_TT - new_max_T[:, None])
+    v_TK = v_ref[cols, :]
+    o_TK = o_TK * fade_T[:, None] + plgpu.dot(p_TT.astype(v_TK.dtype), v_TK)
+    return o_TK, new_max_T, sum_T * fade_T + p_TT.sum(-1)
+
+  K = q_ref.shape[-1]
+  init = (jnp.zeros((block, K), jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
+          jnp.zeros((block,), jnp.float32))
+  # every query sees itself, so its own tile is in range and sum_T > 0
+  o_TK, max_T, sum_T = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
+  o_ref[...] = (o_TK / sum_T[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = max_T + jnp.log2(sum_T)
+
+
+def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
+                     do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, scale, causal,
+                     block):
+  t = pl.program_id(2)   # this program's key tile (dk, dv) and query tile (dq)
+  K = q_ref.shape[-1]
+
+  def probs(n, m, q_TK, k_TK, seg_q_T, seg_k_T, rows):
+    s_TT = _scores(q_TK, k_TK, seg_q_T, seg_k_T, n, m, block, scale, causal)
+    return jnp.exp2(s_TT - lse_ref[rows][:, None])
+
+  cols = pl.ds(t * block, block)
+  k_TK, v_TK, seg_k_T = k_ref[cols, :], v_ref[cols, :], seg_ref[cols]
+
+  def into_key_tile(n, carry):
+    dk_TK, dv_TK = carry
+    rows = pl.ds(n * block, block)
+    q_TK, do_TK = q_ref[rows, :], do_ref[rows, :]
+    p_TT = probs(n, t, q_TK, k_TK, seg_ref[rows], seg_k_T, rows)
+    dv_TK += plgpu.dot(p_TT.astype(do_TK.dtype).T, do_TK)
+    ds_TT = p_TT * (plgpu.dot(do_TK, v_TK.T) - delta_ref[rows][:, None]) * scale
+    dk_TK += plgpu.dot(ds_TT.astype(q_TK.dtype).T, q_TK)
+    return dk_TK, dv_TK
+
+  zeros = jnp.zeros((block, K), jnp.float32)
+  dk_TK, dv_TK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
+  dk_ref[...] = dk_TK.astype(dk_ref.dtype)
+  dv_ref[...] = dv_TK.astype(dv_ref.dtype)
+
+  rows = pl.ds(t * block, block)
+  q_TK, do_TK, seg_q_T = q_ref[rows, :], do_ref[rows, :], seg_ref[rows]
+
+  def from_key_tile(m, dq_TK):
+    cols = pl.ds(m * block, block)
+    k_TK, v_TK = k_ref[cols, :], v_ref[cols, :]
+    p_TT = probs(t, m, q_TK, k_TK, seg_q_T, seg_ref[cols], rows)
+    ds_TT = p_TT * (plgpu.dot(do_TK, v_TK.T) - delta_ref[rows][:, None]) * scale
+    return dq_TK + plgpu.dot(ds_TT.astype(k_TK.dtype), k_TK)
+
+  dq_ref[...] = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
+                              zeros).astype(dq_ref.dtype)
+
+
+def _specs(B, L, K, block):
+  """BlockSpecs over a grid (tile, row, head) [forward] or (row, head, tile) [backward]."""
+  del B
+  return dict(
+      fwd_tile=pl.BlockSpec((None, block, None, K), lambda n, b, h: (b, n, h, 0)),
+      fwd_row=pl.BlockSpec((None, L, None, K), lambda n, b, h: (b, 0, h, 0)),
+      fwd_seg=pl.BlockSpec((None, L), lambda n, b, h: (b, 0)),
+      fwd_bound=pl.BlockSpec((None, None), lambda n, b, h: (b, n)),
+      fwd_lse=pl.BlockSpec((None, None, block), lambda n, b, h: (b, h, n)),
+      bwd_tile=pl.BlockSpec((None, block, None, K), lambda b, h, t: (b, t, h, 0)),
+      bwd_row=pl.BlockSpec((None, L, None, K), lambda b, h, t: (b, 0, h, 0)),
+      bwd_seg=pl.BlockSpec((None, L), lambda b, h, t: (b, 0)),
+      bwd_bound=pl.BlockSpec((None, None), lambda b, h, t: (b, t)),
+      bwd_lse=pl.BlockSpec((None, None, L), lambda b, h, t: (b, h, 0)),
+  )
+
+
+def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
+  B, L, H, K = q_BLHK.shape
+  k_lo, k_hi, _, _ = tile_bounds(seg_BL, block, causal)
+  sp = _specs(B, L, K, block)
+  kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
+                             block=block)
+  return pl.pallas_call(
+      kernel, grid=(L // block, B, H),
+      in_specs=[sp["fwd_bound"], sp["fwd_bound"], sp["fwd_seg"], sp["fwd_tile"],
+                sp["fwd_row"], sp["fwd_row"]],
+      out_specs=[sp["fwd_tile"], sp["fwd_lse"]],
+      out_shape=[jax.ShapeDtypeStruct(q_BLHK.shape, q_BLHK.dtype),
+                 jax.ShapeDtypeStruct((B, H, L), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=STAGES),
+      interpret=interpret, name="flash_docs_forward",
+  )(k_lo, k_hi, seg_BL, q_BLHK, k_BLHK, v_BLHK)
+
+
+def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL, do_BLHK, scale, causal,
+              interpret, block):
+  B, L, H, K = q_BLHK.shape
+  bounds = tile_bounds(seg_BL, block, causal)
+  delta_BHL = jnp.einsum("blhk,blhk->bhl", o_BLHK.astype(jnp.float32),
+                         do_BLHK.astype(jnp.float32))
+  sp = _specs(B, L, K, block)
+  kernel = functools.partial(_backward_kernel, scale=scale, causal=causal,
+                             block=block)
+  return pl.pallas_call(
+      kernel, grid=(B, H, L // block),
+      in_specs=[sp["bwd_bound"]] * 4 + [sp["bwd_seg"]] + [sp["bwd_row"]] * 4
+      + [sp["bwd_lse"]] * 2,
+      out_specs=[sp["bwd_tile"]] * 3,
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_BLHK, k_BLHK, v_BLHK)],
+      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=STAGES),
+      interpret=interpret, name="flash_docs_backward",
+  )(*bounds, seg_BL, q_BLHK, k_BLHK, v_BLHK, do_BLHK, lse_BHL, delta_BHL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
+  return _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block)[0]
+
+
+def _flash_fwd(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
+  o_BLHK, lse_BHL = _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block)
+  return o_BLHK, (q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL)
+
+
+def _flash_bwd(scale, causal, interpret, block, res, do_BLHK):
+  q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL = res
+  dq, dk, dv = _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL, do_BLHK, scale,
+                         causal, interpret, block)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = False,
+              block: int = BLOCK) -> jax.Array:
+  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `block` (T) at
+  most L, L a multiple of it (Triton: both powers of two); `interpret` runs the kernels as
+  plain jax ops (CPU tests). A head dim that is not a power of two is zero-padded (the
+  padded columns add nothing to q·k and are dropped from the output)."""
+  K = q_BLHK.shape[-1]
+  padded = 1 << (K - 1).bit_length()
+  if padded != K:
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - K)))
+    q_BLHK, k_BLHK, v_BLHK = pad(q_BLHK), pad(k_BLHK), pad(v_BLHK)
+  block = min(block, q_BLHK.shape[1])
+  out = _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL.astype(jnp.int32), 1.0 / math.sqrt(K), causal,
+               interpret, block)
+  return out[..., :K]
