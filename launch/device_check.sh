@@ -171,10 +171,10 @@ for line in open(os.path.join(out, ".status")):
   print(f"  {name:28s} {' '.join(how):14s} {secs:>4s} s")
 for line in open(os.path.join(out, "bench.jsonl")):
   r = json.loads(line)
-  keys = ("op", "share", "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s",
-          "tiles_visited", "rel_err_out",
-          "rel_err_dq", "skipped", "loss", "first_step_s", "device", "jax")
-  extra = " ".join(f"{k}={r[k]}" for k in keys if k in r)
+  keys = ("op", "scope", "share", "attention", "dtype", "vocab", "seq_len", "batch_size",
+          "tflops_per_s", "tiles_visited", "rel_err_out", "rel_err_dq", "skipped", "loss",
+          "first_step_s", "device", "jax", "source")
+  extra = " ".join(f"{k}={str(r[k])[-70:]}" for k in keys if k in r and r[k] != "")
   print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
 results = os.path.join(out, "results_small.json")
 results = json.load(open(results)) if os.path.exists(results) else {}

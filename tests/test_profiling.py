@@ -48,3 +48,37 @@ def test_off_writes_nothing_and_exit_stops_a_running_trace(tmp_path):
       raise RuntimeError("the stage failed")
   assert not on.active
   assert glob.glob(str(tmp_path / "on" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+def test_profile_ops_name_the_jax_code_they_came_from(tmp_path):
+  """bench profile's attribution: the trace's ops are the traced step's HLO instructions, each
+  with the jax name scope it came from; the Python spans around them are left out."""
+  from kstore_jax.tools import bench
+  from kstore_jax.train import step
+
+  def f(x, w):
+    with jax.named_scope(step.OPTIMIZER):   # the matmul takes most of the time
+      return jnp.tanh(x @ w)
+
+  fn = jax.jit(f)
+  x, w = jnp.ones((512, 512)), jnp.full((512, 512), 0.01)
+  fn(x, w).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(3):
+      fn(x, w).block_until_ready()
+  sources = bench.hlo_sources(fn.lower(x, w).compile().as_text())
+  totals, where = bench.trace_op_times(str(tmp_path), sources)
+  assert where == "host" and totals and set(totals) <= set(sources), (totals, sources)
+  top = max(totals, key=totals.get)
+  assert bench.scope_of(sources[top]) == "step/optimizer", sources[top]
+
+
+def test_scope_of_names_the_part_of_the_step():
+  from kstore_jax.tools.bench import scope_of
+  assert scope_of("jit(train_step)/transpose(jvp(Transformer))/block11/attn/query/dot_general") \
+      == "block*/attn/query"
+  assert scope_of("jit(train_step)/jvp(Transformer)/ln_f/LayerNorm_0/mul") == "ln_f/LayerNorm_0"
+  assert scope_of("jit(train_step)/jvp(head_loss)/while/body/closed_call/dot_general") \
+      == "step/head_loss"
+  assert scope_of("jit(train_step)/optimizer/mul") == "step/optimizer"
+  assert scope_of("jit(train_step)/reduce_sum") == "step"

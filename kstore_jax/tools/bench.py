@@ -418,9 +418,38 @@ def bench_train(cfg) -> list[dict]:
   return out
 
 
-def trace_op_times(trace_dir: str) -> tuple[dict, str]:
+def hlo_sources(text: str) -> dict[str, str]:
+  """Instruction name -> the jax code it came from (its `op_name` metadata: jit, transforms and
+  Flax module path, e.g. `jit(train_step)/transpose(jvp(Transformer))/block1/attn/query/...`),
+  from an optimised HLO module's text. Names are keyed with `.` as `_`, as GPU kernels and
+  trace events spell them (`fusion.12` runs as `fusion_12`)."""
+  found = re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name="([^"]+)"',
+                     text, re.M)
+  return {name.replace(".", "_"): op for name, op in found}
+
+
+def scope_of(op_name: str) -> str:
+  """A step's part from an op's jax name: the model's module path without the layer index
+  (`block*/attn/query`, `block*/mlp/up`, `ln_f`), or the train step's own parts outside the
+  model (`step/head_loss`, `step/optimizer`, `step/metrics`: train/step.py's SCOPES; `step`:
+  anything else)."""
+  from kstore_jax.train import step
+  # each part without its transformation wrappers: transpose(jvp(Transformer)) -> Transformer
+  parts = [re.sub(r"^(?:[\w.]+\()+([^()]*)\)+$", r"\1", p)
+           for p in op_name.split(";")[0].split("/") if not p.startswith("jit(")]
+  parts = [p for p in parts if p]
+  if not parts or parts[0] != "Transformer":
+    return next((f"step/{p}" for p in parts if p in step.SCOPES), "step")
+  path = [re.sub(r"^block\d+$", "block*", p) for p in parts[1:-1]]   # the last: the primitive
+  return "/".join(path[:3]) or "model"
+
+
+def trace_op_times(trace_dir: str, sources: dict[str, str] | None = None) -> tuple[dict, str]:
   """Total µs per op name over a `jax.profiler` Perfetto trace, of the device's tracks (GPU or
-  TPU) where there are some, else of the host's; and which of the two."""
+  TPU) where there are some, else of the host's: there, with `sources` (hlo_sources of the
+  traced step), only the step's own HLO ops (not the Python and runtime spans around them).
+  A kernel whose event names its HLO op (`hlo_op`, e.g. a cuBLAS GEMM) is counted under that
+  op's name. Returns the totals and which tracks."""
   import collections
   import glob
   import gzip
@@ -434,26 +463,43 @@ def trace_op_times(trace_dir: str) -> tuple[dict, str]:
   where = "device" if device else "host"
   totals = collections.Counter()
   for e in events:
-    if e.get("ph") == "X" and (not device or e["pid"] in device):
-      totals[e["name"]] += e.get("dur", 0)
+    if e.get("ph") != "X" or (device and e["pid"] not in device):
+      continue
+    name = str((e.get("args") or {}).get("hlo_op") or e["name"]).replace(".", "_")
+    if device or not sources or name in sources:
+      totals[name] += e.get("dur", 0)
   return dict(totals), where
 
 
 def bench_profile(cfg) -> list[dict]:
-  """`bench train`'s step under jax.profiler: the step time, and the ops that take the most
-  time per step (device tracks on an accelerator), as `profile_op_us` lines."""
+  """`bench train`'s step under jax.profiler: the step time, the ops that take the most time
+  per step (device tracks on an accelerator), as `profile_op_us` lines with the jax code each
+  came from (`source`), and the time summed by part of the step (`profile_scope_us`: module
+  path without the layer index, or `step` for the loss head and optimizer; `unknown`: ops
+  the HLO does not name)."""
+  import collections
+  from kstore_jax.train import throughput
   steps = 3
   with tempfile.TemporaryDirectory() as tmp:
     r = measure_train(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps)
-    totals, where = trace_op_times(tmp)
+    with open(os.path.join(tmp, throughput.TRACED_HLO)) as f:
+      sources = hlo_sources(f.read())
+    totals, where = trace_op_times(tmp, sources)
   ctx = dict(config=cfg.name, dtype=r["dtype"], attention=r["attention"],
              device=jax_device_kind())
   busy = sum(totals.values()) / steps
   out = [measurement("profile_step_s", round(r["step_s"], 4), "s", busy_us_per_step=round(busy),
                      tracks=where, **ctx)]
+  share = lambda us: round(us / steps / max(busy, 1e-9), 4)
   for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:PROFILE_TOP.value]:
     out.append(measurement("profile_op_us", round(us / steps, 1), "us/step", op=name[:120],
-                           share=round(us / steps / max(busy, 1e-9), 4), **ctx))
+                           share=share(us), source=sources.get(name, "")[-160:], **ctx))
+  scopes = collections.Counter()
+  for name, us in totals.items():
+    scopes[scope_of(sources[name]) if name in sources else "unknown"] += us
+  for scope, us in sorted(scopes.items(), key=lambda kv: -kv[1]):
+    out.append(measurement("profile_scope_us", round(us / steps, 1), "us/step", scope=scope,
+                           share=share(us), **ctx))
   return out
 
 

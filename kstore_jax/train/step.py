@@ -12,6 +12,10 @@ from kstore_jax.data.batches import INPUTS, POSITIONS, SEGMENT_IDS, TARGETS, WEI
 from kstore_jax.model import transformer
 
 CHUNK_ROWS = 1024   # token rows per vocabulary chunk: [1024, V] f32 logits stay in cache
+# jax name scopes of the step's parts outside the model (the ops' metadata; `bench profile`
+# sums its time by them)
+HEAD_LOSS, OPTIMIZER, METRICS = "head_loss", "optimizer", "metrics"
+SCOPES = (HEAD_LOSS, OPTIMIZER, METRICS)
 
 
 def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL):
@@ -88,8 +92,10 @@ def make_lm_loss(model, merge=None):
     effective = params if merge is None else merge(frozen, params)
     _, hidden_BLD, _ = model.apply({"params": effective}, batch[INPUTS], batch[POSITIONS],
                                    batch[SEGMENT_IDS])
-    loss, tokens = head_cross_entropy(hidden_BLD, transformer.head_matrix(model.cfg, effective),
-                                      batch[TARGETS], batch[WEIGHTS])
+    with jax.named_scope(HEAD_LOSS):
+      loss, tokens = head_cross_entropy(hidden_BLD,
+                                        transformer.head_matrix(model.cfg, effective),
+                                        batch[TARGETS], batch[WEIGHTS])
     return loss, {"loss_tokens": tokens}
 
   return loss_fn
@@ -101,12 +107,14 @@ def make_train_step(loss_fn, optimizer, schedule):
   def train_step(state, frozen, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, batch)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    with jax.named_scope(OPTIMIZER):
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
     # param_norm is of the *updated* params: the NaN guard then also covers the state a
     # checkpoint would save, not only the loss of the weights before the update.
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "lr": schedule(state["step"]), **aux}
+    with jax.named_scope(METRICS):
+      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                 "param_norm": optax.tree.norm(params), "lr": schedule(state["step"]), **aux}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step

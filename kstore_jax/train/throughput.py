@@ -2,6 +2,7 @@
 FLOP/s, and the machine's own ceilings measured in the same process: a dense matmul in the
 compute dtype (random data: zeros run faster on some chips) and a device-memory copy."""
 
+import os
 import time
 
 import jax
@@ -14,6 +15,7 @@ from kstore_jax.model import transformer
 from kstore_jax.train import loop, sharding
 
 GPT2_VOCAB = 50_304   # GPT-2's 50,257 tokens padded to a multiple of 64 (nanoGPT, llm.c)
+TRACED_HLO = "train_step.hlo.txt"   # in a `measure` trace_dir: the traced step's optimised HLO
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -71,7 +73,8 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   """Time `steps` jitted train steps of the stage `spec` (of the model `model_cfg`) on `mesh`,
   on real pipeline batches (`bench train` builds the spec: an Experiment's pretrain stage,
   its output head widened to GPT2_VOCAB on request). `trace_dir`: then `trace_steps` more
-  steps under `jax.profiler` (a Perfetto trace in it)."""
+  steps under `jax.profiler` (a Perfetto trace in it, and the step's optimised HLO text in
+  TRACED_HLO)."""
   t0 = time.perf_counter()
   init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
   batches = [sharding.to_global(b, mesh) for b in first_batches(spec, mesh)]
@@ -84,6 +87,10 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
       for i in range(trace_steps):
         state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
         jax.block_until_ready(metrics)
+    # the traced executable's optimised HLO (its instructions name the trace's ops; their
+    # metadata, the jax code they came from): jax's in-memory cache, no second compile
+    with open(os.path.join(trace_dir, TRACED_HLO), "w") as f:
+      f.write(train_step.lower(state, spec.frozen, batches[0]).compile().as_text())
   step_s = float(np.median(times[warmup:]))
   tokens = spec.positions_per_step
   flops = spec.flops_per_position * tokens / step_s
