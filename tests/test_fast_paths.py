@@ -25,8 +25,10 @@ def full_logits_loss(hidden_BLD, head_DV, targets_BL, weights_BL):
                                 weights_BL)
 
 
-@pytest.mark.parametrize("b,l", [(4, 24), (3, 7), (600, 5), (1, 2048)])
-def test_head_cross_entropy_equals_full_logits(b, l):
+@pytest.mark.parametrize("b,l,rows", [(4, 24, step.CHUNK_ROWS), (3, 7, step.CHUNK_ROWS),
+                                      (600, 5, step.CHUNK_ROWS), (1, 2048, step.CHUNK_ROWS),
+                                      (4, 24, 8), (8, 64, 1 << 20)])
+def test_head_cross_entropy_equals_full_logits(b, l, rows):
   d, v = 16, 50
   k = jax.random.split(jax.random.key(b * 1000 + l), 4)
   hidden = jax.random.normal(k[0], (b, l, d))
@@ -34,12 +36,25 @@ def test_head_cross_entropy_equals_full_logits(b, l):
   targets = jax.random.randint(k[2], (b, l), 0, v)
   weights = (jax.random.uniform(k[3], (b, l)) < 0.7).astype(jnp.float32)
   grad = lambda f: jax.value_and_grad(lambda h, w: f(h, w, targets, weights)[0], (0, 1))
-  (ref, ref_grads), (got, got_grads) = grad(full_logits_loss)(hidden, head), grad(
-      step.head_cross_entropy)(hidden, head)
+  chunked = lambda h, w, t, m: step.head_cross_entropy(h, w, t, m, rows)
+  (ref, ref_grads), (got, got_grads) = grad(full_logits_loss)(hidden, head), grad(chunked)(
+      hidden, head)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   for g, r in zip(got_grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
   assert step.head_cross_entropy(hidden, head, targets, weights)[1] == weights.sum()
+
+
+def test_chunk_rows_per_platform():
+  """CPU: chunks sized for its cache; GPU/TPU: ~256 MiB of logits, so the paper config's head
+  (96 x 512 positions, 3,328 ids) runs in 4 chunks, GPT-2's 50,304-wide head in 64."""
+  assert step.chunk_rows("cpu", 3328) == step.CHUNK_ROWS
+  chunks = lambda platform, vocab: 512 // step.positions_per_chunk(
+      96, 512, step.chunk_rows(platform, vocab))
+  assert chunks("cpu", 3328) == 64
+  for platform in ("cuda", "tpu"):
+    assert step.chunk_rows(platform, 3328) * 3328 * 4 <= step.ACCELERATOR_CHUNK_BYTES
+    assert chunks(platform, 3328) == 4 and chunks(platform, 50304) == 64
 
 
 def test_lm_loss_uses_the_models_head():

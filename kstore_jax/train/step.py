@@ -11,7 +11,10 @@ import optax
 from kstore_jax.data.batches import INPUTS, POSITIONS, SEGMENT_IDS, TARGETS, WEIGHTS
 from kstore_jax.model import transformer
 
-CHUNK_ROWS = 1024   # token rows per vocabulary chunk: [1024, V] f32 logits stay in cache
+CHUNK_ROWS = 1024   # CPU: token rows per vocabulary chunk, [1024, V] f32 logits stay in cache
+# GPU/TPU: chunks of at most 256 MiB of f32 logits (paper config: 4 chunks instead of 64); each
+# chunk is a loop iteration of small kernels, and the matmuls are larger (not measured yet)
+ACCELERATOR_CHUNK_BYTES = 1 << 28
 # jax name scopes of the step's parts outside the model (the ops' metadata; `bench profile`
 # sums its time by them)
 HEAD_LOSS, OPTIMIZER, METRICS = "head_loss", "optimizer", "metrics"
@@ -62,17 +65,31 @@ def _chunked_ce_bwd(grads, g):
 _chunked_ce_sum.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL):
+def chunk_rows(platform: str, vocab: int) -> int:
+  """Token rows per chunk of `head_cross_entropy` on `platform` for a `vocab`-wide head."""
+  if platform == "cpu":
+    return CHUNK_ROWS
+  return max(CHUNK_ROWS, ACCELERATOR_CHUNK_BYTES // (4 * vocab))
+
+
+def positions_per_chunk(b: int, l: int, rows: int) -> int:
+  """k: `head_cross_entropy`'s chunks are positions [c k, (c + 1) k) of all b rows, the
+  largest divisor of l with b k <= rows (at least 1)."""
+  k = max(1, min(l, rows // b))
+  while l % k:
+    k -= 1
+  return k
+
+
+def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL, rows: int = CHUNK_ROWS):
   """Mean next-token cross entropy of the logits `hidden_BLD @ head_DV` over positions with
   weight > 0, and the weight sum; without ever making the [B, L, V] logits: the
-  positions go through the head in chunks of ~CHUNK_ROWS (whole batch rows times a slice of
+  positions go through the head in chunks of ~`rows` (whole batch rows times a slice of
   positions, so a batch sharded over rows stays sharded), each chunk's gradients made while
   its logits are in cache. Same value and gradients up to float summation order; at the tiny
   CPU size the head's share of a train step falls by a third (BENCHMARKS.md)."""
   b, l, d = hidden_BLD.shape
-  k = max(1, min(l, CHUNK_ROWS // b))
-  while l % k:
-    k -= 1
+  k = positions_per_chunk(b, l, rows)
   # [B, L, ...] -> [L/k, B*k, ...]: chunk c = positions [c*k, (c+1)*k) of every row
   split = lambda x: jnp.moveaxis(x.reshape(b, l // k, k, *x.shape[2:]), 1, 0).reshape(
       l // k, b * k, *x.shape[2:])
@@ -92,10 +109,10 @@ def make_lm_loss(model, merge=None):
     effective = params if merge is None else merge(frozen, params)
     _, hidden_BLD, _ = model.apply({"params": effective}, batch[INPUTS], batch[POSITIONS],
                                    batch[SEGMENT_IDS])
+    head_DV = transformer.head_matrix(model.cfg, effective)
     with jax.named_scope(HEAD_LOSS):
-      loss, tokens = head_cross_entropy(hidden_BLD,
-                                        transformer.head_matrix(model.cfg, effective),
-                                        batch[TARGETS], batch[WEIGHTS])
+      loss, tokens = head_cross_entropy(hidden_BLD, head_DV, batch[TARGETS], batch[WEIGHTS],
+                                        chunk_rows(model.cfg.platform, head_DV.shape[-1]))
     return loss, {"loss_tokens": tokens}
 
   return loss_fn
