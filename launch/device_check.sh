@@ -5,7 +5,8 @@
 # Sections: env (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), profile (the top ops
 # of the first kernel's train step), train (bench train,
-# paper config in bf16 per attention kernel, --gpt2_vocab, 128x384 rows), grid (bench grid:
+# paper config in bf16 per attention kernel, then the first kernel with cuBLAS for every
+# matmul, 128x384 rows, --gpt2_vocab), grid (bench grid:
 # grid_speedup of 2/4/8 `small` runs in one vmapped step, grid_eval_speedup of their eval
 # decoded together), small (the small grid,
 # configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
@@ -19,7 +20,7 @@
 # cudnn ran at 5% MFU in session 8); KSTORE_CHECK_ATTENTION: those of the attention section.
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -122,10 +123,19 @@ if has profile; then   # where the first kernel's train step spends its time
   run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" "${SIZES[@]}" \
     --train_steps=3 --config.model.attention="${KERNELS%% *}"
 fi
-if has train; then   # the first kernel (the default's) in its variants first, then the others
+if has train; then   # each kernel at the paper shape, then the first kernel's variants
   first="${KERNELS%% *}"
   run "train_$first" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" "${MATMUL[@]}"
+  for k in ${KERNELS#"$first"}; do
+    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
+      --train_steps="$TRAIN_STEPS" --config.model.attention="$k" "${MATMUL[@]}"
+  done
+  # XLA's own Triton GEMM fusions off (cuBLAS for every matmul; session 8's xla-step profile
+  # had ~15% of its time in gemm_fusion kernels, and their autotuning in the compile)
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" run "train_${first}_cublas" 120 \
+    "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" --train_steps="$TRAIN_STEPS" \
+    --config.model.attention="$first" "${MATMUL[@]}"
   # every bioS document fits in 128 positions: 128 x (4 x batch) rows are the same function
   # with a quarter of the attention work
   [ "$SMOKE" = 1 ] || run "train_${first}_rows128" 120 "${BENCH[@]}" train --config="$PAPER" \
@@ -133,10 +143,6 @@ if has train; then   # the first kernel (the default's) in its variants first, t
     --config.data.seq_len=128 --config.pretrain.batch_size=384
   run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab "${MATMUL[@]}"
-  for k in ${KERNELS#"$first"}; do
-    run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
-      --train_steps="$TRAIN_STEPS" --config.model.attention="$k" "${MATMUL[@]}"
-  done
 fi
 if has grid; then   # R small runs in one vmapped step vs one after another
   run grid 240 "${BENCH[@]}" grid --config="configs/grids/small5.py:$SMALL_ARG" \
