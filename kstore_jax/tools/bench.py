@@ -422,10 +422,12 @@ def hlo_sources(text: str) -> dict[str, str]:
   """Instruction name -> the jax code it came from (its `op_name` metadata: jit, transforms and
   Flax module path, e.g. `jit(train_step)/transpose(jvp(Transformer))/block1/attn/query/...`),
   from an optimised HLO module's text. Names are keyed with `.` as `_`, as GPU kernels and
-  trace events spell them (`fusion.12` runs as `fusion_12`)."""
-  found = re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name="([^"]+)"',
+  trace events spell them (`fusion.12` runs as `fusion_12`). Control flow (while, conditional,
+  call) is left out: its span holds its body's ops, which are named themselves."""
+  found = re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^}]*?op_name="([^"]+)"',
                      text, re.M)
-  return {name.replace(".", "_"): op for name, op in found}
+  return {name.replace(".", "_"): op for name, head, op in found
+          if not re.search(r"\s(?:while|conditional|call)\(", head)}
 
 
 def scope_of(op_name: str) -> str:
@@ -476,7 +478,8 @@ def bench_profile(cfg) -> list[dict]:
   per step (device tracks on an accelerator), as `profile_op_us` lines with the jax code each
   came from (`source`), and the time summed by part of the step (`profile_scope_us`: module
   path without the layer index, or `step` for the loss head and optimizer; `unknown`: ops
-  the HLO does not name)."""
+  the HLO does not name). Shares are of the ops' summed time, `busy_us_per_step`: on a CPU
+  XLA runs independent ops on several threads at once, so that sum exceeds the step."""
   import collections
   from kstore_jax.train import throughput
   steps = 3
