@@ -604,10 +604,11 @@ def bench_attention(cfg) -> list[dict]:
   that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
   heads, head dim) in the config's compute dtype: median ms and the output's and gradients'
   error against XLA attention in float32 on the same inputs (documents of 20-111 positions,
-  as bioS packs)."""
+  as bioS packs). cudnn also with a tighter document bound, pallas_docs also at 32-position
+  tiles (`tiles_visited`: the share of a causal kernel's tile pairs it walks)."""
   import jax
   import jax.numpy as jnp
-  from kstore_jax.model import attention, transformer
+  from kstore_jax.model import attention, flash_docs, transformer
   from kstore_jax.train import throughput
   platform = attention.platform_of(jax.devices())
   dtype = attention.resolve_dtype(cfg.model.dtype, platform)
@@ -619,10 +620,15 @@ def bench_attention(cfg) -> list[dict]:
                  for key in jax.random.split(jax.random.PRNGKey(0), 4))
   do = do * (seg > 0)[:, :, None, None]
 
-  def fwd_bwd(impl, cast, max_docs=None):
+  def fwd_bwd(impl, cast, option=None):
+    """option: cudnn's document bound M, pallas_docs' tile (None: the model's)."""
     def loss(q, k, v, do, pos, seg):
-      out = attention.self_attention(impl, *(x.astype(cast) for x in (q, k, v)), pos, seg, True,
-                                     interpret=platform == "cpu", max_docs=max_docs)
+      q, k, v = (x.astype(cast) for x in (q, k, v))
+      if impl == "pallas_docs" and option:
+        out = flash_docs.attention(q, k, v, seg, True, platform == "cpu", block=option)
+      else:
+        out = attention.self_attention(impl, q, k, v, pos, seg, True,
+                                       interpret=platform == "cpu", max_docs=option)
       return (out.astype(jnp.float32) * do).sum(), out
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -640,14 +646,17 @@ def bench_attention(cfg) -> list[dict]:
   variants = [(i, None) for i in ATTENTION.value or attention.IMPLEMENTATIONS]
   if any(i == "cudnn" for i, _ in variants):   # the packed layout's document bound M matters?
     variants.append(("cudnn", L // 16))
-  for impl, max_docs in variants:
-    name = f"attention_{impl}" + (f"_m{max_docs}" if max_docs else "") + "_ms"
+  if any(i == "pallas_docs" for i, _ in variants) and L >= 64:   # smaller tiles skip more
+    variants.append(("pallas_docs", 32))
+  for impl, option in variants:
+    name = (f"attention_{impl}" + (f"_m{option}" if impl == "cudnn" and option else "")
+            + (f"_t{option}" if impl == "pallas_docs" and option else "") + "_ms")
     problem = attention.unsupported(impl, dtype, platform, L)
     if problem:
       out.append(measurement(name, None, "ms", skipped=problem, **ctx))
       continue
     print(f"[bench attention] {name}: compiling", file=sys.stderr, flush=True)
-    fn = fwd_bwd(impl, jnp.dtype(dtype), max_docs)
+    fn = fwd_bwd(impl, jnp.dtype(dtype), option)
     t0 = time.perf_counter()
     got = jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
@@ -657,8 +666,8 @@ def bench_attention(cfg) -> list[dict]:
     ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
     extra = {}
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
-      from kstore_jax.model import flash_docs
-      visited, causal_only = flash_docs.visited_tiles(seg, min(flash_docs.BLOCK, L), True)
+      visited, causal_only = flash_docs.visited_tiles(seg, min(option or flash_docs.BLOCK, L),
+                                                      True)
       extra = dict(tiles_visited=round(visited / causal_only, 3))
     r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
                     compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
