@@ -6,7 +6,7 @@
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), profile (the top ops
 # of the first kernel's train step), train (bench train,
 # paper config in bf16 per attention kernel, then the first kernel with cuBLAS for every
-# matmul, 128x384 rows, --gpt2_vocab), grid (bench grid:
+# matmul, 128x384 rows, --gpt2_vocab, scanned layers), grid (bench grid:
 # grid_speedup of 2/4/8 `small` runs in one vmapped step, grid_eval_speedup of their eval
 # decoded together), small (the small grid,
 # configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
@@ -143,6 +143,10 @@ if has train; then   # each kernel at the paper shape, then the first kernel's v
     --config.data.seq_len=128 --config.pretrain.batch_size=384
   run "train_${first}_gpt2_vocab" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" --gpt2_vocab "${MATMUL[@]}"
+  # one scanned block instead of 12 unrolled ones: compile time (first_step_s) and step time
+  run "train_${first}_scan" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
+    --config.model.scan_layers=True "${MATMUL[@]}"
 fi
 if has grid; then   # R small runs in one vmapped step vs one after another
   run grid 240 "${BENCH[@]}" grid --config="configs/grids/small5.py:$SMALL_ARG" \

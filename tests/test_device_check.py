@@ -28,7 +28,8 @@ def test_smoke_runs_every_section(tmp_path):
   status = [l.split() for l in summary.splitlines()[1:] if l.startswith("  ")]
   sections = {s[0]: s[1] for s in status}
   assert set(sections) == {"env", "ceiling", "attention", "profile_xla", "train_xla",
-                           "train_xla_cublas", "train_xla_gpt2_vocab", "grid", "small"}, summary
+                           "train_xla_cublas", "train_xla_gpt2_vocab", "train_xla_scan", "grid",
+                           "small"}, summary
   assert all(how == "ok" for how in sections.values()), summary
   lines = [json.loads(l) for l in (out / "bench.jsonl").read_text().splitlines()]
   names = {(l["section"], l["name"]) for l in lines}
