@@ -39,6 +39,10 @@ def test_smoke_runs_every_section(tmp_path):
                ("train_xla", "train_tokens_per_s"), ("train_xla_gpt2_vocab", "train_step_s"),
                ("grid", "grid_speedup"), ("grid", "grid_eval_speedup")]:
     assert want in names, want
+  train = {l["name"]: l for l in lines if l["section"] == "train_xla"}
+  projected = train["pretrain_projected_hours"]
+  assert projected["value"] > 0 and projected["steps"] == 1000   # tiny's pretrain stage
+  assert abs(projected["value"] - train["train_step_s"]["value"] * 1000 / 3600) < 2e-3
   vocab = {l["vocab"] for l in lines if l["section"] == "train_xla_gpt2_vocab" and "vocab" in l}
   assert vocab == {50304}
   results = json.loads((out / "results_small.json").read_text())

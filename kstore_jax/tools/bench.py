@@ -410,6 +410,9 @@ def bench_train(cfg) -> list[dict]:
          measurement("train_flops_per_s", round(r["flops_per_s"] / 1e9, 2), "GFLOP/s", **ctx),
          measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=n, **ctx),
          measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx),
+         # the config's whole pretrain stage at this step time (paper config: 80k steps)
+         measurement("pretrain_projected_hours", round(r["step_s"] * cfg.pretrain.steps / 3600, 3),
+                     "hours", steps=cfg.pretrain.steps, **ctx),
          measurement("peak_rss_bytes", peak_rss_bytes(), "bytes", heap_released=r["heap_released"],
                      huge_pages=heap.huge_pages_asked(), **ctx)]
   if r["peak"]:
