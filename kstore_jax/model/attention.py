@@ -11,15 +11,15 @@ key's position is not after the query's. They differ in how:
 |          |                       | [B, H, L, T] scores written out                            |
 | `pallas` | CUDA (GPU default)    | jax's Pallas/Triton flash kernel with segment ids; CPU runs |
 |          |                       | it in interpret mode (tests)                               |
-| `pallas_docs` | CUDA             | our Pallas/Triton flash kernel visiting only the tiles a   |
-|          |                       | query's documents reach (`model/flash_docs.py`); CPU: interpret |
+| `pallas_docs` | CUDA             | our Pallas/Triton flash kernel visiting only the tiles  |
+|          |                       | a query's documents reach (model/flash_docs); CPU: interpret |
 | `cudnn`  | CUDA, Hopper, bf16    | cuDNN flash attention, packed layout (per-document offsets) |
 | `splash` | TPU (TPU default)     | Pallas splash attention with segment ids; CPU: interpret   |
 
 The flash kernels (`pallas`, `pallas_docs`, `cudnn`, `splash`) never write the scores; they
 take causal self-attention over packed rows (documents left to right, positions restarting at
-0, so the column order is the position order within a document). Calls with a KV cache (decoding) use
-`einsum` on CPU and `xla` elsewhere: one query row against the cache is small.
+0, so the column order is the position order within a document). Calls with a KV cache
+(decoding) use `einsum` on CPU and `xla` elsewhere: one query row against the cache is small.
 
 `resolve(attention, platform)` turns `auto` into a name for a platform (`cpu`, `cuda`, `rocm`,
 `tpu`) chosen by the caller at lowering time, so a CPU host can build what a GPU would run.

@@ -16,8 +16,8 @@ query sees a key. Like jax's kernel, padding (segment 0) attends to padding: unu
 The tiles' bounds are computed from the segment ids outside the kernel (`tile_bounds`, O(B L))
 and read by each program as two scalars, the loop's limits.
 
-Shapes: B rows, L positions, H heads, K head dim (padded to a power of two inside), N = L / T
-tiles of T positions.
+Shapes: B rows, L positions, H heads, K head dim (padded to a power of two inside), U = L / Y
+tiles of Y positions, X = L + 1 segment-id slots.
 """
 
 import functools
@@ -29,14 +29,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-BLOCK = 64                                   # T: query and key tile, every pass
+BLOCK = 64                                   # Y: query and key tile, every pass
 LOG2E = math.log2(math.e)                    # scores go through exp2 (base-2 log-sum-exp)
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot make NaN
 WARPS, STAGES = 4, 2                         # Triton launch parameters (head dim <= 128)
 
 
 def tile_bounds(seg_BL, block: int, causal: bool):
-  """(k_lo_BN, k_hi_BN, q_lo_BN, q_hi_BN) int32: query tile n visits key tiles
+  """(k_lo_BU, k_hi_BU, q_lo_BU, q_hi_BU) int32: query tile n visits key tiles
   [k_lo, k_hi), key tile m is visited by query tiles [q_lo, q_hi).
 
   A segment's columns lie between its first and last occurrence in the row, so the keys a
@@ -44,64 +44,64 @@ def tile_bounds(seg_BL, block: int, causal: bool):
   their segments (and, causal, not after the tile); symmetrically for the queries that see a
   key tile. Ids outside [0, L] share one slot: wider bounds, never wrong ones."""
   B, L = seg_BL.shape
-  N = L // block
+  U = L // block
   ids_BL = jnp.clip(seg_BL, 0, L).astype(jnp.int32)
   rows_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
   cols_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
-  first_BS = jnp.full((B, L + 1), L, jnp.int32).at[rows_BL, ids_BL].min(cols_BL)
-  last_BS = jnp.full((B, L + 1), -1, jnp.int32).at[rows_BL, ids_BL].max(cols_BL)
-  first_BL = jnp.take_along_axis(first_BS, ids_BL, 1)
-  last_BL = jnp.take_along_axis(last_BS, ids_BL, 1)
-  lo_BN = first_BL.reshape(B, N, block).min(-1) // block
-  hi_BN = last_BL.reshape(B, N, block).max(-1) // block + 1
+  first_BX = jnp.full((B, L + 1), L, jnp.int32).at[rows_BL, ids_BL].min(cols_BL)
+  last_BX = jnp.full((B, L + 1), -1, jnp.int32).at[rows_BL, ids_BL].max(cols_BL)
+  first_BL = jnp.take_along_axis(first_BX, ids_BL, 1)
+  last_BL = jnp.take_along_axis(last_BX, ids_BL, 1)
+  lo_BU = first_BL.reshape(B, U, block).min(-1) // block
+  hi_BU = last_BL.reshape(B, U, block).max(-1) // block + 1
   if not causal:
-    return lo_BN, hi_BN, lo_BN, hi_BN
-  tiles_BN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
-  return lo_BN, tiles_BN + 1, tiles_BN, hi_BN
+    return lo_BU, hi_BU, lo_BU, hi_BU
+  tiles_BU = jnp.broadcast_to(jnp.arange(U, dtype=jnp.int32), (B, U))
+  return lo_BU, tiles_BU + 1, tiles_BU, hi_BU
 
 
 def visited_tiles(seg_BL, block: int, causal: bool) -> tuple[int, int]:
-  """(tile pairs this kernel visits, tile pairs a causal-only walk visits; all N^2 if not
+  """(tile pairs this kernel visits, tile pairs a causal-only walk visits; all U^2 if not
   causal), summed over the rows: the share of attention's tile work left."""
   B, L = seg_BL.shape
-  N = L // block
+  U = L // block
   k_lo, k_hi, _, _ = tile_bounds(jnp.asarray(seg_BL), block, causal)
-  return int((k_hi - k_lo).sum()), B * (N * (N + 1) // 2 if causal else N * N)
+  return int((k_hi - k_lo).sum()), B * (U * (U + 1) // 2 if causal else U * U)
 
 
-def _scores(q_TK, k_TK, seg_q_T, seg_k_T, n, m, block, scale, causal):
-  """Base-2 scaled scores of query tile n against key tile m, masked: [T, T] float32."""
-  s_TT = plgpu.dot(q_TK, k_TK.T) * (scale * LOG2E)
-  visible = seg_q_T[:, None] == seg_k_T[None, :]
+def _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal):
+  """Base-2 scaled scores of query tile n against key tile m, masked: [Y, Y] float32."""
+  s_YY = plgpu.dot(q_YK, k_YK.T) * (scale * LOG2E)
+  visible = seg_q_Y[:, None] == seg_k_Y[None, :]
   if causal:
     visible &= (n * block + jnp.arange(block))[:, None] >= (m * block + jnp.arange(block))[None, :]
-  return jnp.where(visible, s_TT, MASKED)
+  return jnp.where(visible, s_YY, MASKED)
 
 
 def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     scale, causal, block):
   n = pl.program_id(0)
-  q_TK = q_ref[...]
-  seg_q_T = seg_ref[pl.ds(n * block, block)]
+  q_YK = q_ref[...]
+  seg_q_Y = seg_ref[pl.ds(n * block, block)]
 
   def visit(m, carry):
-    o_TK, max_T, sum_T = carry
+    o_YK, max_Y, sum_Y = carry
     cols = pl.ds(m * block, block)
-    s_TT = _scores(q_TK, k_ref[cols, :], seg_q_T, seg_ref[cols], n, m, block, scale, causal)
-    new_max_T = jnp.maximum(max_T, s_TT.max(-1))
-    fade_T = jnp.exp2(max_T - new_max_T)
-    p_TT = jnp.exp2(s_TT - new_max_T[:, None])
-    v_TK = v_ref[cols, :]
-    o_TK = o_TK * fade_T[:, None] + plgpu.dot(p_TT.astype(v_TK.dtype), v_TK)
-    return o_TK, new_max_T, sum_T * fade_T + p_TT.sum(-1)
+    s_YY = _scores(q_YK, k_ref[cols, :], seg_q_Y, seg_ref[cols], n, m, block, scale, causal)
+    new_max_Y = jnp.maximum(max_Y, s_YY.max(-1))
+    fade_Y = jnp.exp2(max_Y - new_max_Y)
+    p_YY = jnp.exp2(s_YY - new_max_Y[:, None])
+    v_YK = v_ref[cols, :]
+    o_YK = o_YK * fade_Y[:, None] + plgpu.dot(p_YY.astype(v_YK.dtype), v_YK)
+    return o_YK, new_max_Y, sum_Y * fade_Y + p_YY.sum(-1)
 
   K = q_ref.shape[-1]
   init = (jnp.zeros((block, K), jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
           jnp.zeros((block,), jnp.float32))
-  # every query sees itself, so its own tile is in range and sum_T > 0
-  o_TK, max_T, sum_T = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
-  o_ref[...] = (o_TK / sum_T[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = max_T + jnp.log2(sum_T)
+  # every query sees itself, so its own tile is in range and sum_Y > 0
+  o_YK, max_Y, sum_Y = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
+  o_ref[...] = (o_YK / sum_Y[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = max_Y + jnp.log2(sum_Y)
 
 
 def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
@@ -110,37 +110,37 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
   t = pl.program_id(2)   # this program's key tile (dk, dv) and query tile (dq)
   K = q_ref.shape[-1]
 
-  def probs(n, m, q_TK, k_TK, seg_q_T, seg_k_T, rows):
-    s_TT = _scores(q_TK, k_TK, seg_q_T, seg_k_T, n, m, block, scale, causal)
-    return jnp.exp2(s_TT - lse_ref[rows][:, None])
+  def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows):
+    s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal)
+    return jnp.exp2(s_YY - lse_ref[rows][:, None])
 
   cols = pl.ds(t * block, block)
-  k_TK, v_TK, seg_k_T = k_ref[cols, :], v_ref[cols, :], seg_ref[cols]
+  k_YK, v_YK, seg_k_Y = k_ref[cols, :], v_ref[cols, :], seg_ref[cols]
 
   def into_key_tile(n, carry):
-    dk_TK, dv_TK = carry
+    dk_YK, dv_YK = carry
     rows = pl.ds(n * block, block)
-    q_TK, do_TK = q_ref[rows, :], do_ref[rows, :]
-    p_TT = probs(n, t, q_TK, k_TK, seg_ref[rows], seg_k_T, rows)
-    dv_TK += plgpu.dot(p_TT.astype(do_TK.dtype).T, do_TK)
-    ds_TT = p_TT * (plgpu.dot(do_TK, v_TK.T) - delta_ref[rows][:, None]) * scale
-    dk_TK += plgpu.dot(ds_TT.astype(q_TK.dtype).T, q_TK)
-    return dk_TK, dv_TK
+    q_YK, do_YK = q_ref[rows, :], do_ref[rows, :]
+    p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_k_Y, rows)
+    dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
+    ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - delta_ref[rows][:, None]) * scale
+    dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
+    return dk_YK, dv_YK
 
   zeros = jnp.zeros((block, K), jnp.float32)
-  dk_TK, dv_TK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
-  dk_ref[...] = dk_TK.astype(dk_ref.dtype)
-  dv_ref[...] = dv_TK.astype(dv_ref.dtype)
+  dk_YK, dv_YK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
+  dk_ref[...] = dk_YK.astype(dk_ref.dtype)
+  dv_ref[...] = dv_YK.astype(dv_ref.dtype)
 
   rows = pl.ds(t * block, block)
-  q_TK, do_TK, seg_q_T = q_ref[rows, :], do_ref[rows, :], seg_ref[rows]
+  q_YK, do_YK, seg_q_Y = q_ref[rows, :], do_ref[rows, :], seg_ref[rows]
 
-  def from_key_tile(m, dq_TK):
+  def from_key_tile(m, dq_YK):
     cols = pl.ds(m * block, block)
-    k_TK, v_TK = k_ref[cols, :], v_ref[cols, :]
-    p_TT = probs(t, m, q_TK, k_TK, seg_q_T, seg_ref[cols], rows)
-    ds_TT = p_TT * (plgpu.dot(do_TK, v_TK.T) - delta_ref[rows][:, None]) * scale
-    return dq_TK + plgpu.dot(ds_TT.astype(k_TK.dtype), k_TK)
+    k_YK, v_YK = k_ref[cols, :], v_ref[cols, :]
+    p_YY = probs(t, m, q_YK, k_YK, seg_q_Y, seg_ref[cols], rows)
+    ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - delta_ref[rows][:, None]) * scale
+    return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
 
   dq_ref[...] = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
                               zeros).astype(dq_ref.dtype)
@@ -223,7 +223,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = False,
               block: int = BLOCK) -> jax.Array:
-  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `block` (T) at
+  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `block` (Y) at
   most L, L a multiple of it (Triton: both powers of two); `interpret` runs the kernels as
   plain jax ops (CPU tests). A head dim that is not a power of two is zero-padded (the
   padded columns add nothing to q·k and are dropped from the output)."""
