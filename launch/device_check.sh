@@ -16,11 +16,12 @@
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
-# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas_docs pallas xla";
-# cudnn ran at 5% MFU in session 8); KSTORE_CHECK_ATTENTION: those of the attention section.
+# KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas_docs tokamax
+# pallas xla"; cudnn ran at 5% MFU in session 8); KSTORE_CHECK_ATTENTION: the attention
+# section's.
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -89,12 +90,12 @@ if [ "$SMOKE" = 1 ]; then
                    --config.grid.mode=vmap --runs=single_finetune,single_mixed)
   GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4); MATMUL=(--matmul_n=512)
   CEILING=("${MATMUL[@]}" --copy_bytes=16777216)
-  ATTN=(--attention=einsum,xla,pallas,pallas_docs)
+  ATTN=(--attention=einsum,xla,pallas,pallas_docs,tokamax)
 else
-  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs pallas xla}"
+  PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs tokamax pallas xla}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
   SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=(); CEILING=()
-  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,pallas,xla,cudnn}")
+  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla,cudnn}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
 

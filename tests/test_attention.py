@@ -3,10 +3,14 @@ here (forward and, by hand, backward), on packed rows: several documents per row
 restarting at 0, padding at the end; and against KV-cache columns for decoding. The Pallas
 kernels (GPU flash, TPU splash) run in interpret mode on the CPU."""
 
+import importlib.util
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
 from kstore_jax.model import attention, flash_docs
 
@@ -73,7 +77,11 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-SELF_IMPLS = ["einsum", "xla", "pallas", "pallas_docs", "splash"]
+# tokamax is an optional package: its rows run where it is installed (the test extra has it)
+SELF_IMPLS = ["einsum", "xla", "pallas", "pallas_docs", "splash"] + (
+    ["tokamax"] if importlib.util.find_spec("tokamax") else [])
+if not flags.FLAGS.is_parsed():   # tokamax reads its absl config flags (from pytest's argv
+  flags.FLAGS(sys.argv[:1])       # else); the tools parse theirs, tokamax's own tests do this
 LENGTH = {"splash": 128}   # splash's smallest tile; the others take 64-position rows
 
 
@@ -171,6 +179,7 @@ def test_impossible_combinations_are_named():
   assert "multiple of 64" in attention.unsupported("pallas", "bfloat16", "cuda", 96)
   assert "multiple of 64" in attention.unsupported("pallas_docs", "bfloat16", "cuda", 96)
   assert "tpu" in attention.unsupported("pallas_docs", "bfloat16", "tpu", 512)
+  assert "multiple of 128" in attention.unsupported("tokamax", "bfloat16", "cuda", 192)
 
 
 # -- pallas_docs: the kernel that visits only the tiles its documents reach --------------------

@@ -35,6 +35,7 @@ def test_smoke_runs_every_section(tmp_path):
   names = {(l["section"], l["name"]) for l in lines}
   for want in [("env", "environment"), ("ceiling", "matmul_bfloat16_flops_per_s"),
                ("attention", "attention_pallas_ms"), ("attention", "attention_pallas_docs_ms"),
+               ("attention", "attention_tokamax_ms"),
                ("profile_xla", "profile_step_s"),
                ("train_xla", "train_tokens_per_s"), ("train_xla_gpt2_vocab", "train_step_s"),
                ("grid", "grid_speedup"), ("grid", "grid_eval_speedup")]:

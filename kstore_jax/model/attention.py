@@ -13,18 +13,22 @@ key's position is not after the query's. They differ in how:
 |          |                       | it in interpret mode (tests)                               |
 | `pallas_docs` | CUDA             | our Pallas/Triton flash kernel visiting only the tiles  |
 |          |                       | a query's documents reach (model/flash_docs); CPU: interpret |
+| `tokamax` | CUDA, Hopper         | tokamax's Mosaic GPU flash kernel (optional package), each |
+|          |                       | query's document as a key range; CPU: tokamax's XLA path  |
 | `cudnn`  | CUDA, Hopper, bf16    | cuDNN flash attention, packed layout (per-document offsets) |
 | `splash` | TPU (TPU default)     | Pallas splash attention with segment ids; CPU: interpret   |
 
-The flash kernels (`pallas`, `pallas_docs`, `cudnn`, `splash`) never write the scores; they
-take causal self-attention over packed rows (documents left to right, positions restarting at
-0, so the column order is the position order within a document). Calls with a KV cache
-(decoding) use `einsum` on CPU and `xla` elsewhere: one query row against the cache is small.
+The flash kernels (`pallas`, `pallas_docs`, `tokamax`, `cudnn`, `splash`) never write the
+scores; they take causal self-attention over packed rows (documents left to right, positions
+restarting at 0, so the column order is the position order within a document). Calls with a
+KV cache (decoding) use `einsum` on CPU and `xla` elsewhere: one query row against the cache
+is small.
 
 `resolve(attention, platform)` turns `auto` into a name for a platform (`cpu`, `cuda`, `rocm`,
 `tpu`) chosen by the caller at lowering time, so a CPU host can build what a GPU would run.
 """
 
+import importlib.util
 import math
 
 import jax
@@ -32,13 +36,14 @@ import jax.numpy as jnp
 
 CAUSAL_BLOCKS = 4   # einsum_attention's query blocks in causal self-attention (training)
 
-IMPLEMENTATIONS = ("einsum", "xla", "pallas", "pallas_docs", "cudnn", "splash")
+IMPLEMENTATIONS = ("einsum", "xla", "pallas", "pallas_docs", "tokamax", "cudnn", "splash")
 DEFAULT = {"cpu": "einsum", "cuda": "pallas", "rocm": "xla", "tpu": "splash"}
 # Where each kernel can run (CPU: Pallas interpret mode, for tests; slow).
 RUNS_ON = {"einsum": ("cpu", "cuda", "rocm", "tpu"), "xla": ("cpu", "cuda", "rocm", "tpu"),
-           "pallas": ("cuda", "cpu"), "pallas_docs": ("cuda", "cpu"), "cudnn": ("cuda",),
-           "splash": ("tpu", "cpu")}
+           "pallas": ("cuda", "cpu"), "pallas_docs": ("cuda", "cpu"), "tokamax": ("cuda", "cpu"),
+           "cudnn": ("cuda",), "splash": ("tpu", "cpu")}
 HALF_ONLY = ("cudnn",)   # kernels that need a 16-bit compute dtype
+OPTIONAL = {"tokamax": "tokamax"}   # implementation -> the package it needs (not a dependency)
 
 
 def platform_of(devices) -> str:
@@ -66,10 +71,14 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
   positions, in a few words; None when it can."""
   if platform not in RUNS_ON[impl]:
     return f"{impl} runs on {'|'.join(RUNS_ON[impl])}, not {platform}"
+  if impl in OPTIONAL and importlib.util.find_spec(OPTIONAL[impl]) is None:
+    return f"{impl} needs the {OPTIONAL[impl]} package (pip install {OPTIONAL[impl]})"
   if impl in HALF_ONLY and dtype == "float32":
     return f"{impl} needs model.dtype bfloat16 or float16, not float32"
   if impl in ("pallas", "pallas_docs") and seq_len % min(64, seq_len):
     return f"{impl} needs data.seq_len={seq_len} to be a multiple of 64"
+  if impl == "tokamax" and seq_len % 128:   # its Mosaic kernel takes queries 2 x 64 at a time
+    return f"tokamax needs data.seq_len={seq_len} to be a multiple of 128"
   if impl == "splash" and (seq_len % 128 or seq_len % min(512, seq_len)):
     return (f"splash needs data.seq_len={seq_len} to be a multiple of 128 (and of 512 above "
             f"512)")
@@ -82,6 +91,19 @@ def mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal: bool) -> jax.Array:
   if causal:
     m &= k_pos_BT[:, None, :] <= q_pos_BL[:, :, None]
   return m[:, None]
+
+
+def segment_extent(seg_BL):
+  """(first_BL, last_BL) int32: the first and last column of each position's segment id in its
+  row (for packed rows: its document's first and last column). Ids outside [0, L] share one
+  slot: a wider extent, never a narrower one."""
+  B, L = seg_BL.shape
+  ids_BL = jnp.clip(seg_BL, 0, L).astype(jnp.int32)
+  rows_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
+  cols_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
+  first_BX = jnp.full((B, L + 1), L, jnp.int32).at[rows_BL, ids_BL].min(cols_BL)
+  last_BX = jnp.full((B, L + 1), -1, jnp.int32).at[rows_BL, ids_BL].max(cols_BL)
+  return (jnp.take_along_axis(first_BX, ids_BL, 1), jnp.take_along_axis(last_BX, ids_BL, 1))
 
 
 def einsum_attention(q_BLHK, k_BHTK, v_BHTK, mask_B1LT, causal_blocks: int = 1) -> jax.Array:
@@ -195,6 +217,22 @@ def _splash_kernel(num_heads: int, L: int, causal: bool, interpret: bool):
                                 head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def tokamax_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool):
+  """tokamax's flash attention (Mosaic GPU, Hopper: FlashAttention-3-style warp-specialised
+  kernels) with each query's document as its key range: keys [first, last] of its segment
+  (`segment_extent`), causal up to itself; the kernel skips key tiles outside a query tile's
+  ranges. `interpret` (CPU tests): tokamax's XLA reference, the same mask. Reaches into
+  tokamax's op classes (its public `dot_product_attention` takes a dense mask only)."""
+  from tokamax._src.ops.attention import base as tk_base
+  from tokamax._src.ops.attention import pallas_mosaic_gpu as tk_mosaic
+  first_BL, last_BL = segment_extent(seg_BL)
+  mask = tk_base.Mask(k_start=first_BL[:, None, :],
+                      k_end=None if causal else (last_BL + 1)[:, None, :], is_causal=causal)
+  op = tk_base.DotProductAttention() if interpret else tk_mosaic.PallasMosaicGpuFlashAttention()
+  return op(q_BLHK, k_BLHK, v_BLHK, mask=mask,
+            logits_scale=1.0 / math.sqrt(q_BLHK.shape[-1])).astype(q_BLHK.dtype)
+
+
 def splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool):
   """Pallas splash attention (TPU) with segment ids; vmapped over rows (the kernel takes one
   row's [H, L, K]). Padding attends to padding: unused outputs, and no row without a key."""
@@ -219,6 +257,8 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
   if impl == "pallas_docs":
     from kstore_jax.model import flash_docs   # Pallas: imported where it runs
     return flash_docs.attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
+  if impl == "tokamax":
+    return tokamax_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   if impl == "cudnn":
     L = q_BLHK.shape[1]
     return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, min(max_docs or L, L))

@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kstore_jax.model.attention import segment_extent
+
 BLOCK = 64                                   # Y: query and key tile, every pass
 LOG2E = math.log2(math.e)                    # scores go through exp2 (base-2 log-sum-exp)
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot make NaN
@@ -42,16 +44,10 @@ def tile_bounds(seg_BL, block: int, causal: bool):
   A segment's columns lie between its first and last occurrence in the row, so the keys a
   tile's queries can see lie between the smallest first and the largest last occurrence of
   their segments (and, causal, not after the tile); symmetrically for the queries that see a
-  key tile. Ids outside [0, L] share one slot: wider bounds, never wrong ones."""
+  key tile (`segment_extent`)."""
   B, L = seg_BL.shape
   U = L // block
-  ids_BL = jnp.clip(seg_BL, 0, L).astype(jnp.int32)
-  rows_BL = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, L))
-  cols_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
-  first_BX = jnp.full((B, L + 1), L, jnp.int32).at[rows_BL, ids_BL].min(cols_BL)
-  last_BX = jnp.full((B, L + 1), -1, jnp.int32).at[rows_BL, ids_BL].max(cols_BL)
-  first_BL = jnp.take_along_axis(first_BX, ids_BL, 1)
-  last_BL = jnp.take_along_axis(last_BX, ids_BL, 1)
+  first_BL, last_BL = segment_extent(seg_BL)
   lo_BU = first_BL.reshape(B, U, block).min(-1) // block
   hi_BU = last_BL.reshape(B, U, block).max(-1) // block + 1
   if not causal:
