@@ -126,9 +126,7 @@ if has profile; then   # where the first kernel's train step spends its time
 fi
 if has train; then   # each kernel at the paper shape, then the first kernel's variants
   first="${KERNELS%% *}"
-  run "train_$first" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
-    --train_steps="$TRAIN_STEPS" --config.model.attention="$first" "${MATMUL[@]}"
-  for k in ${KERNELS#"$first"}; do
+  for k in $KERNELS; do
     run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
       --train_steps="$TRAIN_STEPS" --config.model.attention="$k" "${MATMUL[@]}"
   done

@@ -142,9 +142,8 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
                               zeros).astype(dq_ref.dtype)
 
 
-def _specs(B, L, K, block):
+def _specs(L, K, block):
   """BlockSpecs over a grid (tile, row, head) [forward] or (row, head, tile) [backward]."""
-  del B
   return dict(
       fwd_tile=pl.BlockSpec((None, block, None, K), lambda n, b, h: (b, n, h, 0)),
       fwd_row=pl.BlockSpec((None, L, None, K), lambda n, b, h: (b, 0, h, 0)),
@@ -159,10 +158,10 @@ def _specs(B, L, K, block):
   )
 
 
-def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
+def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, block):
   B, L, H, K = q_BLHK.shape
-  k_lo, k_hi, _, _ = tile_bounds(seg_BL, block, causal)
-  sp = _specs(B, L, K, block)
+  k_lo, k_hi, _, _ = bounds
+  sp = _specs(L, K, block)
   kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
                              block=block)
   return pl.pallas_call(
@@ -177,13 +176,12 @@ def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
   )(k_lo, k_hi, seg_BL, q_BLHK, k_BLHK, v_BLHK)
 
 
-def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL, do_BLHK, scale, causal,
+def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, scale, causal,
               interpret, block):
   B, L, H, K = q_BLHK.shape
-  bounds = tile_bounds(seg_BL, block, causal)
   delta_BHL = jnp.einsum("blhk,blhk->bhl", o_BLHK.astype(jnp.float32),
                          do_BLHK.astype(jnp.float32))
-  sp = _specs(B, L, K, block)
+  sp = _specs(L, K, block)
   kernel = functools.partial(_backward_kernel, scale=scale, causal=causal,
                              block=block)
   return pl.pallas_call(
@@ -199,18 +197,21 @@ def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL, do_BLHK, scale, c
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
-  return _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block)[0]
+  bounds = tile_bounds(seg_BL, block, causal)
+  return _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, block)[0]
 
 
 def _flash_fwd(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
-  o_BLHK, lse_BHL = _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block)
-  return o_BLHK, (q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL)
+  bounds = tile_bounds(seg_BL, block, causal)   # once: the backward pass reuses them
+  o_BLHK, lse_BHL = _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret,
+                             block)
+  return o_BLHK, (q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL)
 
 
 def _flash_bwd(scale, causal, interpret, block, res, do_BLHK):
-  q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL = res
-  dq, dk, dv = _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, o_BLHK, lse_BHL, do_BLHK, scale,
-                         causal, interpret, block)
+  q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL = res
+  dq, dk, dv = _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK,
+                         scale, causal, interpret, block)
   return dq, dk, dv, None
 
 
@@ -219,8 +220,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = False,
               block: int = BLOCK) -> jax.Array:
-  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `block` (Y) at
-  most L, L a multiple of it (Triton: both powers of two); `interpret` runs the kernels as
+  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `block` (Y) a power
+  of two (Triton's tiles), at most L, L a multiple of it; `interpret` runs the kernels as
   plain jax ops (CPU tests). A head dim that is not a power of two is zero-padded (the
   padded columns add nothing to q·k and are dropped from the output)."""
   K = q_BLHK.shape[-1]
