@@ -124,3 +124,21 @@ def test_bench_with_groups():
   r = cli("kstore_jax.bench", "probe", GROUPED)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and "data.groups" in lines[0], r.stderr
+
+
+def test_tool_modules_the_tests_import_load_in_one_process():
+  """A tool module defines its absl flags when imported, so two that define the same flag
+  (`--workdir` in ask and bench) cannot share a process: a test that imports one beside another
+  fails or passes by which tests pytest-xdist puts on the same worker. Tests therefore import
+  only tool modules that load together (library code belongs below the tools)."""
+  import re
+  names = set()
+  for path in (ROOT / "tests").glob("test_*.py"):
+    text = path.read_text()
+    names |= set(re.findall(r"from kstore_jax\.tools import (\w+)", text))
+    names |= set(re.findall(r"from kstore_jax\.tools\.(\w+) import", text))
+  assert names, "no tool module imported by the tests: the pattern above is stale"
+  code = "; ".join(f"import kstore_jax.tools.{n}" for n in sorted(names))
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120, check=False)
+  assert r.returncode == 0, (sorted(names), r.stderr[-2000:])

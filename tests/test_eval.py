@@ -135,7 +135,7 @@ def test_recompute_baseline_flops_between_cache_and_fixed_width(world):
   """generation_flops: the no-cache baseline (growing lengths, head on the last position,
   prefixes once per step) counts fewer FLOPs than the fixed-width one and more than the cache;
   checked against a count by hand for one batch."""
-  from kstore_jax.tools.bench import generation_flops
+  from kstore_jax.eval.generate import generation_flops
   model, _ = make_model(world)
   qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
   batches = [b for _, _, b in qa_eval.length_batches(qs, 8, row_multiple=4)]

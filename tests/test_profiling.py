@@ -54,7 +54,6 @@ def test_off_writes_nothing_and_exit_stops_a_running_trace(tmp_path):
 def test_profile_ops_name_the_jax_code_they_came_from(tmp_path):
   """bench profile's attribution: the trace's ops are the traced step's HLO instructions, each
   with the jax name scope it came from; the Python spans around them are left out."""
-  from kstore_jax.tools import bench
   from kstore_jax.train import step
 
   def f(x, w):
@@ -68,18 +67,18 @@ def test_profile_ops_name_the_jax_code_they_came_from(tmp_path):
     for _ in range(3):
       fn(x, w).block_until_ready()
   text = fn.lower(x, w).compile().as_text()
-  sources = bench.hlo_sources(text)
-  totals, where = bench.trace_op_times(str(tmp_path), sources)
+  sources = profiling.hlo_sources(text)
+  totals, where = profiling.trace_op_times(str(tmp_path), sources)
   assert where == "host" and totals and set(totals) <= set(sources), (totals, sources)
   # the loop's own span holds its body's ops: not counted twice
   loops = {n.replace(".", "_") for n in re.findall(r"%([\w.\-]+) = [^\n]*\swhile\(", text)}
   assert loops and not loops & set(sources)
   top = max(totals, key=totals.get)
-  assert bench.scope_of(sources[top]) == "step/optimizer", sources[top]
+  assert profiling.scope_of(sources[top]) == "step/optimizer", sources[top]
 
 
 def test_scope_of_names_the_part_of_the_step():
-  from kstore_jax.tools.bench import scope_of
+  scope_of = profiling.scope_of
   assert scope_of("jit(train_step)/transpose(jvp(Transformer))/block11/attn/query/dot_general") \
       == "block*/attn/query"
   assert scope_of("jit(train_step)/jvp(Transformer)/ln_f/LayerNorm_0/mul") == "ln_f/LayerNorm_0"

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kstore_jax.model.transformer import Transformer, head_matrix, init_cache
+from kstore_jax.model.transformer import Transformer, forward_flops, head_matrix, init_cache
 
 
 class Prefixes(NamedTuple):
@@ -215,3 +215,27 @@ def fill_masks(model: Transformer, params, prompt_BP, lens_B, answer_lens_B, mas
                                  (positions_BT < end_B1).astype(jnp.int32))
   at_BW = jnp.minimum(lens_B[:, None] + jnp.arange(max_new), P + max_new - 1)
   return greedy(jnp.take_along_axis(logits_BTV, at_BW[..., None], 1))
+
+
+def generation_flops(model_cfg, batches, max_new: int) -> dict[str, float]:
+  """Matmul FLOPs (attention scores left out) of QA generation over `batches` (QASet each),
+  max_new steps, by path:
+  - `recompute` (`generate.generate_recompute`, the no-cache baseline): step t runs the A
+    distinct prefixes and every row's rest + t generated tokens through the body, and the head
+    on the last position only;
+  - `fixed_width` (`generate.generate_recompute_fixed_width`): the whole padded question +
+    max_new positions, head included, at every step;
+  - `kv_cache` (`generate.generate`): each distinct prefix once and each row's rest but its
+    last token without the head, then max_new one-token steps with it."""
+  parts = forward_flops(model_cfg)
+  body, head = parts["body"], parts["head"]
+  out = dict(recompute=0.0, fixed_width=0.0, kv_cache=0.0)
+  for qs in batches:
+    rows, width = qs.rest_NR.shape
+    whole = int(qs.prompt_lens_N.max())
+    out["recompute"] += (sum(qs.prefix_AS.size + rows * (width + t) for t in range(max_new))
+                         * body + max_new * rows * head)
+    out["fixed_width"] += max_new * rows * (whole + max_new) * (body + head)
+    out["kv_cache"] += ((qs.prefix_AS.size + rows * (width - 1)) * body
+                        + max_new * rows * (body + head))
+  return out

@@ -327,3 +327,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   n_matmul = l * per_layer + cfg.vocab_size * d
   attn = 2 * l * seq_len * d   # QK^T and AV, causal average counted in full (as in MFU papers)
   return 6 * n_matmul + 6 * attn
+
+
+def forward_flops(model_cfg, seq_len: int = 0) -> dict[str, float]:
+  """Forward FLOPs per position by part, from the model's own count
+  (`transformer.flops_per_token`, training = 3 x forward): `body` (the blocks' projections),
+  `head` (the output head), `attention` (QK^T and AV over `seq_len` positions, causal counted
+  in full, all layers)."""
+  forward = lambda c, length: flops_per_token(c, length) / 3
+  no_head = dataclasses.replace(model_cfg, vocab_size=0)
+  return dict(body=forward(no_head, 0), head=forward(model_cfg, 0) - forward(no_head, 0),
+              attention=forward(model_cfg, seq_len) - forward(model_cfg, 0))

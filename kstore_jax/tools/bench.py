@@ -242,42 +242,6 @@ def _time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
           {k: float(np.min(t)) for k, t in times.items()}, out)
 
 
-def forward_flops(model_cfg, seq_len: int = 0) -> dict[str, float]:
-  """Forward FLOPs per position by part, from the model's own count
-  (`transformer.flops_per_token`, training = 3 x forward): `body` (the blocks' projections),
-  `head` (the output head), `attention` (QK^T and AV over `seq_len` positions, causal counted
-  in full, all layers)."""
-  from kstore_jax.model import transformer
-  forward = lambda c, length: transformer.flops_per_token(c, length) / 3
-  no_head = dataclasses.replace(model_cfg, vocab_size=0)
-  return dict(body=forward(no_head, 0), head=forward(model_cfg, 0) - forward(no_head, 0),
-              attention=forward(model_cfg, seq_len) - forward(model_cfg, 0))
-
-
-def generation_flops(model_cfg, batches, max_new: int) -> dict[str, float]:
-  """Matmul FLOPs (attention scores left out) of QA generation over `batches` (QASet each),
-  max_new steps, by path:
-  - `recompute` (`generate.generate_recompute`, the no-cache baseline): step t runs the A
-    distinct prefixes and every row's rest + t generated tokens through the body, and the head
-    on the last position only;
-  - `fixed_width` (`generate.generate_recompute_fixed_width`): the whole padded question +
-    max_new positions, head included, at every step;
-  - `kv_cache` (`generate.generate`): each distinct prefix once and each row's rest but its
-    last token without the head, then max_new one-token steps with it."""
-  parts = forward_flops(model_cfg)
-  body, head = parts["body"], parts["head"]
-  out = dict(recompute=0.0, fixed_width=0.0, kv_cache=0.0)
-  for qs in batches:
-    rows, width = qs.rest_NR.shape
-    whole = int(qs.prompt_lens_N.max())
-    out["recompute"] += (sum(qs.prefix_AS.size + rows * (width + t) for t in range(max_new))
-                         * body + max_new * rows * head)
-    out["fixed_width"] += max_new * rows * (whole + max_new) * (body + head)
-    out["kv_cache"] += ((qs.prefix_AS.size + rows * (width - 1)) * body
-                        + max_new * rows * (body + head))
-  return out
-
-
 def bench_eval(cfg) -> list[dict]:
   import jax.numpy as jnp
   from kstore_jax import experiment
@@ -326,7 +290,7 @@ def bench_eval(cfg) -> list[dict]:
   med, low, toks = _time_interleaved(paths, EVAL_REPEATS.value)
   same = lambda k: all(np.array_equal(np.asarray(a), np.asarray(b))
                        for a, b in zip(toks["kv"], toks[k]))
-  flops = generation_flops(exp.model_cfg, batches, max_new)
+  flops = generate.generation_flops(exp.model_cfg, batches, max_new)
   flops_ratio = flops["recompute"] / flops["kv_cache"]
   speedup = med["re"] / med["kv"]
   ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
@@ -421,61 +385,6 @@ def bench_train(cfg) -> list[dict]:
   return out
 
 
-def hlo_sources(text: str) -> dict[str, str]:
-  """Instruction name -> the jax code it came from (its `op_name` metadata: jit, transforms and
-  Flax module path, e.g. `jit(train_step)/transpose(jvp(Transformer))/block1/attn/query/...`),
-  from an optimised HLO module's text. Names are keyed with `.` as `_`, as GPU kernels and
-  trace events spell them (`fusion.12` runs as `fusion_12`). Control flow (while, conditional,
-  call) is left out: its span holds its body's ops, which are named themselves."""
-  found = re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^}]*?op_name="([^"]+)"',
-                     text, re.M)
-  return {name.replace(".", "_"): op for name, head, op in found
-          if not re.search(r"\s(?:while|conditional|call)\(", head)}
-
-
-def scope_of(op_name: str) -> str:
-  """A step's part from an op's jax name: the model's module path without the layer index
-  (`block*/attn/query`, `block*/mlp/up`, `ln_f`), or the train step's own parts outside the
-  model (`step/head_loss`, `step/optimizer`, `step/metrics`: train/step.py's SCOPES; `step`:
-  anything else)."""
-  from kstore_jax.train import step
-  # each part without its transformation wrappers: transpose(jvp(Transformer)) -> Transformer
-  parts = [re.sub(r"^(?:[\w.]+\()+([^()]*)\)+$", r"\1", p)
-           for p in op_name.split(";")[0].split("/") if not p.startswith("jit(")]
-  parts = [p for p in parts if p]
-  if not parts or parts[0] != "Transformer":
-    return next((f"step/{p}" for p in parts if p in step.SCOPES), "step")
-  path = [re.sub(r"^block\d+$", "block*", p) for p in parts[1:-1]]   # the last: the primitive
-  return "/".join(path[:3]) or "model"
-
-
-def trace_op_times(trace_dir: str, sources: dict[str, str] | None = None) -> tuple[dict, str]:
-  """Total µs per op name over a `jax.profiler` Perfetto trace, of the device's tracks (GPU or
-  TPU) where there are some, else of the host's: there, with `sources` (hlo_sources of the
-  traced step), only the step's own HLO ops (not the Python and runtime spans around them).
-  A kernel whose event names its HLO op (`hlo_op`, e.g. a cuBLAS GEMM) is counted under that
-  op's name. Returns the totals and which tracks."""
-  import collections
-  import glob
-  import gzip
-  path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-  with gzip.open(path) as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  procs = {e["pid"]: e["args"]["name"] for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {p for p, n in procs.items() if "GPU" in n or "TPU" in n}
-  where = "device" if device else "host"
-  totals = collections.Counter()
-  for e in events:
-    if e.get("ph") != "X" or (device and e["pid"] not in device):
-      continue
-    name = str((e.get("args") or {}).get("hlo_op") or e["name"]).replace(".", "_")
-    if device or not sources or name in sources:
-      totals[name] += e.get("dur", 0)
-  return dict(totals), where
-
-
 def bench_profile(cfg) -> list[dict]:
   """`bench train`'s step under jax.profiler: the step time, the ops that take the most time
   per step (device tracks on an accelerator), as `profile_op_us` lines with the jax code each
@@ -484,13 +393,13 @@ def bench_profile(cfg) -> list[dict]:
   the HLO does not name). Shares are of the ops' summed time, `busy_us_per_step`: on a CPU
   XLA runs independent ops on several threads at once, so that sum exceeds the step."""
   import collections
-  from kstore_jax.train import throughput
+  from kstore_jax.train import profiling, throughput
   steps = 3
   with tempfile.TemporaryDirectory() as tmp:
     r = measure_train(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps)
     with open(os.path.join(tmp, throughput.TRACED_HLO)) as f:
-      sources = hlo_sources(f.read())
-    totals, where = trace_op_times(tmp, sources)
+      sources = profiling.hlo_sources(f.read())
+    totals, where = profiling.trace_op_times(tmp, sources)
   ctx = dict(config=cfg.name, dtype=r["dtype"], attention=r["attention"],
              device=jax_device_kind())
   busy = sum(totals.values()) / steps
@@ -502,7 +411,7 @@ def bench_profile(cfg) -> list[dict]:
                            share=share(us), source=sources.get(name, "")[-160:], **ctx))
   scopes = collections.Counter()
   for name, us in totals.items():
-    scopes[scope_of(sources[name]) if name in sources else "unknown"] += us
+    scopes[profiling.scope_of(sources[name]) if name in sources else "unknown"] += us
   for scope, us in sorted(scopes.items(), key=lambda kv: -kv[1]):
     out.append(measurement("profile_scope_us", round(us / steps, 1), "us/step", scope=scope,
                            share=share(us), **ctx))
@@ -645,7 +554,7 @@ def bench_attention(cfg) -> list[dict]:
   # fwd + bwd (3 x fwd) of one layer's attention over the batch, as the model's FLOP count
   # has it (MFU papers' accounting: causal counted in full)
   mc = transformer.ModelConfig.from_config(cfg.model, 0, platform)
-  attention_flops = 3 * forward_flops(mc, L)["attention"] / mc.num_layers * B * L
+  attention_flops = 3 * transformer.forward_flops(mc, L)["attention"] / mc.num_layers * B * L
   variants = [(i, None) for i in ATTENTION.value or attention.IMPLEMENTATIONS]
   if any(i == "cudnn" for i, _ in variants):   # the packed layout's document bound M matters?
     variants.append(("cudnn", L // 16))

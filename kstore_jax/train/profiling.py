@@ -12,11 +12,17 @@ open it with TensorBoard's profile plugin (`tensorboard --logdir <stage>/profile
 `.trace.json.gz` on https://ui.perfetto.dev.
 """
 
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 
 import jax
 
 from kstore_jax import rundir
+from kstore_jax.train.step import SCOPES
 
 
 def parse_steps(text: str) -> tuple[int, int] | None:
@@ -66,3 +72,54 @@ class StepProfiler:
 
   def __exit__(self, *exc) -> None:
     self.stop()
+
+
+def hlo_sources(text: str) -> dict[str, str]:
+  """Instruction name -> the jax code it came from (its `op_name` metadata: jit, transforms and
+  Flax module path, e.g. `jit(train_step)/transpose(jvp(Transformer))/block1/attn/query/...`),
+  from an optimised HLO module's text. Names are keyed with `.` as `_`, as GPU kernels and
+  trace events spell them (`fusion.12` runs as `fusion_12`). Control flow (while, conditional,
+  call) is left out: its span holds its body's ops, which are named themselves."""
+  found = re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^}]*?op_name="([^"]+)"',
+                     text, re.M)
+  return {name.replace(".", "_"): op for name, head, op in found
+          if not re.search(r"\s(?:while|conditional|call)\(", head)}
+
+
+def scope_of(op_name: str) -> str:
+  """A step's part from an op's jax name: the model's module path without the layer index
+  (`block*/attn/query`, `block*/mlp/up`, `ln_f`), or the train step's own parts outside the
+  model (`step/head_loss`, `step/optimizer`, `step/metrics`: train/step.py's SCOPES; `step`:
+  anything else)."""
+  # each part without its transformation wrappers: transpose(jvp(Transformer)) -> Transformer
+  parts = [re.sub(r"^(?:[\w.]+\()+([^()]*)\)+$", r"\1", p)
+           for p in op_name.split(";")[0].split("/") if not p.startswith("jit(")]
+  parts = [p for p in parts if p]
+  if not parts or parts[0] != "Transformer":
+    return next((f"step/{p}" for p in parts if p in SCOPES), "step")
+  path = [re.sub(r"^block\d+$", "block*", p) for p in parts[1:-1]]   # the last: the primitive
+  return "/".join(path[:3]) or "model"
+
+
+def trace_op_times(trace_dir: str, sources: dict[str, str] | None = None) -> tuple[dict, str]:
+  """Total µs per op name over a `jax.profiler` Perfetto trace, of the device's tracks (GPU or
+  TPU) where there are some, else of the host's: there, with `sources` (hlo_sources of the
+  traced step), only the step's own HLO ops (not the Python and runtime spans around them).
+  A kernel whose event names its HLO op (`hlo_op`, e.g. a cuBLAS GEMM) is counted under that
+  op's name. Returns the totals and which tracks."""
+  path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {p for p, n in procs.items() if "GPU" in n or "TPU" in n}
+  where = "device" if device else "host"
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or (device and e["pid"] not in device):
+      continue
+    name = str((e.get("args") or {}).get("hlo_op") or e["name"]).replace(".", "_")
+    if device or not sources or name in sources:
+      totals[name] += e.get("dur", 0)
+  return dict(totals), where
