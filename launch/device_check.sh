@@ -11,8 +11,9 @@
 # decoded together), small (the small grid,
 # configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
 # the deadline allows; rerun with --sections=env,grid,small for the whole of it).
-# Writes at most 8 files under OUTDIR: summary.txt, bench.jsonl, log.txt, results_small.json
-# (each finished run's results.json by run name).
+# Writes at most 8 files under OUTDIR: summary.txt (every section's status and figures, then
+# the train sections fastest first: the kernel to make the default), bench.jsonl, log.txt,
+# results_small.json (each finished run's results.json by run name).
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
@@ -21,7 +22,7 @@
 # section's.
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -178,13 +179,22 @@ print(f"device_check: {took} s")
 for line in open(os.path.join(out, ".status")):
   name, *how, secs = line.split()
   print(f"  {name:28s} {' '.join(how):14s} {secs:>4s} s")
-for line in open(os.path.join(out, "bench.jsonl")):
-  r = json.loads(line)
+lines = [json.loads(line) for line in open(os.path.join(out, "bench.jsonl"))]
+for r in lines:
   keys = ("op", "scope", "share", "attention", "dtype", "vocab", "seq_len", "batch_size",
           "tflops_per_s", "tiles_visited", "rel_err_out", "rel_err_dq", "skipped", "loss",
           "first_step_s", "device", "jax", "source")
   extra = " ".join(f"{k}={str(r[k])[-70:]}" for k in keys if k in r and r[k] != "")
   print(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
+# the train sections side by side, fastest first: which kernel and variant to make the default
+by = lambda name: {r["section"]: r for r in lines if r["name"] == name}
+mfu, hours = by("train_mfu"), by("pretrain_projected_hours")
+steps = sorted(by("train_step_s").values(), key=lambda r: r["value"])
+for rank, r in enumerate(steps, 1):
+  sec = r["section"]
+  got = lambda by_section: by_section[sec]["value"] if sec in by_section else "-"
+  print(f"fastest {rank}: {sec:28s} {r['value']:.4f} s/step  mfu {got(mfu)}  "
+        f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}")
 results = os.path.join(out, "results_small.json")
 results = json.load(open(results)) if os.path.exists(results) else {}
 for row in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:

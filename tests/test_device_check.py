@@ -40,6 +40,10 @@ def test_smoke_runs_every_section(tmp_path):
                ("train_xla", "train_tokens_per_s"), ("train_xla_gpt2_vocab", "train_step_s"),
                ("grid", "grid_speedup"), ("grid", "grid_eval_speedup")]:
     assert want in names, want
+  # the train sections ranked by step time (the session's pick of the default kernel)
+  steps = {l["section"]: l["value"] for l in lines if l["name"] == "train_step_s"}
+  ranked = [l.split()[2] for l in summary.splitlines() if l.startswith("fastest ")]
+  assert sorted(ranked) == sorted(steps) and ranked == sorted(steps, key=steps.get), ranked
   train = {l["name"]: l for l in lines if l["section"] == "train_xla"}
   projected = train["pretrain_projected_hours"]
   assert projected["value"] > 0 and projected["steps"] == 1000   # tiny's pretrain stage
