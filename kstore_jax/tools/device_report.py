@@ -1,0 +1,117 @@
+"""The prepared device check's bookkeeping (launch/device_check.sh calls it between sections):
+
+    python -m kstore_jax.tools.device_report pick BENCH_JSONL KERNEL...   # the variants' kernel
+    python -m kstore_jax.tools.device_report results RUNS_DIR OUT_JSON    # the small runs' results
+    python -m kstore_jax.tools.device_report summary OUTDIR SECONDS RUNS_DIR   # summary.txt
+
+BENCH_JSONL holds the sections' bench lines, each with its `section` (`train_<kernel>` for the
+train runs); OUTDIR/.status one `NAME HOW... SECONDS` line per section.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+from kstore_jax import rundir
+
+SUMMARY_KEYS = ("op", "scope", "share", "attention", "dtype", "vocab", "seq_len", "batch_size",
+                "tflops_per_s", "tiles_visited", "rel_err_out", "rel_err_dq", "skipped", "loss",
+                "first_step_s", "device", "jax", "source")
+
+
+def read_lines(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def pick_kernel(lines: list[dict], kernels: list[str], tolerance: float = 0.02) -> str:
+  """The fastest of `kernels` by its `train_<kernel>` step time among those whose loss after
+  the timed steps is within `tolerance` (relative) of the kernels' median loss: a kernel that
+  leaks across documents or the diagonal trains to another loss (same model, data and init
+  otherwise). The first kernel when none finished."""
+  runs = {r["section"][len("train_"):]: r for r in lines
+          if r["name"] == "train_step_s" and r["section"] in [f"train_{k}" for k in kernels]}
+  if not runs:
+    return kernels[0]
+  median = statistics.median(r["loss"] for r in runs.values())
+  agree = [k for k, r in runs.items() if abs(r["loss"] - median) <= tolerance * abs(median)]
+  return min(agree, key=lambda k: runs[k]["value"]) if agree else kernels[0]
+
+
+def collect_results(runs_dir: str) -> dict:
+  """Each finished run's results.json under runs_dir, by run name."""
+  found = {}
+  for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+    path = os.path.join(runs_dir, name, rundir.RESULTS)
+    if os.path.exists(path):
+      found[name] = rundir.read_json(path)
+  return found
+
+
+def summary(out: str, took: str, runs_dir: str) -> str:
+  """summary.txt: each section's status and seconds, every bench line, the train sections
+  fastest first (the kernel and variant to make the default), the small runs' last metrics
+  and results."""
+  text = [f"device_check: {took} s"]
+  with open(os.path.join(out, ".status")) as f:
+    for line in f:
+      name, *how, secs = line.split()
+      text.append(f"  {name:28s} {' '.join(how):14s} {secs:>4s} s")
+  lines = read_lines(os.path.join(out, "bench.jsonl"))
+  for r in lines:
+    extra = " ".join(f"{k}={str(r[k])[-70:]}" for k in SUMMARY_KEYS if k in r and r[k] != "")
+    text.append(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
+  by = lambda name: {r["section"]: r for r in lines if r["name"] == name}
+  mfu, hours = by("train_mfu"), by("pretrain_projected_hours")
+  for rank, r in enumerate(sorted(by("train_step_s").values(), key=lambda r: r["value"]), 1):
+    sec = r["section"]
+    got = lambda by_section: by_section[sec]["value"] if sec in by_section else "-"
+    text.append(f"fastest {rank}: {sec:28s} {r['value']:.4f} s/step  mfu {got(mfu)}  "
+                f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}")
+  results = os.path.join(out, "results_small.json")
+  results = rundir.read_json(results) if os.path.exists(results) else {}
+  for row in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+    for stage in ("pretrain", "pretrain_mixed", "finetune"):
+      rows = rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(
+          os.path.join(runs_dir, row), stage)))   # a line cut short is skipped
+      if rows:
+        last = rows[-1]
+        text.append(f"small {row} {stage}: step {last.get('step')} loss "
+                    f"{last.get('loss', 0):.4f} {last.get('tokens_per_s', 0):.0f} tokens/s "
+                    f"mfu {last.get('mfu')}")
+    if row in results:
+      r = results[row]
+      text.append(f"small {row}: qa_test {r['qa_test']['mean']:.4f} qa_train "
+                  f"{r['qa_train']['mean']:.4f} bio_recall {r['bio_recall']['mean']:.4f}")
+  return "\n".join(text) + "\n"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m kstore_jax.tools.device_report")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("pick")
+  p.add_argument("bench_jsonl")
+  p.add_argument("kernels", nargs="+")
+  p = sub.add_parser("results")
+  p.add_argument("runs_dir")
+  p.add_argument("out_json")
+  p = sub.add_parser("summary")
+  p.add_argument("outdir")
+  p.add_argument("seconds")
+  p.add_argument("runs_dir")
+  args = parser.parse_args(argv)
+  if args.command == "pick":
+    lines = read_lines(args.bench_jsonl) if os.path.exists(args.bench_jsonl) else []
+    print(pick_kernel(lines, args.kernels))
+  elif args.command == "results":
+    found = collect_results(args.runs_dir)
+    if found:
+      with open(args.out_json, "w") as f:
+        json.dump(found, f, indent=1)
+  else:
+    print(summary(args.outdir, args.seconds, args.runs_dir), end="")
+
+
+if __name__ == "__main__":
+  main()
