@@ -20,10 +20,11 @@
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
 # KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas_docs tokamax
 # pallas"; session 8 measured xla at 26% MFU and cudnn at 5%, against pallas's 39%: the
-# deadline goes to the variants instead); KSTORE_CHECK_ATTENTION: the attention section's.
+# deadline goes to the variants instead); KSTORE_CHECK_ATTENTION: the attention section's
+# (default "pallas_docs,tokamax,pallas,xla").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -97,7 +98,7 @@ else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs tokamax pallas}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
   SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=(); CEILING=()
-  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla,cudnn}")
+  ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
 
