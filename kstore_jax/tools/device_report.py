@@ -30,8 +30,9 @@ def pick_kernel(lines: list[dict], kernels: list[str], tolerance: float = 0.02) 
   the timed steps is within `tolerance` (relative) of the kernels' median loss: a kernel that
   leaks across documents or the diagonal trains to another loss (same model, data and init
   otherwise). The first kernel when none finished."""
+  sections = {f"train_{k}" for k in kernels}
   runs = {r["section"][len("train_"):]: r for r in lines
-          if r["name"] == "train_step_s" and r["section"] in [f"train_{k}" for k in kernels]}
+          if r["name"] == "train_step_s" and r["section"] in sections}
   if not runs:
     return kernels[0]
   median = statistics.median(r["loss"] for r in runs.values())
@@ -69,8 +70,7 @@ def summary(out: str, took: str, runs_dir: str) -> str:
     got = lambda by_section: by_section[sec]["value"] if sec in by_section else "-"
     text.append(f"fastest {rank}: {sec:28s} {r['value']:.4f} s/step  mfu {got(mfu)}  "
                 f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}")
-  results = os.path.join(out, "results_small.json")
-  results = rundir.read_json(results) if os.path.exists(results) else {}
+  results = collect_results(runs_dir)
   for row in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
     for stage in ("pretrain", "pretrain_mixed", "finetune"):
       rows = rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(
