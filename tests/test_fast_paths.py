@@ -1,7 +1,8 @@
 """The model's and training step's fast paths equal the plain computations: the chunked
 output-head loss (`step.head_cross_entropy`) vs cross entropy on the full logits and causal
 attention in query blocks (`einsum_attention(causal_blocks=n)`) vs one block, in value and
-gradients; the table form of rotary (`rotary_tables`, `rotary`) vs the pairwise rotation."""
+gradients; the table form of rotary (`rotary_tables`, `rotary`) vs the pairwise rotation; a
+tall kernel's gradient on the CPU (`flat_matmul`'s transposed product) vs NumPy's."""
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,26 @@ def test_rotary_tables_equal_pairwise_rotation(head_dim, rot_dim):
   got = transformer.rotary(x, tables, rot_dim)
   np.testing.assert_allclose(got, rotary_reference(x, pos, rot_dim, 10000.0), rtol=1e-4,
                              atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
+def test_flat_matmul_gradients_equal_numpy(shape):
+  """On the CPU a tall kernel's gradient is computed as a transposed [O, tokens] x [tokens, I]
+  product (`transformer._tall_matmul`): the value and both gradients are the plain matmul's,
+  checked against NumPy (x^T dy, dy W^T) for tall, wide and square kernels, for the CPU and
+  for a platform that takes the plain product."""
+  n_in, n_out = shape
+  rng = np.random.default_rng(n_in * 100 + n_out)
+  x_BLI, w_IO, dy_BLO = (rng.standard_normal(s).astype(np.float32)
+                         for s in ((3, 5, n_in), (n_in, n_out), (3, 5, n_out)))
+  for platform in ("cpu", "cuda"):
+    f = lambda x, w: transformer.flat_matmul(x, w, 1, platform).reshape(3, 5, n_out)
+    y, vjp = jax.vjp(jax.jit(f), jnp.asarray(x_BLI), jnp.asarray(w_IO))
+    dx, dw = vjp(jnp.asarray(dy_BLO))
+    np.testing.assert_allclose(y, x_BLI @ w_IO, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy_BLO @ w_IO.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        dw, x_BLI.reshape(-1, n_in).T @ dy_BLO.reshape(-1, n_out), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots"),

@@ -124,12 +124,40 @@ class Norm(nn.Module):
                         bias_init=_init(nn.initializers.zeros, "embed"))(x)
 
 
-def flat_matmul(x, kernel_IO, n_in: int) -> jax.Array:
+def flat_matmul(x, kernel_IO, n_in: int, platform: str = "") -> jax.Array:
   """x's trailing n_in dims (I elements in all) times kernel_IO as ONE 2-D matmul
   [tokens, I] x [I, O]; returns [tokens, O] (the caller restores x's leading dims). With the
   batch and length dims kept apart, XLA:CPU computes the weight gradient through a transposed
-  copy of the [tokens, O] cotangent (half of an MLP's backward time at `small`)."""
-  return jnp.dot(x.reshape(-1, kernel_IO.shape[0]), kernel_IO)
+  copy of the [tokens, O] cotangent (half of an MLP's backward time at `small`). On the CPU a
+  tall kernel (I > O: the MLP's down projection) gets its gradient as the transpose of
+  [O, tokens] x [tokens, I] (`_tall_matmul`)."""
+  x_NI = x.reshape(-1, kernel_IO.shape[0])
+  if platform == "cpu" and kernel_IO.shape[0] > kernel_IO.shape[1]:
+    return _tall_matmul(x_NI, kernel_IO)
+  return jnp.dot(x_NI, kernel_IO)
+
+
+@jax.custom_vjp
+def _tall_matmul(x_NI, kernel_IO):
+  """x_NI · kernel_IO whose kernel gradient is computed as (dy_NOᵀ · x_NI)ᵀ. XLA:CPU runs the
+  plain x_NIᵀ · dy_NO with its tall [I, O] output at half a core's matmul rate (tiny's
+  [8192, 512] x [8192, 128]: 20 ms against 11 ms for the wide [O, I] product, BENCHMARKS.md);
+  the barrier keeps its simplifier from folding the transpose back into the dot. The same sums
+  over tokens, so the same gradient up to float summation order."""
+  return jnp.dot(x_NI, kernel_IO)
+
+
+def _tall_matmul_fwd(x_NI, kernel_IO):
+  return jnp.dot(x_NI, kernel_IO), (x_NI, kernel_IO)
+
+
+def _tall_matmul_bwd(res, dy_NO):
+  x_NI, kernel_IO = res
+  dkernel_OI = jax.lax.optimization_barrier(jnp.dot(dy_NO.T, x_NI))
+  return jnp.dot(dy_NO, kernel_IO.T), dkernel_OI.T.astype(kernel_IO.dtype)
+
+
+_tall_matmul.defvjp(_tall_matmul_fwd, _tall_matmul_bwd)
 
 
 class Proj(nn.Module):
@@ -141,6 +169,7 @@ class Proj(nn.Module):
   use_bias: bool
   std: float
   dtype: Any
+  platform: str = ""    # ModelConfig.platform: the CPU computes a tall kernel's gradient apart
 
   @nn.compact
   def __call__(self, x):
@@ -148,7 +177,8 @@ class Proj(nn.Module):
                         self.shape)
     n_in = len(self.shape) - self.n_out
     y = flat_matmul(x.astype(self.dtype),
-                    kernel.astype(self.dtype).reshape(math.prod(self.shape[:n_in]), -1), n_in)
+                    kernel.astype(self.dtype).reshape(math.prod(self.shape[:n_in]), -1), n_in,
+                    self.platform)
     if self.use_bias:   # on the 2-D product: a row broadcast XLA fuses, not a full-size copy
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
                         self.shape[-self.n_out:])
@@ -165,7 +195,7 @@ class Attention(nn.Module):
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
     proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
-                             ("embed", "heads", "kv"), 2, bias, 0.02, dtype, name=name)
+                             ("embed", "heads", "kv"), 2, bias, 0.02, dtype, cfg.platform, name=name)
     q_BLHK, k_BLHK, v_BLHK = (proj(n)(x_BLD) for n in ("query", "key", "value"))
     q_BLHK = rotary(q_BLHK, rot, cfg.rotary_dim)
     k_BLHK = rotary(k_BLHK, rot, cfg.rotary_dim)
@@ -191,7 +221,7 @@ class Attention(nn.Module):
           segment_ids_BL, cache["pos"], cache["seg"], cfg.causal)
     out_BLD = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
                    ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
-                   dtype, name="out")(out_BLHK)
+                   dtype, cfg.platform, name="out")(out_BLHK)
     return out_BLD, cache
 
 
@@ -204,13 +234,13 @@ class Mlp(nn.Module):
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
     up = lambda name: Proj((cfg.d_model, cfg.d_ff), ("embed", "mlp"), 1, bias,
-                           0.02, dtype, name=name)
+                           0.02, dtype, cfg.platform, name=name)
     if cfg.block == "llama":
       h_BLF = nn.silu(up("gate")(x_BLD)) * up("up")(x_BLD)
     else:
       h_BLF = nn.gelu(up("up")(x_BLD))
     return Proj((cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
-                0.02 / math.sqrt(2 * cfg.num_layers), dtype, name="down")(h_BLF)
+                0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform, name="down")(h_BLF)
 
 
 class Block(nn.Module):
@@ -269,7 +299,7 @@ class Transformer(nn.Module):
           *hidden_BLD.shape[:-1], cfg.vocab_size)
     else:
       logits_BLV = Proj((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1, False, 0.02, dtype,
-                        name="unembed")(hidden_BLD)
+                        cfg.platform, name="unembed")(hidden_BLD)
     return logits_BLV.astype(jnp.float32), hidden_BLD, cache
 
 
