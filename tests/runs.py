@@ -12,11 +12,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
 
 
-def small_run_args(steps: int, save_every: int) -> list[str]:
-  """A tiny single-row pretraining run: 100 people, 2 layers of width 64, batch 8."""
+def small_run_args(steps: int, save_every: int, layers: int = 1) -> list[str]:
+  """A tiny single-row pretraining run: 100 people, `layers` layers of width 64 (4 heads),
+  batch 8. One layer by default: these runs' CPU time is tracing and compiling, which grows
+  with the unrolled layers, and what they check (equal losses, bitwise resumes, a falling
+  loss) does not need a second one."""
   return [
       "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
-      "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
+      f"--config.model.num_layers={layers}", "--config.model.d_model=64",
+      "--config.model.num_heads=4",
       "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
       f"--config.pretrain.steps={steps}", "--config.pretrain.warmup_steps=2",
       "--config.train.log_every=1", f"--config.train.save_every={save_every}",

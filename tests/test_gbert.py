@@ -220,7 +220,7 @@ def test_mlm_config_errors(key, value, message):
     configlib.validate(cfg, 1)
 
 
-SMALL = ["--config.data.n_people=100", "--config.model.num_layers=2",
+SMALL = ["--config.data.n_people=100", "--config.model.num_layers=1",
          "--config.model.d_model=64", "--config.model.d_ff=128", "--config.train.log_every=1",
          "--config.eval.batch_size=64", "--config.eval.max_people=10"] + [
     f"--config.{s}.{k}={v}" for s in ("pretrain", "pretrain_mixed", "finetune", "pprobe", "qprobe")

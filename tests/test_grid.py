@@ -18,7 +18,8 @@ import runs
 from runs import DETERMINISTIC, ROOT, small_run_args
 
 STEPS, SAVE_EVERY = 20, 10
-ARGS = small_run_args(STEPS, SAVE_EVERY)
+# two layers: a slower step keeps the kill-9 test's window (steps 12-20) wide
+ARGS = small_run_args(STEPS, SAVE_EVERY, layers=2)
 ROWS = ("single", "single_permute1", "multi5", "multi5_permute")
 SOLO = ("single", "multi5_permute")   # the runs also trained alone by main
 GRID_FILE = f'''from configs import grids

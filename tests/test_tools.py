@@ -18,12 +18,14 @@ from runs import env as run_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_PEOPLE = 60
+PROBE_ARGS = ["--config.pprobe.steps=4", "--config.qprobe.steps=4",
+              "--config.pprobe.batch_size=4", "--config.qprobe.batch_size=4"]
 RUN_ARGS = [
-    "--config=configs/single.py:tiny", f"--config.data.n_people={N_PEOPLE}",
+    "--config=configs/single.py:tiny,probe", f"--config.data.n_people={N_PEOPLE}",
     "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
     "--config.model.d_ff=64", "--config.pretrain.steps=6", "--config.finetune.steps=4",
     "--config.train.save_every=3", "--config.pretrain.batch_size=4",
-    "--config.finetune.batch_size=4", "--config.train.log_every=1",
+    "--config.finetune.batch_size=4", "--config.train.log_every=1", *PROBE_ARGS,
 ]
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company", "company_city")
 
@@ -52,7 +54,9 @@ def one_line_error(r, prog, *culprits) -> str:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, jax_cache):
-  """pretrain (6 steps) -> finetune (4 steps) -> eval; checkpoints every 3 steps."""
+  """RUN_ARGS: pretrain (6 steps) -> finetune (4 steps) -> eval -> pprobe -> qprobe (4 steps
+  each); checkpoints every 3 steps. The inspect and ask tests read its first three stages as
+  a plain run's, the results tests its probes too (one run for both saves a process)."""
   wd = tmp_path_factory.mktemp("tools") / "run"
   r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}"],
                      cwd=ROOT, env=run_env(jax_cache), capture_output=True, text=True,
@@ -162,8 +166,6 @@ def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
   assert losses(wd) == losses(run_dir)
 
 
-PROBE_ARGS = ["--config.pprobe.steps=4", "--config.qprobe.steps=4",
-              "--config.pprobe.batch_size=4", "--config.qprobe.batch_size=4"]
 ACCURACIES = {"qa_test", "qa_test_by_tokens", "qa_train", "bio_recall"}
 EVAL_KEYS = ACCURACIES | {k + "_ci" for k in ACCURACIES} | {"evaluated_stage"}
 PROBE_KEYS = {"pprobe", "pprobe_ci", "qprobe", "qprobe_ci", "probe_baseline"}
@@ -181,16 +183,6 @@ def results_lines(out: str) -> dict[str, str]:
   return {l.split()[0]: l for l in section}
 
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory, jax_cache):
-  """RUN_ARGS with the `probe` variant: pretrain -> finetune -> eval -> pprobe -> qprobe."""
-  wd = tmp_path_factory.mktemp("probe_run") / "run"
-  r = tool("main", "--config=configs/single.py:tiny,probe", *RUN_ARGS[1:], *PROBE_ARGS,
-           f"--workdir={wd}", cache=jax_cache, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return wd
-
-
 ACCURACY_KEYS = ("qa_test", "qa_train", "bio_recall", "qa_test_by_tokens", "pprobe", "qprobe")
 
 
@@ -203,12 +195,12 @@ def intervals(value, ci, path=""):
   return [leaf for k, c in items for leaf in intervals(value[k], c, f"{path}/{k}")]
 
 
-def test_results_json_has_an_interval_for_every_accuracy(probe_run, tmp_path):
+def test_results_json_has_an_interval_for_every_accuracy(run_dir, tmp_path):
   """Issue 22 item 7: every accuracy of results.json has its 95% Wilson interval (`<key>_ci`)
   over the right number of examples, containing it; report and inspect print them."""
   from kstore_jax.eval import qa_eval
   from kstore_jax.tools import report
-  res = json.loads((probe_run / "results.json").read_text())
+  res = json.loads((run_dir / "results.json").read_text())
   half = N_PEOPLE // 2                          # qa_train_fraction 0.5: 30 test, 30 train
   for key in ACCURACY_KEYS:
     assert key + "_ci" in res, key
@@ -228,25 +220,25 @@ def test_results_json_has_an_interval_for_every_accuracy(probe_run, tmp_path):
   assert len(res["pprobe_ci"]) == 6 and n["pprobe", "/0/0"] == half
   by_tokens = res["qa_test_by_tokens_ci"]["all"]
   assert sum(c["n"] for c in by_tokens.values()) == 6 * half
-  md, _ = report.build_report([str(probe_run)], str(tmp_path / "report.md"))
+  md, _ = report.build_report([str(run_dir)], str(tmp_path / "report.md"))
   mean, ci = res["qa_test"]["mean"], res["qa_test_ci"]["mean"]
   assert f"{100 * mean:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]" in md
   # inspect shows each mean with its interval instead of listing the _ci keys
-  out = tool("inspect", f"--workdir={probe_run}", "--restore=false").stdout
+  out = tool("inspect", f"--workdir={run_dir}", "--restore=false").stdout
   assert f"qa_test {mean:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]" in out, out
   assert "_ci" not in out, out
 
 
-def test_results_json_holds_only_the_configured_stages(probe_run, tmp_path, jax_cache):
-  """A run with the `probe` variant (the shared probe run, copied), then the same workdir
+def test_results_json_holds_only_the_configured_stages(run_dir, tmp_path, jax_cache):
+  """A run with the `probe` variant (the shared run, copied), then the same workdir
   without it (only `stages` differs, as the resume rule allows): the rerun's results.json has
   no pprobe/qprobe/probe_baseline left, `produced_by` names each key's stage, inspect lists
   the keys under their stage, and report still reads the file."""
   wd = tmp_path / "run"
-  shutil.copytree(probe_run, wd)
+  shutil.copytree(run_dir, wd)
 
   def main(config):
-    r = tool("main", f"--config={config}", *RUN_ARGS[1:], *PROBE_ARGS, f"--workdir={wd}",
+    r = tool("main", f"--config={config}", *RUN_ARGS[1:], f"--workdir={wd}",
              cache=jax_cache, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((wd / "results.json").read_text())
