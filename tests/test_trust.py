@@ -83,20 +83,21 @@ def test_bio_recall_separates_stored_from_random(world, stored):
 
 
 # -- a bfloat16 run ---------------------------------------------------------------------------
-# configs/tiny.py shrunk as tests/runs.py does: 100 people, 2 layers of width 64, batch 8.
+# configs/tiny.py shrunk as tests/runs.py does: 100 people, 1 layer of width 64, batch 8.
 BF16_STEPS = 100
 BF16_RUN = [
     "--config=configs/tiny.py", "--config.data.n_people=100", "--config.data.seq_len=160",
-    "--config.data.vocab_size=1024", "--config.model.num_layers=2", "--config.model.d_model=64",
+    "--config.data.vocab_size=1024", "--config.model.num_layers=1", "--config.model.d_model=64",
     "--config.model.num_heads=4", "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
     f"--config.pretrain.steps={BF16_STEPS}", "--config.pretrain.warmup_steps=10",
     "--config.train.log_every=1", "--config.train.save_every=1000",
     "--config.eval.max_people=20", "--config.pprobe.steps=5", "--config.qprobe.steps=5",
     "--config.pprobe.batch_size=8", "--config.qprobe.batch_size=8",
 ]
-LOSS_DROP = 2.0        # measured: first-10 mean 6.60 -> last-10 mean 3.73 (both dtypes)
-FINAL_TOL = 0.01       # measured |bf16 - f32| of the last-10 mean: 3e-5
-STEP_TOL = 0.02        # measured largest per-step |bf16 - f32|: 1.2e-3
+# measured at 1 layer (session 19; at 2 layers: 6.60 -> 3.73, 3e-5, 1.2e-3)
+LOSS_DROP = 2.0        # measured: first-10 mean 6.62 -> last-10 mean 3.78 (bf16)
+FINAL_TOL = 0.01       # measured |bf16 - f32| of the last-10 mean: 3.2e-4
+STEP_TOL = 0.02        # measured largest per-step |bf16 - f32|: 3.9e-3
 
 
 def _losses(workdir) -> np.ndarray:
