@@ -49,17 +49,20 @@ ARGS = [
     "--config.eval.max_people=40",   # all 40 held out; 40 of the 160 QA-trained (960 -> 240 q)
 ]
 ROWS = ("single", "multi5_permute")
+TIMEOUT = 900         # seconds for both arms, from the first one's start
 
 
 def test_multi5_permute_beats_single_on_held_out_people(tmp_path, jax_cache):
   procs = {}
   cores = sorted(os.sched_getaffinity(0))
+  deadline = time.time() + TIMEOUT
   for i, row in enumerate(ROWS):
     if i:   # the arms' programs are the same (only the data differs): the second one starts
       # once the first has compiled and logged (metrics.jsonl), and loads its executables
       # from the compilation cache instead of compiling them again beside it
       first = tmp_path / ROWS[0] / "pretrain" / "metrics.jsonl"
-      while not first.exists() and procs[ROWS[0]][1].poll() is None:
+      while (not first.exists() and procs[ROWS[0]][1].poll() is None
+             and time.time() < deadline):
         time.sleep(0.2)
     log = open(tmp_path / f"{row}.log", "w")   # a file, not a pipe: nobody reads it meanwhile
     # each arm on a core of its own (as the grid's processes mode runs them): two one-thread
@@ -70,7 +73,7 @@ def test_multi5_permute_beats_single_on_held_out_people(tmp_path, jax_cache):
          f"--workdir={tmp_path / row}", *ARGS], cwd=runs.ROOT,
         env=runs.env(jax_cache, optimize=True), stdout=log, stderr=subprocess.STDOUT)
   for row, (log, proc) in procs.items():
-    rc = proc.wait(timeout=900)
+    rc = proc.wait(timeout=max(1.0, deadline - time.time()))
     log.close()
     assert rc == 0, f"{row}: exit {rc}\n{(tmp_path / f'{row}.log').read_text()[-3000:]}"
   res = {row: json.loads((tmp_path / row / "results.json").read_text()) for row in ROWS}

@@ -40,10 +40,15 @@ def pick_kernel(lines: list[dict], kernels: list[str], tolerance: float = 0.02) 
   return min(agree, key=lambda k: runs[k]["value"]) if agree else kernels[0]
 
 
+def run_names(runs_dir: str) -> list[str]:
+  """The run directories' names under runs_dir (none when the grid never started)."""
+  return sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+
+
 def collect_results(runs_dir: str) -> dict:
   """Each finished run's results.json under runs_dir, by run name."""
   found = {}
-  for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+  for name in run_names(runs_dir):
     path = os.path.join(runs_dir, name, rundir.RESULTS)
     if os.path.exists(path):
       found[name] = rundir.read_json(path)
@@ -71,7 +76,7 @@ def summary(out: str, took: str, runs_dir: str) -> str:
     text.append(f"fastest {rank}: {sec:28s} {r['value']:.4f} s/step  mfu {got(mfu)}  "
                 f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}")
   results = collect_results(runs_dir)
-  for row in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+  for row in run_names(runs_dir):
     for stage in ("pretrain", "pretrain_mixed", "finetune"):
       rows = rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(
           os.path.join(runs_dir, row), stage)))   # a line cut short is skipped
