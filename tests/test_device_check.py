@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import runs
 from kstore_jax.tools import device_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +24,11 @@ def check(*args, timeout=400, env=ENV):
 def test_smoke_runs_every_section(tmp_path):
   out = tmp_path / "out"
   # the smoke's own deadline (170 s) is for a quiet machine; this test asks that every section
-  # runs, so a loaded CI machine (the sections skipped at the deadline: a failure) gets more
-  proc = check("--smoke", str(out), env={**ENV, "KSTORE_CHECK_SECONDS": "420"}, timeout=480)
+  # runs, so a loaded CI machine (the sections skipped at the deadline: a failure) gets more.
+  # Compiled as the other tests' runs are (runs.fast_compile_flags: toy steps, so compiling is
+  # most of the smoke's CPU time; 126 -> 90 CPU-s measured)
+  proc = check("--smoke", str(out), env={**ENV, "KSTORE_CHECK_SECONDS": "420",
+                                         "XLA_FLAGS": runs.fast_compile_flags()}, timeout=480)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   files = sorted(os.listdir(out))
   assert len(files) <= 8 and {"summary.txt", "bench.jsonl", "log.txt",
