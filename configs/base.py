@@ -67,7 +67,10 @@ SCALES = {
         train=dict(log_every=50, save_every=500)),
     "tiny": dict(
         data=dict(n_people=500, seq_len=128), model=dict(size="tiny", rotary_fraction=0.5),
-        **{s: dict(steps=1_000, batch_size=64, lr=3e-3, warmup_steps=100) for s in BASE_STAGES},
+        # 800 steps at peak lr 5e-3 (was 1,000 at 3e-3): chosen on QA-valid people (a fifth of
+        # the QA-train half held back), where it scored 61% against the old setting's 48% in
+        # a fifth fewer steps (RESULTS.md, "The tiny CPU demo")
+        **{s: dict(steps=800, batch_size=64, lr=5e-3, warmup_steps=80) for s in BASE_STAGES},
         finetune=dict(steps=250, batch_size=16, lr=1e-3),
         # 200 P-probe steps at the paper's lr 1e-3 leave the heads untrained (train loss 3.3,
         # every cell at baseline); at 1e-2 they fit and show the paper's picture. 250 probe
