@@ -1,4 +1,4 @@
-"""The README's demo end to end (18–28 min on 2 cores): `bash launch/test.sh -m slow`."""
+"""The README's demo end to end (15–18 min on 2 cores since session 20): `bash launch/test.sh -m slow`."""
 
 import json
 import pathlib
