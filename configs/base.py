@@ -69,7 +69,7 @@ SCALES = {
         data=dict(n_people=500, seq_len=128), model=dict(size="tiny", rotary_fraction=0.5),
         # 800 steps at peak lr 5e-3 (was 1,000 at 3e-3): chosen on QA-valid people (a fifth of
         # the QA-train half held back), where it scored 61% against the old setting's 48% in
-        # a fifth fewer steps (RESULTS.md, "The tiny CPU demo")
+        # a fifth fewer steps (RESULTS.md, "How the setting was found")
         **{s: dict(steps=800, batch_size=64, lr=5e-3, warmup_steps=80) for s in BASE_STAGES},
         finetune=dict(steps=250, batch_size=16, lr=1e-3),
         # 200 P-probe steps at the paper's lr 1e-3 leave the heads untrained (train loss 3.3,
