@@ -107,7 +107,7 @@ if has env; then
 import importlib, json, platform, sys
 import jax
 mods = ['jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'array_record',
-        'ml_collections', 'tensorboardX', 'tokenizers', 'numpy']
+        'ml_collections', 'tensorboardX', 'tokenizers', 'numpy', 'ml_dtypes']
 vers = {m: getattr(importlib.import_module(m), '__version__', '?') for m in mods}
 import kstore_jax.tools.main, kstore_jax.tools.report, kstore_jax.eval.qa_eval  # the project imports
 d = jax.devices()
