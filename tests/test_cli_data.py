@@ -1,5 +1,6 @@
 """The data and bench CLIs, run as a user would (subprocesses from the repository root)."""
 
+import importlib.metadata
 import json
 import pathlib
 import subprocess
@@ -111,6 +112,12 @@ def test_bench_contract():
   assert r.returncode == 0, r.stderr
   out = {m["name"]: m for m in json_lines(r.stdout)}
   assert out["population_1k_bytes"]["value"] == 19 * 1000
+  r = cli("kstore_jax.bench", "startup", "--startup_repeats=1")
+  assert r.returncode == 0, r.stderr
+  out = {m["name"]: m for m in json_lines(r.stdout)}
+  assert set(out) == {"startup_ml_dtypes_cpu_s", "startup_jax_cpu_s", "startup_run_path_cpu_s"}
+  assert all(m["value"] > 0 and m["wall_s"] > 0 and m["unit"] == "s" for m in out.values()), out
+  assert out["startup_jax_cpu_s"]["ml_dtypes"] == importlib.metadata.version("ml_dtypes")
   r = cli("kstore_jax.bench", "nonsense", TINY)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 

@@ -2,6 +2,7 @@
 
     python -m kstore_jax.bench data --config=configs/tiny.py [--workers=0,2] [--imported=jsonl,tfds]
     python -m kstore_jax.bench population --n=10000000
+    python -m kstore_jax.bench startup [--startup_repeats=3]
     python -m kstore_jax.bench eval --config=configs/tiny.py [--workdir=DIR] [--eval_people=200]
     python -m kstore_jax.bench probe --config=configs/tiny.py [--probe_steps=20]
     python -m kstore_jax.bench train --config=configs/base.py:small [--gpt2_vocab]
@@ -78,6 +79,8 @@ GRID_EVAL_PEOPLE = flags.DEFINE_integer("grid_eval_people", 64, "grid: people of
                                         "part (held out, QA-trained) whose QA the vmap mode's "
                                         "eval timing decodes (0: no eval timing)")
 _GRID_ARGS = {}   # grid: the --config spec and overrides, taken off argv before absl parses it
+STARTUP_REPEATS = flags.DEFINE_integer("startup_repeats", 3, "startup: fresh processes per "
+                                      "import (the least CPU time counts)", lower_bound=1)
 EVAL_FIXED_WIDTH = flags.DEFINE_bool("eval_fixed_width", True, "eval: also time the older "
                                      "fixed-width recompute baseline "
                                      "(kv_cache_speedup_vs_fixed_width)")
@@ -203,13 +206,18 @@ print(json.dumps(dict(seconds=dt, nbytes=nbytes, peak_rss=rss(), base_rss=base))
 """
 
 
+def child_env() -> dict:
+  """This environment with the project's root first on PYTHONPATH (a child imports this
+  checkout's kstore_jax and configs)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(kstore_jax.__file__)))
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+
+
 def bench_population(cfg) -> list[dict]:
   del cfg
   n = N_PEOPLE.value
-  root = os.path.dirname(os.path.dirname(os.path.abspath(kstore_jax.__file__)))
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-      [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-  proc = subprocess.run([sys.executable, "-c", _POPULATION_CHILD, str(n)], env=env,
+  proc = subprocess.run([sys.executable, "-c", _POPULATION_CHILD, str(n)], env=child_env(),
                         capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f"population benchmark failed:\n{proc.stderr}")
@@ -223,6 +231,45 @@ def bench_population(cfg) -> list[dict]:
                   rss_before_build_bytes=r["base_rss"],
                   build_peak_over_baseline_bytes=r["peak_rss"] - r["base_rss"]),
   ]
+
+
+# -- startup: what every process pays before its first step -----------------------------------
+# Each CLI command, grid process and test subprocess imports these; the suite starts ~180.
+# ml_dtypes alone: 0.7.0 registers its ufunc loops in quadratic time (1.4 s, BENCHMARKS.md).
+STARTUP_IMPORTS = {
+    "ml_dtypes": "import ml_dtypes",
+    "jax": "import jax",
+    "run_path": "import kstore_jax.experiment, kstore_jax.tools.main, kstore_jax.eval.qa_eval",
+}
+
+
+def bench_startup(cfg) -> list[dict]:
+  """CPU and wall seconds of a fresh process that imports each of STARTUP_IMPORTS (and
+  exits), the least CPU of --startup_repeats processes, in this environment."""
+  del cfg
+  import jax   # the versions measured (the children import the same installation)
+  import ml_dtypes
+  ctx = dict(python=sys.version.split()[0], jax=jax.__version__, ml_dtypes=ml_dtypes.__version__,
+             numpy=np.__version__, repeats=STARTUP_REPEATS.value)
+  out = []
+  for name, code in STARTUP_IMPORTS.items():
+    best = None
+    for _ in range(STARTUP_REPEATS.value):
+      before = os.times()
+      t0 = time.perf_counter()
+      proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+                            text=True, check=False)
+      wall = time.perf_counter() - t0
+      after = os.times()
+      if proc.returncode:
+        raise RuntimeError(f"startup benchmark: `{code}` failed:\n{proc.stderr}")
+      cpu = (after.children_user - before.children_user
+             + after.children_system - before.children_system)
+      if best is None or cpu < best[0]:
+        best = (cpu, wall)
+    out.append(measurement(f"startup_{name}_cpu_s", round(best[0], 3), "s", code=code,
+                           wall_s=round(best[1], 3), **ctx))
+  return out
 
 
 # -- eval: QA generation with and without a KV cache -----------------------------------------
@@ -757,8 +804,8 @@ def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
 BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population,
               "eval": bench_eval, "probe": bench_probe, "ceiling": bench_ceiling,
               "attention": bench_attention, "profile": bench_profile, "lower": bench_lower,
-              "grid": bench_grid}
-NO_CONFIG = {"population", "ceiling", "grid"}   # grid reads its grid config itself
+              "grid": bench_grid, "startup": bench_startup}
+NO_CONFIG = {"population", "ceiling", "grid", "startup"}   # grid reads its grid config itself
 
 
 def _subcommand(argv) -> str | None:
