@@ -17,7 +17,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/setup.cfg" -nt "$STAMP" ]; then
 fi
 # The project's own bytecode, written once: where PYTHONDONTWRITEBYTECODE is set (this image
 # sets it) every process would otherwise compile the package's sources again (~0.3 CPU-s a
-# process; the test suite starts ~150). compileall rewrites only stale files (0.05 s when all
+# process; the test suite starts ~180). compileall rewrites only stale files (0.05 s when all
 # are current) and prints only errors.
 "$VENV/bin/python" -m compileall -q "$ROOT/kstore_jax" "$ROOT/configs"
 export PATH="$VENV/bin:$PATH"

@@ -17,6 +17,7 @@ them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]`
 """
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -247,28 +248,29 @@ def bench_startup(cfg) -> list[dict]:
   """CPU and wall seconds of a fresh process that imports each of STARTUP_IMPORTS (and
   exits), the least CPU of --startup_repeats processes, in this environment."""
   del cfg
-  import jax   # the versions measured (the children import the same installation)
-  import ml_dtypes
-  ctx = dict(python=sys.version.split()[0], jax=jax.__version__, ml_dtypes=ml_dtypes.__version__,
-             numpy=np.__version__, repeats=STARTUP_REPEATS.value)
+  # the installed versions the children import (read from metadata: importing jax here would
+  # cost this process the startup it measures)
+  ctx = dict(python=sys.version.split()[0], jax=importlib.metadata.version("jax"),
+             ml_dtypes=importlib.metadata.version("ml_dtypes"), numpy=np.__version__,
+             repeats=STARTUP_REPEATS.value)
+  env = child_env()
   out = []
   for name, code in STARTUP_IMPORTS.items():
-    best = None
+    samples = []   # (CPU s, wall s) of each process
     for _ in range(STARTUP_REPEATS.value):
       before = os.times()
       t0 = time.perf_counter()
-      proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
+      proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=False)
       wall = time.perf_counter() - t0
       after = os.times()
       if proc.returncode:
         raise RuntimeError(f"startup benchmark: `{code}` failed:\n{proc.stderr}")
-      cpu = (after.children_user - before.children_user
-             + after.children_system - before.children_system)
-      if best is None or cpu < best[0]:
-        best = (cpu, wall)
-    out.append(measurement(f"startup_{name}_cpu_s", round(best[0], 3), "s", code=code,
-                           wall_s=round(best[1], 3), **ctx))
+      samples.append((after.children_user - before.children_user
+                      + after.children_system - before.children_system, wall))
+    cpu, wall = min(samples)
+    out.append(measurement(f"startup_{name}_cpu_s", round(cpu, 3), "s", code=code,
+                           wall_s=round(wall, 3), **ctx))
   return out
 
 
