@@ -4,12 +4,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from configs import base as configs_base
 from kstore_jax.model import lora
 from kstore_jax.model.transformer import ModelConfig, Transformer
-from kstore_jax.train import step as step_lib
+from kstore_jax.train import optim, step as step_lib
 
 RANK, EMBED_RANK = 4, 8
 
@@ -43,11 +43,11 @@ def trained(setup):
   out = {"base": paths(jax.tree.map(np.array, base))}
   for embed_rank in (EMBED_RANK, 0):
     params = lora.init(jax.random.PRNGKey(1), base, RANK, embed_rank)
-    opt = optax.adam(1e-2)
-    step = jax.jit(step_lib.make_train_step(step_lib.make_lm_loss(model, lora.merge), opt,
-                                            lambda s: 1e-2))
+    hp = optim.hyperparams(configs_base.stage(1, 1, 1e-2, 0, 0.0))   # AdamW at 1e-2
+    opt = optim.make_optimizer(hp)
+    step = jax.jit(step_lib.make_train_step(step_lib.make_lm_loss(model, lora.merge)))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(params)}
-    new_state, metrics = step(state, base, batch)
+    new_state, metrics = step(state, base, batch, hp)
     assert np.isfinite(float(metrics["loss"]))
     out[embed_rank] = params, new_state["params"]
   return out

@@ -333,9 +333,9 @@ def train_probes(exp, base, stage, shifts=(0,)):
   clipping) on the stage's own batch stream (the train half), every probed position moved
   right by `shift` tokens. Returns [(probe params, [P, 6] accuracy on the test half)]."""
   spec = exp.probe_spec(stage, base)
-  optimizer = optim.make_optimizer(spec.stage_cfg)
-  step = jax.jit(step_lib.make_train_step(spec.loss_fn, optimizer, optim.schedule(spec.stage_cfg)),
-                 donate_argnums=(0,))
+  hp = optim.hyperparams(spec.stage_cfg)
+  optimizer = optim.make_optimizer(hp)
+  step = jax.jit(step_lib.make_train_step(spec.loss_fn), donate_argnums=(0,))
   init_state = jax.jit(lambda rng: (lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                                "opt_state": optimizer.init(p)})(
                                                    spec.init_params(rng, spec.init_args)))
@@ -349,7 +349,7 @@ def train_probes(exp, base, stage, shifts=(0,)):
     state, data = init_state(RBG_KEY), iter(spec.data(0, 1))
     for _ in range(PROBE_STEPS):
       batch = next(data)
-      state, metrics = step(state, base, {**batch, "probe_at": batch["probe_at"] + shift})
+      state, metrics = step(state, base, {**batch, "probe_at": batch["probe_at"] + shift}, hp)
     assert np.isfinite(float(metrics["loss"]))
     acc = accuracy(base, state["params"],
                    {**test_batch, "probe_at": test_batch["probe_at"] + shift})

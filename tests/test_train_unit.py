@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from kstore_jax.train import checkpoint, optim, step as step_lib
+from kstore_jax.train import checkpoint, loop, optim, sharding, step as step_lib
 
 
 def stage_cfg(warmup_steps: int):
@@ -28,10 +28,10 @@ def test_schedule_warmup_then_cosine():
   lr, end, w, steps = 0.1, 0.01, 2, 10
   cosine = lambda s, start: end + (lr - end) * 0.5 * (1 + math.cos(math.pi * (s - start)
                                                                    / (steps - start)))
-  warm = optim.schedule(stage_cfg(w))
+  warm = lambda s: optim.learning_rate(optim.hyperparams(stage_cfg(w)), s)
   for s, want in ((0, 0.0), (1, 0.05), (2, lr), (4, cosine(4, w)), (6, 0.055), (10, end)):
     assert abs(float(warm(s)) - want) < 1e-7, s
-  cold = optim.schedule(stage_cfg(0))
+  cold = lambda s: optim.learning_rate(optim.hyperparams(stage_cfg(0)), s)
   for s, want in ((0, lr), (5, 0.055), (10, end)):
     assert abs(float(cold(s)) - cosine(s, 0)) < 1e-7 and abs(float(cold(s)) - want) < 1e-7, s
 
@@ -49,11 +49,12 @@ def test_train_step_is_one_adamw_update():
         params["b"] * batch["t"][0])
     return loss, {"aux": loss * 2}
 
-  opt = optim.make_optimizer(sc)
+  hp = optim.hyperparams(sc)
+  opt = optim.make_optimizer(hp)
   params = {"w": jnp.asarray(w0, jnp.float32), "b": jnp.asarray(b0, jnp.float32)}
   state = {"step": jnp.int32(0), "params": params, "opt_state": opt.init(params)}
-  train_step = jax.jit(step_lib.make_train_step(loss_fn, opt, optim.schedule(sc)))
-  new, metrics = train_step(state, jnp.float32(1.0), {"t": jnp.asarray(t, jnp.float32)})
+  train_step = jax.jit(step_lib.make_train_step(loss_fn))
+  new, metrics = train_step(state, jnp.float32(1.0), {"t": jnp.asarray(t, jnp.float32)}, hp)
 
   g = {"w": w0 - t, "b": t[0]}                         # the loss's gradient
   norm = math.sqrt(sum((v ** 2).sum() for v in g.values()))
@@ -73,6 +74,42 @@ def test_train_step_is_one_adamw_update():
   np.testing.assert_allclose(float(metrics["param_norm"]),
                              math.sqrt(sum((v ** 2).sum() for v in want.values())), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["lr"]), sc.lr, rtol=1e-6)
+
+
+def test_stages_differing_in_hyperparameters_share_one_program():
+  """The optimizer's numbers are arguments of the compiled step (optim.hyperparams), so two
+  stages of the same shapes that differ in steps, warmup, lr, decay, betas and clip lower to
+  the same program (one executable from the persistent compilation cache for pretrain ->
+  finetune, or runs of other lengths), and each still steps with its own schedule."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+
+  def loss_fn(params, frozen, batch):
+    return 0.5 * jnp.sum((params["w"] - batch["t"]) ** 2), {}
+
+  def spec(sc):
+    return loop.StageSpec(
+        name="toy", stage_cfg=sc, loss_fn=loss_fn,
+        init_params=lambda rng, args: {"w": jax.random.normal(rng, (2, 3))}, frozen=None,
+        data=None, positions_per_step=1, flops_per_position=1.0, export=None)
+
+  cfgs = [stage_cfg(2), base.stage(steps=37, batch_size=1, lr=3e-3, warmup_steps=0,
+                                    weight_decay=0.0)]
+  cfgs[1].update(b1=0.8, b2=0.95, final_lr_fraction=0.5, grad_clip=0.5)
+  batch = {"t": jax.device_put(jnp.ones((2, 3), jnp.float32), sharding.batch_sharding(mesh))}
+  texts, lrs = [], []
+  for sc in cfgs:
+    init, rng, abstract, _, train_step = loop.compile_stage(spec(sc), mesh, 0)
+    texts.append(train_step.lower(abstract, None, batch).as_text())
+    state = init(rng, None)
+    for _ in range(3):
+      state, metrics = train_step(state, None, batch)
+    lrs.append(float(metrics["lr"]))   # lr at step 2
+  assert texts[0] == texts[1]
+  hp = [optim.hyperparams(sc) for sc in cfgs]
+  assert lrs[0] == np.float32(0.1)                     # end of stage_cfg(2)'s warmup
+  np.testing.assert_allclose(lrs[1], float(optim.learning_rate(hp[1], 2)), rtol=1e-6)
+  np.testing.assert_allclose(lrs[1], 3e-3 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 2 / 37))),
+                             rtol=1e-6)
 
 
 def batches():

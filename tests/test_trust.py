@@ -51,14 +51,14 @@ def stored(world):
   batch = {k: jnp.asarray(v) for k, v in
            pipeline.pack_docs(docs, int(docs.lengths.max()), world.pad_id).items()}
   stage = base.stage(STORE_STEPS, len(batch["inputs"]), 3e-3, 20, 0.0)
-  optimizer = optim.make_optimizer(stage)
-  train_step = jax.jit(step_lib.make_train_step(step_lib.make_lm_loss(model), optimizer,
-                                                optim.schedule(stage)))
+  hp = optim.hyperparams(stage)
+  optimizer = optim.make_optimizer(hp)
+  train_step = jax.jit(step_lib.make_train_step(step_lib.make_lm_loss(model)))
   state = {"step": jnp.int32(0), "params": init_params,
            "opt_state": optimizer.init(init_params)}
   losses = []
   for _ in range(STORE_STEPS):
-    state, metrics = train_step(state, None, batch)
+    state, metrics = train_step(state, None, batch, hp)
     losses.append(metrics["loss"])
   assert float(losses[-1]) < 0.1 * float(losses[0]), (losses[0], losses[-1])
   return model, init_params, state["params"]

@@ -94,10 +94,10 @@ class _Signals:
 
 
 def build_state(spec: StageSpec, mesh, seed: int):
-  """(init, rng, abstract state, state shardings, optimizer): `init(rng, spec.init_args)` is
+  """(init, rng, abstract state, state shardings): `init(rng, spec.init_args)` is
   the sharded initial state (eval_shape -> logical shardings -> jit(out_shardings)); the same
   compiled init serves any spec of the same cohort with its own rng and init_args."""
-  optimizer = optim.make_optimizer(spec.stage_cfg)
+  optimizer = optim.make_optimizer(optim.hyperparams(spec.stage_cfg))   # its state's shape
 
   def init_boxed(rng, args):
     params = spec.init_params(rng, args)
@@ -113,34 +113,56 @@ def build_state(spec: StageSpec, mesh, seed: int):
   # paper size; the first call of `init` traces it anyway)
   abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                           nn.meta.unbox(abstract_boxed), shardings)
-  return init, rng, abstract, shardings, optimizer
+  return init, rng, abstract, shardings
 
 
 def compile_stage(spec: StageSpec, mesh, seed: int):
   """(init, rng, abstract state, state shardings, jitted train_step(state, frozen, batch));
   the initial state is `init(rng, spec.init_args)`."""
-  init, rng, abstract, shardings, _ = build_state(spec, mesh, seed)
+  init, rng, abstract, shardings = build_state(spec, mesh, seed)
   return init, rng, abstract, shardings, compile_step(spec, mesh, shardings)
 
 
+class BoundStep:
+  """A jitted `train_step(state, frozen, batch, hparams)` (step.make_train_step) with its
+  stage's hyperparameters bound, called, traced and lowered as `(state, frozen, batch)`. The
+  hyperparameters reach the program as (replicated) arguments, so every stage of the same
+  shapes compiles to one executable (optim: pretrain -> finetune, runs of other lengths)."""
+
+  def __init__(self, jitted, hparams):
+    self.jitted, self.hparams = jitted, hparams
+
+  def __call__(self, state, frozen, batch):
+    return self.jitted(state, frozen, batch, self.hparams)
+
+  def trace(self, state, frozen, batch):
+    return self.jitted.trace(state, frozen, batch, self.hparams)
+
+  def lower(self, state, frozen, batch):
+    return self.jitted.lower(state, frozen, batch, self.hparams)
+
+
 def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False,
-                 run_axis: str | None = None):
+                 run_axis: str | None = None) -> BoundStep:
   """The jitted train step of `spec` on states with `shardings`; `runs`: vmapped over a
   leading run axis of state, frozen and batch (a grid cohort: the run axis replicated on the
   mesh or split over mesh axis `run_axis` (sharding.with_run_axis), every other axis sharded
-  as in one run; the frozen trees as given)."""
-  step = step_lib.make_train_step(spec.loss_fn, optim.make_optimizer(spec.stage_cfg),
-                                  optim.schedule(spec.stage_cfg))
-  batch_sh = sharding.batch_sharding(mesh)
+  as in one run; the frozen trees as given; the hyperparameters shared)."""
+  step = step_lib.make_train_step(spec.loss_fn)
+  batch_sh, hp_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   if runs:
     def add(sh):
       return sharding.with_run_axis(sh, run_axis)
-    step, shardings, batch_sh = jax.vmap(step), jax.tree.map(add, shardings), add(batch_sh)
+    step = jax.vmap(step, in_axes=(0, 0, 0, None))
+    shardings, batch_sh = jax.tree.map(add, shardings), add(batch_sh)
     frozen_sh = None
   else:
     frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
-  return jax.jit(step, in_shardings=(shardings, frozen_sh, batch_sh),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  hparams = {k: jax.make_array_from_callback((), hp_sh, lambda _, v=v: v)
+             for k, v in optim.hyperparams(spec.stage_cfg).items()}
+  return BoundStep(jax.jit(step, in_shardings=(shardings, frozen_sh, batch_sh, hp_sh),
+                           out_shardings=(shardings, sharding.replicated(mesh)),
+                           donate_argnums=(0,)), hparams)
 
 
 @dataclasses.dataclass
@@ -196,7 +218,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   spec0 = members[0].spec
   sc = spec0.stage_cfg
   is_main = jax.process_index() == 0
-  init, _, abstract, shardings, _ = build_state(spec0, mesh, members[0].seed)   # one for all
+  init, _, abstract, shardings = build_state(spec0, mesh, members[0].seed)   # one for all
   step_fn = compile_step(spec0, mesh, shardings, runs=vmapped, run_axis=run_axis)
   data_iters, ckpts, writers, states, starts = [], [], [], [], []
   for m in members:

@@ -1,18 +1,43 @@
-"""AdamW with warmup + cosine schedule and global-norm clipping, from a stage config."""
+"""AdamW with warmup + cosine schedule and global-norm clipping, from a stage config.
+
+The optimizer's numbers (`hyperparams`) are arguments of the train step, not constants of its
+program: stages and runs that differ only in them (pretrain -> finetune at the same shape; runs
+of other lengths or learning rates) trace to the same program, so the persistent compilation
+cache serves one compiled step to all of them.
+"""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+HYPERPARAMS = ("lr", "warmup_steps", "decay_steps", "final_lr_fraction", "b1", "b2", "eps",
+               "weight_decay", "grad_clip")
 
-def schedule(stage_cfg) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to `lr * final_lr_fraction` at `steps`."""
-  end = stage_cfg.lr * stage_cfg.final_lr_fraction
-  if not stage_cfg.warmup_steps:
-    return optax.cosine_decay_schedule(stage_cfg.lr, max(stage_cfg.steps, 1),
-                                       alpha=stage_cfg.final_lr_fraction)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=stage_cfg.lr, warmup_steps=stage_cfg.warmup_steps,
-      decay_steps=max(stage_cfg.steps, stage_cfg.warmup_steps + 1), end_value=end)
+
+def hyperparams(stage_cfg) -> dict[str, np.ndarray]:
+  """A stage's optimizer numbers as float32 scalars (HYPERPARAMS): peak `lr` after
+  `warmup_steps`, then a cosine over `decay_steps` down to `lr * final_lr_fraction` at
+  `steps`; Adam's b1, b2, eps; decoupled weight decay; the global-norm clip."""
+  w = stage_cfg.warmup_steps
+  values = dict(lr=stage_cfg.lr, warmup_steps=w, decay_steps=max(stage_cfg.steps, w + 1) - w,
+                final_lr_fraction=stage_cfg.final_lr_fraction, b1=stage_cfg.b1,
+                b2=stage_cfg.b2, eps=stage_cfg.eps, weight_decay=stage_cfg.weight_decay,
+                grad_clip=stage_cfg.grad_clip)
+  return {k: np.float32(values[k]) for k in HYPERPARAMS}
+
+
+def learning_rate(hp, count):
+  """The learning rate at step `count`: linear from 0 to `lr` over the warmup, then a half
+  cosine from `lr` to `lr * final_lr_fraction` over `decay_steps`, constant after (optax's
+  warmup_cosine_decay_schedule; without warmup its cosine_decay_schedule)."""
+  count = jnp.asarray(count, jnp.float32)
+  peak, warmup, decay = hp["lr"], hp["warmup_steps"], hp["decay_steps"]
+  warm = -peak * (1 - count / jnp.maximum(warmup, 1)) + peak
+  t = jnp.clip(count - warmup, 0, decay)
+  alpha = hp["final_lr_fraction"]
+  cosine = peak * ((1 - alpha) * 0.5 * (1 + jnp.cos(jnp.pi * t / decay)) + alpha)
+  return jnp.where(count < warmup, warm, cosine)
 
 
 def decay_mask(params):
@@ -20,8 +45,10 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(stage_cfg) -> optax.GradientTransformation:
+def make_optimizer(hp) -> optax.GradientTransformation:
+  """The optimizer of hyperparameters `hp` (`hyperparams`: concrete, or traced inside the
+  train step); its state's structure does not depend on their values."""
   return optax.chain(
-      optax.clip_by_global_norm(stage_cfg.grad_clip),
-      optax.adamw(schedule(stage_cfg), b1=stage_cfg.b1, b2=stage_cfg.b2, eps=stage_cfg.eps,
-                  weight_decay=stage_cfg.weight_decay, mask=decay_mask))
+      optax.clip_by_global_norm(hp["grad_clip"]),
+      optax.adamw(lambda count: learning_rate(hp, count), b1=hp["b1"], b2=hp["b2"],
+                  eps=hp["eps"], weight_decay=hp["weight_decay"], mask=decay_mask))

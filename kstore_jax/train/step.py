@@ -10,6 +10,7 @@ import optax
 
 from kstore_jax.data.batches import INPUTS, POSITIONS, SEGMENT_IDS, TARGETS, WEIGHTS
 from kstore_jax.model import transformer
+from kstore_jax.train import optim
 
 CHUNK_ROWS = 1024   # CPU: token rows per vocabulary chunk, [1024, V] f32 logits stay in cache
 # GPU/TPU: chunks of at most 256 MiB of f32 logits (paper config: 4 chunks instead of 64); each
@@ -118,10 +119,13 @@ def make_lm_loss(model, merge=None):
   return loss_fn
 
 
-def make_train_step(loss_fn, optimizer, schedule):
-  """state = {'step', 'params', 'opt_state'} -> (new state, metrics)."""
+def make_train_step(loss_fn):
+  """(state = {'step', 'params', 'opt_state'}, frozen, batch, hparams) -> (new state,
+  metrics): one AdamW step of `loss_fn(params, frozen, batch)` with the stage's optimizer
+  numbers `hparams` (optim.hyperparams) as arguments, not constants of the program."""
 
-  def train_step(state, frozen, batch):
+  def train_step(state, frozen, batch, hparams):
+    optimizer = optim.make_optimizer(hparams)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, batch)
     with jax.named_scope(OPTIMIZER):
@@ -131,7 +135,8 @@ def make_train_step(loss_fn, optimizer, schedule):
     # checkpoint would save, not only the loss of the weights before the update.
     with jax.named_scope(METRICS):
       metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                 "param_norm": optax.tree.norm(params), "lr": schedule(state["step"]), **aux}
+                 "param_norm": optax.tree.norm(params),
+                 "lr": optim.learning_rate(hparams, state["step"]), **aux}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step

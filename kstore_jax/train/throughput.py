@@ -121,7 +121,7 @@ def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int 
   (as the grid runs them, the run axis placed by `run_axis`), on the same batches as
   `alone_step_s`."""
   local = [first_batches(m.spec, mesh) for m in members]
-  init, _, _, shardings, _ = loop.build_state(members[0].spec, mesh, members[0].seed)
+  init, _, _, shardings = loop.build_state(members[0].spec, mesh, members[0].seed)
   step = loop.compile_step(members[0].spec, mesh, shardings, runs=True, run_axis=run_axis)
   state = loop.stack_runs([init(jax.random.PRNGKey(m.seed), m.spec.init_args)
                            for m in members], shardings, run_axis)
