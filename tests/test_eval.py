@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import runs
 from configs import base
 from kstore_jax.data import pipeline, tokenizer as tokenizer_lib, world as world_lib
 from kstore_jax.data.templates import ATTRIBUTES
@@ -194,12 +195,12 @@ def memorised(world):
   loss_fn = step_lib.make_lm_loss(model)
   opt = optax.adam(3e-3)
 
-  @jax.jit
   def train_step(params, opt_state):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, None, batch)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  train_step = runs.optimized_jit(train_step)   # its time is its 200 steps
   opt_state = opt.init(params)
   for _ in range(200):
     params, opt_state, loss = train_step(params, opt_state)

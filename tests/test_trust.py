@@ -53,7 +53,7 @@ def stored(world):
   stage = base.stage(STORE_STEPS, len(batch["inputs"]), 3e-3, 20, 0.0)
   hp = optim.hyperparams(stage)
   optimizer = optim.make_optimizer(hp)
-  train_step = jax.jit(step_lib.make_train_step(step_lib.make_lm_loss(model)))
+  train_step = runs.optimized_jit(step_lib.make_train_step(step_lib.make_lm_loss(model)))
   state = {"step": jnp.int32(0), "params": init_params,
            "opt_state": optimizer.init(init_params)}
   losses = []
