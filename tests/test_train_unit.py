@@ -80,7 +80,8 @@ def test_stages_differing_in_hyperparameters_share_one_program():
   """The optimizer's numbers are arguments of the compiled step (optim.hyperparams), so two
   stages of the same shapes that differ in steps, warmup, lr, decay, betas and clip lower to
   the same program (one executable from the persistent compilation cache for pretrain ->
-  finetune, or runs of other lengths), and each still steps with its own schedule."""
+  finetune, or runs of other lengths) and, in one process, share one jitted function; each
+  still steps with its own schedule."""
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
 
   def loss_fn(params, frozen, batch):
@@ -96,15 +97,17 @@ def test_stages_differing_in_hyperparameters_share_one_program():
                                     weight_decay=0.0)]
   cfgs[1].update(b1=0.8, b2=0.95, final_lr_fraction=0.5, grad_clip=0.5)
   batch = {"t": jax.device_put(jnp.ones((2, 3), jnp.float32), sharding.batch_sharding(mesh))}
-  texts, lrs = [], []
+  texts, lrs, jitted = [], [], []
   for sc in cfgs:
     init, rng, abstract, _, train_step = loop.compile_stage(spec(sc), mesh, 0)
     texts.append(train_step.lower(abstract, None, batch).as_text())
+    jitted.append(train_step.jitted)
     state = init(rng, None)
     for _ in range(3):
       state, metrics = train_step(state, None, batch)
     lrs.append(float(metrics["lr"]))   # lr at step 2
   assert texts[0] == texts[1]
+  assert jitted[0] is jitted[1]   # the second stage neither traces nor compiles again
   hp = [optim.hyperparams(sc) for sc in cfgs]
   assert lrs[0] == np.float32(0.1)                     # end of stage_cfg(2)'s warmup
   np.testing.assert_allclose(lrs[1], float(optim.learning_rate(hp[1], 2)), rtol=1e-6)

@@ -93,6 +93,39 @@ class _Signals:
       signal.signal(sig, old)
 
 
+# XLA:CPU options for the init program (threefry and a normal draw per parameter, run once
+# per stage): compiled at XLA's lowest optimisation, 6.3 -> 1.1 s for a one-layer toy model
+# (BENCHMARKS.md). The older loop emitters only where the mesh has one device: with several,
+# programs with collectives deadlocked under them (tests/runs.py).
+INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+INIT_ONE_DEVICE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def _supported(name: str, value) -> bool:
+  """Whether this jaxlib's XLA knows compile option `name` (an upgrade may drop one)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "No such compile option" in str(e):
+      return False
+    raise
+  return True
+
+
+def init_compiler_options(mesh) -> dict | None:
+  """compiler_options for the jitted init on `mesh`: INIT_CPU_OPTIONS on CPU (plus
+  INIT_ONE_DEVICE_OPTIONS for one device in one process), those this XLA knows; None
+  elsewhere."""
+  if mesh.devices.flat[0].platform != "cpu":
+    return None
+  options = dict(INIT_CPU_OPTIONS)
+  if mesh.size == 1 and jax.process_count() == 1:
+    options.update(INIT_ONE_DEVICE_OPTIONS)
+  return {k: v for k, v in options.items() if _supported(k, v)}
+
+
 def build_state(spec: StageSpec, mesh, seed: int):
   """(init, rng, abstract state, state shardings): `init(rng, spec.init_args)` is
   the sharded initial state (eval_shape -> logical shardings -> jit(out_shardings)); the same
@@ -108,7 +141,8 @@ def build_state(spec: StageSpec, mesh, seed: int):
   with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):
     abstract_boxed = jax.eval_shape(init_boxed, rng, spec.init_args)
     shardings = sharding.logical_shardings(abstract_boxed, mesh)
-    init = jax.jit(lambda r, a: nn.meta.unbox(init_boxed(r, a)), out_shardings=shardings)
+    init = jax.jit(lambda r, a: nn.meta.unbox(init_boxed(r, a)), out_shardings=shardings,
+                   compiler_options=init_compiler_options(mesh))
   # what eval_shape(init) gives, without tracing the model's init once more (~0.4 s at the
   # paper size; the first call of `init` traces it anyway)
   abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
@@ -148,21 +182,36 @@ def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False,
   leading run axis of state, frozen and batch (a grid cohort: the run axis replicated on the
   mesh or split over mesh axis `run_axis` (sharding.with_run_axis), every other axis sharded
   as in one run; the frozen trees as given; the hyperparameters shared)."""
-  step = step_lib.make_train_step(spec.loss_fn)
-  batch_sh, hp_sh = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  frozen_sh = None if runs else _flat(jax.tree.map(lambda x: x.sharding, spec.frozen))
+  hp_sh = sharding.replicated(mesh)
+  hparams = {k: jax.make_array_from_callback((), hp_sh, lambda _, v=v: v)
+             for k, v in optim.hyperparams(spec.stage_cfg).items()}
+  return BoundStep(_jitted_step(spec.loss_fn, mesh, _flat(shardings), frozen_sh, runs,
+                                run_axis), hparams)
+
+
+def _flat(tree) -> tuple:
+  """A tree of shardings as a hashable (treedef, leaves)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(loss_fn, mesh, state_sh, frozen_sh, runs: bool, run_axis: str | None):
+  """compile_step's jitted function, one per loss function, mesh, shardings and run layout in
+  a process: the stages that train the same program reuse it (pretrain -> finetune; a grid's
+  base-stage cohorts; an Experiment per row in one process), and jax's in-memory cache then
+  neither traces nor compiles it again."""
+  step = step_lib.make_train_step(loss_fn)
+  shardings, batch_sh = jax.tree.unflatten(*state_sh), sharding.batch_sharding(mesh)
   if runs:
     def add(sh):
       return sharding.with_run_axis(sh, run_axis)
     step = jax.vmap(step, in_axes=(0, 0, 0, None))
     shardings, batch_sh = jax.tree.map(add, shardings), add(batch_sh)
-    frozen_sh = None
-  else:
-    frozen_sh = jax.tree.map(lambda x: x.sharding, spec.frozen)
-  hparams = {k: jax.make_array_from_callback((), hp_sh, lambda _, v=v: v)
-             for k, v in optim.hyperparams(spec.stage_cfg).items()}
-  return BoundStep(jax.jit(step, in_shardings=(shardings, frozen_sh, batch_sh, hp_sh),
-                           out_shardings=(shardings, sharding.replicated(mesh)),
-                           donate_argnums=(0,)), hparams)
+  frozen = None if frozen_sh is None else jax.tree.unflatten(*frozen_sh)
+  return jax.jit(step, in_shardings=(shardings, frozen, batch_sh, sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 @dataclasses.dataclass

@@ -4,6 +4,8 @@ A stage trains `params` (all model weights, LoRA factors, or probe heads) agains
 (nothing, or the base model) with a `loss_fn(params, frozen, batch) -> (loss, aux)`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -100,11 +102,13 @@ def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL, rows: int = 
   return ce / jnp.maximum(total, 1.0), total
 
 
+@functools.lru_cache(maxsize=16)
 def make_lm_loss(model, merge=None):
   """LM loss of `model` on an LM batch (data/batches.py); `merge(frozen, params)` builds
   effective params (LoRA), else params.
   The output head runs inside the loss (`head_cross_entropy`); the model's own logits are
-  unused and compiled away."""
+  unused and compiled away. One function per (equal) model and merge in a process, so the
+  stages and runs that train the same model share one jitted step (loop.compile_step)."""
 
   def loss_fn(params, frozen, batch):
     effective = params if merge is None else merge(frozen, params)
