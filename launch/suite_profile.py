@@ -6,10 +6,11 @@ Installs (into the checkout's .venv, made as launch/test.sh makes it) a start-up
 Python process of the run loads: it records the process's CPU time at exit (its own, not its
 children's), its command, the test that started it (PYTEST_CURRENT_TEST, inherited by
 subprocesses), and jax's compile log (every tracing, MLIR lowering and XLA compilation with
-its seconds, and each persistent-cache hit) into OUTDIR/proc-<pid>.jsonl, nothing on the
+its seconds and the test running at the time, and each persistent-cache hit) into
+OUTDIR/proc-<pid>.jsonl, nothing on the
 process's own stdout or stderr. Then runs the suite as launch/test.sh does, removes the hook
 (also on failure or Ctrl-C) and writes OUTDIR/summary.txt: CPU by test file and by command,
-compile seconds by program, cache hits and misses. A process killed by a signal (the kill -9
+compile seconds by program and by test, cache hits and misses. A process killed by a signal (the kill -9
 tests) leaves its compile log but not its CPU time.
 """
 
@@ -31,7 +32,8 @@ if _dir:
   class _Handler(logging.Handler):
     def emit(self, record):
       with open(_path, "a") as f:
-        f.write(json.dumps({"log": record.getMessage()}) + "\\n")
+        f.write(json.dumps({"log": record.getMessage(),
+                            "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\\n")
   for _name in ("jax._src.compiler", "jax._src.interpreters.pxla", "jax._src.pjit",
                 "jax._src.dispatch"):
     _logger = logging.getLogger(_name)
@@ -73,6 +75,7 @@ def summarise(out: pathlib.Path) -> str:
   cpu, nproc = collections.Counter(), collections.Counter()
   compile_s = collections.defaultdict(collections.Counter)
   counts, hits, total = collections.Counter(), collections.Counter(), 0.0
+  by_test = collections.Counter()   # compile seconds (all kinds) by the test running then
   for path in out.glob("proc-*.jsonl"):
     for line in path.read_text().splitlines():
       rec = json.loads(line)
@@ -81,6 +84,7 @@ def summarise(out: pathlib.Path) -> str:
           kind, name = KIND[m.group(1)], program(m.group(2))
           compile_s[kind][name] += float(m.group(3))
           counts[name] += kind == "xla"
+          by_test[rec.get("test", "").split(" ")[0] or "(no test)"] += float(m.group(3))
         elif m := HIT.match(rec["log"]):
           hits[program(m.group(1))] += 1
         continue
@@ -99,6 +103,9 @@ def summarise(out: pathlib.Path) -> str:
       "", "programs by XLA seconds (XLA s, compilations, cache hits, tracing s, MLIR s):"]
   lines += [f"  {s:7.1f}  {counts[n]:4d}  {hits[n]:4d}  {compile_s['trace'][n]:6.1f}  "
             f"{compile_s['mlir'][n]:6.1f}  {n}" for n, s in compile_s["xla"].most_common(25)]
+  lines += ["", "compile seconds (tracing + MLIR + XLA) by the test running at the time "
+            "(a pytest process's own tests, and subprocesses by the test that started them):"]
+  lines += [f"  {s:7.1f}  {t}" for t, s in by_test.most_common(40)]
   return "\n".join(lines) + "\n"
 
 
