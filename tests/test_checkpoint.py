@@ -3,8 +3,10 @@ committed, which steps count as damaged (set aside, older step restored) and whi
 stop the resume instead (CheckpointError, every file left as it was). The same through
 `python -m kstore_jax.main`: tests/test_train.py."""
 
+import errno
 import hashlib
 import json
+import os
 import pathlib
 
 import grain
@@ -81,7 +83,11 @@ def test_manifest_lists_every_state_file_with_its_size(ckpt_dir):
   assert batch.tolist() == [8, 9, 10, 11]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "grain_state", "metadata"])
+NOT_TEXT = b"\xff\xfe\x00garbage"   # a block of garbage after a crash: not even UTF-8
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "grain_state", "metadata",
+                                    "grain_state_not_text", "manifest_not_text"])
 def test_damaged_newest_step_is_set_aside(ckpt_dir, damage):
   newest = ckpt_dir / "2"
   if damage == "truncate":
@@ -94,6 +100,12 @@ def test_damaged_newest_step_is_set_aside(ckpt_dir, damage):
     victim = newest / "data" / "process_0-of-1.json"
     victim.write_text("{")
     (newest / checkpoint.MANIFEST).unlink()   # without a manifest too
+  elif damage == "grain_state_not_text":
+    victim = newest / "data" / "process_0-of-1.json"
+    victim.write_bytes(NOT_TEXT)
+  elif damage == "manifest_not_text":
+    victim = newest / checkpoint.MANIFEST
+    victim.write_bytes(NOT_TEXT)
   else:
     victim = newest / "state" / "_METADATA"
     victim.write_text(victim.read_text()[:20])
@@ -129,6 +141,34 @@ def test_restore_error_of_an_intact_step_stops_and_moves_nothing(ckpt_dir, monke
   step, state, batch = restore(ckpt_dir)
   assert step == 2 and np.asarray(state["params"]["b"]).tolist() == (np.arange(64.0) * 2).tolist()
   assert batch.tolist() == [8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("victim, code", [("state/_METADATA", errno.EIO),
+                                          ("data/process_0-of-1.json", errno.ESTALE),
+                                          (checkpoint.MANIFEST, errno.EACCES)])
+def test_stat_error_is_not_damage(ckpt_dir, monkeypatch, victim, code):
+  """A file of the newest step whose stat fails with an error other than "not found" (an NFS
+  or gcsfuse hiccup) cannot be checked: the resume stops with the one-line CheckpointError
+  naming the step and the cause, every step left in place; once the fault is gone, it
+  resumes from that step."""
+  before = digest(ckpt_dir)
+  real_stat = os.stat
+  faulty = str(ckpt_dir / "2" / victim)
+
+  def flaky_stat(path, *args, **kwargs):
+    if os.fspath(path) == faulty:
+      raise OSError(code, os.strerror(code), faulty)
+    return real_stat(path, *args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(os, "stat", flaky_stat)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      restore(ckpt_dir)
+  msg = str(e.value)
+  assert "\n" not in msg and "checkpoint step 2 " in msg and os.strerror(code) in msg, msg
+  assert digest(ckpt_dir) == before
+  step, state, batch = restore(ckpt_dir)
+  assert step == 2 and int(state["step"]) == 2 and batch.tolist() == [8, 9, 10, 11]
 
 
 # The failed orbax restore leaves its asynchronous reads behind; their "Exception ignored in"

@@ -1,17 +1,26 @@
-"""In-process unit tests of train/ on toy trees (no model, no subprocess): one train step against
-an AdamW update computed by hand, the warmup/cosine schedule at a few steps, and a Checkpointer
-round trip (state + Grain iterator state) with `damage` spotting a file cut short. The
-end-to-end runs through `python -m kstore_jax.main` are in test_train.py / test_checkpoint.py."""
+"""In-process unit tests of train/ on toy trees (no subprocess): one train step against an AdamW
+update computed by hand, the warmup/cosine schedule at a few steps, which params weight decay
+reaches (a tiny model's, a probe's, LoRA's, listed by hand), the loop on a toy quadratic stage
+(the NaN guard before every save, the eval row before its step's save, a grid catch-up's last
+step logged), and a Checkpointer round trip (state + Grain iterator state) with `damage`
+spotting a file cut short. The end-to-end runs through `python -m kstore_jax.main` are in
+test_train.py / test_checkpoint.py."""
 
 import math
+import os
 import pathlib
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pytest
 
 from configs import base
+from kstore_jax import rundir
+from kstore_jax.model import lora, probes, transformer
 from kstore_jax.train import checkpoint, loop, optim, sharding, step as step_lib
 
 
@@ -76,30 +85,152 @@ def test_train_step_is_one_adamw_update():
   np.testing.assert_allclose(float(metrics["lr"]), sc.lr, rtol=1e-6)
 
 
+def decayed(tree) -> tuple[set, set]:
+  """(paths of the leaves optim.decay_mask decays, paths of the others) of `tree`, a path
+  as its keys joined by '/' (a boxed leaf's `.value` left out)."""
+  out = (set(), set())
+  for path, decays in jax.tree_util.tree_flatten_with_path(optim.decay_mask(tree))[0]:
+    keys = [str(getattr(k, "key", getattr(k, "idx", None))) for k in path
+            if not isinstance(k, jax.tree_util.GetAttrKey)]
+    out[0 if decays else 1].add("/".join(keys))
+  return out
+
+
+def test_decay_mask_spares_biases_and_norm_scales_of_any_rank():
+  """Weight decay on kernels, embeddings and low-rank factors only, whatever a leaf's rank:
+  GPT-2's query/key/value biases are [H, K] and a linear probe head's bias [J, C], yet not
+  decayed; LoRA's `b` factor (beside its `a`) is. The model's params as init makes them
+  (boxed) and as the step sees them (unboxed)."""
+  cfg = base.get_config("tiny").model
+  cfg.update(num_layers=1, d_model=32, num_heads=2, d_ff=64, block="gpt2")
+  model = transformer.Transformer(transformer.ModelConfig.from_config(cfg, 128, "cpu"))
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                            jnp.zeros((1, 8), jnp.int32))["params"])
+  kernels = {f"block0/{m}/{p}/kernel" for m, ps in (("attn", ("query", "key", "value", "out")),
+                                                     ("mlp", ("up", "down"))) for p in ps}
+  spared = ({f"block0/{m}/{p}/bias" for m, ps in (("attn", ("query", "key", "value", "out")),
+                                                  ("mlp", ("up", "down"))) for p in ps}
+            | {f"{n}/LayerNorm_0/{k}" for n in ("block0/ln1", "block0/ln2", "ln_f")
+               for k in ("scale", "bias")})
+  assert boxed["block0"]["attn"]["query"]["bias"].value.ndim == 2   # [H, K]
+  for params in (boxed, nn.meta.unbox(boxed)):
+    assert decayed(params) == (kernels | {"embed/embedding"}, spared)
+
+  probe = probes.init(jax.random.PRNGKey(0), vocab=128, d_model=32, embed_rank=2,
+                      n_positions=6, classes=[12, 5], head="linear")
+  assert probe["heads"][0]["b"].shape == (6, 12)   # [J, C]
+  assert decayed(probe) == ({"embed_a", "embed_b", "heads/0/w", "heads/1/w"},
+                            {"heads/0/b", "heads/1/b", "ln/scale", "ln/bias"})
+  probe = probes.init(jax.random.PRNGKey(0), vocab=128, d_model=32, embed_rank=2,
+                      n_positions=6, classes=[12, 5], head="embedding")
+  assert decayed(probe) == ({"embed_a", "embed_b", "heads/0/m", "heads/1/m"},
+                            {"ln/scale", "ln/bias"})
+  factors = lora.init(jax.random.PRNGKey(0), nn.meta.unbox(boxed), rank=2, embed_rank=2)
+  assert decayed(factors) == ({f"{n}/{f}" for n in ("block0/query", "block0/value", "embed")
+                               for f in "ab"}, set())
+
+
+def one_device_mesh():
+  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+
+
+def quadratic(params, frozen, batch):
+  """The toy stages' loss (one function: the tests' stages share its jitted steps)."""
+  return 0.5 * jnp.sum((params["w"] - batch["t"]) ** 2), {}
+
+
+def toy_spec(sc, targets=(), eval_fn=None) -> loop.StageSpec:
+  """A stage of config `sc` pulling w [2, 3] towards one target value per step (`targets`:
+  batches of one row; a NaN one makes the params NaN from its step on)."""
+  rows = [{"t": np.full((1, 2, 3), t, np.float32)} for t in targets]
+  return loop.StageSpec(
+      name="toy", stage_cfg=sc, loss_fn=quadratic,
+      init_params=lambda rng, args: {"w": jax.random.normal(rng, (2, 3))}, frozen=None,
+      data=lambda process_index, process_count: grain.MapDataset.source(rows).to_iter_dataset(),
+      positions_per_step=1, flops_per_position=1.0, export=lambda params, frozen: params,
+      eval_fn=eval_fn)
+
+
+def run_cfg(steps: int, log_every: int, save_every: int, eval_every: int = 0):
+  """(stage config of `steps` steps, run config with its `train` section)."""
+  sc = base.stage(steps=steps, batch_size=1, lr=0.1, warmup_steps=0, weight_decay=0.0)
+  return sc, ml_collections.ConfigDict(dict(seed=0, train=dict(
+      log_every=log_every, save_every=save_every, keep_checkpoints=5, eval_every=eval_every,
+      profile_steps="")))
+
+
+def saved_steps(stage_dir) -> list[int]:
+  c = checkpoint.Checkpointer(rundir.checkpoints_dir(str(stage_dir)), keep=5)
+  try:
+    return sorted(c.manager.all_steps())
+  finally:
+    c.close()
+
+
+def logged_steps(stage_dir, key: str = "loss") -> list[int]:
+  return [r["step"] for r in rundir.read_metrics(rundir.metrics_file(str(stage_dir)))
+          if key in r]
+
+
+def test_nan_state_is_never_saved_whatever_log_every(tmp_path):
+  """A save step that is no log step (save_every 3, log_every 10) has its metrics checked all
+  the same: the params gone NaN at step 4 stop the run at the save of step 6, so the
+  checkpoints hold step 3 only ("last good checkpoint kept" is true, a rerun resumes there)."""
+  sc, cfg = run_cfg(steps=10, log_every=10, save_every=3)
+  targets = [1.0] * 10
+  targets[3] = math.nan   # step 4
+  with pytest.raises(loop.NonFiniteLoss, match=r"at step 6 \(loss=nan\)"):
+    loop.run_stage(toy_spec(sc, targets), cfg, str(tmp_path), one_device_mesh())
+  assert saved_steps(tmp_path) == [3]
+
+
+def test_eval_row_is_written_before_its_step_is_saved(tmp_path, monkeypatch):
+  """At a step that both evaluates and saves, the eval row is in metrics.jsonl before the
+  save starts: a run killed during the eval resumes from an older step and evaluates this
+  one again (saved first, a resume from it would never write the row)."""
+  sc, cfg = run_cfg(steps=6, log_every=1, save_every=3, eval_every=2)
+  evals_at_save = []
+  save = checkpoint.Checkpointer.save
+
+  def recorded_save(self, step, state, data_iter):
+    evals_at_save.append((step, logged_steps(tmp_path, "w_mean")))
+    save(self, step, state, data_iter)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", recorded_save)
+  eval_fn = lambda params: {"w_mean": float(params["w"].mean())}
+  loop.run_stage(toy_spec(sc, [1.0] * 6, eval_fn), cfg, str(tmp_path), one_device_mesh())
+  assert evals_at_save == [(3, [2]), (6, [2, 4, 6])]
+
+
+def test_catch_up_to_a_step_that_is_no_save_step_logs_it(tmp_path):
+  """A cohort whose member A stands at step 3 (say, stopped by SIGTERM) and B at 0: B trains
+  alone to step 3, which is no save step, then both to 6. B's metrics have every step, 3
+  included (that step's metrics were pending when the catch-up ended), as A's have."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  sc, cfg = run_cfg(steps=3, log_every=1, save_every=5)
+  loop.run_stage(toy_spec(sc, [1.0] * 3), cfg, str(a), one_device_mesh())
+  os.rename(rundir.final_dir(str(a)), tmp_path / "final_of_a")   # A stands at its step 3
+  sc, cfg = run_cfg(steps=6, log_every=1, save_every=5)
+  loop.run_cohort([loop.Member(toy_spec(sc, [1.0] * 6), str(a), 0, "a"),
+                   loop.Member(toy_spec(sc, [2.0] * 6), str(b), 0, "b")],
+                  cfg.train, one_device_mesh())
+  assert logged_steps(a) == logged_steps(b) == [1, 2, 3, 4, 5, 6]
+
+
 def test_stages_differing_in_hyperparameters_share_one_program():
   """The optimizer's numbers are arguments of the compiled step (optim.hyperparams), so two
   stages of the same shapes that differ in steps, warmup, lr, decay, betas and clip lower to
   the same program (one executable from the persistent compilation cache for pretrain ->
   finetune, or runs of other lengths) and, in one process, share one jitted function; each
   still steps with its own schedule."""
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-
-  def loss_fn(params, frozen, batch):
-    return 0.5 * jnp.sum((params["w"] - batch["t"]) ** 2), {}
-
-  def spec(sc):
-    return loop.StageSpec(
-        name="toy", stage_cfg=sc, loss_fn=loss_fn,
-        init_params=lambda rng, args: {"w": jax.random.normal(rng, (2, 3))}, frozen=None,
-        data=None, positions_per_step=1, flops_per_position=1.0, export=None)
-
+  mesh = one_device_mesh()
   cfgs = [stage_cfg(2), base.stage(steps=37, batch_size=1, lr=3e-3, warmup_steps=0,
                                     weight_decay=0.0)]
   cfgs[1].update(b1=0.8, b2=0.95, final_lr_fraction=0.5, grad_clip=0.5)
   batch = {"t": jax.device_put(jnp.ones((2, 3), jnp.float32), sharding.batch_sharding(mesh))}
   texts, lrs, jitted = [], [], []
   for sc in cfgs:
-    init, rng, abstract, _, train_step = loop.compile_stage(spec(sc), mesh, 0)
+    init, rng, abstract, _, train_step = loop.compile_stage(toy_spec(sc), mesh, 0)
     texts.append(train_step.lower(abstract, None, batch).as_text())
     jitted.append(train_step.jitted)
     state = init(rng, None)

@@ -15,6 +15,7 @@ the latter stops the run with a one-line `CheckpointError` and leaves every step
 import json
 import logging
 import os
+import stat
 
 import grain
 import jax
@@ -109,44 +110,41 @@ class Checkpointer:
     lists is missing or has another size, or the manifest itself is unparsable; without one
     (a step saved before manifests existed, or one whose run was killed before writing it),
     `state/_METADATA` is missing; and, either way, `state/_METADATA` or a Grain state file
-    (`data/process_*.json`, at least one) is missing or unparsable. Grain's files are not in
-    the manifest: a run resumed with another process count reads any of them. A file that
-    exists but cannot be read raises OSError (not damage: maybe transient).
+    (`data/process_*.json`, at least one) is missing or unparsable (not JSON, not even
+    text). Grain's files are not in the manifest: a run resumed with another process count
+    reads any of them. Any other OSError on a file (it exists but cannot be read, or its stat
+    fails: EIO, ESTALE, EACCES) is raised: not damage, maybe transient.
     """
     path = os.path.join(self.directory, str(step))
-    if not os.path.isdir(path):
+    if not _is(path, stat.S_ISDIR):
       return "its directory is missing"
     manifest = os.path.join(path, MANIFEST)
-    if os.path.exists(manifest):
-      with open(manifest) as f:
-        text = f.read()
+    if _stat(manifest) is not None:
       try:
-        sizes = json.loads(text)["files"]
+        sizes = json.loads(_read(manifest))["files"]
         sizes = {str(k): int(v) for k, v in sizes.items()}
-      except (ValueError, KeyError, TypeError, AttributeError):
+      except (ValueError, KeyError, TypeError, AttributeError):   # UnicodeDecodeError too
         return f"its manifest {MANIFEST} is unparsable"
       for rel, size in sorted(sizes.items()):
-        file = os.path.join(path, rel)
-        if not os.path.isfile(file):
+        st = _stat(os.path.join(path, rel))
+        if st is None or not stat.S_ISREG(st.st_mode):
           return f"{rel} is missing"
-        if (got := os.path.getsize(file)) != size:
-          return f"{rel} has {got} bytes, {size} when saved"
+        if st.st_size != size:
+          return f"{rel} has {st.st_size} bytes, {size} when saved"
     jsons = [os.path.join(STATE, "_METADATA")]
     data_dir = os.path.join(path, DATA)
     states = sorted(n for n in os.listdir(data_dir) if n.startswith("process_")
-                    and n.endswith(".json")) if os.path.isdir(data_dir) else []
+                    and n.endswith(".json")) if _is(data_dir, stat.S_ISDIR) else []
     if not states:
       return "data/ holds no Grain state (process_*.json)"
     jsons += [os.path.join(DATA, n) for n in states]
     for rel in jsons:
       file = os.path.join(path, rel)
-      if not os.path.isfile(file):
+      if not _is(file, stat.S_ISREG):
         return f"{rel} is missing"
-      with open(file) as f:
-        text = f.read()
       try:
-        json.loads(text)
-      except ValueError:
+        json.loads(_read(file))
+      except ValueError:   # UnicodeDecodeError too: bytes that are not text
         return f"{rel} is unparsable"
     return None
 
@@ -217,6 +215,29 @@ def write_manifest(step_dir: str) -> None:
       file = os.path.join(root, n)
       sizes[os.path.relpath(file, step_dir)] = os.path.getsize(file)
   rundir.write_json(os.path.join(step_dir, MANIFEST), {"files": sizes}, indent=1)
+
+
+def _stat(path: str) -> os.stat_result | None:
+  """os.stat of `path`, None when it does not exist (a missing component, or one that is a
+  file). Any other OSError is raised: os.path.exists and co. would read an I/O error as
+  "missing", and a step's intact files would be set aside over a transient fault."""
+  try:
+    return os.stat(path)
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+
+
+def _is(path: str, kind) -> bool:
+  """Whether `path` exists and is of `kind` (stat.S_ISDIR, stat.S_ISREG); _stat's errors."""
+  st = _stat(path)
+  return st is not None and kind(st.st_mode)
+
+
+def _read(path: str) -> bytes:
+  """The bytes of `path`: json.loads decodes them inside the caller's parse check, so a file
+  that is not text counts as unparsable (UnicodeDecodeError is a ValueError)."""
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def _cause(e: BaseException) -> str:

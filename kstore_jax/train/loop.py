@@ -288,15 +288,24 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
   t_start = time.time()
 
-  def log(active, step, device_metrics, t_last, step_last):
+  def check(active, step, device_metrics) -> dict:
+    """The metrics of `step` of each member in `active`, fetched ({i: {name: float}});
+    NonFiniteLoss when one is not finite. The step's param_norm is of the params it made, so
+    a step that passes leaves a state fit to save."""
     values = jax.device_get(device_metrics)
-    now = time.time()
+    rows = {}
     for i in active:
+      rows[i] = {k: float(v[i] if vmapped else v) for k, v in values.items()}
+      if not all(math.isfinite(v) for v in rows[i].values()):
+        raise NonFiniteLoss(f"[{members[i].label}] non-finite loss/gradient at step {step} "
+                            f"(loss={rows[i]['loss']}); last good checkpoint kept")
+    return rows
+
+  def log(active, step, device_metrics, t_last, step_last):
+    rows = check(active, step, device_metrics)
+    now = time.time()
+    for i, row in rows.items():
       m = members[i]
-      row = {k: float(v[i] if vmapped else v) for k, v in values.items()}
-      if not all(math.isfinite(v) for v in row.values()):
-        raise NonFiniteLoss(f"[{m.label}] non-finite loss/gradient at step {step} "
-                            f"(loss={row['loss']}); last good checkpoint kept")
       tps = (step - step_last) * m.spec.positions_per_step / max(now - t_last, 1e-9)
       row.update(tokens_per_s=tps, step_time_s=m.spec.positions_per_step / max(tps, 1e-9),
                  flops_per_s=tps * m.spec.flops_per_position)
@@ -342,9 +351,12 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       if step % tc.log_every == 0 or step == sc.steps:
         pending = (step, device_metrics)
       boundary = step % tc.save_every == 0 or step == sc.steps or signals.caught
-      if boundary and pending is not None:
-        t_last, step_last = log(active, *pending, t_last, step_last)   # never save unchecked
-        pending = None
+      if boundary:   # never save unchecked, whatever log_every: the saved step's own metrics
+        if pending is not None:   # this step's, logged now
+          t_last, step_last = log(active, *pending, t_last, step_last)
+          pending = None
+        else:
+          check(active, step, device_metrics)
       evaluate = tc.eval_every and step % tc.eval_every == 0
       runs = None   # the members' states, split from the cohort's when first needed
       for i in active:
@@ -354,17 +366,21 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         if runs is None:
           runs = _split_runs(state, len(members)) if vmapped else [state]
         one = runs[i]
+        # the eval row first: a run killed during the eval resumes before this step and
+        # evaluates it again; once the step is saved, a resume never would
+        if evaluate and m.spec.eval_fn:
+          writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
         if boundary:
           ckpts[i].save(step, one, data_iters[i])
           if serial_saves:
             ckpts[i].wait()
-        if evaluate and m.spec.eval_fn:
-          writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
       if signals.caught:
         for i in active:
           ckpts[i].wait()
         raise Interrupted(f"[{', '.join(members[i].label for i in active)}] "
                           f"{signals.caught} at step {step}; checkpoint saved")
+    if pending is not None:   # a catch-up's last step, not a save step: logged all the same
+      log(active, *pending, t_last, step_last)
     return state
 
   # one trace per cohort (of its one step), in the first member's stage directory

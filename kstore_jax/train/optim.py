@@ -40,9 +40,25 @@ def learning_rate(hp, count):
   return jnp.where(count < warmup, warm, cosine)
 
 
+def _keys(path) -> tuple:
+  """A param's path as its dict keys and list indices (a boxed leaf's `.value` left out)."""
+  return tuple(k.key if isinstance(k, jax.tree_util.DictKey) else k.idx for k in path
+               if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)))
+
+
 def decay_mask(params):
-  """Weight decay on matrices only (not on norms, biases)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on kernels, embeddings and low-rank factors; none on biases and norm
+  scales. Told by name, not rank: GPT-2's query/key/value biases are [H, K] and a probe's
+  linear head bias [J, C]. A bias is a leaf named `bias`, or `b` beside a `w` (the probes'
+  linear head; LoRA's `b` beside an `a` is a factor); a norm's is `scale`."""
+  linear = {_keys(p)[:-1] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            if _keys(p)[-1] == "w"}
+
+  def decays(path, _):
+    *parent, name = _keys(path)
+    return not (name in ("bias", "scale") or (name == "b" and tuple(parent) in linear))
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(hp) -> optax.GradientTransformation:
