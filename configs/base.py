@@ -26,6 +26,13 @@ def stages_of(*kinds: str) -> tuple[str, ...]:
   return tuple(s for s, k in STAGE_KINDS.items() if k in kinds)
 
 
+def stage_list(cfg) -> tuple[str, ...]:
+  """`cfg.stages` as a tuple of names. `--config.stages=pretrain,eval` arrives as the string
+  or as the 1-tuple ('pretrain,eval',): entries are split on commas."""
+  s = (cfg.stages,) if isinstance(cfg.stages, str) else cfg.stages
+  return tuple(x.strip() for entry in s for x in str(entry).split(",") if x.strip())
+
+
 BASE_STAGES = stages_of("base")
 TRAIN_STAGES = stages_of("base", "train")            # the language model trains
 PROBE_STAGES = stages_of("probe")

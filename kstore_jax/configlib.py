@@ -109,11 +109,7 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def stage_list(cfg) -> tuple[str, ...]:
-  """`cfg.stages` as a tuple of names. `--config.stages=pretrain,eval` arrives as the string
-  or as the 1-tuple ('pretrain,eval',): entries are split on commas."""
-  s = (cfg.stages,) if isinstance(cfg.stages, str) else cfg.stages
-  return tuple(x.strip() for entry in s for x in str(entry).split(",") if x.strip())
+stage_list = base.stage_list   # the config's stages (the data layer reads them too)
 
 
 def _check_aug(spec, key: str) -> None:
@@ -167,6 +163,16 @@ def _check_qa_valid(cfg) -> None:
            "person whose QA is trained on")
 
 
+def _check_qa_ratio(d, stages: tuple[str, ...]) -> None:
+  """data.qa_ratio under pretrain_mixed: a chunk takes round(share x data.chunk_docs) documents
+  of each source (data/pipeline.py mix_counts), so a positive share under one document
+  would silently be none: the QA pairs (or the bios) never read."""
+  r, n = d.qa_ratio, d.chunk_docs
+  _require("pretrain_mixed" not in stages or r == 0 or min(r, 1 - r) * n >= 1,
+           f"data.qa_ratio={r}: a pretrain_mixed chunk of data.chunk_docs={n} documents would "
+           f"hold {r * n:.3g} QA pairs and {(1 - r) * n:.3g} bios; each must be 0 or at least 1")
+
+
 def _check_source(d) -> None:
   """data.source: 'generated', or 'jsonl:FILE' / 'tfds:DIR' that exists (its records are
   checked when the world is built, before anything is written)."""
@@ -198,6 +204,8 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   for s in stages:
     _require(s in base.STAGE_NAMES, f"stages: unknown stage {s!r}; expected {base.STAGE_NAMES}")
   _require(len(stages) > 0, "stages: no stage to run")
+  _require(isinstance(cfg.seed, int) and cfg.seed >= 0,
+           f"seed={cfg.seed!r} must be an integer >= 0")
   d = cfg.data
   _check_aug(d, "data")
   _check_groups(d, stages)
@@ -210,6 +218,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _check_qa_valid(cfg)
   _require(d.seq_len >= 32, f"data.seq_len={d.seq_len} must be >= 32")
   _require(d.chunk_docs >= 1, f"data.chunk_docs={d.chunk_docs} must be >= 1")
+  _check_qa_ratio(d, stages)
   _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
   _require(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
            f"data.tokenizer_path: no such file {d.tokenizer_path!r}")
@@ -252,6 +261,12 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     _require(st.steps >= 1, f"{s}.steps={st.steps} must be >= 1")
     _require(st.lr > 0, f"{s}.lr={st.lr} must be > 0")
     _require(0 <= st.warmup_steps, f"{s}.warmup_steps={st.warmup_steps} must be >= 0")
+    _require(st.grad_clip > 0, f"{s}.grad_clip={st.grad_clip} must be > 0 (the global-norm "
+             "clip: 0 zeroes every update, a negative one reverses it)")
+    if s == "finetune":   # the embedding LoRA rides on the attention one (model/lora.py)
+      _require(st.lora_embed_rank == 0 or st.lora_rank > 0,
+               f"finetune.lora_embed_rank={st.lora_embed_rank} needs finetune.lora_rank > 0 "
+               "(with lora_rank=0 the stage is a full finetune)")
     if s in ("pprobe", "qprobe"):
       _require(st.head in PROBE_HEADS,
                f"{s}.head={st.head!r} must be one of {'|'.join(PROBE_HEADS)}")

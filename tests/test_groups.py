@@ -81,6 +81,21 @@ def test_mixed_stage_keeps_token_shares_and_qa_ratio(tok):
   np.testing.assert_allclose(weights, [*(0.2 * np.array(bio_weights)), 0.8])
 
 
+def test_a_token_share_under_one_document_per_chunk_is_refused(tok):
+  """A chunk takes round(weight x data.chunk_docs) documents of each source: a group whose
+  bios' weight in a stage's stream is under one document per chunk would never be read.
+  0.2% of the bio positions is ~2 of 1024 documents in pretrain, ~0.4 in pretrain_mixed (where
+  the bios have 1 - data.qa_ratio = 20% of the documents)."""
+  cfg = grouped(star__tokens=0.002, minority__tokens=0.998)
+  star = world_lib.build_world(cfg, tok).chunks("pretrain", cfg.data).counts[1]
+  assert star == 2
+  cfg = grouped(scale="tiny,mixed", star__tokens=0.002, minority__tokens=0.998)
+  with pytest.raises(configlib.ConfigError, match=r"^data.groups.star.tokens=0.002: a "
+                     r"pretrain_mixed chunk of data.chunk_docs=1024 documents would hold 0.4\d* "
+                     r"of its bios, i.e. none"):
+    world_lib.build_world(cfg, tok)
+
+
 def test_no_groups_is_the_single_world(tok):
   """Without data.groups: the NumPy-stream population, the old QA split, one bio source."""
   cfg = single_permute1.get_config("tiny")

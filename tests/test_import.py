@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+import tokenizers
 from runs import micro_stage_args, run_main
 
 from configs import base
@@ -53,10 +54,24 @@ def test_segments_keep_each_value_with_its_space():
 
 
 def test_birth_month():
-  assert [imported.birth_month(d) for d in ("May 3, 1950", "3 sept. 1950", "1950-12-01")] == \
+  assert [records.birth_month(d) for d in ("May 3, 1950", "3 sept. 1950", "1950-12-01")] == \
          [4, 8, 11]
   with pytest.raises(ValueError, match="names no month"):
-    imported.birth_month("3/5/1950")
+    records.birth_month("3/5/1950")
+
+
+def test_given_spans_may_not_overlap_each_other_or_the_name():
+  text = "Art Lee was born on May 3, 1950 in Paris. Art Lee studied Art at the Art Institute."
+  values = ("May 3, 1950", "Paris", "Art Institute", "Art", "Acme", "Paris")
+  paris = (text.index("Paris"), text.index("Paris") + 5)
+  with pytest.raises(ValueError, match=r"spans.company_city: \[35, 40\] overlaps spans.birth_city"):
+    records.locate(text, "Art Lee", values, {"birth_city": paris, "company_city": paris})
+  with pytest.raises(ValueError, match=r"spans.major: \[0, 3\] overlaps the name 'Art Lee' at"):
+    records.locate(text, "Art Lee", values, {"major": (0, 3)})
+  inst = text.index("Art Institute")
+  with pytest.raises(ValueError, match=r"spans.major: .* overlaps spans.university"):
+    records.locate(text, "Art Lee", values, {"university": (inst, inst + 13),
+                                             "major": (inst, inst + 3)})
 
 
 # -- one-line errors ----------------------------------------------------------------------
@@ -85,10 +100,29 @@ def bad(tmp_path, change):
   return write(tmp_path / "bad.jsonl", recs)
 
 
+def no_month(recs):
+  """The third person's birth date names no month (the probes predict it)."""
+  r = recs[2]
+  r.update(birth_date="3/5/1950", text=r["text"].replace(r["birth_date"], "3/5/1950"))
+
+
+def hometown(recs):
+  recs[0]["hometown"] = "Paris"
+
+
+def one_city_given_twice(rec):
+  """Born and working in one city, both spans given as its first mention (as str.find gives)."""
+  city = rec["birth_city"]
+  rec["text"] = rec["text"].rsplit(rec["company_city"], 1)[0] + city + "."
+  at = rec["text"].index(city)
+  rec.update(company_city=city, spans={"birth_city": [at, at + len(city)],
+                                       "company_city": [at, at + len(city)]})
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda r: r[1].update(text=r[1]["text"].replace(r[1]["major"], "Dance")),
      r"line 2: text: the major value '.*' is not in the bio"),
-    (lambda r: r[0].update(hometown="Paris"), r"line 1: hometown: unknown field"),
+    (hometown, r"line 1: hometown: unknown field"),
     (lambda r: r[2].pop("company"), r"line 3: company: missing"),
     (lambda r: r[1].update(name=r[0]["name"]),
      r"line 2: name: '.*' is also the name of person 0 \(.* line 1\); names must be unique"),
@@ -101,6 +135,12 @@ def bad(tmp_path, change):
     (lambda r: r[0].update(spans={"major": [0, 3]}), r"line 1: spans.major: text\[0:3\] is"),
     (lambda r: r[0].update(spans={"major": [5, 900]}), r"line 1: spans.major: \[5, 900\] is not"),
     (lambda r: r[1].update(person=-1), r"line 2: person: -1 is not an integer >= 0"),
+    (lambda r: r[1].update(person=2 ** 64), r"line 2: person: 18446744073709551616 is not an "
+     r"integer >= 0 and < 2\*\*63"),
+    (lambda r: r[2].update(copy=2 ** 63), r"line 3: copy: 9223372036854775808 is not"),
+    (no_month, r"line 3: birth_date: '3/5/1950' names no month"),
+    (lambda r: one_city_given_twice(r[1]), r"line 2: spans.company_city: \[\d+, \d+\] overlaps "
+     r"spans.birth_city \[\d+, \d+\]"),
 ])
 def test_bad_records_fail_in_one_line_naming_file_line_and_field(tmp_path, change, match):
   spec = bad(tmp_path, change)
@@ -135,14 +175,77 @@ def test_data_source_key_is_validated(tmp_path):
       configlib.validate(c, 1, platform="cpu")
 
 
-def test_main_refuses_a_bad_file_before_writing_anything(tmp_path, jax_cache):
-  spec = bad(tmp_path, lambda r: r[0].update(hometown="Paris"))
+def test_people_with_other_bio_counts_need_data_groups(tmp_path):
+  """Without data.groups everyone is one group: one bio count for all (the world would serve
+  the first person's count of everyone's bios: bios dropped, or another person's)."""
+  recs = [r for r in person_records(4, copies=3) if r["person"] >= 2 or r["copy"] == 0]
+  for r in recs[2:]:
+    r["group"] = "multi"
+  corpus = records.read_source(write(tmp_path / "mixed.jsonl", recs))
+  cfg = base.get_config("tiny")
+  with pytest.raises(ConfigError, match=rf"^{tmp_path}/mixed.jsonl: person 2 has 3 bios, "
+                                        r"person 0 has 1 \(without data.groups"):
+    world_lib.imported_groups(corpus, imported.people_order(corpus, None), cfg.data)
+  for r in recs[:2]:
+    r["group"] = "single"
+  corpus = records.read_source(write(tmp_path / "grouped.jsonl", recs))
+  cfg.data.groups = {"single": base.group(0.5, 0.5, 0.5), "multi": base.group(0.5, 0.5, 0.5)}
+  groups = world_lib.imported_groups(corpus, imported.people_order(corpus, ["multi", "single"]),
+                                     cfg.data)
+  assert [(g.name, g.start, g.stop, g.aug.copies) for g in groups] == \
+         [("multi", 0, 2, 3), ("single", 2, 4, 1)]
+
+
+def test_a_dataset_whose_qa_train_side_is_nobody_is_refused(tmp_path):
+  """configlib.validate checks the QA split of the generated data.n_people; an imported world
+  checks its own (one person: round(0.5) = 0 trained on) before anything trains."""
+  cfg = base.get_config("tiny")
+  cfg.data.update(source=write(tmp_path / "one.jsonl", person_records(1, copies=2)),
+                  vocab_size=512)
+  configlib.validate(cfg, 1, platform="cpu")
+  with pytest.raises(ConfigError, match=r"one.jsonl: data.qa_train_fraction=0.5 and "
+                                        r"data.qa_valid_fraction=0 leave none of its 1 people"):
+    world_lib.build_world(cfg, tokenizer.get_tokenizer(cfg.data))
+
+
+def test_a_file_that_is_no_tokenizer_is_one_line_naming_it(tmp_path):
+  path = tmp_path / "tok.json"
+  path.write_text("{}")
+  with pytest.raises(ConfigError, match=rf"^{path}: not a tokenizer.json \(Model missing"):
+    tokenizer.load_tokenizer(str(path))
+  no_eot(path)
+  with pytest.raises(ConfigError, match=rf"^{path}: the tokenizer has no <\|endoftext\|> token"):
+    tokenizer.load_tokenizer(str(path))
+
+
+def no_eot(path):
+  """A tokenizer.json without the special tokens."""
+  tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(path))
+  return path
+
+
+# the command line's bad input (tmp_path -> overrides) and the end of its one error line
+BAD_FILES = {
+    "unknown_field": (lambda d: [f"--config.data.source={bad(d, hometown)}"],
+                      "line 1: hometown: unknown field; expected " + ", ".join(records.FIELDS)),
+    "no_month": (lambda d: [f"--config.data.source={bad(d, no_month)}"],
+                 "line 3: birth_date: '3/5/1950' names no month (January..December or "
+                 "YYYY-MM-DD): the probes predict the birth month"),
+    "tokenizer_without_eot": (
+        lambda d: [f"--config.data.tokenizer_path={no_eot(d / 'tok.json')}"],
+        "tok.json: the tokenizer has no <|endoftext|> token (the document separator)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_main_refuses_a_bad_file_before_writing_anything(tmp_path, jax_cache, case):
+  overrides, ending = BAD_FILES[case]
   wd = tmp_path / "run"
-  r = run_main(["--config=configs/tiny.py", f"--workdir={wd}", f"--config.data.source={spec}"],
+  r = run_main(["--config=configs/tiny.py", f"--workdir={wd}", *overrides(tmp_path)],
                jax_cache, timeout=300)
   assert r.returncode == 2
-  assert r.stderr.strip().splitlines()[-1].endswith("line 1: hometown: unknown field; expected "
-                                                    + ", ".join(records.FIELDS))
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].endswith(ending), r.stderr[-3000:]
   assert not wd.exists()
 
 

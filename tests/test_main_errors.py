@@ -89,6 +89,28 @@ def test_bad_config_leaves_workdir_untouched(case, workdir, jax_cache):
   assert snapshot(workdir) == before
 
 
+# validate's checks of a stage's numbers, in process (main runs validate before it writes
+# anything): (--config.<key>=<value> overrides of configs/single.py:tiny, what the line names)
+BAD_STAGE = {
+    "grad_clip_zero": ({"pretrain.grad_clip": "0"}, "pretrain.grad_clip=0.0 must be > 0"),
+    "grad_clip_negative": ({"finetune.grad_clip": "-1"}, "finetune.grad_clip=-1.0 must be > 0"),
+    "lora_embed_without_lora": ({"finetune.lora_rank": "0", "finetune.lora_embed_rank": "8"},
+                                "finetune.lora_embed_rank=8 needs finetune.lora_rank > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STAGE))
+def test_bad_stage_numbers_are_one_line_errors(case):
+  overrides, culprit = BAD_STAGE[case]
+  cfg = single.get_config("tiny,lora")   # a LoRA finetune (rank 16, embedding rank 128): valid
+  configlib.validate(cfg, 1, platform="cpu")
+  for key, text in overrides.items():
+    configlib.apply_override(cfg, key, text)
+  with pytest.raises(configlib.ConfigError) as e:
+    configlib.validate(cfg, 1, platform="cpu")
+  assert culprit in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 # data.groups of configs/celeb_minority.py (groups `minority` and `star`), with SMALL's 100 people
 BAD_GROUPS = {
     "unknown_group": (["--config.data.groups.celebrity.people=0.5"],
@@ -124,6 +146,15 @@ def test_seq_len_shorter_than_longest_document(tmp_path, jax_cache):
   r = run_main([CONFIG, f"--workdir={wd}", *SMALL, "--config.data.seq_len=40"], jax_cache)
   assert_one_line_error(r, "data.seq_len=40", "longest document")
   assert not wd.exists()
+
+
+def test_negative_seed_is_refused_by_validate():
+  """NumPy's SeedSequence takes no negative seed: validate names the key before a new
+  workdir's world is drawn (an existing workdir would name the changed seed first)."""
+  c = single.get_config("tiny")
+  c.seed = -1
+  with pytest.raises(configlib.ConfigError, match=r"^seed=-1 must be an integer >= 0$"):
+    configlib.validate(c, 1, platform="cpu")
 
 
 def test_unknown_flag_is_one_line(workdir, jax_cache):

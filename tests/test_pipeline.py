@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from absl import flags
 
+from configs import base
+from kstore_jax import configlib
 from kstore_jax.data import batches, pipeline, population, render, sources, tokenizer
 from kstore_jax.data.render import Docs
+from kstore_jax.errors import ConfigError
 
 N_PEOPLE = 100
 SEQ_LEN = 128
@@ -267,6 +270,24 @@ def test_mix_counts_rejects_bad_weights():
     pipeline.mix_counts([0, 0], 10)
   with pytest.raises(ValueError):
     pipeline.mix_counts([-1, 2], 10)
+
+
+@pytest.mark.parametrize("qa_ratio, refused", [(0.0004, True), (0.9995, True), (0.001, False),
+                                              (0.0, False)])
+def test_a_qa_ratio_under_one_document_per_chunk_is_refused(qa_ratio, refused):
+  """mix_counts gives a source round(weight x chunk_docs) documents a chunk, so pretrain_mixed
+  with 0.0004 x 1024 QA pairs (or 0.0005 x 1024 bios) would never read them: validate refuses
+  it, only where pretrain_mixed runs."""
+  cfg = base.get_config("tiny,mixed")
+  cfg.data.qa_ratio = qa_ratio
+  if refused:
+    with pytest.raises(ConfigError, match=rf"^data.qa_ratio={qa_ratio}: a pretrain_mixed chunk "
+                                          r"of data.chunk_docs=1024 documents would hold "):
+      configlib.validate(cfg, 1, platform="cpu")
+  else:
+    configlib.validate(cfg, 1, platform="cpu")
+  cfg.stages = ("pretrain", "finetune")
+  configlib.validate(cfg, 1, platform="cpu")
 
 
 @pytest.mark.parametrize("qa_ratio", [0.8, 0.25])

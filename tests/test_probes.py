@@ -17,7 +17,7 @@ from runs import run_main
 from configs import base as base_cfg
 from kstore_jax import experiment
 from kstore_jax.data import pools as pools_lib
-from kstore_jax.data import classes, population, probing, tokenizer as tokenizer_lib
+from kstore_jax.data import classes, population, probing, records, tokenizer as tokenizer_lib
 from kstore_jax.data import world as world_lib
 from kstore_jax.data.population import MONTHS
 from kstore_jax.data.render import N_ATTR
@@ -151,6 +151,31 @@ def test_probe_batches_pad_to_width(kind):
   if kind == "pprobe":
     all_bios = w.bios().docs(np.arange(len(w.bios())))
     assert all_bios.lengths.max() <= width
+
+
+def test_qprobe_width_fits_an_imported_worlds_longest_name(tmp_path):
+  """An imported world's names are its roster's, not the pools': the Q-probe width is its
+  longest name's, so a batch holding a name longer than any pool name still pads (not fails)."""
+  pop = population.make_population(0, 4)
+  long = "María José de la Concepción Fernández-Núñez y Gómez"
+  recs = []
+  for p in range(4):
+    name = long if p == 0 else pop.full_name(p)
+    v = pop.values(p)
+    recs.append({"person": p, "name": name, **v, "text": (
+        f"{name} was born on {v['birth_date']} in {v['birth_city']}, studied {v['major']} at "
+        f"{v['university']} and works for {v['company']} in {v['company_city']}.")})
+  records.write_jsonl(recs, str(tmp_path / "bios.jsonl"))
+  tokenizer(1024).save(str(tmp_path / "tok.json"))   # the pools' tokenizer: long names split
+  cfg = base_cfg.get_config("tiny")
+  cfg.data.update(source=f"jsonl:{tmp_path / 'bios.jsonl'}",
+                  tokenizer_path=str(tmp_path / "tok.json"))
+  w = world_lib.build_world(cfg, tokenizer_lib.get_tokenizer(cfg.data))
+  (tokens, _), _, _ = probing.qprobe_examples(w, np.arange(4))
+  width = probing.probe_width(w, "qprobe")
+  assert width == tokens.shape[1]          # [EOT] + the long name, exactly
+  batch = probing.ProbeBatches(w, np.arange(4), "qprobe", 4, width, seed=0)[0]
+  assert batch["tokens"].shape == (4, width)
 
 
 # -- 2. labels ---------------------------------------------------------------------------------

@@ -138,6 +138,30 @@ def test_grouped_world_round_trip(tmp_path):
     make_world(c)
 
 
+def test_an_older_export_asks_for_a_re_export(tmp_path):
+  """A kstore_bios 1.x dataset (token ids, no people's facts) is refused in one line."""
+  import tensorflow_datasets as tfds
+  from kstore_jax.data import tfds_bios
+
+  class KstoreBios(tfds_bios.KstoreBios, skip_registration=True):   # the name: its directory
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "text": tfds.features.Text()}))
+
+    def _generate_examples(self):
+      yield 0, {"tokens": np.arange(5, dtype=np.int32), "text": "x"}
+
+  KstoreBios(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+  with pytest.raises(records.ConfigError, match=r"kstore_bios/1.0.0 is a kstore_bios 1.0.0 "
+                     r"dataset, not kstore_bios 2.0.0 text records \(missing: person, .*\): "
+                     r"re-export") as e:
+    records.read_source(f"tfds:{tmp_path}")
+  assert "\n" not in str(e.value)
+
+
 def test_export_command_and_import_by_config(tmp_path):
   out = tmp_path / "jsonl"
   r = subprocess.run([sys.executable, "-m", "kstore_jax.data", "--config=configs/tiny.py",

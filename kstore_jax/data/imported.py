@@ -3,41 +3,28 @@ like the generated Population (`Roster`), a Renderer that renders their QA like 
 one (`RosterRenderer`), and their bios tokenised once (`BioStore`, served by `StoredBios`).
 
 A bio is tokenised in segments: the text between the values, and each value together with the
-space before it, so a value is the same tokens in its bios as in its QA answer (" " + value) and
-its token span is exact; the text gets a leading space when it has none (generated bios start
-with " " + the name after EOT). Documents are [EOT] + text + [EOT] as in render.py. The store
-keeps model ids (int32, 4 bytes a token), token spans and offsets: no Python object per bio.
+space before it, so its token span is exact; the text gets a leading space when it has none
+(generated bios start with " " + the name after EOT). A value is the same tokens in its bios
+as in its QA answer (" " + value) only where the bio writes it as the record does (same case)
+right after a space (" ", not a tab or newline) or at the start: one after another character
+("(May 3, 1950", or after a newline) is tokenised without the space, and one located or given
+case-insensitively keeps the bio's spelling (" law" where the QA answer is " Law"), so those
+bio tokens differ from the answer's. Documents are [EOT] + text + [EOT] as in render.py. The
+store keeps model ids (int32, 4 bytes a token), token spans and offsets: no Python object per
+bio.
 """
 
 import dataclasses
-import re
 
 import numpy as np
 
 from kstore_jax.data import records, render
-from kstore_jax.data.population import MONTHS
 from kstore_jax.data.render import N_ATTR, Docs
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import EOT
 from kstore_jax.errors import ConfigError
 
-_MONTH = re.compile(r"(?<![^\W\d_])(" + "|".join(m[:3] for m in MONTHS) + r")[a-z]*\.?(?![^\W\d_])",
-                    re.IGNORECASE)
-_ISO = re.compile(r"\b\d{4}-(\d{2})-\d{2}\b")
 _BATCH = 2048            # bios tokenised per encode_batch call
-
-
-def birth_month(date: str) -> int:
-  """Month 0..11 named in a birth date text ("May 3, 1950", "3 Sep. 1950", "1950-05-03");
-  ValueError when it names none (the probes predict the birth month)."""
-  m = _MONTH.search(date)
-  if m:
-    return [x[:3].lower() for x in MONTHS].index(m.group(1).lower())
-  iso = _ISO.search(date)
-  if iso and 1 <= int(iso.group(1)) <= 12:
-    return int(iso.group(1)) - 1
-  raise ValueError(f"birth_date {date!r} names no month (January..December or YYYY-MM-DD): "
-                   "the probes predict the birth month")
 
 
 class Roster:
@@ -51,7 +38,7 @@ class Roster:
     self.tables = {a: tuple(sorted(set(col))) for a, col in zip(ATTRIBUTES, cols)}
     self.ids = np.stack([np.searchsorted(np.array(self.tables[a], object), np.array(col, object))
                          for a, col in zip(ATTRIBUTES, cols)], 1).astype(np.int32)   # [N, 6]
-    self.birth_month = np.array([birth_month(d) for d in self.tables["birth_date"]],
+    self.birth_month = np.array([records.birth_month(d) for d in self.tables["birth_date"]],
                                 np.int8)[self.ids[:, 0]]
     self._index = {n: i for i, n in enumerate(self.names)}
 
@@ -87,9 +74,14 @@ class RosterRenderer(render.Renderer):
     tables = [roster.tables[a] for a in ATTRIBUTES]
     texts = [" " + n for n in roster.names] + [" " + v for t in tables for v in t]
     super().__init__(tokenizer, texts, extra_ids)
-    self.name0 = self.extra0
-    starts = self.extra0 + len(roster) + np.cumsum([0, *map(len, tables[:-1])])
+    self.name0, self.name_stop = self.extra0, self.extra0 + len(roster)
+    starts = self.name_stop + np.cumsum([0, *map(len, tables[:-1])])
     self.value0 = dict(zip(ATTRIBUTES, starts.tolist()))   # class_tokens reads value0
+
+  @property
+  def longest_name(self) -> int:
+    """Tokens of the roster's longest name (not the generated pools': names of any length)."""
+    return int(self.piece_len[self.name0:self.name_stop].max())
 
   def name_pieces(self, pop: Roster, people) -> np.ndarray:
     people = np.asarray(people, np.int64)

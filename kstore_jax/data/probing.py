@@ -77,7 +77,5 @@ def probe_width(world, kind: str) -> int:
   """Longest probe input of this world (bios: the longest bio; names: the longest name)."""
   if kind == "pprobe":
     return world.max_doc_positions() + 1   # whole documents, both EOTs included
-  r = world.renderer
-  return 1 + int(r.piece_len[r.first0:r.middle0].max() + r.piece_len[r.middle0:r.last0].max()
-                 + r.piece_len[r.last0:r.pronoun0].max())
+  return 1 + world.renderer.longest_name
 

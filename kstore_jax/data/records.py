@@ -18,8 +18,9 @@ record is, its person, copy and located spans; the people's facts once each), no
 `Corpus.texts(bios)` reads them back by random access (a JSON line by its byte offset, an
 array_record by its index). A problem raises ConfigError naming the file, the line (record)
 and the field: malformed or truncated JSON, an unknown or missing field, a value not in the
-bio, a person whose records disagree, two people with one name, copies that are not 0..k-1, a
-group whose people have different numbers of bios, an empty dataset.
+bio, given spans that overlap each other or the name, a birth date naming no month, an id out
+of int64's range, a person whose records disagree, two people with one name, copies that are
+not 0..k-1, a group whose people have different numbers of bios, an empty dataset.
 """
 
 import array
@@ -32,6 +33,7 @@ import re
 
 import numpy as np
 
+from kstore_jax.data.population import MONTHS
 from kstore_jax.data.templates import ATTRIBUTES, QUESTIONS
 from kstore_jax.errors import ConfigError
 
@@ -42,6 +44,10 @@ REQUIRED = ("person", "name", *ATTRIBUTES, "text")
 DEFAULT_GROUP = "all"
 GENERATED = "generated"
 KINDS = ("tfds", "jsonl")
+ID_LIMIT = 2 ** 63     # person and copy are int64 in the index (and in the tfds records)
+_MONTH = re.compile(r"(?<![^\W\d_])(" + "|".join(m[:3] for m in MONTHS) + r")[a-z]*\.?(?![^\W\d_])",
+                    re.IGNORECASE)
+_ISO = re.compile(r"\b\d{4}-(\d{2})-\d{2}\b")
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -52,6 +58,19 @@ def parse_source(spec: str) -> tuple[str, str]:
   if not sep or kind not in KINDS or not path:
     raise ConfigError(f"data.source={spec!r} must be 'generated', 'tfds:DIR' or 'jsonl:FILE'")
   return kind, path
+
+
+def birth_month(date: str) -> int:
+  """Month 0..11 named in a birth date text ("May 3, 1950", "3 Sep. 1950", "1950-05-03");
+  ValueError when it names none (the probes predict the birth month)."""
+  m = _MONTH.search(date)
+  if m:
+    return [x[:3].lower() for x in MONTHS].index(m.group(1).lower())
+  iso = _ISO.search(date)
+  if iso and 1 <= int(iso.group(1)) <= 12:
+    return int(iso.group(1)) - 1
+  raise ValueError(f"birth_date: {date!r} names no month (January..December or YYYY-MM-DD): "
+                   "the probes predict the birth month")
 
 
 def _is_word_char(c: str) -> bool:
@@ -82,7 +101,9 @@ def locate(text: str, name: str, values, given: dict) -> np.ndarray:
   """Character spans [6, 2] of the six `values` in `text`: `given` ones (attribute -> (start,
   end)) as they are, the others located as whole words (exactly, then case-insensitively),
   longest value first, each clear of the name's occurrences and of the spans taken so far.
-  ValueError('<field>: ...') when a value is not there."""
+  ValueError('<field>: ...') when a value is not there, or when a given span overlaps another
+  or the name (a bio is tokenised with its values cut out as segments: overlapping ones would
+  repeat text, data/imported.py)."""
   spans = np.full((N_ATTR, 2), -1, np.int64)
   taken = list(_words(text, name, fold=True))
   for a, (start, end) in given.items():
@@ -90,6 +111,11 @@ def locate(text: str, name: str, values, given: dict) -> np.ndarray:
     if text[start:end].lower() != values[k].lower():
       raise ValueError(f"spans.{a}: text[{start}:{end}] is {text[start:end]!r}, not the "
                        f"{a} value {values[k]!r}")
+    held = [*((f"the name {name!r} at", se) for se in taken),
+            *((f"spans.{b}", se) for b, se in zip(ATTRIBUTES, spans.tolist()) if se[0] >= 0)]
+    for what, (s, e) in held:
+      if not _free([(s, e)], start, end):
+        raise ValueError(f"spans.{a}: [{start}, {end}] overlaps {what} [{s}, {e}]")
     spans[k] = start, end
   owned = [tuple(s) for s in spans.tolist() if s[0] >= 0]
   for k in sorted((k for k in range(N_ATTR) if spans[k, 0] < 0), key=lambda k: -len(values[k])):
@@ -135,12 +161,13 @@ def check_record(rec) -> tuple[tuple, int | None, str, dict]:
       raise ValueError(f"{k}: missing")
   for k in ("person", "copy"):
     v = rec.get(k, 0)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-      raise ValueError(f"{k}: {v!r} is not an integer >= 0")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < ID_LIMIT:
+      raise ValueError(f"{k}: {v!r} is not an integer >= 0 and < 2**63")
   for k in ("name", "group", *ATTRIBUTES, "text"):
     v = rec.get(k, DEFAULT_GROUP)
     if not isinstance(v, str) or not v.strip() or v != v.strip():
       raise ValueError(f"{k}: {v!r} is not a non-empty string without surrounding spaces")
+  birth_month(rec["birth_date"])   # ValueError('birth_date: ...') here, not at world build
   given = _spans_field(rec.get("spans", {}), rec["text"])
   facts = tuple(rec.get(k, DEFAULT_GROUP) for k in PERSON_FIELDS)
   return facts, rec.get("copy"), rec["text"], given

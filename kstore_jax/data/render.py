@@ -170,6 +170,14 @@ class Renderer:
     """Free text -> model ids (ValueError if it needs a token the world never uses)."""
     return self.to_model_ids(self.tokenizer.encode(text).ids)
 
+  @property
+  def longest_name(self) -> int:
+    """Tokens of the longest full name a person can have (the pools' longest first, middle and
+    last names together): every Q-probe input fits in [EOT] + this."""
+    return int(self.piece_len[self.first0:self.middle0].max()
+               + self.piece_len[self.middle0:self.last0].max()
+               + self.piece_len[self.last0:self.pronoun0].max())
+
   # -- piece ids -------------------------------------------------------------------------
   def name_pieces(self, pop: Population, people: np.ndarray) -> np.ndarray:
     """[n, NAME_SLOTS] piece ids of the people's full names (as bios and QA render them)."""

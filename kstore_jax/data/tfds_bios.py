@@ -5,7 +5,8 @@
 One split, `bios`: a record per bio with the fields of data/records.py (`spans` as an int64
 [6, 2] array in ATTRIBUTES order, -1 where a span is not given). `write(records, DIR)` builds
 it (`python -m kstore_jax.data --export=DIR --format=tfds`); `read(DIR)` checks and indexes it
-as a records.Corpus whose texts are read back by record index (`data.source=tfds:DIR`).
+as a records.Corpus whose texts are read back by record index (`data.source=tfds:DIR`); an
+older version's dataset (1.x: token ids) is refused in one line asking for a re-export.
 TensorFlow is not needed (nor imported) to write or read it.
 """
 
@@ -113,9 +114,25 @@ class TfdsReader:
     return [ex["text"].decode() for ex in self.source.__getitems__([int(r) for r in refs])]
 
 
+def check_format(path: str) -> None:
+  """ConfigError unless the dataset at `path` (a version directory) has this version's split
+  and features: an older export (1.x: token ids, no facts) cannot be read, only re-exported."""
+  info = tfds.builder_from_directory(path).info
+  missing = [k for k in ("person", "copy", "spans", *_TEXT) if k not in info.features]
+  if SPLIT not in info.splits:
+    missing.append(f"split {SPLIT!r}")
+  if missing:
+    raise ConfigError(
+        f"data.source: {path} is a {NAME} {info.version} dataset, not {NAME} "
+        f"{KstoreBios.VERSION} text records (missing: {', '.join(missing)}): re-export the "
+        "world with this version (python -m kstore_jax.data --config=... --export=DIR "
+        "--format=tfds)")
+
+
 def read(data_dir: str) -> records.Corpus:
   """Check and index the dataset under data_dir (records named by their index)."""
   path = version_dir(data_dir)
+  check_format(path)
   reader = TfdsReader(path)
   index = records.RecordIndex(lambda i: f"{path} record {i}")
   source = reader.source

@@ -14,6 +14,7 @@ from kstore_jax.data import pools as pools_lib
 from kstore_jax.data import records
 from kstore_jax.data import templates as templates_lib
 from kstore_jax.data.population import MONTHS, FIRST_YEAR, N_DAYS, N_YEARS
+from kstore_jax.errors import ConfigError
 
 EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (EOT, PAD, MASK)
@@ -57,13 +58,17 @@ def train_tokenizer(vocab_size: int, texts=None) -> tokenizers.Tokenizer:
 
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
-  """Load a `tokenizer.json`; it must know the special tokens (the EOT one at least)."""
+  """Load a `tokenizer.json`; it must know the special tokens (the EOT one at least).
+  ConfigError naming the file when it is not one."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.tokenizer_path: no such file {path!r}")
-  tok = tokenizers.Tokenizer.from_file(path)
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:   # tokenizers raises plain Exception for every unreadable file
+    raise ConfigError(f"{path}: not a tokenizer.json ({' '.join(str(e).split())})") from None
   missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
   if EOT in missing:
-    raise ValueError(f"data.tokenizer_path: {path!r} has no {EOT} token")
+    raise ConfigError(f"{path}: the tokenizer has no {EOT} token (the document separator)")
   if missing:
     tok.add_special_tokens(missing)
   return tok

@@ -21,6 +21,7 @@ from configs import base
 from kstore_jax.data import (hashing, imported, masking, pipeline, population, records, render,
                              sources)
 from kstore_jax.data.tokenizer import PAD
+from kstore_jax.errors import ConfigError
 
 _H_SPLIT, _H_VALID = 3, 4   # hash purposes of the QA split (render.py has 1, 2: never reuse one)
 
@@ -219,6 +220,22 @@ class World:
     """The longest bio or QA of this population, in positions (tokens - 1)."""
     return self.doc_positions[1]
 
+  def check_streams(self, stages, data_cfg) -> None:
+    """ConfigError naming a group's `tokens` share when a stage of `stages` would mix its bios
+    in at under one document per chunk: mix_counts (data/pipeline.py) rounds that to none, and
+    the group's bios would never be read. (One group's share is everything; the bios' share
+    under data.qa_ratio is configlib.validate's.)"""
+    if len(self.groups) == 1:
+      return
+    n = data_cfg.chunk_docs
+    for stage in (s for s in base.BASE_STAGES if s in stages):
+      for g, w in zip(self.groups, self.stage_mixture(stage, data_cfg)[1]):
+        if w * n < 1:
+          raise ConfigError(
+              f"data.groups.{g.name}.tokens={g.tokens:g}: a {stage} chunk of "
+              f"data.chunk_docs={n} documents would hold {w * n:.3g} of its bios, i.e. none: "
+              "raise the share or data.chunk_docs")
+
   def chunks(self, stage: str, data_cfg, mlm: bool = False) -> pipeline.PackedChunks:
     """The stage's packed stream, drawn with the stage seed (`base.stage_seed`); `mlm`:
     whole-word masked-LM rows (data_cfg.mlm rates)."""
@@ -249,6 +266,12 @@ def imported_groups(corpus: records.Corpus, order: np.ndarray, data_cfg) -> tupl
   label = (np.array(corpus.groups, object)[order] if specs
            else np.full(len(order), records.DEFAULT_GROUP, object))
   copies = np.bincount(corpus.bio_person, minlength=len(order))[order]
+  if not specs and (copies != copies[0]).any():   # data/records.py checks each named group
+    odd = int(np.argmax(copies != copies[0]))
+    raise ConfigError(
+        f"{corpus.where}: person {corpus.ids[order[odd]]} has {copies[odd]} bios, person "
+        f"{corpus.ids[order[0]]} has {copies[0]} (without data.groups everyone is one group, "
+        "and every person of a group needs the same number)")
   out, start = [], 0
   for n in names:
     stop = start + int((label == n).sum())
@@ -265,9 +288,16 @@ def build_imported_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
   corpus = records.read_source(cfg.data.source)
   specs = cfg.data.get("groups")
   order = imported.people_order(corpus, sorted(specs.keys()) if specs else None)
-  pop, renderer, stored = imported.build(corpus, tokenizer, order)
   groups = imported_groups(corpus, order, cfg.data)
   qa_train, qa_valid = qa_split(cfg.seed, cfg.data, groups)
+  if not qa_train.any():   # configlib.validate checks the generated data.n_people's split
+    keys = ([f"data.groups.{g.name}.qa_train_fraction={g.qa_train_fraction:g}" for g in groups]
+            if specs else [f"data.qa_train_fraction={cfg.data.qa_train_fraction:g}"])
+    raise ConfigError(
+        f"{corpus.where}: {', '.join(keys)} and data.qa_valid_fraction="
+        f"{cfg.data.get('qa_valid_fraction', 0.0):g} leave none of its {len(order)} people "
+        "with QA training data")
+  pop, renderer, stored = imported.build(corpus, tokenizer, order)
   return World(seed=cfg.seed, pop=pop, renderer=renderer, groups=groups, qa_train=qa_train,
                qa_valid=qa_valid, stored=stored)
 
@@ -275,14 +305,18 @@ def build_imported_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
 def build_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
   """The world of `cfg`: generated, or imported (`data.source`, build_imported_world). With
   data.groups a generated population is drawn per person (population.make_population), so a
-  group keeps its people when later groups change."""
+  group keeps its people when later groups change. ConfigError when a stage of cfg.stages would
+  never read a group's bios (check_streams)."""
   data = cfg.data
   if records.parse_source(data.source)[0] != records.GENERATED:
-    return build_imported_world(cfg, tokenizer)
-  groups = make_groups(data)
-  qa_train, qa_valid = qa_split(cfg.seed, data, groups)
-  return World(seed=cfg.seed,
-               pop=population.make_population(cfg.seed, data.n_people,
-                                              per_person=bool(data.get("groups"))),
-               renderer=render.Renderer(tokenizer), groups=groups,
-               qa_train=qa_train, qa_valid=qa_valid)
+    world = build_imported_world(cfg, tokenizer)
+  else:
+    groups = make_groups(data)
+    qa_train, qa_valid = qa_split(cfg.seed, data, groups)
+    world = World(seed=cfg.seed,
+                  pop=population.make_population(cfg.seed, data.n_people,
+                                                 per_person=bool(data.get("groups"))),
+                  renderer=render.Renderer(tokenizer), groups=groups,
+                  qa_train=qa_train, qa_valid=qa_valid)
+  world.check_streams(base.stage_list(cfg), data)
+  return world

@@ -28,7 +28,8 @@ def main(argv):
   cfg = _CONFIG.value
   platform = attention.platform_of(jax.devices())
   runtime.use_compile_cache(cfg.train.compile_cache)
-  exp, tok = experiment.open_experiment(cfg, _WORKDIR.value, jax.device_count(), platform)
+  with cli.config_errors():   # a bad input file (tokenizer, data.source) is one line too
+    exp, tok = experiment.open_experiment(cfg, _WORKDIR.value, jax.device_count(), platform)
   exp.start(tok)
   try:
     exp.run()
