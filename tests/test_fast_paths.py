@@ -2,14 +2,17 @@
 output-head loss (`step.head_cross_entropy`) vs cross entropy on the full logits and causal
 attention in query blocks (`einsum_attention(causal_blocks=n)`) vs one block, in value and
 gradients; the table form of rotary (`rotary_tables`, `rotary`) vs the pairwise rotation; a
-tall kernel's gradient on the CPU (`flat_matmul`'s transposed product) vs NumPy's."""
+tall kernel's gradient on the CPU (`flat_matmul`'s transposed product) vs NumPy's; scanned
+layers and every remat policy vs the plain model, in training and in KV-cache decoding."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from kstore_jax.eval import generate
 from kstore_jax.model import attention, transformer
 from kstore_jax.train import step
 
@@ -19,6 +22,11 @@ def weighted_cross_entropy(logits_BLV, targets_BL, weights_BL):
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
   total = weights_BL.sum()
   return (ce_BL * weights_BL).sum() / jnp.maximum(total, 1.0), total
+
+
+def init_params(model, tokens_BL, seed):
+  """The model's params as plain arrays (the logical-axis boxes removed)."""
+  return nn.meta.unbox(model.init(jax.random.key(seed), tokens_BL))["params"]
 
 
 def full_logits_loss(hidden_BLD, head_DV, targets_BL, weights_BL):
@@ -66,9 +74,7 @@ def test_lm_loss_uses_the_models_head():
                                   tie_embeddings=tie)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 40)
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
-                          model.init(jax.random.key(1), tokens)["params"],
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = init_params(model, tokens, 1)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1),
              "weights": jnp.ones((2, 9)).at[:, -1].set(0.0),
              "positions": jnp.broadcast_to(jnp.arange(9), (2, 9)),
@@ -151,20 +157,34 @@ def test_flat_matmul_gradients_equal_numpy(shape):
         dw, x_BLI.reshape(-1, n_in).T @ dy_BLO.reshape(-1, n_out), rtol=1e-5, atol=1e-5)
 
 
+TOY_MODEL = dict(vocab_size=50, num_layers=3, num_heads=2, d_model=16, d_ff=32,
+                 rotary_fraction=0.5)
+
+
+def plain_and_other(**other):
+  """The toy model unrolled with nothing recomputed, and with the `other` settings."""
+  return (transformer.Transformer(transformer.ModelConfig(**TOY_MODEL)),
+          transformer.Transformer(transformer.ModelConfig(**TOY_MODEL, **other)))
+
+
+@pytest.fixture(scope="module")
+def toy_params():
+  """The toy model's params, made once for the tests below in one jitted init (op by op, the
+  first init of a shape takes seconds)."""
+  plain = transformer.Transformer(transformer.ModelConfig(**TOY_MODEL))
+  return jax.jit(lambda: init_params(plain, jnp.zeros((1, 8), jnp.int32), 3))()
+
+
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots"),
                                         (False, "dots_no_batch")])
-def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat):
+def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_params):
   """model.scan_layers (one scanned block over stacked params) and every remat policy give the
   unrolled, nothing-recomputed model's loss and gradients, on packed rows, in one param layout."""
-  kw = dict(vocab_size=50, num_layers=3, num_heads=2, d_model=16, d_ff=32, rotary_fraction=0.5)
-  plain = transformer.Transformer(transformer.ModelConfig(**kw))
-  other = transformer.Transformer(transformer.ModelConfig(**kw, scan_layers=scan, remat=remat))
+  plain, other = plain_and_other(scan_layers=scan, remat=remat)
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 50)
   seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], jnp.int32)
   pos = jnp.asarray([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3], jnp.int32)
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
-                        plain.init(jax.random.key(3), tokens)["params"],
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = toy_params
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "positions": pos,
            "segment_ids": seg, "weights": (seg > 0).astype(jnp.float32)}
   loss = lambda model: jax.value_and_grad(
@@ -174,3 +194,19 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat):
   assert jax.tree.structure(got_g) == jax.tree.structure(want_g)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "full"), (True, "dots"),
+                                        (False, "dots_no_batch")])
+def test_remat_decodes_like_the_plain_model(scan, remat, toy_params):
+  """Every remat policy, with and without scan_layers: init gives the plain model's param tree,
+  and KV-cache decoding (eval, ask) of the same params gives the plain model's greedy tokens on
+  ragged prompts. A remat block called with a cache would trace its layer index, which indexes
+  the cache's per-layer tuple."""
+  plain, other = plain_and_other(scan_layers=scan, remat=remat)
+  shapes = jax.eval_shape(lambda: init_params(other, jnp.zeros((1, 8), jnp.int32), 3))
+  assert jax.tree.structure(shapes) == jax.tree.structure(toy_params)
+  prompt_BP = jax.random.randint(jax.random.key(4), (3, 6), 1, TOY_MODEL["vocab_size"])
+  lens_B = jnp.asarray([6, 4, 2], jnp.int32)
+  want = generate.generate(plain, toy_params, prompt_BP, lens_B, 5)
+  np.testing.assert_array_equal(generate.generate(other, toy_params, prompt_BP, lens_B, 5), want)

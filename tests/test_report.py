@@ -112,3 +112,32 @@ def test_ordering_against_the_paper_hand_computed(tmp_path):
   text, _ = report.build_report(dirs, str(tmp_path / "out" / "report.md"))
   assert "Spearman's rho 0.80; 5 of the 6 row pairs" in text
   assert report.paper_ordering(runs[:2]) is None   # too few rows to order
+
+
+def test_run_without_qa_training_stands_apart(tmp_path):
+  """A run whose stages train no QA (pretrain, eval: results.json's evaluated_stage pretrain) is
+  neither a finetune nor a mixed run: a headline column of its own without a paper number, its
+  own training label per run, and outside the ordering against the paper. There the last run
+  of a row counts: taken for single's finetune run, it would swap single and single_permute1
+  (rho 0.5, not the 1.0 of the finetuned rows single_permute1 < single < multi5, as in the
+  paper's 4.4 < 9.7 < 41.0)."""
+  dirs = []
+  for row, acc in {"single_permute1": 0.02, "single": 0.05, "multi5": 0.10}.items():
+    fake_run(tmp_path / row, row, ("pretrain", "finetune", "eval"), {"qa_test": accs(acc)})
+    dirs.append(str(tmp_path / row))
+  fake_run(tmp_path / "single_base", "single", ("pretrain", "eval"),
+           {"qa_test": accs(0.001), "evaluated_stage": "pretrain"})
+  dirs.append(str(tmp_path / "single_base"))
+  runs = [report.load_run(d, pathlib.Path(d).name) for d in dirs]
+  assert [r.mode for r in runs] == ["finetune"] * 3 + [report.NO_QA]
+  o = report.paper_ordering(runs)
+  assert (o["rows"], o["spearman"], o["pairs_same"], o["pairs"]) == (3, 1.0, 3, 3)
+  text, _ = report.build_report(dirs, str(tmp_path / "out" / "report.md"))
+  lines = text.splitlines()
+  assert ("| data | QA finetune: ours (paper) | mixed training: ours (paper) | "
+          "no QA training: ours |") in lines
+  assert "| `single` | 5.0 (9.7) | — (86.6) | 0.1 |" in lines
+  assert "| `multi5` | 10.0 (41.0) | — (—) | — |" in lines
+  assert "Spearman's rho 1.00; 3 of the 3 row pairs" in text
+  detail = [l for l in lines if l.startswith("| `single` | no QA training |")]
+  assert len(detail) == 1 and detail[0].startswith("| `single` | no QA training | 0.1 (—) |")

@@ -316,8 +316,8 @@ def test_ask_prompt_completes(run_dir, population, jax_cache):
 
 ASK_QUESTION = re.compile(r"^  ([✓✗]) (\S+) +Q: ([^\n]*)\n +model: (.*?) +truth: ([^\n]*)$",
                           re.S)
-ASK_HEADER = re.compile(r"^(.+)  \(person (\d+), QA (in training \(train half\)|held out "
-                        r"\(test half\)); model: (\w+)/final\)$")
+ASK_HEADER = re.compile(r"^(.+)  \(person (\d+), QA (?:in training|held back for tuning|held "
+                        r"out) \((train|valid|test)(?: half)?\); model: (\w+)/final\)$")
 
 
 def parse_ask(text: str) -> tuple[list[dict], tuple[int, int]]:
@@ -340,7 +340,7 @@ def parse_ask(text: str) -> tuple[list[dict], tuple[int, int]]:
     q = ASK_QUESTION.match(chunk)
     assert q, chunk
     out.append(dict(name=header[1], person=int(header[2]),
-                    split="train" if header[3].startswith("in training") else "test",
+                    split=header[3],
                     stage=header[4], mark=q[1], attribute=q[2], question=q[3], answer=q[4],
                     truth=q[5]))
   return out, (int(total[1]), int(total[2]))
@@ -388,18 +388,24 @@ def test_ask_random_split_compares_with_truth(run_dir, population, jax_cache):
   assert len(set(few)) == 3 and set(few) <= set(test_people) and len(few) == 18
 
 
+def import_ask():
+  """kstore_jax.tools.ask in this process: each tool defines its flags at import, and another
+  tool imported by an earlier test (bench) holds the same name here."""
+  from absl import flags
+  if "kstore_jax.tools.ask" not in sys.modules:
+    for name in ("workdir",):
+      if name in flags.FLAGS:
+        delattr(flags.FLAGS, name)
+  from kstore_jax.tools import ask
+  return ask
+
+
 def test_ask_marks_right_and_wrong_answers(run_dir, population, monkeypatch):
   """The tiny run answers nothing right, so give `ask` the answers: the true value + EOT (must
   be ✓), the true value running on without EOT, and another person's value (✗ unless it is the
   same string): a mark is ✓ exactly when the printed answer is the population's value, and the
   count adds up."""
-  import sys
-  from absl import flags
-  if "kstore_jax.tools.ask" not in sys.modules:   # each tool defines its flags at import: another
-    for name in ("workdir",):               # tool imported by an earlier test (bench) holds
-      if name in flags.FLAGS:               # the same name in this process
-        delattr(flags.FLAGS, name)
-  from kstore_jax.tools import ask
+  ask = import_ask()
   from kstore_jax.eval import qa_eval
   asker = ask.Asker(str(run_dir))
   people = asker.random_people(4, seed=0, split="train")
@@ -433,6 +439,40 @@ def test_ask_marks_right_and_wrong_answers(run_dir, population, monkeypatch):
     if i % 3 == 1:
       assert rec["mark"] == "✗" and got["answer"].startswith(truth), rec
   assert 0 < n_right < n_asked
+
+
+def test_ask_labels_and_draws_the_qa_valid_people(monkeypatch):
+  """With data.qa_valid_fraction > 0, people held back for tuning are neither trained on nor
+  test: `ask` labels every person by the split results.json counts them in (qa_train /
+  qa_valid / qa_test), in its records and its text, and --split=train|valid|test draws exactly
+  that split's people; a run without valid people refuses --split=valid. In process, on a toy
+  world, the answers forced (no model)."""
+  import dataclasses
+  from configs import base
+  from kstore_jax.configlib import ConfigError
+  from kstore_jax.data import tokenizer as tokenizer_lib, world as world_lib
+  from kstore_jax.eval import qa_eval
+  ask = import_ask()
+  cfg = base.get_config("tiny")
+  cfg.data.n_people, cfg.data.qa_valid_fraction = 40, 0.2
+  world = world_lib.build_world(cfg, tokenizer_lib.train_tokenizer(8192))
+  asker = ask.Asker.__new__(ask.Asker)   # the loaded run's parts, without a workdir
+  asker.world, asker.model, asker.params = world, None, None
+  monkeypatch.setattr(qa_eval, "answer", lambda model, params, w, qs, max_new: np.full(
+      (len(qs.attrs_N), max_new), w.renderer.eot_id, np.int32))
+  splits = {"train": world.train_people, "valid": world.valid_people, "test": world.test_people}
+  assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(40))
+  for split, people in splits.items():
+    assert len(people), split
+    drawn = asker.random_people(40, seed=0, split=split)
+    assert sorted(drawn) == people.tolist()
+    records = asker.ask(drawn[:2], ["major"])
+    assert [r["qa_split"] for r in records] == [split] * 2
+    parsed, _ = parse_ask(ask.format_records(records, "finetune"))
+    assert [r["split"] for r in parsed] == [split] * 2
+  asker.world = dataclasses.replace(world, qa_valid=np.zeros_like(world.qa_valid))
+  with pytest.raises(ConfigError, match="--split=valid: this run has no valid people"):
+    asker.random_people(3, seed=0, split="valid")
 
 # -- launchers --------------------------------------------------------------------------------
 TPU_ENV = {"KSTORE_ZONE": "us-west4-a", "KSTORE_PROJECT": "my-project",

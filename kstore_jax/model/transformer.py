@@ -287,7 +287,9 @@ class Transformer(nn.Module):
     if cfg.scan_layers and cache is None and not self.is_initializing():
       x_BLD = self.scanned_blocks(x_BLD, positions_BL, segment_ids_BL, rot, policy)
     else:
-      block = nn.remat(Block, policy=policy) if cfg.remat != "none" else Block
+      # Remat only where a backward pass follows: decoding (a cache) has none, and nn.remat
+      # would trace the layer index that picks this block's arrays of the cache. Same params.
+      block = nn.remat(Block, policy=policy) if policy is not None and cache is None else Block
       for i in range(cfg.num_layers):
         x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, rot,
                                                     cache, i)

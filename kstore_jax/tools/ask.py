@@ -8,7 +8,9 @@ Loads the final params of a finished stage (`--stage`; default: the latest finis
 finetune, pretrain_mixed, pretrain), asks the QA questions the evaluation asks (the same
 prompts, greedy decoding with the KV cache, exact match of the answer tokens and EOT) and
 prints each question, the model's answer, the ground truth from the population and ✓/✗,
-and whether the person's QA was training data (the train half) or held out (the test half).
+and the person's QA split as the eval stage counts it: training data (the train half), held
+back for tuning (valid: `data.qa_valid_fraction` > 0; neither trained on nor test) or held
+out (the test half). `--split=train|valid|test` draws `--random` from one of them.
 `--prompt` completes free text instead (greedy, up to `--max_new` tokens, stopping at the
 end-of-text token); `\n` in it stands for a newline, as in the QA prompts ("?\nAnswer:"). A
 prompt is a document's beginning (it follows an end-of-text token): a QA question as is, any
@@ -29,15 +31,18 @@ from kstore_jax.configlib import ConfigError
 from kstore_jax.tools import cli
 
 FINISHED_ORDER = TRAIN_STAGES[::-1]   # preferred first: finetune, pretrain_mixed, pretrain
+# A person's QA split, as results.json's qa_train / qa_valid / qa_test count people.
+SPLIT_LABELS = {"train": "QA in training (train half)", "valid": "QA held back for tuning (valid)",
+                "test": "QA held out (test half)"}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to kstore_jax.main).")
 _NAME = flags.DEFINE_string("name", None, 'Full name of a person, e.g. "Anya Briar Forger".')
 _PERSON = flags.DEFINE_integer("person", None, "Index of a person in the population.")
 _RANDOM = flags.DEFINE_integer("random", None, "Ask about this many random people.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of --random.")
-_SPLIT = flags.DEFINE_enum("split", "all", ["all", "train", "test"],
-                           "--random draws from: all people, the QA-train half, or the "
-                           "held-out (test) half.")
+_SPLIT = flags.DEFINE_enum("split", "all", ["all", *SPLIT_LABELS],
+                           "--random draws from: all people, the QA-train half, the QA-valid "
+                           "people (held back for tuning), or the held-out (test) half.")
 _ATTRIBUTE = flags.DEFINE_string("attribute", None, "Attribute(s) to ask, comma-separated "
                                  "(default: all six).")
 _STAGE = flags.DEFINE_string("stage", None, "Stage whose final params to use (default: the "
@@ -114,12 +119,21 @@ class Asker:
       raise ConfigError(f"--person={person}: out of range (this run has {n} people: 0..{n - 1})")
     return person
 
+  def split_of(self, person: int) -> str:
+    """The person's QA split (a SPLIT_LABELS key)."""
+    w = self.world
+    return "train" if w.qa_train[person] else "valid" if w.qa_valid[person] else "test"
+
   def random_people(self, k: int, seed: int, split: str = "all"):
     import numpy as np
     w = self.world
-    pool = {"all": np.arange(len(w.pop)), "train": w.train_people, "test": w.test_people}[split]
+    pool = {"all": np.arange(len(w.pop)), "train": w.train_people, "valid": w.valid_people,
+            "test": w.test_people}[split]
     if k < 1:
       raise ConfigError(f"--random={k}: must be >= 1")
+    if not len(pool):
+      raise ConfigError(f"--split={split}: this run has no {split} people"
+                        + (" (see data.qa_valid_fraction)" if split == "valid" else ""))
     k = min(k, len(pool))
     return [int(p) for p in np.random.default_rng(seed).choice(pool, size=k, replace=False)]
 
@@ -147,7 +161,7 @@ class Asker:
       question = r.decode(prompts[i, 1:plens[i]])   # without the leading EOT
       out.append({
           "person": person, "name": w.pop.full_name(person),
-          "qa_split": "train" if w.qa_train[person] else "test",
+          "qa_split": self.split_of(person),
           "attribute": attr, "question": question,
           "answer": self._until_eot(gen[i]).strip(),
           "truth": w.pop.values(person)[attr], "correct": bool(correct[i])})
@@ -212,9 +226,8 @@ def format_records(records, stage: str) -> str:
   for rec in records:
     if rec["person"] != last:
       last = rec["person"]
-      half = ("QA in training (train half)" if rec["qa_split"] == "train"
-              else "QA held out (test half)")
-      lines.append(f"{rec['name']}  (person {rec['person']}, {half}; model: {stage}/final)")
+      split = SPLIT_LABELS[rec["qa_split"]]
+      lines.append(f"{rec['name']}  (person {rec['person']}, {split}; model: {stage}/final)")
     q = rec["question"].split("\n")[0]
     mark = "✓" if rec["correct"] else "✗"
     lines.append(f"  {mark} {rec['attribute']:<13} Q: {q}")

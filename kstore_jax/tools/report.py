@@ -6,8 +6,10 @@
 A grid directory (`python -m kstore_jax.grid`: it holds grid.json) stands for its runs in
 the grid's order; a run not started or not finished yet shows as "—".
 
-Reads each run directory's `config.json` (its `name` is the data row; `pretrain_mixed` among
-its stages makes it a mixed-training run, otherwise a QA-finetune run) and `results.json`
+Reads each run directory's `config.json` (its `name` is the data row; its stages name the QA
+training: `pretrain_mixed` a mixed-training run, `finetune` a QA-finetune run, neither a run
+with no QA training, shown in a column of its own, no paper number, outside the ordering
+against the paper) and `results.json`
 (`qa_test`, `qa_train`, `bio_recall`; `qa_valid`, `pprobe`, `qprobe`, `qa_test_by_tokens` when
 present; each accuracy's 95% Wilson interval from the `<key>_ci` siblings, printed as
 `56.7 [54.2, 59.1]` where the file has them), and writes a markdown report: the headline table (data rows x finetune / mixed held-out QA
@@ -40,7 +42,9 @@ OUT = flags.DEFINE_string("out", "report.md", "markdown file to write; PNGs go n
 
 ATTR_SHORT = {"birth_date": "date", "birth_city": "city", "university": "univ",
               "major": "major", "company": "company", "company_city": "c.city"}
-MODES = ("finetune", "mixed")
+MODES = ("finetune", "mixed")   # the paper's two ways of QA training
+NO_QA = "no QA training"        # a run with neither stage (e.g. pretrain,eval): no paper number
+MODE_COLORS = {"finetune": "tab:blue", "mixed": "tab:orange", NO_QA: "tab:gray"}
 
 # PAPER.md, "Headline numbers": held-out QA exact match (%), averaged over attributes.
 PAPER_FINETUNE = {
@@ -66,7 +70,7 @@ class Run:
   path: str
   label: str                       # unique, file-name safe (plots)
   name: str                        # data row (config name)
-  mode: str | None                 # 'finetune' | 'mixed' | None (no config.json)
+  mode: str | None                 # a MODES name | NO_QA | None (no config.json)
   config: dict
   results: dict
   notes: list[str]
@@ -111,7 +115,7 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
   name = str(cfg.get("name") or planned.get("row") or os.path.basename(os.path.normpath(path)))
   stages = cfg.get("stages")
   stages = stages.split(",") if isinstance(stages, str) else list(stages or [])
-  mode = ("mixed" if "pretrain_mixed" in stages else "finetune") if cfg else planned.get("method")
+  mode = mode_of(stages) if cfg else planned.get("method")
   ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
   if mode == "finetune" and ft.get("lora_rank"):
     notes.append(f"LoRA finetune (r={ft['lora_rank']}, embedding r={ft.get('lora_embed_rank', 0)})")
@@ -124,6 +128,18 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
     if missing:
       notes.append("results.json lacks " + ", ".join(missing))
   return Run(path, label, name, mode, cfg, results, notes)
+
+
+def mode_of(stages: list[str]) -> str:
+  """The QA training of a run's stages: 'mixed' (pretrain_mixed), 'finetune', or NO_QA."""
+  if "pretrain_mixed" in stages:
+    return "mixed"
+  return "finetune" if "finetune" in stages else NO_QA
+
+
+def modes_of(runs: list[Run]) -> tuple[str, ...]:
+  """The headline columns: MODES, then NO_QA when some run has no QA training."""
+  return MODES + ((NO_QA,) if any(r.mode == NO_QA for r in runs) else ())
 
 
 def data_row(run: Run) -> str:
@@ -148,7 +164,7 @@ def pct_ci(v: float | None, ci=None) -> str:
 
 
 def paper_pct(mode: str, row: str) -> str:
-  v = PAPER[mode].get(row)
+  v = PAPER.get(mode, {}).get(row)
   return DASH if v is None else f"{v:.1f}"
 
 
@@ -185,18 +201,20 @@ def row_order(runs: list[Run]) -> list[str]:
 
 
 def headline_table(runs: list[Run]) -> list[str]:
-  rows = []
+  rows, modes = [], modes_of(runs)
   for row in row_order(runs):
     cells = [f"`{row}`"]
-    for mode in MODES:
+    for mode in modes:
       mine = [r.cell("qa_test") for r in runs if data_row(r) == row and r.mode == mode]
-      cells.append(f"{' / '.join(mine) if mine else DASH} ({paper_pct(mode, row)})")
+      cells.append(f"{' / '.join(mine) if mine else DASH}"
+                   + (f" ({paper_pct(mode, row)})" if mode in PAPER else ""))
     rows.append(cells)
-  return _table(["data", "QA finetune: ours (paper)", "mixed training: ours (paper)"], rows)
+  return _table(["data", "QA finetune: ours (paper)", "mixed training: ours (paper)",
+                 *([f"{NO_QA}: ours"] if NO_QA in modes else [])], rows)
 
 
 def row_run(runs: list[Run], row: str, mode: str) -> Run | None:
-  """The last run of data row `row` trained by `mode` ('finetune' | 'mixed') that has a
+  """The last run of data row `row` trained by `mode` (a `modes_of` name) that has a
   held-out QA number (what the chart and the ordering count for the row)."""
   got = [r for r in runs
          if data_row(r) == row and r.mode == mode and r.metric("qa_test") is not None]
@@ -300,7 +318,7 @@ def arch_row(run: Run) -> str:
 
 def arch_paper(arch: str, mode: str, row: str) -> str:
   if arch == "gbert":
-    return PAPER_GBERT[mode]
+    return PAPER_GBERT.get(mode, DASH)
   return paper_pct(mode, row) if arch == "gpt2" else DASH
 
 
@@ -310,18 +328,18 @@ def arch_table(runs: list[Run]) -> list[str]:
   archs = [a for a in ARCHS if any(arch_of(r) == a for r in runs)]
   if archs == ["gpt2"]:
     return []
-  rows = []
+  rows, modes = [], modes_of(runs)
   names = list(dict.fromkeys(arch_row(r) for r in runs))
   for row in [n for n in PAPER_FINETUNE if n in names] + [n for n in names
                                                            if n not in PAPER_FINETUNE]:
     cells = [f"`{row}`"]
     for arch in archs:
-      for mode in MODES:
+      for mode in modes:
         mine = [r.cell("qa_test") for r in runs
                 if arch_row(r) == row and arch_of(r) == arch and r.mode == mode]
         cells.append(f"{' / '.join(mine) if mine else DASH} ({arch_paper(arch, mode, row)})")
     rows.append(cells)
-  return _table(["data", *[f"{a} {m}: ours (paper)" for a in archs for m in MODES]], rows)
+  return _table(["data", *[f"{a} {m}: ours (paper)" for a in archs for m in modes]], rows)
 
 
 def token_table(runs: list[Run]) -> list[str]:
@@ -398,8 +416,10 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
   rows = row_order(runs)
   x = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.8))
-  for k, (mode, color) in enumerate((("finetune", "tab:blue"), ("mixed", "tab:orange"))):
-    at = x + (k - 0.5) * 0.38
+  modes = modes_of(runs)
+  width = 0.76 / len(modes)
+  for k, mode in enumerate(modes):
+    at = x + (k - (len(modes) - 1) / 2) * width
     vals, err = [], []   # the bar, and its 95% interval as (below, above) where recorded
     for row in rows:
       run = row_run(runs, row, mode)
@@ -408,9 +428,9 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
       lo, hi = (100 * b[0], 100 * b[1]) if b else (v, v)
       vals.append(v)
       err.append((v - lo, hi - v))
-    ax.bar(at, vals, 0.38, label=f"ours, {mode}", color=color, yerr=np.array(err).T,
-           error_kw=dict(elinewidth=0.8, capsize=2, ecolor="0.3"))
-    paper = [PAPER[mode].get(row, np.nan) for row in rows]
+    ax.bar(at, vals, width, label=f"ours, {mode}", color=MODE_COLORS[mode],
+           yerr=np.array(err).T, error_kw=dict(elinewidth=0.8, capsize=2, ecolor="0.3"))
+    paper = [PAPER.get(mode, {}).get(row, np.nan) for row in rows]
     ax.scatter(at, paper, marker="_", s=300, color="black", zorder=3,
                label="paper" if k == 0 else None)
     if mode == "mixed":   # the paper's band on its rows without a number (our runs only)
