@@ -53,6 +53,13 @@ MODEL_SIZES = {
 }
 
 
+def size_name(model_cfg) -> str:
+  """The MODEL_SIZES name of a model section's shape (num_layers, num_heads, d_model, d_ff),
+  or 'custom' when no size has it."""
+  shape = {k: model_cfg[k] for k in MODEL_SIZES["tiny"]}
+  return next((n for n, s in MODEL_SIZES.items() if s == shape), "custom")
+
+
 def stage(steps, batch_size, lr, warmup_steps, weight_decay, **extra):
   return ml_collections.ConfigDict(dict(
       steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,

@@ -152,6 +152,21 @@ def _check_groups(d, stages: tuple[str, ...]) -> None:
   _require("pprobe" not in stages, f"stages: {PPROBE_GROUPS}")
 
 
+def _check_size(m) -> None:
+  """model.size names the shape a config file gave the model (configs/base.py MODEL_SIZES);
+  overriding it alone (`--config.model.size=small`) would leave the shape as it was under a
+  new name: refused, naming the shape keys to set. A shape of no size (overridden keys) keeps
+  its origin's name (bench reports it 'custom')."""
+  _require(m.size in base.MODEL_SIZES,
+           f"model.size={m.size!r} must be one of {'|'.join(base.MODEL_SIZES)}")
+  actual = base.size_name(m)
+  _require(actual in (m.size, "custom"),
+           f"model.size={m.size!r} but the model's shape is {actual!r}'s: the size does not "
+           "set the shape once the config is built; set model.num_layers, num_heads, "
+           "d_model and d_ff (" + ", ".join(
+               f"{k}={v}" for k, v in base.MODEL_SIZES[m.size].items()) + ")")
+
+
 def _check_qa_valid(cfg) -> None:
   """data.qa_valid_fraction: in [0, 1), and someone's QA still in training after it."""
   v = cfg.data.qa_valid_fraction
@@ -161,16 +176,6 @@ def _check_qa_valid(cfg) -> None:
     ok = qa_split(cfg.seed, cfg.data)[0].any()
   _require(ok, f"data.qa_valid_fraction={v} must be in [0, 1) and leave at least one "
            "person whose QA is trained on")
-
-
-def _check_qa_ratio(d, stages: tuple[str, ...]) -> None:
-  """data.qa_ratio under pretrain_mixed: a chunk takes round(share x data.chunk_docs) documents
-  of each source (data/pipeline.py mix_counts), so a positive share under one document
-  would silently be none: the QA pairs (or the bios) never read."""
-  r, n = d.qa_ratio, d.chunk_docs
-  _require("pretrain_mixed" not in stages or r == 0 or min(r, 1 - r) * n >= 1,
-           f"data.qa_ratio={r}: a pretrain_mixed chunk of data.chunk_docs={n} documents would "
-           f"hold {r * n:.3g} QA pairs and {(1 - r) * n:.3g} bios; each must be 0 or at least 1")
 
 
 def _check_source(d) -> None:
@@ -218,7 +223,6 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _check_qa_valid(cfg)
   _require(d.seq_len >= 32, f"data.seq_len={d.seq_len} must be >= 32")
   _require(d.chunk_docs >= 1, f"data.chunk_docs={d.chunk_docs} must be >= 1")
-  _check_qa_ratio(d, stages)
   _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
   _require(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
            f"data.tokenizer_path: no such file {d.tokenizer_path!r}")
@@ -249,7 +253,15 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     _require(m[k] >= 1, f"model.{k}={m[k]} must be >= 1")
   _require(m.d_model % m.num_heads == 0,
            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+  _check_size(m)
   _require(0.0 <= m.rotary_fraction <= 1.0, f"model.rotary_fraction={m.rotary_fraction} must be in [0, 1]")
+  head_dim = m.d_model // m.num_heads
+  rotated = int(m.d_model // m.num_heads * m.rotary_fraction) // 2 * 2
+  _require(rotated >= 2 or (m.rotary_fraction == 0 and m.causal),
+           f"model.rotary_fraction={m.rotary_fraction} rotates {rotated} of a head's "
+           f"{m.d_model // m.num_heads} dims: rotary is the model's only position signal, so "
+           "rotate at least 2 (or set 0 for a causal model without positions)")
+  _require(m.rotary_base > 0, f"model.rotary_base={m.rotary_base} must be > 0")
   try:
     data, fsdp, tensor = mesh_shape(cfg.mesh, n_devices)
   except ValueError as e:
@@ -264,6 +276,10 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     _require(st.grad_clip > 0, f"{s}.grad_clip={st.grad_clip} must be > 0 (the global-norm "
              "clip: 0 zeroes every update, a negative one reverses it)")
     if s == "finetune":   # the embedding LoRA rides on the attention one (model/lora.py)
+      for k in ("lora_rank", "lora_embed_rank"):
+        _require(st[k] >= 0, f"finetune.{k}={st[k]} must be >= 0 (0: none)")
+      _require(st.lora_alpha > 0, f"finetune.lora_alpha={st.lora_alpha} must be > 0 (the "
+               "update is scaled by lora_alpha / rank: 0 would train nothing)")
       _require(st.lora_embed_rank == 0 or st.lora_rank > 0,
                f"finetune.lora_embed_rank={st.lora_embed_rank} needs finetune.lora_rank > 0 "
                "(with lora_rank=0 the stage is a full finetune)")

@@ -1,6 +1,6 @@
 """Running an experiment's stages in a workdir (what `python -m kstore_jax.main` does).
 
-WORKDIR/config.json, tokenizer.json, results.json; WORKDIR/<stage>/{metrics.jsonl,
+WORKDIR/config.json, tokenizer.json, world.json, results.json; WORKDIR/<stage>/{metrics.jsonl,
 checkpoints/, final/, events.*}. A stage with final/ is done and skipped; an interrupted one
 resumes from its newest readable checkpoint. Later stages read the previous stage's final/.
 """
@@ -68,6 +68,20 @@ class Workdir:
         raise configlib.ConfigError(
             f"--workdir={self.path} holds a different experiment: config key {k!r} is "
             f"{old.get(k)!r} there, {new.get(k)!r} now")
+
+  def check_same_world(self, cfg, world) -> None:
+    """Refuse to resume a workdir whose run trained on other data than `world` holds (an
+    imported data.source file edited or replaced since, or a population drawn differently):
+    the config alone cannot tell. A workdir written before world.json existed is not checked."""
+    path = self.file(rundir.WORLD)
+    if not os.path.exists(path):
+      return
+    old = rundir.read_json(path).get("digest")
+    if old != world.digest:
+      raise configlib.ConfigError(
+          f"--workdir={self.path} holds a different experiment: its data "
+          f"(data.source={cfg.data.source!r}) has changed since the run started (world "
+          f"digest {str(old)[:12]} there, {world.digest[:12]} now)")
 
   def write_json(self, name: str, obj) -> None:
     if jax.process_index() != 0:
@@ -176,6 +190,7 @@ class Experiment:
     run's results of stages not configured now. Call once everything is validated."""
     self.workdir.lock()
     self.workdir.write_json(rundir.CONFIG, self.cfg.to_dict())
+    self.workdir.write_json(rundir.WORLD, {"digest": self.world.digest})
     if jax.process_index() == 0:
       tokenizer.save(self.workdir.file(rundir.TOKENIZER))
     self.write_results(None, {})
@@ -316,7 +331,7 @@ class Experiment:
   def sample_eval(self, params, n: int) -> dict[str, float]:
     """QA accuracy on the first n people of each half (periodic eval during training)."""
     w = self.world
-    halves = (("train", w.train_people[:n]), ("test", w.test_people[:n]))
+    halves = (("train", spread(w.train_people, n)), ("test", spread(w.test_people, n)))
     parts = qa_eval.qa_correct_parts(self.model, params, w, [p for _, p in halves],
                                      self.cfg.eval.batch_size)
     return {f"qa_{half}": qa_eval.per_attribute(correct, attrs)["mean"]
@@ -324,14 +339,15 @@ class Experiment:
 
   # -- evaluation ------------------------------------------------------------------------
   def eval_people(self) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out and QA-train people the eval stage answers (eval.max_people of each)."""
-    cap = self.cfg.eval.max_people or None
-    return self.world.test_people[:cap], self.world.train_people[:cap]
+    """The held-out and QA-train people the eval stage answers (eval.max_people of each,
+    spread over the groups)."""
+    cap = self.cfg.eval.max_people
+    return spread(self.world.test_people, cap), spread(self.world.train_people, cap)
 
   def valid_people(self) -> np.ndarray:
     """The QA-valid people the eval stage answers (eval.max_people of them; empty unless
     data.qa_valid_fraction)."""
-    return self.world.valid_people[:self.cfg.eval.max_people or None]
+    return spread(self.world.valid_people, self.cfg.eval.max_people)
 
   def eval_parts(self) -> dict[str, np.ndarray]:
     """The people whose QA the eval stage answers: {"qa_test", "qa_train"[, "qa_valid"]}."""
@@ -434,6 +450,15 @@ def group_results(groups, parts: dict[str, dict[str, dict]]) -> dict[str, dict]:
           for g in groups}
 
 
+def spread(people: np.ndarray, n: int) -> np.ndarray:
+  """n of the sorted ids `people` (all when n is 0 or at least their number), evenly spaced:
+  each group (a contiguous id range) keeps its share, where the first n would hold the first
+  groups' people only."""
+  if not 0 < n < len(people):
+    return people
+  return people[np.arange(n) * len(people) // n]
+
+
 def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   """(Experiment, tokenizer) of `cfg` in `workdir`, everything checked and nothing written:
   the config (ConfigError naming the first bad key), the tokenizer, a workdir holding another
@@ -444,4 +469,6 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   tok = tokenizer_lib.get_tokenizer(cfg.data)
   wd = Workdir(workdir)
   wd.check_same_experiment(cfg, platform)
-  return Experiment(cfg, tok, wd), tok
+  exp = Experiment(cfg, tok, wd)
+  wd.check_same_world(cfg, exp.world)
+  return exp, tok

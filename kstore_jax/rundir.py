@@ -3,6 +3,7 @@
     WORKDIR/                        what `python -m kstore_jax.main --workdir=WORKDIR` writes
       config.json                   CONFIG: the run's config (checked on resume)
       tokenizer.json                TOKENIZER
+      world.json                    WORLD: {"digest": the data's World.digest} (checked on resume)
       results.json                  RESULTS: {key: value, ..., "produced_by": {key: stage}}
       .lock, .lock.<i>              lock_name(i): one per process of the run
       <stage>/                      stage_dir(WORKDIR, stage), one per trained stage
@@ -28,6 +29,7 @@ from kstore_jax.errors import ConfigError
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+WORLD = "world.json"
 RESULTS = "results.json"
 GRID = "grid.json"
 METRICS = "metrics.jsonl"

@@ -109,6 +109,19 @@ def test_self_attention_bfloat16(impl):
     assert rel(got * real, want * real) < 2e-2, impl
 
 
+@pytest.mark.parametrize("impl", [i for i in SELF_IMPLS if attention.length_unsupported(i, 112)])
+def test_rows_the_tiles_cannot_cover_still_attend(impl):
+  """The probes run the training kernel on rows of the longest bio (+1) or name, GBERT's
+  fill-mask on prompt + answer rows: 112 positions is no multiple of any flash tile, and
+  the kernel refused it (a probe stage crashed on the GPU and TPU defaults)."""
+  q, k, v, do, seg, pos = batch(seed=11, L=112)
+  out, dq, dk, dv = run_self(impl, q, k, v, do, seg, pos, True)
+  ref_out, ref_dq, ref_dk, ref_dv, _ = reference(q, k, v, do, seg, pos, seg, pos, True)
+  real = (seg > 0)[:, :, None, None]
+  for got, want in ((out, ref_out), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+    assert rel(got * real, want * real) < 2e-5, impl
+
+
 def test_reference_is_not_trivially_satisfied():
   """The reference's mask matters: leaving out segments or causality changes the output by
   far more than the tolerance above (so the tests would catch a kernel that ignores them)."""

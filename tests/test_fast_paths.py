@@ -210,3 +210,22 @@ def test_remat_decodes_like_the_plain_model(scan, remat, toy_params):
   lens_B = jnp.asarray([6, 4, 2], jnp.int32)
   want = generate.generate(plain, toy_params, prompt_BP, lens_B, 5)
   np.testing.assert_array_equal(generate.generate(other, toy_params, prompt_BP, lens_B, 5), want)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_logits_are_accumulated_in_float32(tie):
+  """With bf16 compute the model's logits (what decoding takes the argmax of) are the f32
+  product of the bf16 hidden state and head, as the training loss makes them: rounded to
+  bf16 (8 bits of mantissa) they tie and the argmax disagrees with the trained head."""
+  cfg = transformer.ModelConfig(vocab_size=512, num_layers=1, num_heads=2, d_model=64, d_ff=128,
+                                dtype="bfloat16", tie_embeddings=tie)
+  model = transformer.Transformer(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 512)
+  params = jax.tree.map(lambda x: 8 * x, init_params(model, tokens, 0))   # logits ~ tens
+  logits, hidden, _ = model.apply({"params": params}, tokens)
+  assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+  ref = np.asarray(hidden, np.float64) @ np.asarray(transformer.head_matrix(cfg, params),
+                                                    np.float64)
+  got = np.asarray(logits)
+  np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+  assert (got != np.asarray(logits.astype(jnp.bfloat16), np.float32)).mean() > 0.5

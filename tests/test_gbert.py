@@ -279,3 +279,16 @@ def test_report_arch_and_token_tables(tmp_path):
   text, _ = report.build_report([runs[2], str(twin)], str(tmp_path / "twins.md"))
   assert "| `llama_single` (llama_single) | llama |" in text
   assert "| `llama_single` (llama_single_wide) | llama |" in text
+
+
+def test_llama_rotates_the_fraction_it_is_given():
+  """Llama's configs rotate whole heads (ARCHS: rotary_fraction 1); an override of the
+  fraction is the model's, not silently replaced by 1."""
+  from kstore_jax.model.transformer import ModelConfig
+  cfg = configlib.load_config_file("configs/llama/single.py:tiny")
+  assert cfg.model.rotary_fraction == 1.0
+  head = cfg.model.d_model // cfg.model.num_heads
+  for frac in (1.0, 0.5):
+    got = ModelConfig(vocab_size=64, block="llama", d_model=cfg.model.d_model,
+                      num_heads=cfg.model.num_heads, rotary_fraction=frac).rotary_dim
+    assert got == int(head * frac)

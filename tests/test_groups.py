@@ -180,6 +180,24 @@ def test_scores_split_by_group(tok):
   assert got["star"]["qa_test"]["major"] == 1.0 and got["star"]["people"] == 100
 
 
+def test_eval_max_people_samples_every_group(tok, tmp_path):
+  """Groups are contiguous id ranges: the first eval.max_people held-out people would all be
+  minority (ids 0..499), and the stars' row would read "no held-out people"."""
+  from kstore_jax import experiment
+  cfg = celeb_minority.get_config("tiny")
+  cfg.eval.max_people = 30
+  exp, _ = experiment.open_experiment(cfg, str(tmp_path / "run"), 1, "cpu")
+  w = exp.world
+  for part, people in exp.eval_parts().items():
+    everyone = w.test_people if part == "qa_test" else w.train_people
+    assert len(people) == 30 and len(set(people.tolist())) == 30
+    assert set(people.tolist()) <= set(everyone.tolist())
+    star = int((w.group_of(people) == 1).sum())
+    share = (w.group_of(everyone) == 1).mean()
+    assert abs(star - 30 * share) <= 1, (part, star, share)   # each group its share
+  assert not (tmp_path / "run").exists()
+
+
 # -- validation -----------------------------------------------------------------------------
 def _bad_type(c):
   c.data.groups.star = base.group(1 / 6, 0.5, 0.5, multi=2.5)

@@ -208,6 +208,27 @@ def test_a_dataset_whose_qa_train_side_is_nobody_is_refused(tmp_path):
     world_lib.build_world(cfg, tokenizer.get_tokenizer(cfg.data))
 
 
+def test_resuming_on_an_edited_data_source_is_refused(tmp_path):
+  """The config names the file, not its contents: a rerun after the file changed would
+  resume training on other bios. The workdir records the world's digest (world.json) and a
+  rerun on other data stops in one line before writing anything; the same data resumes."""
+  from kstore_jax import experiment
+  recs = person_records(8, copies=2)
+  cfg = base.get_config("tiny")
+  cfg.data.update(source=write(tmp_path / "bios.jsonl", recs), vocab_size=512)
+  wd = str(tmp_path / "run")
+  exp, tok = experiment.open_experiment(cfg, wd, 1, "cpu")
+  exp.start(tok)
+  saved = (tmp_path / "run" / "world.json").read_text()
+  experiment.open_experiment(cfg, wd, 1, "cpu")      # the same data: resumes
+  recs[5]["text"] = recs[5]["text"].replace(" was born on ", " came into the world on ")
+  write(tmp_path / "bios.jsonl", recs)
+  with pytest.raises(ConfigError, match=rf"^--workdir={wd} holds a different experiment: its "
+                                        r"data \(data.source='jsonl:.*bios.jsonl'\) has changed"):
+    experiment.open_experiment(cfg, wd, 1, "cpu")
+  assert (tmp_path / "run" / "world.json").read_text() == saved
+
+
 def test_a_file_that_is_no_tokenizer_is_one_line_naming_it(tmp_path):
   path = tmp_path / "tok.json"
   path.write_text("{}")

@@ -89,14 +89,42 @@ def test_bad_config_leaves_workdir_untouched(case, workdir, jax_cache):
   assert snapshot(workdir) == before
 
 
-# validate's checks of a stage's numbers, in process (main runs validate before it writes
-# anything): (--config.<key>=<value> overrides of configs/single.py:tiny, what the line names)
+# validate's checks of a stage's and the model's numbers, in process (main runs validate before
+# it writes anything): (--config.<key>=<value> overrides of configs/single.py:tiny, the line)
 BAD_STAGE = {
+    "lora_rank_negative": ({"finetune.lora_rank": "-4"}, "finetune.lora_rank=-4 must be >= 0"),
+    "lora_embed_rank_negative": ({"finetune.lora_embed_rank": "-1"},
+                                 "finetune.lora_embed_rank=-1 must be >= 0"),
+    "lora_alpha_zero": ({"finetune.lora_alpha": "0"}, "finetune.lora_alpha=0.0 must be > 0"),
+    "rotary_base_zero": ({"model.rotary_base": "0"}, "model.rotary_base=0.0 must be > 0"),
+    # GBERT (bidirectional) with no rotated dimension would not see word order at all
+    "no_positions_bidirectional": ({"model.causal": "false", "model.rotary_fraction": "0.05"},
+                                   "model.rotary_fraction=0.05 rotates 0 of a head's 32 dims"),
+    # the size names the shape only in a config file: alone on the command line it would be a
+    # tiny model reported as gpt2_small
+    "size_alone": ({"model.size": "gpt2_small"},
+                   "model.size='gpt2_small' but the model's shape is 'tiny''s"),
     "grad_clip_zero": ({"pretrain.grad_clip": "0"}, "pretrain.grad_clip=0.0 must be > 0"),
     "grad_clip_negative": ({"finetune.grad_clip": "-1"}, "finetune.grad_clip=-1.0 must be > 0"),
     "lora_embed_without_lora": ({"finetune.lora_rank": "0", "finetune.lora_embed_rank": "8"},
                                 "finetune.lora_embed_rank=8 needs finetune.lora_rank > 0"),
 }
+
+
+def test_sizes_and_positions_that_are_fine():
+  """A shape overridden key by key keeps its origin's name (reported 'custom'); the size with
+  its own shape, and a causal model without positions, are valid."""
+  from configs import base
+  cfg = single.get_config("tiny")
+  for key, text in (("model.num_layers", "2"), ("model.causal", "true"),
+                    ("model.rotary_fraction", "0")):
+    configlib.apply_override(cfg, key, text)
+  configlib.validate(cfg, 1, platform="cpu")
+  assert base.size_name(cfg.model) == "custom"
+  for k, v in {"size": "small", **base.MODEL_SIZES["small"]}.items():
+    configlib.apply_override(cfg, f"model.{k}", str(v))
+  configlib.validate(cfg, 1, platform="cpu")
+  assert base.size_name(cfg.model) == "small"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_STAGE))

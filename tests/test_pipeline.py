@@ -10,6 +10,7 @@ from absl import flags
 from configs import base
 from kstore_jax import configlib
 from kstore_jax.data import batches, pipeline, population, render, sources, tokenizer
+from kstore_jax.data import world as world_lib
 from kstore_jax.data.render import Docs
 from kstore_jax.errors import ConfigError
 
@@ -276,18 +277,21 @@ def test_mix_counts_rejects_bad_weights():
                                               (0.0, False)])
 def test_a_qa_ratio_under_one_document_per_chunk_is_refused(qa_ratio, refused):
   """mix_counts gives a source round(weight x chunk_docs) documents a chunk, so pretrain_mixed
-  with 0.0004 x 1024 QA pairs (or 0.0005 x 1024 bios) would never read them: validate refuses
-  it, only where pretrain_mixed runs."""
+  with 0.0004 x 1024 QA pairs (or 0.0005 x 1024 bios) would never read them: the world
+  refuses it before anything is written, only where pretrain_mixed runs."""
   cfg = base.get_config("tiny,mixed")
   cfg.data.qa_ratio = qa_ratio
+  configlib.validate(cfg, 1, platform="cpu")
+  tok = tokenizer.get_tokenizer(cfg.data)
   if refused:
     with pytest.raises(ConfigError, match=rf"^data.qa_ratio={qa_ratio}: a pretrain_mixed chunk "
                                           r"of data.chunk_docs=1024 documents would hold "):
-      configlib.validate(cfg, 1, platform="cpu")
+      world_lib.build_world(cfg, tok)
   else:
-    configlib.validate(cfg, 1, platform="cpu")
+    assert min(world_lib.build_world(cfg, tok).chunks("pretrain_mixed", cfg.data).counts) \
+        >= (qa_ratio > 0)
   cfg.stages = ("pretrain", "finetune")
-  configlib.validate(cfg, 1, platform="cpu")
+  world_lib.build_world(cfg, tok)
 
 
 @pytest.mark.parametrize("qa_ratio", [0.8, 0.25])

@@ -52,6 +52,10 @@ class Roster:
   def value_counts(self) -> dict[str, int]:
     return {a: len(t) for a, t in self.tables.items()}
 
+  def content(self) -> list:
+    """Everything that tells people apart (arrays and bytes), for World.digest."""
+    return [self.ids, repr((self.names, self.tables)).encode()]
+
   def full_name(self, person: int) -> str:
     return self.names[person]
 

@@ -61,6 +61,10 @@ class Population:
       raise KeyError(f"unknown attribute {name!r}; expected one of {ATTRIBUTES}")
     return np.asarray(getattr(self, name))
 
+  def content(self) -> list:
+    """Everything that tells people apart (arrays), for World.digest."""
+    return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "seed"]
+
   def full_name(self, person: int) -> str:
     p = pools_lib.load_pools()
     return " ".join((p.first_names[self.first[person]], p.middle_names[self.middle[person]],

@@ -100,24 +100,30 @@ def as_record(example) -> dict:
 class TfdsReader:
   """Random access to the records' texts by record index."""
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: str, builder=None):
+    self.path, self._builder = path, builder
     self._source = None
+
+  @property
+  def builder(self):
+    if self._builder is None:
+      self._builder = tfds.builder_from_directory(self.path)
+    return self._builder
 
   @property
   def source(self):
     if self._source is None:
-      self._source = tfds.builder_from_directory(self.path).as_data_source(split=SPLIT)
+      self._source = self.builder.as_data_source(split=SPLIT)
     return self._source
 
   def texts(self, refs) -> list[str]:
     return [ex["text"].decode() for ex in self.source.__getitems__([int(r) for r in refs])]
 
 
-def check_format(path: str) -> None:
-  """ConfigError unless the dataset at `path` (a version directory) has this version's split
-  and features: an older export (1.x: token ids, no facts) cannot be read, only re-exported."""
-  info = tfds.builder_from_directory(path).info
+def check_format(path: str, info) -> None:
+  """ConfigError unless the dataset at `path` (a version directory, `info` its builder's info)
+  has this version's split and features: an older export (1.x: token ids, no facts) cannot be
+  read, only re-exported."""
   missing = [k for k in ("person", "copy", "spans", *_TEXT) if k not in info.features]
   if SPLIT not in info.splits:
     missing.append(f"split {SPLIT!r}")
@@ -132,8 +138,8 @@ def check_format(path: str) -> None:
 def read(data_dir: str) -> records.Corpus:
   """Check and index the dataset under data_dir (records named by their index)."""
   path = version_dir(data_dir)
-  check_format(path)
   reader = TfdsReader(path)
+  check_format(path, reader.builder.info)
   index = records.RecordIndex(lambda i: f"{path} record {i}")
   source = reader.source
   for start in range(0, len(source), _BATCH):

@@ -13,6 +13,7 @@ is the same with or without a valid share.
 
 import dataclasses
 import functools
+import hashlib
 
 import numpy as np
 import tokenizers
@@ -139,6 +140,23 @@ class World:
     """The QA-valid people: neither trained on nor test (empty unless data.qa_valid_fraction)."""
     return np.flatnonzero(self.qa_valid)
 
+  @functools.cached_property
+  def digest(self) -> str:
+    """sha256 of what the world holds: every person's attributes, the groups, the QA split and
+    an imported world's stored bios. Equal for equal data: a rerun that would train on other
+    people or other bios (an edited data.source file) has another digest."""
+    h = hashlib.sha256()
+    parts = [*self.pop.content(), self.qa_train, self.qa_valid]
+    if self.stored is not None:
+      parts += [getattr(self.stored, f.name) for f in dataclasses.fields(self.stored)]
+    for a in parts:
+      a = a if isinstance(a, bytes) else np.ascontiguousarray(a)
+      h.update(f"{len(a)}:{getattr(a, 'dtype', '')}{getattr(a, 'shape', '')}".encode())
+      h.update(a if isinstance(a, bytes) else a.tobytes())
+    h.update(repr([(g.name, g.start, g.stop, g.aug, g.tokens, g.qa_train_fraction)
+                   for g in self.groups]).encode())
+    return h.hexdigest()
+
   def group_of(self, people) -> np.ndarray:
     """Index in `groups` of each person's group."""
     return group_index(self.groups, people)
@@ -221,15 +239,21 @@ class World:
     return self.doc_positions[1]
 
   def check_streams(self, stages, data_cfg) -> None:
-    """ConfigError naming a group's `tokens` share when a stage of `stages` would mix its bios
-    in at under one document per chunk: mix_counts (data/pipeline.py) rounds that to none, and
-    the group's bios would never be read. (One group's share is everything; the bios' share
-    under data.qa_ratio is configlib.validate's.)"""
-    if len(self.groups) == 1:
-      return
-    n = data_cfg.chunk_docs
+    """ConfigError naming the key (data.qa_ratio, a group's `tokens` share) when a stage of
+    `stages` would mix a source in at a positive weight under one document per chunk:
+    mix_counts (data/pipeline.py) rounds that to none, and the source (QA pairs, a group's
+    bios) would never be read. The one owner of this rule."""
+    n, r = data_cfg.chunk_docs, data_cfg.qa_ratio
     for stage in (s for s in base.BASE_STAGES if s in stages):
-      for g, w in zip(self.groups, self.stage_mixture(stage, data_cfg)[1]):
+      weights = self.stage_mixture(stage, data_cfg)[1]
+      if stage == "pretrain_mixed" and any(0 < w * n < 1 for w in (r, sum(weights[:-1]))):
+        raise ConfigError(
+            f"data.qa_ratio={r}: a pretrain_mixed chunk of data.chunk_docs={n} documents would "
+            f"hold {r * n:.3g} QA pairs and {(1 - r) * n:.3g} bios; each must be 0 or at "
+            "least 1")
+      if len(self.groups) == 1:
+        continue
+      for g, w in zip(self.groups, weights):
         if w * n < 1:
           raise ConfigError(
               f"data.groups.{g.name}.tokens={g.tokens:g}: a {stage} chunk of "

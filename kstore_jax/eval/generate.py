@@ -156,7 +156,7 @@ def generate_recompute(model: Transformer, params, prompt_BP, lens_B, max_new: i
       tokens_AS, seq_BL = jax.lax.optimization_barrier((prefixes.tokens_AS, seq_BL))
       cache, _ = _prefix_cache(apply, cfg, prefixes._replace(tokens_AS=tokens_AS), B, P + t)
       _, hidden_BLD, _ = apply(seq_BL, pos_BL, seg_BL, cache=cache)
-    logits_BV = jnp.dot(hidden_BLD[:, -1], head_DV).astype(jnp.float32)
+    logits_BV = jnp.dot(hidden_BLD[:, -1], head_DV, preferred_element_type=jnp.float32)
     nxt_B = greedy(logits_BV)
     return out_BW.at[:, t].set(nxt_B), nxt_B == eos_id
 

@@ -75,6 +75,11 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
     return f"{impl} needs the {OPTIONAL[impl]} package (pip install {OPTIONAL[impl]})"
   if impl in HALF_ONLY and dtype == "float32":
     return f"{impl} needs model.dtype bfloat16 or float16, not float32"
+  return length_unsupported(impl, seq_len)
+
+
+def length_unsupported(impl: str, seq_len: int) -> str | None:
+  """Why `impl`'s tiles cannot cover rows of seq_len positions; None when they can."""
   if impl in ("pallas", "pallas_docs") and seq_len % min(64, seq_len):
     return f"{impl} needs data.seq_len={seq_len} to be a multiple of 64"
   if impl == "tokamax" and seq_len % 128:   # its Mosaic kernel takes queries 2 x 64 at a time
@@ -251,7 +256,13 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
                    interpret: bool = False, max_docs: int | None = None) -> jax.Array:
   """Attention of a packed batch over itself (training, prefill without a cache) by `impl`;
   `max_docs`: the most documents a row holds (cudnn's packed layout; 0/None or more than L:
-  L)."""
+  L).
+
+  Rows of a length the kernel's tiles cannot cover (`length_unsupported`: the probes' rows of
+  the longest bio or name, GBERT's fill-mask rows; data.seq_len itself is validated) run
+  `xla` instead: they are short, and the flash kernels would refuse them."""
+  if length_unsupported(impl, q_BLHK.shape[1]):
+    impl = "xla"
   if impl == "pallas":
     return pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   if impl == "pallas_docs":

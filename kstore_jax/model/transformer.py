@@ -55,9 +55,8 @@ class ModelConfig:
 
   @property
   def rotary_dim(self) -> int:
-    """Rotated dims per head (even); Llama uses full rotary."""
-    frac = 1.0 if self.block == "llama" else self.rotary_fraction
-    return int(self.head_dim * frac) // 2 * 2
+    """Rotated dims per head (even): rotary_fraction of them (Llama's configs set 1)."""
+    return int(self.head_dim * self.rotary_fraction) // 2 * 2
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int, platform: str) -> "ModelConfig":
@@ -124,17 +123,19 @@ class Norm(nn.Module):
                         bias_init=_init(nn.initializers.zeros, "embed"))(x)
 
 
-def flat_matmul(x, kernel_IO, n_in: int, platform: str = "") -> jax.Array:
+def flat_matmul(x, kernel_IO, n_in: int, platform: str = "", out_dtype=None) -> jax.Array:
   """x's trailing n_in dims (I elements in all) times kernel_IO as ONE 2-D matmul
-  [tokens, I] x [I, O]; returns [tokens, O] (the caller restores x's leading dims). With the
+  [tokens, I] x [I, O]; returns [tokens, O] (the caller restores x's leading dims), in
+  `out_dtype` when given (accumulated in it: the output head's f32 logits), else in the
+  operands' dtype. With the
   batch and length dims kept apart, XLA:CPU computes the weight gradient through a transposed
   copy of the [tokens, O] cotangent (half of an MLP's backward time at `small`). On the CPU a
   tall kernel (I > O: the MLP's down projection) gets its gradient as the transpose of
   [O, tokens] x [tokens, I] (`_tall_matmul`)."""
   x_NI = x.reshape(-1, kernel_IO.shape[0])
-  if platform == "cpu" and kernel_IO.shape[0] > kernel_IO.shape[1]:
+  if platform == "cpu" and kernel_IO.shape[0] > kernel_IO.shape[1] and out_dtype is None:
     return _tall_matmul(x_NI, kernel_IO)
-  return jnp.dot(x_NI, kernel_IO)
+  return jnp.dot(x_NI, kernel_IO, preferred_element_type=out_dtype)
 
 
 @jax.custom_vjp
@@ -170,6 +171,7 @@ class Proj(nn.Module):
   std: float
   dtype: Any
   platform: str = ""    # ModelConfig.platform: the CPU computes a tall kernel's gradient apart
+  out_dtype: Any = None   # the product's dtype (accumulated in it); None: `dtype`
 
   @nn.compact
   def __call__(self, x):
@@ -178,7 +180,7 @@ class Proj(nn.Module):
     n_in = len(self.shape) - self.n_out
     y = flat_matmul(x.astype(self.dtype),
                     kernel.astype(self.dtype).reshape(math.prod(self.shape[:n_in]), -1), n_in,
-                    self.platform)
+                    self.platform, self.out_dtype)
     if self.use_bias:   # on the 2-D product: a row broadcast XLA fuses, not a full-size copy
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
                         self.shape[-self.n_out:])
@@ -296,13 +298,16 @@ class Transformer(nn.Module):
     if cache is not None:
       cache = dict(cache, index=cache["index"] + tokens_BL.shape[1])
     hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
+    # logits accumulated and returned in f32 (as the training loss makes them): bf16-rounded
+    # logits tie often and would make decoding disagree with the trained head
     if cfg.tie_embeddings:
-      logits_BLV = flat_matmul(hidden_BLD, embed.embedding.astype(dtype).T, 1).reshape(
-          *hidden_BLD.shape[:-1], cfg.vocab_size)
+      logits_BLV = flat_matmul(hidden_BLD, embed.embedding.astype(dtype).T, 1,
+                               out_dtype=jnp.float32).reshape(*hidden_BLD.shape[:-1],
+                                                              cfg.vocab_size)
     else:
       logits_BLV = Proj((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1, False, 0.02, dtype,
-                        cfg.platform, name="unembed")(hidden_BLD)
-    return logits_BLV.astype(jnp.float32), hidden_BLD, cache
+                        cfg.platform, jnp.float32, name="unembed")(hidden_BLD)
+    return logits_BLV, hidden_BLD, cache
 
 
   def scanned_blocks(self, x_BLD, positions_BL, segment_ids_BL, rot, policy):

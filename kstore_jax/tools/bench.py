@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 
 import kstore_jax
-from configs.base import PROBE_STAGES, TRAIN_STAGES
+from configs.base import PROBE_STAGES, TRAIN_STAGES, size_name
 from kstore_jax import configlib, heap, rundir
 from kstore_jax.tools import cli, runtime
 
@@ -342,7 +342,7 @@ def bench_eval(cfg) -> list[dict]:
   flops = generate.generation_flops(exp.model_cfg, batches, max_new)
   flops_ratio = flops["recompute"] / flops["kv_cache"]
   speedup = med["re"] / med["kv"]
-  ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
+  ctx = dict(config=cfg.name, scale=cfg.scale, model_size=size_name(cfg.model),
              params=int(count_params(params)), params_from=stage, questions=n_q,
              batches=len(batches), batch=int(batches[0].rest_NR.shape[0]),
              prompt_len_mean=round(float(qs.prompt_lens_N.mean()), 2),
@@ -413,7 +413,7 @@ def bench_train(cfg) -> list[dict]:
   r = measure_train(cfg, steps=TRAIN_STEPS.value)
   n = matmul_size()
   matmul = throughput.matmul_flops_per_s(r["dtype"], n)
-  ctx = dict(config=cfg.name, scale=cfg.scale, model=cfg.model.size, params=r["params"],
+  ctx = dict(config=cfg.name, scale=cfg.scale, model=size_name(cfg.model), params=r["params"],
              vocab=r["vocab"], batch_size=cfg.pretrain.batch_size, seq_len=cfg.data.seq_len,
              dtype=r["dtype"], attention=r["attention"], remat=cfg.model.remat,
              device=jax_device_kind())
@@ -684,7 +684,7 @@ def bench_probe(cfg) -> list[dict]:
       next(data)
     data_s = time.perf_counter() - t0
     width = spec.positions_per_step // sc.batch_size
-    ctx = dict(config=cfg.name, scale=cfg.scale, model_size=cfg.model.size,
+    ctx = dict(config=cfg.name, scale=cfg.scale, model_size=size_name(cfg.model),
                base_params=int(count_params(base)),
                probe_params=int(count_params(state["params"])), batch_size=sc.batch_size,
                width=width, embed_rank=sc.embed_rank, head=sc.head, steps=steps,
