@@ -33,6 +33,18 @@ def stage_list(cfg) -> tuple[str, ...]:
   return tuple(x.strip() for entry in s for x in str(entry).split(",") if x.strip())
 
 
+QA_METHODS = ("finetune", "mixed")   # the paper's two ways of QA training
+NO_QA = "no QA training"             # a run with neither (e.g. pretrain,eval)
+
+
+def qa_method(stages) -> str:
+  """The QA training of a stage list (stage_list's): 'mixed' (pretrain_mixed), 'finetune',
+  or NO_QA. The report's columns and grid.json's `method` both use it."""
+  if "pretrain_mixed" in stages:
+    return "mixed"
+  return "finetune" if "finetune" in stages else NO_QA
+
+
 BASE_STAGES = stages_of("base")
 TRAIN_STAGES = stages_of("base", "train")            # the language model trains
 PROBE_STAGES = stages_of("probe")

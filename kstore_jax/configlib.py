@@ -9,6 +9,7 @@ Importing it imports no jax (`report` reads results without it): `validate` impo
 model and train facts it checks against when it runs (WORKSPACE.md, "Layers").
 """
 
+import ast
 import importlib.util
 import os
 import re
@@ -295,7 +296,22 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(m.d_model % fsdp == 0, f"mesh.fsdp={fsdp} must divide model.d_model={m.d_model}")
   for k in ("log_every", "save_every", "keep_checkpoints"):
     _require(cfg.train[k] >= 1, f"train.{k}={cfg.train[k]} must be >= 1")
+  _require(cfg.train.eval_people >= 0, f"train.eval_people={cfg.train.eval_people} must be >= 0")
+  _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+  _require(cfg.eval.max_people >= 0,
+           f"eval.max_people={cfg.eval.max_people} must be >= 0 (0: everyone)")
   _check_profile_steps(cfg.train)
+
+
+def _literal_tuple(key: str, text: str) -> tuple:
+  """`('pretrain', 'eval')` / `["a"]` as a tuple (ml_collections reads main's flags so)."""
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"--config.{key}={text}: not a tuple literal") from None
+  if not isinstance(value, (tuple, list)):
+    raise ConfigError(f"--config.{key}={text}: not a tuple literal")
+  return tuple(value)
 
 
 def apply_override(cfg, key: str, text: str, prefix: str = "") -> None:
@@ -311,8 +327,9 @@ def apply_override(cfg, key: str, text: str, prefix: str = "") -> None:
     value = text.lower() in ("true", "1")
   elif isinstance(current, (int, float)):
     value = type(current)(float(text) if isinstance(current, float) else int(text))
-  elif isinstance(current, (tuple, list)):
-    value = tuple(x.strip() for x in text.split(",") if x.strip())
+  elif isinstance(current, (tuple, list)):   # a,b,c or a Python literal ('a', 'b') as main
+    value = _literal_tuple(prefix + key, text) if text.lstrip()[:1] in "([" and text.strip() \
+        else tuple(x.strip() for x in text.split(",") if x.strip())
   elif isinstance(current, ml_collections.ConfigDict):
     raise ConfigError(f"--config.{prefix}{key}: is a section, not a value")
   else:
@@ -368,8 +385,11 @@ def load_grid(spec: str | None, overrides: list[str]):
     if key.startswith("grid."):
       apply_override(g.grid, key[len("grid."):], text, prefix="grid.")
     else:
-      for run in g.runs.values():
-        apply_override(run, key, text)
+      for name, run in g.runs.items():
+        try:
+          apply_override(run, key, text)
+        except ConfigError as e:   # a key only some runs have (data.groups.<name>)
+          raise ConfigError(f"run {name!r}: {e}") from None
   for key, choices in (("mode", grids.MODES), ("run_axis", grids.RUN_AXES),
                        ("eval_runs", grids.EVAL_RUNS)):
     if g.grid[key] not in choices:

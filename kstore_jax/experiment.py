@@ -36,8 +36,10 @@ class Workdir:
     self._lock = None
 
   def lock(self) -> None:
-    """Lock the workdir against a second run (one lock file per process: rundir.lock)."""
-    self._lock = rundir.lock(self.path, jax.process_index())
+    """Lock the workdir against a second run (one lock file per process: rundir.lock); a
+    second call keeps the lock it holds."""
+    if self._lock is None:
+      self._lock = rundir.lock(self.path, jax.process_index())
 
   def file(self, *parts) -> str:
     return os.path.join(self.path, *parts)
@@ -253,6 +255,8 @@ class Experiment:
                             init_args=base, **lm)
     merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
     init_lora = functools.partial(lora_lib.init, rank=sc.lora_rank, embed_rank=sc.lora_embed_rank)
+    # the base is frozen: no weight gradients (the low-rank factors' are negligible)
+    lm["flops_per_position"] = flops_per_token(self.model_cfg, cfg.data.seq_len, "inputs")
     return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model, merge), init_lora, base,
                           export=lambda p, f: merge(f, p), init_args=base, **lm)
 
@@ -272,7 +276,10 @@ class Experiment:
         data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
                                cfg.data.workers),
         positions_per_step=sc.batch_size * batches.width,
-        flops_per_position=flops_per_token(self.model_cfg, batches.width),
+        # the frozen model up to its hidden states; gradients pass back through it only to
+        # the probe's embedding update
+        flops_per_position=flops_per_token(self.model_cfg, batches.width,
+                                           "inputs" if sc.embed_rank else "none", head=False),
         export=lambda p, f: p, dtype=self.model_cfg.dtype)
 
   def class_tokens(self, stage: str):
@@ -465,6 +472,8 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   experiment, sequence length against the documents. `Experiment.start` then takes the
   workdir."""
   from kstore_jax.data import tokenizer as tokenizer_lib
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise configlib.ConfigError(f"--workdir={workdir}: not a directory")
   configlib.validate(cfg, n_devices, platform=platform)
   tok = tokenizer_lib.get_tokenizer(cfg.data)
   wd = Workdir(workdir)

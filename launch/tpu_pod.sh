@@ -45,6 +45,16 @@ parse_args "$@"
 [ -n "${KSTORE_ZONE:-}" ] || die "set KSTORE_ZONE (e.g. us-west4-a)"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The workers run from their copy of the repository: the config file is passed relative to it,
+# and one outside it is refused here rather than after the VM, the copy and the install.
+CFG_FILE="${CONFIG%%:*}" CFG_ARG="${CONFIG#"${CONFIG%%:*}"}"
+[ -f "$CFG_FILE" ] || [ -f "$ROOT/$CFG_FILE" ] || die "--config=$CONFIG: no such file $CFG_FILE"
+[ -f "$CFG_FILE" ] || CFG_FILE="$ROOT/$CFG_FILE"
+CFG_ABS="$(cd "$(dirname "$CFG_FILE")" && pwd)/$(basename "$CFG_FILE")"
+case "$CFG_ABS" in
+  "$ROOT"/*) CONFIG="${CFG_ABS#"$ROOT"/}$CFG_ARG" ;;
+  *) die "--config=$CONFIG: $CFG_ABS is outside the repository ($ROOT), which is what the workers get" ;;
+esac
 NAME="${KSTORE_TPU_NAME:-kstore-${USER:-user}}"
 ACCEL="${KSTORE_ACCELERATOR:-v5litepod-16}"
 case "$ACCEL" in

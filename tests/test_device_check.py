@@ -74,7 +74,10 @@ def test_smoke_runs_every_section(tmp_path):
 
 def test_bad_arguments_are_one_line(tmp_path):
   for args, culprit in ((["--sections=env,typo", str(tmp_path)], "typo"),
-                        (["--fast", str(tmp_path)], "--fast"), ([], "OUTDIR")):
+                        (["--fast", str(tmp_path)], "--fast"), ([], "OUTDIR"),
+                        (["--smoke"], "OUTDIR"), (["--sections=train"], "OUTDIR"),
+                        (["--sections=", str(tmp_path)], "--sections= names no section"),
+                        ([str(tmp_path), "other"], "'other'")):
     proc = check(*args, timeout=60)
     assert proc.returncode == 2 and culprit in proc.stderr and len(
         proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
@@ -83,7 +86,7 @@ def test_bad_arguments_are_one_line(tmp_path):
 def test_pick_kernel_skips_a_kernel_whose_loss_disagrees(tmp_path):
   """The variants' kernel: the fastest train_<kernel> run among those whose loss agrees with
   the others' (a leaky mask trains to a lower loss, and may be faster); variants' sections
-  and other lines do not count; none finished: the first kernel."""
+  and other lines do not count; none finished: none (the script takes the first kernel)."""
   def line(section, name, value, loss):
     return {"section": section, "name": name, "value": value, "loss": loss}
   lines = [line("train_a", "train_step_s", 0.050, 5.00),
@@ -93,10 +96,28 @@ def test_pick_kernel_skips_a_kernel_whose_loss_disagrees(tmp_path):
            line("train_c", "train_tokens_per_s", 1e9, 5.02)]
   assert device_report.pick_kernel(lines, ["leaky", "a", "c"]) == "a"
   assert device_report.pick_kernel(lines[2:], ["leaky", "a", "c"]) == "c"
-  assert device_report.pick_kernel([], ["leaky", "a", "c"]) == "leaky"
+  assert device_report.pick_kernel([], ["leaky", "a", "c"]) is None
   path = tmp_path / "bench.jsonl"
   path.write_text("".join(json.dumps(l) + "\n" for l in lines))
   pick = subprocess.run([sys.executable, "-m", "kstore_jax.tools.device_report", "pick",
                          str(path), "leaky", "a", "c"], cwd=ROOT, capture_output=True,
                         text=True, check=False)
   assert pick.returncode == 0 and pick.stdout.strip() == "a", pick.stderr
+
+
+def test_pick_kernel_needs_a_finite_loss_and_a_right_attention():
+  """With two kernels the median sits halfway: neither 'agrees' when they differ, and a NaN
+  made the median NaN; both fell back to the first kernel, right or not (the H200 record
+  has a NaN-loss cudnn run and one 32% off). A NaN loss or an attention section error over
+  ATTENTION_TOLERANCE rules a kernel out; two finite, unflagged ones that differ: None."""
+  def train(k, s, loss):
+    return {"section": f"train_{k}", "name": "train_step_s", "value": s, "loss": loss}
+  def attn(k, err):
+    return {"section": "attention", "name": f"attention_{k}_ms", "value": 1.0,
+            "rel_err_out": err / 2, "rel_err_dq": err, "rel_err_dk": 0.0, "rel_err_dv": 0.0}
+  pick = device_report.pick_kernel
+  assert pick([train("x", 0.05, float("nan")), train("p", 0.07, 5.0)], ["x", "p"]) == "p"
+  wrong = [train("x", 0.05, 4.0), train("p", 0.07, 5.0)]
+  assert pick(wrong, ["x", "p"]) is None
+  assert pick(wrong + [attn("x", 0.3), attn("p", 0.01)], ["x", "p"]) == "p"
+  assert pick([train("x", 0.05, 5.01), train("p", 0.07, 5.0)], ["x", "p"]) == "x"

@@ -229,3 +229,32 @@ def test_bf16_logits_are_accumulated_in_float32(tie):
   got = np.asarray(logits)
   np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
   assert (got != np.asarray(logits.astype(jnp.bfloat16), np.float32)).mean() > 0.5
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+  """The MFU numerator (transformer.flops_per_token) against XLA's own count of the compiled
+  programs: full training (6N), a frozen base that gradients pass through to an embedding
+  update (4N: LoRA, P-/Q-probes with embed_rank), forward only; with and without the head.
+  Counting 6N for a frozen base overstated probe and LoRA MFU ~1.5x."""
+  cfg = transformer.ModelConfig(vocab_size=512, num_layers=2, num_heads=4, d_model=256,
+                                d_ff=1024)
+  model = transformer.Transformer(cfg)
+  B, L = 4, 64
+  tokens = jnp.zeros((B, L), jnp.int32)
+  params = init_params(model, tokens, 0)
+  logits_sum = lambda p: model.apply({"params": p}, tokens)[0].sum()
+  hidden_sum = lambda p, d=None: model.apply({"params": p}, tokens, embed_delta_VD=d)[1].sum()
+  through_frozen = lambda p, d: jax.grad(lambda d: hidden_sum(p, d))(d)
+  delta = jnp.zeros((cfg.vocab_size, cfg.d_model))
+
+  def xla_flops(f, *args):
+    cost = jax.jit(f).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"] / (B * L)
+
+  for f, args, want in ((jax.grad(logits_sum), (params,), transformer.flops_per_token(cfg, L)),
+                        (through_frozen, (params, delta),
+                         transformer.flops_per_token(cfg, L, "inputs", head=False)),
+                        (logits_sum, (params,), transformer.flops_per_token(cfg, L, "none")),
+                        (hidden_sum, (params,),
+                         transformer.flops_per_token(cfg, L, "none", head=False))):
+    assert xla_flops(f, *args) == pytest.approx(want, rel=0.05)

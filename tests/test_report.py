@@ -141,3 +141,20 @@ def test_run_without_qa_training_stands_apart(tmp_path):
   assert "Spearman's rho 1.00; 3 of the 3 row pairs" in text
   detail = [l for l in lines if l.startswith("| `single` | no QA training |")]
   assert len(detail) == 1 and detail[0].startswith("| `single` | no QA training | 0.1 (—) |")
+
+
+def test_stage_overrides_and_stale_evals_take_the_right_column(tmp_path):
+  """`--config.stages=pretrain,finetune,eval` is saved as ["pretrain,finetune,eval"]: it is
+  a finetune run (was: no QA training). A run extended from pretrain,eval to a finetune
+  whose eval has not run yet holds the pretrained model's eval: not a finetune number."""
+  fake_run(tmp_path / "a", "single", ("pretrain,finetune,eval",), {"qa_test": accs(0.2)})
+  fake_run(tmp_path / "m", "single", ("pretrain_mixed,eval",), {"qa_test": accs(0.9)})
+  fake_run(tmp_path / "s", "multi5", ("pretrain", "finetune", "eval"),
+           {"qa_test": accs(0.01), "evaluated_stage": "pretrain", "pprobe": [[0.5] * 6] * 6})
+  runs = [report.load_run(str(tmp_path / d), d) for d in "ams"]
+  assert [r.mode for r in runs] == ["finetune", "mixed", "finetune"]
+  assert "qa_test" not in runs[2].results and "pprobe" in runs[2].results
+  assert any("QA evaluated after pretrain, not after finetune" in n for n in runs[2].notes)
+  text, _ = report.build_report([str(tmp_path / d) for d in "ams"],
+                                str(tmp_path / "out" / "report.md"))
+  assert "| `multi5` | — (41.0) | — (—) |" in text.splitlines()

@@ -142,6 +142,16 @@ def test_inspect_errors(run_dir, tmp_path):
                  "pretrain_mixed")
   one_line_error(tool("inspect", f"--workdir={run_dir}", "--step=5"), "inspect", "step 5",
                  "3, 6")
+  # a run that has not saved yet: listed, not an error about a --stage nobody passed
+  young = tmp_path / "young"
+  (young / "pretrain").mkdir(parents=True)
+  shutil.copy(run_dir / "config.json", young / "config.json")
+  shutil.copy(run_dir / "pretrain" / "metrics.jsonl", young / "pretrain" / "metrics.jsonl")
+  r = tool("inspect", f"--workdir={young}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "no checkpoint yet in stage pretrain" in r.stdout and "last metrics line" in r.stdout
+  one_line_error(tool("inspect", f"--workdir={young}", "--stage=pretrain"), "inspect",
+                 "no checkpoint and no final/")
 
 
 def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
@@ -302,6 +312,11 @@ def test_ask_unknown_name_and_bad_prompt(run_dir):
                  "Nobody Q Public")
   one_line_error(tool("ask", f"--workdir={run_dir}", "--prompt=snow ☃ man"), "ask",
                  "--prompt", "outside the model vocabulary")
+  # flags of another mode did nothing (person 0 was asked, labelled as always)
+  one_line_error(tool("ask", f"--workdir={run_dir}", "--person=0", "--split=test", "--seed=7"),
+                 "ask", "--split goes with --random, not --person")
+  one_line_error(tool("ask", f"--workdir={run_dir}", "--person=0", "--max_new=5"), "ask",
+                 "--max_new goes with --prompt, not --person")
 
 
 def test_ask_prompt_completes(run_dir, population, jax_cache):
@@ -567,7 +582,11 @@ def test_slurm_dry_run():
 @pytest.mark.parametrize("name, args, culprit", [
     ("report", ["--bogus"], "'bogus'"), ("inspect", ["--bogus"], "'bogus'"),
     ("ask", ["--bogus"], "'bogus'"), ("grid", ["--bogus"], "'bogus'"),
-    ("bench", ["train", "--config=configs/tiny.py", "--train_steps=abc"], "--train_steps=abc")])
+    ("bench", ["train", "--config=configs/tiny.py", "--train_steps=abc"], "--train_steps=abc"),
+    # 0 steps timed printed NaN step times with exit 0
+    ("bench", ["train", "--config=configs/tiny.py", "--train_steps=0"], "--train_steps=0"),
+    # a mistyped mode printed nothing with exit 0
+    ("bench", ["grid", "--config=configs/grids/demo.py:tiny", "--grid_modes=vmpa"], "'vmpa'")])
 def test_bad_flag_is_one_line(name, args, culprit):
   r = tool(name, *args)
   lines = r.stderr.strip().splitlines()
@@ -575,10 +594,23 @@ def test_bad_flag_is_one_line(name, args, culprit):
   assert lines[0].startswith(f"kstore_jax.{name}: error: ") and culprit in lines[0], lines[0]
 
 
-def test_launch_errors():
+def test_launch_errors(tmp_path):
   r = script("tpu_pod.sh", "--dry-run", "--config=configs/single.py", "--workdir=x",
              env={"KSTORE_ZONE": ""})
   assert r.returncode == 2 and "KSTORE_ZONE" in r.stderr
+  # the workers run from their copy of the repository: an absolute path into it is passed
+  # relative to it, a file outside it is refused before any VM is made
+  zone = {"KSTORE_ZONE": "z"}
+  r = script("tpu_pod.sh", "--dry-run", f"--config={ROOT}/configs/single.py:small",
+             "--workdir=x", env=zone)
+  assert r.returncode == 0 and "kstore_jax.main --config=configs/single.py:small " in r.stdout
+  r = script("tpu_pod.sh", "--dry-run", f"--config={tmp_path / 'mine.py'}", "--workdir=x",
+             env=zone)
+  assert r.returncode == 2 and "no such file" in r.stderr and "gcloud" not in r.stdout
+  (tmp_path / "mine.py").write_text((ROOT / "configs/tiny.py").read_text())
+  r = script("tpu_pod.sh", "--dry-run", f"--config={tmp_path / 'mine.py'}", "--workdir=x",
+             env=zone)
+  assert r.returncode == 2 and "outside the repository" in r.stderr and "gcloud" not in r.stdout
   r = script("slurm_gpu.sh", "--dry-run", "--config=configs/single.py")
   assert r.returncode == 2 and "--workdir" in r.stderr
   r = script("slurm_gpu.sh", "--dry-run", "--bogus")

@@ -356,14 +356,23 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (6N matmul + attention), PaLM-style accounting."""
+GRADS = {"weights": 6, "inputs": 4, "none": 2}   # FLOPs per weight per position
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, grads: str = "weights",
+                    head: bool = True) -> float:
+  """Training FLOPs per token, PaLM-style accounting: each weight's multiply-add is 2 FLOPs
+  forward, 2 more for the gradient of its input and 2 for its own gradient (`grads`:
+  'weights' = 6N, full training; 'inputs' = 4N, a frozen base that gradients pass through:
+  LoRA, a probe with an embedding update; 'none' = 2N, forward only: a probe reading the
+  hidden states), plus attention (QK^T and AV, no weights: 2 forward, 4 backward unless
+  'none'). `head`: the output head runs (the probes stop at the hidden states)."""
   d, f, l = cfg.d_model, cfg.d_ff, cfg.num_layers
   mlp = (3 if cfg.block == "llama" else 2) * d * f
   per_layer = 4 * d * d + mlp
-  n_matmul = l * per_layer + cfg.vocab_size * d
+  n_matmul = l * per_layer + (cfg.vocab_size * d if head else 0)
   attn = 2 * l * seq_len * d   # QK^T and AV, causal average counted in full (as in MFU papers)
-  return 6 * n_matmul + 6 * attn
+  return GRADS[grads] * n_matmul + (2 if grads == "none" else 6) * attn
 
 
 def forward_flops(model_cfg, seq_len: int = 0) -> dict[str, float]:

@@ -99,6 +99,7 @@ class Asker:
     self.stage = pick_stage(self.workdir, stage)
     self.exp = experiment.Experiment(cfg, tok, experiment.Workdir(self.workdir))
     self.world, self.model = self.exp.world, self.exp.model
+    self.exp.workdir.check_same_world(cfg, self.world)   # its answers against other facts
     try:
       self.params = self.exp.load_final(self.stage)
     except Exception as e:  # a damaged final/ (orbax raises many types)
@@ -248,6 +249,11 @@ def main(argv):
   if len(chosen) != 1:
     raise ConfigError("give exactly one of --name, --person, --random, --prompt"
                       + (f" (got {', '.join(chosen)})" if chosen else ""))
+  for flag, modes in (("split", ("--random",)), ("seed", ("--random",)),
+                      ("max_new", ("--prompt",)), ("attribute", ("--name", "--person", "--random"))):
+    if flags.FLAGS[flag].present and chosen[0] not in modes:
+      raise ConfigError(f"--{flag} goes with {' or '.join(modes)}, not {chosen[0]} (it would "
+                        "be ignored)")
   if not 1 <= _MAX_NEW.value <= 4096:
     raise ConfigError(f"--max_new={_MAX_NEW.value}: must be in [1, 4096]")
   attributes = _attributes(_ATTRIBUTE.value)

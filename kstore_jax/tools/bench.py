@@ -43,7 +43,8 @@ WARMUP = flags.DEFINE_integer("warmup", 5, "data: batches taken before timing st
 MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this long ...")
 MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches")
 MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long")
-TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "train: timed steps (after 2 warm-up)")
+TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "train: timed steps (after 2 warm-up)",
+                                   lower_bound=1)
 N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
 EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 0, "eval: people whose 6 QA prompts are "
                                    "answered, held-out half first (0 = those the eval stage "
@@ -51,11 +52,11 @@ EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 0, "eval: people whose 6 QA pr
 EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: questions per batch (0 = the "
                                   "config's eval.batch_size)")
 EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs of each, interleaved "
-                                    "(the median counts)")
+                                    "(the median counts)", lower_bound=1)
 EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate (0 = the "
                                     "longest answer + EOT, as in QA eval)")
 PROBE_STEPS = flags.DEFINE_integer("probe_steps", 20, "probe: timed steps per probe (after 2 "
-                                   "warm-up)")
+                                   "warm-up)", lower_bound=1)
 GPT2_VOCAB = flags.DEFINE_bool("gpt2_vocab", False, "train: the model with GPT-2's 50,304-token "
                                 "output head (comparable with 124M-parameter GPT-2 figures)")
 ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to time (default: "
@@ -67,7 +68,8 @@ MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n 
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
                                   "on a CPU, 4 GiB on an accelerator)", lower_bound=0)
-ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each")
+ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each",
+                                         lower_bound=1)
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
                               "stage's final params are used (default: a random model)")
 GRID_RUNS = flags.DEFINE_list("runs", ["2", "4", "8"], "grid: run counts R to time (the "
@@ -712,6 +714,9 @@ def bench_grid(_cfg) -> list[dict]:
   from kstore_jax import experiment
   from kstore_jax.model import attention
   from kstore_jax.train import sharding, throughput
+  unknown = [m for m in GRID_MODES.value if m not in ("vmap", "processes")]
+  if unknown:
+    raise cli.ConfigError(f"--grid_modes: {unknown[0]!r} is not a grid mode (vmap, processes)")
   spec, overrides = _GRID_ARGS.get("spec"), _GRID_ARGS.get("overrides", [])
   g = configlib.load_grid(spec, overrides)
   order = list(g.order)
@@ -738,7 +743,8 @@ def bench_grid(_cfg) -> list[dict]:
                                                                        TRAIN_STEPS.value), "s")]
     out = []
     ctx = dict(stage=stage, config=spec, overrides=overrides,
-               model=g.runs[order[0]].model.size, device=jax_device_kind(), cpus=len(cores))
+               model=size_name(g.runs[order[0]].model), device=jax_device_kind(),
+               cpus=len(cores))
     for r in GRID_RUNS.value:
       if not r.isdigit() or int(r) < 1:
         raise cli.ConfigError(f"--runs: {r!r} is not a run count >= 1")
@@ -754,7 +760,9 @@ def bench_grid(_cfg) -> list[dict]:
         elif mode == "processes" and len(cores) > 1:
           shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
           grid_s = max(processes_alone_s(shares, cores, spec, overrides))
-        else:
+        else:   # processes on one core: nothing to run side by side
+          out.append(measurement("grid_speedup", None, "ratio", runs=int(r), mode=mode,
+                                 skipped="the processes mode needs 2 or more cores", **ctx))
           continue
         out.append(measurement("grid_speedup", round(alone / grid_s, 3), "ratio",
                                runs=int(r), mode=mode, devices=jax.device_count(),

@@ -33,12 +33,14 @@ resume from their checkpoints); kill -9 safe like `main`.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 
 from absl import flags
 
+from configs import base
 from kstore_jax import configlib, heap, rundir
 from kstore_jax.configlib import ConfigError
 from kstore_jax.tools import cli, runtime
@@ -50,8 +52,8 @@ _ARGS = {}   # the --config spec and its overrides, taken off argv before absl p
 
 
 def method(cfg) -> str:
-  """'mixed' when the run pretrains on QA mixed in, else 'finetune'."""
-  return "mixed" if "pretrain_mixed" in configlib.stage_list(cfg) else "finetune"
+  """The run's QA training as the report names it (configs/base.py qa_method)."""
+  return base.qa_method(configlib.stage_list(cfg))
 
 
 def open_runs(g, names: list[str], workdir: str, platform: str, n_devices: int) -> dict:
@@ -67,7 +69,14 @@ def open_runs(g, names: list[str], workdir: str, platform: str, n_devices: int) 
   return out
 
 
-def resolve_mode(mode: str, platform: str, n_runs: int) -> str:
+def resolve_mode(mode: str, platform: str, n_runs: int, n_processes: int = 1) -> str:
+  """grid.mode as run: `auto` is vmap off a CPU and in a multi-process cluster (a child
+  process would rejoin the cluster under its parent's id), else processes or sequential."""
+  if n_processes > 1:
+    if mode == "processes":
+      raise ConfigError("grid.mode=processes: a grid of several JAX processes runs its runs "
+                        "in them (vmap or sequential), not in child processes")
+    return "vmap" if mode == "auto" else mode
   if mode != "auto":
     return mode
   if platform != "cpu":
@@ -141,7 +150,7 @@ def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str
   one per core at a time; their output lines prefixed with the run's name."""
   cores = sorted(os.sched_getaffinity(0))
   queue = list(names)
-  failed = []
+  failed, running, stopped = [], set(), []
   lock = threading.Lock()
 
   def worker(core: int) -> None:
@@ -153,20 +162,44 @@ def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str
       cmd = [sys.executable, "-m", "kstore_jax.grid", f"--config={spec}",
              f"--workdir={workdir}", f"--runs={name}", "--config.grid.mode=sequential",
              *[f"--config.{o}" for o in overrides if not o.startswith("grid.mode=")]]
-      env = {**os.environ, runtime.PIN_CORE: str(core)}   # the child pins itself (no fork)
+      # the child pins itself (no fork) and dies with this process (runtime.die_with_parent)
+      env = {**os.environ, runtime.PIN_CORE: str(core), runtime.PARENT: str(os.getpid())}
       proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env)
+      with lock:
+        running.add(proc)
+        if stopped:   # a signal came while it started
+          proc.terminate()
       for line in proc.stdout:
         print(f"[{name}] {line}", end="", flush=True)
-      if proc.wait() != 0:
-        with lock:
-          failed.append((name, proc.returncode))
+      rc = proc.wait()
+      with lock:
+        running.discard(proc)
+        if rc != 0:
+          failed.append((name, rc))
 
+  def stop(signum, _frame) -> None:
+    """SIGTERM / SIGINT: every running child saves where it is (SIGTERM), none starts."""
+    with lock:
+      stopped.append(signum)
+      queue.clear()
+      for proc in running:
+        proc.terminate()
+
+  handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
   threads = [threading.Thread(target=worker, args=(c,)) for c in cores[:len(names)]]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
+  try:
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    for s, h in handlers.items():
+      signal.signal(s, h)
+  if stopped:
+    print(f"kstore_jax.grid: stopped by signal {stopped[0]}: the runs saved where they were; "
+          "rerun the same command to resume", file=sys.stderr)
+    sys.exit(1)
   if failed:
     print("kstore_jax.grid: " + "; ".join(f"run {n!r} failed (exit {rc})" for n, rc in failed),
           file=sys.stderr)
@@ -197,19 +230,25 @@ def main(argv):
       raise ConfigError(f"--runs: {unknown[0]!r} is not a run of the grid ({', '.join(names)})")
     names = [n for n in names if n in _RUNS.value]
   workdir = os.path.abspath(_WORKDIR.value)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={_WORKDIR.value}: not a directory")
   runtime.maybe_initialize_distributed()
   import jax
   from kstore_jax.model import attention
   platform = attention.platform_of(jax.devices())
   opened = open_runs(g, names, workdir, platform, jax.device_count())
-  mode = resolve_mode(g.grid.mode, platform, len(names))
-  if jax.process_index() == 0:   # one writer per cluster, as for every run file (--runs too:
-    write_grid_file(workdir, g, spec, overrides)   # the report lists the runs not yet run)
+  mode = resolve_mode(g.grid.mode, platform, len(names), jax.process_count())
+  # one writer per cluster, as for every run file (--runs too: the report lists the runs not
+  # yet run); a processes-mode child's parent wrote it with the grid's own mode and overrides
+  if jax.process_index() == 0 and not runtime.is_grid_child():
+    write_grid_file(workdir, g, spec, overrides)
   print(f"[grid] {len(names)} run(s), mode {mode}: {', '.join(names)}", flush=True)
   if mode == "processes":
     run_processes(spec, overrides, workdir, names)
     return
   runtime.use_compile_cache(g.runs[names[0]].train.compile_cache)
+  for exp, _ in opened.values():   # every run locked before any is written to
+    exp.workdir.lock()
   for exp, tok in opened.values():
     exp.start(tok)
   exps = {n: e for n, (e, _) in opened.items()}

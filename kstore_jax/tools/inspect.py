@@ -277,6 +277,7 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
   if not stages:
     raise ConfigError(f"--workdir={workdir}: no stage directories "
                       f"({', '.join(TRAINED_STAGES)}) in it: is it a kstore_jax run?")
+  chosen = stage is not None or step is not None
   if stage is None:
     stage = "pretrain" if "pretrain" in stages else next(iter(stages))
   if stage not in stages:
@@ -288,6 +289,9 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
       step = str(info["steps"][-1])
     elif info["final"]:
       step = "final"
+    elif not chosen:   # a run that has not saved yet: the rest of the report still holds
+      out.update(stage=stage, checkpoint=None, last_metrics=info["last_metrics"])
+      return out
     else:
       raise ConfigError(f"--stage={stage}: no checkpoint and no final/ in "
                         f"{rundir.stage_dir(workdir, stage)}")
@@ -315,6 +319,41 @@ def _fmt_bytes(n: int) -> str:
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1000
   return f"{n} B"
+
+
+def _checkpoint_lines(c: dict, workdir: str) -> list[str]:
+  """The report's lines of one inspected checkpoint or final/ (inspect_checkpoint's dict)."""
+  lines = []
+  rel = os.path.relpath(c["path"], workdir)
+  mesh = " | ".join(" ".join(f"{a}={n}" for a, n in m.items()) for m in c["saved_mesh"]) or "?"
+  lines.append(f"checkpoint {rel} (saved on mesh {mesh}; {c['saved_by_processes']} "
+               f"process{'es' if c['saved_by_processes'] > 1 else ''})")
+  w = max([len(p["path"]) for p in c["params"]] + [4])
+  lines.append(f"  {'path':<{w}}  {'shape':<16} {'dtype':<9} {'size':>11}  sharding (saved)")
+  for p in c["params"]:
+    lines.append(f"  {p['path']:<{w}}  {str(tuple(p['shape'])):<16} {p['dtype']:<9} "
+                 f"{_fmt_int(p['size']):>11}  {p['sharding']}")
+  pc = c["param_count"]
+  lines.append("  parameters: " + ", ".join(f"{k} {_fmt_int(v)}" for k, v in
+                                            pc["by_module"].items())
+               + f"; total {_fmt_int(pc['total'])}")
+  if "opt_state" in c:
+    o = c["opt_state"]
+    step = c.get("state_step")
+    lines.append(f"  optimizer state: {o['leaves']} leaves, {_fmt_int(o['size'])} values "
+                 f"({_fmt_bytes(o['bytes'])}); train step "
+                 f"{step if step is not None else c['step']}"
+                 + ("" if step is not None else " (from the directory name)"))
+  if "restored" in c:
+    rs = c["restored"]
+    lines.append(f"  restored onto {rs['device']}: readable, {rs['nonfinite_params']} "
+                 f"non-finite parameter values")
+  else:
+    lines.append("  not restored (--norestore): data files not checked")
+  if "data_state" in c:
+    for proc, st in c["data_state"].items():
+      lines.append(f"  data iterator (grain) {proc}: {json.dumps(st, sort_keys=True)}")
+  return lines
 
 
 def format_report(r: dict) -> str:
@@ -354,35 +393,8 @@ def format_report(r: dict) -> str:
       if isinstance(v, dict):
         lines.append(f"  {section}: " + " ".join(f"{k}={_short(x)}" for k, x in sorted(v.items())))
   c = r["checkpoint"]
-  rel = os.path.relpath(c["path"], r["workdir"])
-  mesh = " | ".join(" ".join(f"{a}={n}" for a, n in m.items()) for m in c["saved_mesh"]) or "?"
-  lines.append(f"checkpoint {rel} (saved on mesh {mesh}; {c['saved_by_processes']} "
-               f"process{'es' if c['saved_by_processes'] > 1 else ''})")
-  w = max([len(p["path"]) for p in c["params"]] + [4])
-  lines.append(f"  {'path':<{w}}  {'shape':<16} {'dtype':<9} {'size':>11}  sharding (saved)")
-  for p in c["params"]:
-    lines.append(f"  {p['path']:<{w}}  {str(tuple(p['shape'])):<16} {p['dtype']:<9} "
-                 f"{_fmt_int(p['size']):>11}  {p['sharding']}")
-  pc = c["param_count"]
-  lines.append("  parameters: " + ", ".join(f"{k} {_fmt_int(v)}" for k, v in
-                                            pc["by_module"].items())
-               + f"; total {_fmt_int(pc['total'])}")
-  if "opt_state" in c:
-    o = c["opt_state"]
-    step = c.get("state_step")
-    lines.append(f"  optimizer state: {o['leaves']} leaves, {_fmt_int(o['size'])} values "
-                 f"({_fmt_bytes(o['bytes'])}); train step "
-                 f"{step if step is not None else c['step']}"
-                 + ("" if step is not None else " (from the directory name)"))
-  if "restored" in c:
-    rs = c["restored"]
-    lines.append(f"  restored onto {rs['device']}: readable, {rs['nonfinite_params']} "
-                 f"non-finite parameter values")
-  else:
-    lines.append("  not restored (--norestore): data files not checked")
-  if "data_state" in c:
-    for proc, st in c["data_state"].items():
-      lines.append(f"  data iterator (grain) {proc}: {json.dumps(st, sort_keys=True)}")
+  lines += (_checkpoint_lines(c, r["workdir"]) if c is not None else
+            [f"no checkpoint yet in stage {r['stage']} (nothing saved so far)"])
   m = r.get("last_metrics")
   lines.append(f"last metrics line ({r['stage']}): "
                + (json.dumps(m, sort_keys=True) if m else "none"))

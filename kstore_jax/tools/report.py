@@ -28,9 +28,11 @@ import dataclasses
 import os
 import re
 import sys
+import types
 
 from absl import flags
 
+from configs import base
 from configs.base import TRAINED_STAGES
 from kstore_jax import rundir
 from kstore_jax.configlib import ConfigError
@@ -42,8 +44,8 @@ OUT = flags.DEFINE_string("out", "report.md", "markdown file to write; PNGs go n
 
 ATTR_SHORT = {"birth_date": "date", "birth_city": "city", "university": "univ",
               "major": "major", "company": "company", "company_city": "c.city"}
-MODES = ("finetune", "mixed")   # the paper's two ways of QA training
-NO_QA = "no QA training"        # a run with neither stage (e.g. pretrain,eval): no paper number
+MODES, NO_QA = base.QA_METHODS, base.NO_QA   # the paper's two methods; a run with neither
+EVAL_KEYS = ("qa_", "bio_recall", "groups", "evaluated_stage")   # results.json: the eval's keys
 MODE_COLORS = {"finetune": "tab:blue", "mixed": "tab:orange", NO_QA: "tab:gray"}
 
 # PAPER.md, "Headline numbers": held-out QA exact match (%), averaged over attributes.
@@ -113,28 +115,27 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
     cfg = cfg if isinstance(cfg, dict) else {}
   planned = planned or {}
   name = str(cfg.get("name") or planned.get("row") or os.path.basename(os.path.normpath(path)))
-  stages = cfg.get("stages")
-  stages = stages.split(",") if isinstance(stages, str) else list(stages or [])
-  mode = mode_of(stages) if cfg else planned.get("method")
+  # `--config.stages=a,b,c` is saved as ["a,b,c"]: split as configs/base.py's stage_list
+  stages = base.stage_list(types.SimpleNamespace(stages=cfg.get("stages") or ()))
+  mode = base.qa_method(stages) if cfg else planned.get("method")
   ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
   if mode == "finetune" and ft.get("lora_rank"):
     notes.append(f"LoRA finetune (r={ft['lora_rank']}, embedding r={ft.get('lora_embed_rank', 0)})")
   results = _read_json(os.path.join(path, rundir.RESULTS), notes,
                        f"{rundir.RESULTS} (not evaluated)")
   results = results if isinstance(results, dict) else {}
+  trained = [s for s in stages[:stages.index("eval")] if s in base.TRAIN_STAGES] \
+      if "eval" in stages else []
+  done = results.get("evaluated_stage")
+  if trained and done and done != trained[-1]:   # an earlier run's eval: not this method's
+    results = {k: v for k, v in results.items() if not k.startswith(EVAL_KEYS)}
+    notes.append(f"QA evaluated after {done}, not after {trained[-1]}: rerun to evaluate")
   if results:
     missing = [k for k in ("qa_test", "qa_train", "bio_recall") if not isinstance(
         results.get(k), dict) or not isinstance(results[k].get("mean"), (int, float))]
     if missing:
       notes.append("results.json lacks " + ", ".join(missing))
   return Run(path, label, name, mode, cfg, results, notes)
-
-
-def mode_of(stages: list[str]) -> str:
-  """The QA training of a run's stages: 'mixed' (pretrain_mixed), 'finetune', or NO_QA."""
-  if "pretrain_mixed" in stages:
-    return "mixed"
-  return "finetune" if "finetune" in stages else NO_QA
 
 
 def modes_of(runs: list[Run]) -> tuple[str, ...]:

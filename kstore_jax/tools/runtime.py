@@ -4,13 +4,37 @@ multi-process JAX cluster, the persistent compilation cache, pinning to one CPU 
 import os
 
 PIN_CORE = "KSTORE_GRID_CORE"   # a grid's processes mode: the CPU core a child runs on
+PARENT = "KSTORE_GRID_PARENT"   # ... and the pid of the grid process that started it
 
 
 def pin_to_core_from_env() -> None:
   """Run on the core PIN_CORE names, if set (call before JAX sizes its thread pool from the
-  usable cores, i.e. before it computes anything)."""
+  usable cores, i.e. before it computes anything); such a grid child also ends with its
+  parent (die_with_parent)."""
   if PIN_CORE in os.environ:
     os.sched_setaffinity(0, {int(os.environ[PIN_CORE])})
+    die_with_parent()
+
+
+def is_grid_child() -> bool:
+  """Whether this process is a grid's processes-mode child (its parent owns grid.json)."""
+  return PIN_CORE in os.environ
+
+
+def die_with_parent() -> None:
+  """SIGTERM to this process when the process that started it dies, however it dies (kill -9
+  included): a grid child then saves where it is and exits (the train loop's SIGTERM save),
+  its workdir unlocked for the rerun. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+  import ctypes
+  import signal
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+  except (OSError, AttributeError):
+    return
+  if str(os.getppid()) != os.environ.get(PARENT, str(os.getppid())):
+    os.kill(os.getpid(), signal.SIGTERM)   # the parent was gone before the request
 
 
 def maybe_initialize_distributed() -> None:
