@@ -274,6 +274,12 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     _require(st.steps >= 1, f"{s}.steps={st.steps} must be >= 1")
     _require(st.lr > 0, f"{s}.lr={st.lr} must be > 0")
     _require(0 <= st.warmup_steps, f"{s}.warmup_steps={st.warmup_steps} must be >= 0")
+    for k in ("b1", "b2"):   # Adam's moment decays: 1 never averages (b2: NaN updates)
+      _require(0 <= st[k] < 1, f"{s}.{k}={st[k]} must be in [0, 1)")
+    _require(st.eps > 0, f"{s}.eps={st.eps} must be > 0")
+    _require(st.weight_decay >= 0, f"{s}.weight_decay={st.weight_decay} must be >= 0")
+    _require(0 <= st.final_lr_fraction <= 1,
+             f"{s}.final_lr_fraction={st.final_lr_fraction} must be in [0, 1]")
     _require(st.grad_clip > 0, f"{s}.grad_clip={st.grad_clip} must be > 0 (the global-norm "
              "clip: 0 zeroes every update, a negative one reverses it)")
     if s == "finetune":   # the embedding LoRA rides on the attention one (model/lora.py)

@@ -96,11 +96,17 @@ def read_json(path: str):
 
 
 def write_json(path: str, obj, indent: int = 2, sort_keys: bool = True) -> None:
-  """Write `obj` as JSON to `path` atomically (a temporary file of this process's own renamed
-  over it: processes writing the same file at once each rename a whole file)."""
+  """Write `obj` as JSON to `path` atomically (write_atomic)."""
+  write_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys))
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Write `text` to `path` atomically: a temporary file of this process's own renamed over
+  it (processes writing the same file at once each rename a whole file; a kill leaves the
+  old file or the new one)."""
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+    f.write(text)
   os.replace(tmp, path)
 
 

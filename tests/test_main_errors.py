@@ -97,6 +97,12 @@ BAD_STAGE = {
                                  "finetune.lora_embed_rank=-1 must be >= 0"),
     "lora_alpha_zero": ({"finetune.lora_alpha": "0"}, "finetune.lora_alpha=0.0 must be > 0"),
     "rotary_base_zero": ({"model.rotary_base": "0"}, "model.rotary_base=0.0 must be > 0"),
+    "adam_b2_one": ({"pretrain.b2": "1"}, "pretrain.b2=1.0 must be in [0, 1)"),
+    "adam_eps_zero": ({"finetune.eps": "0"}, "finetune.eps=0.0 must be > 0"),
+    "negative_decay": ({"pretrain.weight_decay": "-0.1"},
+                       "pretrain.weight_decay=-0.1 must be >= 0"),
+    "final_lr_over_one": ({"pretrain.final_lr_fraction": "2"},
+                          "pretrain.final_lr_fraction=2.0 must be in [0, 1]"),
     # GBERT (bidirectional) with no rotated dimension would not see word order at all
     "no_positions_bidirectional": ({"model.causal": "false", "model.rotary_fraction": "0.05"},
                                    "model.rotary_fraction=0.05 rotates 0 of a head's 32 dims"),

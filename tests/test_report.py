@@ -88,6 +88,13 @@ def test_report_cli(tmp_path):
   err = r.stderr.strip().splitlines()
   assert len(err) == 1 and "missing" in err[0], r.stderr
   assert not (tmp_path / "x.md").exists()
+  # a directory or nothing as --out: it drew 33 PNGs beside it, then failed with a traceback
+  for out in (str(tmp_path / "a"), ""):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_cli(str(tmp_path / "a"), f"--out={out}")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "--out=" in err[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
   r = run_cli("--help")
   assert r.returncode == 0 and "--out" in r.stdout
 

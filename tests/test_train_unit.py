@@ -281,3 +281,31 @@ def test_checkpointer_round_trip_and_damage(tmp_path):
   why = c.damage(3)
   c.close()
   assert why is not None and str(pathlib.Path(victim).relative_to(step_dir)) in why, why
+
+
+def test_metrics_truncation_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
+  """On resume metrics.jsonl is cut back to the restored step. It was truncated in place, so
+  a kill (here: an error) while rewriting it lost the stage's whole history; now the kept
+  rows go to a temporary file renamed over the old one."""
+  from kstore_jax.train import metrics
+  w = metrics.MetricsWriter(str(tmp_path), resume_step=0)
+  for s in (10, 20, 30):
+    w.write(s, {"loss": 1.0 / s})
+  w.close()
+  before = (tmp_path / rundir.METRICS).read_text()
+  real = metrics.json.dumps
+  calls = []
+
+  def dies_midway(obj, *a, **k):
+    calls.append(obj)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed while rewriting")
+    return real(obj, *a, **k)
+
+  monkeypatch.setattr(metrics.json, "dumps", dies_midway)
+  with pytest.raises(KeyboardInterrupt):
+    metrics.MetricsWriter(str(tmp_path), resume_step=20)
+  monkeypatch.setattr(metrics.json, "dumps", real)
+  assert (tmp_path / rundir.METRICS).read_text() == before
+  metrics.MetricsWriter(str(tmp_path), resume_step=20).close()
+  assert [r["step"] for r in rundir.read_metrics(str(tmp_path / rundir.METRICS))] == [10, 20]

@@ -16,6 +16,7 @@ default, or `jsonl`) with its tokenizer, and prints the `data.source` that impor
 """
 
 import json
+import os
 
 import numpy as np
 from absl import flags
@@ -133,6 +134,8 @@ def main(argv):
   if len(argv) > 1:
     raise cli.ConfigError(f"unexpected arguments {argv[1:]}")
   cfg = cli.validated_config(CONFIG.value)
+  if EXPORT.value and os.path.exists(EXPORT.value) and not os.path.isdir(EXPORT.value):
+    raise cli.ConfigError(f"--export={EXPORT.value}: not a directory")
   with cli.config_errors():
     tok = tokenizer_lib.get_tokenizer(cfg.data)
     world = world_lib.build_world(cfg, tok)

@@ -636,7 +636,10 @@ def main(argv):
   run_dirs = argv[1:]
   if not run_dirs:
     raise ConfigError("expected one or more RUN_DIR (or grid directory) arguments")
-  text, pngs = build_report(run_dirs, OUT.value)
+  out = OUT.value   # checked before any PNG is drawn beside it
+  if not out or out.endswith(os.sep) or os.path.isdir(out):
+    raise ConfigError(f"--out={out!r}: expected a markdown file path (PNGs go beside it)")
+  text, pngs = build_report(run_dirs, out)
   print(text, end="")
   print(f"\nwrote {OUT.value} and {len(pngs)} PNG files", file=sys.stderr)
 

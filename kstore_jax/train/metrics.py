@@ -21,8 +21,8 @@ class MetricsWriter:
       return
     kept = [row for row in rundir.read_metrics(self.path)
             if (s := rundir.metrics_step(row)) is not None and s <= resume_step]
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in kept)
+    # atomically: truncating in place, a kill mid-write lost the stage's history
+    rundir.write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
     self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30)
 
   def write(self, step: int, values: dict) -> None:
