@@ -16,6 +16,8 @@ DIR="${1:-$ROOT/.whl}"
 PY="${PYTHON:-python3}"
 
 # What the device lacks: setup.cfg's ranges (upper bounds added here), then what these need.
+# Not carried: tensorflow-datasets (setup.cfg's, with its many dependencies): nothing the
+# device check runs reads tfds; exporting or reading `data.source=tfds:DIR` there would need it.
 REQS=(
   'grain>=0.2.18,<0.3'
   'array-record>=0.8.1,<0.9'   # setup.cfg: >=0.8; grain 0.2.18 needs >=0.8.1
