@@ -11,11 +11,13 @@ passes over its 1,000 bios), 100 finetune steps; eval on the 40 held-out people 
 the QA-trained ones (the held-out numbers are those of every person held out). Both arms run
 side by side, each pinned to a core of its own (~105 s an arm alone on a core, session 18).
 
-Measured (QA test % held out, bio recall % in brackets), this code, seeds 0 / 1 / 2:
-  single          2.5 (100.0) /  2.9 (100.0) /  3.8 (100.0)
-  multi5_permute 60.4 (98.7)  / 46.7 (98.7)  / 25.4 (99.2)
-  gap            57.9 points  / 43.8 points  / 21.7 points
-The test asks for 15 points (at seed 0): below every seed's gap, far above none.
+Measured (QA test % held out, bio recall % in brackets), seeds 0 / 1 / 2, session 25 (after
+the weight-decay fix; each arm pinned to a core as here):
+  single          2.1 (100.0) /  2.9 (100.0) /  3.3 (100.0)
+  multi5_permute 58.3 (98.8)  / 43.8 (98.8)  / 29.6 (98.3)
+  gap            56.2 points  / 40.8 points  / 26.2 points
+(session 18, before the fix: gaps 57.9 / 43.8 / 21.7.) The test asks for 15 points (at seed
+0): below every seed's gap, far above none.
 How it was chosen (session 18, on worlds the test never draws: seeds 10 / 11 / 12): the
 session-12 setting, 32 x 128 positions a step (gaps 39.6 / 21.7 / 41.6 at seeds 0 / 1 / 2 and
 50.0 at seed 10, ~165 s an arm), was a third of the default suite's CPU time; half the rows a
