@@ -309,3 +309,14 @@ def test_metrics_truncation_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
   assert (tmp_path / rundir.METRICS).read_text() == before
   metrics.MetricsWriter(str(tmp_path), resume_step=20).close()
   assert [r["step"] for r in rundir.read_metrics(str(tmp_path / rundir.METRICS))] == [10, 20]
+
+
+@pytest.mark.parametrize("kind, dtype, want", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    # NVL matched 'H100' (SXM's 989): its MFU read ~15% low
+    ("NVIDIA H100 NVL", "bfloat16", 835.5e12), ("NVIDIA H100 NVL", "float32", 417.5e12),
+    ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA GH200 480GB", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5 lite", "float32", None), ("cpu", "float32", None)])
+def test_peak_flops_by_device_kind(kind, dtype, want):
+  assert loop.peak_flops(kind, dtype) == want

@@ -23,6 +23,7 @@ from kstore_jax.train import (checkpoint, metrics as metrics_lib, optim, profili
 # runs XLA's default-precision matmuls as TF32. Longest matching kind wins; absent: no MFU.
 PEAK_FLOPS = {
     "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+    "H100 NVL": {"bfloat16": 835.5e12, "float32": 417.5e12},
     "H100": {"bfloat16": 989e12, "float32": 494e12},       # SXM ("NVIDIA H100 80GB HBM3")
     "H200": {"bfloat16": 989e12, "float32": 494e12},
     "A100": {"bfloat16": 312e12, "float32": 156e12},
@@ -41,13 +42,19 @@ class Interrupted(RuntimeError):
   pass
 
 
-def device_peak_flops(dtype: str) -> float | None:
-  """Summed dense peak FLOP/s of all devices for compute `dtype` (PEAK_FLOPS), or None."""
-  kind = jax.devices()[0].device_kind
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """One device's dense peak FLOP/s for compute `dtype` (PEAK_FLOPS: the longest kind that
+  the device kind contains; GH200 is an H200's chip), or None."""
   for k, v in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if k in kind:
-      return v[dtype] * jax.device_count() if dtype in v else None
+    if k in device_kind:
+      return v.get(dtype)
   return None
+
+
+def device_peak_flops(dtype: str) -> float | None:
+  """Summed dense peak FLOP/s of all devices for compute `dtype` (peak_flops), or None."""
+  one = peak_flops(jax.devices()[0].device_kind, dtype)
+  return None if one is None else one * jax.device_count()
 
 
 @dataclasses.dataclass
