@@ -27,9 +27,15 @@ def stages_of(*kinds: str) -> tuple[str, ...]:
 
 
 def stage_list(cfg) -> tuple[str, ...]:
-  """`cfg.stages` as a tuple of names. `--config.stages=pretrain,eval` arrives as the string
-  or as the 1-tuple ('pretrain,eval',): entries are split on commas."""
-  s = (cfg.stages,) if isinstance(cfg.stages, str) else cfg.stages
+  """`cfg.stages` as a tuple of names (split_stages)."""
+  return split_stages(cfg.stages)
+
+
+def split_stages(stages) -> tuple[str, ...]:
+  """A stages value as a tuple of names. `--config.stages=pretrain,eval` arrives as the string
+  or as the 1-tuple ('pretrain,eval',) (and config.json keeps it so): entries are split on
+  commas."""
+  s = (stages,) if isinstance(stages, str) else stages
   return tuple(x.strip() for entry in s for x in str(entry).split(",") if x.strip())
 
 

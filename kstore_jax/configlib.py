@@ -202,7 +202,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   from kstore_jax.data.pools import load_pools
   from kstore_jax.model import attention
   from kstore_jax.model.probes import HEADS as PROBE_HEADS
-  from kstore_jax.model.transformer import DTYPES, REMAT_POLICIES
+  from kstore_jax.model.transformer import DTYPES, REMAT_POLICIES, rotary_dims
   from kstore_jax.train.sharding import mesh_shape
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
   _schema_check(cfg, base.get_config(cfg.scale))
@@ -257,10 +257,10 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _check_size(m)
   _require(0.0 <= m.rotary_fraction <= 1.0, f"model.rotary_fraction={m.rotary_fraction} must be in [0, 1]")
   head_dim = m.d_model // m.num_heads
-  rotated = int(m.d_model // m.num_heads * m.rotary_fraction) // 2 * 2
+  rotated = rotary_dims(head_dim, m.rotary_fraction)
   _require(rotated >= 2 or (m.rotary_fraction == 0 and m.causal),
            f"model.rotary_fraction={m.rotary_fraction} rotates {rotated} of a head's "
-           f"{m.d_model // m.num_heads} dims: rotary is the model's only position signal, so "
+           f"{head_dim} dims: rotary is the model's only position signal, so "
            "rotate at least 2 (or set 0 for a causal model without positions)")
   _require(m.rotary_base > 0, f"model.rotary_base={m.rotary_base} must be > 0")
   try:

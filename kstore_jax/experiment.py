@@ -336,7 +336,8 @@ class Experiment:
     print(f"[{stage}] accuracy by position x attribute:\n{np.round(matrix, 3)}", flush=True)
 
   def sample_eval(self, params, n: int) -> dict[str, float]:
-    """QA accuracy on the first n people of each half (periodic eval during training)."""
+    """QA accuracy on n people of each half, spread over the groups (periodic eval during
+    training)."""
     w = self.world
     halves = (("train", spread(w.train_people, n)), ("test", spread(w.test_people, n)))
     parts = qa_eval.qa_correct_parts(self.model, params, w, [p for _, p in halves],
@@ -472,8 +473,7 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   experiment, sequence length against the documents. `Experiment.start` then takes the
   workdir."""
   from kstore_jax.data import tokenizer as tokenizer_lib
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise configlib.ConfigError(f"--workdir={workdir}: not a directory")
+  rundir.check_workdir(workdir)
   configlib.validate(cfg, n_devices, platform=platform)
   tok = tokenizer_lib.get_tokenizer(cfg.data)
   wd = Workdir(workdir)

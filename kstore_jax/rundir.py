@@ -76,6 +76,12 @@ def lock_name(process_index: int) -> str:
   return ".lock" if process_index == 0 else f".lock.{process_index}"
 
 
+def check_workdir(workdir: str) -> None:
+  """ConfigError when `workdir` exists and is no directory (checked before anything else)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir}: not a directory")
+
+
 def lock(workdir: str, process_index: int):
   """Take this process's exclusive lock of `workdir` (created if missing); the open lock file
   (keep it open: closing it releases the lock). ConfigError when another run holds it."""

@@ -100,9 +100,9 @@ def as_record(example) -> dict:
 class TfdsReader:
   """Random access to the records' texts by record index."""
 
-  def __init__(self, path: str, builder=None):
-    self.path, self._builder = path, builder
-    self._source = None
+  def __init__(self, path: str):
+    self.path = path
+    self._builder = self._source = None
 
   @property
   def builder(self):

@@ -30,6 +30,11 @@ REMAT_POLICIES = {
 }
 
 
+def rotary_dims(head_dim: int, fraction: float) -> int:
+  """Rotated dims of a head: `fraction` of head_dim, rounded down to an even number."""
+  return int(head_dim * fraction) // 2 * 2
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -55,8 +60,8 @@ class ModelConfig:
 
   @property
   def rotary_dim(self) -> int:
-    """Rotated dims per head (even): rotary_fraction of them (Llama's configs set 1)."""
-    return int(self.head_dim * self.rotary_fraction) // 2 * 2
+    """Rotated dims per head (rotary_dims; Llama's configs set the fraction to 1)."""
+    return rotary_dims(self.head_dim, self.rotary_fraction)
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int, platform: str) -> "ModelConfig":

@@ -230,8 +230,7 @@ def main(argv):
       raise ConfigError(f"--runs: {unknown[0]!r} is not a run of the grid ({', '.join(names)})")
     names = [n for n in names if n in _RUNS.value]
   workdir = os.path.abspath(_WORKDIR.value)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={_WORKDIR.value}: not a directory")
+  rundir.check_workdir(workdir)
   runtime.maybe_initialize_distributed()
   import jax
   from kstore_jax.model import attention

@@ -28,7 +28,6 @@ import dataclasses
 import os
 import re
 import sys
-import types
 
 from absl import flags
 
@@ -116,7 +115,7 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
   planned = planned or {}
   name = str(cfg.get("name") or planned.get("row") or os.path.basename(os.path.normpath(path)))
   # `--config.stages=a,b,c` is saved as ["a,b,c"]: split as configs/base.py's stage_list
-  stages = base.stage_list(types.SimpleNamespace(stages=cfg.get("stages") or ()))
+  stages = base.split_stages(cfg.get("stages") or ())
   mode = base.qa_method(stages) if cfg else planned.get("method")
   ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
   if mode == "finetune" and ft.get("lora_rank"):
