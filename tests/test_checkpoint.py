@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import grain
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import runs
 
 from kstore_jax.configlib import ConfigError
 from kstore_jax.train import checkpoint
@@ -189,3 +192,35 @@ def test_state_that_does_not_fit_the_code_is_not_damage(ckpt_dir):
   finally:
     c.close()
   assert digest(ckpt_dir) == before
+
+
+SAVE_ON_TWO_DEVICES = """
+import logging, sys
+import jax, jax.numpy as jnp, numpy as np
+compiled = []
+class Log(logging.Handler):
+  def emit(self, record):
+    if record.getMessage().startswith("Finished XLA compilation of jit(slice)"):
+      compiled.append(record.getMessage())
+for name in ("jax._src.dispatch", "jax._src.compiler"):
+  logging.getLogger(name).setLevel(logging.DEBUG)
+  logging.getLogger(name).addHandler(Log())
+from kstore_jax.train import checkpoint
+rep = jax.sharding.NamedSharding(jax.make_mesh((2,), ("data",)), jax.sharding.PartitionSpec())
+params = {f"w{i}": jax.device_put(jnp.arange(64.0 * (8 + i)).reshape(8 + i, 64), rep)
+          for i in range(4)}
+checkpoint.save_params(sys.argv[1], params)
+back = checkpoint.load_params(sys.argv[1], checkpoint.abstract_with_shardings(
+    params, jax.tree.map(lambda _: rep, params)))
+assert all((np.asarray(back[k]) == np.asarray(params[k])).all() for k in params)
+print(len(compiled))
+"""
+
+
+def test_one_process_saves_replicated_arrays_without_slicing_them(tmp_path):
+  """One process over two devices writes each replicated array whole: orbax's replica-parallel
+  default cut it on a device first, one compiled slice per shape and device (8 here)."""
+  out = subprocess.run([sys.executable, "-c", SAVE_ON_TWO_DEVICES, str(tmp_path / "p")],
+                       env=runs.env(n_devices=2), capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == "0", out.stdout
