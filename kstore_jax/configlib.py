@@ -290,12 +290,14 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
       _require(st.lora_embed_rank == 0 or st.lora_rank > 0,
                f"finetune.lora_embed_rank={st.lora_embed_rank} needs finetune.lora_rank > 0 "
                "(with lora_rank=0 the stage is a full finetune)")
-    if s in ("pprobe", "qprobe"):
+    _require(st.batch_size >= 1, f"{s}.batch_size={st.batch_size} must be >= 1")
+    if s in ("pprobe", "qprobe"):   # any size: its batches are padded (data/probing.py)
       _require(st.head in PROBE_HEADS,
                f"{s}.head={st.head!r} must be one of {'|'.join(PROBE_HEADS)}")
-    _require(st.batch_size % (data * fsdp) == 0,
-             f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "
-             f"{data * fsdp} (mesh.data * mesh.fsdp)")
+    else:
+      _require(st.batch_size % (data * fsdp) == 0,
+               f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "
+               f"{data * fsdp} (mesh.data * mesh.fsdp)")
   _require(m.num_heads % tensor == 0 and m.d_ff % tensor == 0,
            f"mesh.tensor={tensor} must divide model.num_heads={m.num_heads} and "
            f"model.d_ff={m.d_ff}")

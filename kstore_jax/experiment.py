@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 
 import flax.linen as nn
@@ -263,9 +264,13 @@ class Experiment:
   # -- probing stages --------------------------------------------------------------------
   def probe_spec(self, stage: str, base) -> loop.StageSpec:
     cfg, sc, w = self.cfg, self.cfg[stage], self.world
+    # any batch size on any mesh: rows padded up to what the batch axes and processes divide
+    # (the paper's 50 on 8 devices: 56 rows, 6 of them weighing nothing)
+    rows = probing.padded_rows(sc.batch_size, math.lcm(sharding.batch_shards(self.mesh),
+                                                       jax.process_count()))
     batches = probing.ProbeBatches(w, w.train_people, stage, sc.batch_size,
                                    probing.probe_width(w, stage),
-                                   seed=stage_seed(cfg.seed, stage))
+                                   seed=stage_seed(cfg.seed, stage), rows=rows)
     init = functools.partial(   # the settings bound now: a config changed later does not count
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
         embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
@@ -273,8 +278,7 @@ class Experiment:
     return loop.StageSpec(
         stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)),
         lambda rng, _: init(rng), base,
-        data=functools.partial(pipeline.batch_pipeline, batches, sc.batch_size,
-                               cfg.data.workers),
+        data=functools.partial(pipeline.batch_pipeline, batches, rows, cfg.data.workers),
         positions_per_step=sc.batch_size * batches.width,
         # the frozen model up to its hidden states; gradients pass back through it only to
         # the probe's embedding update

@@ -114,7 +114,22 @@ BAD_STAGE = {
     "grad_clip_negative": ({"finetune.grad_clip": "-1"}, "finetune.grad_clip=-1.0 must be > 0"),
     "lora_embed_without_lora": ({"finetune.lora_rank": "0", "finetune.lora_embed_rank": "8"},
                                 "finetune.lora_embed_rank=8 needs finetune.lora_rank > 0"),
+    "batch_zero": ({"finetune.batch_size": "0"}, "finetune.batch_size=0 must be >= 1"),
 }
+
+
+def test_paper_probes_on_8_and_16_devices():
+  """The paper's probe batch of 50 divides neither 8 nor 16 devices: its batches are padded
+  (data/probing.py), so `:paper,probe` validates on the launchers' device counts; a training
+  stage's batch must still divide them."""
+  from configs import base
+  cfg = base.get_config("paper,probe")
+  assert cfg.pprobe.batch_size == cfg.qprobe.batch_size == 50
+  for n in (8, 16):
+    configlib.validate(cfg, n, platform="cpu")
+  configlib.apply_override(cfg, "pretrain.batch_size", "50")
+  with pytest.raises(configlib.ConfigError, match="pretrain.batch_size=50 is not divisible"):
+    configlib.validate(cfg, 8, platform="cpu")
 
 
 def test_sizes_and_positions_that_are_fine():

@@ -3,7 +3,8 @@ joined by `jax.distributed.initialize` (KSTORE_NUM_PROCESSES / KSTORE_PROCESS_ID
 KSTORE_COORDINATOR, a localhost coordinator, one CPU device each, gloo collectives) train the
 same losses as one process with two devices and the same global batch; their checkpoint
 resumes on two processes and on one. The runs go on to train and score the P- and Q-probes
-(probe batches through the same process slicing), with the one-process losses and accuracies.
+(probe batches through the same process slicing, padded to a row count both meshes divide),
+with the one-process losses and accuracies.
 Hosts that share rows: two processes of two devices each under a mesh whose tensor axis spans
 both (data=fsdp=1, tensor=4: every device holds every row), running a grid of two copies of
 the reference run (batches stacked over runs), train the same losses and probes as the
@@ -28,12 +29,13 @@ from runs import DETERMINISTIC, env as run_env, small_run_args
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, PROBE_STEPS = 12, 6, 4
 STAGES = ("pretrain", "pprobe", "qprobe")
-# Pretraining, then both probes (a few steps at batch 8: 4 rows a process).
+# Pretraining, then both probes (a few steps at batch 7, which neither 2 devices nor 2
+# processes divide: padded to 8 rows, one of them weighing nothing; data/probing.py).
 ARGS = ["--config=configs/single.py:tiny",
         *(a for a in small_run_args(STEPS, SAVE_EVERY) if not a.startswith("--config.stages")),
         f"--config.stages={','.join(STAGES)}",
         *(f"--config.{p}.{k}={v}" for p in STAGES[1:]
-          for k, v in (("steps", PROBE_STEPS), ("batch_size", 8), ("warmup_steps", 1)))]
+          for k, v in (("steps", PROBE_STEPS), ("batch_size", 7), ("warmup_steps", 1)))]
 # The resumes: pretraining alone (a stage list may change on resume, the probe keys may not).
 PRETRAIN_ARGS = [("--config.stages=pretrain" if a.startswith("--config.stages") else a)
                  for a in ARGS]

@@ -414,12 +414,13 @@ def test_chunks_are_thread_safe(world):
 
 def test_process_slice_takes_rows_of_any_batch_layout():
   """Each of 2 processes keeps its half of the rows of an LM batch and of a probe batch
-  (tokens, segment_ids, probe_at, labels: no `inputs` field); the halves rebuild the batch."""
+  (tokens, segment_ids, probe_at, labels, row_weights: no `inputs` field); the halves rebuild the batch."""
   rng = np.random.default_rng(0)
   lm = {k: rng.integers(0, 9, (8, 16)) for k in batches.LM_FIELDS}
   probe = {batches.TOKENS: rng.integers(0, 9, (8, 16)),
            batches.SEGMENT_IDS: np.ones((8, 16), np.int32),
-           batches.PROBE_AT: rng.integers(0, 16, (8, 6)), batches.LABELS: rng.integers(0, 5, (8, 6))}
+           batches.PROBE_AT: rng.integers(0, 16, (8, 6)), batches.LABELS: rng.integers(0, 5, (8, 6)),
+           batches.ROW_WEIGHTS: np.array([1] * 7 + [0], np.float32)}
   assert set(probe) == set(batches.PROBE_FIELDS)
   for batch in (lm, probe):
     halves = [pipeline.ProcessSlice(i, 2)(batch) for i in range(2)]

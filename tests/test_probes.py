@@ -494,3 +494,39 @@ def test_probe_stages_end_to_end_and_rerun(tmp_path, jax_cache):
   for stage in ("pretrain", "pprobe", "qprobe"):
     assert f"[{stage}] already done" in out2, out2[-2000:]
   assert res2 == res1
+
+
+@pytest.mark.parametrize("head", probes.HEADS)
+def test_padded_batch_trains_as_the_unpadded_one(random_model, head):
+  """A probe batch of 5 examples padded to 8 rows (a mesh of 8 data-parallel devices) gives
+  the unpadded batch's loss, gradients and accuracies: the padding rows weigh nothing. The
+  control counts them (weight 1) and gets another loss."""
+  exp, base = random_model
+  exp.cfg.pprobe.head = head
+  try:
+    spec = exp.probe_spec("pprobe", base)
+  finally:
+    exp.cfg.pprobe.head = "linear"
+  w = exp.world
+  make = functools.partial(probing.ProbeBatches, w, w.train_people, "pprobe", 5,
+                           probing.probe_width(w, "pprobe"), 3)
+  plain, padded = make()[2], make(rows=probing.padded_rows(5, 8))[2]
+  assert len(padded["tokens"]) == 8 and padded["row_weights"].tolist() == [1] * 5 + [0] * 3
+  for k, v in plain.items():
+    np.testing.assert_array_equal(padded[k][:5], v, err_msg=k)
+  assert (padded["segment_ids"][5:].sum(1) > 0).all()   # real inputs, not empty rows
+  probe = jax.jit(spec.init_params)(RBG_KEY, spec.init_args)
+  grad = jax.jit(jax.value_and_grad(lambda p, b: spec.loss_fn(p, base, b), has_aux=True))
+  (loss, aux), g = grad(probe, plain)
+  (loss_p, aux_p), g_p = grad(probe, padded)
+  np.testing.assert_allclose(float(loss_p), float(loss), rtol=1e-6)
+  np.testing.assert_allclose(float(aux_p["probe_acc"]), float(aux["probe_acc"]), rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_p)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  acc = exp.probe_accuracy("pprobe") if head == "linear" else None
+  if acc is not None:
+    np.testing.assert_allclose(np.asarray(acc(base, probe, padded)),
+                               np.asarray(acc(base, probe, plain)), rtol=1e-6)
+  counted = {**padded, "row_weights": np.ones(8, np.float32)}
+  assert abs(float(grad(probe, counted)[0][0]) - float(loss)) > 1e-4

@@ -20,6 +20,9 @@ Probe batch (`probing.ProbeBatches` -> `pipeline.batch_pipeline`; `model.probes`
   SEGMENT_IDS  int32    [B, W]  1 on real tokens, 0 on padding
   PROBE_AT     int32    [B, J]  the input position whose final hidden state is probed
   LABELS       int32    [B, 6]  each attribute's class (`classes.probe_labels`)
+  ROW_WEIGHTS  float32  [B]     1 on the batch's examples, 0 on the rows that pad it to a
+                                multiple of the data-parallel devices (copies of its first
+                                examples: real inputs, counted nowhere)
 """
 
 import numpy as np
@@ -32,8 +35,9 @@ POSITIONS = "positions"
 TOKENS = "tokens"
 PROBE_AT = "probe_at"
 LABELS = "labels"
+ROW_WEIGHTS = "row_weights"
 
 LM_DTYPES = {INPUTS: np.int32, TARGETS: np.int32, WEIGHTS: np.float32,
              SEGMENT_IDS: np.int32, POSITIONS: np.int32}
 LM_FIELDS = tuple(LM_DTYPES)
-PROBE_FIELDS = (TOKENS, SEGMENT_IDS, PROBE_AT, LABELS)
+PROBE_FIELDS = (TOKENS, SEGMENT_IDS, PROBE_AT, LABELS, ROW_WEIGHTS)

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from kstore_jax.data.batches import LABELS, PROBE_AT, SEGMENT_IDS, TOKENS
+from kstore_jax.data.batches import LABELS, PROBE_AT, ROW_WEIGHTS, SEGMENT_IDS, TOKENS
 from kstore_jax.data.classes import probe_labels
 
 
@@ -36,7 +36,9 @@ def _pad(docs, pad_id):
 
 @dataclasses.dataclass
 class ProbeBatches:
-  """Random-access source: batch b -> a probe batch (batches.py) of batch_size rows.
+  """Random-access source: batch b -> a probe batch (batches.py) of batch_size examples in
+  `rows` rows (default batch_size; more: zero-weight copies of its first examples, so that a
+  batch of any size divides the data-parallel devices and trains as the unpadded one would).
 
   Examples are (person, bio copy) pairs of `people` (P-probe) or people (Q-probe), read through
   a seeded permutation per epoch; `width` pads every batch to one shape for jit."""
@@ -46,9 +48,13 @@ class ProbeBatches:
   batch_size: int
   width: int
   seed: int
+  rows: int = 0          # 0: batch_size
 
   def __post_init__(self):
     self.n = len(self.people) * (self.world.aug.copies if self.kind == "pprobe" else 1)
+    self.rows = self.rows or self.batch_size
+    if self.rows < self.batch_size:
+      raise ValueError(f"rows={self.rows} < batch_size={self.batch_size}")
 
   def __len__(self) -> int:
     return 1 << 40
@@ -60,7 +66,10 @@ class ProbeBatches:
     for e in np.unique(epoch):
       sel = epoch == e
       idx[sel] = np.random.default_rng([self.seed, int(e)]).permutation(self.n)[j[sel]]
-    return self.examples(idx)
+    pad = np.resize(idx, self.rows - self.batch_size)   # the first examples again
+    batch = self.examples(np.concatenate([idx, pad]))
+    batch[ROW_WEIGHTS][self.batch_size:] = 0
+    return batch
 
   def examples(self, idx) -> dict:
     if self.kind == "pprobe":
@@ -70,7 +79,13 @@ class ProbeBatches:
       (tokens, seg), at, labels = qprobe_examples(self.world, self.people[idx])
     pad = self.width - tokens.shape[1]
     return {TOKENS: np.pad(tokens, ((0, 0), (0, pad)), constant_values=self.world.pad_id),
-            SEGMENT_IDS: np.pad(seg, ((0, 0), (0, pad))), PROBE_AT: at, LABELS: labels}
+            SEGMENT_IDS: np.pad(seg, ((0, 0), (0, pad))), PROBE_AT: at, LABELS: labels,
+            ROW_WEIGHTS: np.ones(len(idx), np.float32)}
+
+
+def padded_rows(batch_size: int, multiple: int) -> int:
+  """The rows of a batch of `batch_size` examples padded up to a multiple of `multiple`."""
+  return -(-batch_size // multiple) * multiple
 
 
 def probe_width(world, kind: str) -> int:

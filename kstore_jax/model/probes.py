@@ -23,7 +23,7 @@ classes; company city = the HQ cities).
 import jax
 import jax.numpy as jnp
 
-from kstore_jax.data.batches import LABELS, PROBE_AT, SEGMENT_IDS, TOKENS
+from kstore_jax.data.batches import LABELS, PROBE_AT, ROW_WEIGHTS, SEGMENT_IDS, TOKENS
 
 HEADS = ("linear", "embedding")
 
@@ -104,26 +104,32 @@ def probed_hidden(model, base, probe, batch):
   return jnp.stack([hidden(cut(p))[rows, at_BJ[:, p]] for p in range(at_BJ.shape[1])], 1)
 
 
+def _row_mean(x_BJ, weights_B):
+  """[J]: the mean over the batch's weighted rows (padding rows have weight 0)."""
+  return jnp.einsum("bj,b->j", x_BJ.astype(jnp.float32), weights_B) / weights_B.sum()
+
+
 def make_probe_loss(model, tokens=None):
-  """Mean cross entropy over positions x attributes; aux: accuracy. `tokens`:
-  `classes.class_tokens` for the embedding head."""
+  """Mean cross entropy over the batch's examples, positions and attributes (padding rows
+  count nowhere: batches.py ROW_WEIGHTS); aux: accuracy. `tokens`: `classes.class_tokens` for
+  the embedding head."""
 
   def loss_fn(probe, base, batch):
     logits = probe_logits(model, base, probe, batch, tokens)
-    labels = batch[LABELS]                                     # [B, 6]
+    labels, weights_B = batch[LABELS], batch[ROW_WEIGHTS]       # [B, 6], [B]
     ce, acc = [], []
     for a, lg in enumerate(logits):
-      y = jnp.broadcast_to(labels[:, None, a], lg.shape[:2])
+      y_BJ = jnp.broadcast_to(labels[:, None, a], lg.shape[:2])
       logp = jax.nn.log_softmax(lg)
-      ce.append(-jnp.take_along_axis(logp, y[..., None], -1).mean())
-      acc.append((lg.argmax(-1) == y).mean())
+      ce.append(_row_mean(-jnp.take_along_axis(logp, y_BJ[..., None], -1)[..., 0], weights_B))
+      acc.append(_row_mean(lg.argmax(-1) == y_BJ, weights_B))
     return jnp.mean(jnp.stack(ce)), {"probe_acc": jnp.mean(jnp.stack(acc))}
 
   return loss_fn
 
 
 def accuracy_matrix(model, base, probe, batch, tokens=None) -> jax.Array:
-  """[J, 6] accuracy of each (position, attribute) classifier on a batch."""
+  """[J, 6] accuracy of each (position, attribute) classifier over a batch's examples."""
   logits = probe_logits(model, base, probe, batch, tokens)
-  return jnp.stack([(lg.argmax(-1) == batch[LABELS][:, None, a]).mean(0)
+  return jnp.stack([_row_mean(lg.argmax(-1) == batch[LABELS][:, None, a], batch[ROW_WEIGHTS])
                     for a, lg in enumerate(logits)], -1)

@@ -40,6 +40,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def batch_shards(mesh) -> int:
+  """How many blocks `batch_sharding` splits a batch's rows into (mesh.data * mesh.fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
