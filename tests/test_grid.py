@@ -114,6 +114,11 @@ def test_grid_runs_equal_solo_runs(trained):
   # the rows differ in data: their losses are not the same numbers
   assert metrics(grid / "single/pretrain")[-1]["loss"] != metrics(
       grid / "multi5_permute/pretrain")[-1]["loss"]
+  # a run's FLOP/s is its share of the step; the cohort's is the 4 runs' work (a run's
+  # 'mfu' alone read as a quarter of what the device did)
+  for row in metrics(grid / "single/pretrain"):
+    assert row["cohort_runs"] == 4
+    assert row["cohort_flops_per_s"] == pytest.approx(4 * row["flops_per_s"], rel=1e-9), row
 
 
 @pytest.mark.parametrize("mesh, run_axis", [

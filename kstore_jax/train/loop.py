@@ -308,16 +308,27 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
                             f"(loss={rows[i]['loss']}); last good checkpoint kept")
     return rows
 
+  # a vmapped cohort's step trains every member, those ahead riding along (train below)
+  cohort_flops = sum(m.spec.positions_per_step * m.spec.flops_per_position for m in members)
+
   def log(active, step, device_metrics, t_last, step_last):
+    """Each member's row: its own tokens/s, FLOP/s and MFU (in a cohort of R runs its share
+    of the device, ~1/R of the step's); a vmapped cohort's rows add the whole step's
+    (`cohort_flops_per_s`, `cohort_mfu`: what the device did)."""
     rows = check(active, step, device_metrics)
     now = time.time()
+    steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
     for i, row in rows.items():
       m = members[i]
-      tps = (step - step_last) * m.spec.positions_per_step / max(now - t_last, 1e-9)
+      tps = steps_per_s * m.spec.positions_per_step
       row.update(tokens_per_s=tps, step_time_s=m.spec.positions_per_step / max(tps, 1e-9),
                  flops_per_s=tps * m.spec.flops_per_position)
+      if vmapped:
+        row.update(cohort_runs=len(members), cohort_flops_per_s=steps_per_s * cohort_flops)
       if peak:
         row["mfu"] = row["flops_per_s"] / peak
+        if vmapped:
+          row["cohort_mfu"] = row["cohort_flops_per_s"] / peak
       writers[i].write(step, row)
       if is_main:
         eta = (sc.steps - step) * row["step_time_s"]
