@@ -109,10 +109,13 @@ def write_json(path: str, obj, indent: int = 2, sort_keys: bool = True) -> None:
 def write_atomic(path: str, text: str) -> None:
   """Write `text` to `path` atomically: a temporary file of this process's own renamed over
   it (processes writing the same file at once each rename a whole file; a kill leaves the
-  old file or the new one)."""
+  old file or the new one; the data reaches the disk before the rename, so a crash of the
+  machine does not either)."""
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 

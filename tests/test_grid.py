@@ -190,6 +190,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_pa
     (["--config.grid.eval_runs=sometimes"], "'grid.eval_runs'='sometimes' must be one of"),
     (["--config.data.qa_ratio=2.0"], "run 'single': data.qa_ratio=2.0"),
     (["--runs=single,nobody"], "--runs: 'nobody' is not a run of the grid"),
+    (["--runs="], "--runs= names no run"),
     (["--config.eval.batch_size=0"], "run 'single': eval.batch_size=0 must be >= 1"),
 ])
 def test_bad_grid_is_one_line_and_writes_nothing(four, env, tmp_path, extra, message):
@@ -240,6 +241,24 @@ def test_a_grid_child_ends_with_its_parent(tmp_path):
   if alive:
     os.kill(pid, signal.SIGKILL)
   assert not alive, "the child outlived its parent"
+
+
+def test_sequential_grid_goes_on_past_a_run_that_diverges(env, tmp_path):
+  """A run whose loss goes NaN stops alone: the next run trains, the grid exits 1 naming the
+  run that diverged (it stopped every later run before)."""
+  grid = tmp_path / "blowup.py"
+  grid.write_text("from configs import grids\n\n\ndef get_config(arg='tiny'):\n"
+                  "  blowup = grids.row_config('single', arg)\n  blowup.pretrain.lr = 1e30\n"
+                  "  return grids.make({'blowup': blowup, "
+                  "'fine': grids.row_config('single', arg)})\n")
+  wd = tmp_path / "runs"
+  r = run([sys.executable, "-m", "kstore_jax.grid", f"--config={grid}:tiny", f"--workdir={wd}",
+           "--config.grid.mode=sequential", *small_run_args(6, 3)], env())
+  assert r.returncode == 1, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+  assert [l for l in r.stderr.splitlines() if "non-finite" in l][0].startswith(
+      "kstore_jax.grid: [pretrain] non-finite"), r.stderr[-2000:]
+  assert not (wd / "blowup/pretrain/final").exists()
+  assert (wd / "fine/pretrain/final").exists(), r.stdout[-2000:]
 
 
 def test_a_workdir_that_is_a_file_is_one_line(four, env, tmp_path):

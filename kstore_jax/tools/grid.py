@@ -224,7 +224,9 @@ def main(argv):
   spec, overrides = _ARGS["spec"], _ARGS["overrides"]
   g = configlib.load_grid(spec, overrides)
   names = list(g.order)
-  if _RUNS.value:
+  if _RUNS.value is not None:   # `--runs=` (an empty variable, say) names none: not "all"
+    if not _RUNS.value:
+      raise ConfigError(f"--runs= names no run (the grid's: {', '.join(names)})")
     unknown = [n for n in _RUNS.value if n not in g.runs]
     if unknown:
       raise ConfigError(f"--runs: {unknown[0]!r} is not a run of the grid ({', '.join(names)})")
@@ -256,11 +258,18 @@ def main(argv):
     if mode == "vmap":
       train_vmapped(exps, g.grid.max_runs, g.grid.run_axis,
                     eval_together=eval_together(g.grid.eval_runs, platform))
-    else:
+    else:   # a run that diverges stops alone (as a processes-mode child does)
+      diverged = []
       for n, e in exps.items():
         print(f"== {n} ==", flush=True)
-        e.run()
-  except (loop.NonFiniteLoss, loop.Interrupted) as e:
+        try:
+          e.run()
+        except loop.NonFiniteLoss as err:
+          print(f"kstore_jax.grid: {err}", file=sys.stderr, flush=True)
+          diverged.append(n)
+      if diverged:
+        sys.exit(1)
+  except (loop.NonFiniteLoss, loop.Interrupted) as e:   # a vmap cohort stops as one
     print(f"kstore_jax.grid: {e}", file=sys.stderr)
     sys.exit(1)
 
