@@ -168,15 +168,22 @@ def _check_size(m) -> None:
                f"{k}={v}" for k, v in base.MODEL_SIZES[m.size].items()) + ")")
 
 
-def _check_qa_valid(cfg) -> None:
-  """data.qa_valid_fraction: in [0, 1), and someone's QA still in training after it."""
+def _check_qa_split(cfg) -> None:
+  """data.qa_valid_fraction in [0, 1); someone's QA still in training after it, and someone
+  held out (the QA-test side eval and the probes score: with nobody there results.json got
+  0% at n=0 and the bio-recall eval crashed)."""
   v = cfg.data.qa_valid_fraction
   ok = 0.0 <= v < 1.0
   if ok:
     from kstore_jax.data.world import qa_split
-    ok = qa_split(cfg.seed, cfg.data)[0].any()
+    train, valid = qa_split(cfg.seed, cfg.data)
+    ok = train.any()
   _require(ok, f"data.qa_valid_fraction={v} must be in [0, 1) and leave at least one "
            "person whose QA is trained on")
+  _require((~train & ~valid).any(),
+           f"data.qa_train_fraction={cfg.data.qa_train_fraction:g} (with data.qa_valid_fraction="
+           f"{v:g}) holds nobody out of data.n_people={cfg.data.n_people}: QA eval and the "
+           "probes score held-out people")
 
 
 def _check_source(d) -> None:
@@ -221,7 +228,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   space = load_pools().name_space
   _require(2 <= d.n_people <= space // 2,
            f"data.n_people={d.n_people} must be in [2, {space // 2}] (half the name space)")
-  _check_qa_valid(cfg)
+  _check_qa_split(cfg)
   _require(d.seq_len >= 32, f"data.seq_len={d.seq_len} must be >= 32")
   _require(d.chunk_docs >= 1, f"data.chunk_docs={d.chunk_docs} must be >= 1")
   _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")

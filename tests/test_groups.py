@@ -128,6 +128,11 @@ def test_each_group_writes_its_own_bios(tok):
     np.testing.assert_array_equal(spans[i], w.group_bios(g).spans([index])[0])
   with pytest.raises(ValueError, match="data.groups"):
     w.aug
+  # people of one group only (an eval sample of 10 spread over the test people never reached
+  # a star: bio recall crashed rendering the stars' empty share)
+  only, only_spans = w.bio_docs([3, 7], [0, 0])
+  np.testing.assert_array_equal(only.tokens, w.group_bios(minority).docs([3, 7]).tokens)
+  np.testing.assert_array_equal(only_spans, w.group_bios(minority).spans([3, 7]))
 
 
 def test_control_has_the_same_minority(tok):

@@ -359,3 +359,14 @@ def test_worked_example_trains_and_evaluates_end_to_end(worked, tmp_path, jax_ca
   assert np.asarray(res["pprobe"]).shape == (6, 6)
   assert res["pprobe_ci"][0][0]["n"] == N_WORKED // 2
   assert (wd / "tokenizer.json").exists()
+
+
+def test_a_dataset_whose_qa_test_side_is_nobody_is_refused(tmp_path):
+  """Three people at qa_train_fraction 0.9: round(2.7) = 3 trained on, nobody held out for
+  the QA eval and the probes to score."""
+  cfg = base.get_config("tiny")
+  cfg.data.update(source=write(tmp_path / "three.jsonl", person_records(3, copies=2)),
+                  vocab_size=512, qa_train_fraction=0.9)
+  with pytest.raises(ConfigError, match=r"three.jsonl: the QA split holds none of its 3 people "
+                                        r"out \(data.qa_train_fraction\)"):
+    world_lib.build_world(cfg, tokenizer.get_tokenizer(cfg.data))

@@ -115,6 +115,11 @@ BAD_STAGE = {
     "lora_embed_without_lora": ({"finetune.lora_rank": "0", "finetune.lora_embed_rank": "8"},
                                 "finetune.lora_embed_rank=8 needs finetune.lora_rank > 0"),
     "batch_zero": ({"finetune.batch_size": "0"}, "finetune.batch_size=0 must be >= 1"),
+    # round(0.96 * 10) = 10 people trained on: nobody left for QA test (results.json got 0%
+    # at n=0, then bio recall crashed)
+    "nobody_held_out": ({"data.n_people": "10", "data.qa_train_fraction": "0.96"},
+                        "data.qa_train_fraction=0.96 (with data.qa_valid_fraction=0) holds "
+                        "nobody out of data.n_people=10"),
 }
 
 

@@ -227,7 +227,7 @@ class Renderer:
     sent[:, :, TAIL] = self.tail0[order] + tmpl[rows, order]
     out = np.empty((n, BIO_PIECES), np.int64)
     out[:, 0] = self.bos
-    out[:, 1:-1] = sent.reshape(n, -1)
+    out[:, 1:-1] = sent.reshape(n, N_ATTR * SENT)   # (n = 0 too)
     out[:, -1] = self.bos  # the same EOT token closes the document
     return out, order
 

@@ -191,8 +191,9 @@ class World:
     group = self.group_of(people)
     for k, g in enumerate(self.groups):
       sel = group == k
-      pieces[sel], order[sel] = self.renderer.bio_pieces(self.pop, people[sel], copies[sel],
-                                                         g.aug, self.seed)
+      if sel.any():   # (a group none of `people` is in renders nothing)
+        pieces[sel], order[sel] = self.renderer.bio_pieces(self.pop, people[sel], copies[sel],
+                                                           g.aug, self.seed)
     r = self.renderer
     return r.render(pieces, r.bio_loss_pieces()), r.value_spans(pieces, order)
 
@@ -321,6 +322,9 @@ def build_imported_world(cfg, tokenizer: tokenizers.Tokenizer) -> World:
         f"{corpus.where}: {', '.join(keys)} and data.qa_valid_fraction="
         f"{cfg.data.get('qa_valid_fraction', 0.0):g} leave none of its {len(order)} people "
         "with QA training data")
+  if not (~qa_train & ~qa_valid).any():
+    raise ConfigError(f"{corpus.where}: the QA split holds none of its {len(order)} people out "
+                      "(data.qa_train_fraction): QA eval and the probes score held-out people")
   pop, renderer, stored = imported.build(corpus, tokenizer, order)
   return World(seed=cfg.seed, pop=pop, renderer=renderer, groups=groups, qa_train=qa_train,
                qa_valid=qa_valid, stored=stored)
