@@ -332,7 +332,7 @@ class Experiment:
                            "mean": float(matrix[0].mean())}
       results["qprobe" + qa_eval.CI] = {
           **{a: ci(matrix[0, i]) for i, a in enumerate(ATTRIBUTES)},
-          "mean": qa_eval.interval(sum(round(v * n) for v in matrix[0]), n * len(ATTRIBUTES))}
+          "mean": qa_eval.people_interval(matrix[0].mean(), n)}
     labels = classes.probe_labels(w.pop, test.people)
     results["probe_baseline"] = {a: float(np.bincount(labels[:, i]).max() / len(labels))
                                  for i, a in enumerate(ATTRIBUTES)}

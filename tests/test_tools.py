@@ -199,7 +199,7 @@ ACCURACY_KEYS = ("qa_test", "qa_train", "bio_recall", "qa_test_by_tokens", "ppro
 def intervals(value, ci, path=""):
   """(path, accuracy, interval leaf) for every leaf of `ci` (results.json's `<key>_ci`), the
   accuracy at the same place in `value`."""
-  if isinstance(ci, dict) and set(ci) == {"lo", "hi", "n"}:
+  if isinstance(ci, dict) and set(ci) - {"n_eff"} == {"lo", "hi", "n"}:
     return [(path, value, ci)]
   items = ci.items() if isinstance(ci, dict) else enumerate(ci)
   return [leaf for k, c in items for leaf in intervals(value[k], c, f"{path}/{k}")]
@@ -221,11 +221,18 @@ def test_results_json_has_an_interval_for_every_accuracy(run_dir, tmp_path):
     assert 0.0 <= ci["lo"] <= acc <= ci["hi"] <= 1.0, (key, path, acc, ci)
     assert ci["n"] >= 1
     k = round(acc * ci["n"])
-    assert abs(k - acc * ci["n"]) < 1e-6, (key, path, acc, ci)      # an accuracy over n
-    assert (ci["lo"], ci["hi"]) == pytest.approx(qa_eval.wilson(k, ci["n"]))
+    assert abs(k - acc * ci["n"]) < 1e-6 or "n_eff" in ci, (key, path, acc, ci)   # over n
+    if "n_eff" in ci:   # pooled over attributes: at the effective count, people to questions
+      assert 0 < ci["n_eff"] <= ci["n"], (key, path, ci)
+      assert (ci["lo"], ci["hi"]) == pytest.approx(qa_eval.wilson(acc * ci["n_eff"],
+                                                                  ci["n_eff"]))
+    else:
+      assert (ci["lo"], ci["hi"]) == pytest.approx(qa_eval.wilson(k, ci["n"]))
   n = {(key, path): ci["n"] for key, path, _, ci in leaves}
   for key in ("qa_test", "qa_train", "bio_recall"):
     assert n[key, "/mean"] == 6 * half and n[key, "/birth_date"] == half, key
+    assert "n_eff" not in res[key + "_ci"]["major"]
+    assert half - 1 <= res[key + "_ci"]["mean"]["n_eff"] <= 6 * half, key   # people..questions
   assert n["qprobe", "/mean"] == 6 * half and n["qprobe", "/major"] == half
   assert len(res["pprobe_ci"]) == 6 and n["pprobe", "/0/0"] == half
   by_tokens = res["qa_test_by_tokens_ci"]["all"]

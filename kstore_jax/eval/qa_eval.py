@@ -3,8 +3,11 @@ and the bio-recall storage check; 95% Wilson score intervals of accuracies.
 
 results.json: every accuracy entry `key` (a dict of accuracies, or a matrix) has a sibling
 `key + CI` ("qa_test_ci") of the same shape whose leaves are `{"lo", "hi", "n"}`: the 95%
-Wilson score interval of that accuracy over its n examples (a mean over attributes: over the
-pooled questions). The accuracies themselves stay plain numbers where they were."""
+Wilson score interval of that accuracy over its n examples. An accuracy pooled over several
+attributes (a "mean", the token split's "all") counts a person's answers as one cluster: they
+are not independent (a person's facts tend to be stored, or not, together, and company city
+follows from company), so its interval is Wilson's at the effective number of questions and
+its leaf adds "n_eff" (`pooled_interval`). The accuracies themselves stay plain numbers."""
 
 import functools
 import math
@@ -126,23 +129,68 @@ def interval(k: float, n: int) -> dict:
   return {"lo": lo, "hi": hi, "n": int(n)}
 
 
+def pooled_interval(correct: np.ndarray, persons: np.ndarray) -> dict:
+  """The interval leaf of an accuracy pooled over questions that come in clusters (`persons`:
+  each question's person): Wilson's interval at n_eff = p(1 - p) / v questions, v the
+  cluster-robust variance of the pooled accuracy p (sum over people of (k_c - p m_c)², over
+  n², times G / (G - 1) for G people), at most n. With every answer alike (p = 0 or 1) v says
+  nothing, and n_eff is the fully correlated n² / sum m_c² (the number of people when each has
+  as many questions). Independent answers give n_eff ~ n (Wilson over the questions); a person
+  all right or all wrong gives n_eff ~ the number of people."""
+  correct = np.asarray(correct, np.float64)
+  n = correct.size
+  if n == 0:
+    return {**interval(0, 0), "n_eff": 0.0}
+  _, cluster = np.unique(np.asarray(persons), return_inverse=True)
+  sizes = np.bincount(cluster).astype(np.float64)
+  g, p = len(sizes), correct.mean()
+  if p in (0.0, 1.0):
+    n_eff = n * n / float((sizes ** 2).sum())
+  else:
+    resid = np.bincount(cluster, correct - p)
+    v = float((resid ** 2).sum()) / (n * n) * (g / (g - 1) if g > 1 else 1.0)
+    n_eff = min(float(n), p * (1 - p) / v) if v > 0 else float(n)
+  lo, hi = wilson(p * n_eff, n_eff)
+  return {"lo": lo, "hi": hi, "n": int(n), "n_eff": n_eff}
+
+
+def people_interval(acc: float, people: int, per_person: int = N_ATTR) -> dict:
+  """The interval leaf of an accuracy pooled over `per_person` answers of each of `people`
+  people when only the accuracy is known (a probe's per-attribute means): as if each person's
+  answers were alike (n_eff = people), the widest pooled_interval gives."""
+  lo, hi = wilson(float(acc) * people, people)
+  return {"lo": lo, "hi": hi, "n": int(people * per_person), "n_eff": float(people)}
+
+
+def person_of(n_questions: int) -> np.ndarray:
+  """Each question's person (an index) in qa_correct's and bio_recall_correct's person-major
+  order (N_ATTR questions per person)."""
+  if n_questions % N_ATTR:
+    raise ValueError(f"{n_questions} questions are not {N_ATTR} per person")
+  return np.arange(n_questions) // N_ATTR
+
+
 def accuracy_interval(acc: float, n: int) -> dict:
   """interval() of an accuracy over n examples given as a fraction (probe accuracies)."""
   return interval(round(float(acc) * n), n)
 
 
-def per_attribute_ci(correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
+def per_attribute_ci(correct: np.ndarray, attrs: np.ndarray,
+                     persons: np.ndarray | None = None) -> dict[str, dict]:
   """per_attribute's intervals: the same keys, each {"lo", "hi", "n"}; "mean" over the pooled
-  questions (every attribute's)."""
+  questions (every attribute's), clustered by `persons` (each question's person; default:
+  qa_correct's person-major order, `person_of`): `pooled_interval`."""
   correct = np.asarray(correct, bool)
+  persons = person_of(correct.size) if persons is None else persons
   out = {a: interval(correct[attrs == i].sum(), (attrs == i).sum())
          for i, a in enumerate(ATTRIBUTES) if (attrs == i).any()}
-  out["mean"] = interval(correct.sum(), correct.size)
+  out["mean"] = pooled_interval(correct, persons)
   return out
 
 
 def scored(key: str, correct: np.ndarray, attrs: np.ndarray) -> dict[str, dict]:
-  """{key: per_attribute, key + CI: per_attribute_ci}: a results.json entry and its intervals."""
+  """{key: per_attribute, key + CI: per_attribute_ci}: a results.json entry and its intervals
+  (correct and attrs person-major, N_ATTR per person: qa_correct, bio_recall_correct)."""
   return {key: per_attribute(correct, attrs), key + CI: per_attribute_ci(correct, attrs)}
 
 
@@ -258,18 +306,22 @@ def by_answer_tokens(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray) 
           "all": split(np.ones_like(multi))}
 
 
-def by_answer_tokens_ci(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray) -> dict:
+def by_answer_tokens_ci(correct: np.ndarray, attrs: np.ndarray, alens: np.ndarray,
+                        persons: np.ndarray | None = None) -> dict:
   """by_answer_tokens' intervals: the same keys less `multi_share` (not an accuracy), each
-  {"lo", "hi", "n"}."""
+  {"lo", "hi", "n"}; "all" (every attribute's) clustered by `persons` as per_attribute_ci's
+  mean."""
   multi = alens - 1 > 1
   correct = np.asarray(correct, bool)
+  persons = person_of(correct.size) if persons is None else persons
 
-  def split(sel):
-    return {k: interval(correct[sel & m].sum(), (sel & m).sum())
+  def split(sel, pooled=False):
+    return {k: (pooled_interval(correct[sel & m], persons[sel & m]) if pooled else
+                interval(correct[sel & m].sum(), (sel & m).sum()))
             for k, m in (("single", ~multi), ("multi", multi)) if (sel & m).any()}
 
   return {**{a: split(attrs == i) for i, a in enumerate(ATTRIBUTES) if (attrs == i).any()},
-          "all": split(np.ones_like(multi))}
+          "all": split(np.ones_like(multi), pooled=True)}
 
 
 def bio_recall(model, params, world, people, batch_size: int = 256):
