@@ -9,6 +9,8 @@ test_train.py / test_checkpoint.py."""
 import math
 import os
 import pathlib
+import signal
+import time
 
 import flax.linen as nn
 import grain
@@ -21,7 +23,7 @@ import pytest
 from configs import base
 from kstore_jax import rundir
 from kstore_jax.model import lora, probes, transformer
-from kstore_jax.train import checkpoint, loop, optim, sharding, step as step_lib
+from kstore_jax.train import checkpoint, loop, metrics, optim, sharding, step as step_lib
 
 
 def stage_cfg(warmup_steps: int):
@@ -202,6 +204,41 @@ def test_eval_row_is_written_before_its_step_is_saved(tmp_path, monkeypatch):
   assert evals_at_save == [(3, [2]), (6, [2, 4, 6])]
 
 
+def test_a_signal_during_an_eval_stops_at_a_saved_step(tmp_path):
+  """SIGTERM arriving during step 4's eval (no save step): the run stops at a step it saves
+  (it stopped at 4 unsaved, saying "checkpoint saved", and lost the steps since 3)."""
+  sc, cfg = run_cfg(steps=10, log_every=1, save_every=3, eval_every=2)
+
+  def eval_fn(params):
+    eval_fn.calls += 1
+    if eval_fn.calls == 2:   # step 4's
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {"w_mean": float(params["w"].mean())}
+
+  eval_fn.calls = 0
+  with pytest.raises(loop.Interrupted, match=r"SIGTERM at step (\d+); checkpoint saved") as e:
+    loop.run_stage(toy_spec(sc, [1.0] * 10, eval_fn), cfg, str(tmp_path), one_device_mesh())
+  stopped = int(str(e.value).split("at step ")[1].split(";")[0])
+  assert stopped in saved_steps(tmp_path), (stopped, saved_steps(tmp_path))
+
+
+def test_throughput_is_of_trained_steps(tmp_path):
+  """tokens/s and step time count neither the first step's compile nor evals: the first
+  logged row has no rate, and with a 0.3 s eval every second step no row's step time
+  reaches it (the toy's steps take milliseconds)."""
+  sc, cfg = run_cfg(steps=8, log_every=1, save_every=100, eval_every=2)
+
+  def eval_fn(params):
+    time.sleep(0.3)
+    return {"w_mean": float(params["w"].mean())}
+
+  loop.run_stage(toy_spec(sc, [1.0] * 8, eval_fn), cfg, str(tmp_path), one_device_mesh())
+  rows = [r for r in rundir.read_metrics(rundir.metrics_file(str(tmp_path))) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert "step_time_s" not in rows[0] and "tokens_per_s" not in rows[0]
+  assert all(r["step_time_s"] < 0.15 for r in rows[1:]), [r.get("step_time_s") for r in rows]
+
+
 def test_catch_up_to_a_step_that_is_no_save_step_logs_it(tmp_path):
   """A cohort whose member A stands at step 3 (say, stopped by SIGTERM) and B at 0: B trains
   alone to step 3, which is no save step, then both to 6. B's metrics have every step, 3
@@ -287,7 +324,6 @@ def test_metrics_truncation_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
   """On resume metrics.jsonl is cut back to the restored step. It was truncated in place, so
   a kill (here: an error) while rewriting it lost the stage's whole history; now the kept
   rows go to a temporary file renamed over the old one."""
-  from kstore_jax.train import metrics
   w = metrics.MetricsWriter(str(tmp_path), resume_step=0)
   for s in (10, 20, 30):
     w.write(s, {"loss": 1.0 / s})
@@ -311,10 +347,43 @@ def test_metrics_truncation_on_resume_is_all_or_nothing(tmp_path, monkeypatch):
   assert [r["step"] for r in rundir.read_metrics(str(tmp_path / rundir.METRICS))] == [10, 20]
 
 
+def tensorboard_events(directory) -> list:
+  """Every event of the TensorBoard files in `directory`, file by file (TFRecord framing:
+  length u64, its crc u32, the Event proto, its crc u32)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = []
+  for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      out.append(event_pb2.Event.FromString(data[at + 12:at + 12 + n]))
+      at += 12 + n + 4
+  return out
+
+
+def test_resume_purges_tensorboard_points_past_the_restored_step(tmp_path):
+  """Steps 10..30 logged, then a resume from step 20: the new event file starts by purging
+  from step 21, so TensorBoard shows step 30 once (the run's new one), as metrics.jsonl."""
+  w = metrics.MetricsWriter(str(tmp_path), resume_step=0)
+  for step in (10, 20, 30):
+    w.write(step, {"loss": 1.0 / step})
+  w.close()
+  assert not [e for e in tensorboard_events(tmp_path) if e.HasField("session_log")]
+  time.sleep(1.1)   # tensorboardX names event files by the second
+  w = metrics.MetricsWriter(str(tmp_path), resume_step=20)
+  w.write(30, {"loss": 0.5})
+  w.close()
+  purges = [e for e in tensorboard_events(tmp_path) if e.HasField("session_log")]
+  assert [(e.step, e.session_log.status) for e in purges] == [(21, 1)]   # 1: START
+
+
 @pytest.mark.parametrize("kind, dtype, want", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
     # NVL matched 'H100' (SXM's 989): its MFU read ~15% low
     ("NVIDIA H100 NVL", "bfloat16", 835.5e12), ("NVIDIA H100 NVL", "float32", 417.5e12),
+    ("NVIDIA H200 NVL", "bfloat16", 835.5e12), ("NVIDIA H200 NVL", "float32", 417.5e12),
     ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA GH200 480GB", "bfloat16", 989e12),
     ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("TPU v5 lite", "bfloat16", 197e12),
     ("TPU v5 lite", "float32", None), ("cpu", "float32", None)])

@@ -25,7 +25,8 @@ PEAK_FLOPS = {
     "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
     "H100 NVL": {"bfloat16": 835.5e12, "float32": 417.5e12},
     "H100": {"bfloat16": 989e12, "float32": 494e12},       # SXM ("NVIDIA H100 80GB HBM3")
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H200 NVL": {"bfloat16": 835.5e12, "float32": 417.5e12},
+    "H200": {"bfloat16": 989e12, "float32": 494e12},        # SXM
     "A100": {"bfloat16": 312e12, "float32": 156e12},
     "TPU v4": {"bfloat16": 275e12},
     "TPU v5 lite": {"bfloat16": 197e12},                   # v5e
@@ -317,23 +318,26 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
     (`cohort_flops_per_s`, `cohort_mfu`: what the device did)."""
     rows = check(active, step, device_metrics)
     now = time.time()
-    steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+    timed = step - step_last   # steps in the window (0: the first step, its compile untimed)
+    steps_per_s = timed / max(now - t_last, 1e-9)
     for i, row in rows.items():
       m = members[i]
       tps = steps_per_s * m.spec.positions_per_step
-      row.update(tokens_per_s=tps, step_time_s=m.spec.positions_per_step / max(tps, 1e-9),
-                 flops_per_s=tps * m.spec.flops_per_position)
-      if vmapped:
-        row.update(cohort_runs=len(members), cohort_flops_per_s=steps_per_s * cohort_flops)
-      if peak:
-        row["mfu"] = row["flops_per_s"] / peak
+      if timed:
+        row.update(tokens_per_s=tps, step_time_s=m.spec.positions_per_step / max(tps, 1e-9),
+                   flops_per_s=tps * m.spec.flops_per_position)
         if vmapped:
-          row["cohort_mfu"] = row["cohort_flops_per_s"] / peak
+          row.update(cohort_runs=len(members), cohort_flops_per_s=steps_per_s * cohort_flops)
+        if peak:
+          row["mfu"] = row["flops_per_s"] / peak
+          if vmapped:
+            row["cohort_mfu"] = row["cohort_flops_per_s"] / peak
       writers[i].write(step, row)
       if is_main:
-        eta = (sc.steps - step) * row["step_time_s"]
+        speed = (f"{tps / 1e3:.1f}k tok/s ETA {_fmt_time((sc.steps - step) * row['step_time_s'])}"
+                 if timed else "(compiled)")
         print(f"[{m.label}] step {step}/{sc.steps} loss {row['loss']:.4f} "
-              f"lr {row['lr']:.2e} {tps / 1e3:.1f}k tok/s ETA {_fmt_time(eta)}", flush=True)
+              f"lr {row['lr']:.2e} {speed}", flush=True)
     return now, step
 
   frozen = (stack_runs([m.spec.frozen for m in members]) if vmapped else members[0].spec.frozen)
@@ -361,6 +365,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       state, device_metrics = step_fn(state, frozen, batch)
       if step == start:   # the heap bound measures a completed step's working set
         jax.block_until_ready(device_metrics)
+        # tokens/s and MFU are of trained steps: the first one's compile is not in the window
+        t_last, step_last = time.time(), start + 1
       bound.after_step()
       step += 1
       if pending is not None:
@@ -368,7 +374,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         pending = None
       if step % tc.log_every == 0 or step == sc.steps:
         pending = (step, device_metrics)
-      boundary = step % tc.save_every == 0 or step == sc.steps or signals.caught
+      # read once: a signal that comes during this step's eval or save stops the next one
+      # (read twice, one during the eval stopped here unsaved, "checkpoint saved" all the same)
+      caught = signals.caught
+      boundary = step % tc.save_every == 0 or step == sc.steps or caught
       if boundary:   # never save unchecked, whatever log_every: the saved step's own metrics
         if pending is not None:   # this step's, logged now
           t_last, step_last = log(active, *pending, t_last, step_last)
@@ -376,6 +385,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         else:
           check(active, step, device_metrics)
       evaluate = tc.eval_every and step % tc.eval_every == 0
+      t_pause = time.time()   # eval and saves are kept out of the throughput window
       runs = None   # the members' states, split from the cohort's when first needed
       for i in active:
         m = members[i]
@@ -392,11 +402,12 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
           ckpts[i].save(step, one, data_iters[i])
           if serial_saves:
             ckpts[i].wait()
-      if signals.caught:
+      t_last += time.time() - t_pause
+      if caught:
         for i in active:
           ckpts[i].wait()
         raise Interrupted(f"[{', '.join(members[i].label for i in active)}] "
-                          f"{signals.caught} at step {step}; checkpoint saved")
+                          f"{caught} at step {step}; checkpoint saved")
     if pending is not None:   # a catch-up's last step, not a save step: logged all the same
       log(active, *pending, t_last, step_last)
     return state

@@ -23,7 +23,10 @@ class MetricsWriter:
             if (s := rundir.metrics_step(row)) is not None and s <= resume_step]
     # atomically: truncating in place, a kill mid-write lost the stage's history
     rundir.write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-    self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30)
+    # TensorBoard drops the earlier event files' points past the restored step (those of the
+    # steps trained again), as metrics.jsonl drops its lines
+    self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30,
+                                         purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
