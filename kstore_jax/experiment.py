@@ -231,8 +231,11 @@ class Experiment:
     else:
       spec, loss_consts = self.train_spec(stage), None
     train = {k: v for k, v in cfg.train.to_dict().items() if k != "eval_people"}
+    # members are initialised by the first one's init: a probe head's class counts (two
+    # imported worlds can differ in them alone) belong in the key
+    heads = tuple(classes.n_classes(self.world.pop)) if stage in PROBE_STAGES else None
     key = (stage, self.model_cfg, cfg[stage].to_json(), spec.positions_per_step,
-           json.dumps(train, sort_keys=True), loss_consts,
+           json.dumps(train, sort_keys=True), loss_consts, heads,
            jax.tree.structure(spec.frozen), str(jax.tree.map(jnp.shape, spec.frozen)))
     return loop.Member(spec, self.workdir.stage(stage), cfg.seed, label), key
 

@@ -370,3 +370,27 @@ def test_a_dataset_whose_qa_test_side_is_nobody_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"three.jsonl: the QA split holds none of its 3 people "
                                         r"out \(data.qa_train_fraction\)"):
     world_lib.build_world(cfg, tokenizer.get_tokenizer(cfg.data))
+
+
+def test_probe_cohort_key_holds_the_heads_class_counts(tmp_path, monkeypatch):
+  """Two imported datasets alike but for one attribute's number of values (one tokenizer for
+  both, so the model and the Q-probe's input width agree): their probe heads differ in width,
+  so a grid may not train them in one cohort (members start from the first one's init: the
+  second's labels would run past its head). The keys were equal."""
+  from kstore_jax import experiment
+  recs = person_records(8)
+  fewer = [dict(r) for r in recs]
+  fewer[1]["major"] = fewer[0]["major"]      # one major fewer
+  fewer[1]["text"] = recs[1]["text"].replace(recs[1]["major"], recs[0]["major"])
+  keys, tok = [], None
+  for name, data in (("a", recs), ("a_again", recs), ("fewer", fewer)):
+    cfg = base.get_config("tiny,probe")
+    cfg.data.update(source=write(tmp_path / f"{name}.jsonl", data), vocab_size=512)
+    cfg.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
+    tok = tok or tokenizer.get_tokenizer(cfg.data)
+    exp = experiment.Experiment(cfg, tok, experiment.Workdir(str(tmp_path / name)))
+    monkeypatch.setattr(exp, "load_final", lambda stage, exp=exp: exp.random_params(0))
+    keys.append(exp.member("qprobe", name)[1])
+  a, a_again, fewer_key = keys
+  assert a == a_again
+  assert a != fewer_key

@@ -19,6 +19,15 @@ def test_parse_steps():
       profiling.parse_steps(bad)
 
 
+def test_each_process_traces_into_its_own_directory(tmp_path):
+  """One process: `<stage>/profile`; several: `profile/process_<i>` each (traces are named by
+  host and second, so two processes of a host overwrote each other's)."""
+  stage = str(tmp_path)
+  assert profiling.trace_dir(stage, 0, 1) == os.path.join(stage, "profile")
+  dirs = {profiling.trace_dir(stage, i, 4) for i in range(4)}
+  assert dirs == {os.path.join(stage, "profile", f"process_{i}") for i in range(4)}
+
+
 def test_trace_files_appear_for_the_window_only(tmp_path):
   f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
   x = jnp.ones((64, 64))

@@ -39,12 +39,20 @@ def parse_steps(text: str) -> tuple[int, int] | None:
   return start, stop
 
 
+def trace_dir(stage_dir: str, process_index: int, process_count: int) -> str:
+  """Where a process writes its trace: `<stage>/profile`, `<stage>/profile/process_<i>` when
+  there are several (jax names a trace by host and second: processes of one host stopping in
+  the same second overwrote each other's)."""
+  base = os.path.join(stage_dir, rundir.PROFILE)
+  return base if process_count == 1 else os.path.join(base, f"process_{process_index}")
+
+
 class StepProfiler:
-  """Starts `jax.profiler.start_trace(<stage_dir>/profile)` at step START, stops it at STOP."""
+  """Starts `jax.profiler.start_trace` (into `trace_dir`) at step START, stops it at STOP."""
 
   def __init__(self, stage_dir: str, profile_steps: str):
     self.window = parse_steps(profile_steps)
-    self.log_dir = os.path.join(stage_dir, rundir.PROFILE)
+    self.log_dir = trace_dir(stage_dir, jax.process_index(), jax.process_count())
     self.active = False
 
   def step(self, step: int, pending=None) -> None:
