@@ -17,6 +17,7 @@ module-scoped fixture; the model is the tiny one of test_train.py.
 import json
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -199,6 +200,39 @@ def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, jax_cache)
   assert (wd / "pretrain" / "final").is_dir()
 
 
+
+
+def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, jax_cache):
+  """SIGTERM to process 1 alone (a maintenance event on one host): both processes stop at
+  the same step, saved (process 1 used to save alone while process 0 went on into the next
+  step's collectives: a hang, and no checkpoint)."""
+  wd = tmp_path / "signalled"
+  args = [("--config.pretrain.steps=400" if a.startswith("--config.pretrain.steps") else a)
+          for a in PRETRAIN_ARGS] + ["--config.train.save_every=1000"]
+  procs = start_two(wd, jax_cache, args=args)
+  deadline = time.time() + TIMEOUT
+  while time.time() < deadline and all(p.poll() is None for p, _ in procs) and not (
+      (rows := rundir_rows(wd)) and rows[-1]["step"] >= 3):
+    time.sleep(0.1)
+  procs[1][0].send_signal(signal.SIGTERM)
+  try:
+    codes = [p.wait(timeout=120) for p, _ in procs]
+  finally:
+    for p, _ in procs:
+      if p.poll() is None:
+        p.kill()
+  logs = [log.read_text() for _, log in procs]
+  assert codes == [1, 1], (codes, logs[0][-2000:], logs[1][-2000:])
+  stopped = [int(l.split(" at step ")[1].split(";")[0]) for l in logs[0].splitlines()
+             if "checkpoint saved" in l]
+  assert len(stopped) == 1 and "a signal to another process" in logs[0], logs[0][-2000:]
+  assert (wd / "pretrain" / "checkpoints" / str(stopped[0])).is_dir()
+  assert rundir_rows(wd)[-1]["step"] == stopped[0] < 400
+
+
+def rundir_rows(workdir) -> list[dict]:
+  from kstore_jax import rundir
+  return rundir.read_metrics(str(pathlib.Path(workdir) / "pretrain" / "metrics.jsonl"))
 
 
 # A grid of two copies of the reference run: `python -m kstore_jax.grid` with the run

@@ -2,6 +2,9 @@
 
 import collections
 import itertools
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from kstore_jax.data import batches, pipeline, population, render, sources, toke
 from kstore_jax.data import world as world_lib
 from kstore_jax.data.render import Docs
 from kstore_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 N_PEOPLE = 100
 SEQ_LEN = 128
@@ -427,3 +432,35 @@ def test_process_slice_takes_rows_of_any_batch_layout():
     for k, v in batch.items():
       assert all(len(h[k]) == 4 for h in halves)
       np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v)
+
+
+CTRL_C_TO_THE_GROUP = """
+import os, signal, sys, time
+from absl import flags
+from kstore_jax.data import pipeline
+caught = []
+def main():
+  signal.signal(signal.SIGINT, lambda s, f: caught.append(s))   # the loop's: a flag only
+  it = iter(pipeline._read(list(range(10_000)), workers=1))
+  first = next(it)
+  os.killpg(os.getpgid(0), signal.SIGINT)                      # what Ctrl-C in a terminal does
+  time.sleep(2)
+  rest = [next(it) for _ in range(20)]
+  print("ok", caught == [signal.SIGINT], first, rest[-1])
+if __name__ == "__main__":
+  flags.FLAGS(sys.argv)
+  os.setpgrp()   # its own process group: only this process and its worker get the signal
+  main()
+"""
+
+
+def test_a_ctrl_c_to_the_process_group_spares_the_workers(tmp_path):
+  """Ctrl-C (or SLURM's SIGTERM) reaches the whole process group: a Grain worker it killed
+  made the trainer's next batch raise ('Worker process was terminated unexpectedly') before
+  the trainer could save. The workers ignore it; the trainer's handler alone sees it."""
+  script = tmp_path / "ctrl_c.py"
+  script.write_text(CTRL_C_TO_THE_GROUP)
+  r = subprocess.run([sys.executable, str(script)], cwd=str(ROOT), capture_output=True,
+                     text=True, timeout=120, check=False)
+  assert r.returncode == 0 and r.stdout.split()[:2] == ["ok", "True"], r.stdout + r.stderr[-2000:]
+  assert r.stdout.split()[2:] == ["0", "20"], r.stdout

@@ -222,6 +222,17 @@ def test_a_signal_during_an_eval_stops_at_a_saved_step(tmp_path):
   assert stopped in saved_steps(tmp_path), (stopped, saved_steps(tmp_path))
 
 
+def test_a_second_ctrl_c_stops_at_once():
+  """The first SIGINT asks for a save at the next step; a second one (a run stuck in a compile
+  or a collective) raises KeyboardInterrupt instead of being swallowed."""
+  with loop._Signals() as signals:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert signals.caught == "SIGINT" and signals.agreed(5, shared=False) == "SIGINT"
+    with pytest.raises(KeyboardInterrupt, match="a second SIGINT"):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_throughput_is_of_trained_steps(tmp_path):
   """tokens/s and step time count neither the first step's compile nor evals: the first
   logged row has no rate, and with a 0.3 s eval every second step no row's step time

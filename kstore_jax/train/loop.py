@@ -13,6 +13,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 import kstore_jax
 from kstore_jax import heap, rundir
@@ -82,7 +84,9 @@ def _fmt_time(s: float) -> str:
 
 
 class _Signals:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and stops."""
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and stops. A
+  second Ctrl-C stops at once (KeyboardInterrupt: a run stuck in a compile, an eval or a
+  collective can still be stopped from the keyboard)."""
 
   def __init__(self):
     self.caught = None
@@ -94,7 +98,22 @@ class _Signals:
     return self
 
   def _handle(self, signum, frame):
+    if self.caught and signum == signal.SIGINT:
+      raise KeyboardInterrupt(f"a second SIGINT after {self.caught}: stopped without saving")
     self.caught = signal.Signals(signum).name
+
+  def agreed(self, step: int, shared: bool) -> str | None:
+    """The signal to stop at `step` on: every process of a cluster stops at the same step (a
+    process that alone was signalled, or saw its flag steps before the others, left them in
+    the next step's collectives while it saved: a hang). With several processes the flags
+    are gathered at `shared` steps (the same on every process: log and save steps), so a stop
+    waits for the next of them; one process stops at its next step."""
+    if jax.process_count() == 1:
+      return self.caught
+    if not shared:
+      return None
+    anyone = multihost_utils.process_allgather(np.int32(self.caught is not None)).any()
+    return (self.caught or "a signal to another process") if anyone else None
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -376,8 +395,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         pending = (step, device_metrics)
       # read once: a signal that comes during this step's eval or save stops the next one
       # (read twice, one during the eval stopped here unsaved, "checkpoint saved" all the same)
-      caught = signals.caught
-      boundary = step % tc.save_every == 0 or step == sc.steps or caught
+      saving = step % tc.save_every == 0 or step == sc.steps
+      caught = signals.agreed(step, saving or step % tc.log_every == 0)
+      boundary = saving or caught
       if boundary:   # never save unchecked, whatever log_every: the saved step's own metrics
         if pending is not None:   # this step's, logged now
           t_last, step_last = log(active, *pending, t_last, step_last)
