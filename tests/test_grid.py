@@ -245,9 +245,11 @@ def test_a_grid_child_ends_with_its_parent(tmp_path):
   assert not alive, "the child outlived its parent"
 
 
-def test_sequential_grid_goes_on_past_a_run_that_diverges(env, tmp_path):
-  """A run whose loss goes NaN stops alone: the next run trains, the grid exits 1 naming the
-  run that diverged (it stopped every later run before)."""
+@pytest.mark.parametrize("mode", ["sequential", "vmap"])
+def test_a_grid_goes_on_past_a_run_that_diverges(env, tmp_path, mode):
+  """A run whose loss goes NaN stops alone: the other run trains (after it, or in its
+  cohort), the grid exits 1 naming the run that diverged (it stopped every other run
+  before)."""
   grid = tmp_path / "blowup.py"
   grid.write_text("from configs import grids\n\n\ndef get_config(arg='tiny'):\n"
                   "  blowup = grids.row_config('single', arg)\n  blowup.pretrain.lr = 1e30\n"
@@ -255,10 +257,11 @@ def test_sequential_grid_goes_on_past_a_run_that_diverges(env, tmp_path):
                   "'fine': grids.row_config('single', arg)})\n")
   wd = tmp_path / "runs"
   r = run([sys.executable, "-m", "kstore_jax.grid", f"--config={grid}:tiny", f"--workdir={wd}",
-           "--config.grid.mode=sequential", *small_run_args(6, 3)], env())
+           f"--config.grid.mode={mode}", *small_run_args(6, 3)], env())
   assert r.returncode == 1, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+  label = "pretrain" if mode == "sequential" else "blowup/pretrain"
   assert [l for l in r.stderr.splitlines() if "non-finite" in l][0].startswith(
-      "kstore_jax.grid: [pretrain] non-finite"), r.stderr[-2000:]
+      f"kstore_jax.grid: [{label}] non-finite"), r.stderr[-2000:]
   assert not (wd / "blowup/pretrain/final").exists()
   assert (wd / "fine/pretrain/final").exists(), r.stdout[-2000:]
 

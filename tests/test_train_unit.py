@@ -250,6 +250,23 @@ def test_throughput_is_of_trained_steps(tmp_path):
   assert all(r["step_time_s"] < 0.15 for r in rows[1:]), [r.get("step_time_s") for r in rows]
 
 
+def test_a_run_that_diverges_leaves_its_cohort_training(tmp_path):
+  """A vmapped cohort of three, the middle one's target NaN from step 4: it stops there (no
+  checkpoint past step 3, no final params), the other two train all 8 steps and are saved,
+  and NonFiniteLoss names only it (one NaN stopped the whole cohort, every rerun again)."""
+  sc, cfg = run_cfg(steps=8, log_every=1, save_every=3)
+  targets = {"a": [1.0] * 8, "bad": [1.0] * 3 + [float("nan")] * 5, "c": [2.0] * 8}
+  with pytest.raises(loop.NonFiniteLoss, match=r"^\[bad\] non-finite loss/gradient at step 4") as e:
+    loop.run_cohort([loop.Member(toy_spec(sc, t), str(tmp_path / n), 0, n)
+                     for n, t in targets.items()], cfg.train, one_device_mesh())
+  assert e.value.members == ["bad"]
+  for n in ("a", "c"):
+    assert logged_steps(tmp_path / n) == list(range(1, 9)), n
+    assert saved_steps(tmp_path / n)[-1] == 8 and os.path.isdir(rundir.final_dir(str(tmp_path / n)))
+  assert logged_steps(tmp_path / "bad") == [1, 2, 3] and saved_steps(tmp_path / "bad") == [3]
+  assert not os.path.exists(rundir.final_dir(str(tmp_path / "bad")))
+
+
 def test_catch_up_to_a_step_that_is_no_save_step_logs_it(tmp_path):
   """A cohort whose member A stands at step 3 (say, stopped by SIGTERM) and B at 0: B trains
   alone to step 3, which is no save step, then both to 6. B's metrics have every step, 3

@@ -94,6 +94,7 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
   from kstore_jax import experiment
   from kstore_jax.train import loop, sharding
   pending = {n: list(e.stages()) for n, e in exps.items()}
+  diverged = []   # runs whose loss went non-finite: their later stages are skipped
   while any(pending.values()):
     nexts = {n: s[0] for n, s in pending.items() if s}
     stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
@@ -113,7 +114,12 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
         axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
         print(f"[grid] {stage}: {len(part)} run(s) in one step (run axis "
               f"{axis or 'replicated'}): {', '.join(n for n, _ in part)}", flush=True)
-        loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh, run_axis=axis)
+        try:
+          loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh, run_axis=axis)
+        except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
+          print(f"kstore_jax.grid: {e}", file=sys.stderr, flush=True)
+          stopped = {label.split("/")[0] for label in e.members}
+          diverged += [n for n, _ in part if n in stopped]
     together = (eval_cohorts(exps, names, max_runs)
                 if eval_together and base.STAGE_KINDS[stage] == "eval" else [])
     for part in together:
@@ -122,10 +128,16 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
       experiment.evaluate_runs([exps[n] for n in part])
     evaluated = {n for part in together for n in part}
     for n in names:
+      if n in diverged:
+        pending[n] = []
+        continue
       if stage not in base.TRAIN_STAGES and n not in evaluated:
         print(f"== {n}: {stage} ==", flush=True)   # probe scoring (trained above) or eval
         exps[n].run_stage(stage)
       pending[n].pop(0)
+  if diverged:
+    raise loop.NonFiniteLoss(f"run(s) {', '.join(diverged)} stopped on a non-finite loss; "
+                             "every other run finished", diverged)
 
 
 def eval_cohorts(exps: dict, names: list[str], max_runs: int) -> list[list[str]]:

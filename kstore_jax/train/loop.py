@@ -38,7 +38,12 @@ PEAK_FLOPS = {
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """A run's loss or gradient went non-finite; `members`: the labels of the runs that did
+  (a vmapped cohort's others trained on and were saved)."""
+
+  def __init__(self, message: str, members=()):
+    super().__init__(message)
+    self.members = list(members)
 
 
 class Interrupted(RuntimeError):
@@ -315,17 +320,29 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
   t_start = time.time()
 
+  diverged = {}   # member index -> its non-finite message (a vmapped cohort's; see check)
+
   def check(active, step, device_metrics) -> dict:
-    """The metrics of `step` of each member in `active`, fetched ({i: {name: float}});
-    NonFiniteLoss when one is not finite. The step's param_norm is of the params it made, so
-    a step that passes leaves a state fit to save."""
+    """The metrics of `step` of each member in `active`, fetched ({i: {name: float}}). A
+    member whose metrics are not finite leaves `active` (in a vmapped cohort it rides along,
+    unsaved, as members ahead do, and the others train on); NonFiniteLoss once no member is
+    left. The step's param_norm is of the params it made, so a step that passes leaves a
+    state fit to save."""
     values = jax.device_get(device_metrics)
     rows = {}
-    for i in active:
-      rows[i] = {k: float(v[i] if vmapped else v) for k, v in values.items()}
-      if not all(math.isfinite(v) for v in rows[i].values()):
-        raise NonFiniteLoss(f"[{members[i].label}] non-finite loss/gradient at step {step} "
-                            f"(loss={rows[i]['loss']}); last good checkpoint kept")
+    for i in list(active):
+      row = {k: float(v[i] if vmapped else v) for k, v in values.items()}
+      if all(math.isfinite(v) for v in row.values()):
+        rows[i] = row
+        continue
+      diverged[i] = (f"[{members[i].label}] non-finite loss/gradient at step {step} "
+                     f"(loss={row['loss']}); last good checkpoint kept")
+      active.remove(i)
+      if active:
+        print(f"{diverged[i]}; the cohort's other runs go on", file=sys.stderr, flush=True)
+    if not active:
+      raise NonFiniteLoss("; ".join(diverged.values()),
+                          [members[i].label for i in diverged])
     return rows
 
   # a vmapped cohort's step trains every member, those ahead riding along (train below)
@@ -436,16 +453,19 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   profiler = profiling.StepProfiler(members[0].stage_dir, tc.profile_steps)
   try:
     with _Signals() as signals, profiler:
-      while len(set(starts)) > 1:   # bring the members behind up to the next one ahead
-        low = min(starts)
-        ahead = min(s for s in starts if s > low)
-        active = [i for i, s in enumerate(starts) if s == low]
+      live = lambda: [i for i in range(len(members)) if i not in diverged]
+      while len({starts[i] for i in live()}) > 1:   # the members behind up to the next one
+        low = min(starts[i] for i in live())
+        ahead = min(starts[i] for i in live() if starts[i] > low)
+        active = [i for i in live() if starts[i] == low]
         caught_up = _split_runs(train(stack_runs(states, shardings, run_axis), active, low,
                                       ahead, signals), len(members))
         for i in active:
           states[i], starts[i] = caught_up[i], ahead
-      state = train(stack_runs(states, shardings, run_axis) if vmapped else states[0],
-                    list(range(len(members))), starts[0], sc.steps, signals)
+        del caught_up
+      state = stack_runs(states, shardings, run_axis) if vmapped else states[0]
+      states.clear()   # (stacked: the members' own copies are not needed again)
+      state = train(state, live(), starts[live()[0]], sc.steps, signals)
   finally:
     for c in ckpts:
       c.close()
@@ -453,11 +473,15 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       w.close()
   out = []
   finals = _split_runs(state["params"], len(members)) if vmapped else [state["params"]]
-  for m, final in zip(members, finals):
+  for i, (m, final) in enumerate(zip(members, finals)):
+    if i in diverged:
+      continue
     params = m.spec.export(final, m.spec.frozen)
     checkpoint.save_params(rundir.final_dir(m.stage_dir), params)
     out.append(params)
     if is_main:
       print(f"[{m.label}] done: {sc.steps} steps in {_fmt_time(time.time() - t_start)}",
             file=sys.stdout, flush=True)
+  if diverged:   # the others are trained and saved: say which did not
+    raise NonFiniteLoss("; ".join(diverged.values()), [members[i].label for i in diverged])
   return out
