@@ -267,6 +267,30 @@ def test_a_run_that_diverges_leaves_its_cohort_training(tmp_path):
   assert not os.path.exists(rundir.final_dir(str(tmp_path / "bad")))
 
 
+def test_a_cohort_eval_holds_one_runs_copy_at_a_time(tmp_path):
+  """During a cohort's eval the device holds the stacked state, the step's batch and one
+  run's params, not a copy of every run's whole state (split all at once, they doubled the
+  cohort's memory at every eval and save)."""
+  n = 256 * 256 * 4                          # bytes of w [256, 256]; a run's state: w, mu, nu
+  rows = [{"t": np.ones((1, 256, 256), np.float32)}] * 5
+  sc, cfg = run_cfg(steps=5, log_every=100, save_every=100, eval_every=2)   # evals at 2, 4
+  base = sum(a.nbytes for a in jax.live_arrays())
+  held = []
+
+  def spec():
+    return loop.StageSpec(
+        name="toy", stage_cfg=sc, loss_fn=quadratic,
+        init_params=lambda rng, args: {"w": jax.random.normal(rng, (256, 256))}, frozen=None,
+        data=lambda process_index, process_count: grain.MapDataset.source(rows).to_iter_dataset(),
+        positions_per_step=1, flops_per_position=1.0, export=lambda params, frozen: params,
+        eval_fn=lambda p: held.append(sum(a.nbytes for a in jax.live_arrays()) - base) or {})
+
+  loop.run_cohort([loop.Member(spec(), str(tmp_path / k), 0, k) for k in "abc"], cfg.train,
+                  one_device_mesh())
+  stacked, batch, one = 3 * 3 * n, 3 * n, n
+  assert len(held) == 6 and max(held) <= stacked + batch + one + n // 4, (held, stacked)
+
+
 def test_catch_up_to_a_step_that_is_no_save_step_logs_it(tmp_path):
   """A cohort whose member A stands at step 3 (say, stopped by SIGTERM) and B at 0: B trains
   alone to step 3, which is no save step, then both to 6. B's metrics have every step, 3

@@ -271,11 +271,12 @@ def stack_runs(trees, shardings=None, run_axis: str | None = None):
       lambda sh: sharding.with_run_axis(sh, run_axis), shardings))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _split_runs(tree, n: int) -> tuple:
-  """The n runs' trees of a tree stacked on a leading run axis, in one dispatch (slicing
-  leaf by leaf, run by run, cost a cohort of 16 toy runs seconds of dispatches)."""
-  return tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))
+@jax.jit
+def _take_run(tree, i):
+  """Run i's tree of a tree stacked on a leading run axis: one dispatch (slicing leaf by
+  leaf cost a cohort of 16 toy runs seconds of dispatches), one program for every i, one
+  run's copy at a time (splitting all runs at a save or eval held every copy at once)."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
 def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
@@ -423,20 +424,19 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
           check(active, step, device_metrics)
       evaluate = tc.eval_every and step % tc.eval_every == 0
       t_pause = time.time()   # eval and saves are kept out of the throughput window
-      runs = None   # the members' states, split from the cohort's when first needed
       for i in active:
         m = members[i]
         if not (boundary or (evaluate and m.spec.eval_fn)):
           continue
-        if runs is None:
-          runs = _split_runs(state, len(members)) if vmapped else [state]
-        one = runs[i]
+        # one member's state (its params alone for an eval), cut from the cohort's
+        own = (lambda tree, i=i: _take_run(tree, i)) if vmapped else (lambda tree: tree)
         # the eval row first: a run killed during the eval resumes before this step and
         # evaluates it again; once the step is saved, a resume never would
         if evaluate and m.spec.eval_fn:
-          writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
+          writers[i].write(step, m.spec.eval_fn(m.spec.export(own(state["params"]),
+                                                              m.spec.frozen)))
         if boundary:
-          ckpts[i].save(step, one, data_iters[i])
+          ckpts[i].save(step, own(state), data_iters[i])
           if serial_saves:
             ckpts[i].wait()
       t_last += time.time() - t_pause
@@ -458,11 +458,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         low = min(starts[i] for i in live())
         ahead = min(starts[i] for i in live() if starts[i] > low)
         active = [i for i in live() if starts[i] == low]
-        caught_up = _split_runs(train(stack_runs(states, shardings, run_axis), active, low,
-                                      ahead, signals), len(members))
+        trained = train(stack_runs(states, shardings, run_axis), active, low, ahead, signals)
         for i in active:
-          states[i], starts[i] = caught_up[i], ahead
-        del caught_up
+          states[i], starts[i] = _take_run(trained, i), ahead
+        del trained
       state = stack_runs(states, shardings, run_axis) if vmapped else states[0]
       states.clear()   # (stacked: the members' own copies are not needed again)
       state = train(state, live(), starts[live()[0]], sc.steps, signals)
@@ -472,10 +471,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
     for w in writers:
       w.close()
   out = []
-  finals = _split_runs(state["params"], len(members)) if vmapped else [state["params"]]
-  for i, (m, final) in enumerate(zip(members, finals)):
+  for i, m in enumerate(members):
     if i in diverged:
       continue
+    final = _take_run(state["params"], i) if vmapped else state["params"]
     params = m.spec.export(final, m.spec.frozen)
     checkpoint.save_params(rundir.final_dir(m.stage_dir), params)
     out.append(params)
