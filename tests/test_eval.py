@@ -333,3 +333,16 @@ def test_qa_correct_parts_equals_separate_passes(world, memorised):
   for people, got in zip((test, train), parts):
     for a, b in zip(got, qa_eval.qa_correct(model, params, world, people, batch_size=8)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_bidirectional_recall_masks_every_copy_of_the_value():
+  """A bio whose birth city is also its company's city (0.4% of people): recalling either
+  masks both, or the model copies the one left visible. Other values are masked alone."""
+  #                  date      birth city       univ   major  company   company city
+  tokens = np.array([[9, 1, 2, 9, 5, 6, 7, 9, 3, 9, 4, 9, 8, 9, 5, 6, 7, 9]])
+  spans = np.array([[[1, 3], [4, 7], [8, 9], [10, 11], [12, 13], [14, 17]]])
+  want = np.zeros((1, 6, tokens.shape[1]), bool)
+  for a, (s, e) in enumerate(spans[0]):
+    want[0, a, s:e] = True
+  want[0, 1, 14:17] = want[0, 5, 4:7] = True
+  np.testing.assert_array_equal(qa_eval.value_masks(tokens, spans), want)

@@ -340,6 +340,22 @@ def _greedy_in_place(model, params, tokens_BL, lens_B):
   return greedy(logits)
 
 
+def value_masks(tokens_BL: np.ndarray, spans_BA2: np.ndarray) -> np.ndarray:
+  """[B, A, L] bool: the positions a bidirectional model's recall of attribute a masks in each
+  bio: a's value, and any other value of the same tokens (a birth city that is also the
+  company's city: left visible, the model copied it and recall read high)."""
+  cols = np.arange(tokens_BL.shape[1])
+  in_span = (cols >= spans_BA2[..., :1]) & (cols < spans_BA2[..., 1:])     # [B, A, L]
+  masks = in_span.copy()
+  for b, row in enumerate(spans_BA2):
+    values = [tuple(tokens_BL[b, s:e]) for s, e in row]
+    for a, v in enumerate(values):
+      for other, w in enumerate(values):
+        if other != a and w == v:
+          masks[b, a] |= in_span[b, other]
+  return masks
+
+
 def bio_recall_correct(model, params, world, people, batch_size: int = 256):
   """bio_recall's (correct [n * N_ATTR] bool, attributes [n * N_ATTR]), person-major.
   The bios are padded to a multiple of 64 positions, so runs whose longest bio differs (the
@@ -353,13 +369,11 @@ def bio_recall_correct(model, params, world, people, batch_size: int = 256):
   variants = 1 if causal else N_ATTR      # bidirectional: one input per masked attribute
   batch_size = max(1, min(batch_size // variants, len(tokens)))
 
-  cols = np.arange(tokens.shape[1])
   correct = np.zeros((len(tokens), N_ATTR), bool)
   for idx, n in _batches(len(tokens), batch_size):
     toks = np.repeat(tokens[idx][:, None], variants, 1)                # [B, variants, L]
     if not causal:
-      s, e = spans[idx][..., :1], spans[idx][..., 1:]                  # [B, 6, 1]
-      toks[(cols >= s) & (cols < e)] = r.token_id(MASK)
+      toks[value_masks(tokens[idx], spans[idx])] = r.token_id(MASK)
     pred = np.asarray(_greedy_in_place(model, params, jnp.asarray(toks.reshape(-1, width)),
                                        jnp.asarray(np.repeat(lens[idx], variants))))
     pred = pred.reshape(toks.shape)
