@@ -218,18 +218,24 @@ class Experiment:
     """A training or probing stage is done when its final/ params exist."""
     return rundir.is_done(self.workdir.stage(stage))
 
-  def member(self, stage: str, label: str) -> tuple[loop.Member, tuple]:
+  def member(self, stage: str, label: str, abstract: bool = False
+             ) -> tuple[loop.Member, tuple]:
     """The training (or probe-training) `stage` as a cohort member, and its cohort key: runs
     whose keys are equal can train in one vmapped step (the same model, stage settings,
-    batch shape and loss function; they differ in data, initial params and frozen trees)."""
+    batch shape and loss function; they differ in data, initial params and frozen trees).
+    `abstract`: the base model (finetune, probes) as shapes, not loaded: the key alone is
+    good (a grid keys every run first and loads each cohort's bases when it trains)."""
     cfg = self.cfg
+    base = self.model_abstract[0] if abstract else None
     if stage in PROBE_STAGES:
-      spec = self.probe_spec(stage, self.load_final(self.source_stage(stage, BASE_STAGES)))
+      if base is None:
+        base = self.load_final(self.source_stage(stage, BASE_STAGES))
+      spec = self.probe_spec(stage, base)
       tokens = self.class_tokens(stage)
       loss_consts = None if tokens is None else tuple(
           (ids.tobytes(), ids.shape) for ids, _ in tokens)
     else:
-      spec, loss_consts = self.train_spec(stage), None
+      spec, loss_consts = self.train_spec(stage, base), None
     train = {k: v for k, v in cfg.train.to_dict().items() if k != "eval_people"}
     # members are initialised by the first one's init: a probe head's class counts (two
     # imported worlds can differ in them alone) belong in the key
@@ -240,7 +246,8 @@ class Experiment:
     return loop.Member(spec, self.workdir.stage(stage), cfg.seed, label), key
 
   # -- training stages -------------------------------------------------------------------
-  def train_spec(self, stage: str) -> loop.StageSpec:
+  def train_spec(self, stage: str, base=None) -> loop.StageSpec:
+    """`stage`'s spec; a finetune's `base` (default: its source stage's final params)."""
     cfg, sc = self.cfg, self.cfg[stage]
     lm_flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
     _, init_model, _ = self.model_abstract
@@ -252,7 +259,8 @@ class Experiment:
     if stage != "finetune":
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
                             lambda rng, _: init_model(rng), {}, export=lambda p, f: p, **lm)
-    base = self.load_final(self.source_stage(stage, BASE_STAGES))
+    if base is None:
+      base = self.load_final(self.source_stage(stage, BASE_STAGES))
     if not sc.lora_rank:
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
                             lambda rng, params: self.rebox(params), {}, export=lambda p, f: p,

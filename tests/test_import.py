@@ -376,7 +376,8 @@ def test_probe_cohort_key_holds_the_heads_class_counts(tmp_path, monkeypatch):
   """Two imported datasets alike but for one attribute's number of values (one tokenizer for
   both, so the model and the Q-probe's input width agree): their probe heads differ in width,
   so a grid may not train them in one cohort (members start from the first one's init: the
-  second's labels would run past its head). The keys were equal."""
+  second's labels would run past its head). The keys were equal. A key needs no base params
+  loaded (a grid keys every run before it trains any cohort)."""
   from kstore_jax import experiment
   recs = person_records(8)
   fewer = [dict(r) for r in recs]
@@ -389,8 +390,13 @@ def test_probe_cohort_key_holds_the_heads_class_counts(tmp_path, monkeypatch):
     cfg.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
     tok = tok or tokenizer.get_tokenizer(cfg.data)
     exp = experiment.Experiment(cfg, tok, experiment.Workdir(str(tmp_path / name)))
+    def no_load(stage):
+      raise AssertionError("keyed on shapes, the base was loaded")
+
+    monkeypatch.setattr(exp, "load_final", no_load)
+    keys.append(exp.member("qprobe", name, abstract=True)[1])   # how a grid keys its runs
     monkeypatch.setattr(exp, "load_final", lambda stage, exp=exp: exp.random_params(0))
-    keys.append(exp.member("qprobe", name)[1])
+    assert exp.member("qprobe", name)[1] == keys[-1]             # the loaded member's key
   a, a_again, fewer_key = keys
   assert a == a_again
   assert a != fewer_key

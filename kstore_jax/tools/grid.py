@@ -105,21 +105,24 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
         if exps[n].done(stage):
           print(f"[{n}/{stage}] already done, skipping", flush=True)
           continue
-        member, key = exps[n].member(stage, f"{n}/{stage}")
-        cohorts.setdefault(key, []).append((n, member))
+        # keyed on shapes: a run's base model (finetune, probes) is loaded when its cohort
+        # trains, not every run's at once
+        cohorts.setdefault(exps[n].member(stage, n, abstract=True)[1], []).append(n)
     for group in cohorts.values():
       for i in range(0, len(group), max_runs):
         part = group[i:i + max_runs]
-        first = exps[part[0][0]]
+        first = exps[part[0]]
         axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
         print(f"[grid] {stage}: {len(part)} run(s) in one step (run axis "
-              f"{axis or 'replicated'}): {', '.join(n for n, _ in part)}", flush=True)
+              f"{axis or 'replicated'}): {', '.join(part)}", flush=True)
+        members = [exps[n].member(stage, f"{n}/{stage}")[0] for n in part]
         try:
-          loop.run_cohort([m for _, m in part], first.cfg.train, first.mesh, run_axis=axis)
+          loop.run_cohort(members, first.cfg.train, first.mesh, run_axis=axis)
         except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
           print(f"kstore_jax.grid: {e}", file=sys.stderr, flush=True)
           stopped = {label.split("/")[0] for label in e.members}
-          diverged += [n for n, _ in part if n in stopped]
+          diverged += [n for n in part if n in stopped]
+        del members   # (their base params: the next cohort loads its own)
     together = (eval_cohorts(exps, names, max_runs)
                 if eval_together and base.STAGE_KINDS[stage] == "eval" else [])
     for part in together:
