@@ -267,6 +267,23 @@ def test_a_run_that_diverges_leaves_its_cohort_training(tmp_path):
   assert not os.path.exists(rundir.final_dir(str(tmp_path / "bad")))
 
 
+def test_a_run_that_diverges_while_catching_up_leaves_the_others_training(tmp_path):
+  """Member a stands at step 3, b at 0 and diverges at step 2 of its catch-up: a trains on
+  to the end (the catch-up's empty cohort raised for both)."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  sc, cfg = run_cfg(steps=3, log_every=1, save_every=3)
+  loop.run_stage(toy_spec(sc, [1.0] * 3), cfg, str(a), one_device_mesh())
+  os.rename(rundir.final_dir(str(a)), tmp_path / "final_of_a")   # a stands at its step 3
+  sc, cfg = run_cfg(steps=6, log_every=1, save_every=3)
+  with pytest.raises(loop.NonFiniteLoss) as e:
+    loop.run_cohort([loop.Member(toy_spec(sc, [1.0] * 6), str(a), 0, "a"),
+                     loop.Member(toy_spec(sc, [1.0] + [float("nan")] * 5), str(b), 0, "b")],
+                    cfg.train, one_device_mesh())
+  assert e.value.members == ["b"]
+  assert logged_steps(a) == [1, 2, 3, 4, 5, 6] and os.path.isdir(rundir.final_dir(str(a)))
+  assert logged_steps(b) == [1] and not os.path.exists(rundir.final_dir(str(b)))
+
+
 def test_a_cohort_eval_holds_one_runs_copy_at_a_time(tmp_path):
   """During a cohort's eval the device holds the stacked state, the step's batch and one
   run's params, not a copy of every run's whole state (split all at once, they doubled the

@@ -339,9 +339,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       diverged[i] = (f"[{members[i].label}] non-finite loss/gradient at step {step} "
                      f"(loss={row['loss']}); last good checkpoint kept")
       active.remove(i)
-      if active:
+      if len(diverged) < len(members):
         print(f"{diverged[i]}; the cohort's other runs go on", file=sys.stderr, flush=True)
-    if not active:
+    if len(diverged) == len(members):
       raise NonFiniteLoss("; ".join(diverged.values()),
                           [members[i].label for i in diverged])
     return rows
@@ -445,6 +445,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
           ckpts[i].wait()
         raise Interrupted(f"[{', '.join(members[i].label for i in active)}] "
                           f"{caught} at step {step}; checkpoint saved")
+      if not active:   # the members this call trained diverged (a catch-up's): others go on
+        return state
     if pending is not None:   # a catch-up's last step, not a save step: logged all the same
       log(active, *pending, t_last, step_last)
     return state
