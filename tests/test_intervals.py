@@ -93,9 +93,16 @@ def test_mean_interval_counts_a_persons_answers_as_one_cluster():
   assert qa_eval.per_attribute_ci(correct, attrs) == ci
   assert qa_eval.scored("x", correct, attrs) == {"x": qa_eval.per_attribute(correct, attrs),
                                                  "x_ci": ci}
-  # everyone wrong: as many independent units as people (6 of 60 answers each)
-  none = qa_eval.per_attribute_ci(np.zeros(60, bool), attrs, persons)["mean"]
-  assert none["n_eff"] == 10 and (none["lo"], none["hi"]) == qa_eval.wilson(0, 10)
+  # every answer alike: the questions' count, the estimate's limit as the errors thin out,
+  # so a perfect score's lower bound is above one error's (2 people of 6 questions)
+  two = np.repeat([0, 1], 6)
+  perfect = qa_eval.pooled_interval(np.ones(12, bool), two)
+  one_wrong = qa_eval.pooled_interval(np.arange(12) > 0, two)
+  assert perfect["n_eff"] == 12 and (perfect["lo"], perfect["hi"]) == qa_eval.wilson(12, 12)
+  assert perfect["lo"] > one_wrong["lo"], (perfect, one_wrong)
+  # one person: no spread between people to estimate, as wide as one observation
+  alone = qa_eval.pooled_interval(np.arange(6) > 0, np.zeros(6, int))
+  assert alone["n_eff"] == 1 and (alone["lo"], alone["hi"]) == qa_eval.wilson(5 / 6, 1)
 
 
 @pytest.mark.parametrize("alike", [0.0, 1.0])

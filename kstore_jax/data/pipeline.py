@@ -17,7 +17,6 @@ packed as same-position (masked input, original target) pairs instead of next-to
 """
 
 import collections
-import ctypes
 import dataclasses
 import signal
 import sys
@@ -205,15 +204,12 @@ def _read(source, workers: int) -> grain.IterDataset:
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
   """A Grain worker ignores SIGINT and SIGTERM: they go to the whole process group (Ctrl-C,
   SLURM), and a worker they killed made the trainer's next batch raise before it could save;
-  the trainer saves and stops, and its workers end with it (Linux: killed when their parent
-  dies, kill -9 included)."""
+  the trainer saves and stops, and Grain ends its workers with it. (No parent-death signal:
+  Grain starts workers from a thread of its own, and the kernel sends that signal when the
+  starting thread ends, which a restarted iterator's thread does.)"""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  try:
-    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)   # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):   # not Linux
-    pass
 
 
 def _slice(ds: grain.IterDataset, global_batch: int, process_index: int,

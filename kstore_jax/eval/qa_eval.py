@@ -133,23 +133,20 @@ def pooled_interval(correct: np.ndarray, persons: np.ndarray) -> dict:
   """The interval leaf of an accuracy pooled over questions that come in clusters (`persons`:
   each question's person): Wilson's interval at n_eff = p(1 - p) / v questions, v the
   cluster-robust variance of the pooled accuracy p (sum over people of (k_c - p m_c)², over
-  n², times G / (G - 1) for G people), at most n. With every answer alike (p = 0 or 1) v says
-  nothing, and n_eff is the fully correlated n² / sum m_c² (the number of people when each has
-  as many questions). Independent answers give n_eff ~ n (Wilson over the questions); a person
-  all right or all wrong gives n_eff ~ the number of people."""
+  n², times G / (G - 1) for G people), at most n. Independent answers give n_eff ~ n (Wilson
+  over the questions); each person all right or all wrong gives n_eff ~ the number of people.
+  With every answer alike (p = 0 or 1) n_eff is n, the limit of the estimate as the errors
+  (or right answers) thin out (the fully correlated count there put a perfect score's lower
+  bound below one error's); with one person there is no spread to estimate, and n_eff is 1."""
   correct = np.asarray(correct, np.float64)
   n = correct.size
   if n == 0:
     return {**interval(0, 0), "n_eff": 0.0}
   _, cluster = np.unique(np.asarray(persons), return_inverse=True)
-  sizes = np.bincount(cluster).astype(np.float64)
-  g, p = len(sizes), correct.mean()
-  if p in (0.0, 1.0):
-    n_eff = n * n / float((sizes ** 2).sum())
-  else:
-    resid = np.bincount(cluster, correct - p)
-    v = float((resid ** 2).sum()) / (n * n) * (g / (g - 1) if g > 1 else 1.0)
-    n_eff = min(float(n), p * (1 - p) / v) if v > 0 else float(n)
+  g, p = int(cluster.max()) + 1, correct.mean()
+  resid = np.bincount(cluster, correct - p)
+  v = float((resid ** 2).sum()) / (n * n) * g / max(g - 1, 1)
+  n_eff = 1.0 if g == 1 else min(float(n), p * (1 - p) / v) if v > 0 else float(n)
   lo, hi = wilson(p * n_eff, n_eff)
   return {"lo": lo, "hi": hi, "n": int(n), "n_eff": n_eff}
 

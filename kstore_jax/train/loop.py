@@ -423,6 +423,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         else:
           check(active, step, device_metrics)
       evaluate = tc.eval_every and step % tc.eval_every == 0
+      if evaluate and not boundary:   # (a boundary fetched the step's metrics: it is done)
+        jax.block_until_ready(device_metrics)   # the step's own time stays in the window
       t_pause = time.time()   # eval and saves are kept out of the throughput window
       for i in active:
         m = members[i]

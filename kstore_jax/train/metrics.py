@@ -24,9 +24,8 @@ class MetricsWriter:
     # atomically: truncating in place, a kill mid-write lost the stage's history
     rundir.write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
     # TensorBoard drops the earlier event files' points past the restored step (those of the
-    # steps trained again), as metrics.jsonl drops its lines
-    self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30,
-                                         purge_step=resume_step + 1 if resume_step else None)
+    # steps trained again; all of them on a restart from step 0), as metrics.jsonl its lines
+    self.tb = tensorboardX.SummaryWriter(directory, flush_secs=30, purge_step=resume_step + 1)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
