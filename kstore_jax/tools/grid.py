@@ -120,8 +120,7 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
           loop.run_cohort(members, first.cfg.train, first.mesh, run_axis=axis)
         except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
           print(f"kstore_jax.grid: {e}", file=sys.stderr, flush=True)
-          stopped = {label.split("/")[0] for label in e.members}
-          diverged += [n for n in part if n in stopped]
+          diverged += [n for n in part if f"{n}/{stage}" in e.members]
         del members   # (their base params: the next cohort loads its own)
     together = (eval_cohorts(exps, names, max_runs)
                 if eval_together and base.STAGE_KINDS[stage] == "eval" else [])

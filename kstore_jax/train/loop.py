@@ -323,6 +323,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
 
   diverged = {}   # member index -> its non-finite message (a vmapped cohort's; see check)
 
+  def diverged_error() -> NonFiniteLoss:
+    return NonFiniteLoss("; ".join(diverged.values()), [members[i].label for i in diverged])
+
   def check(active, step, device_metrics) -> dict:
     """The metrics of `step` of each member in `active`, fetched ({i: {name: float}}). A
     member whose metrics are not finite leaves `active` (in a vmapped cohort it rides along,
@@ -342,8 +345,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       if len(diverged) < len(members):
         print(f"{diverged[i]}; the cohort's other runs go on", file=sys.stderr, flush=True)
     if len(diverged) == len(members):
-      raise NonFiniteLoss("; ".join(diverged.values()),
-                          [members[i].label for i in diverged])
+      raise diverged_error()
     return rows
 
   # a vmapped cohort's step trains every member, those ahead riding along (train below)
@@ -486,5 +488,5 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       print(f"[{m.label}] done: {sc.steps} steps in {_fmt_time(time.time() - t_start)}",
             file=sys.stdout, flush=True)
   if diverged:   # the others are trained and saved: say which did not
-    raise NonFiniteLoss("; ".join(diverged.values()), [members[i].label for i in diverged])
+    raise diverged_error()
   return out
