@@ -48,40 +48,44 @@ CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR
 
 # XLA:CPU flags that trade step speed for compile time. The default suite is compile-bound:
 # a test's run is a few steps of a toy model, so compiling its programs is most of its CPU time
-# (measured, a cold-cache bf16 test run: 52.9 CPU-s at XLA's defaults, 32.1 with
-# FAST_COMPILE_FLAGS, 27.7 adding ONE_DEVICE_FLAGS; 15 from a warm cache). Steps run up to ~2x
-# slower (tiny train step on one core: 0.96 -> 1.82 s) with the same loss; a run whose steps
-# dominate (test_demo_fast) asks for the defaults (`optimize`). Every test compares computations
-# compiled with the same flags. ONE_DEVICE_FLAGS (XLA:CPU's older loop emitters) only where a
-# process has one device and no peers: with two local devices they deadlocked a resumed run's
-# cross-module all-reduce (each device thread waiting in a different one).
+# (measured, a cold-cache bf16 test run: 52.9 CPU-s at XLA's defaults, 32.1 at optimisation
+# level 0 without the expensive LLVM passes, 27.7 with XLA:CPU's older loop emitters as well;
+# 15 from a warm cache). Steps run up to ~2x slower (tiny train step on one core: 0.96 -> 1.82
+# s) with the same loss; a run whose steps dominate (test_demo_fast) asks for the defaults
+# (`optimize`). Every test compares computations compiled with the same flags.
+# The older emitters alone break programs with collectives (two local devices: each device
+# thread waited in a different all-reduce of one step; two processes: gloo received a 57,344-
+# byte message where it expected 4, "collective mismatch"; 2-3 of test_multiprocess's 7 tests
+# in each of two runs): XLA:CPU's concurrency-optimised scheduler lets the processes' (and
+# devices') copies of one program issue them in different orders. Without that scheduler they
+# pass (test_multiprocess 7 of 7 in two runs) and compile a 2-device toy train step in 0.9 s
+# instead of 2.9 (one device: 0.8 s either way).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true")
-ONE_DEVICE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+                      "--xla_llvm_disable_expensive_passes=true",
+                      "--xla_cpu_use_fusion_emitters=false",
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 
 @functools.cache
-def fast_compile_flags(one_device: bool = True) -> str:
-  """The flags for a process with one device (and no peers) or several: FAST_COMPILE_FLAGS and
-  ONE_DEVICE_FLAGS, '' if this jaxlib rejects one (XLA aborts on an unknown flag, and an
+def fast_compile_flags() -> str:
+  """FAST_COMPILE_FLAGS, '' if this jaxlib rejects one (XLA aborts on an unknown flag, and an
   upgrade may drop one), checked once per test session (the answer reaches pytest-xdist's
   workers in the environment)."""
   if "KSTORE_TEST_FAST_FLAGS" not in os.environ:
-    flags = " ".join(FAST_COMPILE_FLAGS + ONE_DEVICE_FLAGS)
+    flags = " ".join(FAST_COMPILE_FLAGS)
     ok = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).sum()"],
                         env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
                         capture_output=True, check=False).returncode == 0
     os.environ["KSTORE_TEST_FAST_FLAGS"] = "1" if ok else ""
-  if not os.environ["KSTORE_TEST_FAST_FLAGS"]:
-    return ""
-  return " ".join(FAST_COMPILE_FLAGS + (ONE_DEVICE_FLAGS if one_device else ()))
+  return " ".join(FAST_COMPILE_FLAGS) if os.environ["KSTORE_TEST_FAST_FLAGS"] else ""
 
 
 # XLA's defaults back, for one in-process program whose time is its steps (the pytest processes
 # compile with fast_compile_flags): a per-compilation override of those flags. Measured, the
 # 200 memorising steps of test_trust's `stored` fixture: 18.6 -> 7.2 CPU-s, compile 2.0 -> 5.3.
 XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
-                "xla_cpu_use_fusion_emitters": True}
+                "xla_cpu_use_fusion_emitters": True,
+                "xla_cpu_enable_concurrency_optimized_scheduler": True}
 
 
 def optimized_jit(fn, **kwargs):
@@ -98,8 +102,7 @@ def env(cache=None, n_devices: int = 1, optimize: bool = False, **extra) -> dict
   out = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
   flags = f"--xla_force_host_platform_device_count={n_devices}"
   if not optimize:
-    alone = n_devices == 1 and not set(extra) & set(CLUSTER_VARS)
-    flags = f"{flags} {fast_compile_flags(alone)}".strip()
+    flags = f"{flags} {fast_compile_flags()}".strip()
   out.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   if cache is not None:
     out.update(JAX_COMPILATION_CACHE_DIR=str(cache),

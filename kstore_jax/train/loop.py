@@ -126,11 +126,14 @@ class _Signals:
 
 
 # XLA:CPU options for the init program (threefry and a normal draw per parameter, run once
-# per stage): compiled at XLA's lowest optimisation, 6.3 -> 1.1 s for a one-layer toy model
-# (BENCHMARKS.md). The older loop emitters only where the mesh has one device: with several,
-# programs with collectives deadlocked under them (tests/runs.py).
-INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-INIT_ONE_DEVICE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+# per stage): XLA's lowest optimisation and its older loop emitters, 6.3 -> 1.1 s for a
+# one-layer toy model (BENCHMARKS.md); without the concurrency-optimised scheduler, under
+# which the older emitters let one program's collectives run in different orders on
+# different devices (tests/runs.py), so they serve any mesh (a 2-device toy init 1.0-1.3 s ->
+# 0.5).
+INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                    "xla_cpu_use_fusion_emitters": False,
+                    "xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 
 @functools.cache
@@ -147,15 +150,11 @@ def _supported(name: str, value) -> bool:
 
 
 def init_compiler_options(mesh) -> dict | None:
-  """compiler_options for the jitted init on `mesh`: INIT_CPU_OPTIONS on CPU (plus
-  INIT_ONE_DEVICE_OPTIONS for one device in one process), those this XLA knows; None
-  elsewhere."""
+  """compiler_options for the jitted init on `mesh`: INIT_CPU_OPTIONS on CPU, those this XLA
+  knows; None elsewhere."""
   if mesh.devices.flat[0].platform != "cpu":
     return None
-  options = dict(INIT_CPU_OPTIONS)
-  if mesh.size == 1 and jax.process_count() == 1:
-    options.update(INIT_ONE_DEVICE_OPTIONS)
-  return {k: v for k, v in options.items() if _supported(k, v)}
+  return {k: v for k, v in INIT_CPU_OPTIONS.items() if _supported(k, v)}
 
 
 def build_state(spec: StageSpec, mesh, seed: int):
