@@ -341,3 +341,45 @@ def test_bench_grid_times_both_modes(four, env):
   assert ev["runs"] == 2 and ev["questions"] == 2 * 4 * 6, ev
   assert ev["value"] == pytest.approx(ev["alone_s"] / ev["together_s"], rel=0.02)
   assert len(lines) == len(rows) + 1
+
+
+TAKE_RUN_CHECK = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from kstore_jax.train import loop
+mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+rng = np.random.default_rng(0)
+w = rng.standard_normal((8, 256, 64)).astype(np.float32)
+w[3, 0, 0], w[3, 0, 1] = -0.0, np.nan          # kept bit for bit
+leaves = {"w": (w, P("data", None, "tensor")),
+          "b": (rng.standard_normal((8, 64)).astype(jnp.bfloat16), P("data", "tensor")),
+          "n": (np.arange(8, dtype=np.int32) * 7, P("data")),
+          "f": (np.arange(8) % 2 == 1, P("data"))}
+tree = {k: jax.device_put(v, NamedSharding(mesh, s)) for k, (v, s) in leaves.items()}
+hlo = loop._take_run.lower(tree, 3, True).compile().as_text()
+gathers = [l for l in hlo.splitlines() if re.search(r"= \S+ all-gather\(", l)]
+reduced = sum(int(np.prod([int(d) for d in re.findall(r"\d+", dims)] or [1]))
+              for l in hlo.splitlines() if re.search(r"all-reduce(-start)?\(", l)
+              for dims in re.findall(r"u32\[([\d,]*)\]", l.split("=")[1].split("all-reduce")[0]))
+out = loop._take_run(tree, 3, True)
+print(json.dumps({
+    "gathers": len(gathers), "reduced": reduced,
+    "bits": {k: np.atleast_1d(np.asarray(out[k])).view(np.uint8).tobytes()
+                == np.atleast_1d(v[3]).view(np.uint8).tobytes() for k, (v, _) in leaves.items()},
+    "specs": {k: str(out[k].sharding.spec) == str(P(*s[1:])) for k, (_, s) in leaves.items()}}))
+"""
+
+
+def test_taking_a_run_split_over_devices_moves_one_run():
+  """A grid cohort's run axis split over `data` (4 x 2 fake devices, 8 runs): taking run 3
+  for its save or eval moves one run's copy (an all-reduce of its per-device block: 256 x 32
+  + 32 + 1 + 1 elements), where indexing would all-gather all 8 runs onto every device first;
+  the values come back bit for bit (-0.0, NaN, bf16, int, bool) with the run's own sharding."""
+  r = subprocess.run([sys.executable, "-c", TAKE_RUN_CHECK], cwd=ROOT,
+                     env=runs.env(n_devices=8), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  assert got["gathers"] == 0, got
+  assert got["reduced"] == 256 * 32 + 32 + 1 + 1, got
+  assert all(got["bits"].values()) and all(got["specs"].values()), got

@@ -270,12 +270,34 @@ def stack_runs(trees, shardings=None, run_axis: str | None = None):
       lambda sh: sharding.with_run_axis(sh, run_axis), shardings))
 
 
-@jax.jit
-def _take_run(tree, i):
+@functools.partial(jax.jit, static_argnames="split")
+def _take_run(tree, i, split: bool = False):
   """Run i's tree of a tree stacked on a leading run axis: one dispatch (slicing leaf by
   leaf cost a cohort of 16 toy runs seconds of dispatches), one program for every i, one
-  run's copy at a time (splitting all runs at a save or eval held every copy at once)."""
-  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+  run's copy at a time (splitting all runs at a save or eval held every copy at once).
+
+  `split`: the run axis is split over a mesh axis (`sharding.run_axis_for`). Indexing it
+  would all-gather every run's copy onto every device first (XLA's partitioning of a dynamic
+  slice on a split dimension: R x one run's state in memory and on the wire); instead each
+  device keeps run i's block where it holds it and zeros elsewhere, and a sum over the run
+  axis (a local sum and an all-reduce of one run's size) brings it to every device. The sum
+  is of the values' bits as unsigned integers (one non-zero term: exact, -0.0 and NaNs kept
+  bit for bit), widened to 32 bits (collectives of 16-bit integers are not everywhere)."""
+  if not split:
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+
+  def take(x):
+    bits = jnp.dtype(f"uint{max(x.dtype.itemsize * 8, 32)}")
+    u = (x.astype(bits) if x.dtype == jnp.bool_ else
+         jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(bits))
+    mine = (jnp.arange(x.shape[0]) == i).reshape((-1,) + (1,) * (x.ndim - 1))
+    u = jnp.sum(jnp.where(mine, u, jnp.zeros((), bits)), axis=0, dtype=bits)
+    if x.dtype == jnp.bool_:
+      return u.astype(jnp.bool_)
+    return jax.lax.bitcast_convert_type(
+        u.astype(jnp.dtype(f"uint{x.dtype.itemsize * 8}")), x.dtype)
+
+  return jax.tree.map(take, tree)
 
 
 def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
@@ -301,6 +323,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   is_main = jax.process_index() == 0
   init, _, abstract, shardings = build_state(spec0, mesh, members[0].seed)   # one for all
   step_fn = compile_step(spec0, mesh, shardings, runs=vmapped, run_axis=run_axis)
+  split = run_axis is not None   # (_take_run)
   data_iters, ckpts, writers, states, starts = [], [], [], [], []
   for m in members:
     os.makedirs(m.stage_dir, exist_ok=True)
@@ -432,7 +455,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         if not (boundary or (evaluate and m.spec.eval_fn)):
           continue
         # one member's state (its params alone for an eval), cut from the cohort's
-        own = (lambda tree, i=i: _take_run(tree, i)) if vmapped else (lambda tree: tree)
+        own = ((lambda tree, i=i: _take_run(tree, i, split)) if vmapped else
+               (lambda tree: tree))
         # the eval row first: a run killed during the eval resumes before this step and
         # evaluates it again; once the step is saved, a resume never would
         if evaluate and m.spec.eval_fn:
@@ -465,7 +489,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         active = [i for i in live() if starts[i] == low]
         trained = train(stack_runs(states, shardings, run_axis), active, low, ahead, signals)
         for i in active:
-          states[i], starts[i] = _take_run(trained, i), ahead
+          states[i], starts[i] = _take_run(trained, i, split), ahead
         del trained
       state = stack_runs(states, shardings, run_axis) if vmapped else states[0]
       states.clear()   # (stacked: the members' own copies are not needed again)
@@ -479,7 +503,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   for i, m in enumerate(members):
     if i in diverged:
       continue
-    final = _take_run(state["params"], i) if vmapped else state["params"]
+    final = _take_run(state["params"], i, split) if vmapped else state["params"]
     params = m.spec.export(final, m.spec.frozen)
     checkpoint.save_params(rundir.final_dir(m.stage_dir), params)
     out.append(params)
