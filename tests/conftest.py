@@ -22,8 +22,8 @@ import pytest
 
 import runs
 
-# The pytest processes' own JAX (in-process tests: one device) compiles with the one-device
-# subprocesses' flags; set before any test module imports jax (pytest-xdist's workers inherit
+# The pytest processes' own JAX (in-process tests: one device) compiles with the subprocesses'
+# flags; set before any test module imports jax (pytest-xdist's workers inherit
 # them from the controller's environment).
 _FLAGS = runs.fast_compile_flags()
 if _FLAGS not in os.environ.get("XLA_FLAGS", ""):

@@ -287,15 +287,13 @@ def _take_run(tree, i, split: bool = False):
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
   def take(x):
-    bits = jnp.dtype(f"uint{max(x.dtype.itemsize * 8, 32)}")
-    u = (x.astype(bits) if x.dtype == jnp.bool_ else
-         jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(bits))
-    mine = (jnp.arange(x.shape[0]) == i).reshape((-1,) + (1,) * (x.ndim - 1))
-    u = jnp.sum(jnp.where(mine, u, jnp.zeros((), bits)), axis=0, dtype=bits)
     if x.dtype == jnp.bool_:
-      return u.astype(jnp.bool_)
-    return jax.lax.bitcast_convert_type(
-        u.astype(jnp.dtype(f"uint{x.dtype.itemsize * 8}")), x.dtype)
+      return take(x.astype(jnp.uint32)).astype(jnp.bool_)
+    raw = jnp.dtype(f"uint{x.dtype.itemsize * 8}")         # the values' bits
+    wide = jnp.promote_types(raw, jnp.uint32)
+    mine = (jnp.arange(x.shape[0]) == i).reshape((-1,) + (1,) * (x.ndim - 1))
+    u = jnp.where(mine, jax.lax.bitcast_convert_type(x, raw).astype(wide), 0)
+    return jax.lax.bitcast_convert_type(jnp.sum(u, axis=0, dtype=wide).astype(raw), x.dtype)
 
   return jax.tree.map(take, tree)
 
@@ -454,16 +452,17 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         m = members[i]
         if not (boundary or (evaluate and m.spec.eval_fn)):
           continue
-        # one member's state (its params alone for an eval), cut from the cohort's
+        # one member's state, cut from the cohort's once (its params alone for an eval
+        # without a save)
         own = ((lambda tree, i=i: _take_run(tree, i, split)) if vmapped else
                (lambda tree: tree))
+        one = own(state) if boundary else {"params": own(state["params"])}
         # the eval row first: a run killed during the eval resumes before this step and
         # evaluates it again; once the step is saved, a resume never would
         if evaluate and m.spec.eval_fn:
-          writers[i].write(step, m.spec.eval_fn(m.spec.export(own(state["params"]),
-                                                              m.spec.frozen)))
+          writers[i].write(step, m.spec.eval_fn(m.spec.export(one["params"], m.spec.frozen)))
         if boundary:
-          ckpts[i].save(step, own(state), data_iters[i])
+          ckpts[i].save(step, one, data_iters[i])
           if serial_saves:
             ckpts[i].wait()
       t_last += time.time() - t_pause
