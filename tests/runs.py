@@ -68,16 +68,23 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
 
 @functools.cache
 def fast_compile_flags() -> str:
-  """FAST_COMPILE_FLAGS, '' if this jaxlib rejects one (XLA aborts on an unknown flag, and an
-  upgrade may drop one), checked once per test session (the answer reaches pytest-xdist's
-  workers in the environment)."""
+  """The FAST_COMPILE_FLAGS this jaxlib knows (XLA aborts on an unknown flag, and upgrades drop
+  some: jax 0.12's XLA has no --xla_cpu_use_fusion_emitters, and one unknown flag used to
+  cost the whole set, the suite then compiling at XLA's defaults: 17.5 min on Python 3.12).
+  Checked once per test session, the whole set and, where it is refused, each flag alone (the
+  answer reaches pytest-xdist's workers in the environment)."""
   if "KSTORE_TEST_FAST_FLAGS" not in os.environ:
-    flags = " ".join(FAST_COMPILE_FLAGS)
-    ok = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).sum()"],
-                        env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+    known = (FAST_COMPILE_FLAGS if _accepted(FAST_COMPILE_FLAGS)
+             else [f for f in FAST_COMPILE_FLAGS if _accepted((f,))])
+    os.environ["KSTORE_TEST_FAST_FLAGS"] = " ".join(known)
+  return os.environ["KSTORE_TEST_FAST_FLAGS"]
+
+
+def _accepted(flags) -> bool:
+  """Whether a process with XLA_FLAGS=`flags` computes (XLA aborts on a flag it does not know)."""
+  return subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).sum()"],
+                        env={**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"},
                         capture_output=True, check=False).returncode == 0
-    os.environ["KSTORE_TEST_FAST_FLAGS"] = "1" if ok else ""
-  return " ".join(FAST_COMPILE_FLAGS) if os.environ["KSTORE_TEST_FAST_FLAGS"] else ""
 
 
 # XLA's defaults back, for one in-process program whose time is its steps (the pytest processes
@@ -88,10 +95,16 @@ XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive
                 "xla_cpu_enable_concurrency_optimized_scheduler": True}
 
 
+def xla_defaults() -> dict:
+  """XLA_DEFAULTS of the fast-compile flags in use (a dropped flag's would be an unknown
+  compile option)."""
+  return {k: v for k, v in XLA_DEFAULTS.items() if f"--{k}=" in fast_compile_flags()}
+
+
 def optimized_jit(fn, **kwargs):
-  """jax.jit(fn, **kwargs) compiled with XLA_DEFAULTS where the fast-compile flags are on."""
+  """jax.jit(fn, **kwargs) compiled with XLA's defaults for the fast-compile flags in use."""
   import jax   # (this module is imported before conftest sets XLA_FLAGS)
-  return jax.jit(fn, compiler_options=XLA_DEFAULTS if fast_compile_flags() else None, **kwargs)
+  return jax.jit(fn, compiler_options=xla_defaults() or None, **kwargs)
 
 
 def env(cache=None, n_devices: int = 1, optimize: bool = False, **extra) -> dict:

@@ -272,6 +272,7 @@ def test_flash_docs_lowers_for_cuda():
       jax.ShapeDtypeStruct((B, L), jnp.int32)]
   runs = [jax.ShapeDtypeStruct((2, *a.shape), a.dtype) for a in args]
   for fn, a in ((grad, args), (jax.vmap(grad), runs)):
-    text = jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+    with attention.lowering_target("cuda"):
+      text = jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2      # the forward and the backward kernel
     assert f"{L}x{L}xf32" not in text and "x256x256x" not in text

@@ -28,6 +28,7 @@ is small.
 `tpu`) chosen by the caller at lowering time, so a CPU host can build what a GPU would run.
 """
 
+import contextlib
 import importlib.util
 import math
 
@@ -44,6 +45,9 @@ RUNS_ON = {"einsum": ("cpu", "cuda", "rocm", "tpu"), "xla": ("cpu", "cuda", "roc
            "cudnn": ("cuda",), "splash": ("tpu", "cpu")}
 HALF_ONLY = ("cudnn",)   # kernels that need a 16-bit compute dtype
 OPTIONAL = {"tokamax": "tokamax"}   # implementation -> the package it needs (not a dependency)
+# The device a lowering for a platform targets on a host without one (`lowering_target`):
+# (device kind, cores, jax platform); the project's GPU.
+LOWERING_TARGETS = {"cuda": ("NVIDIA H200", 132, "gpu")}
 
 
 def platform_of(devices) -> str:
@@ -52,6 +56,20 @@ def platform_of(devices) -> str:
   if p == "gpu":
     return "rocm" if "rocm" in devices[0].client.platform_version.lower() else "cuda"
   return p
+
+
+def lowering_target(platform: str, mesh=None):
+  """A context for tracing what will be lowered for `platform` on a host without its devices:
+  the context's abstract mesh (`mesh`'s axes, or none) carries LOWERING_TARGETS[platform] as
+  its device. From jax 0.11 on, Pallas's Triton lowering (`pallas`, `pallas_docs`) reads the
+  GPU's kind (its compute capability) from there and refuses a host with no GPU. A no-op on
+  a host of that platform (its own device counts) and for platforms without a target."""
+  target = LOWERING_TARGETS.get(platform)
+  if target is None or platform_of(jax.devices()) == platform:
+    return contextlib.nullcontext()
+  axes = (mesh.axis_sizes, mesh.axis_names, mesh.axis_types) if mesh is not None else ((), ())
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      *axes, abstract_device=jax.sharding.AbstractDevice(*target)))
 
 
 def resolve(attention: str, platform: str) -> str:

@@ -489,6 +489,7 @@ def bench_lower(cfg) -> list[dict]:
   from kstore_jax import experiment
   from kstore_jax.data import batches, tokenizer
   from kstore_jax.eval import generate, qa_eval
+  from kstore_jax.model import attention
   from kstore_jax.model.transformer import count_params, flops_per_token
   from kstore_jax.train import loop, sharding
   platform = PLATFORM.value   # the config was validated for it
@@ -501,23 +502,25 @@ def bench_lower(cfg) -> list[dict]:
   batch_sh = sharding.batch_sharding(exp.mesh)
   batch = {k: jax.ShapeDtypeStruct((B, L), dtype, sharding=batch_sh)
            for k, dtype in batches.LM_DTYPES.items()}
-  train_text = train_step.trace(abstract, spec.frozen, batch).lower(
-      lowering_platforms=(platform,)).as_text()
-  # the same step as a grid runs it: two runs vmapped over a leading run axis
-  runs = lambda x, sh: jax.ShapeDtypeStruct((2, *x.shape), x.dtype,
-                                            sharding=sharding.with_run_axis(sh))
-  grid_text = loop.compile_step(spec, exp.mesh, shardings, runs=True).trace(
-      jax.tree.map(lambda x: runs(x, x.sharding), abstract), spec.frozen,
-      {k: runs(v, batch_sh) for k, v in batch.items()}).lower(
-          lowering_platforms=(platform,)).as_text()
-  # QA decoding as evaluation runs it: a batch of questions, prefill + greedy KV-cache steps
-  qs = qa_eval.qa_set(exp.world, exp.world.test_people[:8])
-  _, _, b = next(iter(qa_eval.length_batches(qs, 8)))
-  max_new = qs.answers_NW.shape[1]
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract["params"])
-  decode_text = generate.generate.trace(
-      exp.model, params, jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new,
-      exp.world.renderer.eot_id, b.prefixes()).lower(lowering_platforms=(platform,)).as_text()
+  with attention.lowering_target(platform, exp.mesh):
+    train_text = train_step.trace(abstract, spec.frozen, batch).lower(
+        lowering_platforms=(platform,)).as_text()
+    # the same step as a grid runs it: two runs vmapped over a leading run axis
+    runs = lambda x, sh: jax.ShapeDtypeStruct((2, *x.shape), x.dtype,
+                                              sharding=sharding.with_run_axis(sh))
+    grid_text = loop.compile_step(spec, exp.mesh, shardings, runs=True).trace(
+        jax.tree.map(lambda x: runs(x, x.sharding), abstract), spec.frozen,
+        {k: runs(v, batch_sh) for k, v in batch.items()}).lower(
+            lowering_platforms=(platform,)).as_text()
+    # QA decoding as evaluation runs it: a batch of questions, prefill + greedy KV-cache steps
+    qs = qa_eval.qa_set(exp.world, exp.world.test_people[:8])
+    _, _, b = next(iter(qa_eval.length_batches(qs, 8)))
+    max_new = qs.answers_NW.shape[1]
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract["params"])
+    decode_text = generate.generate.trace(
+        exp.model, params, jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new,
+        exp.world.renderer.eot_id, b.prefixes()).lower(
+            lowering_platforms=(platform,)).as_text()
   train, decode, grid = hlo_facts(train_text), hlo_facts(decode_text), hlo_facts(grid_text)
   mc = exp.model_cfg
   return [measurement(
