@@ -70,9 +70,9 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
 def fast_compile_flags() -> str:
   """The FAST_COMPILE_FLAGS this jaxlib knows (XLA aborts on an unknown flag, and upgrades drop
   some: jax 0.12's XLA has no --xla_cpu_use_fusion_emitters, and one unknown flag used to
-  cost the whole set, the suite then compiling at XLA's defaults: 17.5 min on Python 3.12).
-  Checked once per test session, the whole set and, where it is refused, each flag alone (the
-  answer reaches pytest-xdist's workers in the environment)."""
+  cost the whole set, the suite then compiling at XLA's defaults). Checked once per test
+  session, the whole set and, where it is refused, each flag alone (the answer reaches
+  pytest-xdist's workers in the environment)."""
   if "KSTORE_TEST_FAST_FLAGS" not in os.environ:
     known = (FAST_COMPILE_FLAGS if _accepted(FAST_COMPILE_FLAGS)
              else [f for f in FAST_COMPILE_FLAGS if _accepted((f,))])

@@ -1,7 +1,7 @@
 """The suite's own machinery (tests/runs.py): the fast-compile flags keep what this jaxlib knows.
 An XLA that no longer knows one of them (jax 0.12 dropped --xla_cpu_use_fusion_emitters) must
 cost that flag alone, not the whole set: the suite then compiled every run at XLA's defaults
-(17.5 min instead of ~11 on Python 3.12)."""
+(on Python 3.12 with jax 0.12, BENCHMARKS.md session 28)."""
 
 import runs
 
