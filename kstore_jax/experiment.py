@@ -140,7 +140,7 @@ class Experiment:
   @functools.cached_property
   def model_abstract(self):
     """(abstract params with shardings, boxed init fn, boxed abstract params)."""
-    return model_abstract(self.model, self.cfg.data.seq_len, self.mesh)
+    return _model_abstract(self.model, self.cfg.data.seq_len, self.mesh)
 
   def random_params(self, seed: int):
     """A fresh model's params: pretrain's initial params for `seed` (the same init and key),
@@ -447,7 +447,7 @@ class Experiment:
 
 
 @functools.lru_cache(maxsize=8)
-def model_abstract(model, seq_len: int, mesh):
+def _model_abstract(model, seq_len: int, mesh):
   """Experiment.model_abstract of a model, row length and mesh: traced once in a process for
   all the Experiments that share them (a grid's runs, each keyed on it before its cohort
   trains: one trace of the model's init each, ~0.4 s at the paper size)."""

@@ -60,10 +60,12 @@ CLUSTER_VARS = ("KSTORE_NUM_PROCESSES", "KSTORE_PROCESS_ID", "KSTORE_COORDINATOR
 # devices') copies of one program issue them in different orders. Without that scheduler they
 # pass (test_multiprocess 7 of 7 in two runs) and compile a 2-device toy train step in 0.9 s
 # instead of 2.9 (one device: 0.8 s either way).
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true",
-                      "--xla_cpu_use_fusion_emitters=false",
-                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+# Each flag: (its fast value, XLA's default).
+FAST_COMPILE = {"xla_backend_optimization_level": (0, 3),
+                "xla_llvm_disable_expensive_passes": (True, False),
+                "xla_cpu_use_fusion_emitters": (False, True),
+                "xla_cpu_enable_concurrency_optimized_scheduler": (False, True)}
+FAST_COMPILE_FLAGS = tuple(f"--{k}={str(fast).lower()}" for k, (fast, _) in FAST_COMPILE.items())
 
 
 @functools.cache
@@ -90,15 +92,11 @@ def _accepted(flags) -> bool:
 # XLA's defaults back, for one in-process program whose time is its steps (the pytest processes
 # compile with fast_compile_flags): a per-compilation override of those flags. Measured, the
 # 200 memorising steps of test_trust's `stored` fixture: 18.6 -> 7.2 CPU-s, compile 2.0 -> 5.3.
-XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
-                "xla_cpu_use_fusion_emitters": True,
-                "xla_cpu_enable_concurrency_optimized_scheduler": True}
-
-
 def xla_defaults() -> dict:
-  """XLA_DEFAULTS of the fast-compile flags in use (a dropped flag's would be an unknown
-  compile option)."""
-  return {k: v for k, v in XLA_DEFAULTS.items() if f"--{k}=" in fast_compile_flags()}
+  """XLA's defaults (FAST_COMPILE) of the fast-compile flags in use, as compile options (a
+  dropped flag's would be an unknown option)."""
+  in_use = {f[2:].split("=")[0] for f in fast_compile_flags().split()}
+  return {k: default for k, (_, default) in FAST_COMPILE.items() if k in in_use}
 
 
 def optimized_jit(fn, **kwargs):
