@@ -149,3 +149,32 @@ def test_tool_modules_the_tests_import_load_in_one_process():
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                      timeout=120, check=False)
   assert r.returncode == 0, (sorted(names), r.stderr[-2000:])
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from kstore_jax.tools import cli
+out = sys.argv[1]
+def late():   # a non-daemon thread still working when main returns: joined, as at any exit
+  time.sleep(0.3)
+  open(out + ".thread", "w").write("joined")
+threading.Thread(target=late).start()
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+print("buffered", end="")   # no newline, stdout a pipe: still in the buffer at the exit
+cli.exit_without_teardown(eval(sys.argv[2]))
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("code, status", [(None, 0), (0, 0), (3, 3), ("a message", 1)])
+def test_exit_without_teardown_exits_as_the_interpreter_would(tmp_path, code, status):
+  """The tools end their process without the interpreter's teardown (cli.run): the status
+  sys.exit(code) would give, non-daemon threads joined, atexit handlers run, stdout flushed."""
+  out = str(tmp_path / "f")
+  r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, out, repr(code)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60, check=False)
+  assert r.returncode == status, r.stderr
+  assert r.stdout == "buffered"
+  assert r.stderr == ("a message\n" if status == 1 else ""), r.stderr
+  assert pathlib.Path(out + ".thread").read_text() == "joined"
+  assert pathlib.Path(out + ".atexit").read_text() == "ran"
