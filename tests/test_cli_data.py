@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -178,3 +179,22 @@ def test_exit_without_teardown_exits_as_the_interpreter_would(tmp_path, code, st
   assert r.stderr == ("a message\n" if status == 1 else ""), r.stderr
   assert pathlib.Path(out + ".thread").read_text() == "joined"
   assert pathlib.Path(out + ".atexit").read_text() == "ran"
+
+
+def test_only_the_tool_as_program_skips_the_teardown(tmp_path):
+  """`python -m <module>` is a program (cli.run ends it without the teardown); a tool run by
+  other code (runpy from a script, cProfile, a debugger) returns to it: cProfile still writes
+  its profile."""
+  (tmp_path / "probe_mod.py").write_text(
+      "from kstore_jax.tools import cli\nprint(cli.started_as_program('probe_mod'))\n")
+  env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+  for cmd, want in (([sys.executable, "-m", "probe_mod"], "True"),
+                    ([sys.executable, "-c",
+                      "import runpy; runpy.run_module('probe_mod', run_name='__main__')"],
+                     "False")):
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert (r.returncode, r.stdout.strip()) == (0, want), (cmd, r.stderr)
+  prof = tmp_path / "report.prof"
+  r = cli("cProfile", "-o", str(prof), "-m", "kstore_jax.report", "--help")
+  assert r.returncode == 0 and prof.stat().st_size > 0, r.stderr

@@ -7,13 +7,15 @@
 `run` checks `--config=...` and its `--config.a.b=v` overrides before absl parses them (a
 missing file or an unknown key would otherwise be a long traceback), and turns a ConfigError
 raised inside `main` into one line on stderr and exit status 2. `--help` shows the tool
-module's docstring and flags, though the program absl runs is the shim. The process then
-ends without the interpreter's teardown (`exit_without_teardown`).
+module's docstring and flags, though the program absl runs is the shim. A process started
+as `python -m kstore_jax.<tool>` then ends without the interpreter's teardown
+(`exit_without_teardown`).
 """
 
 import atexit
 import contextlib
 import os
+import runpy
 import sys
 import threading
 from typing import Callable
@@ -86,17 +88,34 @@ def _help_as_main(tool) -> None:
 
 def run(main: Callable, prog: str,
         config_required: bool | Callable[[list[str]], bool] = True) -> None:
-  """`absl.app.run(main)` with one-line config and flag errors (stderr, exit status 2), then
-  the end of the process (`exit_without_teardown`; an exception other than SystemExit ends
-  it as usual, with its traceback).
+  """`absl.app.run(main)` with one-line config and flag errors (stderr, exit status 2); in a
+  process started as the tool (`started_as_program(prog)`: `prog` names the tool's module),
+  then the end of the process
+  (`exit_without_teardown`; an exception other than SystemExit ends it as usual, with its
+  traceback).
 
   `config_required` may be a predicate of argv (e.g. only some subcommands need a config).
   """
+  if not started_as_program(prog):   # the caller's code runs after the tool: the usual exit
+    _run(main, prog, config_required)
+    return
   try:
     _run(main, prog, config_required)
   except SystemExit as e:
     exit_without_teardown(e.code)
   exit_without_teardown(0)
+
+
+def started_as_program(module: str) -> bool:
+  """Whether this process is `python -m <module>` itself: the interpreter's runpy entry for
+  that module at the bottom of the stack, not a profiler, debugger or script that runs it
+  (`python -m cProfile -m kstore_jax.main ...` writes its profile after the tool returns)."""
+  frame = sys._getframe()   # pylint: disable=protected-access
+  while frame.f_back is not None:
+    frame = frame.f_back
+  entry = getattr(runpy, "_run_module_as_main", None)
+  return (entry is not None and frame.f_code is entry.__code__
+          and frame.f_locals.get("mod_name") == module)
 
 
 def exit_without_teardown(code) -> None:
