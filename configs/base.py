@@ -188,6 +188,12 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200,
+      # the LM stages (pretrain, pretrain_mixed, finetune) compute each step's gradient over
+      # microbatches of this many rows, one after another, and update once: the same step up
+      # to float summation order, with a fraction of the activations in memory (0 = the whole
+      # batch; `small` on a 2-core CPU at 32: peak 4.5-6.2 GB instead of 7.5, the same step
+      # time: BENCHMARKS.md)
+      microbatch_rows=0,
       # jax's persistent compilation cache ('' = off): a rerun loads what it compiled before
       compile_cache="~/.cache/kstore_jax/jax",
       # "START,STOP": a jax.profiler trace of steps [START, STOP) into <stage>/profile/

@@ -274,6 +274,8 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     data, fsdp, tensor = mesh_shape(cfg.mesh, n_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  rows = cfg.train.microbatch_rows
+  _require(rows >= 0, f"train.microbatch_rows={rows} must be >= 0 (0: the whole batch)")
   for s in stages:
     if s == "eval":
       continue
@@ -305,6 +307,11 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
       _require(st.batch_size % (data * fsdp) == 0,
                f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "
                f"{data * fsdp} (mesh.data * mesh.fsdp)")
+      _require(rows == 0 or st.batch_size % rows == 0,
+               f"train.microbatch_rows={rows} must divide {s}.batch_size={st.batch_size}")
+  _require(rows % (data * fsdp) == 0,   # every microbatch spans every data-parallel device
+           f"train.microbatch_rows={rows} is not divisible by the data-parallel size "
+           f"{data * fsdp} (mesh.data * mesh.fsdp)")
   _require(m.num_heads % tensor == 0 and m.d_ff % tensor == 0,
            f"mesh.tensor={tensor} must divide model.num_heads={m.num_heads} and "
            f"model.d_ff={m.d_ff}")

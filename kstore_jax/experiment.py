@@ -248,8 +248,10 @@ class Experiment:
     chunks = self.world.chunks(stage, cfg.data, mlm=not cfg.model.causal)
     data = functools.partial(pipeline.make_pipeline, chunks, sc.batch_size, cfg.data.workers)
     eval_fn = functools.partial(self.sample_eval, n=cfg.train.eval_people)
+    rows = cfg.train.microbatch_rows
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
-              flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype)
+              flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype,
+              microbatches=sc.batch_size // rows if rows else 1)
     if stage != "finetune":
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
                             lambda rng, _: init_model(rng), {}, export=lambda p, f: p, **lm)

@@ -115,6 +115,10 @@ BAD_STAGE = {
     "lora_embed_without_lora": ({"finetune.lora_rank": "0", "finetune.lora_embed_rank": "8"},
                                 "finetune.lora_embed_rank=8 needs finetune.lora_rank > 0"),
     "batch_zero": ({"finetune.batch_size": "0"}, "finetune.batch_size=0 must be >= 1"),
+    "microbatch_not_dividing": ({"train.microbatch_rows": "24"},
+                                "train.microbatch_rows=24 must divide pretrain.batch_size=64"),
+    "microbatch_negative": ({"train.microbatch_rows": "-8"},
+                            "train.microbatch_rows=-8 must be >= 0"),
     # round(0.96 * 10) = 10 people trained on: nobody left for QA test (results.json got 0%
     # at n=0, then bio recall crashed)
     "nobody_held_out": ({"data.n_people": "10", "data.qa_train_fraction": "0.96"},

@@ -25,6 +25,9 @@ CONFIG = "--config=configs/single.py:tiny"
 STEPS, SAVE_EVERY = 40, 10
 SMALL = small_run_args(STEPS, SAVE_EVERY)
 MESH_2x2x2 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+# the 8-device reference run's gradient over 2 microbatches of 4 rows (batch 8), each spanning
+# the 4 data-parallel shards: still the 1-device whole-batch run's losses
+MICROBATCHES = ["--config.train.microbatch_rows=4"]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -110,10 +113,10 @@ def tree_digest(path) -> dict[str, str]:
 def reference_runs(tmp_path_factory, jax_cache):
   """Two uninterrupted runs, side by side (their compiles overlap on 2 cores): on 1 device
   (the reference for every resume test) and on 8 fake CPU devices with a 2x2x2 (data, fsdp,
-  tensor) mesh."""
+  tensor) mesh and MICROBATCHES."""
   base = tmp_path_factory.mktemp("train")
   runs = {"baseline": start(base / "baseline", jax_cache),
-          "mesh8": start(base / "mesh8", jax_cache, *MESH_2x2x2, n_devices=8)}
+          "mesh8": start(base / "mesh8", jax_cache, *MESH_2x2x2, *MICROBATCHES, n_devices=8)}
   for name, proc in runs.items():
     rc = proc.wait(timeout=600)
     assert rc == 0, f"{name}: exit {rc}\n{(base / (name + '.log')).read_text()[-3000:]}"

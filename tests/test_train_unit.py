@@ -87,6 +87,48 @@ def test_train_step_is_one_adamw_update():
   np.testing.assert_allclose(float(metrics["lr"]), sc.lr, rtol=1e-6)
 
 
+def test_microbatched_step_is_the_whole_batch_step():
+  """make_train_step(loss, M): the batch's gradient summed over M row sets one at a time is
+  the whole-batch step's (loss, token count, grad norm, each gradient) up to float order,
+  though the microbatches hold different numbers of target tokens (a token mean of token
+  means would differ); and the rows go to microbatch i % M."""
+  cfg = base.get_config("tiny").model
+  cfg.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
+  model = transformer.Transformer(transformer.ModelConfig.from_config(cfg, 64, "cpu"))
+  rng = np.random.default_rng(0)
+  B, L = 8, 16
+  weights = (rng.random((B, L)) < np.linspace(0.1, 0.9, B)[:, None]).astype(np.float32)
+  batch = {"inputs": rng.integers(0, 64, (B, L)), "targets": rng.integers(0, 64, (B, L)),
+           "positions": np.tile(np.arange(L), (B, 1)), "segment_ids": np.ones((B, L)),
+           "weights": weights}
+  batch = {k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32)
+           for k, v in batch.items()}
+  params = model.init(jax.random.PRNGKey(0), batch["inputs"][:1])["params"]
+  params = nn.meta.unbox(params)
+  hp = optim.hyperparams(stage_cfg(0))
+  state = {"step": jnp.int32(0), "params": params,
+           "opt_state": optim.make_optimizer(hp).init(params)}
+  loss_fn = step_lib.make_lm_loss(model)
+  whole = jax.jit(step_lib.make_train_step(loss_fn))(state, None, batch, hp)
+  parts = jax.jit(step_lib.make_train_step(loss_fn, 4))(state, None, batch, hp)
+  for k in ("loss", "loss_tokens", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(float(parts[1][k]), float(whole[1][k]), rtol=1e-5, err_msg=k)
+  assert float(whole[1]["loss_tokens"]) == weights.sum()
+  (_, _), g_parts = jax.jit(step_lib.accumulated_value_and_grad(loss_fn, 4))(params, None, batch)
+  (_, _), g_whole = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, None, batch)
+  for a, b in zip(jax.tree.leaves(g_parts), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(b).max()))
+  # an unweighted mean of the microbatches' token means is another number: the test can fail
+  means = [float(loss_fn(params, None, {k: v[m::4] for k, v in batch.items()})[0])
+           for m in range(4)]
+  assert abs(np.mean(means) - float(whole[1]["loss"])) > 1e-3
+  # microbatch m = rows m::M: each of the M parts' own loss, weighted, gives the batch's
+  tokens = [weights[m::4].sum() for m in range(4)]
+  np.testing.assert_allclose(np.dot(means, tokens) / sum(tokens), float(whole[1]["loss"]),
+                             rtol=1e-5)
+
+
 def decayed(tree) -> tuple[set, set]:
   """(paths of the leaves optim.decay_mask decays, paths of the others) of `tree`, a path
   as its keys joined by '/' (a boxed leaf's `.value` left out)."""

@@ -81,6 +81,8 @@ class StageSpec:
   dtype: str = "float32"       # the model's compute dtype (the MFU's peak)
   init_args: Any = None        # arrays init_params reads (a base model's params), passed as
                                # arguments: one compiled init serves every run of a cohort
+  microbatches: int = 1        # the step's gradient over this many parts of the batch, one
+                               # after another (train.microbatch_rows; LM stages)
 
 
 def _fmt_time(s: float) -> str:
@@ -217,8 +219,8 @@ def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False,
   hp_sh = sharding.replicated(mesh)
   hparams = {k: jax.make_array_from_callback((), hp_sh, lambda _, v=v: v)
              for k, v in optim.hyperparams(spec.stage_cfg).items()}
-  return BoundStep(_jitted_step(spec.loss_fn, mesh, _flat(shardings), frozen_sh, runs,
-                                run_axis), hparams)
+  return BoundStep(_jitted_step(spec.loss_fn, spec.microbatches, mesh, _flat(shardings),
+                                frozen_sh, runs, run_axis), hparams)
 
 
 def _flat(tree) -> tuple:
@@ -228,12 +230,13 @@ def _flat(tree) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_step(loss_fn, mesh, state_sh, frozen_sh, runs: bool, run_axis: str | None):
+def _jitted_step(loss_fn, microbatches: int, mesh, state_sh, frozen_sh, runs: bool,
+                 run_axis: str | None):
   """compile_step's jitted function, one per loss function, mesh, shardings and run layout in
   a process: the stages that train the same program reuse it (pretrain -> finetune; a grid's
   base-stage cohorts; an Experiment per row in one process), and jax's in-memory cache then
   neither traces nor compiles it again."""
-  step = step_lib.make_train_step(loss_fn)
+  step = step_lib.make_train_step(loss_fn, microbatches)
   shardings, batch_sh = jax.tree.unflatten(*state_sh), sharding.batch_sharding(mesh)
   if runs:
     def add(sh):

@@ -118,20 +118,61 @@ def make_lm_loss(model, merge=None):
     with jax.named_scope(HEAD_LOSS):
       loss, tokens = head_cross_entropy(hidden_BLD, head_DV, batch[TARGETS], batch[WEIGHTS],
                                         chunk_rows(model.cfg.platform, head_DV.shape[-1]))
-    return loss, {"loss_tokens": tokens}
+    return loss, {LOSS_WEIGHT: tokens}
 
   return loss_fn
 
 
-def make_train_step(loss_fn):
+# The aux key of an LM loss's weight: the target positions its mean is over (microbatches are
+# combined by it: `accumulated_value_and_grad`)
+LOSS_WEIGHT = "loss_tokens"
+
+
+def accumulated_value_and_grad(loss_fn, microbatches: int):
+  """`jax.value_and_grad(loss_fn, has_aux=True)` of a batch computed over `microbatches`
+  row sets one after another (a scan: the activations of one microbatch live at a time). Row i
+  is in microbatch i % microbatches, so with rows split over the data-parallel devices each
+  microbatch spans them all. Each microbatch's mean loss, gradient and aux means count by its
+  aux[LOSS_WEIGHT]: the batch's own mean loss and gradient up to float summation order, aux
+  the weight's sum and the other entries' weighted means."""
+  def weighted(params, frozen, batch):
+    loss, aux = loss_fn(params, frozen, batch)
+    w = aux[LOSS_WEIGHT]
+    return loss * w, {k: v if k == LOSS_WEIGHT else v * w for k, v in aux.items()}
+
+  grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+  def value_and_grad(params, frozen, batch):
+    split = lambda x: jnp.moveaxis(   # [B, ...] -> [M, B/M, ...], microbatch m = rows m::M
+        x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 1, 0)
+    parts = jax.tree.map(split, batch)
+
+    def add(total, part):
+      return jax.tree.map(jnp.add, total, grad_fn(params, frozen, part)), None
+
+    first = jax.tree.map(lambda x: x[0], parts)
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                        jax.eval_shape(grad_fn, params, frozen, first))
+    ((loss, aux), grads), _ = jax.lax.scan(add, zero, parts)
+    total = aux[LOSS_WEIGHT]
+    mean = lambda x: x / jnp.maximum(total, 1.0).astype(x.dtype)
+    aux = {k: v if k == LOSS_WEIGHT else mean(v) for k, v in aux.items()}
+    return (mean(loss), aux), jax.tree.map(mean, grads)
+
+  return value_and_grad
+
+
+def make_train_step(loss_fn, microbatches: int = 1):
   """(state = {'step', 'params', 'opt_state'}, frozen, batch, hparams) -> (new state,
   metrics): one AdamW step of `loss_fn(params, frozen, batch)` with the stage's optimizer
-  numbers `hparams` (optim.hyperparams) as arguments, not constants of the program."""
+  numbers `hparams` (optim.hyperparams) as arguments, not constants of the program; its
+  gradient over `microbatches` parts of the batch (`accumulated_value_and_grad`) when > 1."""
+  grad_fn = (jax.value_and_grad(loss_fn, has_aux=True) if microbatches == 1
+             else accumulated_value_and_grad(loss_fn, microbatches))
 
   def train_step(state, frozen, batch, hparams):
     optimizer = optim.make_optimizer(hparams)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, batch)
+    (loss, aux), grads = grad_fn(state["params"], frozen, batch)
     with jax.named_scope(OPTIMIZER):
       updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
