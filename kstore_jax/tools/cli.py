@@ -90,9 +90,8 @@ def run(main: Callable, prog: str,
         config_required: bool | Callable[[list[str]], bool] = True) -> None:
   """`absl.app.run(main)` with one-line config and flag errors (stderr, exit status 2); in a
   process started as the tool (`started_as_program(prog)`: `prog` names the tool's module),
-  then the end of the process
-  (`exit_without_teardown`; an exception other than SystemExit ends it as usual, with its
-  traceback).
+  then the end of the process (`exit_without_teardown`; an exception other than SystemExit
+  ends it as usual, with its traceback).
 
   `config_required` may be a predicate of argv (e.g. only some subcommands need a config).
   """

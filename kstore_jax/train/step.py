@@ -22,6 +22,9 @@ ACCELERATOR_CHUNK_BYTES = 1 << 28
 # sums its time by them)
 HEAD_LOSS, OPTIMIZER, METRICS = "head_loss", "optimizer", "metrics"
 SCOPES = (HEAD_LOSS, OPTIMIZER, METRICS)
+# The aux key of an LM loss's weight: the target positions its mean is over (microbatches are
+# combined by it: `accumulated_value_and_grad`)
+LOSS_WEIGHT = "loss_tokens"
 
 
 def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL):
@@ -121,11 +124,6 @@ def make_lm_loss(model, merge=None):
     return loss, {LOSS_WEIGHT: tokens}
 
   return loss_fn
-
-
-# The aux key of an LM loss's weight: the target positions its mean is over (microbatches are
-# combined by it: `accumulated_value_and_grad`)
-LOSS_WEIGHT = "loss_tokens"
 
 
 def accumulated_value_and_grad(loss_fn, microbatches: int):
