@@ -500,7 +500,7 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   from kstore_jax.data import tokenizer as tokenizer_lib
   rundir.check_workdir(workdir)
   configlib.validate(cfg, n_devices, platform=platform)
-  tok = tokenizer_lib.get_tokenizer(cfg.data)
+  tok = tokenizer_lib.of_config(cfg)
   wd = Workdir(workdir)
   wd.check_same_experiment(cfg, platform)
   exp = Experiment(cfg, tok, wd)

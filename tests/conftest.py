@@ -49,6 +49,18 @@ def jax_cache(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenizer_cache(jax_cache):
+  """The generated tokenizers of every process of the run (this one's and every subprocess's:
+  they inherit the variable) in one directory beside the compilation cache, not the user's
+  ~/.cache."""
+  from kstore_jax.data import tokenizer
+  path = jax_cache.parent / "tokenizer_cache"
+  os.environ[tokenizer.CACHE_ENV] = str(path)
+  yield path
+  del os.environ[tokenizer.CACHE_ENV]
+
+
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order kept within

@@ -302,3 +302,35 @@ def test_bios_rows_render(renderer, row):
   assert (len(orders) > 1) == permute
   assert all(t.count(pop.full_name(p)) == (6 if fullname else 1)
              for t, p in zip(texts, people))
+
+
+def test_generated_tokenizer_cache(tmp_path, monkeypatch):
+  """The generated world's BPE kept in train.tokenizer_cache: the file is the trained one; a
+  later process reads it instead of training (training refused here); an entry cut short is
+  trained again and replaced; another vocabulary size is another file; '' writes nothing."""
+  from configs import base
+  monkeypatch.delenv(tokenizer.CACHE_ENV, raising=False)   # (conftest's, for the whole run)
+  cfg = base.get_config("tiny")
+  cfg.data.vocab_size = 1024
+  cfg.train.tokenizer_cache = str(tmp_path / "cache")
+  fresh = tokenizer.train_tokenizer(1024).to_str()
+  tokenizer._generated_tokenizer_json.cache_clear()   # as in a new process
+  assert tokenizer.of_config(cfg).to_str() == fresh
+  path = tokenizer.cached_bpe_path(cfg.train.tokenizer_cache, 1024)
+  assert open(path).read() == fresh and len(list((tmp_path / "cache").iterdir())) == 1
+  tokenizer._generated_tokenizer_json.cache_clear()
+  real_train = tokenizer.train_tokenizer
+  with monkeypatch.context() as m:
+    m.setattr(tokenizer, "train_tokenizer", lambda *a: pytest.fail("trained despite the cache"))
+    assert tokenizer.of_config(cfg).to_str() == fresh
+  with open(path, "w") as f:
+    f.write(fresh[:len(fresh) // 2])
+  tokenizer._generated_tokenizer_json.cache_clear()
+  assert tokenizer.of_config(cfg).to_str() == fresh and open(path).read() == fresh
+  assert tokenizer.train_tokenizer is real_train
+  assert tokenizer.cached_bpe_path(cfg.train.tokenizer_cache, 2048) != path
+  cfg.train.tokenizer_cache = ""
+  tokenizer._generated_tokenizer_json.cache_clear()
+  assert tokenizer.of_config(cfg).to_str() == fresh
+  assert len(list((tmp_path / "cache").iterdir())) == 1
+  tokenizer._generated_tokenizer_json.cache_clear()

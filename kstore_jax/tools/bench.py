@@ -129,7 +129,7 @@ def time_pipeline(chunks, batch_size: int, workers: int) -> dict:
 def bench_data(cfg) -> list[dict]:
   from kstore_jax.data import tokenizer, world
   t0 = time.perf_counter()
-  tok = tokenizer.get_tokenizer(cfg.data)
+  tok = tokenizer.of_config(cfg)
   t1 = time.perf_counter()
   w = world.build_world(cfg, tok)
   t2 = time.perf_counter()
@@ -306,7 +306,7 @@ def bench_eval(cfg) -> list[dict]:
   with cli.config_errors():
     tok_path = os.path.join(workdir, rundir.TOKENIZER) if workdir else ""
     tok = (tokenizer.load_tokenizer(tok_path) if os.path.exists(tok_path)
-           else tokenizer.get_tokenizer(cfg.data))
+           else tokenizer.of_config(cfg))
     exp = experiment.Experiment(cfg, tok, experiment.Workdir(workdir or os.getcwd()))
     if workdir:   # the finished training stage that `eval` would read
       stage = exp.source_stage("eval", TRAIN_STAGES)
@@ -402,7 +402,7 @@ def measure_train(cfg, **kw) -> dict:
   from kstore_jax.model import transformer
   from kstore_jax.train import throughput
   with tempfile.TemporaryDirectory() as tmp:
-    exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data), experiment.Workdir(tmp))
+    exp = experiment.Experiment(cfg, tokenizer.of_config(cfg), experiment.Workdir(tmp))
     if GPT2_VOCAB.value:
       exp.model_cfg = dataclasses.replace(exp.model_cfg, vocab_size=throughput.GPT2_VOCAB)
       exp.model = transformer.Transformer(exp.model_cfg)
@@ -494,7 +494,7 @@ def bench_lower(cfg) -> list[dict]:
   from kstore_jax.train import loop, sharding
   platform = PLATFORM.value   # the config was validated for it
   with cli.config_errors():   # nothing is written to the workdir
-    exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data),
+    exp = experiment.Experiment(cfg, tokenizer.of_config(cfg),
                                 experiment.Workdir(os.getcwd()), platform=platform)
   spec = exp.train_spec("pretrain")
   _, rng, abstract, shardings, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
@@ -663,7 +663,7 @@ def bench_probe(cfg) -> list[dict]:
   from kstore_jax.train import loop, sharding
 
   with cli.config_errors():
-    exp = experiment.Experiment(cfg, tokenizer.get_tokenizer(cfg.data),
+    exp = experiment.Experiment(cfg, tokenizer.of_config(cfg),
                                 experiment.Workdir(os.getcwd()))   # nothing is written
   base = exp.random_params(cfg.seed)
   steps = PROBE_STEPS.value

@@ -137,7 +137,7 @@ def main(argv):
   if EXPORT.value and os.path.exists(EXPORT.value) and not os.path.isdir(EXPORT.value):
     raise cli.ConfigError(f"--export={EXPORT.value}: not a directory")
   with cli.config_errors():
-    tok = tokenizer_lib.get_tokenizer(cfg.data)
+    tok = tokenizer_lib.of_config(cfg)
     world = world_lib.build_world(cfg, tok)
   n = SHOW.value if (SHOW.present or not (STATS.value or EXPORT.value)) else 0
   if n:
