@@ -150,12 +150,14 @@ def test_report_runs_without_jax(tmp_path):
   (run / "pretrain" / "metrics.jsonl").write_text(
       "".join(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in range(1, 5)))
   out = tmp_path / "report.md"
-  script = (   # (the tool ends the process itself: the modules are listed at its exit)
-      "import atexit, json, runpy, sys\n"
-      "atexit.register(lambda: print(json.dumps(sorted(\n"
-      f"    m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))))\n"
+  script = (
+      "import json, runpy, sys\n"
       f"sys.argv = ['kstore_jax.report', {str(run)!r}, '--out={out}']\n"
-      "runpy.run_module('kstore_jax.report', run_name='__main__')\n")
+      "try:\n"
+      "  runpy.run_module('kstore_jax.report', run_name='__main__')\n"
+      "except SystemExit as e:\n"
+      "  assert not e.code, e.code\n"
+      f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))\n")
   r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                      timeout=300, check=False)
   assert r.returncode == 0, r.stderr[-2000:]

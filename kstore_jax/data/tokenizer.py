@@ -50,6 +50,9 @@ def training_corpus() -> list[str]:
 # How train_tokenizer trains (part of the cache key of a generated world's BPE, with the
 # corpus, the vocabulary size and the tokenizers version)
 BPE_SETTINGS = dict(add_prefix_space=False, min_frequency=1, special_tokens=SPECIAL_TOKENS)
+# names the generated tokenizers' cache directory for every process that sees it, whatever
+# train.tokenizer_cache says (as JAX_COMPILATION_CACHE_DIR does train.compile_cache)
+CACHE_ENV = "KSTORE_TOKENIZER_CACHE"
 
 
 def train_tokenizer(vocab_size: int, texts=None) -> tokenizers.Tokenizer:
@@ -90,9 +93,10 @@ def _generated_tokenizer_json(vocab_size: int, cache: str = "") -> str:
   Tokenizer made from it for each caller; kept in the directory `cache` ('' = none) under a
   hash of everything it is trained from (`cached_bpe_path`), so other processes load it
   instead of training it again (0.4-0.6 CPU-s)."""
+  corpus = training_corpus()   # (once: the cache key and the training both read it)
   if not cache:
-    return train_tokenizer(vocab_size).to_str()
-  path = cached_bpe_path(cache, vocab_size)
+    return train_tokenizer(vocab_size, corpus).to_str()
+  path = cached_bpe_path(cache, vocab_size, corpus)
   if os.path.isfile(path):
     with open(path) as f:
       text = f.read()
@@ -101,7 +105,7 @@ def _generated_tokenizer_json(vocab_size: int, cache: str = "") -> str:
       return text
     except Exception:   # pylint: disable=broad-except  (tokenizers raises plain Exception for
       pass            # JSON it cannot read: an entry cut short or damaged is trained again)
-  text = train_tokenizer(vocab_size).to_str()
+  text = train_tokenizer(vocab_size, corpus).to_str()
   _write_whole(path, text)
   return text
 
@@ -121,10 +125,12 @@ def _write_whole(path: str, text: str) -> None:
       os.remove(tmp)
 
 
-def cached_bpe_path(cache: str, vocab_size: int) -> str:
+def cached_bpe_path(cache: str, vocab_size: int, corpus=None) -> str:
   """The file of the generated world's BPE of `vocab_size` in the cache directory: named by a
-  hash of its training corpus, vocabulary size, BPE_SETTINGS and the tokenizers version."""
-  key = json.dumps(dict(corpus=hashlib.sha256("\n".join(training_corpus()).encode()).hexdigest(),
+  hash of its training `corpus` (default: training_corpus()), vocabulary size, BPE_SETTINGS
+  and the tokenizers version."""
+  corpus = training_corpus() if corpus is None else corpus
+  key = json.dumps(dict(corpus=hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
                         vocab_size=vocab_size, settings=BPE_SETTINGS,
                         tokenizers=tokenizers.__version__), sort_keys=True)
   return os.path.join(os.path.expanduser(cache),
@@ -143,10 +149,6 @@ def get_tokenizer(data_cfg, cache: str = "") -> tokenizers.Tokenizer:
   return train_tokenizer(data_cfg.vocab_size,
                          records.read_source(data_cfg.source).training_texts())
 
-
-# names the generated tokenizers' cache directory for every process that sees it, whatever
-# train.tokenizer_cache says (as JAX_COMPILATION_CACHE_DIR does train.compile_cache)
-CACHE_ENV = "KSTORE_TOKENIZER_CACHE"
 
 
 def of_config(cfg) -> tokenizers.Tokenizer:
