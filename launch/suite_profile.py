@@ -28,10 +28,13 @@ HOOK_SRC = '''
 import atexit, json, logging, os, resource, sys, time
 _dir = os.environ.get("KSTORE_SUITE_PROFILE_DIR")
 if _dir:
-  _path = os.path.join(_dir, f"proc-{os.getpid()}.jsonl")
+  # the file and the test when written, not when this process started: a child of the suite's
+  # fork server (tests/forkserver.py) is a process and a test of its own
+  def _path():
+    return os.path.join(_dir, f"proc-{os.getpid()}.jsonl")
   class _Handler(logging.Handler):
     def emit(self, record):
-      with open(_path, "a") as f:
+      with open(_path(), "a") as f:
         f.write(json.dumps({"log": record.getMessage(),
                             "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\\n")
   for _name in ("jax._src.compiler", "jax._src.interpreters.pxla", "jax._src.pjit",
@@ -40,11 +43,11 @@ if _dir:
     _logger.setLevel(logging.DEBUG)
     _logger.propagate = False
     _logger.addHandler(_Handler())
-  _test = os.environ.get("PYTEST_CURRENT_TEST", "")
   def _done():
     r = resource.getrusage(resource.RUSAGE_SELF)
-    with open(_path, "a") as f:
-      f.write(json.dumps({"argv": sys.argv, "test": _test, "cpu": r.ru_utime + r.ru_stime,
+    with open(_path(), "a") as f:
+      f.write(json.dumps({"argv": sys.argv, "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
+                          "cpu": r.ru_utime + r.ru_stime,
                           "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}) + "\\n")
   atexit.register(_done)
 '''

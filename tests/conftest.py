@@ -17,6 +17,8 @@
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,6 +61,33 @@ def tokenizer_cache(jax_cache):
   os.environ[tokenizer.CACHE_ENV] = str(path)
   yield path
   del os.environ[tokenizer.CACHE_ENV]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forkserver(jax_cache, tokenizer_cache, tmp_path_factory):
+  """tests/forkserver.py's server for this pytest process, started with the environment of
+  the suite's subprocesses (runs.env), and the client it answers as runs.python():
+  `python -m kstore_jax.<tool>` children forked from it instead of each importing jax and the
+  library again. KSTORE_TEST_FORKSERVER=0: none (every process the interpreter)."""
+  del tokenizer_cache   # (in the environment the server keeps)
+  if os.environ.get("KSTORE_TEST_FORKSERVER") == "0":
+    yield None
+    return
+  name = f"kstore-forkserver-{os.getpid()}"
+  script = runs.ROOT / "tests" / "forkserver.py"
+  server = subprocess.Popen([sys.executable, str(script), "--serve", name], cwd=runs.ROOT,
+                            env=runs.env(jax_cache), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+  line = server.stdout.readline()
+  assert line == "ready\n", f"the fork server did not start: {line!r}"
+  client = tmp_path_factory.getbasetemp() / "python"
+  client.write_text(f"#!/bin/sh\nexec '{sys.executable}' -I -S '{script}' '{name}' \"$@\"\n")
+  client.chmod(0o755)
+  os.environ[runs.PYTHON_ENV] = str(client)
+  yield client
+  del os.environ[runs.PYTHON_ENV]
+  server.stdin.close()
+  server.wait(timeout=60)
 
 
 def pytest_collection_modifyitems(items):

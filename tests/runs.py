@@ -123,9 +123,22 @@ def env(cache=None, n_devices: int = 1, optimize: bool = False, **extra) -> dict
   return out
 
 
+# The command that starts the suite's `python -m kstore_jax.<tool>` processes (conftest's
+# `forkserver` fixture sets it): tests/forkserver.py's client, or the interpreter itself.
+PYTHON_ENV = "KSTORE_TEST_PYTHON"
+
+
+def python(fresh: bool = False) -> str:
+  """The program a test runs `-m kstore_jax.<tool> ...` with: the fork server's client (a
+  child forked from a process that has imported jax and the library: ~1.4 CPU-s less a
+  process), or with `fresh` (a process the test kills with SIGKILL, or one that must start as
+  the OS starts it: tests/forkserver.py says what a forked child cannot be) the interpreter."""
+  return sys.executable if fresh else os.environ.get(PYTHON_ENV, sys.executable)
+
+
 def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
   """`python -m kstore_jax.main ARGS` on n_devices fake CPU devices with the persistent JAX
   compilation cache in `cache`."""
-  return subprocess.run([sys.executable, "-m", "kstore_jax.main", *args], cwd=ROOT,
+  return subprocess.run([python(), "-m", "kstore_jax.main", *args], cwd=ROOT,
                         env=env(cache, n_devices), capture_output=True, text=True,
                         timeout=timeout, check=False)

@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+import runs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "--config=configs/base.py:tiny"
 GROUPED = "--config=configs/celeb_minority.py:tiny"   # groups `minority` and `star`
 
 
 def cli(*args, timeout=120):
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+  return subprocess.run([runs.python(), "-m", *args], cwd=ROOT, env=runs.env(), capture_output=True,
                         text=True, timeout=timeout, check=False)
 
 

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import runs
@@ -75,7 +74,7 @@ def test_multi5_permute_beats_single_on_held_out_people(tmp_path, jax_cache):
     # processes instead of two two-thread ones contending for the same cores
     pin = ["taskset", "-c", str(cores[i % len(cores)])] if shutil.which("taskset") else []
     procs[row] = log, subprocess.Popen(
-        [*pin, sys.executable, "-m", "kstore_jax.main", f"--config=configs/{row}.py:tiny",
+        [*pin, runs.python(), "-m", "kstore_jax.main", f"--config=configs/{row}.py:tiny",
          f"--workdir={tmp_path / row}", *ARGS], cwd=runs.ROOT,
         env=runs.env(jax_cache, optimize=True), stdout=log, stderr=subprocess.STDOUT)
   for row, (log, proc) in procs.items():

@@ -4,7 +4,6 @@ sizes, so the first call on a lent GPU cannot fail on a typo; and its argument e
 import json
 import os
 import subprocess
-import sys
 
 import runs
 from kstore_jax import configlib
@@ -13,12 +12,14 @@ from kstore_jax.tools import device_report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every program into the script's compilation cache, however fast it compiled (jax's default
 # skips those under a second: the toy steps), so a section reuses what an earlier one compiled
-ENV = {**os.environ, "KSTORE_NO_WHEELS": "1", "PYTHON": sys.executable,
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+ENV = {"KSTORE_NO_WHEELS": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def check(*args, timeout=400, env=ENV):
-  return subprocess.run(["bash", "launch/device_check.sh", *args], cwd=ROOT, env=env,
+def check(*args, timeout=400, env=None):
+  """The script in this process's environment with ENV and `env`, its Python processes
+  started by runs.python()."""
+  return subprocess.run(["bash", "launch/device_check.sh", *args], cwd=ROOT,
+                        env={**os.environ, **ENV, **(env or {}), "PYTHON": runs.python()},
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -28,7 +29,7 @@ def test_smoke_runs_every_section(tmp_path):
   # runs, so a loaded CI machine (the sections skipped at the deadline: a failure) gets more.
   # Compiled as the other tests' runs are (runs.fast_compile_flags: toy steps, so compiling is
   # most of the smoke's CPU time; 126 -> 90 CPU-s measured)
-  proc = check("--smoke", str(out), env={**ENV, "KSTORE_CHECK_SECONDS": "420",
+  proc = check("--smoke", str(out), env={"KSTORE_CHECK_SECONDS": "420",
                                          "XLA_FLAGS": runs.fast_compile_flags()}, timeout=480)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   files = sorted(os.listdir(out))
@@ -99,7 +100,7 @@ def test_pick_kernel_skips_a_kernel_whose_loss_disagrees(tmp_path):
   assert device_report.pick_kernel([], ["leaky", "a", "c"]) is None
   path = tmp_path / "bench.jsonl"
   path.write_text("".join(json.dumps(l) + "\n" for l in lines))
-  pick = subprocess.run([sys.executable, "-m", "kstore_jax.tools.device_report", "pick",
+  pick = subprocess.run([runs.python(), "-m", "kstore_jax.tools.device_report", "pick",
                          str(path), "leaky", "a", "c"], cwd=ROOT, capture_output=True,
                         text=True, check=False)
   assert pick.returncode == 0 and pick.stdout.strip() == "a", pick.stderr

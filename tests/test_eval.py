@@ -3,7 +3,6 @@
 import json
 import pathlib
 import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -307,7 +306,7 @@ def test_qa_loss_mask_is_answer_only(world):
 
 def test_bench_eval_contract(tmp_path):
   root = pathlib.Path(__file__).resolve().parents[1]
-  cmd = [sys.executable, "-m", "kstore_jax.bench", "eval", "--config=configs/base.py:tiny",
+  cmd = [runs.python(), "-m", "kstore_jax.bench", "eval", "--config=configs/base.py:tiny",
          "--config.data.n_people=20", "--config.model.num_layers=1", "--eval_people=4",
          "--eval_repeats=1"]
   r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120, check=False)

@@ -43,8 +43,8 @@ def four(tmp_path_factory):
   return path
 
 
-def grid_cmd(config, workdir, *extra, mode="vmap") -> list[str]:
-  return [sys.executable, "-m", "kstore_jax.grid", f"--config={config}:tiny",
+def grid_cmd(config, workdir, *extra, mode="vmap", fresh=False) -> list[str]:
+  return [runs.python(fresh), "-m", "kstore_jax.grid", f"--config={config}:tiny",
           f"--workdir={workdir}", f"--config.grid.mode={mode}", *ARGS, *extra]
 
 
@@ -87,7 +87,7 @@ def trained(tmp_path_factory, four, env):
   solo = {}
   for row in SOLO:
     solo[row] = base / f"solo_{row}"
-    ok(run([sys.executable, "-m", "kstore_jax.main", f"--config=configs/{row}.py:tiny",
+    ok(run([runs.python(), "-m", "kstore_jax.main", f"--config=configs/{row}.py:tiny",
             f"--workdir={solo[row]}", *ARGS], env()))
   return grid, solo
 
@@ -156,7 +156,7 @@ def test_processes_mode_equals_solo(trained, four, env, tmp_path):
 
 def test_main_takes_over_a_grid_run(trained, env):
   grid, _ = trained
-  r = ok(run([sys.executable, "-m", "kstore_jax.main", "--config=configs/multi5.py:tiny",
+  r = ok(run([runs.python(), "-m", "kstore_jax.main", "--config=configs/multi5.py:tiny",
               f"--workdir={grid / 'multi5'}", *ARGS], env()))
   assert "[pretrain] already done" in r.stdout, r.stdout
 
@@ -165,7 +165,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_pa
   grid, _ = trained
   wd = tmp_path / "killed"
   log = open(tmp_path / "killed.log", "w")
-  proc = subprocess.Popen(grid_cmd(four, wd), cwd=ROOT, env=env(), stdout=log,
+  proc = subprocess.Popen(grid_cmd(four, wd, fresh=True), cwd=ROOT, env=env(), stdout=log,
                           stderr=subprocess.STDOUT)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -256,7 +256,7 @@ def test_a_grid_goes_on_past_a_run_that_diverges(env, tmp_path, mode):
                   "  return grids.make({'blowup': blowup, "
                   "'fine': grids.row_config('single', arg)})\n")
   wd = tmp_path / "runs"
-  r = run([sys.executable, "-m", "kstore_jax.grid", f"--config={grid}:tiny", f"--workdir={wd}",
+  r = run([runs.python(), "-m", "kstore_jax.grid", f"--config={grid}:tiny", f"--workdir={wd}",
            f"--config.grid.mode={mode}", *small_run_args(6, 3)], env())
   assert r.returncode == 1, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
   label = "pretrain" if mode == "sequential" else "blowup/pretrain"
@@ -271,7 +271,7 @@ def test_a_workdir_that_is_a_file_is_one_line(four, env, tmp_path):
     wd = tmp_path / f"{tool}_file"
     wd.write_text("not a directory")
     cmd = (grid_cmd(four, wd) if tool == "grid" else
-           [sys.executable, "-m", "kstore_jax.main", "--config=configs/single.py:tiny",
+           [runs.python(), "-m", "kstore_jax.main", "--config=configs/single.py:tiny",
             f"--workdir={wd}", *ARGS])
     r = run(cmd, env(), timeout=120)
     lines = r.stderr.strip().splitlines()
@@ -288,7 +288,7 @@ def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
            "--config.grid.max_runs=16", "--config.grid.eval_runs=together",
            *(f"--config.{s}.{k}={v}" for s in ("pretrain", "pretrain_mixed", "finetune")
              for k, v in (("steps", 2), ("batch_size", 4), ("warmup_steps", 1)))]
-  r = ok(run([sys.executable, "-m", "kstore_jax.grid", "--config=configs/grids/fig3.py:tiny",
+  r = ok(run([runs.python(), "-m", "kstore_jax.grid", "--config=configs/grids/fig3.py:tiny",
               f"--workdir={wd}", "--config.grid.mode=vmap", *micro], env(), timeout=600))
   assert r.stdout.count("16 run(s) in one step") == 3, r.stdout[-3000:]   # the 3 train stages
   # every run asks the same questions of the same model: 2 x 16 evals decoded together
@@ -296,7 +296,7 @@ def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
   sys.path.insert(0, str(ROOT))
   from configs import grids
   out = tmp_path / "report.md"
-  r = ok(run([sys.executable, "-m", "kstore_jax.report", str(wd), f"--out={out}"], env()))
+  r = ok(run([runs.python(), "-m", "kstore_jax.report", str(wd), f"--out={out}"], env()))
   table = out.read_text().split("\n\n")[2].splitlines()[2:]   # the headline table's rows
   # FIG3_ROWS is the paper's order: the report keeps it
   assert [row.split("|")[1].strip() for row in table] == [f"`{n}`" for n in grids.FIG3_ROWS]
@@ -326,7 +326,7 @@ def test_a_run_behind_catches_up_in_the_whole_cohort(trained, four, env, tmp_pat
 
 
 def test_bench_grid_times_both_modes(four, env):
-  r = ok(run([sys.executable, "-m", "kstore_jax.bench", "grid", f"--config={four}:tiny",
+  r = ok(run([runs.python(), "-m", "kstore_jax.bench", "grid", f"--config={four}:tiny",
               "--runs=2", "--train_steps=1", "--grid_eval_people=4", *ARGS], env()))
   lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
   rows = [row for row in lines if row["name"] == "grid_speedup"]

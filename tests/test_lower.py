@@ -6,9 +6,10 @@ construct."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 256-position rows: splash keeps a [B, H, L, 128] float32 residual, under [B, H, L, L] at L > 128
@@ -17,8 +18,9 @@ SMALL = ["--config=configs/tiny.py", "--config.data.seq_len=256",
 
 
 def lower(platform, *extra):
-  proc = subprocess.run([sys.executable, "-m", "kstore_jax.bench", "lower", *SMALL,
-                         f"--platform={platform}", *extra], cwd=ROOT, capture_output=True,
+  proc = subprocess.run([runs.python(), "-m", "kstore_jax.bench", "lower", *SMALL,
+                         f"--platform={platform}", *extra], cwd=ROOT, env=runs.env(),
+                        capture_output=True,
                         text=True, check=False, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -49,9 +51,10 @@ def test_xla_attention_shows_its_scores():
 
 
 def test_impossible_combination_is_one_line():
-  proc = subprocess.run([sys.executable, "-m", "kstore_jax.bench", "lower", *SMALL,
+  proc = subprocess.run([runs.python(), "-m", "kstore_jax.bench", "lower", *SMALL,
                          "--platform=cuda", "--config.model.attention=cudnn",
-                         "--config.model.dtype=float32"], cwd=ROOT, capture_output=True,
+                         "--config.model.dtype=float32"], cwd=ROOT, env=runs.env(),
+                        capture_output=True,
                         text=True, check=False, timeout=300)
   assert proc.returncode == 2
   err = [l for l in proc.stderr.splitlines() if "model.attention" in l]

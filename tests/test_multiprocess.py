@@ -20,12 +20,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from runs import DETERMINISTIC, env as run_env, small_run_args
+from runs import DETERMINISTIC, env as run_env, python as run_python, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, PROBE_STEPS = 12, 6, 4
@@ -55,7 +54,7 @@ def free_port() -> int:
 
 
 def start(workdir, log, env, args=ARGS, program="kstore_jax.main") -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", program, f"--workdir={workdir}", *args],
+  return subprocess.Popen([run_python(), "-m", program, f"--workdir={workdir}", *args],
                           cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 

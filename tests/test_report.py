@@ -3,8 +3,8 @@
 import json
 import pathlib
 import subprocess
-import sys
 
+import runs
 from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.tools import report
 
@@ -70,8 +70,8 @@ def test_report_table_and_pngs(tmp_path):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "kstore_jax.report", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120, check=False)
+  return subprocess.run([runs.python(), "-m", "kstore_jax.report", *args], cwd=ROOT,
+                        env=runs.env(), capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_report_cli(tmp_path):

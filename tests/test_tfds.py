@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import runs
+
 from configs import base, celeb_minority
 from kstore_jax.data import export, pipeline, records, tokenizer
 from kstore_jax.data import world as world_lib
@@ -164,16 +166,18 @@ def test_an_older_export_asks_for_a_re_export(tmp_path):
 
 def test_export_command_and_import_by_config(tmp_path):
   out = tmp_path / "jsonl"
-  r = subprocess.run([sys.executable, "-m", "kstore_jax.data", "--config=configs/tiny.py",
+  r = subprocess.run([runs.python(), "-m", "kstore_jax.data", "--config=configs/tiny.py",
                       "--config.data.n_people=20", f"--export={out}", "--format=jsonl"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+                     cwd=ROOT, env=runs.env(), capture_output=True, text=True, timeout=300,
+                     check=False)
   assert r.returncode == 0, r.stderr
   spec = f"jsonl:{out / export.JSONL}"
   assert repr(spec) in r.stdout and (out / export.TOKENIZER).exists()
   lines = (out / export.JSONL).read_text().splitlines()
   assert len(lines) == 20 * 5 and set(json.loads(lines[0])) == set(records.FIELDS)
-  r = subprocess.run([sys.executable, "-m", "kstore_jax.data", "--config=configs/tiny.py",
+  r = subprocess.run([runs.python(), "-m", "kstore_jax.data", "--config=configs/tiny.py",
                       f"--config.data.source={spec}", "--show=1", "--split=bios"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+                     cwd=ROOT, env=runs.env(), capture_output=True, text=True, timeout=300,
+                     check=False)
   assert r.returncode == 0, r.stderr
   assert json.loads(lines[0])["text"] in r.stdout

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+import runs
 from runs import env as run_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company", "com
 
 
 def tool(name, *args, cache=None, timeout=300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", f"kstore_jax.{name}", *args], cwd=ROOT,
+  return subprocess.run([runs.python(), "-m", f"kstore_jax.{name}", *args], cwd=ROOT,
                         env=run_env(cache), capture_output=True, text=True, timeout=timeout,
                         check=False)
 
@@ -58,7 +59,7 @@ def run_dir(tmp_path_factory, jax_cache):
   each); checkpoints every 3 steps. The inspect and ask tests read its first three stages as
   a plain run's, the results tests its probes too (one run for both saves a process)."""
   wd = tmp_path_factory.mktemp("tools") / "run"
-  r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}"],
+  r = subprocess.run([runs.python(), "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}"],
                      cwd=ROOT, env=run_env(jax_cache), capture_output=True, text=True,
                      timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -166,7 +167,7 @@ def test_resume_after_a_process_count_change(run_dir, tmp_path, jax_cache):
   (data / "process_0-of-1.json").unlink()
   for i in range(2):
     (data / f"process_{i}-of-2.json").write_text(state)
-  r = subprocess.run([sys.executable, "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}",
+  r = subprocess.run([runs.python(), "-m", "kstore_jax.main", *RUN_ARGS, f"--workdir={wd}",
                       "--config.stages=pretrain"], cwd=ROOT, env=run_env(jax_cache),
                      capture_output=True, text=True, timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]

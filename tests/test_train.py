@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+import runs
 from runs import DETERMINISTIC, env as run_env, small_run_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ MICROBATCHES = ["--config.train.microbatch_rows=4"]
 
 
 # -- helpers ------------------------------------------------------------------------------
-def main_cmd(workdir, *extra) -> list[str]:
-  return [sys.executable, "-m", "kstore_jax.main", CONFIG, f"--workdir={workdir}", *SMALL,
+def main_cmd(workdir, *extra, fresh=False) -> list[str]:
+  return [runs.python(fresh), "-m", "kstore_jax.main", CONFIG, f"--workdir={workdir}", *SMALL,
           *extra]
 
 
@@ -41,9 +42,9 @@ def train(workdir, cache, *extra, n_devices=1, timeout=300) -> subprocess.Comple
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def start(workdir, cache, *extra, n_devices=1) -> subprocess.Popen:
+def start(workdir, cache, *extra, n_devices=1, fresh=False) -> subprocess.Popen:
   log = pathlib.Path(str(workdir) + ".log")   # files, not pipes: nobody reads them meanwhile
-  return subprocess.Popen(main_cmd(workdir, *extra), cwd=ROOT, env=run_env(cache, n_devices),
+  return subprocess.Popen(main_cmd(workdir, *extra, fresh=fresh), cwd=ROOT, env=run_env(cache, n_devices),
                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -162,7 +163,7 @@ def test_8_devices_match_1_device(baseline, mesh8):
 
 def test_kill_9_resumes_bit_exactly(baseline, tmp_path, jax_cache):
   wd = tmp_path / "killed"
-  newest = interrupt_mid_run(start(wd, jax_cache), wd, signal.SIGKILL)
+  newest = interrupt_mid_run(start(wd, jax_cache, fresh=True), wd, signal.SIGKILL)
   assert newest < STEPS and not (wd / "pretrain/final").exists()
   r = ok(train(wd, jax_cache))
   assert f"resumed from step {newest}" in r.stdout, r.stdout

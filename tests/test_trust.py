@@ -4,7 +4,6 @@ evaluates."""
 
 import json
 import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -120,7 +119,7 @@ def dtype_runs(tmp_path_factory, jax_cache):
   for dtype, st in stages.items():
     log = open(base_dir / f"{dtype}.log", "w")   # a file, not a pipe: nobody reads it meanwhile
     procs[dtype] = log, subprocess.Popen(
-        [sys.executable, "-m", "kstore_jax.main", *BF16_RUN, f"--config.model.dtype={dtype}",
+        [runs.python(), "-m", "kstore_jax.main", *BF16_RUN, f"--config.model.dtype={dtype}",
          f"--config.stages={st}", f"--workdir={base_dir / dtype}"], cwd=runs.ROOT, env=env,
         stdout=log, stderr=subprocess.STDOUT)
   for dtype, (log, proc) in procs.items():
