@@ -171,6 +171,14 @@ def why_not(env: dict, base: dict, imported: dict) -> str | None:
   return f"{', '.join(differ)} differ" if differ else None
 
 
+def _reply(conn, obj) -> None:
+  """_send to a client that may be gone (killed): the server goes on."""
+  try:
+    _send(conn, obj)
+  except OSError:
+    pass
+
+
 def _cpu_only(env: dict) -> bool:
   """heap.cpu_only's answer (read by `import kstore_jax`) in environment `env`."""
   from kstore_jax import heap   # pylint: disable=import-outside-toplevel
@@ -242,18 +250,18 @@ def serve(name: str) -> None:
         break
       conn = children.pop(pid, None)
       if conn is not None:
-        try:
-          _send(conn, {"status": status})
-        except OSError:
-          pass
+        _reply(conn, {"status": status})
         conn.close()
     if listener in ready:
       conn, _ = listener.accept()
-      request, fds = _recv(conn, want_fds=3)
+      try:
+        request, fds = _recv(conn, want_fds=3)
+      except OSError:   # (the client killed while it asked)
+        request, fds = None, []
       reason = ("bad request" if request is None or len(fds) != 3
                 else why_not(request["env"], base, imported))
       if reason:
-        _send(conn, {"fallback": reason})
+        _reply(conn, {"fallback": reason})
         conn.close()
       else:
         pid = os.fork()
@@ -266,7 +274,7 @@ def serve(name: str) -> None:
           os.close(wake_r)
           os.close(wake_w)
           _child(request, fds, defaults, imported)   # does not return
-        _send(conn, {"pid": pid})
+        _reply(conn, {"pid": pid})   # (a client gone meanwhile: its EOF kills the child)
         children[pid] = conn
       for fd in fds:
         os.close(fd)
