@@ -25,8 +25,9 @@ def weighted_cross_entropy(logits_BLV, targets_BL, weights_BL):
 
 
 def init_params(model, tokens_BL, seed):
-  """The model's params as plain arrays (the logical-axis boxes removed)."""
-  return nn.meta.unbox(model.init(jax.random.key(seed), tokens_BL))["params"]
+  """The model's params as plain arrays (the logical-axis boxes removed); the init jitted
+  (one program, not each of its ops dispatched and compiled alone)."""
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), tokens_BL))["params"]
 
 
 def full_logits_loss(hidden_BLD, head_DV, targets_BL, weights_BL):
@@ -79,9 +80,9 @@ def test_lm_loss_uses_the_models_head():
              "weights": jnp.ones((2, 9)).at[:, -1].set(0.0),
              "positions": jnp.broadcast_to(jnp.arange(9), (2, 9)),
              "segment_ids": jnp.ones((2, 9), jnp.int32)}
-    logits, _, _ = model.apply({"params": params}, tokens)
+    logits, _, _ = jax.jit(model.apply)({"params": params}, tokens)
     ref = weighted_cross_entropy(logits, batch["targets"], batch["weights"])[0]
-    got = step.make_lm_loss(model)(params, {}, batch)[0]
+    got = jax.jit(step.make_lm_loss(model))(params, {}, batch)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
@@ -189,7 +190,7 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_par
            "segment_ids": seg, "weights": (seg > 0).astype(jnp.float32)}
   loss = lambda model: jax.value_and_grad(
       lambda p: step.make_lm_loss(model)(p, {}, batch)[0])(params)
-  (want, want_g), (got, got_g) = loss(plain), jax.jit(lambda: loss(other))()
+  (want, want_g), (got, got_g) = jax.jit(lambda: loss(plain))(), jax.jit(lambda: loss(other))()
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert jax.tree.structure(got_g) == jax.tree.structure(want_g)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):

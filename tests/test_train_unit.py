@@ -103,11 +103,10 @@ def test_microbatched_step_is_the_whole_batch_step():
            "weights": weights}
   batch = {k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32)
            for k, v in batch.items()}
-  params = model.init(jax.random.PRNGKey(0), batch["inputs"][:1])["params"]
-  params = nn.meta.unbox(params)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"][:1])["params"])
   hp = optim.hyperparams(stage_cfg(0))
   state = {"step": jnp.int32(0), "params": params,
-           "opt_state": optim.make_optimizer(hp).init(params)}
+           "opt_state": jax.jit(optim.make_optimizer(hp).init)(params)}
   loss_fn = step_lib.make_lm_loss(model)
   whole = jax.jit(step_lib.make_train_step(loss_fn))(state, None, batch, hp)
   parts = jax.jit(step_lib.make_train_step(loss_fn, 4))(state, None, batch, hp)
@@ -120,8 +119,8 @@ def test_microbatched_step_is_the_whole_batch_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-5 * float(np.abs(b).max()))
   # an unweighted mean of the microbatches' token means is another number: the test can fail
-  means = [float(loss_fn(params, None, {k: v[m::4] for k, v in batch.items()})[0])
-           for m in range(4)]
+  part_loss = jax.jit(lambda p, b: loss_fn(p, None, b)[0])   # (one program for the 4 parts)
+  means = [float(part_loss(params, {k: v[m::4] for k, v in batch.items()})) for m in range(4)]
   assert abs(np.mean(means) - float(whole[1]["loss"])) > 1e-3
   # microbatch m = rows m::M: each of the M parts' own loss, weighted, gives the batch's
   tokens = [weights[m::4].sum() for m in range(4)]
