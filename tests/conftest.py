@@ -17,6 +17,7 @@
 """
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -81,7 +82,8 @@ def forkserver(jax_cache, tokenizer_cache, tmp_path_factory):
   line = server.stdout.readline()
   assert line == "ready\n", f"the fork server did not start: {line!r}"
   client = tmp_path_factory.getbasetemp() / "python"
-  client.write_text(f"#!/bin/sh\nexec '{sys.executable}' -I -S '{script}' '{name}' \"$@\"\n")
+  client.write_text(f"#!/bin/sh\nexec {shlex.join([sys.executable, '-I', '-S', str(script), name])}"
+                    ' "$@"\n')
   client.chmod(0o755)
   os.environ[runs.PYTHON_ENV] = str(client)
   yield client
