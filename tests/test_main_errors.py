@@ -116,7 +116,7 @@ BAD_STAGE = {
                                 "finetune.lora_embed_rank=8 needs finetune.lora_rank > 0"),
     "batch_zero": ({"finetune.batch_size": "0"}, "finetune.batch_size=0 must be >= 1"),
     "microbatch_not_dividing": ({"train.microbatch_rows": "24"},
-                                "train.microbatch_rows=24 must divide pretrain.batch_size=64"),
+                                "train.microbatch_rows=24 must divide pretrain.batch_size=32"),
     "microbatch_negative": ({"train.microbatch_rows": "-8"},
                             "train.microbatch_rows=-8 must be >= 0"),
     # round(0.96 * 10) = 10 people trained on: nobody left for QA test (results.json got 0%
