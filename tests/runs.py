@@ -12,23 +12,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("step", "loss", "grad_norm", "lr", "loss_tokens")
 
 
-def small_run_args(steps: int, save_every: int, layers: int = 1) -> list[str]:
+def small_run_args(steps: int, save_every: int, layers: int = 1,
+                   lr: float | None = 5e-3) -> list[str]:
   """A tiny single-row pretraining run: 100 people, `layers` layers of width 64 (4 heads),
   batch 8. One layer by default: these runs' CPU time is tracing and compiling, which grows
   with the unrolled layers, and what they check (equal losses, bitwise resumes, a falling
   loss) does not need a second one. Peak lr 5e-3, the setting the 1e-5 grid-vs-solo and
   devices tolerances were set at: at tiny's own 1.2e-2 (session 33) this 64-wide, 8-row run
-  amplifies the float-order difference of a vmapped step to 4e-5 relative by step 17."""
+  amplifies the float-order difference of a vmapped step to 4e-5 relative by step 17.
+  lr=None leaves the config's own (a row config that sets its lr)."""
   return [
       "--config.data.n_people=100", "--config.data.seq_len=160", "--config.data.vocab_size=1024",
       f"--config.model.num_layers={layers}", "--config.model.d_model=64",
       "--config.model.num_heads=4",
       "--config.model.d_ff=128", "--config.pretrain.batch_size=8",
       f"--config.pretrain.steps={steps}", "--config.pretrain.warmup_steps=2",
-      "--config.pretrain.lr=5e-3",
       "--config.train.log_every=1", f"--config.train.save_every={save_every}",
       "--config.stages=pretrain",
-  ]
+  ] + ([] if lr is None else [f"--config.pretrain.lr={lr}"])
 
 
 def micro_stage_args(batch_size: int, save_every: int, **steps: int) -> list[str]:

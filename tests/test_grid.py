@@ -257,10 +257,8 @@ def test_a_grid_goes_on_past_a_run_that_diverges(env, tmp_path, mode):
                   "'fine': grids.row_config('single', arg)})\n")
   wd = tmp_path / "runs"
   r = run([runs.python(), "-m", "kstore_jax.grid", f"--config={grid}:tiny", f"--workdir={wd}",
-           f"--config.grid.mode={mode}",
-           # without the shared runs' lr: on the command line it would override blowup's 1e30
-           *(a for a in small_run_args(6, 3) if not a.startswith("--config.pretrain.lr="))],
-          env())
+           # lr=None: a command-line lr would override blowup's 1e30
+           f"--config.grid.mode={mode}", *small_run_args(6, 3, lr=None)], env())
   assert r.returncode == 1, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
   label = "pretrain" if mode == "sequential" else "blowup/pretrain"
   assert [l for l in r.stderr.splitlines() if "non-finite" in l][0].startswith(
