@@ -176,21 +176,31 @@ def toy_params():
   return jax.jit(lambda: init_params(plain, jnp.zeros((1, 8), jnp.int32), 3))()
 
 
-@pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots"),
-                                        (False, "dots_no_batch")])
-def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_params):
-  """model.scan_layers (one scanned block over stacked params) and every remat policy give the
-  unrolled, nothing-recomputed model's loss and gradients, on packed rows, in one param layout."""
-  plain, other = plain_and_other(scan_layers=scan, remat=remat)
+def packed_loss_and_grads(model, params):
+  """The model's LM loss and its gradients on two packed rows (two documents, and one with
+  padding)."""
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 50)
   seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], jnp.int32)
   pos = jnp.asarray([list(range(5)) + list(range(7)), list(range(9)) + [0] * 3], jnp.int32)
-  params = toy_params
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "positions": pos,
            "segment_ids": seg, "weights": (seg > 0).astype(jnp.float32)}
-  loss = lambda model: jax.value_and_grad(
-      lambda p: step.make_lm_loss(model)(p, {}, batch)[0])(params)
-  (want, want_g), (got, got_g) = jax.jit(lambda: loss(plain))(), jax.jit(lambda: loss(other))()
+  return jax.jit(lambda: jax.value_and_grad(
+      lambda p: step.make_lm_loss(model)(p, {}, batch)[0])(params))()
+
+
+@pytest.fixture(scope="module")
+def plain_loss(toy_params):
+  """The unrolled, nothing-recomputed model's (loss, gradients): once for every variant."""
+  return packed_loss_and_grads(plain_and_other()[0], toy_params)
+
+
+@pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots"),
+                                        (False, "dots_no_batch")])
+def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_params, plain_loss):
+  """model.scan_layers (one scanned block over stacked params) and every remat policy give the
+  unrolled, nothing-recomputed model's loss and gradients, on packed rows, in one param layout."""
+  _, other = plain_and_other(scan_layers=scan, remat=remat)
+  (want, want_g), (got, got_g) = plain_loss, packed_loss_and_grads(other, toy_params)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert jax.tree.structure(got_g) == jax.tree.structure(want_g)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
