@@ -174,7 +174,7 @@ def test_packed_offsets_match_segments():
     assert list(offsets[b, :n]) == want_off and (offsets[b, n:] == -1).all()
 
 
-@pytest.mark.parametrize("platform,want", [("cpu", "einsum"), ("cuda", "pallas"),
+@pytest.mark.parametrize("platform,want", [("cpu", "einsum"), ("cuda", "pallas_docs"),
                                            ("tpu", "splash")])
 def test_auto_resolves_per_platform(platform, want):
   assert attention.resolve("auto", platform) == want

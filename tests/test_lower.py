@@ -32,7 +32,7 @@ def no_cpu_only(calls):
   return not [c for c in calls if "cpu" in c.lower() or "callback" in c.lower()]
 
 
-@pytest.mark.parametrize("platform,kernel,call", [("cuda", "pallas", "__gpu$xla.gpu.triton"),
+@pytest.mark.parametrize("platform,kernel,call", [("cuda", "pallas_docs", "__gpu$xla.gpu.triton"),
                                                   ("tpu", "splash", "tpu_custom_call")])
 def test_lowers_flash_attention_for(platform, kernel, call):
   r = lower(platform)

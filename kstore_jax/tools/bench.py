@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from absl import flags
@@ -706,13 +707,16 @@ def bench_probe(cfg) -> list[dict]:
 
 
 # -- grid: many runs in one vmapped step vs one after another ------------------------------
-def bench_grid(_cfg) -> list[dict]:
+def bench_grid(_cfg) -> Iterator[dict]:
   """grid_speedup per run count R and grid mode: (median step seconds of R runs' first
   training stage, each alone, summed) / (the same steps as the grid runs them), measured back
   to back: `vmap` one cohort step; `processes` the runs shared out over one process per core
   (each pinned to it, all at once; the slowest process's summed step seconds). With `vmap`
   also grid_eval_speedup: the eval's QA decoding (--grid_eval_people of each part) of R
-  runs one after another / decoded together as the grid's eval does it."""
+  runs one after another / decoded together as the grid's eval does it. Each run is timed
+  alone once for every R it is in; each measurement is yielded (printed) as soon as it is
+  made, so a deadline that stops the benchmark keeps what it measured (the device check's
+  240 s bound on an H200 once left nothing of R = 2, 4, 8)."""
   import jax
   from kstore_jax import experiment
   from kstore_jax.model import attention
@@ -742,9 +746,17 @@ def bench_grid(_cfg) -> list[dict]:
 
     if GRID_ALONE.value:   # a processes-mode child: its share of the runs, one after another
       ms, mesh = members(GRID_ALONE.value)
-      return [measurement("grid_alone_step_s", throughput.alone_step_s(ms, mesh,
-                                                                       TRAIN_STEPS.value), "s")]
-    out = []
+      yield measurement("grid_alone_step_s", throughput.alone_step_s(ms, mesh,
+                                                                     TRAIN_STEPS.value), "s")
+      return
+    alone_s = {}   # run name -> its step's median seconds trained alone
+
+    def alone_sum(names, ms, mesh):
+      for n, m in zip(names, ms):
+        if n not in alone_s:
+          alone_s[n] = throughput.alone_step_s([m], mesh, TRAIN_STEPS.value)
+      return sum(alone_s[n] for n in names)
+
     ctx = dict(stage=stage, config=spec, overrides=overrides,
                model=size_name(g.runs[order[0]].model), device=jax_device_kind(),
                cpus=len(cores))
@@ -753,26 +765,25 @@ def bench_grid(_cfg) -> list[dict]:
         raise cli.ConfigError(f"--runs: {r!r} is not a run count >= 1")
       names = [order[i % len(order)] for i in range(int(r))]
       ms, mesh = members(names)
-      alone = throughput.alone_step_s(ms, mesh, TRAIN_STEPS.value)
+      alone = alone_sum(names, ms, mesh)
       run_axis = sharding.run_axis_for(g.grid.run_axis, mesh, len(ms))   # vmap's placement
       for mode in GRID_MODES.value:
         if mode == "vmap":
           grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value, run_axis=run_axis)
           if GRID_EVAL_PEOPLE.value > 0:
-            out.append(measure_grid_eval([exps[n] for n in names], ctx))
+            yield measure_grid_eval([exps[n] for n in names], ctx)
         elif mode == "processes" and len(cores) > 1:
           shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
           grid_s = max(processes_alone_s(shares, cores, spec, overrides))
         else:   # processes on one core: nothing to run side by side
-          out.append(measurement("grid_speedup", None, "ratio", runs=int(r), mode=mode,
-                                 skipped="the processes mode needs 2 or more cores", **ctx))
+          yield measurement("grid_speedup", None, "ratio", runs=int(r), mode=mode,
+                            skipped="the processes mode needs 2 or more cores", **ctx)
           continue
-        out.append(measurement("grid_speedup", round(alone / grid_s, 3), "ratio",
-                               runs=int(r), mode=mode, devices=jax.device_count(),
-                               run_axis=(run_axis or "replicated") if mode == "vmap" else None,
-                               alone_step_s=round(alone, 4),
-                               grid_step_s=round(grid_s, 4), **ctx))
-  return out
+        yield measurement("grid_speedup", round(alone / grid_s, 3), "ratio",
+                          runs=int(r), mode=mode, devices=jax.device_count(),
+                          run_axis=(run_axis or "replicated") if mode == "vmap" else None,
+                          alone_step_s=round(alone, 4), grid_step_s=round(grid_s, 4),
+                          **ctx)
 
 
 def measure_grid_eval(exps, ctx) -> dict:
@@ -832,9 +843,8 @@ def main(argv):
     raise cli.ConfigError(f"expected one benchmark out of {sorted(BENCHMARKS)}, got {what}")
   platform = PLATFORM.value if what[0] == "lower" else None   # lower: for that platform
   cfg = None if what[0] in NO_CONFIG else cli.validated_config(CONFIG.value, platform=platform)
-  results = BENCHMARKS[what[0]](cfg)
-  sys.stderr.flush()
-  for r in results:
+  for r in BENCHMARKS[what[0]](cfg):   # a list, or an iterator: each line as it is measured
+    sys.stderr.flush()
     print(json.dumps(r), flush=True)
 
 
