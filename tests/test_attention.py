@@ -276,3 +276,19 @@ def test_flash_docs_lowers_for_cuda():
       text = jax.jit(fn).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2      # the forward and the backward kernel
     assert f"{L}x{L}xf32" not in text and "x256x256x" not in text
+
+
+def test_flash_docs_launch_reaches_triton():
+  """A launch's warps and pipeline stages are the lowered kernels' (bench attention times
+  launches on the device by them), its tile their grid's."""
+  args = [jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)] * 3 + [
+      jax.ShapeDtypeStruct((2, 256), jnp.int32)]
+  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=3)):
+    grad = jax.grad(lambda q, k, v, seg: flash_docs.attention(
+        q, k, v, seg, True, launch=launch).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    with attention.lowering_target("cuda"):
+      text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(f"num_warps = {launch.warps} : i32") == 2, launch
+    assert text.count(f"num_stages = {launch.stages} : i32") == 2, launch
+    # the forward's grid: (tiles, rows, heads)
+    assert f"grid_x = {256 // launch.block} : i32, grid_y = 2 : i32, grid_z = 4 : i32" in text

@@ -22,6 +22,7 @@ tiles of Y positions, X = L + 1 segment-id slots.
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,19 @@ from jax.experimental.pallas import triton as plgpu
 
 from kstore_jax.model.attention import segment_extent
 
-BLOCK = 64                                   # Y: query and key tile, every pass
 LOG2E = math.log2(math.e)                    # scores go through exp2 (base-2 log-sum-exp)
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot make NaN
-WARPS, STAGES = 4, 2                         # Triton launch parameters (head dim <= 128)
+
+
+class Launch(NamedTuple):
+  """How the kernels are cut and launched: `block` (Y) the query and key tile of every pass, a
+  power of two; Triton's `warps` per program and software-pipelining `stages`."""
+  block: int = 64
+  warps: int = 4
+  stages: int = 2
+
+
+LAUNCH = Launch()   # the model's (H200, session 35: 1.33 ms a layer at the paper shape)
 
 
 def tile_bounds(seg_BL, block: int, causal: bool):
@@ -158,8 +168,9 @@ def _specs(L, K, block):
   )
 
 
-def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, block):
+def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, launch):
   B, L, H, K = q_BLHK.shape
+  block = launch.block
   k_lo, k_hi, _, _ = bounds
   sp = _specs(L, K, block)
   kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
@@ -171,14 +182,16 @@ def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, b
       out_specs=[sp["fwd_tile"], sp["fwd_lse"]],
       out_shape=[jax.ShapeDtypeStruct(q_BLHK.shape, q_BLHK.dtype),
                  jax.ShapeDtypeStruct((B, H, L), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=STAGES),
+      compiler_params=plgpu.CompilerParams(num_warps=launch.warps,
+                                           num_stages=launch.stages),
       interpret=interpret, name="flash_docs_forward",
   )(k_lo, k_hi, seg_BL, q_BLHK, k_BLHK, v_BLHK)
 
 
 def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, scale, causal,
-              interpret, block):
+              interpret, launch):
   B, L, H, K = q_BLHK.shape
+  block = launch.block
   delta_BHL = jnp.einsum("blhk,blhk->bhl", o_BLHK.astype(jnp.float32),
                          do_BLHK.astype(jnp.float32))
   sp = _specs(L, K, block)
@@ -190,28 +203,29 @@ def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, 
       + [sp["bwd_lse"]] * 2,
       out_specs=[sp["bwd_tile"]] * 3,
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_BLHK, k_BLHK, v_BLHK)],
-      compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=STAGES),
+      compiler_params=plgpu.CompilerParams(num_warps=launch.warps,
+                                           num_stages=launch.stages),
       interpret=interpret, name="flash_docs_backward",
   )(*bounds, seg_BL, q_BLHK, k_BLHK, v_BLHK, do_BLHK, lse_BHL, delta_BHL)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
-  bounds = tile_bounds(seg_BL, block, causal)
-  return _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, block)[0]
+def _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, launch):
+  bounds = tile_bounds(seg_BL, launch.block, causal)
+  return _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, launch)[0]
 
 
-def _flash_fwd(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, block):
-  bounds = tile_bounds(seg_BL, block, causal)   # once: the backward pass reuses them
+def _flash_fwd(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, launch):
+  bounds = tile_bounds(seg_BL, launch.block, causal)   # once: the backward pass reuses them
   o_BLHK, lse_BHL = _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret,
-                             block)
+                             launch)
   return o_BLHK, (q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL)
 
 
-def _flash_bwd(scale, causal, interpret, block, res, do_BLHK):
+def _flash_bwd(scale, causal, interpret, launch, res, do_BLHK):
   q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL = res
   dq, dk, dv = _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK,
-                         scale, causal, interpret, block)
+                         scale, causal, interpret, launch)
   return dq, dk, dv, None
 
 
@@ -219,17 +233,18 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = False,
-              block: int = BLOCK) -> jax.Array:
-  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `block` (Y) a power
-  of two (Triton's tiles), at most L, L a multiple of it; `interpret` runs the kernels as
-  plain jax ops (CPU tests). A head dim that is not a power of two is zero-padded (the
-  padded columns add nothing to q·k and are dropped from the output)."""
+              block: int | None = None, launch: Launch = LAUNCH) -> jax.Array:
+  """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `launch` the
+  kernels' tile and Triton parameters, `block` (when given) its tile (Y): a power of two, cut
+  to L, L a multiple of it; `interpret` runs the kernels as plain jax ops (CPU tests). A head
+  dim that is not a power of two is zero-padded (the padded columns add nothing to q·k and are
+  dropped from the output)."""
   K = q_BLHK.shape[-1]
   padded = 1 << (K - 1).bit_length()
   if padded != K:
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - K)))
     q_BLHK, k_BLHK, v_BLHK = pad(q_BLHK), pad(k_BLHK), pad(v_BLHK)
-  block = min(block, q_BLHK.shape[1])
+  launch = launch._replace(block=min(block or launch.block, q_BLHK.shape[1]))
   out = _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL.astype(jnp.int32), 1.0 / math.sqrt(K), causal,
-               interpret, block)
+               interpret, launch)
   return out[..., :K]

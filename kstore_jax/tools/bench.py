@@ -566,13 +566,32 @@ def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
   return seg, pos
 
 
+def pallas_docs_launches(platform: str):
+  """bench attention's other launches of pallas_docs beside the model's (flash_docs.LAUNCH):
+  its tile halved and doubled, twice the warps, one and three pipeline stages; on a CPU
+  (interpret mode, where Triton's parameters mean nothing) the tiles alone."""
+  from kstore_jax.model import flash_docs
+  base = flash_docs.LAUNCH
+  tiles = [base._replace(block=base.block // 2), base._replace(block=base.block * 2)]
+  return tiles if platform == "cpu" else tiles + [
+      base._replace(warps=base.warps * 2), base._replace(stages=1), base._replace(stages=3)]
+
+
+def launch_suffix(launch) -> str:
+  """A pallas_docs launch's name suffix: what differs from the model's (`_t32`, `_w8s3`)."""
+  from kstore_jax.model import flash_docs
+  base = flash_docs.LAUNCH
+  return "_" + "".join(f"{tag}{new}" for tag, new, old in zip("tws", launch, base) if new != old)
+
+
 def bench_attention(cfg) -> list[dict]:
   """Causal self-attention over packed documents, forward + backward, for each implementation
   that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
   heads, head dim) in the config's compute dtype: median ms and the output's and gradients'
   error against XLA attention in float32 on the same inputs (documents of 20-111 positions,
   as bioS packs). cudnn also with a tighter document bound, pallas_docs also at 32-position
-  tiles (`tiles_visited`: the share of a causal kernel's tile pairs it walks)."""
+  tiles (`tiles_visited`: the share of a causal kernel's tile pairs it walks) and at other
+  launches (`pallas_docs_launches`: other tiles, warps and pipeline stages)."""
   import jax
   import jax.numpy as jnp
   from kstore_jax.model import attention, flash_docs, transformer
@@ -588,11 +607,11 @@ def bench_attention(cfg) -> list[dict]:
   do = do * (seg > 0)[:, :, None, None]
 
   def fwd_bwd(impl, cast, option=None):
-    """option: cudnn's document bound M, pallas_docs' tile (None: the model's)."""
+    """option: cudnn's document bound M, pallas_docs' flash_docs.Launch (None: the model's)."""
     def loss(q, k, v, do, pos, seg):
       q, k, v = (x.astype(cast) for x in (q, k, v))
       if impl == "pallas_docs" and option:
-        out = flash_docs.attention(q, k, v, seg, True, platform == "cpu", block=option)
+        out = flash_docs.attention(q, k, v, seg, True, platform == "cpu", launch=option)
       else:
         out = attention.self_attention(impl, q, k, v, pos, seg, True,
                                        interpret=platform == "cpu", max_docs=option)
@@ -613,11 +632,12 @@ def bench_attention(cfg) -> list[dict]:
   variants = [(i, None) for i in ATTENTION.value or attention.IMPLEMENTATIONS]
   if any(i == "cudnn" for i, _ in variants):   # the packed layout's document bound M matters?
     variants.append(("cudnn", L // 16))
-  if any(i == "pallas_docs" for i, _ in variants) and L >= 64:   # smaller tiles skip more
-    variants.append(("pallas_docs", 32))
+  if any(i == "pallas_docs" for i, _ in variants):   # its launch: tiles (smaller skip more)
+    variants += [("pallas_docs", launch) for launch in pallas_docs_launches(platform)
+                 if launch.block <= L]
   for impl, option in variants:
     name = (f"attention_{impl}" + (f"_m{option}" if impl == "cudnn" and option else "")
-            + (f"_t{option}" if impl == "pallas_docs" and option else "") + "_ms")
+            + (launch_suffix(option) if impl == "pallas_docs" and option else "") + "_ms")
     problem = attention.unsupported(impl, dtype, platform, L)
     if problem:
       out.append(measurement(name, None, "ms", skipped=problem, **ctx))
@@ -633,8 +653,8 @@ def bench_attention(cfg) -> list[dict]:
     ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
     extra = {}
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
-      visited, causal_only = flash_docs.visited_tiles(seg, min(option or flash_docs.BLOCK, L),
-                                                      True)
+      visited, causal_only = flash_docs.visited_tiles(
+          seg, min((option or flash_docs.LAUNCH).block, L), True)
       extra = dict(tiles_visited=round(visited / causal_only, 3))
     r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
                     compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
