@@ -175,7 +175,8 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       # 'auto': float32 compute on CPU, bfloat16 on GPU/TPU (params and optimizer state stay
       # float32; softmax, logits and the loss in float32)
       dtype="auto",
-      # 'auto': einsum on CPU, pallas (flash, segment ids) on CUDA, splash on TPU; or one of
+      # 'auto': einsum on CPU, pallas_docs (flash over each document's tiles) on CUDA, splash
+      # on TPU; or one of
       # kstore_jax/model/attention.py's IMPLEMENTATIONS
       attention="auto"))
 

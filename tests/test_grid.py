@@ -288,10 +288,22 @@ def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
            "--config.eval.max_people=8", "--config.train.log_every=1",
            "--config.grid.max_runs=16", "--config.grid.eval_runs=together",
            *(f"--config.{s}.{k}={v}" for s in ("pretrain", "pretrain_mixed", "finetune")
-             for k, v in (("steps", 2), ("batch_size", 4), ("warmup_steps", 1)))]
+             for k, v in (("steps", 2), ("batch_size", 4), ("warmup_steps", 1), ("lr", 5e-3)))]
   r = ok(run([runs.python(), "-m", "kstore_jax.grid", "--config=configs/grids/fig3.py:tiny",
               f"--workdir={wd}", "--config.grid.mode=vmap", *micro], env(), timeout=600))
-  assert r.stdout.count("16 run(s) in one step") == 3, r.stdout[-3000:]   # the 3 train stages
+  # pretrain and pretrain_mixed at equal settings share cohorts: 32 base runs in 2 steps of
+  # 16, then the 16 finetunes
+  assert r.stdout.count("pretrain, pretrain_mixed: 16 run(s) in one step") == 2, r.stdout[-3000:]
+  assert r.stdout.count("finetune: 16 run(s) in one step") == 1, r.stdout[-3000:]
+  # a mixed run trained in such a cohort is the run trained alone
+  solo = tmp_path / "solo"
+  ok(run([runs.python(), "-m", "kstore_jax.main", "--config=configs/multi5_permute.py:tiny,mixed",
+          f"--workdir={solo}", *[m for m in micro if not m.startswith("--config.grid.")]],
+         env()))
+  got, want = (metrics(d / "pretrain_mixed") for d in (wd / "multi5_permute_mixed", solo))
+  assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+  for g, w in zip(got, want):
+    assert abs(g["loss"] - w["loss"]) <= 1e-5 * abs(w["loss"]), (g, w)
   # every run asks the same questions of the same model: 2 x 16 evals decoded together
   assert r.stdout.count("eval: 16 run(s) decoded together") == 2, r.stdout[-3000:]
   sys.path.insert(0, str(ROOT))

@@ -13,7 +13,8 @@ one-line error naming the run and the key).
   vmap        the runs' stages train in cohorts: runs whose stage has the same model shape,
               stage settings, batch shape and loss train in one jitted step vmapped over a
               leading run axis of params, optimizer state and batches (`grid.max_runs` per
-              cohort), each fed by its own Grain iterator and checkpointed into its own
+              cohort; pretrain and pretrain_mixed, the same loss from scratch on other data,
+              share cohorts), each fed by its own Grain iterator and checkpointed into its own
               directory. `grid.run_axis` places the run axis on the mesh: `replicated`
               (the default: each run's rows split over data x fsdp as when it trains
               alone) or `data` (whole runs per slice of the data axis, so no gradient
@@ -87,7 +88,8 @@ def resolve_mode(mode: str, platform: str, n_runs: int, n_processes: int = 1) ->
 def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
                   eval_together: bool = False) -> None:
   """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
-  keys) of at most `max_runs` runs, each stage of all runs before the next stage; a cohort's
+  keys) of at most `max_runs` runs, each stage of all runs before the next stage (the base
+  stages as one: a pretrain and a pretrain_mixed of equal settings share a step); a cohort's
   run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for); with
   `eval_together` the eval of runs with one Experiment.eval_key decoded in one pass."""
   from configs import base
@@ -98,24 +100,27 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
   while any(pending.values()):
     nexts = {n: s[0] for n, s in pending.items() if s}
     stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
-    names = [n for n, s in nexts.items() if s == stage]
+    # the base stages go together (pretrain beside pretrain_mixed: Experiment.member)
+    kin = base.BASE_STAGES if stage in base.BASE_STAGES else (stage,)
+    names = [n for n, s in nexts.items() if s in kin]
     cohorts: dict[tuple, list] = {}
     if stage in base.TRAINED_STAGES:
       for n in names:
-        if exps[n].done(stage):
-          print(f"[{n}/{stage}] already done, skipping", flush=True)
+        if exps[n].done(nexts[n]):
+          print(f"[{n}/{nexts[n]}] already done, skipping", flush=True)
           continue
         # keyed on shapes: a run's base model (finetune, probes) is loaded when its cohort
         # trains, not every run's at once
-        cohorts.setdefault(exps[n].member(stage, n, abstract=True)[1], []).append(n)
+        cohorts.setdefault(exps[n].member(nexts[n], n, abstract=True)[1], []).append(n)
     for group in cohorts.values():
       for i in range(0, len(group), max_runs):
         part = group[i:i + max_runs]
         first = exps[part[0]]
         axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
-        print(f"[grid] {stage}: {len(part)} run(s) in one step (run axis "
+        stages = ", ".join(dict.fromkeys(nexts[n] for n in part))
+        print(f"[grid] {stages}: {len(part)} run(s) in one step (run axis "
               f"{axis or 'replicated'}): {', '.join(part)}", flush=True)
-        members = [exps[n].member(stage, f"{n}/{stage}")[0] for n in part]
+        members = [exps[n].member(nexts[n], f"{n}/{nexts[n]}")[0] for n in part]
         try:
           loop.run_cohort(members, first.cfg.train, first.mesh, run_axis=axis)
         except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
