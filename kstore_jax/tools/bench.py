@@ -733,10 +733,10 @@ def bench_grid(_cfg) -> Iterator[dict]:
   to back: `vmap` one cohort step; `processes` the runs shared out over one process per core
   (each pinned to it, all at once; the slowest process's summed step seconds). With `vmap`
   also grid_eval_speedup: the eval's QA decoding (--grid_eval_people of each part) of R
-  runs one after another / decoded together as the grid's eval does it. Each run is timed
-  alone once for every R it is in; each measurement is yielded (printed) as soon as it is
-  made, so a deadline that stops the benchmark keeps what it measured (the device check's
-  240 s bound on an H200 once left nothing of R = 2, 4, 8)."""
+  runs one after another / decoded together as the grid's eval does it, after every R's
+  training. Each run is timed alone once for every R it is in; each measurement is yielded
+  (printed) as soon as it is made, so a deadline that stops the benchmark keeps what it
+  measured (the device check's 240 s bound on an H200 once left nothing of R = 2, 4, 8)."""
   import jax
   from kstore_jax import experiment
   from kstore_jax.model import attention
@@ -780,30 +780,33 @@ def bench_grid(_cfg) -> Iterator[dict]:
     ctx = dict(stage=stage, config=spec, overrides=overrides,
                model=size_name(g.runs[order[0]].model), device=jax_device_kind(),
                cpus=len(cores))
-    for r in GRID_RUNS.value:
-      if not r.isdigit() or int(r) < 1:
-        raise cli.ConfigError(f"--runs: {r!r} is not a run count >= 1")
-      names = [order[i % len(order)] for i in range(int(r))]
+    bad = [r for r in GRID_RUNS.value if not r.isdigit() or int(r) < 1]
+    if bad:
+      raise cli.ConfigError(f"--runs: {bad[0]!r} is not a run count >= 1")
+    cohorts = [[order[i % len(order)] for i in range(int(r))] for r in GRID_RUNS.value]
+    for names in cohorts:   # the training speedups of every R first, then the evals'
+      r = len(names)
       ms, mesh = members(names)
       alone = alone_sum(names, ms, mesh)
       run_axis = sharding.run_axis_for(g.grid.run_axis, mesh, len(ms))   # vmap's placement
       for mode in GRID_MODES.value:
         if mode == "vmap":
           grid_s = throughput.cohort_step_s(ms, mesh, TRAIN_STEPS.value, run_axis=run_axis)
-          if GRID_EVAL_PEOPLE.value > 0:
-            yield measure_grid_eval([exps[n] for n in names], ctx)
         elif mode == "processes" and len(cores) > 1:
           shares = [names[i::len(cores)] for i in range(min(len(cores), len(names)))]
           grid_s = max(processes_alone_s(shares, cores, spec, overrides))
         else:   # processes on one core: nothing to run side by side
-          yield measurement("grid_speedup", None, "ratio", runs=int(r), mode=mode,
+          yield measurement("grid_speedup", None, "ratio", runs=r, mode=mode,
                             skipped="the processes mode needs 2 or more cores", **ctx)
           continue
         yield measurement("grid_speedup", round(alone / grid_s, 3), "ratio",
-                          runs=int(r), mode=mode, devices=jax.device_count(),
+                          runs=r, mode=mode, devices=jax.device_count(),
                           run_axis=(run_axis or "replicated") if mode == "vmap" else None,
                           alone_step_s=round(alone, 4), grid_step_s=round(grid_s, 4),
                           **ctx)
+    if "vmap" in GRID_MODES.value and GRID_EVAL_PEOPLE.value > 0:
+      for names in cohorts:
+        yield measure_grid_eval([exps[n] for n in names], ctx)
 
 
 def measure_grid_eval(exps, ctx) -> dict:
