@@ -587,9 +587,11 @@ def launch_suffix(launch) -> str:
 def bench_attention(cfg) -> list[dict]:
   """Causal self-attention over packed documents, forward + backward, for each implementation
   that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
-  heads, head dim) in the config's compute dtype: median ms and the output's and gradients'
-  error against XLA attention in float32 on the same inputs (documents of 20-111 positions,
-  as bioS packs). cudnn also with a tighter document bound, pallas_docs also at 32-position
+  heads, head dim) in the config's compute dtype: median ms of the forward and backward pass
+  alone (inputs and the output's cotangent in that dtype: no casts or loss timed, as a train
+  step's layer runs it; before session 35 the timed function also cast f32 inputs and summed
+  a loss) and the output's and gradients' error against XLA attention in float32 on the same
+  rounded inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document bound, pallas_docs also at 32-position
   tiles (`tiles_visited`: the share of a causal kernel's tile pairs it walks) and at other
   launches (`pallas_docs_launches`: other tiles, warps and pipeline stages)."""
   import jax
@@ -602,26 +604,32 @@ def bench_attention(cfg) -> list[dict]:
   H, K = cfg.model.num_heads, cfg.model.d_model // cfg.model.num_heads
   rng = np.random.default_rng(0)
   seg, pos = (jnp.asarray(x) for x in packed_segments(rng, B, L, 20, 111))
-  q, k, v, do = (jax.random.normal(key, (B, L, H, K), jnp.float32)
+  real = (seg > 0)[:, :, None, None]
+  # q, k, v and the output's cotangent in the compute dtype, as the train step's attention
+  # gets them
+  q, k, v, do = (jax.random.normal(key, (B, L, H, K), jnp.float32).astype(dtype)
                  for key in jax.random.split(jax.random.PRNGKey(0), 4))
-  do = do * (seg > 0)[:, :, None, None]
+  do = do * real
 
-  def fwd_bwd(impl, cast, option=None):
-    """option: cudnn's document bound M, pallas_docs' flash_docs.Launch (None: the model's)."""
-    def loss(q, k, v, do, pos, seg):
-      q, k, v = (x.astype(cast) for x in (q, k, v))
+  def fwd_bwd(impl, option=None):
+    """(out, (dq, dk, dv)): the forward and backward pass alone (no casts, no loss: what a
+    train step's layer runs); option: cudnn's document bound M, pallas_docs'
+    flash_docs.Launch (None: the model's)."""
+    def attend(q, k, v, pos, seg):
       if impl == "pallas_docs" and option:
-        out = flash_docs.attention(q, k, v, seg, True, platform == "cpu", launch=option)
-      else:
-        out = attention.self_attention(impl, q, k, v, pos, seg, True,
-                                       interpret=platform == "cpu", max_docs=option)
-      return (out.astype(jnp.float32) * do).sum(), out
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        return flash_docs.attention(q, k, v, seg, True, platform == "cpu", launch=option)
+      return attention.self_attention(impl, q, k, v, pos, seg, True,
+                                      interpret=platform == "cpu", max_docs=option)
+
+    def run(q, k, v, do, pos, seg):
+      out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, pos, seg), q, k, v)
+      return out, vjp(do.astype(out.dtype))
+    return jax.jit(run)
 
   args = (q, k, v, do, pos, seg)
-  ref = fwd_bwd("xla", jnp.float32)(*args)
-  ref_leaves = [ref[0][1]] + list(ref[1])
-  real = (seg > 0)[:, :, None, None]
+  # the reference: XLA's attention in float32 on the same (rounded) inputs
+  ref = fwd_bwd("xla")(*(x.astype(jnp.float32) for x in (q, k, v, do)), pos, seg)
+  ref_leaves = [ref[0]] + list(ref[1])
   out = []
   ctx = dict(config=cfg.name, batch=B, seq_len=L, heads=H, head_dim=K, dtype=dtype,
              device=jax_device_kind())
@@ -643,13 +651,13 @@ def bench_attention(cfg) -> list[dict]:
       out.append(measurement(name, None, "ms", skipped=problem, **ctx))
       continue
     print(f"[bench attention] {name}: compiling", file=sys.stderr, flush=True)
-    fn = fwd_bwd(impl, jnp.dtype(dtype), option)
+    fn = fwd_bwd(impl, option)
     t0 = time.perf_counter()
     got = jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
     errs = [float(jnp.linalg.norm(((a - b) * real).astype(jnp.float32))
                   / jnp.linalg.norm((b * real).astype(jnp.float32)))
-            for a, b in zip([got[0][1]] + list(got[1]), ref_leaves)]
+            for a, b in zip([got[0]] + list(got[1]), ref_leaves)]
     ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
     extra = {}
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
