@@ -196,11 +196,13 @@ def test_impossible_combinations_are_named():
 
 
 # -- pallas_docs: the kernel that visits only the tiles its documents reach --------------------
-def check_flash_docs(q, k, v, do, seg, pos, causal, block=16):
-  """flash_docs at `block`-position tiles: output and gradients equal the reference's on
-  every real (non-padding) row."""
+def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, heads=1):
+  """flash_docs at `block`-position tiles, `heads` heads a program: output and gradients equal
+  the reference's on every real (non-padding) row."""
+  launch = flash_docs.LAUNCH._replace(heads=heads)
   def f(q, k, v):
-    out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, block=block)
+    out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, block=block,
+                               launch=launch)
     return (out * do).sum(), out
   (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
       *(jnp.asarray(x) for x in (q, k, v)))
@@ -232,6 +234,21 @@ def test_flash_docs_skips_tiles_and_matches_numpy(causal):
   visited, dense = flash_docs.visited_tiles(seg, 16, causal)
   assert visited < 0.6 * dense, (visited, dense)
   check_flash_docs(q, k, v, do, seg, pos, causal)
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_flash_docs_heads_a_program_match_numpy(heads):
+  """Programs of several heads each (Launch.heads) compute every head as programs of one do:
+  each head its own q, k, v, statistics and gradients (4 heads of other values per row)."""
+  q, k, v, do, seg, pos = batch(seed=51 + heads, L=64, H=4)
+  check_flash_docs(q, k, v, do, seg, pos, True, heads=heads)
+
+
+def test_flash_docs_heads_must_divide():
+  q = jnp.zeros((1, 64, 4, 32), jnp.float32)
+  with pytest.raises(ValueError, match="3 heads a program do not divide 4 heads"):
+    flash_docs.attention(q, q, q, jnp.ones((1, 64), jnp.int32), True, interpret=True,
+                         launch=flash_docs.LAUNCH._replace(heads=3))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -280,15 +297,16 @@ def test_flash_docs_lowers_for_cuda():
 
 def test_flash_docs_launch_reaches_triton():
   """A launch's warps and pipeline stages are the lowered kernels' (bench attention times
-  launches on the device by them), its tile their grid's."""
+  launches on the device by them), its tile and heads a program their grid's."""
   args = [jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)] * 3 + [
       jax.ShapeDtypeStruct((2, 256), jnp.int32)]
-  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=3)):
+  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=3, heads=2)):
     grad = jax.grad(lambda q, k, v, seg: flash_docs.attention(
         q, k, v, seg, True, launch=launch).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     with attention.lowering_target("cuda"):
       text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count(f"num_warps = {launch.warps} : i32") == 2, launch
     assert text.count(f"num_stages = {launch.stages} : i32") == 2, launch
-    # the forward's grid: (tiles, rows, heads)
-    assert f"grid_x = {256 // launch.block} : i32, grid_y = 2 : i32, grid_z = 4 : i32" in text
+    # the forward's grid: (tiles, rows, head groups)
+    assert (f"grid_x = {256 // launch.block} : i32, grid_y = 2 : i32, "
+            f"grid_z = {4 // launch.heads} : i32") in text

@@ -17,7 +17,7 @@ The tiles' bounds are computed from the segment ids outside the kernel (`tile_bo
 and read by each program as two scalars, the loop's limits.
 
 Shapes: B rows, L positions, H heads, K head dim (padded to a power of two inside), U = L / Y
-tiles of Y positions, X = L + 1 segment-id slots.
+tiles of Y positions, X = L + 1 segment-id slots, G heads a program (`Launch.heads`).
 """
 
 import functools
@@ -38,10 +38,13 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot
 
 class Launch(NamedTuple):
   """How the kernels are cut and launched: `block` (Y) the query and key tile of every pass, a
-  power of two; Triton's `warps` per program and software-pipelining `stages`."""
+  power of two; Triton's `warps` per program and software-pipelining `stages`; `heads` (G)
+  the heads one program computes, one after another (a divisor of the model's: fewer,
+  longer programs, each loading its row's tile bounds and segment ids once)."""
   block: int = 64
   warps: int = 4
   stages: int = 2
+  heads: int = 1
 
 
 LAUNCH = Launch()   # the model's (H200, session 35: 1.33 ms a layer at the paper shape)
@@ -84,99 +87,130 @@ def _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal):
   return jnp.where(visible, s_YY, MASKED)
 
 
+def _tile(ref, rows, g):
+  """Head g's [Y, K] rows of a tile or row ref: [L, K] (one head a program, the head dim
+  squeezed by its BlockSpec) or [L, G, K]."""
+  return ref[rows, :] if len(ref.shape) == 2 else ref[rows, g, :]
+
+
+def _put(ref, g, value):
+  """Store head g's [Y, K] tile into `ref` ([Y, K] or [Y, G, K])."""
+  if len(ref.shape) == 2:
+    ref[...] = value
+  else:
+    ref[:, g, :] = value
+
+
+def _stat(ref, rows, g):
+  """Head g's per-query statistics (lse, delta) at `rows`: `ref` [L] or [G, L]."""
+  return ref[rows] if len(ref.shape) == 1 else ref[g, rows]
+
+
 def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     scale, causal, block):
+  """Query tile n of G heads (q_ref, o_ref: [Y, G, K]; k_ref, v_ref: the row's [L, G, K]),
+  one head after another over the tile's key range."""
   n = pl.program_id(0)
-  q_YK = q_ref[...]
   seg_q_Y = seg_ref[pl.ds(n * block, block)]
-
-  def visit(m, carry):
-    o_YK, max_Y, sum_Y = carry
-    cols = pl.ds(m * block, block)
-    s_YY = _scores(q_YK, k_ref[cols, :], seg_q_Y, seg_ref[cols], n, m, block, scale, causal)
-    new_max_Y = jnp.maximum(max_Y, s_YY.max(-1))
-    fade_Y = jnp.exp2(max_Y - new_max_Y)
-    p_YY = jnp.exp2(s_YY - new_max_Y[:, None])
-    v_YK = v_ref[cols, :]
-    o_YK = o_YK * fade_Y[:, None] + plgpu.dot(p_YY.astype(v_YK.dtype), v_YK)
-    return o_YK, new_max_Y, sum_Y * fade_Y + p_YY.sum(-1)
-
   K = q_ref.shape[-1]
-  init = (jnp.zeros((block, K), jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
-          jnp.zeros((block,), jnp.float32))
-  # every query sees itself, so its own tile is in range and sum_Y > 0
-  o_YK, max_Y, sum_Y = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
-  o_ref[...] = (o_YK / sum_Y[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = max_Y + jnp.log2(sum_Y)
+  for g in range(1 if len(q_ref.shape) == 2 else q_ref.shape[1]):
+    q_YK = _tile(q_ref, slice(None), g)
+
+    def visit(m, carry, g=g, q_YK=q_YK):
+      o_YK, max_Y, sum_Y = carry
+      cols = pl.ds(m * block, block)
+      s_YY = _scores(q_YK, _tile(k_ref, cols, g), seg_q_Y, seg_ref[cols], n, m, block, scale,
+                     causal)
+      new_max_Y = jnp.maximum(max_Y, s_YY.max(-1))
+      fade_Y = jnp.exp2(max_Y - new_max_Y)
+      p_YY = jnp.exp2(s_YY - new_max_Y[:, None])
+      v_YK = _tile(v_ref, cols, g)
+      o_YK = o_YK * fade_Y[:, None] + plgpu.dot(p_YY.astype(v_YK.dtype), v_YK)
+      return o_YK, new_max_Y, sum_Y * fade_Y + p_YY.sum(-1)
+
+    init = (jnp.zeros((block, K), jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
+            jnp.zeros((block,), jnp.float32))
+    # every query sees itself, so its own tile is in range and sum_Y > 0
+    o_YK, max_Y, sum_Y = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
+    _put(o_ref, g, (o_YK / sum_Y[:, None]).astype(o_ref.dtype))
+    if len(lse_ref.shape) == 1:
+      lse_ref[...] = max_Y + jnp.log2(sum_Y)
+    else:
+      lse_ref[g, :] = max_Y + jnp.log2(sum_Y)
 
 
 def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
                      do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, scale, causal,
                      block):
+  """Key tile t (dk, dv) and query tile t (dq) of G heads, one head after another (q_ref,
+  k_ref, v_ref, do_ref: the row's [L, G, K]; lse_ref, delta_ref: [G, L])."""
   t = pl.program_id(2)   # this program's key tile (dk, dv) and query tile (dq)
   K = q_ref.shape[-1]
-
-  def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows):
-    s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal)
-    return jnp.exp2(s_YY - lse_ref[rows][:, None])
-
-  cols = pl.ds(t * block, block)
-  k_YK, v_YK, seg_k_Y = k_ref[cols, :], v_ref[cols, :], seg_ref[cols]
-
-  def into_key_tile(n, carry):
-    dk_YK, dv_YK = carry
-    rows = pl.ds(n * block, block)
-    q_YK, do_YK = q_ref[rows, :], do_ref[rows, :]
-    p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_k_Y, rows)
-    dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
-    ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - delta_ref[rows][:, None]) * scale
-    dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
-    return dk_YK, dv_YK
-
   zeros = jnp.zeros((block, K), jnp.float32)
-  dk_YK, dv_YK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
-  dk_ref[...] = dk_YK.astype(dk_ref.dtype)
-  dv_ref[...] = dv_YK.astype(dv_ref.dtype)
+  own = pl.ds(t * block, block)
+  seg_t_Y = seg_ref[own]
+  for g in range(1 if len(q_ref.shape) == 2 else q_ref.shape[1]):
 
-  rows = pl.ds(t * block, block)
-  q_YK, do_YK, seg_q_Y = q_ref[rows, :], do_ref[rows, :], seg_ref[rows]
+    def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows, g=g):
+      s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal)
+      return jnp.exp2(s_YY - _stat(lse_ref, rows, g)[:, None])
 
-  def from_key_tile(m, dq_YK):
-    cols = pl.ds(m * block, block)
-    k_YK, v_YK = k_ref[cols, :], v_ref[cols, :]
-    p_YY = probs(t, m, q_YK, k_YK, seg_q_Y, seg_ref[cols], rows)
-    ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - delta_ref[rows][:, None]) * scale
-    return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
+    k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
 
-  dq_ref[...] = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
-                              zeros).astype(dq_ref.dtype)
+    def into_key_tile(n, carry, g=g, k_YK=k_YK, v_YK=v_YK, probs=probs):
+      dk_YK, dv_YK = carry
+      rows = pl.ds(n * block, block)
+      q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
+      p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_t_Y, rows)
+      dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
+      ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, rows, g)[:, None]) * scale
+      dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
+      return dk_YK, dv_YK
+
+    dk_YK, dv_YK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
+    _put(dk_ref, g, dk_YK.astype(dk_ref.dtype))
+    _put(dv_ref, g, dv_YK.astype(dv_ref.dtype))
+
+    q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
+
+    def from_key_tile(m, dq_YK, g=g, q_YK=q_YK, do_YK=do_YK, probs=probs):
+      cols = pl.ds(m * block, block)
+      k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
+      p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own)
+      ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, own, g)[:, None]) * scale
+      return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
+
+    _put(dq_ref, g, lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
+                                  zeros).astype(dq_ref.dtype))
 
 
-def _specs(L, K, block):
-  """BlockSpecs over a grid (tile, row, head) [forward] or (row, head, tile) [backward]."""
+def _specs(L, K, block, G):
+  """BlockSpecs over a grid (tile, row, head group) [forward] or (row, head group, tile)
+  [backward]; a head group is G consecutive heads (G = 1: the head dim squeezed)."""
+  g = None if G == 1 else G
   return dict(
-      fwd_tile=pl.BlockSpec((None, block, None, K), lambda n, b, h: (b, n, h, 0)),
-      fwd_row=pl.BlockSpec((None, L, None, K), lambda n, b, h: (b, 0, h, 0)),
+      fwd_tile=pl.BlockSpec((None, block, g, K), lambda n, b, h: (b, n, h, 0)),
+      fwd_row=pl.BlockSpec((None, L, g, K), lambda n, b, h: (b, 0, h, 0)),
       fwd_seg=pl.BlockSpec((None, L), lambda n, b, h: (b, 0)),
       fwd_bound=pl.BlockSpec((None, None), lambda n, b, h: (b, n)),
-      fwd_lse=pl.BlockSpec((None, None, block), lambda n, b, h: (b, h, n)),
-      bwd_tile=pl.BlockSpec((None, block, None, K), lambda b, h, t: (b, t, h, 0)),
-      bwd_row=pl.BlockSpec((None, L, None, K), lambda b, h, t: (b, 0, h, 0)),
+      fwd_lse=pl.BlockSpec((None, g, block), lambda n, b, h: (b, h, n)),
+      bwd_tile=pl.BlockSpec((None, block, g, K), lambda b, h, t: (b, t, h, 0)),
+      bwd_row=pl.BlockSpec((None, L, g, K), lambda b, h, t: (b, 0, h, 0)),
       bwd_seg=pl.BlockSpec((None, L), lambda b, h, t: (b, 0)),
       bwd_bound=pl.BlockSpec((None, None), lambda b, h, t: (b, t)),
-      bwd_lse=pl.BlockSpec((None, None, L), lambda b, h, t: (b, h, 0)),
+      bwd_lse=pl.BlockSpec((None, g, L), lambda b, h, t: (b, h, 0)),
   )
 
 
 def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, launch):
   B, L, H, K = q_BLHK.shape
-  block = launch.block
+  block, G = launch.block, launch.heads
   k_lo, k_hi, _, _ = bounds
-  sp = _specs(L, K, block)
+  sp = _specs(L, K, block, G)
   kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
                              block=block)
   return pl.pallas_call(
-      kernel, grid=(L // block, B, H),
+      kernel, grid=(L // block, B, H // G),
       in_specs=[sp["fwd_bound"], sp["fwd_bound"], sp["fwd_seg"], sp["fwd_tile"],
                 sp["fwd_row"], sp["fwd_row"]],
       out_specs=[sp["fwd_tile"], sp["fwd_lse"]],
@@ -191,14 +225,14 @@ def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, l
 def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, scale, causal,
               interpret, launch):
   B, L, H, K = q_BLHK.shape
-  block = launch.block
+  block, G = launch.block, launch.heads
   delta_BHL = jnp.einsum("blhk,blhk->bhl", o_BLHK.astype(jnp.float32),
                          do_BLHK.astype(jnp.float32))
-  sp = _specs(L, K, block)
+  sp = _specs(L, K, block, G)
   kernel = functools.partial(_backward_kernel, scale=scale, causal=causal,
                              block=block)
   return pl.pallas_call(
-      kernel, grid=(B, H, L // block),
+      kernel, grid=(B, H // G, L // block),
       in_specs=[sp["bwd_bound"]] * 4 + [sp["bwd_seg"]] + [sp["bwd_row"]] * 4
       + [sp["bwd_lse"]] * 2,
       out_specs=[sp["bwd_tile"]] * 3,
@@ -244,6 +278,9 @@ def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = Fa
   if padded != K:
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - K)))
     q_BLHK, k_BLHK, v_BLHK = pad(q_BLHK), pad(k_BLHK), pad(v_BLHK)
+  if q_BLHK.shape[2] % launch.heads:
+    raise ValueError(f"flash_docs: {launch.heads} heads a program do not divide "
+                     f"{q_BLHK.shape[2]} heads")
   launch = launch._replace(block=min(block or launch.block, q_BLHK.shape[1]))
   out = _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL.astype(jnp.int32), 1.0 / math.sqrt(K), causal,
                interpret, launch)

@@ -568,20 +568,24 @@ def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
 
 def pallas_docs_launches(platform: str):
   """bench attention's other launches of pallas_docs beside the model's (flash_docs.LAUNCH):
-  its tile halved and doubled, twice the warps, one and three pipeline stages; on a CPU
+  its tile halved and doubled, twice the warps, one and three pipeline stages, 2 and 4 heads
+  a program; on a CPU
   (interpret mode, where Triton's parameters mean nothing) the tiles alone."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
   tiles = [base._replace(block=base.block // 2), base._replace(block=base.block * 2)]
   return tiles if platform == "cpu" else tiles + [
-      base._replace(warps=base.warps * 2), base._replace(stages=1), base._replace(stages=3)]
+      base._replace(warps=base.warps * 2), base._replace(stages=1), base._replace(stages=3),
+      base._replace(heads=2), base._replace(heads=4)]
 
 
 def launch_suffix(launch) -> str:
-  """A pallas_docs launch's name suffix: what differs from the model's (`_t32`, `_w8s3`)."""
+  """A pallas_docs launch's name suffix: what differs from the model's (`_t32`, `_w8s3`,
+  `_h2`)."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
-  return "_" + "".join(f"{tag}{new}" for tag, new, old in zip("tws", launch, base) if new != old)
+  return "_" + "".join(f"{tag}{new}" for tag, new, old in zip("twsh", launch, base)
+                       if new != old)
 
 
 def bench_attention(cfg) -> list[dict]:
@@ -642,7 +646,7 @@ def bench_attention(cfg) -> list[dict]:
     variants.append(("cudnn", L // 16))
   if any(i == "pallas_docs" for i, _ in variants):   # its launch: tiles (smaller skip more)
     variants += [("pallas_docs", launch) for launch in pallas_docs_launches(platform)
-                 if launch.block <= L]
+                 if launch.block <= L and H % launch.heads == 0]
   for impl, option in variants:
     name = (f"attention_{impl}" + (f"_m{option}" if impl == "cudnn" and option else "")
             + (launch_suffix(option) if impl == "pallas_docs" and option else "") + "_ms")
