@@ -2,8 +2,10 @@
 # The prepared accelerator check: one command for a lent GPU (an H200, or any CUDA machine),
 # ending by its own deadline; every section is bounded and a failed one does not stop the rest.
 #   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,profile,train,grid,small] OUTDIR
-# Sections: env (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
-# attention (each kernel fwd+bwd at the paper shape, error vs XLA f32), profile (the top ops
+# Sections, run in the order --sections names them (default: the order below): env
+# (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
+# attention (each kernel fwd+bwd at the paper shape, error vs XLA f32; pallas_docs also at
+# other launches: tiles, warps, stages, heads a program), profile (the top ops
 # of the first kernel's train step), train (bench train,
 # paper config in bf16 per attention kernel, then the fastest of them whose loss agrees with
 # the others' with cuBLAS for every matmul, 128x384 rows, --gpt2_vocab, scanned layers),
@@ -24,7 +26,7 @@
 # (default "pallas_docs,tokamax,pallas,xla").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -65,7 +67,6 @@ source "$ROOT/launch/_device_env.sh" "" >> "$LOG" 2>&1 || { cat "$LOG"; exit 2; 
 PY="${PYTHON:-python3}"
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 
 # run NAME MAX_SECONDS CMD...: bounded by the deadline (and MAX_SECONDS); JSON lines go to
 # bench.jsonl, everything to log.txt; the outcome to the status list for the summary.
@@ -107,7 +108,7 @@ else
 fi
 BENCH=("$PY" -m kstore_jax.bench)
 
-if has env; then
+section_env() {
   run env 120 bash -c "$PY - <<'EOF'
 import importlib, json, platform, sys
 import jax
@@ -120,19 +121,19 @@ print(json.dumps(dict(name='environment', value=len(d), unit='devices', python=p
                       device=d[0].device_kind, platform=d[0].platform, **vers)))
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv >&2 || true"
-fi
-if has ceiling; then
+}
+section_ceiling() {
   run ceiling 90 "${BENCH[@]}" ceiling "${CEILING[@]}"
-fi
-if has attention; then
-  run attention 100 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \
+}
+section_attention() {
+  run attention 150 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \
     --attention_repeats="$REPEATS"
-fi
-if has profile; then   # where the first kernel's train step spends its time
+}
+section_profile() {   # where the first kernel's train step spends its time
   run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" "${SIZES[@]}" \
     --train_steps=3 --config.model.attention="${KERNELS%% *}"
-fi
-if has train; then   # each kernel at the paper shape, then the fastest one's variants
+}
+section_train() {   # each kernel at the paper shape, then the fastest one's variants
   for k in $KERNELS; do
     run "train_$k" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
       --train_steps="$TRAIN_STEPS" --config.model.attention="$k" "${MATMUL[@]}"
@@ -159,17 +160,20 @@ if has train; then   # each kernel at the paper shape, then the fastest one's va
   run "train_${first}_scan" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
     --config.model.scan_layers=True "${MATMUL[@]}"
-fi
-if has grid; then   # R small runs in one vmapped step vs one after another
+}
+section_grid() {   # R small runs in one vmapped step vs one after another
   run grid 240 "${BENCH[@]}" grid --config="configs/grids/small5.py:$SMALL_ARG" \
     --runs="$GRID_RUNS" --grid_modes=vmap --train_steps="$TRAIN_STEPS" "${GRID_EVAL[@]}" \
     "${SIZES[@]}"
-fi
-if has small; then   # the small grid, one vmapped step per stage (grid.mode auto on a GPU)
+}
+section_small() {   # the small grid, one vmapped step per stage (grid.mode auto on a GPU)
   run small 900 "$PY" -m kstore_jax.grid --config="configs/grids/small5.py:$SMALL_ARG" \
     --workdir="$WORK/runs" "${SMALL_OVERRIDES[@]}"
   "$PY" -m kstore_jax.tools.device_report results "$WORK/runs" "$OUT/results_small.json"
-fi
+}
+
+# the sections in the order --sections names them (by default the order above)
+for s in ${SECTIONS//,/ }; do "section_$s"; done
 
 "$PY" -m kstore_jax.tools.device_report summary "$OUT" "$(( $(date +%s) - START ))" "$WORK/runs" \
   > "$OUT/summary.txt"

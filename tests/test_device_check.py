@@ -73,6 +73,16 @@ def test_smoke_runs_every_section(tmp_path):
     assert f"small {run}: qa_test" in summary and f"small {run}: qa_test" in proc.stdout
 
 
+def test_sections_run_in_the_order_named(tmp_path):
+  """--sections=ceiling,env runs ceiling first: a window's second call puts its most wanted
+  section first, before the deadline can cut it."""
+  proc = check("--smoke", "--sections=ceiling,env", str(tmp_path), timeout=200)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  summary = (tmp_path / "summary.txt").read_text()
+  assert [l.split()[0] for l in summary.splitlines()[1:] if l.startswith("  ")] == [
+      "ceiling", "env"], summary
+
+
 def test_bad_arguments_are_one_line(tmp_path):
   for args, culprit in ((["--sections=env,typo", str(tmp_path)], "typo"),
                         (["--fast", str(tmp_path)], "--fast"), ([], "OUTDIR"),
