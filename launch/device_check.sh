@@ -10,7 +10,7 @@
 # paper config in bf16 per attention kernel, then the fastest of them whose loss agrees with
 # the others' with cuBLAS for every matmul, 128x384 rows, --gpt2_vocab, scanned layers),
 # grid (bench grid:
-# grid_speedup of 2/4/8 `small` runs in one vmapped step, grid_eval_speedup of their eval
+# grid_speedup of 10/5/2 `small` runs in one vmapped step, grid_eval_speedup of their eval
 # decoded together), small (the small grid,
 # configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
 # the deadline allows; rerun with --sections=env,grid,small for the whole of it).
@@ -103,7 +103,9 @@ if [ "$SMOKE" = 1 ]; then
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs tokamax pallas}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
-  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="2,4,8"; GRID_EVAL=(); MATMUL=(); CEILING=()
+  # R = 10 and 5: the small grid's cohorts (its 10 base runs share one step, its 5 finetunes
+  # another), the largest first: the figure the grid's time rests on; then 2
+  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
