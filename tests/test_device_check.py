@@ -132,3 +132,23 @@ def test_pick_kernel_needs_a_finite_loss_and_a_right_attention():
   assert pick(wrong, ["x", "p"]) is None
   assert pick(wrong + [attn("x", 0.3), attn("p", 0.01)], ["x", "p"]) == "p"
   assert pick([train("x", 0.05, 5.01), train("p", 0.07, 5.0)], ["x", "p"]) == "x"
+
+
+def test_summary_ranks_attention_launches_and_flags_wrong_ones(tmp_path):
+  """summary.txt lists the attention lines fastest first with their largest error; one over
+  ATTENTION_TOLERANCE (a leaky launch can be the fastest) says so; skipped lines are left out."""
+  def attn(kernel, ms, err):
+    return {"section": "attention", "name": f"attention_{kernel}_ms", "value": ms,
+            "unit": "ms", "rel_err_out": err, "rel_err_dq": err / 2}
+  lines = [attn("pallas_docs", 1.3, 3e-3), attn("pallas_docs_h2", 0.9, 4e-3),
+           attn("pallas_docs_t128", 0.5, 0.3),
+           {"section": "attention", "name": "attention_cudnn_ms", "value": None, "unit": "ms",
+            "skipped": "cpu"}]
+  (tmp_path / "bench.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  (tmp_path / ".status").write_text("attention ok 30\n")
+  text = device_report.summary(str(tmp_path), "30", str(tmp_path / "runs"))
+  ranked = [l.split() for l in text.splitlines() if l.startswith("attention ")
+            and l.split()[1].endswith(":")]
+  assert [r[2] for r in ranked] == ["pallas_docs_t128", "pallas_docs_h2", "pallas_docs"]
+  assert "WRONG" in " ".join(ranked[0]) and not any("WRONG" in " ".join(r) for r in ranked[1:])
+  assert ranked[1][7] == "4.00e-03", ranked[1]   # its largest error: dq's 2e-3 is smaller

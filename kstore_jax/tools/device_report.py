@@ -78,9 +78,10 @@ def collect_results(runs_dir: str) -> dict:
 
 
 def summary(out: str, took: str, runs_dir: str) -> str:
-  """summary.txt: each section's status and seconds, every bench line, the train sections
-  fastest first (the kernel and variant to make the default), the small runs' last metrics
-  and results."""
+  """summary.txt: each section's status and seconds, every bench line, the attention kernels
+  and launches fastest first with their largest error (those over ATTENTION_TOLERANCE
+  flagged: the launch to make the model's), the train sections fastest first (the kernel and
+  variant to make the default), the small runs' last metrics and results."""
   text = [f"device_check: {took} s"]
   with open(os.path.join(out, ".status")) as f:
     for line in f:
@@ -90,6 +91,14 @@ def summary(out: str, took: str, runs_dir: str) -> str:
   for r in lines:
     extra = " ".join(f"{k}={str(r[k])[-70:]}" for k in SUMMARY_KEYS if k in r and r[k] != "")
     text.append(f"{r['section']:14s} {r['name']:30s} {r['value']!s:>12s} {r['unit']:9s} {extra}")
+  errs = attention_errors(lines)
+  timed = sorted((r for r in lines if r["section"] == "attention" and r["name"].startswith(
+      "attention_") and r["value"] is not None), key=lambda r: r["value"])
+  for rank, r in enumerate(timed, 1):
+    kernel = r["name"][len("attention_"):-len("_ms")]
+    err = errs.get(kernel, float("nan"))
+    text.append(f"attention {rank}: {kernel:26s} {r['value']:.3f} ms  largest error {err:.2e}"
+                + ("" if err <= ATTENTION_TOLERANCE else "  WRONG (over the tolerance)"))
   by = lambda name: {r["section"]: r for r in lines if r["name"] == name}
   mfu, hours = by("train_mfu"), by("pretrain_projected_hours")
   for rank, r in enumerate(sorted(by("train_step_s").values(), key=lambda r: r["value"]), 1):
