@@ -568,13 +568,16 @@ def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
 
 def pallas_docs_launches(platform: str):
   """bench attention's other launches of pallas_docs beside the model's (flash_docs.LAUNCH):
-  its tile halved and doubled, twice the warps, one and three pipeline stages, 2 and 4 heads
-  a program; on a CPU
+  its tile halved and doubled (doubled also with twice the warps), twice the warps, one and
+  three pipeline stages, 2 and 4 heads a program; on a CPU
   (interpret mode, where Triton's parameters mean nothing) the tiles alone."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
   tiles = [base._replace(block=base.block // 2), base._replace(block=base.block * 2)]
+  # (a 128-position tile's [Y, Y] f32 scores are 128 registers a thread at 4 warps: Triton's
+  # own 128-tile kernels run 8)
   return tiles if platform == "cpu" else tiles + [
+      base._replace(block=base.block * 2, warps=base.warps * 2),
       base._replace(warps=base.warps * 2), base._replace(stages=1), base._replace(stages=3),
       base._replace(heads=2), base._replace(heads=4)]
 
