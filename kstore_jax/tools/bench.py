@@ -595,7 +595,7 @@ def bench_attention(cfg) -> list[dict]:
   """Causal self-attention over packed documents, forward + backward, for each implementation
   that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
   heads, head dim) in the config's compute dtype: median ms of the forward and backward pass
-  alone (inputs and the output's cotangent in that dtype: no casts or loss timed, as a train
+  (`fwd_ms`: the forward pass alone, for each kernel at the model's settings) (inputs and the output's cotangent in that dtype: no casts or loss timed, as a train
   step's layer runs it; before session 35 the timed function also cast f32 inputs and summed
   a loss) and the output's and gradients' error against XLA attention in float32 on the same
   rounded inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document bound, pallas_docs also at 32-position
@@ -631,11 +631,11 @@ def bench_attention(cfg) -> list[dict]:
     def run(q, k, v, do, pos, seg):
       out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, pos, seg), q, k, v)
       return out, vjp(do.astype(out.dtype))
-    return jax.jit(run)
+    return jax.jit(run), jax.jit(attend)
 
   args = (q, k, v, do, pos, seg)
   # the reference: XLA's attention in float32 on the same (rounded) inputs
-  ref = fwd_bwd("xla")(*(x.astype(jnp.float32) for x in (q, k, v, do)), pos, seg)
+  ref = fwd_bwd("xla")[0](*(x.astype(jnp.float32) for x in (q, k, v, do)), pos, seg)
   ref_leaves = [ref[0]] + list(ref[1])
   out = []
   ctx = dict(config=cfg.name, batch=B, seq_len=L, heads=H, head_dim=K, dtype=dtype,
@@ -658,7 +658,7 @@ def bench_attention(cfg) -> list[dict]:
       out.append(measurement(name, None, "ms", skipped=problem, **ctx))
       continue
     print(f"[bench attention] {name}: compiling", file=sys.stderr, flush=True)
-    fn = fwd_bwd(impl, option)
+    fn, fwd = fwd_bwd(impl, option)
     t0 = time.perf_counter()
     got = jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
@@ -667,10 +667,13 @@ def bench_attention(cfg) -> list[dict]:
             for a, b in zip([got[0]] + list(got[1]), ref_leaves)]
     ms = throughput.median_time(fn, *args, repeats=ATTENTION_REPEATS.value) * 1e3
     extra = {}
+    if option is None:   # the kernel at the model's settings: its forward pass alone too
+      extra["fwd_ms"] = round(throughput.median_time(
+          fwd, q, k, v, pos, seg, repeats=ATTENTION_REPEATS.value) * 1e3, 3)
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
       visited, causal_only = flash_docs.visited_tiles(
           seg, min((option or flash_docs.LAUNCH).block, L), True)
-      extra = dict(tiles_visited=round(visited / causal_only, 3))
+      extra["tiles_visited"] = round(visited / causal_only, 3)
     r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
                     compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
                     rel_err_dk=errs[2], rel_err_dv=errs[3], **extra, **ctx)
