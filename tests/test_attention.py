@@ -199,10 +199,9 @@ def test_impossible_combinations_are_named():
 def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, heads=1):
   """flash_docs at `block`-position tiles, `heads` heads a program: output and gradients equal
   the reference's on every real (non-padding) row."""
-  launch = flash_docs.LAUNCH._replace(heads=heads)
+  launch = flash_docs.LAUNCH._replace(block=block, heads=heads)
   def f(q, k, v):
-    out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, block=block,
-                               launch=launch)
+    out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, launch=launch)
     return (out * do).sum(), out
   (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
       *(jnp.asarray(x) for x in (q, k, v)))

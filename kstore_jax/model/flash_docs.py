@@ -106,6 +106,19 @@ def _stat(ref, rows, g):
   return ref[rows] if len(ref.shape) == 1 else ref[g, rows]
 
 
+def _put_stat(ref, g, value):
+  """Store head g's per-query statistics into `ref` ([Y] or [G, Y])."""
+  if len(ref.shape) == 1:
+    ref[...] = value
+  else:
+    ref[g, :] = value
+
+
+def _heads(tile_ref) -> int:
+  """G: the heads a program computes (its [Y, K] or [Y, G, K] tile)."""
+  return 1 if len(tile_ref.shape) == 2 else tile_ref.shape[1]
+
+
 def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     scale, causal, block):
   """Query tile n of G heads (q_ref, o_ref: [Y, G, K]; k_ref, v_ref: the row's [L, G, K]),
@@ -113,10 +126,12 @@ def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse
   n = pl.program_id(0)
   seg_q_Y = seg_ref[pl.ds(n * block, block)]
   K = q_ref.shape[-1]
-  for g in range(1 if len(q_ref.shape) == 2 else q_ref.shape[1]):
+  # (each head's loop bodies are traced by its fori_loop before the next head's: the closures
+  # read this head's g and tiles)
+  for g in range(_heads(q_ref)):
     q_YK = _tile(q_ref, slice(None), g)
 
-    def visit(m, carry, g=g, q_YK=q_YK):
+    def visit(m, carry):
       o_YK, max_Y, sum_Y = carry
       cols = pl.ds(m * block, block)
       s_YY = _scores(q_YK, _tile(k_ref, cols, g), seg_q_Y, seg_ref[cols], n, m, block, scale,
@@ -133,10 +148,7 @@ def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse
     # every query sees itself, so its own tile is in range and sum_Y > 0
     o_YK, max_Y, sum_Y = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
     _put(o_ref, g, (o_YK / sum_Y[:, None]).astype(o_ref.dtype))
-    if len(lse_ref.shape) == 1:
-      lse_ref[...] = max_Y + jnp.log2(sum_Y)
-    else:
-      lse_ref[g, :] = max_Y + jnp.log2(sum_Y)
+    _put_stat(lse_ref, g, max_Y + jnp.log2(sum_Y))
 
 
 def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
@@ -149,15 +161,15 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
   zeros = jnp.zeros((block, K), jnp.float32)
   own = pl.ds(t * block, block)
   seg_t_Y = seg_ref[own]
-  for g in range(1 if len(q_ref.shape) == 2 else q_ref.shape[1]):
+  for g in range(_heads(dk_ref)):   # (closures as in the forward kernel)
 
-    def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows, g=g):
+    def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows):
       s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal)
       return jnp.exp2(s_YY - _stat(lse_ref, rows, g)[:, None])
 
     k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
 
-    def into_key_tile(n, carry, g=g, k_YK=k_YK, v_YK=v_YK, probs=probs):
+    def into_key_tile(n, carry):
       dk_YK, dv_YK = carry
       rows = pl.ds(n * block, block)
       q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
@@ -173,7 +185,7 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
 
     q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
 
-    def from_key_tile(m, dq_YK, g=g, q_YK=q_YK, do_YK=do_YK, probs=probs):
+    def from_key_tile(m, dq_YK):
       cols = pl.ds(m * block, block)
       k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
       p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own)
@@ -267,12 +279,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = False,
-              block: int | None = None, launch: Launch = LAUNCH) -> jax.Array:
+              launch: Launch = LAUNCH) -> jax.Array:
   """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `launch` the
-  kernels' tile and Triton parameters, `block` (when given) its tile (Y): a power of two, cut
-  to L, L a multiple of it; `interpret` runs the kernels as plain jax ops (CPU tests). A head
-  dim that is not a power of two is zero-padded (the padded columns add nothing to q·k and are
-  dropped from the output)."""
+  kernels' tile (Y: a power of two, cut to L, L a multiple of it), Triton parameters and heads
+  a program; `interpret` runs the kernels as plain jax ops (CPU tests). A head dim that is not
+  a power of two is zero-padded (the padded columns add nothing to q·k and are dropped from
+  the output)."""
   K = q_BLHK.shape[-1]
   padded = 1 << (K - 1).bit_length()
   if padded != K:
@@ -281,7 +293,7 @@ def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = Fa
   if q_BLHK.shape[2] % launch.heads:
     raise ValueError(f"flash_docs: {launch.heads} heads a program do not divide "
                      f"{q_BLHK.shape[2]} heads")
-  launch = launch._replace(block=min(block or launch.block, q_BLHK.shape[1]))
+  launch = launch._replace(block=min(launch.block, q_BLHK.shape[1]))
   out = _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL.astype(jnp.int32), 1.0 / math.sqrt(K), causal,
                interpret, launch)
   return out[..., :K]
