@@ -57,6 +57,13 @@ PROBE_STAGES = stages_of("probe")
 TRAINED_STAGES = stages_of("base", "train", "probe")  # a <stage>/ dir: checkpoints/, final/
 
 
+def step_group(stage: str) -> str:
+  """The stages whose runs may share one grid cohort's step: the base stages as one ("base":
+  pretrain and pretrain_mixed train the same language-model loss from scratch on other data),
+  every other stage alone."""
+  return "base" if stage in BASE_STAGES else stage
+
+
 def stage_seed(seed: int, stage: str) -> int:
   """The seed of a stage's data streams (document orders, chunk shuffles, masking, probe
   batches): distinct per stage, the same on every rerun."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from configs.base import BASE_STAGES, PROBE_STAGES, TRAIN_STAGES, stage_seed
+from configs.base import BASE_STAGES, PROBE_STAGES, TRAIN_STAGES, stage_seed, step_group
 from kstore_jax import configlib, rundir
 from kstore_jax.data import classes, pipeline, probing, world as world_lib
 from kstore_jax.data.render import N_ATTR
@@ -217,10 +217,9 @@ class Experiment:
     """The training (or probe-training) `stage` as a cohort member, and its cohort key: runs
     whose keys are equal can train in one vmapped step (the same model, stage settings,
     batch shape and loss function; they differ in data, initial params and frozen trees).
-    The base stages (pretrain, pretrain_mixed) share one key space: they train the same
-    language-model loss from scratch and differ only in data, so a finetune run's pretrain
-    and a mixed run's pretrain_mixed with equal settings are one cohort (small5: 10 runs a
-    step instead of two cohorts of 5 one after the other).
+    Stages of one `step_group` (configs/base.py) share a key space: a finetune run's
+    pretrain and a mixed run's pretrain_mixed with equal settings are one cohort (small5: 10
+    runs a step instead of two cohorts of 5 one after the other).
     `abstract`: the base model (finetune, probes) as shapes, not loaded: the key alone is
     good (a grid keys every run first and loads each cohort's bases when it trains)."""
     cfg = self.cfg
@@ -238,9 +237,8 @@ class Experiment:
     # members are initialised by the first one's init: a probe head's class counts (two
     # imported worlds can differ in them alone) belong in the key
     heads = tuple(classes.n_classes(self.world.pop)) if stage in PROBE_STAGES else None
-    key = ("base" if stage in BASE_STAGES else stage, self.model_cfg, cfg[stage].to_json(),
-           spec.positions_per_step,
-           json.dumps(train, sort_keys=True), loss_consts, heads,
+    key = (step_group(stage), self.model_cfg, cfg[stage].to_json(),
+           spec.positions_per_step, json.dumps(train, sort_keys=True), loss_consts, heads,
            jax.tree.structure(spec.frozen), str(jax.tree.map(jnp.shape, spec.frozen)))
     return loop.Member(spec, self.workdir.stage(stage), cfg.seed, label), key
 

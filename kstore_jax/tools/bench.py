@@ -595,12 +595,14 @@ def bench_attention(cfg) -> list[dict]:
   """Causal self-attention over packed documents, forward + backward, for each implementation
   that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
   heads, head dim) in the config's compute dtype: median ms of the forward and backward pass
-  (`fwd_ms`: the forward pass alone, for each kernel at the model's settings) (inputs and the output's cotangent in that dtype: no casts or loss timed, as a train
+  alone (inputs and the output's cotangent in that dtype, no casts or loss timed: as a train
   step's layer runs it; before session 35 the timed function also cast f32 inputs and summed
-  a loss) and the output's and gradients' error against XLA attention in float32 on the same
-  rounded inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document bound, pallas_docs also at 32-position
-  tiles (`tiles_visited`: the share of a causal kernel's tile pairs it walks) and at other
-  launches (`pallas_docs_launches`: other tiles, warps and pipeline stages)."""
+  a loss), with `fwd_ms` the forward pass alone for each kernel at the model's settings, and
+  the output's and gradients' error against XLA attention in float32 on the same rounded
+  inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document
+  bound, pallas_docs also at other launches (`pallas_docs_launches`: tiles, warps, pipeline
+  stages, heads a program), with `tiles_visited` (the share of a causal kernel's tile pairs
+  it walks)."""
   import jax
   import jax.numpy as jnp
   from kstore_jax.model import attention, flash_docs, transformer

@@ -100,9 +100,8 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
   while any(pending.values()):
     nexts = {n: s[0] for n, s in pending.items() if s}
     stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
-    # the base stages go together (pretrain beside pretrain_mixed: Experiment.member)
-    kin = base.BASE_STAGES if stage in base.BASE_STAGES else (stage,)
-    names = [n for n, s in nexts.items() if s in kin]
+    # the stages of its step group go together (pretrain beside pretrain_mixed)
+    names = [n for n, s in nexts.items() if base.step_group(s) == base.step_group(stage)]
     cohorts: dict[tuple, list] = {}
     if stage in base.TRAINED_STAGES:
       for n in names:
