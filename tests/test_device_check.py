@@ -55,10 +55,12 @@ def test_smoke_runs_every_section(tmp_path):
                ("train_xla", "train_tokens_per_s"), (f"{first}_gpt2_vocab", "train_step_s"),
                ("grid", "grid_speedup"), ("grid", "grid_eval_speedup")]:
     assert want in names, want
-  # each kernel at the model's settings also times its forward pass alone (a launch does not)
+  # each kernel at the model's settings also times its forward pass alone (a launch does not);
+  # not compared with the whole pass's time: the smoke's medians of 2 calls on a shared CPU
+  # are noise (98 ms forward against 41 ms both passes, seen once in a suite run)
   attn = {l["name"]: l for l in lines if l["section"] == "attention"}
-  assert 0 < attn["attention_pallas_docs_ms"]["fwd_ms"] < attn["attention_pallas_docs_ms"][
-      "value"] and "fwd_ms" not in attn["attention_pallas_docs_t32_ms"]
+  assert attn["attention_pallas_docs_ms"]["fwd_ms"] > 0
+  assert "fwd_ms" not in attn["attention_pallas_docs_t32_ms"]
   # the train sections ranked by step time (the session's pick of the default kernel)
   steps = {l["section"]: l["value"] for l in lines if l["name"] == "train_step_s"}
   ranked = [l.split()[2] for l in summary.splitlines() if l.startswith("fastest ")]
