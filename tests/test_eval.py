@@ -131,6 +131,55 @@ def test_shared_prefix_generation_equals_recompute(world, attention):
     np.testing.assert_array_equal(shared[b, :upto], plain[b, :upto])
 
 
+def test_shared_widths_is_the_cheapest_choice():
+  """shared_widths against every choice of widths tried by hand: each batch takes the least
+  chosen width >= its longest question, the cost compile x widths + rows x widths summed."""
+  import itertools
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    longest = np.sort(rng.integers(3, 20, rng.integers(1, 9)))
+    rows, compile_cost = int(rng.choice([8, 64, 512])), float(rng.choice([0, 50, 3e3, 1e5]))
+    levels = np.unique(longest)
+    best = np.inf
+    for k in range(1, len(levels) + 1):
+      for chosen in itertools.combinations(levels, k):
+        if chosen[-1] != levels[-1]:
+          continue   # the widest batch needs a width of its own length
+        widths = [min(w for w in chosen if w >= l) for l in longest]
+        best = min(best, compile_cost * k + rows * sum(widths))
+    got = qa_eval.shared_widths(longest, rows, compile_cost)
+    assert (got >= longest).all() and set(got) <= set(levels), (longest, got)
+    assert compile_cost * len(set(got)) + rows * got.sum() == pytest.approx(best), trial
+  # the two ends: compiling is free -> every batch its own width; dear -> one width
+  longest = np.array([4, 5, 5, 9])
+  assert qa_eval.shared_widths(longest, 64, 0).tolist() == [4, 5, 5, 9]
+  assert qa_eval.shared_widths(longest, 64, 10 ** 9).tolist() == [9, 9, 9, 9]
+
+
+@pytest.mark.parametrize("compile_positions", [0, 30, 10 ** 9])
+def test_length_batches_cover_every_question_once(world, compile_positions):
+  """Every question is a real row of exactly one batch, in a batch at least as wide as it
+  (and its own rest tokens there), all batches of one row count; sorted by length, so with
+  compiling free a batch is only as wide as its longest question, and dear, all one width."""
+  qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
+  batches = list(qa_eval.length_batches(qs, 7, row_multiple=4,
+                                        compile_positions=compile_positions))
+  real = np.concatenate([rows[:n] for rows, n, _ in batches])
+  assert sorted(real.tolist()) == list(range(len(qs.attrs_N)))
+  assert len({b.rest_NR.shape[0] for _, _, b in batches}) == 1
+  for rows, n, b in batches:
+    assert n <= 7 and (b.rest_lens_N == qs.rest_lens_N[rows]).all()
+    for i, q in enumerate(rows):
+      length = qs.rest_lens_N[q]
+      np.testing.assert_array_equal(b.rest_NR[i, :length], qs.rest_NR[q, :length])
+    if compile_positions == 0:
+      assert b.rest_NR.shape[1] == b.rest_lens_N[:n].max()
+  widths = [b.rest_NR.shape[1] for _, _, b in batches]
+  assert widths == sorted(widths)
+  if compile_positions == 10 ** 9:   # compiling dear: one shape
+    assert len(set(widths)) == 1
+
+
 def test_recompute_baseline_flops_between_cache_and_fixed_width(world):
   """generation_flops: the no-cache baseline (growing lengths, head on the last position,
   prefixes once per step) counts fewer FLOPs than the fixed-width one and more than the cache;

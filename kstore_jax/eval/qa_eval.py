@@ -22,7 +22,15 @@ from kstore_jax.data.templates import ATTRIBUTES
 from kstore_jax.data.tokenizer import MASK
 from kstore_jax.data.world import group_index
 from kstore_jax.eval.generate import Prefixes, fill_masks, generate, greedy, over_runs
+from kstore_jax.model.transformer import forward_flops
 from kstore_jax.rundir import CI   # results.json: key + CI holds the intervals of key's accuracies
+
+
+# What compiling the decoder for one more batch shape costs, in FLOPs of decoding it could
+# have run instead: on a 2-core CPU ~5 s to compile `generate` at `tiny` against ~55 GFLOP/s
+# of decoding, ~6.5 s at `small` against ~59 (BENCHMARKS.md, "QA eval's batch shapes"); an
+# accelerator compiles as slowly and decodes far faster, so there it errs towards padding.
+COMPILE_FLOPS = 3e11
 
 
 class QASet(NamedTuple):
@@ -38,9 +46,9 @@ class QASet(NamedTuple):
   alens_N: np.ndarray
   attrs_N: np.ndarray
 
-  def take(self, idx) -> "QASet":
-    """Questions idx, the rest trimmed to their longest."""
-    width = int(self.rest_lens_N[idx].max())
+  def take(self, idx, width: int | None = None) -> "QASet":
+    """Questions idx, the rest trimmed to `width` (at least their longest; default that)."""
+    width = width or int(self.rest_lens_N[idx].max())
     return self._replace(rest_NR=self.rest_NR[idx, :width], rest_lens_N=self.rest_lens_N[idx],
                          answers_NW=self.answers_NW[idx], alens_N=self.alens_N[idx],
                          attrs_N=self.attrs_N[idx])
@@ -217,28 +225,53 @@ def answer(model, params, world, qs: QASet, max_new: int, runs: bool = False) ->
                          max_new=max_new))
 
 
-def length_batches(qs: QASet, batch_size: int, row_multiple: int = 64):
-  """(question indices, count, QASet batch): what QA eval decodes. Questions are grouped by
-  the length of their own part, so that a batch pads few of them; a length with fewer than
-  row_multiple questions joins the group below it (one wider batch costs less than a batch
-  that is mostly filler, and compiles once less). Each group is split into as few batches of
-  at most batch_size as it needs, of equal size rounded up to row_multiple (few distinct shapes
-  to compile) by repeating the group's first question; the first `count` rows are real."""
-  lens_N = qs.rest_lens_N
-  groups = []
-  for length in np.unique(lens_N):
-    members = np.flatnonzero(lens_N == length)
-    if groups and len(members) < row_multiple:
-      groups[-1] = np.concatenate([groups[-1], members])
-    else:
-      groups.append(members)
-  for group in groups:
-    n_batches = -(-len(group) // batch_size)
-    size = -(-len(group) // n_batches)
-    size = min(-(-size // row_multiple) * row_multiple, max(batch_size, size))
-    for chunk in np.array_split(group, n_batches):
-      rows = np.concatenate([chunk, np.full(size - len(chunk), chunk[0])])
-      yield rows, len(chunk), qs.take(rows)
+def positions_per_compile(model_cfg) -> float:
+  """COMPILE_FLOPS in question positions of `model_cfg`'s decoder (a position of a batch's
+  width costs a prefill position: the body, not the head)."""
+  return COMPILE_FLOPS / forward_flops(model_cfg)["body"]
+
+
+def shared_widths(longest_b: np.ndarray, rows: int, compile_positions: float) -> np.ndarray:
+  """Each batch's width, given each batch's longest question and the rows a batch has: some
+  of the batches' longest lengths, each batch the least of them >= its own, chosen to
+  minimise compile_positions x (widths used) + rows x (the widths summed over batches)."""
+  levels, count = np.unique(longest_b, return_counts=True)
+  # best[j]: the least cost of levels[:j], the last width levels[j - 1] (from levels[cut[j]])
+  best, cut = [0.0] + [np.inf] * len(levels), [0] * (len(levels) + 1)
+  for j in range(1, len(levels) + 1):
+    for i in range(j):
+      cost = best[i] + compile_positions + rows * count[i:j].sum() * levels[j - 1]
+      if cost < best[j]:
+        best[j], cut[j] = cost, i
+  width, j = {}, len(levels)
+  while j:
+    width.update((level, levels[j - 1]) for level in levels[cut[j]:j])
+    j = cut[j]
+  return np.array([width[level] for level in longest_b])
+
+
+def length_batches(qs: QASet, batch_size: int, compile_positions: float = 0,
+                   row_multiple: int = 8):
+  """(question indices, count, QASet batch): what QA eval decodes, in few distinct shapes
+  (each one a compilation of the decoder). The questions, sorted by the length of their own
+  part, are cut into as few batches of at most batch_size as they need, of equal size rounded
+  up to row_multiple (filled by repeating the batch's first question; the first `count` rows
+  are real), so neighbours in length share a batch; the batches' widths are `shared_widths`
+  at `compile_positions` (QA eval's: `positions_per_compile(model_cfg)`; 0: each batch as wide
+  as its longest question). The 3,000 questions of a `tiny` eval decode in one shape, where a
+  batch per length made five."""
+  order = np.argsort(qs.rest_lens_N, kind="stable")
+  if not len(order):
+    return
+  n_batches = -(-len(order) // batch_size)
+  size = -(-len(order) // n_batches)
+  size = min(-(-size // row_multiple) * row_multiple, max(batch_size, size))
+  chunks = np.array_split(order, n_batches)
+  widths = shared_widths(np.array([qs.rest_lens_N[c].max() for c in chunks]), size,
+                         compile_positions)
+  for chunk, width in zip(chunks, widths):
+    rows = np.concatenate([chunk, np.full(size - len(chunk), chunk[0])])
+    yield rows, len(chunk), qs.take(rows, int(width))
 
 
 def qa_correct_parts(model, params, world, parts, batch_size: int = 512, runs: bool = False):
@@ -260,7 +293,7 @@ def qa_correct(model, params, world, people, batch_size: int = 512, progress=Non
   qs = qa_set(world, people)
   n_runs = (jax.tree.leaves(params)[0].shape[0],) if runs else ()
   correct = np.zeros((*n_runs, len(qs.attrs_N)), bool)
-  for rows, n, batch in length_batches(qs, batch_size):
+  for rows, n, batch in length_batches(qs, batch_size, positions_per_compile(model.cfg)):
     got = answer(model, params, world, batch, qs.answers_NW.shape[1], runs)
     correct[..., rows[:n]] = answers_match(got, batch.answers_NW, batch.alens_N)[..., :n]
     if progress:

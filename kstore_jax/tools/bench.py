@@ -318,11 +318,12 @@ def bench_eval(cfg) -> list[dict]:
   w = exp.world
   people = (np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
             if EVAL_PEOPLE.value else np.concatenate(exp.eval_people()))
-  # The batches QA eval runs (qa_eval.qa_correct: grouped by length). Both paths decode them
+  # The batches QA eval runs (qa_eval.qa_correct: sorted by length, few widths). Both paths decode them
   # with the same early stop at EOT.
   qs = qa_eval.qa_set(w, people)
   n_q = len(qs.attrs_N)
-  batches = [b for _, _, b in qa_eval.length_batches(qs, EVAL_BATCH.value or cfg.eval.batch_size)]
+  batches = [b for _, _, b in qa_eval.length_batches(
+      qs, EVAL_BATCH.value or cfg.eval.batch_size, qa_eval.positions_per_compile(exp.model_cfg))]
   max_new = EVAL_MAX_NEW.value or qs.answers_NW.shape[1]
   eot = w.renderer.eot_id
   kv_args, fixed_args = [], []
