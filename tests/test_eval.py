@@ -1,5 +1,6 @@
 """QA evaluation: KV-cache generation, exact match, memorisation -> 100%, bio recall, loss mask."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -394,3 +395,13 @@ def test_bidirectional_recall_masks_every_copy_of_the_value():
     want[0, a, s:e] = True
   want[0, 1, 14:17] = want[0, 5, 4:7] = True
   np.testing.assert_array_equal(qa_eval.value_masks(tokens, spans), want)
+
+
+def test_a_compile_weighs_more_where_decoding_is_faster():
+  """QA eval's shapes: an accelerator's compile is worth more decoding than a CPU's (its
+  decoding is faster), and a larger model's positions cost more, so fewer are worth one."""
+  cpu = ModelConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4, d_ff=256)
+  gpu = dataclasses.replace(cpu, platform="cuda")
+  wide = dataclasses.replace(cpu, d_model=128, d_ff=512)
+  assert qa_eval.positions_per_compile(gpu) > qa_eval.positions_per_compile(cpu)
+  assert qa_eval.positions_per_compile(wide) < qa_eval.positions_per_compile(cpu)

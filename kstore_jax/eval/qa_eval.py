@@ -28,9 +28,12 @@ from kstore_jax.rundir import CI   # results.json: key + CI holds the intervals 
 
 # What compiling the decoder for one more batch shape costs, in FLOPs of decoding it could
 # have run instead: on a 2-core CPU ~5 s to compile `generate` at `tiny` against ~55 GFLOP/s
-# of decoding, ~6.5 s at `small` against ~59 (BENCHMARKS.md, "QA eval's batch shapes"); an
-# accelerator compiles as slowly and decodes far faster, so there it errs towards padding.
-COMPILE_FLOPS = 3e11
+# of decoding, ~6.5 s at `small` against ~59 (BENCHMARKS.md, "QA eval's batch shapes"). An
+# accelerator compiles in seconds too but decodes orders of magnitude faster (not measured:
+# taken as 100x the CPU's, at least 10x short of an H200's bf16 rate against a 2-core CPU's),
+# so there a `small` eval's 12,000 questions decode in one shape instead of three.
+COMPILE_FLOPS = {"cpu": 3e11}
+ACCELERATOR_COMPILE_FLOPS = 3e13
 
 
 class QASet(NamedTuple):
@@ -226,9 +229,11 @@ def answer(model, params, world, qs: QASet, max_new: int, runs: bool = False) ->
 
 
 def positions_per_compile(model_cfg) -> float:
-  """COMPILE_FLOPS in question positions of `model_cfg`'s decoder (a position of a batch's
-  width costs a prefill position: the body, not the head)."""
-  return COMPILE_FLOPS / forward_flops(model_cfg)["body"]
+  """A compilation's cost on the model's platform (COMPILE_FLOPS) in question positions of
+  `model_cfg`'s decoder (a position of a batch's width costs a prefill position: the body,
+  not the head)."""
+  flops = COMPILE_FLOPS.get(model_cfg.platform, ACCELERATOR_COMPILE_FLOPS)
+  return flops / forward_flops(model_cfg)["body"]
 
 
 def shared_widths(longest_b: np.ndarray, rows: int, compile_positions: float) -> np.ndarray:
