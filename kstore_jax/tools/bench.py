@@ -318,8 +318,8 @@ def bench_eval(cfg) -> list[dict]:
   w = exp.world
   people = (np.concatenate([w.test_people, w.train_people])[:EVAL_PEOPLE.value]
             if EVAL_PEOPLE.value else np.concatenate(exp.eval_people()))
-  # The batches QA eval runs (qa_eval.qa_correct: sorted by length, few widths). Both paths decode them
-  # with the same early stop at EOT.
+  # The batches QA eval runs (qa_eval.qa_correct: sorted by length, few widths). Both paths
+  # decode them with the same early stop at EOT.
   qs = qa_eval.qa_set(w, people)
   n_q = len(qs.attrs_N)
   batches = [b for _, _, b in qa_eval.length_batches(
