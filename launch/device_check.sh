@@ -5,8 +5,9 @@
 # Sections, run in the order --sections names them (default: the order below): env
 # (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32; pallas_docs also at
-# other launches: tiles, warps, stages, heads a program), profile (the top ops
-# of the first kernel's train step), train (bench train,
+# other launches: tiles, warps, stages, heads a program), profile (the top ops of the
+# first kernel's train step, of the small grid's base cohort step and of one small run's
+# step), train (bench train,
 # paper config in bf16 per attention kernel, then the fastest of them whose loss agrees with
 # the others' with cuBLAS for every matmul, 128x384 rows, --gpt2_vocab, scanned layers),
 # grid (bench grid:
@@ -26,7 +27,7 @@
 # (default "pallas_docs,tokamax,pallas,xla").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -67,9 +68,17 @@ source "$ROOT/launch/_device_env.sh" "" >> "$LOG" 2>&1 || { cat "$LOG"; exit 2; 
 PY="${PYTHON:-python3}"
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+# stamp T0: each input line prefixed with the whole seconds since T0 ("  12s line")
+stamp() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do
+    printf '%5ss %s\n' "$(( ${EPOCHSECONDS:-$(date +%s)} - $1 ))" "$line"
+  done
+}
 
 # run NAME MAX_SECONDS CMD...: bounded by the deadline (and MAX_SECONDS); JSON lines go to
-# bench.jsonl, everything to log.txt; the outcome to the status list for the summary.
+# bench.jsonl, everything (stdout and stderr, each line stamped) to log.txt; the outcome to
+# the status list for the summary.
 run() {
   local name="$1" max="$2"; shift 2
   local budget; budget=$(left)
@@ -79,9 +88,12 @@ run() {
   fi
   local t0 rc; t0=$(date +%s)
   echo "== $name (<= ${budget}s): $*" >> "$LOG"
-  timeout --kill-after=10 "$budget" "$@" > "$WORK/out" 2>> "$LOG"; rc=$?
-  cat "$WORK/out" >> "$LOG"
-  grep '^{"name"' "$WORK/out" | sed "s/^{/{\"section\": \"$name\", /" >> "$JSON"
+  # each output line into the log as it comes, stamped with the seconds since the section
+  # began (where a stage's time goes: start, compiles, pauses between progress lines)
+  timeout --kill-after=10 "$budget" "$@" 2>&1 | stamp "$t0" | tee -a "$LOG" > "$WORK/out"
+  rc=${PIPESTATUS[0]}
+  sed 's/^ *[0-9]*s //' "$WORK/out" | grep '^{"name"' \
+    | sed "s/^{/{\"section\": \"$name\", /" >> "$JSON"
   local how="ok"; [ "$rc" -eq 0 ] || how="FAILED rc=$rc"; [ "$rc" -eq 124 ] && how="TIMEOUT"
   echo "$name $how $(( $(date +%s) - t0 ))" >> "$STATUS"
 }
@@ -91,7 +103,7 @@ if [ "$SMOKE" = 1 ]; then
   # step: the --gpt2_vocab head alone is 50k x 128 per position)
   PAPER="configs/tiny.py"; KERNELS="xla einsum"; TRAIN_STEPS=2; REPEATS=2
   SIZES=(--config.data.n_people=100 --config.model.num_layers=1 --config.pretrain.batch_size=4)
-  SMALL_ARG="tiny"
+  SMALL_ARG="tiny"; SMALL_BASE="configs/tiny.py"
   SMALL_OVERRIDES=("${SIZES[@]}" --config.model.d_model=32 --config.model.num_heads=2
                    --config.model.d_ff=64 --config.pretrain.steps=6 --config.finetune.steps=4
                    --config.finetune.batch_size=4 --config.train.save_every=6
@@ -105,7 +117,7 @@ else
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
   # R = 10 and 5: the small grid's cohorts (its 10 base runs share one step, its 5 finetunes
   # another), the largest first: the figure the grid's time rests on; then 2
-  SMALL_ARG="small"; SMALL_OVERRIDES=(); GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
+  SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"; SMALL_OVERRIDES=(); GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)
@@ -131,9 +143,14 @@ section_attention() {
   run attention 150 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \
     --attention_repeats="$REPEATS"
 }
-section_profile() {   # where the first kernel's train step spends its time
+section_profile() {   # where the first kernel's train step spends its time; then the small
+  # grid's base cohort step (its R runs vmapped) and, on a device, one small run's own step
   run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" "${SIZES[@]}" \
     --train_steps=3 --config.model.attention="${KERNELS%% *}"
+  run profile_grid 150 "${BENCH[@]}" profile --config="$SMALL_BASE" "${SIZES[@]}" \
+    --train_steps=3 --cohort_runs="${GRID_RUNS%%,*}"
+  [ "$SMOKE" = 1 ] || run profile_small 120 "${BENCH[@]}" profile --config="$SMALL_BASE" \
+    --train_steps=3
 }
 section_train() {   # each kernel at the paper shape, then the fastest one's variants
   for k in $KERNELS; do

@@ -3,6 +3,7 @@ sizes, so the first call on a lent GPU cannot fail on a typo; and its argument e
 
 import json
 import os
+import re
 import subprocess
 
 import runs
@@ -43,7 +44,8 @@ def test_smoke_runs_every_section(tmp_path):
   kernel_s = {l["section"]: l["value"] for l in lines
               if l["name"] == "train_step_s" and l["section"] in ("train_xla", "train_einsum")}
   first = min(kernel_s, key=kernel_s.get)
-  assert set(sections) == {"env", "ceiling", "attention", "profile_xla", "train_xla",
+  assert set(sections) == {"env", "ceiling", "attention", "profile_xla", "profile_grid",
+                           "train_xla",
                            "train_einsum", f"{first}_cublas", f"{first}_gpt2_vocab",
                            f"{first}_scan", "grid", "small"}, summary
   assert all(how == "ok" for how in sections.values()), summary
@@ -51,7 +53,7 @@ def test_smoke_runs_every_section(tmp_path):
   for want in [("env", "environment"), ("ceiling", "matmul_bfloat16_flops_per_s"),
                ("attention", "attention_pallas_ms"), ("attention", "attention_pallas_docs_ms"),
                ("attention", "attention_tokamax_ms"),
-               ("profile_xla", "profile_step_s"),
+               ("profile_xla", "profile_step_s"), ("profile_grid", "profile_op_us"),
                ("train_xla", "train_tokens_per_s"), (f"{first}_gpt2_vocab", "train_step_s"),
                ("grid", "grid_speedup"), ("grid", "grid_eval_speedup")]:
     assert want in names, want
@@ -77,6 +79,15 @@ def test_smoke_runs_every_section(tmp_path):
   assert all(0.0 <= r["qa_test"]["mean"] <= 1.0 for r in results.values())
   for run in results:
     assert f"small {run}: qa_test" in summary and f"small {run}: qa_test" in proc.stdout
+  # the grid profiled as its cohort runs: R runs in one step (the cohort's tokens counted)
+  grid = [l for l in lines if l["section"] == "profile_grid"]
+  assert all(l["cohort_runs"] == 2 for l in grid) and grid[0]["name"] == "profile_step_s"
+  # every line of a section's output is in the log as it came, stamped with its second
+  log = (out / "log.txt").read_text()
+  small = log[log.index("== small"):].splitlines()[1:]
+  assert any(re.fullmatch(r" *\d+s \[grid\] \d+ run\(s\), mode vmap: .*", l) for l in small)
+  assert any(re.fullmatch(r" *\d+s \[single_finetune/pretrain\] done: .* in saves and evals\)",
+                          l) for l in small)
 
 
 def test_sections_run_in_the_order_named(tmp_path):

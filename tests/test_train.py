@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +144,13 @@ def test_pretrain_loss_falls_and_files(baseline, jax_cache):
     assert key in rows[0]
   # rates are of trained steps: from the second row on (the first step's compile untimed)
   assert "tokens_per_s" not in rows[0] and all("tokens_per_s" in row for row in rows[1:])
+  # the stage's "done" line says where its wall time went: setup, the compiled first step,
+  # the saves (at least one: SAVE_EVERY < STEPS)
+  done = re.search(r"\[pretrain\] done: (\d+) steps in \S+ \(([\d.]+) s before the first "
+                   r"step, ([\d.]+) s in it with its compile, ([\d.]+) s in saves and evals\)",
+                   pathlib.Path(str(wd) + ".log").read_text())
+  assert done and int(done[1]) == STEPS, "no done line with its timings in the log"
+  assert float(done[3]) > 0 and float(done[2]) >= 0 and float(done[4]) >= 0
   assert (wd / "config.json").is_file() and (wd / "tokenizer.json").is_file()
   assert json.loads((wd / "config.json").read_text())["pretrain"]["steps"] == STEPS
   assert (wd / "pretrain/final").is_dir()

@@ -58,6 +58,10 @@ EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate
                                     "longest answer + EOT, as in QA eval)")
 PROBE_STEPS = flags.DEFINE_integer("probe_steps", 20, "probe: timed steps per probe (after 2 "
                                    "warm-up)", lower_bound=1)
+COHORT_RUNS = flags.DEFINE_integer("cohort_runs", 0, "train, profile: the step of a grid cohort "
+                                   "of this many runs vmapped together (0: one run's plain "
+                                   "step); tokens/s, FLOP/s and MFU are the cohort's",
+                                   lower_bound=0)
 GPT2_VOCAB = flags.DEFINE_bool("gpt2_vocab", False, "train: the model with GPT-2's 50,304-token "
                                 "output head (comparable with 124M-parameter GPT-2 figures)")
 ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to time (default: "
@@ -409,7 +413,7 @@ def measure_train(cfg, **kw) -> dict:
       exp.model_cfg = dataclasses.replace(exp.model_cfg, vocab_size=throughput.GPT2_VOCAB)
       exp.model = transformer.Transformer(exp.model_cfg)
     return throughput.measure(exp.train_spec("pretrain"), exp.mesh, cfg.seed, exp.model_cfg,
-                              **kw)
+                              runs=COHORT_RUNS.value, **kw)
 
 
 def bench_train(cfg) -> list[dict]:
@@ -420,7 +424,7 @@ def bench_train(cfg) -> list[dict]:
   ctx = dict(config=cfg.name, scale=cfg.scale, model=size_name(cfg.model), params=r["params"],
              vocab=r["vocab"], batch_size=cfg.pretrain.batch_size, seq_len=cfg.data.seq_len,
              dtype=r["dtype"], attention=r["attention"], remat=cfg.model.remat,
-             device=jax_device_kind())
+             cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
   out = [measurement("train_tokens_per_s", round(r["tokens_per_s"], 1), "tokens/s", **ctx),
          measurement("train_step_s", round(r["step_s"], 4), "s", loss=round(r["loss"], 4),
                      first_step_s=round(r["first_step_s"], 2), **ctx),
@@ -453,8 +457,8 @@ def bench_profile(cfg) -> list[dict]:
     with open(os.path.join(tmp, throughput.TRACED_HLO)) as f:
       sources = profiling.hlo_sources(f.read())
     totals, where = profiling.trace_op_times(tmp, sources)
-  ctx = dict(config=cfg.name, dtype=r["dtype"], attention=r["attention"],
-             device=jax_device_kind())
+  ctx = dict(config=cfg.name, scale=cfg.scale, dtype=r["dtype"], attention=r["attention"],
+             cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
   busy = sum(totals.values()) / steps
   out = [measurement("profile_step_s", round(r["step_s"], 4), "s", busy_us_per_step=round(busy),
                      tracks=where, **ctx)]

@@ -263,14 +263,20 @@ def run_stage(spec: StageSpec, cfg, stage_dir: str, mesh) -> Any:
                     vmapped=False)[0]
 
 
+def _stacked(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def stack_runs(trees, shardings=None, run_axis: str | None = None):
   """Trees of equal structure stacked on a new leading (run) axis, placed on `shardings`'
-  run-axis versions (`sharding.with_run_axis(sh, run_axis)`) when given."""
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  run-axis versions (`sharding.with_run_axis(sh, run_axis)`) when given. One jitted program
+  for the whole tree: stacking leaf by leaf ran one eager op per leaf (300 for a cohort's
+  state and its frozen tree): for ten `small`-sized states on 2 CPU cores 4.4-6.7 s,
+  against 2.4 with this program's compile (0.2 s compiled)."""
   if shardings is None:
-    return stacked
-  return jax.device_put(stacked, jax.tree.map(
-      lambda sh: sharding.with_run_axis(sh, run_axis), shardings))
+    return jax.jit(_stacked)(trees)
+  out = jax.tree.map(lambda sh: sharding.with_run_axis(sh, run_axis), shardings)
+  return jax.jit(_stacked, out_shardings=out)(trees)
 
 
 @functools.partial(jax.jit, static_argnames="split")
@@ -319,6 +325,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   """
   if not vmapped and len(members) != 1:
     raise ValueError("an unvmapped cohort has exactly one member")
+  t_enter = time.time()
+  # where the stage's wall time went, for its "done" line: before the first step (inits or
+  # restores, stacking, the first batches), the first step (its compile), saves and evals
+  clock = dict(setup=None, first=0.0, paused=0.0)
   spec0 = members[0].spec
   sc = spec0.stage_cfg
   is_main = jax.process_index() == 0
@@ -342,7 +352,6 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
     writers.append(metrics_lib.MetricsWriter(m.stage_dir, start, enabled=is_main))
   peak = device_peak_flops(spec0.dtype)
   bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
-  t_start = time.time()
 
   diverged = {}   # member index -> its non-finite message (a vmapped cohort's; see check)
 
@@ -424,11 +433,14 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       else:
         batch = sharding.to_global(rows[0], mesh)
       profiler.step(step, state)   # train.profile_steps: a trace of that window
+      t_step = time.time()
       state, device_metrics = step_fn(state, frozen, batch)
       if step == start:   # the heap bound measures a completed step's working set
         jax.block_until_ready(device_metrics)
         # tokens/s and MFU are of trained steps: the first one's compile is not in the window
         t_last, step_last = time.time(), start + 1
+        if clock["setup"] is None:
+          clock["setup"], clock["first"] = t_step - t_enter, t_last - t_step
       bound.after_step()
       step += 1
       if pending is not None:
@@ -468,7 +480,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
           ckpts[i].save(step, one, data_iters[i])
           if serial_saves:
             ckpts[i].wait()
-      t_last += time.time() - t_pause
+      paused = time.time() - t_pause
+      t_last += paused
+      clock["paused"] += paused
       if caught:
         for i in active:
           ckpts[i].wait()
@@ -501,6 +515,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       c.close()
     for w in writers:
       w.close()
+  timing = ("no step left to train" if clock["setup"] is None else
+            f"{clock['setup']:.1f} s before the first step, {clock['first']:.1f} s in it "
+            f"with its compile, {clock['paused']:.1f} s in saves and evals")
   out = []
   for i, m in enumerate(members):
     if i in diverged:
@@ -510,8 +527,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
     checkpoint.save_params(rundir.final_dir(m.stage_dir), params)
     out.append(params)
     if is_main:
-      print(f"[{m.label}] done: {sc.steps} steps in {_fmt_time(time.time() - t_start)}",
-            file=sys.stdout, flush=True)
+      print(f"[{m.label}] done: {sc.steps} steps in {_fmt_time(time.time() - t_enter)} "
+            f"({timing})", file=sys.stdout, flush=True)
   if diverged:   # the others are trained and saved: say which did not
     raise diverged_error()
   return out

@@ -69,37 +69,46 @@ def timed_steps(step_fn, state, frozen, batches, n: int):
 
 def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelConfig,
             steps: int = 10, warmup: int = 2, trace_dir: str | None = None,
-            trace_steps: int = 3) -> dict:
+            trace_steps: int = 3, runs: int = 0) -> dict:
   """Time `steps` jitted train steps of the stage `spec` (of the model `model_cfg`) on `mesh`,
   on real pipeline batches (`bench train` builds the spec: an Experiment's pretrain stage,
   its output head widened to GPT2_VOCAB on request). `trace_dir`: then `trace_steps` more
   steps under `jax.profiler` (a Perfetto trace in it, and the step's optimised HLO text in
-  TRACED_HLO)."""
+  TRACED_HLO). `runs` >= 1: the step of a grid cohort of that many runs (vmapped over a
+  leading run axis, replicated; run i initialised from seed + i, every run on the same
+  batches); tokens/s and FLOP/s are then the cohort's, the loss the runs' mean."""
   t0 = time.perf_counter()
-  init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
-  batches = [sharding.to_global(b, mesh) for b in first_batches(spec, mesh)]
-  times, state, metrics, released = timed_steps(train_step, init(rng, spec.init_args),
-                                                spec.frozen, batches,
+  if runs:
+    local = first_batches(spec, mesh)
+    train_step, state, frozen, batches = cohort_setup(
+        [loop.Member(spec, "", seed + i, str(i)) for i in range(runs)], mesh,
+        local=[local] * runs)
+  else:
+    init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
+    batches = [sharding.to_global(b, mesh) for b in first_batches(spec, mesh)]
+    state, frozen = init(rng, spec.init_args), spec.frozen
+  times, state, metrics, released = timed_steps(train_step, state, frozen, batches,
                                                 warmup + steps)
   first_s = time.perf_counter() - t0 - sum(times[1:])   # compile, init and the first step
   if trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for i in range(trace_steps):
-        state, metrics = train_step(state, spec.frozen, batches[i % len(batches)])
+        state, metrics = train_step(state, frozen, batches[i % len(batches)])
         jax.block_until_ready(metrics)
     # the traced executable's optimised HLO (its instructions name the trace's ops; their
     # metadata, the jax code they came from): jax's in-memory cache, no second compile
     with open(os.path.join(trace_dir, TRACED_HLO), "w") as f:
-      f.write(train_step.lower(state, spec.frozen, batches[0]).compile().as_text())
+      f.write(train_step.lower(state, frozen, batches[0]).compile().as_text())
   step_s = float(np.median(times[warmup:]))
-  tokens = spec.positions_per_step
+  tokens = spec.positions_per_step * max(runs, 1)
   flops = spec.flops_per_position * tokens / step_s
+  one = jax.tree.map(lambda x: x[0], state["params"]) if runs else state["params"]
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
-              params=int(transformer.count_params(state["params"])),
+              params=int(transformer.count_params(one)),
               vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
               attention=model_cfg.attention, first_step_s=first_s,
-              loss=float(metrics["loss"]), peak=loop.device_peak_flops(model_cfg.dtype),
-              heap_released=released)
+              loss=float(np.mean(metrics["loss"])),
+              peak=loop.device_peak_flops(model_cfg.dtype), heap_released=released)
 
 
 def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
@@ -115,12 +124,12 @@ def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int =
   return total
 
 
-def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2,
-                  run_axis: str | None = None) -> float:
-  """Median seconds of one step of the members' stage vmapped together in one cohort step
-  (as the grid runs them, the run axis placed by `run_axis`), on the same batches as
-  `alone_step_s`."""
-  local = [first_batches(m.spec, mesh) for m in members]
+def cohort_setup(members: list[loop.Member], mesh, run_axis: str | None = None,
+                 local: list[list[dict]] | None = None):
+  """The members' stage vmapped together as the grid runs it (the run axis placed by
+  `run_axis`): (its jitted step, the stacked initial state, the stacked frozen trees, global
+  batches [R, B, L] of each member's first pipeline batches, or of `local`'s)."""
+  local = local or [first_batches(m.spec, mesh) for m in members]
   init, _, _, shardings = loop.build_state(members[0].spec, mesh, members[0].seed)
   step = loop.compile_step(members[0].spec, mesh, shardings, runs=True, run_axis=run_axis)
   state = loop.stack_runs([init(jax.random.PRNGKey(m.seed), m.spec.init_args)
@@ -128,5 +137,14 @@ def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int 
   frozen = loop.stack_runs([m.spec.frozen for m in members])
   batches = [sharding.to_global_stacked([rows[i] for rows in local], mesh, run_axis)
              for i in range(len(local[0]))]
+  return step, state, frozen, batches
+
+
+def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2,
+                  run_axis: str | None = None) -> float:
+  """Median seconds of one step of the members' stage vmapped together in one cohort step
+  (as the grid runs them, the run axis placed by `run_axis`), on the same batches as
+  `alone_step_s`."""
+  step, state, frozen, batches = cohort_setup(members, mesh, run_axis)
   times, *_ = timed_steps(step, state, frozen, batches, warmup + steps)
   return float(np.median(times[warmup:]))
