@@ -82,6 +82,11 @@ def test_smoke_runs_every_section(tmp_path):
   # the grid profiled as its cohort runs: R runs in one step (the cohort's tokens counted)
   grid = [l for l in lines if l["section"] == "profile_grid"]
   assert all(l["cohort_runs"] == 2 for l in grid) and grid[0]["name"] == "profile_step_s"
+  # each profile's time by kind of op, the matmuls among them, their shares summing to one
+  for section in ("profile_xla", "profile_grid"):
+    kinds = {l["kind"]: l["share"] for l in lines
+             if l["section"] == section and l["name"] == "profile_kind_us"}
+    assert "matmul" in kinds and abs(sum(kinds.values()) - 1) < 0.01, (section, kinds)
   # every line of a section's output is in the log as it came, stamped with its second
   log = (out / "log.txt").read_text()
   small = log[log.index("== small"):].splitlines()[1:]

@@ -84,6 +84,7 @@ def test_profile_ops_name_the_jax_code_they_came_from(tmp_path):
   assert loops and not loops & set(sources)
   top = max(totals, key=totals.get)
   assert profiling.scope_of(sources[top]) == "step/optimizer", sources[top]
+  assert profiling.hlo_kinds(text)[top] == "matmul", text   # the dot, fused or not
 
 
 def test_scope_of_names_the_part_of_the_step():
@@ -95,3 +96,72 @@ def test_scope_of_names_the_part_of_the_step():
       == "step/head_loss"
   assert scope_of("jit(train_step)/optimizer/mul") == "step/optimizer"
   assert scope_of("jit(train_step)/reduce_sum") == "step"
+
+
+# a GPU step's kinds of kernel, in XLA's optimised-HLO text (the shapes of a jax 0.11 dump)
+GPU_HLO = """HloModule jit_train_step, is_scheduled=true
+
+%region_sum.1 (a.1: f32[], b.1: f32[]) -> f32[] {
+  %a.1 = f32[] parameter(0)
+  %b.1 = f32[] parameter(1)
+  ROOT %add.9 = f32[] add(%a.1, %b.1)
+}
+
+%fused_add (param_0: bf16[8,16], param_1: bf16[8,16]) -> bf16[8,16] {
+  %param_0 = bf16[8,16]{1,0} parameter(0)
+  %param_1 = bf16[8,16]{1,0} parameter(1)
+  ROOT %add.1 = bf16[8,16]{1,0} add(%param_0, %param_1)
+}
+
+%fused_reduce (param_0.1: f32[8,16]) -> f32[8] {
+  %param_0.1 = f32[8,16]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[8]{0} reduce(%param_0.1, %constant.1), dimensions={1}, to_apply=%region_sum.1
+}
+
+%fused_scatter (p.0: f32[4,16], p.1: s32[8,1], p.2: f32[8,16]) -> f32[4,16] {
+  %p.0 = f32[4,16]{1,0} parameter(0)
+  %p.1 = s32[8,1]{1,0} parameter(1)
+  %p.2 = f32[8,16]{1,0} parameter(2)
+  ROOT %scatter.1 = f32[4,16]{1,0} scatter(%p.0, %p.1, %p.2), update_window_dims={1}, to_apply=%region_sum.1
+}
+
+%fused_transpose (p.3: bf16[8,16]) -> bf16[16,8] {
+  %p.3 = bf16[8,16]{1,0} parameter(0)
+  ROOT %transpose.1 = bf16[16,8]{1,0} transpose(%p.3), dimensions={1,0}
+}
+
+%gemm_fusion_dot.1_computation (parameter_0: bf16[8,16], parameter_1: bf16[16,16]) -> bf16[8,16] {
+  %parameter_0 = bf16[8,16]{1,0} parameter(0)
+  %parameter_1 = bf16[16,16]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[8,16]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.10 (Arg_0.1: bf16[8,16], Arg_1.2: bf16[16,16], Arg_2.3: f32[8,16]) -> (bf16[8,16], f32[8]) {
+  %Arg_0.1 = bf16[8,16]{1,0} parameter(0)
+  %Arg_1.2 = bf16[16,16]{1,0} parameter(1)
+  %Arg_2.3 = f32[8,16]{1,0} parameter(2)
+  %custom-call.3 = (bf16[8,16]{1,0}, s8[1024]{0}) custom-call(%Arg_0.1, %Arg_1.2), custom_call_target="__cublas$gemm", metadata={op_name="jit(train_step)/dot_general"}
+  %gemm_fusion_dot.1 = bf16[8,16]{1,0} fusion(%Arg_0.1, %Arg_1.2), kind=kCustom, calls=%gemm_fusion_dot.1_computation, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"16"}}}
+  %custom-call.4 = bf16[8,16]{1,0} custom-call(%Arg_0.1), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI
+  %loop_add_fusion = bf16[8,16]{1,0} fusion(%Arg_0.1, %gemm_fusion_dot.1), kind=kLoop, calls=%fused_add
+  %input_reduce_fusion = f32[8]{0} fusion(%Arg_2.3), kind=kInput, calls=%fused_reduce
+  %scatter_fusion.2 = f32[4,16]{1,0} fusion(%Arg_2.3), kind=kInput, calls=%fused_scatter
+  %transpose_fusion = bf16[16,8]{1,0} fusion(%loop_add_fusion), kind=kLoop, calls=%fused_transpose
+  %all-reduce.1 = f32[8]{0} all-reduce(%input_reduce_fusion), replica_groups={}, to_apply=%region_sum.1
+  ROOT %tuple.5 = (bf16[8,16]{1,0}, f32[8]{0}) tuple(%loop_add_fusion, %all-reduce.1)
+}
+"""
+
+
+def test_hlo_kinds_tell_the_kernels_apart():
+  """bench profile's `kind`: GEMMs through cuBLAS or XLA's Triton fusions are matmuls, the
+  Pallas attention a kernel of its own, and a fusion is what the ops it calls do."""
+  kinds = profiling.hlo_kinds(GPU_HLO)
+  assert {n: kinds[n] for n in ("custom-call_3", "gemm_fusion_dot_1", "custom-call_4",
+                                "loop_add_fusion", "input_reduce_fusion", "scatter_fusion_2",
+                                "transpose_fusion", "all-reduce_1")} == {
+      "custom-call_3": "matmul", "gemm_fusion_dot_1": "matmul",
+      "custom-call_4": "kernel (__gpu$xla.gpu.triton)", "loop_add_fusion": "elementwise",
+      "input_reduce_fusion": "reduction", "scatter_fusion_2": "scatter/gather",
+      "transpose_fusion": "copy/transpose", "all-reduce_1": "collective"}

@@ -445,17 +445,20 @@ def bench_train(cfg) -> list[dict]:
 def bench_profile(cfg) -> list[dict]:
   """`bench train`'s step under jax.profiler: the step time, the ops that take the most time
   per step (device tracks on an accelerator), as `profile_op_us` lines with the jax code each
-  came from (`source`), and the time summed by part of the step (`profile_scope_us`: module
-  path without the layer index, or `step` for the loss head and optimizer; `unknown`: ops
-  the HLO does not name). Shares are of the ops' summed time, `busy_us_per_step`: on a CPU
-  XLA runs independent ops on several threads at once, so that sum exceeds the step."""
+  came from (`source`) and what it does (`kind`: profiling.hlo_kinds), the time summed by
+  part of the step (`profile_scope_us`: module path without the layer index, or `step` for
+  the loss head and optimizer; `unknown`: ops the HLO does not name) and by kind
+  (`profile_kind_us`: matmul, the attention kernel, element-wise, reduction, copies, ...).
+  Shares are of the ops' summed time, `busy_us_per_step`: on a CPU XLA runs independent ops
+  on several threads at once, so that sum exceeds the step."""
   import collections
   from kstore_jax.train import profiling, throughput
   steps = 3
   with tempfile.TemporaryDirectory() as tmp:
     r = measure_train(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps)
     with open(os.path.join(tmp, throughput.TRACED_HLO)) as f:
-      sources = profiling.hlo_sources(f.read())
+      hlo = f.read()
+    sources, kinds = profiling.hlo_sources(hlo), profiling.hlo_kinds(hlo)
     totals, where = profiling.trace_op_times(tmp, sources)
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=r["dtype"], attention=r["attention"],
              cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
@@ -465,12 +468,19 @@ def bench_profile(cfg) -> list[dict]:
   share = lambda us: round(us / steps / max(busy, 1e-9), 4)
   for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:PROFILE_TOP.value]:
     out.append(measurement("profile_op_us", round(us / steps, 1), "us/step", op=name[:120],
-                           share=share(us), source=sources.get(name, "")[-160:], **ctx))
+                           share=share(us), kind=kinds.get(name, "unknown"),
+                           source=sources.get(name, "")[-160:], **ctx))
   scopes = collections.Counter()
   for name, us in totals.items():
     scopes[profiling.scope_of(sources[name]) if name in sources else "unknown"] += us
   for scope, us in sorted(scopes.items(), key=lambda kv: -kv[1]):
     out.append(measurement("profile_scope_us", round(us / steps, 1), "us/step", scope=scope,
+                           share=share(us), **ctx))
+  by_kind = collections.Counter()
+  for name, us in totals.items():
+    by_kind[kinds.get(name, "unknown")] += us
+  for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    out.append(measurement("profile_kind_us", round(us / steps, 1), "us/step", kind=kind,
                            share=share(us), **ctx))
   return out
 

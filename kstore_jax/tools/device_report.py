@@ -17,7 +17,7 @@ import sys
 
 from kstore_jax import rundir
 
-SUMMARY_KEYS = ("op", "scope", "share", "attention", "dtype", "vocab", "seq_len", "batch_size",
+SUMMARY_KEYS = ("op", "scope", "kind", "share", "cohort_runs", "attention", "dtype", "vocab", "seq_len", "batch_size",
                 "tflops_per_s", "fwd_ms", "tiles_visited", "rel_err_out", "rel_err_dq", "skipped",
                 "loss", "first_step_s", "device", "jax", "source")
 

@@ -94,6 +94,71 @@ def hlo_sources(text: str) -> dict[str, str]:
           if not re.search(r"\s(?:while|conditional|call)\(", head)}
 
 
+# what an instruction does, by the opcodes it runs (a fusion: those of the computations it
+# calls); the first kind that matches wins
+KINDS = (("matmul", {"dot", "convolution"}),
+         ("scatter/gather", {"scatter", "gather", "dynamic-update-slice"}),
+         ("collective", {"all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                         "collective-permute", "all-reduce-start", "all-gather-start",
+                         "collective-permute-start"}),
+         ("reduction", {"reduce", "reduce-window", "select-and-scatter", "sort"}),
+         ("copy/transpose", {"copy", "transpose", "copy-start"}))
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$",
+                          re.M)
+
+
+def custom_call_kind(target: str) -> str:
+  """The kind of a custom call or custom fusion by its target: a cuBLAS/cuDNN GEMM or XLA's
+  Triton GEMM is `matmul`; a Pallas/Triton kernel or cuDNN's fused attention, `kernel
+  (<target>)` (on a GPU, the attention kernels)."""
+  t = target.lower()
+  if "gemm" in t or "matmul" in t:
+    return "matmul"
+  return f"kernel ({target})"
+
+
+def hlo_kinds(text: str) -> dict[str, str]:
+  """Instruction name (keyed as hlo_sources keys it) -> what it does, from an optimised HLO
+  module's text: `matmul` (dots, GEMM custom calls and fusions, on any backend), `kernel (...)`
+  (Pallas/Triton custom calls: the attention), `scatter/gather`, `collective`, `reduction`,
+  `copy/transpose`, else `elementwise` (a fusion of element-wise ops or one such op). A fusion
+  is of the kind of the ops in the computations it calls."""
+  bodies: dict[str, list[tuple[str, str, str]]] = {}
+  current = None
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) (?:\(.*\) -> .*)?\{$", line)
+    if head:
+      current = bodies.setdefault(head.group(1), [])
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      current.append(m.groups())
+  cache: dict[str, set] = {}
+
+  def opcodes(comp: str) -> set:
+    """Every opcode a computation runs, through the computations it calls."""
+    if comp not in cache:
+      cache[comp] = set()
+      for _, op, rest in bodies.get(comp, []):
+        cache[comp].add(op)
+        for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest):
+          cache[comp] |= opcodes(callee)
+    return cache[comp]
+
+  def kind(op: str, rest: str) -> str:
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    if op == "custom-call" and target:
+      return custom_call_kind(target.group(1))
+    custom = re.search(r'"kind":"(__[^"]+)"', rest)   # a custom fusion's backend (GPU, CPU)
+    if op == "fusion" and custom and ("gemm" in custom.group(1) or "cudnn" in custom.group(1)):
+      return custom_call_kind(custom.group(1))
+    ops = {op}
+    if op == "fusion":
+      ops = set().union(*(opcodes(c) for c in re.findall(r"calls=%?([\w.\-]+)", rest)))
+    return next((k for k, members in KINDS if ops & members), "elementwise")
+
+  return {name.replace(".", "_"): kind(op, rest)
+          for instrs in bodies.values() for name, op, rest in instrs}
+
+
 def scope_of(op_name: str) -> str:
   """A step's part from an op's jax name: the model's module path without the layer index
   (`block*/attn/query`, `block*/mlp/up`, `ln_f`), or the train step's own parts outside the
