@@ -61,6 +61,8 @@ def test_smoke_runs_every_section(tmp_path):
   # not compared with the whole pass's time: the smoke's medians of 2 calls on a shared CPU
   # are noise (98 ms forward against 41 ms both passes, seen once in a suite run)
   attn = {l["name"]: l for l in lines if l["section"] == "attention"}
+  # each measured once (the log's copy of a section's output is not read as a second line)
+  assert len(attn) == sum(l["section"] == "attention" for l in lines)
   assert attn["attention_pallas_docs_ms"]["fwd_ms"] > 0
   assert "fwd_ms" not in attn["attention_pallas_docs_t32_ms"]
   # the train sections ranked by step time (the session's pick of the default kernel)

@@ -606,7 +606,7 @@ def launch_suffix(launch) -> str:
                        if new != old)
 
 
-def bench_attention(cfg) -> list[dict]:
+def bench_attention(cfg) -> Iterator[dict]:
   """Causal self-attention over packed documents, forward + backward, for each implementation
   that runs here (ATTENTION, default all), at the config's shape (pretrain batch, seq_len,
   heads, head dim) in the config's compute dtype: median ms of the forward and backward pass
@@ -617,7 +617,8 @@ def bench_attention(cfg) -> list[dict]:
   inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document
   bound, pallas_docs also at other launches (`pallas_docs_launches`: tiles, warps, pipeline
   stages, heads a program), with `tiles_visited` (the share of a causal kernel's tile pairs
-  it walks)."""
+  it walks). Each line is yielded (printed) as it is measured: a deadline keeps the kernels
+  timed before it."""
   import jax
   import jax.numpy as jnp
   from kstore_jax.model import attention, flash_docs, transformer
@@ -654,7 +655,6 @@ def bench_attention(cfg) -> list[dict]:
   # the reference: XLA's attention in float32 on the same (rounded) inputs
   ref = fwd_bwd("xla")[0](*(x.astype(jnp.float32) for x in (q, k, v, do)), pos, seg)
   ref_leaves = [ref[0]] + list(ref[1])
-  out = []
   ctx = dict(config=cfg.name, batch=B, seq_len=L, heads=H, head_dim=K, dtype=dtype,
              device=jax_device_kind())
   # fwd + bwd (3 x fwd) of one layer's attention over the batch, as the model's FLOP count
@@ -672,7 +672,7 @@ def bench_attention(cfg) -> list[dict]:
             + (launch_suffix(option) if impl == "pallas_docs" and option else "") + "_ms")
     problem = attention.unsupported(impl, dtype, platform, L)
     if problem:
-      out.append(measurement(name, None, "ms", skipped=problem, **ctx))
+      yield measurement(name, None, "ms", skipped=problem, **ctx)
       continue
     print(f"[bench attention] {name}: compiling", file=sys.stderr, flush=True)
     fn, fwd = fwd_bwd(impl, option)
@@ -691,12 +691,9 @@ def bench_attention(cfg) -> list[dict]:
       visited, causal_only = flash_docs.visited_tiles(
           seg, min((option or flash_docs.LAUNCH).block, L), True)
       extra["tiles_visited"] = round(visited / causal_only, 3)
-    r = measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
-                    compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
-                    rel_err_dk=errs[2], rel_err_dv=errs[3], **extra, **ctx)
-    print(json.dumps(r), file=sys.stderr, flush=True)
-    out.append(r)
-  return out
+    yield measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
+                      compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
+                      rel_err_dk=errs[2], rel_err_dv=errs[3], **extra, **ctx)
 
 
 def jax_device_kind() -> str:
