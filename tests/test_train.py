@@ -151,6 +151,9 @@ def test_pretrain_loss_falls_and_files(baseline, jax_cache):
                    pathlib.Path(str(wd) + ".log").read_text())
   assert done and int(done[1]) == STEPS, "no done line with its timings in the log"
   assert float(done[3]) > 0 and float(done[2]) >= 0 and float(done[4]) >= 0
+  first = re.search(r"\[pretrain\] step 1: ([\d.]+) s with its compile, ([\d.]+) s before it",
+                    pathlib.Path(str(wd) + ".log").read_text())
+  assert first and first.groups() == done.groups()[2:0:-1], "no first-step line, or another"
   assert (wd / "config.json").is_file() and (wd / "tokenizer.json").is_file()
   assert json.loads((wd / "config.json").read_text())["pretrain"]["steps"] == STEPS
   assert (wd / "pretrain/final").is_dir()

@@ -441,6 +441,11 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         t_last, step_last = time.time(), start + 1
         if clock["setup"] is None:
           clock["setup"], clock["first"] = t_step - t_enter, t_last - t_step
+          if is_main:   # (a run stopped before its "done" line still says where it began)
+            who = members[0].label + (f" and {len(members) - 1} more" if len(members) > 1
+                                      else "")
+            print(f"[{who}] step {start + 1}: {clock['first']:.1f} s with its compile, "
+                  f"{clock['setup']:.1f} s before it", flush=True)
       bound.after_step()
       step += 1
       if pending is not None:
