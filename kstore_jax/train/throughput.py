@@ -102,9 +102,8 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   step_s = float(np.median(times[warmup:]))
   tokens = spec.positions_per_step * max(runs, 1)
   flops = spec.flops_per_position * tokens / step_s
-  one = jax.tree.map(lambda x: x[0], state["params"]) if runs else state["params"]
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
-              params=int(transformer.count_params(one)),
+              params=int(transformer.count_params(state["params"])) // max(runs, 1),
               vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
               attention=model_cfg.attention, first_step_s=first_s,
               loss=float(np.mean(metrics["loss"])),
