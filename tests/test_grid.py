@@ -351,6 +351,10 @@ def test_bench_grid_times_both_modes(four, env):
       continue
     assert row["runs"] == 2 and row["value"] > 0
     assert abs(row["value"] - row["alone_step_s"] / row["grid_step_s"]) < 0.01
+    # the same FLOPs either way: the rates' ratio is the speedup (no MFU: no CPU peak)
+    assert row["grid_tflops_per_s"] / row["alone_tflops_per_s"] == pytest.approx(
+        row["alone_step_s"] / row["grid_step_s"], rel=0.01)
+    assert row["alone_tflops_per_s"] > 0 and "grid_mfu" not in row
   (ev,) = [row for row in lines if row["name"] == "grid_eval_speedup"]   # vmap's eval
   assert ev["runs"] == 2 and ev["questions"] == 2 * 4 * 6, ev
   assert ev["value"] == pytest.approx(ev["alone_s"] / ev["together_s"], rel=0.02)

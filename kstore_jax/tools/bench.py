@@ -835,10 +835,25 @@ def bench_grid(_cfg) -> Iterator[dict]:
                           runs=r, mode=mode, devices=jax.device_count(),
                           run_axis=(run_axis or "replicated") if mode == "vmap" else None,
                           alone_step_s=round(alone, 4), grid_step_s=round(grid_s, 4),
-                          **ctx)
+                          **flop_rates(ms, alone, grid_s), **ctx)
     if "vmap" in GRID_MODES.value and GRID_EVAL_PEOPLE.value > 0:
       for names in cohorts:
         yield measure_grid_eval([exps[n] for n in names], ctx)
+
+
+def flop_rates(members, alone_s: float, grid_s: float) -> dict:
+  """The R runs' steps' FLOP/s, one after another and in the grid (`alone_tflops_per_s`,
+  `grid_tflops_per_s`), and where the device's peak is known their MFU (`alone_mfu`,
+  `grid_mfu`): how far each way is from the chip, so the speedup's ceiling can be read off."""
+  from kstore_jax.train import loop
+  flops = sum(m.spec.flops_per_position * m.spec.positions_per_step for m in members)
+  tera = lambda x: float(f"{x / 1e12:.4g}")   # four significant digits, CPU or chip
+  out = dict(alone_tflops_per_s=tera(flops / alone_s), grid_tflops_per_s=tera(flops / grid_s))
+  peak = loop.device_peak_flops(members[0].spec.dtype)
+  if peak:
+    out.update(alone_mfu=round(flops / alone_s / peak, 4),
+               grid_mfu=round(flops / grid_s / peak, 4))
+  return out
 
 
 def measure_grid_eval(exps, ctx) -> dict:

@@ -17,9 +17,10 @@ import sys
 
 from kstore_jax import rundir
 
-SUMMARY_KEYS = ("op", "scope", "kind", "share", "cohort_runs", "attention", "dtype", "vocab", "seq_len", "batch_size",
-                "tflops_per_s", "fwd_ms", "tiles_visited", "rel_err_out", "rel_err_dq", "skipped",
-                "loss", "first_step_s", "device", "jax", "source")
+SUMMARY_KEYS = ("op", "scope", "kind", "share", "cohort_runs", "alone_mfu", "grid_mfu",
+                "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "fwd_ms",
+                "tiles_visited", "rel_err_out", "rel_err_dq", "skipped", "loss", "first_step_s",
+                "device", "jax", "source")
 
 
 def read_lines(path: str) -> list[dict]:
