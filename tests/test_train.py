@@ -150,7 +150,8 @@ def test_pretrain_loss_falls_and_files(baseline, jax_cache):
                    r"step, ([\d.]+) s in it with its compile, ([\d.]+) s in saves and evals\)",
                    pathlib.Path(str(wd) + ".log").read_text())
   assert done and int(done[1]) == STEPS, "no done line with its timings in the log"
-  assert float(done[3]) > 0 and float(done[2]) >= 0 and float(done[4]) >= 0
+  # (each may print as 0.0: a first step loaded from the compilation cache takes ~0.05 s)
+  assert all(float(x) >= 0 for x in done.groups()[1:])
   first = re.search(r"\[pretrain\] step 1: ([\d.]+) s with its compile, ([\d.]+) s before it",
                     pathlib.Path(str(wd) + ".log").read_text())
   assert first and first.groups() == done.groups()[2:0:-1], "no first-step line, or another"
