@@ -117,7 +117,8 @@ else
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
   # R = 10 and 5: the small grid's cohorts (its 10 base runs share one step, its 5 finetunes
   # another), the largest first: the figure the grid's time rests on; then 2
-  SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"; SMALL_OVERRIDES=(); GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
+  SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"; SMALL_OVERRIDES=()
+  GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
 fi
 BENCH=("$PY" -m kstore_jax.bench)

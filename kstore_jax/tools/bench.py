@@ -470,18 +470,15 @@ def bench_profile(cfg) -> list[dict]:
     out.append(measurement("profile_op_us", round(us / steps, 1), "us/step", op=name[:120],
                            share=share(us), kind=kinds.get(name, "unknown"),
                            source=sources.get(name, "")[-160:], **ctx))
-  scopes = collections.Counter()
-  for name, us in totals.items():
-    scopes[profiling.scope_of(sources[name]) if name in sources else "unknown"] += us
-  for scope, us in sorted(scopes.items(), key=lambda kv: -kv[1]):
-    out.append(measurement("profile_scope_us", round(us / steps, 1), "us/step", scope=scope,
-                           share=share(us), **ctx))
-  by_kind = collections.Counter()
-  for name, us in totals.items():
-    by_kind[kinds.get(name, "unknown")] += us
-  for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-    out.append(measurement("profile_kind_us", round(us / steps, 1), "us/step", kind=kind,
-                           share=share(us), **ctx))
+  # the same time summed by part of the step, then by kind of op
+  for key, of in (("scope", lambda n: profiling.scope_of(sources[n]) if n in sources
+                   else "unknown"), ("kind", lambda n: kinds.get(n, "unknown"))):
+    summed = collections.Counter()
+    for name, us in totals.items():
+      summed[of(name)] += us
+    for value, us in sorted(summed.items(), key=lambda kv: -kv[1]):
+      out.append(measurement(f"profile_{key}_us", round(us / steps, 1), "us/step",
+                             **{key: value}, share=share(us), **ctx))
   return out
 
 

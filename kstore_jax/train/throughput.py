@@ -78,14 +78,14 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   leading run axis, replicated; run i initialised from seed + i, every run on the same
   batches); tokens/s and FLOP/s are then the cohort's, the loss the runs' mean."""
   t0 = time.perf_counter()
+  local = first_batches(spec, mesh)
   if runs:
-    local = first_batches(spec, mesh)
     train_step, state, frozen, batches = cohort_setup(
         [loop.Member(spec, "", seed + i, str(i)) for i in range(runs)], mesh,
         local=[local] * runs)
   else:
     init, rng, _, _, train_step = loop.compile_stage(spec, mesh, seed)
-    batches = [sharding.to_global(b, mesh) for b in first_batches(spec, mesh)]
+    batches = [sharding.to_global(b, mesh) for b in local]
     state, frozen = init(rng, spec.init_args), spec.frozen
   times, state, metrics, released = timed_steps(train_step, state, frozen, batches,
                                                 warmup + steps)
