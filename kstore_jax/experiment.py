@@ -114,7 +114,8 @@ def _flatten(d, prefix=""):
 class Experiment:
   """Config + world + model + mesh; runs stages."""
 
-  def __init__(self, cfg, tokenizer, workdir: Workdir, platform: str | None = None):
+  def __init__(self, cfg, tokenizer, workdir: Workdir, platform: str | None = None,
+               mesh=None):
     self.cfg, self.workdir = cfg, workdir
     self.world = world_lib.build_world(cfg, tokenizer)
     # next-token rows: a document of T tokens takes T-1 positions; masked-LM rows (GBERT): T
@@ -123,7 +124,8 @@ class Experiment:
       raise configlib.ConfigError(
           f"data.seq_len={cfg.data.seq_len} is shorter than the longest document "
           f"({longest} positions)")
-    self.mesh = sharding.make_mesh(cfg.mesh)
+    # (`mesh`: another, e.g. of compile-only devices: bench roofline)
+    self.mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     # `auto` dtype and attention are decided for the platform the mesh's devices are on, or
     # for `platform` when the caller lowers for another one (bench lower)
     self.platform = platform or attention_lib.platform_of(self.mesh.devices.flat)
@@ -458,8 +460,9 @@ def _model_abstract(model, seq_len: int, mesh):
   trains: one trace of the model's init each, ~0.4 s at the paper size)."""
   dummy = np.zeros((1, seq_len), np.int32)   # a row length every kernel takes
   init = lambda rng: model.init(rng, dummy)["params"]
-  with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  key = jax.eval_shape(jax.random.PRNGKey, 0)   # abstract: no op runs (an AOT mesh has no
+  with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):   # device to run it on)
+    boxed = jax.eval_shape(init, key)
     shardings = sharding.logical_shardings(boxed, mesh)
   abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
   return abstract, init, boxed

@@ -9,6 +9,7 @@
     python -m kstore_jax.bench attention --config=configs/base.py [--attention=xla,pallas]
     python -m kstore_jax.bench ceiling [--matmul_n=2048] [--copy_bytes=268435456]
     python -m kstore_jax.bench lower --config=configs/base.py --platform=cuda|tpu
+    bash launch/aot_plugin.sh roofline --config=configs/base.py:small [--cohort_runs=10]
     python -m kstore_jax.bench grid --config=configs/grids/demo.py:tiny [--runs=2,4,8]
 
 Each measurement is printed as one JSON line `{"name", "value", "unit", ...context}`, all of
@@ -68,7 +69,10 @@ ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to ti
                               "every one that runs on this platform)")
 PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
                              "lower: the platform to lower for")
-PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile: ops listed (most time first)")
+PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile, roofline: ops listed (most "
+                                   "time first)")
+ROOFLINE_TARGET = flags.DEFINE_enum("target", "h200", ["h200"], "roofline: the GPU compiled for "
+                                    "(train/aot.py TARGETS)")
 MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n x n x n matmul's n "
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
@@ -500,36 +504,29 @@ def bench_lower(cfg) -> list[dict]:
   import jax
   import jax.numpy as jnp
   from kstore_jax import experiment
-  from kstore_jax.data import batches, tokenizer
+  from kstore_jax.data import tokenizer
   from kstore_jax.eval import generate, qa_eval
   from kstore_jax.model import attention
   from kstore_jax.model.transformer import count_params, flops_per_token
-  from kstore_jax.train import loop, sharding
+  from kstore_jax.train import loop
   platform = PLATFORM.value   # the config was validated for it
   with cli.config_errors():   # nothing is written to the workdir
     exp = experiment.Experiment(cfg, tokenizer.of_config(cfg),
                                 experiment.Workdir(os.getcwd()), platform=platform)
   spec = exp.train_spec("pretrain")
-  _, rng, abstract, shardings, train_step = loop.compile_stage(spec, exp.mesh, cfg.seed)
   B, L = cfg.pretrain.batch_size, cfg.data.seq_len
-  batch_sh = sharding.batch_sharding(exp.mesh)
-  batch = {k: jax.ShapeDtypeStruct((B, L), dtype, sharding=batch_sh)
-           for k, dtype in batches.LM_DTYPES.items()}
   with attention.lowering_target(platform, exp.mesh):
-    train_text = train_step.trace(abstract, spec.frozen, batch).lower(
+    train_text = loop.traced_step(spec, exp.mesh, cfg.seed).lower(
         lowering_platforms=(platform,)).as_text()
     # the same step as a grid runs it: two runs vmapped over a leading run axis
-    runs = lambda x, sh: jax.ShapeDtypeStruct((2, *x.shape), x.dtype,
-                                              sharding=sharding.with_run_axis(sh))
-    grid_text = loop.compile_step(spec, exp.mesh, shardings, runs=True).trace(
-        jax.tree.map(lambda x: runs(x, x.sharding), abstract), spec.frozen,
-        {k: runs(v, batch_sh) for k, v in batch.items()}).lower(
-            lowering_platforms=(platform,)).as_text()
+    grid_text = loop.traced_step(spec, exp.mesh, cfg.seed, runs=2).lower(
+        lowering_platforms=(platform,)).as_text()
     # QA decoding as evaluation runs it: a batch of questions, prefill + greedy KV-cache steps
     qs = qa_eval.qa_set(exp.world, exp.world.test_people[:8])
     _, _, b = next(iter(qa_eval.length_batches(qs, 8)))
     max_new = qs.answers_NW.shape[1]
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract["params"])
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          exp.model_abstract[0])
     decode_text = generate.generate.trace(
         exp.model, params, jnp.asarray(b.rest_NR), jnp.asarray(b.rest_lens_N), max_new,
         exp.world.renderer.eot_id, b.prefixes()).lower(
@@ -544,6 +541,67 @@ def bench_lower(cfg) -> list[dict]:
       scores_f32_bytes=B * mc.num_heads * L * L * 4,
       train=train, decode=decode, grid=grid, params=int(count_params(params)),
       flops_per_token=flops_per_token(mc, L), config=cfg.name, batch_size=B, seq_len=L)]
+
+
+def bench_roofline(cfg) -> Iterator[dict]:
+  """Compile (not run) the config's pretrain step for a GPU on this machine (--target, with
+  jax's CUDA plugin: train/aot.py), alone or as a grid cohort of --cohort_runs runs, and
+  count its floor from the optimised program (train/roofline.py): every kernel's time at the
+  target's measured ceilings, one after another. `roofline_floor_s` is the step's floor with
+  the MFU it would reach there (the most this program can), then the floor by kind of
+  kernel, by part of the step and the --profile_top kernels that cost most."""
+  import jax
+  from kstore_jax import experiment
+  from kstore_jax.data import tokenizer
+  from kstore_jax.model import attention
+  from kstore_jax.train import aot, loop, roofline, sharding
+  target = ROOFLINE_TARGET.value
+  try:
+    mesh = aot.mesh(target, sharding.AXES)
+  except aot.PluginMissing as e:
+    raise cli.ConfigError(f"bench roofline: {e}") from None
+  with cli.config_errors():   # nothing is written to the workdir
+    exp = experiment.Experiment(cfg, tokenizer.of_config(cfg),
+                                experiment.Workdir(os.getcwd()), platform="cuda", mesh=mesh)
+  spec, runs = exp.train_spec("pretrain"), COHORT_RUNS.value
+  start = time.perf_counter()
+  with attention.lowering_target("cuda", mesh):
+    text = loop.traced_step(spec, mesh, cfg.seed, runs=runs).lower().compile().as_text()
+  compile_s = time.perf_counter() - start
+  ceil = aot.CEILINGS[target]
+  flops_s, bytes_s = ceil["flops_per_s"], ceil["bytes_per_s"]
+  ks = roofline.kernels(text)
+  floor = sum(k.floor_s(flops_s, bytes_s) for k in ks)
+  model_flops = spec.flops_per_position * spec.positions_per_step * max(runs, 1)
+  peak = loop.peak_flops(aot.TARGETS[target]["name"], exp.model_cfg.dtype)
+  ctx = dict(config=cfg.name, scale=cfg.scale, dtype=exp.model_cfg.dtype,
+             attention=exp.model_cfg.attention, cohort_runs=runs,
+             device=aot.TARGETS[target]["name"], tflops_ceiling=flops_s / 1e12,
+             tbytes_per_s_ceiling=bytes_s / 1e12)
+  bound = lambda k: "matmul" if k.flops / flops_s > k.bytes / bytes_s else "memory"
+  by_bound = roofline.summary(ks, flops_s, bytes_s, bound)
+  yield measurement(
+      "roofline_floor_s", round(floor, 6), "s", kernels=sum(k.runs for k in ks),
+      matmul_tflop=round(sum(k.runs * k.flops for k in ks) / 1e12, 3),
+      gbytes=round(sum(k.runs * k.bytes for k in ks) / 1e9, 2),
+      **{f"{b}_bound_s": round(by_bound.get(b, (0, 0, 0, 0.0))[3], 6)
+         for b in ("matmul", "memory")},
+      model_tflop=round(model_flops / 1e12, 3),
+      mfu_at_floor=round(model_flops / floor / peak, 4) if peak else None,
+      compile_s=round(compile_s, 1), **ctx)
+  share = lambda t: round(t / floor, 4)
+  for key, of in (("kind", lambda k: k.kind), ("scope", roofline.scope)):
+    for value, (n, b, f, t) in sorted(roofline.summary(ks, flops_s, bytes_s, of).items(),
+                                      key=lambda kv: -kv[1][3]):
+      yield measurement(f"roofline_{key}_s", round(t, 6), "s", **{key: value}, kernels=n,
+                        gbytes=round(b / 1e9, 3), tflop=round(f / 1e12, 4), share=share(t),
+                        **ctx)
+  for k in sorted(ks, key=lambda k: -k.floor_s(flops_s, bytes_s))[:PROFILE_TOP.value]:
+    t = k.floor_s(flops_s, bytes_s)
+    yield measurement("roofline_op_s", round(t, 7), "s", op=k.name, kind=k.kind,
+                      mbytes=round(k.runs * k.bytes / 1e6, 1),
+                      gflop=round(k.runs * k.flops / 1e9, 2), runs=k.runs, share=share(t),
+                      source=k.source[-160:], **ctx)
 
 
 def bench_ceiling(cfg) -> list[dict]:
@@ -895,7 +953,7 @@ def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
 BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_population,
               "eval": bench_eval, "probe": bench_probe, "ceiling": bench_ceiling,
               "attention": bench_attention, "profile": bench_profile, "lower": bench_lower,
-              "grid": bench_grid, "startup": bench_startup}
+              "grid": bench_grid, "startup": bench_startup, "roofline": bench_roofline}
 NO_CONFIG = {"population", "ceiling", "grid", "startup"}   # grid reads its grid config itself
 
 
@@ -908,7 +966,8 @@ def main(argv):
   what = argv[1:]
   if len(what) != 1 or what[0] not in BENCHMARKS:
     raise cli.ConfigError(f"expected one benchmark out of {sorted(BENCHMARKS)}, got {what}")
-  platform = PLATFORM.value if what[0] == "lower" else None   # lower: for that platform
+  # lower: for that platform; roofline: for a GPU (its compile-only devices)
+  platform = {"lower": PLATFORM.value, "roofline": "cuda"}.get(what[0])
   cfg = None if what[0] in NO_CONFIG else cli.validated_config(CONFIG.value, platform=platform)
   for r in BENCHMARKS[what[0]](cfg):   # a list, or an iterator: each line as it is measured
     sys.stderr.flush()

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 import kstore_jax
 from kstore_jax import heap, rundir
+from kstore_jax.data import batches
 from kstore_jax.train import (checkpoint, metrics as metrics_lib, optim, profiling, sharding,
                               step as step_lib)
 
@@ -172,7 +173,10 @@ def build_state(spec: StageSpec, mesh, seed: int):
 
   rng = jax.random.PRNGKey(seed)
   with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):
-    abstract_boxed = jax.eval_shape(init_boxed, rng, spec.init_args)
+    # (the key's shape alone: under another platform's abstract mesh, bench lower's, a CPU
+    # array would not mix)
+    abstract_boxed = jax.eval_shape(init_boxed, jax.ShapeDtypeStruct(rng.shape, rng.dtype),
+                                    spec.init_args)
     shardings = sharding.logical_shardings(abstract_boxed, mesh)
     init = jax.jit(lambda r, a: nn.meta.unbox(init_boxed(r, a)), out_shardings=shardings,
                    compiler_options=init_compiler_options(mesh))
@@ -188,6 +192,32 @@ def compile_stage(spec: StageSpec, mesh, seed: int):
   the initial state is `init(rng, spec.init_args)`."""
   init, rng, abstract, shardings = build_state(spec, mesh, seed)
   return init, rng, abstract, shardings, compile_step(spec, mesh, shardings)
+
+
+def traced_step(spec: StageSpec, mesh, seed: int, runs: int = 0, run_axis: str | None = None):
+  """The stage's train step traced on abstract arguments laid out on `mesh` (state, frozen
+  tree, LM batch and hyperparameters as shapes with their shardings; `runs` > 0: a grid
+  cohort of that many runs vmapped over a leading run axis placed by `run_axis`). Nothing is
+  placed on a device, so `mesh` may be of compile-only devices (train/aot.py): bench lower
+  and bench roofline lower and compile this."""
+  _, _, abstract, shardings = build_state(spec, mesh, seed)
+  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        spec.frozen)
+  step = _jitted_step(spec.loss_fn, spec.microbatches, mesh, _flat(shardings),
+                      None if runs else _flat(jax.tree.map(lambda x: x.sharding, frozen)),
+                      runs > 0, run_axis)
+  batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  b = spec.stage_cfg.batch_size
+  batch = {k: jax.ShapeDtypeStruct((b, spec.positions_per_step // b), dtype, sharding=batch_sh)
+           for k, dtype in batches.LM_DTYPES.items()}
+  if runs:
+    stack = lambda x, sh: jax.ShapeDtypeStruct((runs, *x.shape), x.dtype,
+                                               sharding=sharding.with_run_axis(sh, run_axis))
+    abstract, frozen = (jax.tree.map(lambda x: stack(x, x.sharding), t) for t in (abstract, frozen))
+    batch = {k: stack(v, batch_sh) for k, v in batch.items()}
+  hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+             for k in optim.hyperparams(spec.stage_cfg)}
+  return step.trace(abstract, frozen, batch, hparams)
 
 
 class BoundStep:

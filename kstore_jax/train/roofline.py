@@ -1,0 +1,151 @@
+"""A compiled step's floor, read from its optimised HLO: every kernel it launches, the bytes
+at each kernel's edges and the matrix FLOPs inside it, each kernel's time at the ceilings
+(max(FLOPs / matmul rate, bytes / memory bandwidth)) summed one after another, as a GPU
+stream runs them. No jax: text in, numbers out (`bench roofline` compiles the step for a
+GPU on a host without one, train/aot.py, and prints these).
+
+What the bytes count: each kernel's operands and results as whole buffers, read once and
+written once. That over-counts a kernel that reads a slice of a buffer or updates one in
+place (dynamic-update-slice) and under-counts one that re-reads its inputs (a GEMM's tiles,
+served from L2 at these sizes, are not counted again); a Pallas kernel's FLOPs are its own
+(not in the HLO): it counts by its bytes alone, so its floor is a lower bound that its
+measured time (`bench attention`) replaces."""
+
+import dataclasses
+import math
+import re
+
+from kstore_jax.train import profiling
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+# instructions that launch nothing: views, tuples and bookkeeping
+NO_KERNEL = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
+             "opt-barrier", "partition-id", "replica-id", "add-dependency"}
+_HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) (?:\(.*\) -> .*)?\{$")
+
+
+def array_bytes(shape: str) -> int:
+  """Bytes of every array in an HLO shape (a tuple's elements summed)."""
+  return sum(math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES[dt]
+             for dt, dims in _ARRAY.findall(shape))
+
+
+@dataclasses.dataclass
+class Kernel:
+  """One launched kernel: its HLO instruction, what it does (profiling.hlo_kinds), the bytes
+  at its edges and its matrix FLOPs (each times `runs`: a loop body's trip count)."""
+  name: str
+  kind: str
+  bytes: int
+  flops: int
+  source: str
+  runs: int = 1
+
+  def floor_s(self, flops_per_s: float, bytes_per_s: float) -> float:
+    return self.runs * max(self.flops / flops_per_s, self.bytes / bytes_per_s)
+
+
+def _computations(text: str) -> tuple[dict, str]:
+  """{computation: [(name, shape, opcode, rest of line)]} and the entry's name."""
+  comps, entry, current = {}, None, None
+  for line in text.splitlines():
+    head = _HEAD.match(line)
+    if head:
+      current = comps.setdefault(head.group(2), [])
+      entry = head.group(2) if head.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      current.append(m.groups())
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return comps, entry
+
+
+# name = shape opcode(operands), attributes; the shape a tuple `(...)` or one array
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
+
+
+def _operands(rest: str) -> list[str]:
+  """The operand names of an instruction (its text after the opcode's parenthesis)."""
+  depth, end = 1, len(rest)
+  for i, ch in enumerate(rest):
+    depth += (ch == "(") - (ch == ")")
+    if depth == 0:
+      end = i
+      break
+  return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def _dot(shape: str, rest: str, shapes: dict) -> int:
+  """FLOPs of one dot (2 per multiply-add): its result's elements x the contracted size."""
+  out = math.prod(int(d) for d in _ARRAY.search(shape).group(2).split(",") if d)
+  lhs = _ARRAY.search(shapes[_operands(rest)[0]]).group(2).split(",")
+  dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+  return 2 * out * (math.prod(int(lhs[int(i)]) for i in dims.group(1).split(",") if i)
+                    if dims else 1)
+
+
+def _dot_flops(comps: dict, comp: str, seen=None) -> int:
+  """FLOPs of the dots in a computation and in those it calls."""
+  seen = set() if seen is None else seen
+  if comp in seen:
+    return 0
+  seen.add(comp)
+  instrs = comps.get(comp, [])
+  shapes = {name: shape for name, shape, _, _ in instrs}
+  flops = 0
+  for _, shape, op, rest in instrs:
+    if op in ("dot", "convolution"):
+      flops += _dot(shape, rest, shapes)
+    for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest):
+      flops += _dot_flops(comps, callee, seen)
+  return flops
+
+
+def kernels(text: str) -> list[Kernel]:
+  """Every kernel the module's entry computation launches, a while loop's body's kernels with
+  its known trip count (1 where the HLO names none), in program order."""
+  comps, entry = _computations(text)
+  kinds, sources = profiling.hlo_kinds(text), profiling.hlo_sources(text)
+  out: list[Kernel] = []
+
+  def walk(comp: str, runs: int) -> None:
+    shapes = {name: shape for name, shape, _, _ in comps[comp]}
+    for name, shape, op, rest in comps[comp]:
+      if op in NO_KERNEL:
+        continue
+      if op in ("while", "call", "conditional"):
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+        n = runs * (int(trips.group(1)) if trips and op == "while" else 1)
+        for callee in re.findall(r"(?:body|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)",
+                                 rest):
+          walk(callee, n)
+        continue
+      key = name.replace(".", "_")
+      read = sum(array_bytes(shapes.get(o, "")) for o in _operands(rest))
+      flops = sum(_dot_flops(comps, c) for c in re.findall(r"calls=%?([\w.\-]+)", rest))
+      if op in ("dot", "convolution"):
+        flops += _dot(shape, rest, shapes)
+      out.append(Kernel(name, kinds.get(key, "elementwise"), read + array_bytes(shape), flops,
+                        sources.get(key, ""), runs))
+
+  walk(entry, 1)
+  return out
+
+
+def summary(ks: list[Kernel], flops_per_s: float, bytes_per_s: float, key) -> dict:
+  """{key(kernel): (kernels, bytes, FLOPs, floor s)} summed over `ks`."""
+  out: dict = {}
+  for k in ks:
+    n, b, f, t = out.get(key(k), (0, 0, 0, 0.0))
+    out[key(k)] = (n + k.runs, b + k.runs * k.bytes, f + k.runs * k.flops,
+                   t + k.floor_s(flops_per_s, bytes_per_s))
+  return out
+
+
+def scope(k: Kernel) -> str:
+  """The step's part a kernel belongs to (profiling.scope_of its jax op name)."""
+  return profiling.scope_of(k.source) if k.source else "unknown"

@@ -1,0 +1,136 @@
+"""The step's floor from its optimised HLO (train/roofline.py) against numbers counted by hand
+in this file, and `bench roofline` (compiling for an H200 here, train/aot.py): without jax's
+CUDA plugin one line naming it; with it (launch/aot_plugin.sh installs it into .aot/, not in
+CI: the slow test) the small step's floor."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import runs
+from kstore_jax.train import roofline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A GPU-style optimised module: a GEMM fusion (a [64, 32] x [32, 16] dot), an element-wise
+# fusion, a while loop run 3 times whose body holds a reduce fusion, a Pallas custom call and
+# the views (bitcast, get-tuple-element) that launch nothing.
+HLO = """HloModule jit_step, is_scheduled=true
+
+%gemm_computation (p0: bf16[64,32], p1: bf16[32,16]) -> bf16[64,16] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  %p1 = bf16[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add (q0: bf16[64,16]) -> f32[64,16] {
+  %q0 = bf16[64,16]{1,0} parameter(0)
+  %c = f32[64,16]{1,0} convert(%q0)
+  ROOT %a = f32[64,16]{1,0} add(%c, %c)
+}
+
+%sum (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%fused_reduce (r0: f32[64,16]) -> f32[64] {
+  %r0 = f32[64,16]{1,0} parameter(0)
+  %zero = f32[] constant(0)
+  ROOT %r = f32[64]{0} reduce(%r0, %zero), dimensions={1}, to_apply=%sum
+}
+
+%body (t: (s32[], f32[64,16])) -> (s32[], f32[64,16]) {
+  %t = (s32[], f32[64,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %v = f32[64,16]{1,0} get-tuple-element(%t), index=1
+  %red = f32[64]{0} fusion(%v), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(step)/jvp(head_loss)/reduce_sum"}
+  ROOT %o = (s32[], f32[64,16]{1,0}) tuple(%i, %v)
+}
+
+%cond (ct: (s32[], f32[64,16])) -> pred[] {
+  %ct = (s32[], f32[64,16]{1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (a: bf16[64,32], b: bf16[32,16], n: s32[]) -> f32[64,16] {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %n = s32[] parameter(2)
+  %gemm = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/jvp(Transformer)/block0/mlp/up/dot_general"}, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %view = bf16[64,16]{1,0} bitcast(%gemm)
+  %add = f32[64,16]{1,0} fusion(%view), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(Transformer)/block0/mlp/add"}
+  %attn = bf16[64,16]{1,0} custom-call(%view, %view), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(Transformer)/block0/attn/flash_docs_forward/pallas_call"}
+  %init = (s32[], f32[64,16]{1,0}) tuple(%n, %add)
+  %loop = (s32[], f32[64,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[64,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_kernels_bytes_flops_and_trips_as_counted_by_hand():
+  ks = {k.name: k for k in roofline.kernels(HLO)}
+  assert set(ks) == {"gemm", "add", "attn", "red"}   # views, tuples, the loop itself: none
+  # the GEMM reads a (64*32*2) and b (32*16*2), writes 64*16*2; 2*64*16*32 FLOPs
+  assert (ks["gemm"].bytes, ks["gemm"].flops, ks["gemm"].kind) == (4096 + 1024 + 2048,
+                                                                   65536, "matmul")
+  assert (ks["add"].bytes, ks["add"].flops, ks["add"].kind) == (2048 + 4096, 0, "elementwise")
+  assert ks["attn"].bytes == 3 * 2048 and ks["attn"].kind.startswith("kernel")
+  assert (ks["red"].bytes, ks["red"].runs, ks["red"].kind) == (4096 + 256, 3, "reduction")
+  assert roofline.scope(ks["gemm"]) == "block*/mlp/up"
+  assert roofline.scope(ks["red"]) == "step/head_loss"
+  # floors: the GEMM bound by its FLOPs at 1e9 FLOP/s and 1e9 B/s, the loop body 3 times
+  assert ks["gemm"].floor_s(1e9, 1e9) == pytest.approx(65536e-9)
+  assert ks["red"].floor_s(1e12, 1e9) == pytest.approx(3 * 4352e-9)
+  by_kind = roofline.summary(list(ks.values()), 1e12, 1e9, lambda k: k.kind)
+  assert by_kind["reduction"][:3] == (3, 3 * 4352, 0)
+  assert by_kind["matmul"][3] == pytest.approx(7168e-9)   # memory-bound at these rates
+
+
+def test_a_dot_outside_a_fusion_counts_and_no_entry_is_an_error():
+  text = HLO.replace("%gemm = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, "
+                     "calls=%gemm_computation,",
+                     "%gemm = bf16[64,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, "
+                     "rhs_contracting_dims={0},")
+  gemm = next(k for k in roofline.kernels(text) if k.name == "gemm")
+  assert (gemm.flops, gemm.kind) == (65536, "matmul")
+  with pytest.raises(ValueError, match="ENTRY"):
+    roofline.kernels(HLO.replace("ENTRY ", ""))
+
+
+def bench_roofline(*extra, env=None):
+  return subprocess.run([runs.python(), "-m", "kstore_jax.bench", "roofline",
+                         "--config=configs/tiny.py", *extra], cwd=ROOT,
+                        env=env or runs.env(), capture_output=True, text=True, check=False,
+                        timeout=600)
+
+
+def test_without_the_cuda_plugin_one_line():
+  proc = bench_roofline()
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  err = [l for l in proc.stderr.splitlines() if "jax-cuda13-plugin" in l]
+  assert len(err) == 1 and "launch/aot_plugin.sh" in err[0], proc.stderr[-2000:]
+  assert not proc.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".aot")),
+                    reason="jax's CUDA plugin not installed (bash launch/aot_plugin.sh)")
+def test_tiny_step_compiled_for_an_h200():
+  env = runs.env(PYTHONPATH=os.path.join(ROOT, ".aot"))
+  proc = bench_roofline("--cohort_runs=2", "--profile_top=3", env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  floor = lines[0]
+  assert floor["name"] == "roofline_floor_s" and floor["device"] == "NVIDIA H200"
+  assert floor["dtype"] == "bfloat16" and floor["attention"] == "pallas_docs"
+  # the compiled dots are the model's matmuls: 2 runs x (fwd + 2 bwd) x ~2 N FLOPs a token,
+  # within the attention's and the embedding's share of the model's count
+  assert 0.7 < floor["matmul_tflop"] / floor["model_tflop"] <= 1.0, floor
+  kinds = {l["kind"]: l for l in lines if l["name"] == "roofline_kind_s"}
+  assert "matmul" in kinds and any(k.startswith("kernel") for k in kinds)
+  assert sum(l["share"] for l in kinds.values()) == pytest.approx(1.0, abs=1e-3)
+  assert len([l for l in lines if l["name"] == "roofline_op_s"]) == 3
