@@ -101,6 +101,14 @@ def test_a_dot_outside_a_fusion_counts_and_no_entry_is_an_error():
     roofline.kernels(HLO.replace("ENTRY ", ""))
 
 
+def test_targets_name_their_devices():
+  from kstore_jax.train import aot
+  assert aot.target_of("NVIDIA H200") == "h200" and aot.target_of("cpu") is None
+  config = aot.target_config("h200")
+  assert "core_count: 132" in config and "major: 9 minor: 0" in config
+  assert 'device_description_str: "NVIDIA H200"' in config
+
+
 def bench_roofline(*extra, env=None):
   return subprocess.run([runs.python(), "-m", "kstore_jax.bench", "roofline",
                          "--config=configs/tiny.py", *extra], cwd=ROOT,

@@ -454,9 +454,12 @@ def bench_profile(cfg) -> list[dict]:
   the loss head and optimizer; `unknown`: ops the HLO does not name) and by kind
   (`profile_kind_us`: matmul, the attention kernel, element-wise, reduction, copies, ...).
   Shares are of the ops' summed time, `busy_us_per_step`: on a CPU XLA runs independent ops
-  on several threads at once, so that sum exceeds the step."""
+  on several threads at once, so that sum exceeds the step. On a GPU of known ceilings
+  (train/aot.py CEILINGS) each line also carries `floor_us`, the kernels' floor at them
+  (train/roofline.py): time over floor is what each kernel leaves on the table."""
   import collections
-  from kstore_jax.train import profiling, throughput
+  import jax
+  from kstore_jax.train import aot, profiling, roofline, throughput
   steps = 3
   with tempfile.TemporaryDirectory() as tmp:
     r = measure_train(cfg, steps=TRAIN_STEPS.value, trace_dir=tmp, trace_steps=steps)
@@ -464,25 +467,36 @@ def bench_profile(cfg) -> list[dict]:
       hlo = f.read()
     sources, kinds = profiling.hlo_sources(hlo), profiling.hlo_kinds(hlo)
     totals, where = profiling.trace_op_times(tmp, sources)
+  # on a GPU of known ceilings each kernel's floor beside its time (train/roofline.py)
+  target = aot.target_of(jax.devices()[0].device_kind)
+  floors = collections.Counter()
+  if target is not None:
+    for k in roofline.kernels(hlo):
+      floors[k.name.replace(".", "_")] += k.floor_s(**aot.CEILINGS[target]) * 1e6
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=r["dtype"], attention=r["attention"],
              cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
   busy = sum(totals.values()) / steps
   out = [measurement("profile_step_s", round(r["step_s"], 4), "s", busy_us_per_step=round(busy),
+                     **({"floor_us_per_step": round(sum(floors.values()))} if floors else {}),
                      tracks=where, **ctx)]
   share = lambda us: round(us / steps / max(busy, 1e-9), 4)
+  floor = lambda us: {"floor_us": round(us, 1)} if floors else {}
   for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:PROFILE_TOP.value]:
     out.append(measurement("profile_op_us", round(us / steps, 1), "us/step", op=name[:120],
                            share=share(us), kind=kinds.get(name, "unknown"),
-                           source=sources.get(name, "")[-160:], **ctx))
-  # the same time summed by part of the step, then by kind of op
+                           **floor(floors[name]), source=sources.get(name, "")[-160:], **ctx))
+  # the same time summed by part of the step, then by kind of op (with the floors of the
+  # kernels the trace timed)
   for key, of in (("scope", lambda n: profiling.scope_of(sources[n]) if n in sources
                    else "unknown"), ("kind", lambda n: kinds.get(n, "unknown"))):
-    summed = collections.Counter()
+    summed, floor_sum = collections.Counter(), collections.Counter()
     for name, us in totals.items():
       summed[of(name)] += us
+      floor_sum[of(name)] += floors[name]
     for value, us in sorted(summed.items(), key=lambda kv: -kv[1]):
       out.append(measurement(f"profile_{key}_us", round(us / steps, 1), "us/step",
-                             **{key: value}, share=share(us), **ctx))
+                             **{key: value}, share=share(us), **floor(floor_sum[value]),
+                             **ctx))
   return out
 
 

@@ -17,8 +17,8 @@ import sys
 
 from kstore_jax import rundir
 
-SUMMARY_KEYS = ("op", "scope", "kind", "share", "cohort_runs", "alone_mfu", "grid_mfu",
-                "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "fwd_ms",
+SUMMARY_KEYS = ("op", "scope", "kind", "share", "floor_us", "floor_us_per_step", "cohort_runs",
+                "alone_mfu", "grid_mfu", "attention", "dtype", "vocab", "seq_len", "batch_size", "tflops_per_s", "fwd_ms",
                 "tiles_visited", "rel_err_out", "rel_err_dq", "skipped", "loss", "first_step_s",
                 "device", "jax", "source")
 

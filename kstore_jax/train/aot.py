@@ -43,6 +43,11 @@ device_description_str: "{name}"
 """
 
 
+def target_of(device_kind: str) -> str | None:
+  """The TARGETS key of a device kind (`NVIDIA H200`), or None."""
+  return next((t for t, v in TARGETS.items() if v["name"] == device_kind), None)
+
+
 class PluginMissing(RuntimeError):
   """jax's CUDA plugin is not importable: nothing can compile for a GPU here."""
 
