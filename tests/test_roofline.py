@@ -109,6 +109,33 @@ def test_targets_name_their_devices():
   assert 'device_description_str: "NVIDIA H200"' in config
 
 
+# ptxas -v's report as ptxas 13.5 prints it (two entry functions, one with C7515)
+PTXAS = """ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are \
+serialized due to non wgmma instructions defining accumulator registers of a wgmma between start \
+and end of the pipeline stage in the function 'flash_docs_backward' in line 1211
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'flash_docs_backward' for 'sm_90a'
+ptxas info    : Function properties for flash_docs_backward
+    784 bytes stack frame, 1740 bytes spill stores, 1472 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+ptxas info    : Compile time = 159.618 ms
+ptxas info    : Compiling entry function 'flash_docs_forward' for 'sm_90a'
+ptxas info    : Function properties for flash_docs_forward
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 124 registers, used 1 barriers
+"""
+
+
+def test_ptxas_report_read_per_function():
+  from kstore_jax.train import aot
+  facts = aot.parse_ptxas(PTXAS)
+  assert facts == {
+      "flash_docs_backward": dict(wgmma_serialized=True, stack_bytes=784,
+                                  spill_store_bytes=1740, spill_load_bytes=1472, registers=255),
+      "flash_docs_forward": dict(wgmma_serialized=False, stack_bytes=0, spill_store_bytes=0,
+                                 spill_load_bytes=0, registers=124)}
+
+
 def bench_roofline(*extra, env=None):
   return subprocess.run([runs.python(), "-m", "kstore_jax.bench", "roofline",
                          "--config=configs/tiny.py", *extra], cwd=ROOT,
@@ -142,3 +169,9 @@ def test_tiny_step_compiled_for_an_h200():
   assert "matmul" in kinds and any(k.startswith("kernel") for k in kinds)
   assert sum(l["share"] for l in kinds.values()) == pytest.approx(1.0, abs=1e-3)
   assert len([l for l in lines if l["name"] == "roofline_op_s"]) == 3
+  builds = [l for l in lines if l["name"] == "roofline_build"]
+  if builds:   # ptxas installed (launch/aot_plugin.sh --ptxas): every launch's two kernels
+    model = {l["kernel"] for l in builds if l["launch"] == "model"}
+    assert model == {"flash_docs_forward", "flash_docs_backward"}
+    assert all(0 < l["registers"] <= 255 and l["spill_store_bytes"] >= 0 for l in builds)
+    assert len({l["launch"] for l in builds}) > 1

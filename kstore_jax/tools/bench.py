@@ -563,7 +563,8 @@ def bench_roofline(cfg) -> Iterator[dict]:
   count its floor from the optimised program (train/roofline.py): every kernel's time at the
   target's measured ceilings, one after another. `roofline_floor_s` is the step's floor with
   the MFU it would reach there (the most this program can), then the floor by kind of
-  kernel, by part of the step and the --profile_top kernels that cost most."""
+  kernel, by part of the step and the --profile_top kernels that cost most; with ptxas
+  (launch/aot_plugin.sh --ptxas) the Pallas kernels' builds (`kernel_builds`)."""
   import jax
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
@@ -578,9 +579,12 @@ def bench_roofline(cfg) -> Iterator[dict]:
     exp = experiment.Experiment(cfg, tokenizer.of_config(cfg),
                                 experiment.Workdir(os.getcwd()), platform="cuda", mesh=mesh)
   spec, runs = exp.train_spec("pretrain"), COHORT_RUNS.value
+  builds = aot.ptxas() is not None   # each Pallas kernel's registers, spills, wgmma
+  dump = tempfile.mkdtemp() if builds else None
   start = time.perf_counter()
   with attention.lowering_target("cuda", mesh):
-    text = loop.traced_step(spec, mesh, cfg.seed, runs=runs).lower().compile().as_text()
+    text = loop.traced_step(spec, mesh, cfg.seed, runs=runs).lower().compile(
+        compiler_options={"xla_dump_to": dump} if builds else None).as_text()
   compile_s = time.perf_counter() - start
   ceil = aot.CEILINGS[target]
   flops_s, bytes_s = ceil["flops_per_s"], ceil["bytes_per_s"]
@@ -616,6 +620,48 @@ def bench_roofline(cfg) -> Iterator[dict]:
                       mbytes=round(k.runs * k.bytes / 1e6, 1),
                       gflop=round(k.runs * k.flops / 1e9, 2), runs=k.runs, share=share(t),
                       source=k.source[-160:], **ctx)
+  if builds:
+    yield from kernel_builds(exp, dump, sorted(set(re.findall(r'name = "(\w+)"', text))), ctx)
+
+
+def kernel_builds(exp, dump: str, names: list[str], ctx: dict) -> Iterator[dict]:
+  """bench roofline's `roofline_build` lines: ptxas's report of each Pallas kernel of the
+  compiled step (in the XLA dump `dump`), and with `pallas_docs` of its forward and backward
+  at every launch bench attention times (pallas_docs_launches), compiled alone at the step's
+  attention shape: registers a thread, spills, Hopper `wgmma` instructions and whether ptxas
+  serialises them, what decides a kernel's occupancy and matrix rate before any device runs
+  it (BENCHMARKS.md, "Registers of the attention kernels")."""
+  import shutil
+  import jax
+  import jax.numpy as jnp
+  from kstore_jax.model import attention, flash_docs
+  from kstore_jax.train import aot
+  for name, facts in aot.kernel_builds(dump, tuple(names)).items():
+    yield measurement("roofline_build", facts.get("registers"), "registers", kernel=name,
+                      launch="model", **facts, **ctx)
+  shutil.rmtree(dump)
+  mc, cfg = exp.model_cfg, exp.cfg
+  if mc.attention != "pallas_docs":
+    return
+  H, K = mc.num_heads, mc.d_model // mc.num_heads
+  B, L = cfg.pretrain.batch_size, cfg.data.seq_len
+  rep = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((B, L, H, K), jnp.bfloat16, sharding=rep)
+  seg = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=rep)
+  for launch in pallas_docs_launches("cuda"):
+    if launch.block > L or H % launch.heads:
+      continue
+    loss = lambda q, k, v, s, launch=launch: flash_docs.attention(
+        q, k, v, s, causal=mc.causal, launch=launch).astype(jnp.float32).sum()
+    dump = tempfile.mkdtemp()
+    with attention.lowering_target("cuda", exp.mesh):
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg).lower().compile(
+          compiler_options={"xla_dump_to": dump})
+    for name, facts in aot.kernel_builds(dump, ("flash_docs_forward",
+                                                "flash_docs_backward")).items():
+      yield measurement("roofline_build", facts.get("registers"), "registers", kernel=name,
+                        launch=launch_suffix(launch).lstrip("_"), **facts, **ctx)
+    shutil.rmtree(dump)
 
 
 def bench_ceiling(cfg) -> list[dict]:

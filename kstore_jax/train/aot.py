@@ -9,6 +9,12 @@ project's environment, into `.aot/`, and runs the bench with it). Without a devi
 autotunes: XLA picks its GEMM tilings by heuristics (the program's fusions and kernels are
 the device's; the GEMM configurations are not), and no one runs it here."""
 
+import glob
+import os
+import re
+import shutil
+import subprocess
+
 import jax
 import numpy as np
 
@@ -76,3 +82,61 @@ def mesh(target: str, axes: tuple[str, ...]) -> jax.sharding.Mesh:
   """A one-device mesh of a compile-only `target` GPU with `axes` (each of size 1)."""
   return jax.sharding.Mesh(np.array([device(target)]).reshape((1,) * len(axes)), axes,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+# -- reading a kernel's build: ptxas's resource report of the PTX XLA emitted -----------------
+def ptxas() -> str | None:
+  """ptxas, from the nvidia-cuda-nvcc package beside the plugin (launch/aot_plugin.sh
+  --ptxas) or the PATH; None without it."""
+  try:
+    import nvidia   # a namespace package: nvidia/cu13/bin/ptxas where nvidia-cuda-nvcc is
+    found = [os.path.join(p, "cu13", "bin", "ptxas") for p in nvidia.__path__]
+  except ImportError:
+    found = []
+  return next((p for p in found if os.access(p, os.X_OK)), None) or shutil.which("ptxas")
+
+
+def parse_ptxas(report: str) -> dict[str, dict]:
+  """{function: {registers, stack_bytes, spill_store_bytes, spill_load_bytes,
+  wgmma_serialized}} from `ptxas -v`'s report; `wgmma_serialized`: ptxas's C7515 (Hopper's
+  asynchronous matrix instructions of that function run one after another)."""
+  out: dict[str, dict] = {}
+  current = None
+  for line in report.splitlines():
+    if m := re.search(r"(?:Compiling entry function|Function properties for) '?([\w.$]+)'?",
+                      line):
+      current = out.setdefault(m.group(1), {"wgmma_serialized": False})
+    elif current is not None and (m := re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+      current.update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
+                     spill_load_bytes=int(m.group(3)))
+    elif current is not None and (m := re.search(r"Used (\d+) registers", line)):
+      current["registers"] = int(m.group(1))
+    if "C7515" in line and (m := re.search(r"in the function '([\w.$]+)'", line)):
+      out.setdefault(m.group(1), {})["wgmma_serialized"] = True
+  return out
+
+
+def kernel_builds(dump_dir: str, names: tuple[str, ...], arch: str = "sm_90a") -> dict:
+  """{kernel: ptxas's report (parse_ptxas) + `wgmma` (Hopper matrix instructions in its
+  PTX)} of the kernels called `names` in an XLA dump (`xla_dump_to`) of a module compiled
+  for a TARGETS GPU."""
+  tool = ptxas()
+  if tool is None:
+    raise PluginMissing("reading kernel builds needs ptxas: bash launch/aot_plugin.sh "
+                        "--ptxas installs nvidia-cuda-nvcc beside the plugin")
+  out = {}
+  for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
+    with open(path) as f:
+      ptx = f.read()
+    entries = [n for n in names if re.search(rf"\.entry {re.escape(n)}\(", ptx)]
+    if not entries:
+      continue
+    report = subprocess.run([tool, f"-arch={arch}", "-v", path, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    facts = parse_ptxas(report)
+    for n in entries:   # the entry's own body: to the next entry or the file's end
+      body = ptx[re.search(rf"\.entry {re.escape(n)}\(", ptx).end():]
+      body = body[:m.start()] if (m := re.search(r"\.entry ", body)) else body
+      out[n] = dict(facts.get(n, {}), wgmma=body.count("wgmma.mma_async"))
+  return out
