@@ -207,6 +207,23 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_par
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
 
 
+def test_gpu_gelu_recomputed_in_the_backward_gives_the_same_gradients(toy_params, plain_loss):
+  """Lowered for a GPU the MLP's GELU is recomputed in the backward (jax.checkpoint, not its
+  saved tanh): the same loss and gradients as the CPU's plain model, and the recompute is
+  there (a remat in the traced step) for cuda only."""
+  _, gpu = plain_and_other(platform="cuda")
+  (want, want_g), (got, got_g) = plain_loss, packed_loss_and_grads(gpu, toy_params)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+  x = jnp.ones((1, 4, TOY_MODEL["d_model"]))
+  for platform, recomputed in (("cpu", False), ("cuda", True)):
+    mlp = transformer.Mlp(transformer.ModelConfig(**TOY_MODEL, platform=platform))
+    p = mlp.init(jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: mlp.apply(p, x).sum()))(p))
+    assert ("remat" in jaxpr or "checkpoint" in jaxpr) == recomputed, platform
+
+
 @pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "full"), (True, "dots"),
                                         (False, "dots_no_batch")])
 def test_remat_decodes_like_the_plain_model(scan, remat, toy_params):

@@ -245,7 +245,12 @@ class Mlp(nn.Module):
     if cfg.block == "llama":
       h_BLF = nn.silu(up("gate")(x_BLD)) * up("up")(x_BLD)
     else:
-      h_BLF = nn.gelu(up("up")(x_BLD))
+      # off the CPU the backward recomputes GELU from its input (kept anyway: the projection's
+      # output) instead of reading the tanh the forward saved: one [T, F] tensor less written
+      # and read a layer, 1.6-1.9% off the GPU step's floor (BENCHMARKS.md "The step's
+      # floor"); the CPU, bound by arithmetic, has nothing measurable to gain (nor has
+      # Llama's SiLU: its floor grew 2.6%)
+      h_BLF = (nn.gelu if cfg.platform == "cpu" else jax.checkpoint(nn.gelu))(up("up")(x_BLD))
     return Proj((cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
                 0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform, name="down")(h_BLF)
 
