@@ -309,3 +309,57 @@ def test_flash_docs_launch_reaches_triton():
     # the forward's grid: (tiles, rows, head groups)
     assert (f"grid_x = {256 // launch.block} : i32, grid_y = 2 : i32, "
             f"grid_z = {4 // launch.heads} : i32") in text
+
+
+def test_row_and_head_axes_are_the_sharding_rules():
+  """attention.per_shard splits rows and heads over the mesh axes train/sharding.py gives the
+  logical `batch` and `heads`."""
+  from kstore_jax.train import sharding
+  rules = dict(sharding.RULES)
+  assert attention.ROW_AXES == tuple(rules["batch"])
+  assert attention.HEAD_AXES == (rules["heads"],)
+
+
+# run in a process of 4 CPU devices (this one has one): rows over `data`, heads over `tensor`
+PER_SHARD = """
+import sys, json
+sys.path.insert(0, "tests")
+import jax, jax.numpy as jnp, numpy as np
+from kstore_jax.model import attention
+from test_attention import batch, reference, rel
+impl = sys.argv[1]
+mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"),
+                     axis_types=(jax.sharding.AxisType.Auto,) * 3)   # (the project's meshes)
+q, k, v, do, seg, pos = batch(seed=7, B=4, L=128, H=2)
+def f(q, k, v):
+  with attention.on_mesh(mesh):
+    out = attention.self_attention(impl, q, k, v, jnp.asarray(pos), jnp.asarray(seg), True,
+                                   interpret=True)
+  return (out * do).sum(), out
+g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+args = [jnp.asarray(x) for x in (q, k, v)]
+(_, out), grads = g(*args)
+want = reference(q, k, v, do, seg, pos, seg, pos, True)
+real = (seg > 0)[:, :, None, None]
+print(json.dumps({"err": max(rel(np.asarray(a, np.float64) * real, b * real)
+                             for a, b in zip((out, *grads), want[:4])),
+                  "shard_map": "shard_map" in str(jax.make_jaxpr(g)(*args))}))
+"""
+
+
+@pytest.mark.parametrize("impl", ["pallas_docs", "splash"])
+def test_kernels_run_per_shard_on_a_mesh(impl):
+  """On a mesh of several devices a kernel XLA cannot partition (a Mosaic kernel refuses to
+  lower otherwise) runs in a shard_map, each device on its rows and heads: the output and
+  gradients are still the NumPy reference's."""
+  import json
+  import os
+  import subprocess
+  import runs
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", PER_SHARD, impl], cwd=root,
+                        env=runs.env(n_devices=4, optimize=True), capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r["shard_map"] and r["err"] < 2e-5, r

@@ -17,9 +17,10 @@ SMALL = ["--config=configs/tiny.py", "--config.data.seq_len=256",
          "--config.pretrain.batch_size=16"]
 
 
-def lower(platform, *extra):
+def lower(platform, *extra, n_devices=1):
   proc = subprocess.run([runs.python(), "-m", "kstore_jax.bench", "lower", *SMALL,
-                         f"--platform={platform}", *extra], cwd=ROOT, env=runs.env(),
+                         f"--platform={platform}", *extra], cwd=ROOT,
+                        env=runs.env(n_devices=n_devices),
                         capture_output=True,
                         text=True, check=False, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,6 +43,15 @@ def test_lowers_flash_attention_for(platform, kernel, call):
   assert r["max_f32_4d_buffer_bytes"] < r["scores_f32_bytes"], r
   assert no_cpu_only(r["custom_calls"]), r["custom_calls"]
   assert r["params"] > 0 and r["flops_per_token"] > 0
+
+
+@pytest.mark.parametrize("platform,call", [("cuda", "__gpu$xla.gpu.triton"),
+                                           ("tpu", "tpu_custom_call")])
+def test_lowers_on_a_mesh_of_several_devices(platform, call):
+  """Data parallel over 4 devices: the flash kernels run per shard (a Mosaic kernel is not
+  partitioned by XLA: lowering it on a mesh of several devices failed before)."""
+  r = lower(platform, n_devices=4)
+  assert call in r["train"]["custom_calls"] and call in r["grid"]["custom_calls"]
 
 
 def test_xla_attention_shows_its_scores():

@@ -29,6 +29,7 @@ is small.
 """
 
 import contextlib
+import contextvars
 import importlib.util
 import math
 
@@ -273,6 +274,51 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bo
   return out_BHLK.transpose(0, 2, 1, 3)
 
 
+# The kernels XLA cannot partition over a mesh (Pallas's Triton and Mosaic custom calls,
+# tokamax's): on several devices each runs on its own rows and heads inside a shard_map. The
+# mesh axes that split a batch's rows and the heads: train/sharding.py's RULES for the logical
+# `batch` and `heads` (test_attention checks that they agree).
+PER_SHARD = ("pallas", "pallas_docs", "tokamax", "splash")
+ROW_AXES, HEAD_AXES = ("data", "fsdp"), ("tensor",)
+
+
+_MESH = contextvars.ContextVar("attention_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+  """A context for tracing a function whose attention kernels run per shard of `mesh` (the
+  concrete mesh: shard_map executes on its devices, or compiles for them)."""
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
+def per_shard(kernel, q_BLHK, k_BLHK, v_BLHK, seg_BL):
+  """kernel(q, k, v, seg) -> [B, L, H, K], run by each device on its rows and heads where the
+  mesh of `on_mesh` has several devices: attention never mixes rows or heads, so the shards'
+  results are the whole one's. Directly on one device or outside `on_mesh`."""
+  mesh = _MESH.get()
+  if mesh is None or mesh.size == 1:
+    return kernel(q_BLHK, k_BLHK, v_BLHK, seg_BL)
+  context = jax.sharding.get_abstract_mesh()   # lowering for another platform (bench lower):
+  mesh = mesh if context.empty else context     # its target's abstract mesh, the same axes
+
+  def split(axes, n):
+    """The mesh's axes among `axes` if they divide n, else None: every device then has all
+    n (a model init's one dummy row)."""
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    return axes if axes and n % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+  B, _, H, _ = q_BLHK.shape
+  x = jax.sharding.PartitionSpec(split(ROW_AXES, B), None, split(HEAD_AXES, H), None)
+  seg = jax.sharding.PartitionSpec(split(ROW_AXES, B), None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(x, x, x, seg), out_specs=x,
+                       check_vma=False)(q_BLHK, k_BLHK, v_BLHK, seg_BL)
+
+
 def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bool,
                    interpret: bool = False, max_docs: int | None = None) -> jax.Array:
   """Attention of a packed batch over itself (training, prefill without a cache) by `impl`;
@@ -284,18 +330,18 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
   `xla` instead: they are short, and the flash kernels would refuse them."""
   if length_unsupported(impl, q_BLHK.shape[1]):
     impl = "xla"
-  if impl == "pallas":
-    return pallas_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
-  if impl == "pallas_docs":
-    from kstore_jax.model import flash_docs   # Pallas: imported where it runs
-    return flash_docs.attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
-  if impl == "tokamax":
-    return tokamax_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
+  if impl in PER_SHARD:
+    if impl == "pallas_docs":
+      from kstore_jax.model import flash_docs   # Pallas: imported where it runs
+      kernel = flash_docs.attention
+    else:
+      kernel = {"pallas": pallas_attention, "tokamax": tokamax_attention,
+                "splash": splash_attention}[impl]
+    return per_shard(lambda q, k, v, seg: kernel(q, k, v, seg, causal, interpret),
+                     q_BLHK, k_BLHK, v_BLHK, seg_BL)
   if impl == "cudnn":
     L = q_BLHK.shape[1]
     return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, min(max_docs or L, L))
-  if impl == "splash":
-    return splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal, interpret)
   k_BHTK, v_BHTK = k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3)
   m = mask(pos_BL, seg_BL, pos_BL, seg_BL, causal)
   if impl == "xla":

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 import kstore_jax
 from kstore_jax import heap, rundir
 from kstore_jax.data import batches
+from kstore_jax.model import attention
 from kstore_jax.train import (checkpoint, metrics as metrics_lib, optim, profiling, sharding,
                               step as step_lib)
 
@@ -266,7 +267,12 @@ def _jitted_step(loss_fn, microbatches: int, mesh, state_sh, frozen_sh, runs: bo
   a process: the stages that train the same program reuse it (pretrain -> finetune; a grid's
   base-stage cohorts; an Experiment per row in one process), and jax's in-memory cache then
   neither traces nor compiles it again."""
-  step = step_lib.make_train_step(loss_fn, microbatches)
+  train_step = step_lib.make_train_step(loss_fn, microbatches)
+
+  def step(*args):   # traced on the mesh: attention kernels run per shard (attention.on_mesh)
+    with attention.on_mesh(mesh):
+      return train_step(*args)
+
   shardings, batch_sh = jax.tree.unflatten(*state_sh), sharding.batch_sharding(mesh)
   if runs:
     def add(sh):
