@@ -52,6 +52,9 @@ def test_lowers_on_a_mesh_of_several_devices(platform, call):
   partitioned by XLA: lowering it on a mesh of several devices failed before)."""
   r = lower(platform, n_devices=4)
   assert call in r["train"]["custom_calls"] and call in r["grid"]["custom_calls"]
+  # each in a shard_map (CUDA lowered before too: every device ran the whole batch's)
+  assert r["train"]["manual_computations"] > 0 and r["grid"]["manual_computations"] > 0
+  assert lower(platform)["train"]["manual_computations"] == 0   # one device: called directly
 
 
 def test_xla_attention_shows_its_scores():

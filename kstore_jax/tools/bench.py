@@ -73,6 +73,9 @@ PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile, roofline: ops li
                                    "time first)")
 ROOFLINE_TARGET = flags.DEFINE_enum("target", "h200", ["h200"], "roofline: the GPU compiled for "
                                     "(train/aot.py TARGETS)")
+ROOFLINE_DEVICES = flags.DEFINE_integer("devices", 1, "roofline: GPUs of one host the config's "
+                                        "mesh spans (the floor is one device's; collectives "
+                                        "count at memory bandwidth: a lower bound)")
 MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n x n x n matmul's n "
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
@@ -501,13 +504,16 @@ def bench_profile(cfg) -> list[dict]:
 
 
 def hlo_facts(text: str) -> dict:
-  """From a StableHLO module's text: the custom-call targets it uses and the largest float32
-  rank-4 tensor it names, in bytes (XLA attention's [B, H, L, T] scores show up as one)."""
+  """From a StableHLO module's text: the custom-call targets it uses, the largest float32
+  rank-4 tensor it names, in bytes (XLA attention's [B, H, L, T] scores show up as one), and
+  how many shard_maps it holds."""
   calls = set(re.findall(r"custom_call @([\w.$-]+)", text))
   calls |= set(re.findall(r'call_target_name = "([^"]+)"', text))
   f32_4d = [math.prod(int(d) for d in m.split("x")) * 4
             for m in re.findall(r"tensor<(\d+x\d+x\d+x\d+)xf32>", text)]
-  return dict(custom_calls=sorted(calls), max_f32_4d_buffer_bytes=max(f32_4d, default=0))
+  # shard_maps (a kernel XLA cannot partition runs per shard in one: attention.per_shard)
+  return dict(custom_calls=sorted(calls), max_f32_4d_buffer_bytes=max(f32_4d, default=0),
+              manual_computations=text.count("sdy.manual_computation("))
 
 
 def bench_lower(cfg) -> list[dict]:
@@ -570,9 +576,13 @@ def bench_roofline(cfg) -> Iterator[dict]:
   from kstore_jax.data import tokenizer
   from kstore_jax.model import attention
   from kstore_jax.train import aot, loop, roofline, sharding
-  target = ROOFLINE_TARGET.value
+  target, n = ROOFLINE_TARGET.value, ROOFLINE_DEVICES.value
+  try:   # the config's mesh over n GPUs of one host (data parallel by default)
+    shape = sharding.mesh_shape(cfg.mesh, n)
+  except ValueError as e:
+    raise cli.ConfigError(f"--devices={n}: {e}") from None
   try:
-    mesh = aot.mesh(target, sharding.AXES)
+    mesh = aot.mesh(target, sharding.AXES, tuple(shape))
   except aot.PluginMissing as e:
     raise cli.ConfigError(f"bench roofline: {e}") from None
   with cli.config_errors():   # nothing is written to the workdir
@@ -593,7 +603,8 @@ def bench_roofline(cfg) -> Iterator[dict]:
   model_flops = spec.flops_per_position * spec.positions_per_step * max(runs, 1)
   peak = loop.peak_flops(aot.TARGETS[target]["name"], exp.model_cfg.dtype)
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=exp.model_cfg.dtype,
-             attention=exp.model_cfg.attention, cohort_runs=runs,
+             attention=exp.model_cfg.attention, cohort_runs=runs, devices=n,
+             mesh=dict(zip(sharding.AXES, shape)),
              device=aot.TARGETS[target]["name"], tflops_ceiling=flops_s / 1e12,
              tbytes_per_s_ceiling=bytes_s / 1e12)
   bound = lambda k: "matmul" if k.flops / flops_s > k.bytes / bytes_s else "memory"
@@ -605,7 +616,9 @@ def bench_roofline(cfg) -> Iterator[dict]:
       **{f"{b}_bound_s": round(by_bound.get(b, (0, 0, 0, 0.0))[3], 6)
          for b in ("matmul", "memory")},
       model_tflop=round(model_flops / 1e12, 3),
-      mfu_at_floor=round(model_flops / floor / peak, 4) if peak else None,
+      mfu_at_floor=round(model_flops / floor / peak / n, 4) if peak else None,
+      collective_gbytes=round(sum(k.runs * k.bytes for k in ks if k.kind == "collective")
+                              / 1e9, 3),
       compile_s=round(compile_s, 1), **ctx)
   share = lambda t: round(t / floor, 4)
   for key, of in (("kind", lambda k: k.kind), ("scope", roofline.scope)):

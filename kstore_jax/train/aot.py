@@ -10,6 +10,7 @@ autotunes: XLA picks its GEMM tilings by heuristics (the program's fusions and k
 the device's; the GEMM configurations are not), and no one runs it here."""
 
 import glob
+import math
 import os
 import re
 import shutil
@@ -65,22 +66,25 @@ def target_config(target: str) -> str:
   return _CONFIG.format(major=major, minor=minor, **t)
 
 
-def device(target: str):
-  """A compile-only device of the GPU `target` (TARGETS), from jax's CUDA plugin."""
+def devices(target: str, n: int = 1) -> list:
+  """`n` compile-only devices of the GPU `target` (TARGETS) on one host, from jax's CUDA
+  plugin."""
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(target),
-                                        topology="1x1x1")
+                                        topology=f"1x1x{n}")
   except NotImplementedError:   # jax found no CUDA plugin to make the topology with
     raise PluginMissing(f"compiling for an {TARGETS[target]['name']} here needs jax's CUDA plugin "
                         f"(jax-cuda13-plugin=={jax.__version__}): bash launch/aot_plugin.sh "
                         "installs it and runs the bench with it") from None
-  return topo.devices[0]
+  return list(topo.devices)
 
 
-def mesh(target: str, axes: tuple[str, ...]) -> jax.sharding.Mesh:
-  """A one-device mesh of a compile-only `target` GPU with `axes` (each of size 1)."""
-  return jax.sharding.Mesh(np.array([device(target)]).reshape((1,) * len(axes)), axes,
+def mesh(target: str, axes: tuple[str, ...], shape: tuple[int, ...] | None = None
+         ) -> jax.sharding.Mesh:
+  """A mesh of compile-only `target` GPUs with `axes` of sizes `shape` (default: all 1)."""
+  shape = shape or (1,) * len(axes)
+  return jax.sharding.Mesh(np.array(devices(target, math.prod(shape))).reshape(shape), axes,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
