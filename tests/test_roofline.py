@@ -101,6 +101,36 @@ def test_a_dot_outside_a_fusion_counts_and_no_entry_is_an_error():
     roofline.kernels(HLO.replace("ENTRY ", ""))
 
 
+# A TPU-style module: matmuls written as convolutions (one plain, one over a size-1 dim
+# padded 7 both sides with a window of 8: one real tap in 8), and a custom call whose config
+# holds a line that starts with "}" (the computation goes on after it)
+TPU_HLO = """HloModule jit_step
+
+ENTRY %main (x: bf16[64,32], w: bf16[32,16], a: bf16[4,16,32,1], b: bf16[8,2,32,1]) -> bf16[64,16] {
+  %x = bf16[64,32]{1,0:T(8,128)(2,1)} parameter(0)
+  %w = bf16[32,16]{1,0:T(8,128)(2,1)} parameter(1)
+  %a = bf16[4,16,32,1]{3,2,1,0} parameter(2)
+  %b = bf16[8,2,32,1]{3,2,1,0} parameter(3)
+  %k = bf16[64,16]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"xprof":"{
+}}, metadata={op_name="jit(step)/attn/pallas_call"}
+  %mm = bf16[64,16]{1,0:T(8,128)(2,1)} convolution(%x, %w), dim_labels=bf_io->bf
+  %pad = bf16[4,16,8,2]{3,2,1,0} convolution(%a, %b), window={size=1x8 pad=0_0x7_7 rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f
+  ROOT %out = bf16[64,16]{1,0} add(%mm, %k)
+}
+"""
+
+
+def test_tpu_convolutions_count_their_real_taps():
+  ks = {k.name: k for k in roofline.kernels(TPU_HLO)}
+  assert set(ks) == {"k", "mm", "pad", "out"}   # the custom call's } line ends nothing
+  assert ks["mm"].flops == 2 * 64 * 16 * 32     # [64, 32] x [32, 16]
+  # out [4, 16, 8, 2]: batch 16 x features 2 x dim0 4 positions (window 1, 1 tap each) x dim1
+  # 8 positions over an input of size 1 padded 7 both sides (window 8: 1 real tap each)
+  # = 4 x 16 x 8 x 2 outputs, each 32 input features x 1 tap
+  assert ks["pad"].flops == 2 * (4 * 16 * 8 * 2) * 32
+  assert ks["mm"].bytes == 64 * 32 * 2 + 32 * 16 * 2 + 64 * 16 * 2   # tiled layouts: shapes
+
+
 def test_targets_name_their_devices():
   from kstore_jax.train import aot
   assert aot.target_of("NVIDIA H200") == "h200" and aot.target_of("cpu") is None
@@ -143,11 +173,14 @@ def bench_roofline(*extra, env=None):
                         timeout=600)
 
 
-def test_without_the_cuda_plugin_one_line():
-  proc = bench_roofline()
+@pytest.mark.parametrize("target,names", [("h200", ("jax-cuda13-plugin", "aot_plugin.sh")),
+                                          ("v5e:2x2", ("libtpu", "aot_plugin.sh --tpu")),
+                                          ("h100", ("--target='h100'", "v5e:2x2"))])
+def test_without_the_plugin_or_with_another_target_one_line(target, names):
+  proc = bench_roofline(f"--target={target}")
   assert proc.returncode == 2, proc.stderr[-2000:]
-  err = [l for l in proc.stderr.splitlines() if "jax-cuda13-plugin" in l]
-  assert len(err) == 1 and "launch/aot_plugin.sh" in err[0], proc.stderr[-2000:]
+  err = [l for l in proc.stderr.splitlines() if all(n in l for n in names)]
+  assert len(err) == 1, proc.stderr[-2000:]
   assert not proc.stdout.strip()
 
 

@@ -71,11 +71,13 @@ PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
                              "lower: the platform to lower for")
 PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile, roofline: ops listed (most "
                                    "time first)")
-ROOFLINE_TARGET = flags.DEFINE_enum("target", "h200", ["h200"], "roofline: the GPU compiled for "
-                                    "(train/aot.py TARGETS)")
+ROOFLINE_TARGET = flags.DEFINE_string("target", "h200", "roofline: what to compile for, a GPU "
+                                      "(train/aot.py TARGETS: h200) or a TPU slice "
+                                      "(TPU_TARGETS: v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2)")
 ROOFLINE_DEVICES = flags.DEFINE_integer("devices", 1, "roofline: GPUs of one host the config's "
-                                        "mesh spans (the floor is one device's; collectives "
-                                        "count at memory bandwidth: a lower bound)")
+                                        "mesh spans (a TPU target: its slice's); the floor is "
+                                        "one device's, collectives counted at memory "
+                                        "bandwidth: a lower bound")
 MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n x n x n matmul's n "
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
@@ -576,36 +578,38 @@ def bench_roofline(cfg) -> Iterator[dict]:
   from kstore_jax.data import tokenizer
   from kstore_jax.model import attention
   from kstore_jax.train import aot, loop, roofline, sharding
-  target, n = ROOFLINE_TARGET.value, ROOFLINE_DEVICES.value
-  try:   # the config's mesh over n GPUs of one host (data parallel by default)
+  target, platform = ROOFLINE_TARGET.value, aot.platform(ROOFLINE_TARGET.value)
+  try:   # the config's mesh over n GPUs of one host (data parallel by default), or a slice
+    n = aot.device_count(target, ROOFLINE_DEVICES.value)
     shape = sharding.mesh_shape(cfg.mesh, n)
-  except ValueError as e:
-    raise cli.ConfigError(f"--devices={n}: {e}") from None
-  try:
     mesh = aot.mesh(target, sharding.AXES, tuple(shape))
+  except ValueError as e:
+    raise cli.ConfigError(f"--target={target}, --devices: {e}") from None
   except aot.PluginMissing as e:
     raise cli.ConfigError(f"bench roofline: {e}") from None
   with cli.config_errors():   # nothing is written to the workdir
     exp = experiment.Experiment(cfg, tokenizer.of_config(cfg),
-                                experiment.Workdir(os.getcwd()), platform="cuda", mesh=mesh)
+                                experiment.Workdir(os.getcwd()), platform=platform, mesh=mesh)
   spec, runs = exp.train_spec("pretrain"), COHORT_RUNS.value
-  builds = aot.ptxas() is not None   # each Pallas kernel's registers, spills, wgmma
+  # each Pallas kernel's registers, spills, wgmma (a GPU's)
+  builds = platform == "cuda" and aot.ptxas() is not None
   dump = tempfile.mkdtemp() if builds else None
   start = time.perf_counter()
-  with attention.lowering_target("cuda", mesh):
-    text = loop.traced_step(spec, mesh, cfg.seed, runs=runs).lower().compile(
-        compiler_options={"xla_dump_to": dump} if builds else None).as_text()
-  compile_s = time.perf_counter() - start
+  with attention.lowering_target(platform, mesh):
+    compiled = loop.traced_step(spec, mesh, cfg.seed, runs=runs).lower().compile(
+        compiler_options={"xla_dump_to": dump} if builds else None)
+  compile_s, text = time.perf_counter() - start, compiled.as_text()
+  memory = compiled.memory_analysis()   # a device's buffers: does the step fit?
   ceil = aot.CEILINGS[target]
   flops_s, bytes_s = ceil["flops_per_s"], ceil["bytes_per_s"]
   ks = roofline.kernels(text)
   floor = sum(k.floor_s(flops_s, bytes_s) for k in ks)
   model_flops = spec.flops_per_position * spec.positions_per_step * max(runs, 1)
-  peak = loop.peak_flops(aot.TARGETS[target]["name"], exp.model_cfg.dtype)
+  peak = loop.peak_flops(aot.name(target), exp.model_cfg.dtype)
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=exp.model_cfg.dtype,
              attention=exp.model_cfg.attention, cohort_runs=runs, devices=n,
              mesh=dict(zip(sharding.AXES, shape)),
-             device=aot.TARGETS[target]["name"], tflops_ceiling=flops_s / 1e12,
+             device=aot.name(target), tflops_ceiling=flops_s / 1e12,
              tbytes_per_s_ceiling=bytes_s / 1e12)
   bound = lambda k: "matmul" if k.flops / flops_s > k.bytes / bytes_s else "memory"
   by_bound = roofline.summary(ks, flops_s, bytes_s, bound)
@@ -619,7 +623,10 @@ def bench_roofline(cfg) -> Iterator[dict]:
       mfu_at_floor=round(model_flops / floor / peak / n, 4) if peak else None,
       collective_gbytes=round(sum(k.runs * k.bytes for k in ks if k.kind == "collective")
                               / 1e9, 3),
-      compile_s=round(compile_s, 1), **ctx)
+      compile_s=round(compile_s, 1),
+      device_gbytes=round((memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 1e9, 3),
+      **ctx)
   share = lambda t: round(t / floor, 4)
   for key, of in (("kind", lambda k: k.kind), ("scope", roofline.scope)):
     for value, (n, b, f, t) in sorted(roofline.summary(ks, flops_s, bytes_s, of).items(),
@@ -1040,8 +1047,14 @@ def main(argv):
   what = argv[1:]
   if len(what) != 1 or what[0] not in BENCHMARKS:
     raise cli.ConfigError(f"expected one benchmark out of {sorted(BENCHMARKS)}, got {what}")
-  # lower: for that platform; roofline: for a GPU (its compile-only devices)
-  platform = {"lower": PLATFORM.value, "roofline": "cuda"}.get(what[0])
+  # lower: for that platform; roofline: for its target's (compile-only devices)
+  platform = PLATFORM.value if what[0] == "lower" else None
+  if what[0] == "roofline":
+    from kstore_jax.train import aot
+    if ROOFLINE_TARGET.value not in aot.CEILINGS:
+      raise cli.ConfigError(f"--target={ROOFLINE_TARGET.value!r}: expected one of "
+                            f"{', '.join(aot.CEILINGS)}")
+    platform = aot.platform(ROOFLINE_TARGET.value)
   cfg = None if what[0] in NO_CONFIG else cli.validated_config(CONFIG.value, platform=platform)
   for r in BENCHMARKS[what[0]](cfg):   # a list, or an iterator: each line as it is measured
     sys.stderr.flush()

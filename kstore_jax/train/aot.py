@@ -33,6 +33,27 @@ TARGETS = {
 # device-to-device copy at 4.3 TB/s, through PyTorch; this project's own `bench ceiling`
 # through jax reached 653-737 and 3.62: BENCHMARKS.md), so the floor is one no kernel beats
 CEILINGS = {"h200": dict(flops_per_s=790e12, bytes_per_s=4.3e12)}
+# TPU slices, named by libtpu's topology (chips per axis), with the device kind jax reports
+# and one chip's ceilings from Google's datasheets (bf16 peak, HBM bandwidth: none measured
+# here), compiled by libtpu (the `tpu` extra's pin: launch/aot_plugin.sh --tpu)
+TPU_TARGETS = {
+    "v4:2x2x1": dict(name="TPU v4", flops_per_s=275e12, bytes_per_s=1.228e12),
+    "v5e:2x2": dict(name="TPU v5 lite", flops_per_s=197e12, bytes_per_s=0.819e12),
+    "v5p:2x2x1": dict(name="TPU v5", flops_per_s=459e12, bytes_per_s=2.765e12),
+    "v6e:2x2": dict(name="TPU v6 lite", flops_per_s=918e12, bytes_per_s=1.64e12),
+}
+CEILINGS.update({t: dict(flops_per_s=v["flops_per_s"], bytes_per_s=v["bytes_per_s"])
+                 for t, v in TPU_TARGETS.items()})
+
+
+def platform(target: str) -> str:
+  """What a target compiles for: cuda or tpu."""
+  return "tpu" if target in TPU_TARGETS else "cuda"
+
+
+def name(target: str) -> str:
+  """The device kind of a target's devices (as jax reports it: the MFU's peak)."""
+  return (TPU_TARGETS if target in TPU_TARGETS else TARGETS)[target]["name"]
 _CONFIG = """gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
   shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {core_count}
@@ -51,7 +72,7 @@ device_description_str: "{name}"
 
 
 def target_of(device_kind: str) -> str | None:
-  """The TARGETS key of a device kind (`NVIDIA H200`), or None."""
+  """The TARGETS key of a GPU's device kind (`NVIDIA H200`), or None."""
   return next((t for t, v in TARGETS.items() if v["name"] == device_kind), None)
 
 
@@ -68,8 +89,14 @@ def target_config(target: str) -> str:
 
 def devices(target: str, n: int = 1) -> list:
   """`n` compile-only devices of the GPU `target` (TARGETS) on one host, from jax's CUDA
-  plugin."""
+  plugin; of a TPU target (TPU_TARGETS), its slice's (n is the slice's), from libtpu."""
   from jax.experimental import topologies
+  if target in TPU_TARGETS:
+    try:
+      return list(topologies.get_topology_desc(topology_name=target, platform="tpu").devices)
+    except RuntimeError as e:   # "JAX TPU support not installed"
+      raise PluginMissing(f"compiling for a {target} TPU slice here needs libtpu: bash "
+                          f"launch/aot_plugin.sh --tpu installs it ({e})") from None
   try:
     topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(target),
                                         topology=f"1x1x{n}")
@@ -82,10 +109,19 @@ def devices(target: str, n: int = 1) -> list:
 
 def mesh(target: str, axes: tuple[str, ...], shape: tuple[int, ...] | None = None
          ) -> jax.sharding.Mesh:
-  """A mesh of compile-only `target` GPUs with `axes` of sizes `shape` (default: all 1)."""
+  """A mesh of compile-only `target` devices with `axes` of sizes `shape` (default: all 1)."""
   shape = shape or (1,) * len(axes)
-  return jax.sharding.Mesh(np.array(devices(target, math.prod(shape))).reshape(shape), axes,
+  found = devices(target, math.prod(shape))
+  if len(found) != math.prod(shape):
+    raise ValueError(f"a mesh of {dict(zip(axes, shape))} needs {math.prod(shape)} devices; "
+                     f"{target} has {len(found)}")
+  return jax.sharding.Mesh(np.array(found).reshape(shape), axes,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def device_count(target: str, n: int) -> int:
+  """The devices a mesh of `target` spans: n GPUs, or a TPU slice's own count."""
+  return len(devices(target)) if target in TPU_TARGETS else n
 
 
 # -- reading a kernel's build: ptxas's resource report of the PTX XLA emitted -----------------

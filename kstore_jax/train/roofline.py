@@ -55,7 +55,7 @@ def _computations(text: str) -> tuple[dict, str]:
     if head:
       current = comps.setdefault(head.group(2), [])
       entry = head.group(2) if head.group(1) else entry
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":   # (a TPU kernel's config may hold a line starting with })
       current = None
     elif current is not None and (m := _INSTRUCTION.match(line)):
       current.append(m.groups())
@@ -79,13 +79,44 @@ def _operands(rest: str) -> list[str]:
   return re.findall(r"%([\w.\-]+)", rest[:end])
 
 
+def _dims(shape: str) -> list[int]:
+  return [int(d) for d in _ARRAY.search(shape).group(2).split(",") if d]
+
+
 def _dot(shape: str, rest: str, shapes: dict) -> int:
-  """FLOPs of one dot (2 per multiply-add): its result's elements x the contracted size."""
-  out = math.prod(int(d) for d in _ARRAY.search(shape).group(2).split(",") if d)
-  lhs = _ARRAY.search(shapes[_operands(rest)[0]]).group(2).split(",")
+  """FLOPs of one dot or convolution (2 per multiply-add): its result's elements x the
+  products each sums: a dot's contracted size; a convolution's (a TPU's matmul is one,
+  `dim_labels=bf_io->bf`) input features x its kernel's window / its feature groups."""
+  out = math.prod(_dims(shape))
+  lhs, rhs = (_dims(shapes[o]) for o in _operands(rest)[:2])
+  if labels := re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest):
+    return 2 * _conv_macs(labels.groups(), lhs, _dims(shape), rest)
   dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-  return 2 * out * (math.prod(int(lhs[int(i)]) for i in dims.group(1).split(",") if i)
+  return 2 * out * (math.prod(lhs[int(i)] for i in dims.group(1).split(",") if i)
                     if dims else 1)
+
+
+def _conv_macs(labels: tuple[str, str, str], lhs: list[int], out: list[int], rest: str) -> int:
+  """Multiply-adds of a convolution that touch real input (not its padding): the output's
+  batch and feature elements x, per spatial dim, the window taps over the input summed over
+  the output positions (stride from `window=`) x the input features a group sums. TPU
+  compilers write matmuls as convolutions, some with a padded window (a 1 x 8 window over a
+  size-1 dim padded 7 both sides: 1 real tap in 8)."""
+  lhs_l, _, out_l = labels
+  spatial = [c for c in lhs_l if c.isdigit()]
+  window = re.search(r"window=\{([^}]*)\}", rest)
+  field = lambda key, n: ([tuple(int(v) for v in part.split("_")) if "_" in part else int(part)
+                           for part in m.group(1).split("x")]
+                          if window and (m := re.search(rf"\b{key}=([\dx_]+)", window.group(1)))
+                          else [n] * len(spatial))
+  sizes, pads, strides = field("size", 1), field("pad", (0, 0)), field("stride", 1)
+  taps = 1
+  for d, w, (lo, _), st in zip(sorted(spatial), sizes, pads, strides):
+    n, outs = lhs[lhs_l.index(d)], out[out_l.index(d)]
+    taps *= sum(max(0, min(j * st - lo + w, n) - max(j * st - lo, 0)) for j in range(outs))
+  nonspatial = math.prod(n for c, n in zip(out_l, out) if not c.isdigit())
+  groups = re.search(r"feature_group_count=(\d+)", rest)
+  return nonspatial * taps * lhs[lhs_l.index("f")] // (int(groups.group(1)) if groups else 1)
 
 
 def _dot_flops(comps: dict, comp: str, seen=None) -> int:
@@ -115,7 +146,7 @@ def kernels(text: str) -> list[Kernel]:
   def walk(comp: str, runs: int) -> None:
     shapes = {name: shape for name, shape, _, _ in comps[comp]}
     for name, shape, op, rest in comps[comp]:
-      if op in NO_KERNEL:
+      if op in NO_KERNEL or op.endswith("-done"):   # an async pair counts at its start
         continue
       if op in ("while", "call", "conditional"):
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
