@@ -84,16 +84,15 @@ def _dims(shape: str) -> list[int]:
 
 
 def _dot(shape: str, rest: str, shapes: dict) -> int:
-  """FLOPs of one dot or convolution (2 per multiply-add): its result's elements x the
-  products each sums: a dot's contracted size; a convolution's (a TPU's matmul is one,
-  `dim_labels=bf_io->bf`) input features x its kernel's window / its feature groups."""
-  out = math.prod(_dims(shape))
-  lhs, rhs = (_dims(shapes[o]) for o in _operands(rest)[:2])
+  """FLOPs of one dot or convolution (2 per multiply-add): a dot's result elements x its
+  contracted size; a convolution's (a TPU's matmul is one, `dim_labels=bf_io->bf`)
+  `_conv_macs`."""
+  lhs = _dims(shapes[_operands(rest)[0]])
   if labels := re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest):
     return 2 * _conv_macs(labels.groups(), lhs, _dims(shape), rest)
   dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-  return 2 * out * (math.prod(lhs[int(i)] for i in dims.group(1).split(",") if i)
-                    if dims else 1)
+  return 2 * math.prod(_dims(shape)) * (
+      math.prod(lhs[int(i)] for i in dims.group(1).split(",") if i) if dims else 1)
 
 
 def _conv_macs(labels: tuple[str, str, str], lhs: list[int], out: list[int], rest: str) -> int:
@@ -105,10 +104,15 @@ def _conv_macs(labels: tuple[str, str, str], lhs: list[int], out: list[int], res
   lhs_l, _, out_l = labels
   spatial = [c for c in lhs_l if c.isdigit()]
   window = re.search(r"window=\{([^}]*)\}", rest)
-  field = lambda key, n: ([tuple(int(v) for v in part.split("_")) if "_" in part else int(part)
-                           for part in m.group(1).split("x")]
-                          if window and (m := re.search(rf"\b{key}=([\dx_]+)", window.group(1)))
-                          else [n] * len(spatial))
+
+  def field(key: str, default):
+    """A `window=` field per spatial dim (`size=1x8`, `pad=0_0x7_7`), or its default."""
+    m = window and re.search(rf"\b{key}=([\dx_]+)", window.group(1))
+    if not m:
+      return [default] * len(spatial)
+    return [tuple(int(v) for v in part.split("_")) if "_" in part else int(part)
+            for part in m.group(1).split("x")]
+
   sizes, pads, strides = field("size", 1), field("pad", (0, 0)), field("stride", 1)
   taps = 1
   for d, w, (lo, _), st in zip(sorted(spatial), sizes, pads, strides):
