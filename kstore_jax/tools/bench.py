@@ -566,14 +566,14 @@ def bench_lower(cfg) -> list[dict]:
 
 
 def bench_roofline(cfg) -> Iterator[dict]:
-  """Compile (not run) the config's pretrain step for a GPU on this machine (--target, with
-  jax's CUDA plugin: train/aot.py), alone or as a grid cohort of --cohort_runs runs, and
+  """Compile (not run) the config's pretrain step for a GPU or a TPU slice on this machine
+  (--target, --devices; jax's CUDA plugin or libtpu: train/aot.py), alone or as a grid
+  cohort of --cohort_runs runs, and
   count its floor from the optimised program (train/roofline.py): every kernel's time at the
   target's measured ceilings, one after another. `roofline_floor_s` is the step's floor with
   the MFU it would reach there (the most this program can), then the floor by kind of
   kernel, by part of the step and the --profile_top kernels that cost most; with ptxas
   (launch/aot_plugin.sh --ptxas) the Pallas kernels' builds (`kernel_builds`)."""
-  import jax
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
   from kstore_jax.model import attention
@@ -629,9 +629,9 @@ def bench_roofline(cfg) -> Iterator[dict]:
       **ctx)
   share = lambda t: round(t / floor, 4)
   for key, of in (("kind", lambda k: k.kind), ("scope", roofline.scope)):
-    for value, (n, b, f, t) in sorted(roofline.summary(ks, flops_s, bytes_s, of).items(),
-                                      key=lambda kv: -kv[1][3]):
-      yield measurement(f"roofline_{key}_s", round(t, 6), "s", **{key: value}, kernels=n,
+    for value, (count, b, f, t) in sorted(roofline.summary(ks, flops_s, bytes_s, of).items(),
+                                          key=lambda kv: -kv[1][3]):
+      yield measurement(f"roofline_{key}_s", round(t, 6), "s", **{key: value}, kernels=count,
                         gbytes=round(b / 1e9, 3), tflop=round(f / 1e12, 4), share=share(t),
                         **ctx)
   for k in sorted(ks, key=lambda k: -k.floor_s(flops_s, bytes_s))[:PROFILE_TOP.value]:
