@@ -90,6 +90,14 @@ def test_kernels_bytes_flops_and_trips_as_counted_by_hand():
   assert by_kind["matmul"][3] == pytest.approx(7168e-9)   # memory-bound at these rates
 
 
+def test_element_sizes_from_the_type_name():
+  """Any XLA element type counts by its bits (an fp8 or int4 buffer too, not only the
+  model's own dtypes)."""
+  assert [roofline.dtype_bytes(t) for t in ("pred", "bf16", "f8e4m3fn", "s4", "c64")] == [
+      1, 2, 1, 0.5, 8]
+  assert roofline.array_bytes("(bf16[2,3]{1,0}, f8e4m3fn[4], s4[8], pred[3], token[])") == 23
+
+
 def test_a_dot_outside_a_fusion_counts_and_no_entry_is_an_error():
   text = HLO.replace("%gemm = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, "
                      "calls=%gemm_computation,",

@@ -17,9 +17,13 @@ import re
 
 from kstore_jax.train import profiling
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+# an array type: pred or a letter kind with its bits (s4, bf16, f8e4m3fn, c64), and its dims
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]")
+
+
+def dtype_bytes(dtype: str) -> float:
+  """Bytes of one element: pred 1, else its bits / 8 (bf16: 2, f8e4m3fn: 1, s4: 0.5)."""
+  return 1 if dtype == "pred" else int(re.match(r"[a-z]+?(\d+)", dtype).group(1)) / 8
 # instructions that launch nothing: views, tuples and bookkeeping
 NO_KERNEL = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
              "opt-barrier", "partition-id", "replica-id", "add-dependency"}
@@ -28,8 +32,8 @@ _HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) (?:\(.*\) -> .*)?\{$")
 
 def array_bytes(shape: str) -> int:
   """Bytes of every array in an HLO shape (a tuple's elements summed)."""
-  return sum(math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES[dt]
-             for dt, dims in _ARRAY.findall(shape))
+  return int(sum(math.prod(int(d) for d in dims.split(",") if d) * dtype_bytes(dt)
+                 for dt, dims in _ARRAY.findall(shape)))
 
 
 @dataclasses.dataclass
