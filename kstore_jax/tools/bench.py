@@ -478,7 +478,7 @@ def bench_profile(cfg) -> list[dict]:
   if target is not None:
     try:
       for k in roofline.kernels(hlo):
-        floors[k.name.replace(".", "_")] += k.floor_s(**aot.CEILINGS[target]) * 1e6
+        floors[profiling.op_key(k.name)] += k.floor_s(**aot.CEILINGS[target]) * 1e6
     except (ValueError, KeyError, AttributeError, IndexError) as e:
       # HLO this reader does not know (another XLA's): the profile keeps its times, said so
       floors.clear()
@@ -574,12 +574,12 @@ def bench_lower(cfg) -> list[dict]:
 def bench_roofline(cfg) -> Iterator[dict]:
   """Compile (not run) the config's pretrain step for a GPU or a TPU slice on this machine
   (--target, --devices; jax's CUDA plugin or libtpu: train/aot.py), alone or as a grid
-  cohort of --cohort_runs runs, and
-  count its floor from the optimised program (train/roofline.py): every kernel's time at the
-  target's measured ceilings, one after another. `roofline_floor_s` is the step's floor with
-  the MFU it would reach there (the most this program can), then the floor by kind of
-  kernel, by part of the step and the --profile_top kernels that cost most; with ptxas
-  (launch/aot_plugin.sh --ptxas) the Pallas kernels' builds (`kernel_builds`)."""
+  cohort of --cohort_runs runs, and count its floor from the optimised program
+  (train/roofline.py): every kernel's time at the target's ceilings, one after another.
+  `roofline_floor_s` is the step's floor with the MFU it would reach there (the most this
+  program can), then the floor by kind of kernel, by part of the step and the --profile_top
+  kernels that cost most; with ptxas (launch/aot_plugin.sh --ptxas) the Pallas kernels'
+  builds (`roofline_builds`)."""
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
   from kstore_jax.model import attention
@@ -647,10 +647,10 @@ def bench_roofline(cfg) -> Iterator[dict]:
                       gflop=round(k.runs * k.flops / 1e9, 2), runs=k.runs, share=share(t),
                       source=k.source[-160:], **ctx)
   if builds:
-    yield from kernel_builds(exp, dump, sorted(set(re.findall(r'name = "(\w+)"', text))), ctx)
+    yield from roofline_builds(exp, dump, sorted(set(re.findall(r'name = "(\w+)"', text))), ctx)
 
 
-def kernel_builds(exp, dump: str, names: list[str], ctx: dict) -> Iterator[dict]:
+def roofline_builds(exp, dump: str, names: list[str], ctx: dict) -> Iterator[dict]:
   """bench roofline's `roofline_build` lines: ptxas's report of each Pallas kernel of the
   compiled step (in the XLA dump `dump`), and with `pallas_docs` of its forward and backward
   at every launch bench attention times (pallas_docs_launches), compiled alone at the step's

@@ -54,6 +54,8 @@ def platform(target: str) -> str:
 def name(target: str) -> str:
   """The device kind of a target's devices (as jax reports it: the MFU's peak)."""
   return (TPU_TARGETS if target in TPU_TARGETS else TARGETS)[target]["name"]
+
+
 _CONFIG = """gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
   shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {core_count}
@@ -169,14 +171,14 @@ def kernel_builds(dump_dir: str, names: tuple[str, ...], arch: str = "sm_90a") -
   for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
     with open(path) as f:
       ptx = f.read()
-    entries = [n for n in names if re.search(rf"\.entry {re.escape(n)}\(", ptx)]
-    if not entries:
+    starts = {n: m.end() for n in names if (m := re.search(rf"\.entry {re.escape(n)}\(", ptx))}
+    if not starts:
       continue
     report = subprocess.run([tool, f"-arch={arch}", "-v", path, "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr
     facts = parse_ptxas(report)
-    for n in entries:   # the entry's own body: to the next entry or the file's end
-      body = ptx[re.search(rf"\.entry {re.escape(n)}\(", ptx).end():]
+    for n, start in starts.items():   # the entry's own body: to the next entry or the end
+      body = ptx[start:]
       body = body[:m.start()] if (m := re.search(r"\.entry ", body)) else body
       out[n] = dict(facts.get(n, {}), wgmma=body.count("wgmma.mma_async"))
   return out

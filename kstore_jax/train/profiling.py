@@ -82,6 +82,12 @@ class StepProfiler:
     self.stop()
 
 
+def op_key(name: str) -> str:
+  """An HLO instruction's name as GPU kernels and trace events spell it, the key of every
+  per-op table here (`fusion.12` runs as `fusion_12`)."""
+  return name.replace(".", "_")
+
+
 def hlo_sources(text: str) -> dict[str, str]:
   """Instruction name -> the jax code it came from (its `op_name` metadata: jit, transforms and
   Flax module path, e.g. `jit(train_step)/transpose(jvp(Transformer))/block1/attn/query/...`),
@@ -90,7 +96,7 @@ def hlo_sources(text: str) -> dict[str, str]:
   call) is left out: its span holds its body's ops, which are named themselves."""
   found = re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^}]*?op_name="([^"]+)"',
                      text, re.M)
-  return {name.replace(".", "_"): op for name, head, op in found
+  return {op_key(name): op for name, head, op in found
           if not re.search(r"\s(?:while|conditional|call)\(", head)}
 
 
@@ -103,8 +109,27 @@ KINDS = (("matmul", {"dot", "convolution"}),
                          "collective-permute-start"}),
          ("reduction", {"reduce", "reduce-window", "select-and-scatter", "sort"}),
          ("copy/transpose", {"copy", "transpose", "copy-start"}))
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$",
-                          re.M)
+# a computation's head (`ENTRY` marks the entry) and an instruction: name = shape (a tuple
+# `(...)` or one array) opcode(operands), attributes
+_HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) (?:\(.*\) -> .*)?\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
+
+
+def hlo_computations(text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], str | None]:
+  """An optimised HLO module's computations, {name: [(instruction, shape, opcode, the rest of
+  its line)]}, and the entry's name (None without one). A computation ends at a line that is
+  `}` alone (a TPU kernel's config may hold a line starting with one)."""
+  comps, entry, current = {}, None, None
+  for line in text.splitlines():
+    head = _HEAD.match(line)
+    if head:
+      current = comps.setdefault(head.group(2), [])
+      entry = head.group(2) if head.group(1) else entry
+    elif line.rstrip() == "}":
+      current = None
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      current.append(m.groups())
+  return comps, entry
 
 
 def custom_call_kind(target: str) -> str:
@@ -123,21 +148,14 @@ def hlo_kinds(text: str) -> dict[str, str]:
   (Pallas/Triton custom calls: the attention), `scatter/gather`, `collective`, `reduction`,
   `copy/transpose`, else `elementwise` (a fusion of element-wise ops or one such op). A fusion
   is of the kind of the ops in the computations it calls."""
-  bodies: dict[str, list[tuple[str, str, str]]] = {}
-  current = None
-  for line in text.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) (?:\(.*\) -> .*)?\{$", line)
-    if head:
-      current = bodies.setdefault(head.group(1), [])
-    elif current is not None and (m := _INSTRUCTION.match(line)):
-      current.append(m.groups())
+  bodies, _ = hlo_computations(text)
   cache: dict[str, set] = {}
 
   def opcodes(comp: str) -> set:
     """Every opcode a computation runs, through the computations it calls."""
     if comp not in cache:
       cache[comp] = set()
-      for _, op, rest in bodies.get(comp, []):
+      for _, _, op, rest in bodies.get(comp, []):
         cache[comp].add(op)
         for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest):
           cache[comp] |= opcodes(callee)
@@ -155,8 +173,8 @@ def hlo_kinds(text: str) -> dict[str, str]:
       ops = set().union(*(opcodes(c) for c in re.findall(r"calls=%?([\w.\-]+)", rest)))
     return next((k for k, members in KINDS if ops & members), "elementwise")
 
-  return {name.replace(".", "_"): kind(op, rest)
-          for instrs in bodies.values() for name, op, rest in instrs}
+  return {op_key(name): kind(op, rest)
+          for instrs in bodies.values() for name, _, op, rest in instrs}
 
 
 def scope_of(op_name: str) -> str:
@@ -192,7 +210,7 @@ def trace_op_times(trace_dir: str, sources: dict[str, str] | None = None) -> tup
   for e in events:
     if e.get("ph") != "X" or (device and e["pid"] not in device):
       continue
-    name = str((e.get("args") or {}).get("hlo_op") or e["name"]).replace(".", "_")
+    name = op_key(str((e.get("args") or {}).get("hlo_op") or e["name"]))
     if device or not sources or name in sources:
       totals[name] += e.get("dur", 0)
   return dict(totals), where

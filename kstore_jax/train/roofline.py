@@ -21,13 +21,14 @@ from kstore_jax.train import profiling
 _ARRAY = re.compile(r"\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]")
 
 
-def dtype_bytes(dtype: str) -> float:
-  """Bytes of one element: pred 1, else its bits / 8 (bf16: 2, f8e4m3fn: 1, s4: 0.5)."""
-  return 1 if dtype == "pred" else int(re.match(r"[a-z]+?(\d+)", dtype).group(1)) / 8
 # instructions that launch nothing: views, tuples and bookkeeping
 NO_KERNEL = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
              "opt-barrier", "partition-id", "replica-id", "add-dependency"}
-_HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) (?:\(.*\) -> .*)?\{$")
+
+
+def dtype_bytes(dtype: str) -> float:
+  """Bytes of one element: pred 1, else its bits / 8 (bf16: 2, f8e4m3fn: 1, s4: 0.5)."""
+  return 1 if dtype == "pred" else int(re.match(r"[a-z]+?(\d+)", dtype).group(1)) / 8
 
 
 def array_bytes(shape: str) -> int:
@@ -49,27 +50,6 @@ class Kernel:
 
   def floor_s(self, flops_per_s: float, bytes_per_s: float) -> float:
     return self.runs * max(self.flops / flops_per_s, self.bytes / bytes_per_s)
-
-
-def _computations(text: str) -> tuple[dict, str]:
-  """{computation: [(name, shape, opcode, rest of line)]} and the entry's name."""
-  comps, entry, current = {}, None, None
-  for line in text.splitlines():
-    head = _HEAD.match(line)
-    if head:
-      current = comps.setdefault(head.group(2), [])
-      entry = head.group(2) if head.group(1) else entry
-    elif line.rstrip() == "}":   # (a TPU kernel's config may hold a line starting with })
-      current = None
-    elif current is not None and (m := _INSTRUCTION.match(line)):
-      current.append(m.groups())
-  if entry is None:
-    raise ValueError("no ENTRY computation in the HLO text")
-  return comps, entry
-
-
-# name = shape opcode(operands), attributes; the shape a tuple `(...)` or one array
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
 
 
 def _operands(rest: str) -> list[str]:
@@ -147,7 +127,9 @@ def _dot_flops(comps: dict, comp: str, seen=None) -> int:
 def kernels(text: str) -> list[Kernel]:
   """Every kernel the module's entry computation launches, a while loop's body's kernels with
   its known trip count (1 where the HLO names none), in program order."""
-  comps, entry = _computations(text)
+  comps, entry = profiling.hlo_computations(text)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
   kinds, sources = profiling.hlo_kinds(text), profiling.hlo_sources(text)
   out: list[Kernel] = []
 
@@ -163,11 +145,11 @@ def kernels(text: str) -> list[Kernel]:
                                  rest):
           walk(callee, n)
         continue
-      key = name.replace(".", "_")
       read = sum(array_bytes(shapes.get(o, "")) for o in _operands(rest))
       flops = sum(_dot_flops(comps, c) for c in re.findall(r"calls=%?([\w.\-]+)", rest))
       if op in ("dot", "convolution"):
         flops += _dot(shape, rest, shapes)
+      key = profiling.op_key(name)
       out.append(Kernel(name, kinds.get(key, "elementwise"), read + array_bytes(shape), flops,
                         sources.get(key, ""), runs))
 
