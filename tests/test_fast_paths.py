@@ -208,20 +208,32 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_par
 
 
 def test_gpu_gelu_recomputed_in_the_backward_gives_the_same_gradients(toy_params, plain_loss):
-  """Lowered for a GPU the MLP's GELU is recomputed in the backward (jax.checkpoint, not its
-  saved tanh): the same loss and gradients as the CPU's plain model, and the recompute is
-  there (a remat in the traced step) for cuda only."""
+  """Lowered for a GPU the MLP's bias and GELU are recomputed in the backward (jax.checkpoint)
+  from the up projection's product: the same loss and gradients as the CPU's plain model; the
+  backward keeps the product and the GELU's output (the down projection's input), not the
+  biased product (a [T, F] tensor the forward would write besides), and the CPU keeps its
+  plain model."""
   _, gpu = plain_and_other(platform="cuda")
   (want, want_g), (got, got_g) = plain_loss, packed_loss_and_grads(gpu, toy_params)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
-  x = jnp.ones((1, 4, TOY_MODEL["d_model"]))
-  for platform, recomputed in (("cpu", False), ("cuda", True)):
+  x_TD = jax.random.normal(jax.random.key(1), (1, 4, TOY_MODEL["d_model"]))
+  for platform in ("cpu", "cuda"):
     mlp = transformer.Mlp(transformer.ModelConfig(**TOY_MODEL, platform=platform))
-    p = mlp.init(jax.random.key(0), x)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: mlp.apply(p, x).sum()))(p))
-    assert ("remat" in jaxpr or "checkpoint" in jaxpr) == recomputed, platform
+    p = jax.tree.map(lambda a: a + 0.1,   # a bias that is not zero
+                     nn.unbox(mlp.init(jax.random.key(0), x_TD)))
+    up = p["params"]["up"]
+    product_TF = x_TD[0] @ up["kernel"]
+    want_TF = {"product": product_TF, "biased": product_TF + up["bias"],
+               "gelu": jax.nn.gelu(product_TF + up["bias"])}
+    _, f_vjp = jax.vjp(lambda p: mlp.apply(p, x_TD), p)
+    saved = {name for r in jax.tree.leaves(f_vjp) if r.size == product_TF.size
+             for name, w in want_TF.items()
+             if np.allclose(np.reshape(r, product_TF.shape), w, rtol=1e-5, atol=1e-6)}
+    assert ("biased" in saved) == (platform == "cpu"), (platform, saved)
+    if platform == "cuda":
+      assert saved == {"product", "gelu"}
 
 
 @pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "full"), (True, "dots"),

@@ -109,6 +109,23 @@ def test_a_dot_outside_a_fusion_counts_and_no_entry_is_an_error():
     roofline.kernels(HLO.replace("ENTRY ", ""))
 
 
+def test_a_cublas_gemm_counts_its_flops_and_not_its_workspace():
+  """A GEMM XLA hands to cuBLAS (a custom call: what autotuning picks on a device, or every
+  GEMM with Triton's off) counts the FLOPs of its config's dimensions, not zero, and its
+  operands and result without the workspace it also returns."""
+  text = HLO.replace(
+      "%gemm = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_computation,",
+      "%gemm = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%a, %b), "
+      'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":'
+      '{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
+      '"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],'
+      '"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}},').replace(
+      "%view = bf16[64,16]{1,0} bitcast(%gemm)",
+      "%view = bf16[64,16]{1,0} get-tuple-element(%gemm), index=0")
+  gemm = next(k for k in roofline.kernels(text) if k.name == "gemm")
+  assert (gemm.flops, gemm.bytes, gemm.kind) == (65536, 4096 + 1024 + 2048, "matmul")
+
+
 # A TPU-style module: matmuls written as convolutions (one plain, one over a size-1 dim
 # padded 7 both sides with a window of 8: one real tap in 8), and a custom call whose config
 # holds a line that starts with "}" (the computation goes on after it)

@@ -177,6 +177,7 @@ class Proj(nn.Module):
   dtype: Any
   platform: str = ""    # ModelConfig.platform: the CPU computes a tall kernel's gradient apart
   out_dtype: Any = None   # the product's dtype (accumulated in it); None: `dtype`
+  activation: Any = None  # applied after the bias (off the CPU recomputed in the backward)
 
   @nn.compact
   def __call__(self, x):
@@ -186,10 +187,18 @@ class Proj(nn.Module):
     y = flat_matmul(x.astype(self.dtype),
                     kernel.astype(self.dtype).reshape(math.prod(self.shape[:n_in]), -1), n_in,
                     self.platform, self.out_dtype)
+    bias = None
     if self.use_bias:   # on the 2-D product: a row broadcast XLA fuses, not a full-size copy
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
-                        self.shape[-self.n_out:])
-      y = y + bias.astype(self.dtype).reshape(-1)
+                        self.shape[-self.n_out:]).astype(self.dtype).reshape(-1)
+    if self.activation is None:
+      y = y if bias is None else y + bias
+    else:
+      # off the CPU the backward recomputes bias and activation from the product (kept anyway:
+      # a GEMM's output) instead of reading what the forward saved: the forward writes the
+      # activation alone, not also its biased input (BENCHMARKS.md "The step's floor")
+      act = lambda y, b: self.activation(y if b is None else y + b)
+      y = (act if self.platform == "cpu" else jax.checkpoint(act))(y, bias)
     return y.reshape(*x.shape[:x.ndim - n_in], *self.shape[n_in:])
 
 
@@ -240,17 +249,17 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
-    up = lambda name: Proj((cfg.d_model, cfg.d_ff), ("embed", "mlp"), 1, bias,
-                           0.02, dtype, cfg.platform, name=name)
+    up = lambda name, act=None: Proj((cfg.d_model, cfg.d_ff), ("embed", "mlp"), 1, bias,
+                                     0.02, dtype, cfg.platform, activation=act, name=name)
     if cfg.block == "llama":
       h_BLF = nn.silu(up("gate")(x_BLD)) * up("up")(x_BLD)
     else:
-      # off the CPU the backward recomputes GELU from its input (kept anyway: the projection's
-      # output) instead of reading the tanh the forward saved: one [T, F] tensor less written
-      # and read a layer, 1.6-1.9% off the GPU step's floor (BENCHMARKS.md "The step's
-      # floor"); the CPU, bound by arithmetic, has nothing measurable to gain (nor has
-      # Llama's SiLU: its floor grew 2.6%)
-      h_BLF = (nn.gelu if cfg.platform == "cpu" else jax.checkpoint(nn.gelu))(up("up")(x_BLD))
+      # off the CPU the backward recomputes bias and GELU from the projection's product
+      # instead of reading their saved input and tanh: two [T, F] tensors less written and
+      # read a layer, 3.3% off the paper step's floor on a GPU (BENCHMARKS.md "The step's
+      # floor"); the CPU, bound by arithmetic, has nothing measurable to gain (nor has Llama's
+      # SiLU: its floor grew 2.6%)
+      h_BLF = up("up", nn.gelu)(x_BLD)
     return Proj((cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
                 0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform, name="down")(h_BLF)
 

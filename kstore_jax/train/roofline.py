@@ -7,7 +7,8 @@ GPU on a host without one, train/aot.py, and prints these).
 What the bytes count: each kernel's operands and results as whole buffers, read once and
 written once. That over-counts a kernel that reads a slice of a buffer or updates one in
 place (dynamic-update-slice) and under-counts one that re-reads its inputs (a GEMM's tiles,
-served from L2 at these sizes, are not counted again); a Pallas kernel's FLOPs are its own
+served from L2 at these sizes, are not counted again); a cuBLAS GEMM (a custom call) counts by
+its backend config's dimensions, without its workspace; a Pallas kernel's FLOPs are its own
 (not in the HLO): it counts by its bytes alone, so its floor is a lower bound that its
 measured time (`bench attention`) replaces."""
 
@@ -107,6 +108,23 @@ def _conv_macs(labels: tuple[str, str, str], lhs: list[int], out: list[int], res
   return nonspatial * taps * lhs[lhs_l.index("f")] // (int(groups.group(1)) if groups else 1)
 
 
+def _gemm_call(shape: str, rest: str, shapes: dict) -> tuple[int, int]:
+  """A cuBLAS GEMM custom call's (FLOPs, workspace bytes): its first result's elements x the
+  contracted size of its first operand (`gemm_backend_config`'s dimension numbers), and its
+  scratch result (the s8 workspace, the tuple's last element: not traffic). (0, 0) for any
+  other custom call."""
+  config = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+  if '"gemm_backend_config"' not in rest or not config:
+    return 0, 0
+  lhs = _dims(shapes[_operands(rest)[0]])
+  arrays = _ARRAY.findall(shape)
+  contracted = math.prod(lhs[int(i)] for i in re.findall(r"\d+", config.group(1)))
+  out = math.prod(int(d) for d in arrays[0][1].split(",") if d)
+  scratch = array_bytes(f"{arrays[-1][0]}[{arrays[-1][1]}]") if (
+      len(arrays) > 1 and arrays[-1][0] == "s8") else 0
+  return 2 * out * contracted, scratch
+
+
 def _dot_flops(comps: dict, comp: str, seen=None) -> int:
   """FLOPs of the dots in a computation and in those it calls."""
   seen = set() if seen is None else seen
@@ -149,8 +167,10 @@ def kernels(text: str) -> list[Kernel]:
       flops = sum(_dot_flops(comps, c) for c in re.findall(r"calls=%?([\w.\-]+)", rest))
       if op in ("dot", "convolution"):
         flops += _dot(shape, rest, shapes)
+      gemm_flops, scratch = _gemm_call(shape, rest, shapes) if op == "custom-call" else (0, 0)
       key = profiling.op_key(name)
-      out.append(Kernel(name, kinds.get(key, "elementwise"), read + array_bytes(shape), flops,
+      out.append(Kernel(name, kinds.get(key, "elementwise"),
+                        read + array_bytes(shape) - scratch, flops + gemm_flops,
                         sources.get(key, ""), runs))
 
   walk(entry, 1)
