@@ -185,7 +185,11 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       # 'auto': einsum on CPU, pallas_docs (flash over each document's tiles) on CUDA, splash
       # on TPU; or one of
       # kstore_jax/model/attention.py's IMPLEMENTATIONS
-      attention="auto"))
+      attention="auto",
+      # the residual adds and the norms after them: 'auto' (pallas on CUDA, xla elsewhere),
+      # 'xla' (XLA's own fusions) or 'pallas' (one Triton kernel each:
+      # kstore_jax/model/fused_norm.py; CUDA, or a CPU interpreting it)
+      norm="auto"))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -209,7 +209,8 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   from kstore_jax.data.pools import load_pools
   from kstore_jax.model import attention
   from kstore_jax.model.probes import HEADS as PROBE_HEADS
-  from kstore_jax.model.transformer import DTYPES, REMAT_POLICIES, rotary_dims
+  from kstore_jax.model.transformer import (DTYPES, NORMS, REMAT_POLICIES, resolve_norm,
+                                           rotary_dims)
   from kstore_jax.train.sharding import mesh_shape
   _require(cfg.get("scale") in ("paper", "small", "tiny"), f"config key 'scale'={cfg.get('scale')!r} must be paper|small|tiny")
   _schema_check(cfg, base.get_config(cfg.scale))
@@ -247,6 +248,8 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
            f"model.dtype={m.dtype!r} must be auto|{'|'.join(DTYPES)}")
   _require(m.attention == "auto" or m.attention in attention.IMPLEMENTATIONS,
            f"model.attention={m.attention!r} must be auto|{'|'.join(attention.IMPLEMENTATIONS)}")
+  _require(m.norm == "auto" or m.norm in NORMS,
+           f"model.norm={m.norm!r} must be auto|{'|'.join(NORMS)}")
   _require(m.remat in REMAT_POLICIES,
            f"model.remat={m.remat!r} must be {'|'.join(REMAT_POLICIES)}")
   _require(isinstance(m.scan_layers, bool), f"model.scan_layers={m.scan_layers!r} must be a bool")
@@ -257,6 +260,9 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
       attention.resolve(m.attention, platform), attention.resolve_dtype(m.dtype, platform),
       platform, d.seq_len)
   _require(problem is None, f"model.attention={m.attention!r}: {problem}")
+  norm = resolve_norm(m.norm, platform)
+  _require(platform in NORMS[norm],
+           f"model.norm={m.norm!r}: {norm} runs on {'|'.join(NORMS[norm])}, not {platform}")
   for k in ("num_layers", "num_heads", "d_model", "d_ff"):
     _require(m[k] >= 1, f"model.{k}={m[k]} must be >= 1")
   _require(m.d_model % m.num_heads == 0,

@@ -5,6 +5,8 @@ gradients; the table form of rotary (`rotary_tables`, `rotary`) vs the pairwise 
 tall kernel's gradient on the CPU (`flat_matmul`'s transposed product) vs NumPy's; scanned
 layers and every remat policy vs the plain model, in training and in KV-cache decoding."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,6 +207,24 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(scan, remat, toy_par
   assert jax.tree.structure(got_g) == jax.tree.structure(want_g)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("block,scan", [("gpt2", False), ("gpt2", True), ("llama", False)])
+def test_fused_norm_computes_the_same_loss_and_gradients(block, scan, toy_params, plain_loss):
+  """model.norm=pallas (each residual add and the norm after it in one kernel, interpreted
+  here; the projections' biases added there) gives XLA's model's loss and gradients in the
+  same param layout, for GPT-2's LayerNorm and Llama's RMSNorm, unrolled or scanned."""
+  plain, fused = plain_and_other(block=block, norm="pallas", scan_layers=scan)
+  plain = transformer.Transformer(dataclasses.replace(plain.cfg, block=block))
+  params = toy_params if block == "gpt2" else jax.jit(
+      lambda: init_params(plain, jnp.zeros((1, 8), jnp.int32), 3))()
+  assert jax.tree.structure(jax.eval_shape(
+      lambda: init_params(fused, jnp.zeros((1, 8), jnp.int32), 3))) == jax.tree.structure(params)
+  (want, want_g) = plain_loss if block == "gpt2" else packed_loss_and_grads(plain, params)
+  got, got_g = packed_loss_and_grads(fused, params)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_gpu_gelu_recomputed_in_the_backward_gives_the_same_gradients(toy_params, plain_loss):

@@ -38,6 +38,7 @@ def no_cpu_only(calls):
 def test_lowers_flash_attention_for(platform, kernel, call):
   r = lower(platform)
   assert r["platform"] == platform and r["attention"] == kernel and r["dtype"] == "bfloat16"
+  assert r["norm"] == ("pallas" if platform == "cuda" else "xla")
   assert call in r["train"]["custom_calls"]
   assert call in r["grid"]["custom_calls"]   # the vmapped grid step keeps the flash kernel
   assert r["max_f32_4d_buffer_bytes"] < r["scores_f32_bytes"], r
@@ -57,18 +58,32 @@ def test_lowers_on_a_mesh_of_several_devices(platform, call):
   assert lower(platform)["train"]["manual_computations"] == 0   # one device: called directly
 
 
+def test_fused_norms_are_kernels_of_the_cuda_step():
+  """On CUDA each residual add with the norm after it is one Triton kernel forward and one
+  backward: 2 per norm (2 a block and the final one) more than with XLA's norms."""
+  fused, xla = lower("cuda"), lower("cuda", "--config.model.norm=xla")
+  assert xla["norm"] == "xla"
+  count = lambda r: r["train"]["call_counts"]["__gpu$xla.gpu.triton"]
+  layers = 4   # configs/tiny.py
+  assert count(fused) - count(xla) == 2 * (2 * layers + 1)
+
+
 def test_xla_attention_shows_its_scores():
   """The check above can fail: XLA's attention lowered for CUDA names the f32 scores."""
   r = lower("cuda", "--config.model.attention=xla")
   assert r["attention"] == "xla" and r["max_f32_4d_buffer_bytes"] >= r["scores_f32_bytes"]
 
 
-def test_impossible_combination_is_one_line():
+@pytest.mark.parametrize("platform,args,key,says", [
+    ("cuda", ["--config.model.attention=cudnn", "--config.model.dtype=float32"],
+     "model.attention", "float32"),
+    ("tpu", ["--config.model.norm=pallas"], "model.norm", "not tpu"),
+    ("cuda", ["--config.model.norm=triton"], "model.norm", "auto|xla|pallas")])
+def test_impossible_combination_is_one_line(platform, args, key, says):
   proc = subprocess.run([runs.python(), "-m", "kstore_jax.bench", "lower", *SMALL,
-                         "--platform=cuda", "--config.model.attention=cudnn",
-                         "--config.model.dtype=float32"], cwd=ROOT, env=runs.env(),
+                         f"--platform={platform}", *args], cwd=ROOT, env=runs.env(),
                         capture_output=True,
                         text=True, check=False, timeout=300)
   assert proc.returncode == 2
-  err = [l for l in proc.stderr.splitlines() if "model.attention" in l]
-  assert len(err) == 1 and "float32" in err[0], proc.stderr[-2000:]
+  err = [l for l in proc.stderr.splitlines() if key in l]
+  assert len(err) == 1 and says in err[0], proc.stderr[-2000:]

@@ -296,27 +296,53 @@ def on_mesh(mesh):
     _MESH.reset(token)
 
 
-def per_shard(kernel, q_BLHK, k_BLHK, v_BLHK, seg_BL):
-  """kernel(q, k, v, seg) -> [B, L, H, K], run by each device on its rows and heads where the
-  mesh of `on_mesh` has several devices: attention never mixes rows or heads, so the shards'
-  results are the whole one's. Directly on one device or outside `on_mesh`."""
+def _shard_map(kernel, args, specs):
+  """kernel(*args) on one device or outside `on_mesh`; on the mesh of `on_mesh` with several
+  devices a shard_map of it, each argument split as `specs(split)` says (a PartitionSpec per
+  argument, then the outputs'), `split(axes, n)` naming the mesh's axes among `axes` if
+  they divide n, else None (every device then has all n: a model init's one dummy row)."""
   mesh = _MESH.get()
   if mesh is None or mesh.size == 1:
-    return kernel(q_BLHK, k_BLHK, v_BLHK, seg_BL)
+    return kernel(*args)
   context = jax.sharding.get_abstract_mesh()   # lowering for another platform (bench lower):
   mesh = mesh if context.empty else context     # its target's abstract mesh, the same axes
 
   def split(axes, n):
-    """The mesh's axes among `axes` if they divide n, else None: every device then has all
-    n (a model init's one dummy row)."""
     axes = tuple(a for a in axes if a in mesh.axis_names)
     return axes if axes and n % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
+  *in_specs, out_specs = specs(split)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
+def per_shard(kernel, q_BLHK, k_BLHK, v_BLHK, seg_BL):
+  """kernel(q, k, v, seg) -> [B, L, H, K], run by each device on its rows and heads where the
+  mesh of `on_mesh` has several devices: attention never mixes rows or heads, so the shards'
+  results are the whole one's. Directly on one device or outside `on_mesh`."""
   B, _, H, _ = q_BLHK.shape
-  x = jax.sharding.PartitionSpec(split(ROW_AXES, B), None, split(HEAD_AXES, H), None)
-  seg = jax.sharding.PartitionSpec(split(ROW_AXES, B), None)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(x, x, x, seg), out_specs=x,
-                       check_vma=False)(q_BLHK, k_BLHK, v_BLHK, seg_BL)
+
+  def specs(split):
+    x = jax.sharding.PartitionSpec(split(ROW_AXES, B), None, split(HEAD_AXES, H), None)
+    return x, x, x, jax.sharding.PartitionSpec(split(ROW_AXES, B), None), x
+
+  return _shard_map(kernel, (q_BLHK, k_BLHK, v_BLHK, seg_BL), specs)
+
+
+def per_shard_rows(kernel, rows, whole):
+  """kernel(*rows, *whole) -> a tuple of arrays shaped like rows[0], run by each device on its
+  rows (the leading dim of each of `rows`, [B, ...]; None entries pass through) with every
+  one of `whole` (vectors: a norm's params) where the mesh of `on_mesh` has several devices:
+  the kernel never mixes rows. A gradient of a `whole` argument is each device's sum over its
+  rows, added up over the devices."""
+  B = rows[0].shape[0]
+  n_out = len(jax.eval_shape(kernel, *rows, *whole))
+
+  def specs(split):
+    row = jax.sharding.PartitionSpec(split(ROW_AXES, B))
+    return (*[row] * len(rows), *[jax.sharding.PartitionSpec()] * len(whole), (row,) * n_out)
+
+  return _shard_map(kernel, (*rows, *whole), specs)
 
 
 def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bool,

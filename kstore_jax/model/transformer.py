@@ -30,6 +30,19 @@ REMAT_POLICIES = {
 }
 
 
+# model.norm: `xla` (XLA's own fusions) or `pallas` (the residual add and the norm after it in
+# one Triton kernel, fused_norm.py: CUDA; interpreted on a CPU, for tests); `auto`: pallas on
+# CUDA, xla elsewhere
+NORMS = {"xla": ("cpu", "cuda", "rocm", "tpu"), "pallas": ("cpu", "cuda")}
+
+
+def resolve_norm(norm: str, platform: str) -> str:
+  """`auto` -> the platform's norm kernel (NORMS); other names pass through."""
+  if norm != "auto":
+    return norm
+  return "pallas" if platform == "cuda" else "xla"
+
+
 def rotary_dims(head_dim: int, fraction: float) -> int:
   """Rotated dims of a head: `fraction` of head_dim, rounded down to an even number."""
   return int(head_dim * fraction) // 2 * 2
@@ -52,6 +65,8 @@ class ModelConfig:
   scan_layers: bool = False      # training: one scanned block instead of num_layers unrolled
   max_docs: int = 0              # the most documents a packed row holds (cudnn); 0: its length
   attention: str = "einsum"      # an `attention.IMPLEMENTATIONS` name (resolved: not 'auto')
+  norm: str = "xla"              # a NORMS name (resolved: not 'auto'): how the residual adds
+                                 # and the norms after them run
   platform: str = "cpu"          # what the model is lowered for: cpu | cuda | rocm | tpu
 
   @property
@@ -71,6 +86,7 @@ class ModelConfig:
     kw = {k: model_cfg[k] for k in fields if k in model_cfg}
     kw["dtype"] = attention_lib.resolve_dtype(kw.get("dtype", "auto"), platform)
     kw["attention"] = attention_lib.resolve(kw.get("attention", "auto"), platform)
+    kw["norm"] = resolve_norm(kw.get("norm", "auto"), platform)
     if isinstance(kw.get("remat"), bool):   # configs written when remat was a bool
       kw["remat"] = "full" if kw["remat"] else "none"
     return cls(vocab_size=vocab_size, platform=platform, **kw)
@@ -116,16 +132,48 @@ def rotary(x_BLHK: jax.Array, tables, rot_dim: int) -> jax.Array:
   return (x * cos_BL1K + swap_halves(x, rot_dim) * sin_BL1K).astype(x_BLHK.dtype)
 
 
-class Norm(nn.Module):
+class NormParams(nn.Module):
+  """A norm's params as flax's LayerNorm (`scale`, `bias`) or RMSNorm (`scale`) declares them,
+  for the fused kernel (the same names, init and logical axes: one checkpoint layout)."""
   kind: str
-  dtype: Any
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, d: int):
+    scale = self.param("scale", _init(nn.initializers.ones, "embed"), (d,))
     if self.kind == "llama":
-      return nn.RMSNorm(dtype=self.dtype, scale_init=_init(nn.initializers.ones, "embed"))(x)
-    return nn.LayerNorm(dtype=self.dtype, scale_init=_init(nn.initializers.ones, "embed"),
-                        bias_init=_init(nn.initializers.zeros, "embed"))(x)
+      return scale, None
+    return scale, self.param("bias", _init(nn.initializers.zeros, "embed"), (d,))
+
+
+class AddNorm(nn.Module):
+  """(s, y): the residual stream x plus a sub-layer's output h (and its projection's bias hb,
+  when the projection left it: `Proj.defer_bias`), and s normalised (GPT-2: LayerNorm; Llama:
+  RMSNorm) in the compute dtype. h and hb None: s is x. `cfg.norm` pallas: one kernel
+  (fused_norm.py), run per shard on a mesh of several devices; xla: the add, then flax's
+  norm."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, h_BLD=None, hb_D=None):
+    cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+    if cfg.norm == "xla":
+      s_BLD = x_BLD if h_BLD is None else x_BLD + (h_BLD if hb_D is None else h_BLD + hb_D)
+      if cfg.block == "llama":
+        return s_BLD, nn.RMSNorm(dtype=dtype,
+                                 scale_init=_init(nn.initializers.ones, "embed"))(s_BLD)
+      return s_BLD, nn.LayerNorm(dtype=dtype, scale_init=_init(nn.initializers.ones, "embed"),
+                                 bias_init=_init(nn.initializers.zeros, "embed"))(s_BLD)
+    from kstore_jax.model import fused_norm   # Pallas: imported where it runs
+    kind = "RMSNorm_0" if cfg.block == "llama" else "LayerNorm_0"
+    scale_D, shift_D = NormParams(cfg.block, name=kind)(x_BLD.shape[-1])
+
+    def kernel(x_BLD, h_BLD, hb_D, scale_D, shift_D):   # (a shard's rows on a mesh)
+      flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
+      s_TD, y_TD = fused_norm.add_norm(flat(x_BLD), flat(h_BLD), hb_D, scale_D, shift_D,
+                                       1e-6, interpret=cfg.platform == "cpu")
+      return s_TD.reshape(x_BLD.shape), y_TD.reshape(x_BLD.shape)
+
+    return attention_lib.per_shard_rows(kernel, (x_BLD, h_BLD), (hb_D, scale_D, shift_D))
 
 
 def flat_matmul(x, kernel_IO, n_in: int, platform: str = "", out_dtype=None) -> jax.Array:
@@ -178,6 +226,7 @@ class Proj(nn.Module):
   platform: str = ""    # ModelConfig.platform: the CPU computes a tall kernel's gradient apart
   out_dtype: Any = None   # the product's dtype (accumulated in it); None: `dtype`
   activation: Any = None  # applied after the bias (off the CPU recomputed in the backward)
+  defer_bias: bool = False   # return (product, bias or None): the caller adds the bias
 
   @nn.compact
   def __call__(self, x):
@@ -191,6 +240,8 @@ class Proj(nn.Module):
     if self.use_bias:   # on the 2-D product: a row broadcast XLA fuses, not a full-size copy
       bias = self.param("bias", _init(nn.initializers.zeros, *self.axes[-self.n_out:]),
                         self.shape[-self.n_out:]).astype(self.dtype).reshape(-1)
+    if self.defer_bias:
+      return y.reshape(*x.shape[:x.ndim - n_in], *self.shape[n_in:]), bias
     if self.activation is None:
       y = y if bias is None else y + bias
     else:
@@ -235,10 +286,11 @@ class Attention(nn.Module):
       out_BLHK = attention_lib.cached_attention(
           cfg.attention, q_BLHK, k_BHTK.astype(dtype), v_BHTK.astype(dtype), positions_BL,
           segment_ids_BL, cache["pos"], cache["seg"], cfg.causal)
-    out_BLD = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
-                   ("heads", "kv", "embed"), 1, bias, 0.02 / math.sqrt(2 * cfg.num_layers),
-                   dtype, cfg.platform, name="out")(out_BLHK)
-    return out_BLD, cache
+    out_BLD, out_bias_D = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
+                               ("heads", "kv", "embed"), 1, bias,
+                               0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform,
+                               defer_bias=True, name="out")(out_BLHK)
+    return out_BLD, out_bias_D, cache
 
 
 class Mlp(nn.Module):
@@ -261,21 +313,24 @@ class Mlp(nn.Module):
       # SiLU: its floor grew 2.6%)
       h_BLF = up("up", nn.gelu)(x_BLD)
     return Proj((cfg.d_ff, cfg.d_model), ("mlp", "embed"), 1, bias,
-                0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform, name="down")(h_BLF)
+                0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform, defer_bias=True,
+                name="down")(h_BLF)
 
 
 class Block(nn.Module):
+  """One pre-norm block on the residual stream `stream` = (x, h, hb): the stream x and the
+  last sub-layer's output h with its projection's bias hb, not yet added (each add happens
+  in the norm after it: AddNorm). Returns (x, h, hb) of its MLP, and the cache."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
-    dtype = DTYPES[self.cfg.dtype]
-    h_BLD, new_cache = Attention(self.cfg, name="attn")(
-        Norm(self.cfg.block, dtype, name="ln1")(x_BLD), positions_BL, segment_ids_BL, rot,
-        cache, layer)
-    x_BLD = x_BLD + h_BLD
-    x_BLD = x_BLD + Mlp(self.cfg, name="mlp")(Norm(self.cfg.block, dtype, name="ln2")(x_BLD))
-    return x_BLD, new_cache
+  def __call__(self, stream, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
+    x_BLD, y_BLD = AddNorm(self.cfg, name="ln1")(*stream)
+    h_BLD, hb_D, new_cache = Attention(self.cfg, name="attn")(
+        y_BLD, positions_BL, segment_ids_BL, rot, cache, layer)
+    x_BLD, y_BLD = AddNorm(self.cfg, name="ln2")(x_BLD, h_BLD, hb_D)
+    h_BLD, hb_D = Mlp(self.cfg, name="mlp")(y_BLD)
+    return (x_BLD, h_BLD, hb_D), new_cache
 
 
 class Transformer(nn.Module):
@@ -305,18 +360,19 @@ class Transformer(nn.Module):
     policy = REMAT_POLICIES[cfg.remat]
     rot = (rotary_tables(positions_BL, cfg.rotary_dim, cfg.rotary_base, cfg.head_dim)
            if cfg.rotary_dim else None)   # no rotary: `rotary` returns its input
+    stream = (x_BLD, None, None)   # Block's residual stream: nothing pending yet
     if cfg.scan_layers and cache is None and not self.is_initializing():
-      x_BLD = self.scanned_blocks(x_BLD, positions_BL, segment_ids_BL, rot, policy)
+      stream = self.scanned_blocks(x_BLD, positions_BL, segment_ids_BL, rot, policy)
     else:
       # Remat only where a backward pass follows: decoding (a cache) has none, and nn.remat
       # would trace the layer index that picks this block's arrays of the cache. Same params.
       block = nn.remat(Block, policy=policy) if policy is not None and cache is None else Block
       for i in range(cfg.num_layers):
-        x_BLD, cache = block(cfg, name=f"block{i}")(x_BLD, positions_BL, segment_ids_BL, rot,
-                                                    cache, i)
+        stream, cache = block(cfg, name=f"block{i}")(stream, positions_BL, segment_ids_BL,
+                                                     rot, cache, i)
     if cache is not None:
       cache = dict(cache, index=cache["index"] + tokens_BL.shape[1])
-    hidden_BLD = Norm(cfg.block, dtype, name="ln_f")(x_BLD)
+    _, hidden_BLD = AddNorm(cfg, name="ln_f")(*stream)
     # logits accumulated and returned in f32 (as the training loss makes them): bf16-rounded
     # logits tie often and would make decoding disagree with the trained head
     if cfg.tie_embeddings:
@@ -338,12 +394,15 @@ class Transformer(nn.Module):
                            *(params[f"block{i}"] for i in range(self.cfg.num_layers)))
     block = Block(self.cfg, parent=None)   # unbound: applied to each layer's params
 
-    def body(x_BLD, p):
-      return block.apply({"params": p}, x_BLD, positions_BL, segment_ids_BL, rot)[0], None
+    def body(stream, p):
+      return block.apply({"params": p}, stream, positions_BL, segment_ids_BL, rot)[0], None
 
     if policy is not None:
       body = jax.checkpoint(body, policy=policy)
-    return jax.lax.scan(body, x_BLD, stacked)[0]
+    # the carry's structure is each block's output: before the first, a zero output and (GPT-2's
+    # projections have biases) a zero bias pending
+    zero_hb = jnp.zeros((self.cfg.d_model,), x_BLD.dtype) if self.cfg.block == "gpt2" else None
+    return jax.lax.scan(body, (x_BLD, jnp.zeros_like(x_BLD), zero_hb), stacked)[0]
 
 
 def model_vocab(renderer) -> int:

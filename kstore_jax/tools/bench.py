@@ -512,15 +512,17 @@ def bench_profile(cfg) -> list[dict]:
 
 
 def hlo_facts(text: str) -> dict:
-  """From a StableHLO module's text: the custom-call targets it uses, the largest float32
-  rank-4 tensor it names, in bytes (XLA attention's [B, H, L, T] scores show up as one), and
-  how many shard_maps it holds."""
-  calls = set(re.findall(r"custom_call @([\w.$-]+)", text))
-  calls |= set(re.findall(r'call_target_name = "([^"]+)"', text))
+  """From a StableHLO module's text: the custom-call targets it uses (and how many calls of
+  each), the largest float32 rank-4 tensor it names, in bytes (XLA attention's [B, H, L, T]
+  scores show up as one), and how many shard_maps it holds."""
+  named = (re.findall(r"custom_call @([\w.$-]+)", text)
+           + re.findall(r'call_target_name = "([^"]+)"', text))
+  calls = set(named)
   f32_4d = [math.prod(int(d) for d in m.split("x")) * 4
             for m in re.findall(r"tensor<(\d+x\d+x\d+x\d+)xf32>", text)]
   # shard_maps (a kernel XLA cannot partition runs per shard in one: attention.per_shard)
-  return dict(custom_calls=sorted(calls), max_f32_4d_buffer_bytes=max(f32_4d, default=0),
+  return dict(custom_calls=sorted(calls), call_counts={c: named.count(c) for c in sorted(calls)},
+              max_f32_4d_buffer_bytes=max(f32_4d, default=0),
               manual_computations=text.count("sdy.manual_computation("))
 
 
@@ -562,7 +564,8 @@ def bench_lower(cfg) -> list[dict]:
   train, decode, grid = hlo_facts(train_text), hlo_facts(decode_text), hlo_facts(grid_text)
   mc = exp.model_cfg
   return [measurement(
-      "lowered", True, "bool", platform=platform, attention=mc.attention, dtype=mc.dtype,
+      "lowered", True, "bool", platform=platform, attention=mc.attention, norm=mc.norm,
+      dtype=mc.dtype,
       custom_calls=sorted(set(train["custom_calls"]) | set(decode["custom_calls"])),
       max_f32_4d_buffer_bytes=max(train["max_f32_4d_buffer_bytes"],
                                   decode["max_f32_4d_buffer_bytes"]),
@@ -613,8 +616,8 @@ def bench_roofline(cfg) -> Iterator[dict]:
   model_flops = spec.flops_per_position * spec.positions_per_step * max(runs, 1)
   peak = loop.peak_flops(aot.name(target), exp.model_cfg.dtype)
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=exp.model_cfg.dtype,
-             attention=exp.model_cfg.attention, cohort_runs=runs, devices=n,
-             mesh=dict(zip(sharding.AXES, shape)),
+             attention=exp.model_cfg.attention, norm=exp.model_cfg.norm, cohort_runs=runs,
+             devices=n, mesh=dict(zip(sharding.AXES, shape)),
              device=aot.name(target), tflops_ceiling=flops_s / 1e12,
              tbytes_per_s_ceiling=bytes_s / 1e12)
   bound = lambda k: "matmul" if k.flops / flops_s > k.bytes / bytes_s else "memory"

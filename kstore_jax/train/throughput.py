@@ -105,7 +105,7 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
               params=int(transformer.count_params(state["params"])) // max(runs, 1),
               vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
-              attention=model_cfg.attention, first_step_s=first_s,
+              attention=model_cfg.attention, norm=model_cfg.norm, first_step_s=first_s,
               loss=float(np.mean(metrics["loss"])),
               peak=loop.device_peak_flops(model_cfg.dtype), heap_released=released)
 

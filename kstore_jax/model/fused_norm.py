@@ -1,0 +1,223 @@
+"""The residual add and the LayerNorm (or RMSNorm) after it in one pass for GPUs (Pallas,
+lowered to Triton).
+
+A pre-norm block adds each sub-layer's output (a projection's product and its bias) to the
+residual stream and normalises the sum for the next sub-layer. XLA runs that as three kernels
+(the add, the row statistics, the normalisation: the sum written once and read twice) and its
+backward as three more; at the paper's shape that traffic was ~9 of the step's 126 GB
+(BENCHMARKS.md, "The step's floor"). Here one kernel reads the stream and the product and
+writes the sum and the normalised rows (with each row's mean and reciprocal deviation for the
+backward), and one backward kernel reads the sum, the normalised rows' cotangent and the sum's
+own cotangent and writes the stream's cotangent, with the scale's, the shift's and the
+product bias's gradients as per-program column sums (added up by XLA: deterministic, no
+atomics).
+
+A program takes `Launch.rows` rows whole; a row of D columns is loaded in C chunks of P columns
+(P the largest power of two dividing D, at most 1024: Triton's tensors have power-of-two
+sizes, D = 768 is 3 x 256), each pass reloading its chunks (the block stays in L2): registers
+hold a chunk, not a row. Statistics in f32 (var = E[s^2] - E[s]^2, as flax's LayerNorm);
+the sum is rounded to the stream's dtype before it is normalised, as the unfused model does.
+
+Shapes: T rows (tokens), D columns (d_model), N = T / rows programs.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+class Launch(NamedTuple):
+  """`rows` a program (a power of two) and Triton's `warps` a program."""
+  rows: int = 32
+  warps: int = 8
+
+
+LAUNCH = Launch()
+
+
+def _chunk(D: int) -> int:
+  """P: the largest power of two dividing D, at most 1024."""
+  return min(D & -D, 1024)
+
+
+def _sum_chunk(x_ref, h_ref, hb_ref, cols, dtype):
+  """The stream plus the product plus its bias at `cols`, rounded to the stream's dtype, in
+  f32: [rows, P]."""
+  s = x_ref[:, cols].astype(jnp.float32)
+  if h_ref is not None:
+    s += h_ref[:, cols].astype(jnp.float32)
+  if hb_ref is not None:
+    s += hb_ref[cols].astype(jnp.float32)[None, :]
+  return s.astype(dtype).astype(jnp.float32)
+
+
+def _forward_kernel(*refs, has_h, has_hb, rms, eps):
+  """Rows [i R, (i + 1) R): s = x + h + hb, y = norm(s) * scale (+ shift), mean, rstd."""
+  it = iter(refs)
+  x_ref = next(it)
+  h_ref = next(it) if has_h else None
+  hb_ref = next(it) if has_hb else None
+  scale_ref = next(it)
+  shift_ref = None if rms else next(it)
+  s_ref, y_ref, mean_ref, rstd_ref = it
+  D = x_ref.shape[1]
+  P = _chunk(D)
+  total = jnp.zeros((x_ref.shape[0],), jnp.float32)
+  squares = jnp.zeros((x_ref.shape[0],), jnp.float32)
+  for c in range(D // P):
+    cols = pl.ds(c * P, P)
+    s = _sum_chunk(x_ref, h_ref, hb_ref, cols, s_ref.dtype)
+    s_ref[:, cols] = s.astype(s_ref.dtype)
+    total += s.sum(-1)
+    squares += (s * s).sum(-1)
+  mean = jnp.zeros_like(total) if rms else total / D
+  rstd = jax.lax.rsqrt(jnp.maximum(squares / D - mean * mean, 0.0) + eps)
+  for c in range(D // P):
+    cols = pl.ds(c * P, P)
+    s = _sum_chunk(x_ref, h_ref, hb_ref, cols, s_ref.dtype)
+    y = (s - mean[:, None]) * rstd[:, None] * scale_ref[cols].astype(jnp.float32)[None, :]
+    if shift_ref is not None:
+      y += shift_ref[cols].astype(jnp.float32)[None, :]
+    y_ref[:, cols] = y.astype(y_ref.dtype)
+  mean_ref[...] = mean
+  rstd_ref[...] = rstd
+
+
+def _backward_kernel(*refs, has_ds, has_hb, rms):
+  """Rows [i R, (i + 1) R): the sum's whole cotangent ds + norm'(dy), and this program's
+  column sums of dy * s_hat (scale), dy (shift) and the sum's cotangent (the product's bias)."""
+  it = iter(refs)
+  s_ref, dy_ref = next(it), next(it)
+  ds_ref = next(it) if has_ds else None
+  mean_ref, rstd_ref, scale_ref, dsum_ref, dscale_ref = (next(it) for _ in range(5))
+  dshift_ref = None if rms else next(it)
+  dhb_ref = next(it) if has_hb else None
+  D = s_ref.shape[1]
+  P = _chunk(D)
+  mean, rstd = mean_ref[...], rstd_ref[...]
+
+  def chunk(c):
+    cols = pl.ds(c * P, P)
+    s_hat = (s_ref[:, cols].astype(jnp.float32) - mean[:, None]) * rstd[:, None]
+    dy = dy_ref[:, cols].astype(jnp.float32)
+    return cols, s_hat, dy, dy * scale_ref[cols].astype(jnp.float32)[None, :]
+
+  g_mean = jnp.zeros_like(mean)       # mean over the row of g = dy * scale
+  gs_mean = jnp.zeros_like(mean)      # mean of g * s_hat
+  for c in range(D // P):
+    _, s_hat, _, g = chunk(c)
+    g_mean += g.sum(-1) / D
+    gs_mean += (g * s_hat).sum(-1) / D
+  if rms:
+    g_mean = jnp.zeros_like(g_mean)
+  for c in range(D // P):
+    cols, s_hat, dy, g = chunk(c)
+    ds = (g - g_mean[:, None] - s_hat * gs_mean[:, None]) * rstd[:, None]
+    if ds_ref is not None:
+      ds += ds_ref[:, cols].astype(jnp.float32)
+    dsum_ref[:, cols] = ds.astype(dsum_ref.dtype)
+    dscale_ref[cols] = (dy * s_hat).sum(0)
+    if dshift_ref is not None:
+      dshift_ref[cols] = dy.sum(0)
+    if dhb_ref is not None:
+      dhb_ref[cols] = ds.sum(0)
+
+
+def _call(kernel, name, launch, T, D, inputs, in_kinds, outputs, interpret):
+  """pallas_call over N = T / rows programs; `in_kinds`/`outputs` say each array's block:
+  'row' ([rows, D] of a [T, D] array), 'col' (a whole [D] vector), 'stat' ([rows] of a [T]
+  vector), 'part' (program i's [D] row of an [N, D] array)."""
+  R = launch.rows
+  spec = {"row": pl.BlockSpec((R, D), lambda i: (i, 0)),
+          "col": pl.BlockSpec((D,), lambda i: (0,)),
+          "stat": pl.BlockSpec((R,), lambda i: (i,)),
+          "part": pl.BlockSpec((None, D), lambda i: (i, 0))}
+  shape = {"row": (T, D), "stat": (T,), "part": (T // R, D)}
+  return pl.pallas_call(
+      kernel, grid=(T // R,), in_specs=[spec[k] for k in in_kinds],
+      out_specs=[spec[k] for k, _ in outputs],
+      out_shape=[jax.ShapeDtypeStruct(shape[k], dt) for k, dt in outputs],
+      compiler_params=plgpu.CompilerParams(num_warps=launch.warps, num_stages=1),
+      interpret=interpret, name=name)(*inputs)
+
+
+def _forward(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+  T, D = x_TD.shape
+  present = [(x_TD, "row"), (h_TD, "row"), (hb_D, "col"), (scale_D, "col"), (shift_D, "col")]
+  present = [(a, k) for a, k in present if a is not None]
+  kernel = functools.partial(_forward_kernel, has_h=h_TD is not None,
+                             has_hb=hb_D is not None, rms=rms, eps=eps)
+  return _call(kernel, "add_norm_forward", launch, T, D, [a for a, _ in present],
+               [k for _, k in present], [("row", x_TD.dtype), ("row", x_TD.dtype),
+                                         ("stat", jnp.float32), ("stat", jnp.float32)],
+               interpret)
+
+
+def _backward(s_TD, dy_TD, ds_TD, mean_T, rstd_T, scale_D, has_hb, rms, interpret, launch):
+  T, D = s_TD.shape
+  present = [(a, k) for a, k in [(s_TD, "row"), (dy_TD, "row"), (ds_TD, "row"),
+                                 (mean_T, "stat"), (rstd_T, "stat"), (scale_D, "col")]
+             if a is not None]
+  parts = 1 + (not rms) + has_hb
+  kernel = functools.partial(_backward_kernel, has_ds=ds_TD is not None, has_hb=has_hb,
+                             rms=rms)
+  out = _call(kernel, "add_norm_backward", launch, T, D, [a for a, _ in present],
+              [k for _, k in present],
+              [("row", s_TD.dtype)] + [("part", jnp.float32)] * parts, interpret)
+  return out[0], [p.sum(0) for p in out[1:]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _add_norm(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+  s_TD, y_TD, _, _ = _forward(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch)
+  return s_TD, y_TD
+
+
+def _add_norm_fwd(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+  # (symbolic_zeros: each differentiable argument comes as a CustomVJPPrimal)
+  x_TD, h_TD, hb_D, scale_D, shift_D = (None if a is None else a.value
+                                        for a in (x_TD, h_TD, hb_D, scale_D, shift_D))
+  s_TD, y_TD, mean_T, rstd_T = _forward(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms,
+                                        interpret, launch)
+  return (s_TD, y_TD), (s_TD, mean_T, rstd_T, scale_D, h_TD is not None, hb_D, shift_D)
+
+
+def _add_norm_bwd(eps, rms, interpret, launch, res, cotangents):
+  """The sum's cotangent may be a symbolic zero (the last norm's sum feeds nothing else): the
+  kernel then reads none."""
+  del eps
+  s_TD, mean_T, rstd_T, scale_D, has_h, hb_D, shift_D = res
+  ds_TD, dy_TD = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
+                  else c.astype(s_TD.dtype) for c in cotangents)
+  if dy_TD is None:
+    dy_TD = jnp.zeros_like(s_TD)
+  dsum_TD, parts = _backward(s_TD, dy_TD, ds_TD, mean_T, rstd_T, scale_D, hb_D is not None,
+                             rms, interpret, launch)
+  parts = iter(parts)
+  dscale = next(parts).astype(scale_D.dtype)
+  dshift = None if rms else next(parts).astype(shift_D.dtype)
+  dhb = None if hb_D is None else next(parts).astype(hb_D.dtype)
+  return dsum_TD, dsum_TD if has_h else None, dhb, dscale, dshift
+
+
+_add_norm.defvjp(_add_norm_fwd, _add_norm_bwd, symbolic_zeros=True)
+
+
+def add_norm(x_TD, h_TD, hb_D, scale_D, shift_D, eps: float, interpret: bool = False,
+             launch: Launch = LAUNCH) -> tuple[jax.Array, jax.Array]:
+  """(s, y): s = x + h + hb in x's dtype (h, hb: None for none), y = LayerNorm(s) * scale +
+  shift in x's dtype (shift None: RMSNorm, s * rsqrt(mean(s^2) + eps) * scale); [T, D] rows
+  (a T that `launch.rows` does not divide is padded with zero rows); `interpret` runs the
+  kernels as plain jax ops (CPU tests)."""
+  T = x_TD.shape[0]
+  pad = -T % launch.rows
+  if pad:
+    rows = lambda a: None if a is None else jnp.pad(a, ((0, pad), (0, 0)))
+    s_TD, y_TD = add_norm(rows(x_TD), rows(h_TD), hb_D, scale_D, shift_D, eps, interpret,
+                          launch)
+    return s_TD[:T], y_TD[:T]
+  return _add_norm(x_TD, h_TD, hb_D, scale_D, shift_D, eps, shift_D is None, interpret, launch)
