@@ -9,7 +9,8 @@
 # first kernel's train step, of the small grid's base cohort step and of one small run's
 # step), train (bench train,
 # paper config in bf16 per attention kernel, then the fastest of them whose loss agrees with
-# the others' with cuBLAS for every matmul, 128x384 rows, --gpt2_vocab, scanned layers),
+# the others' with the other norm kernel, cuBLAS for every matmul, 128x384 rows,
+# --gpt2_vocab, scanned layers),
 # grid (bench grid:
 # grid_speedup of 10/5/2 `small` runs in one vmapped step, grid_eval_speedup of their eval
 # decoded together), small (the small grid,
@@ -27,7 +28,7 @@
 # (default "pallas_docs,tokamax,pallas,xla").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -111,7 +112,7 @@ if [ "$SMOKE" = 1 ]; then
                    --config.grid.mode=vmap --runs=single_finetune,single_mixed)
   GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4); MATMUL=(--matmul_n=512)
   CEILING=("${MATMUL[@]}" --copy_bytes=16777216)
-  ATTN=(--attention=einsum,xla,pallas,pallas_docs,tokamax)
+  ATTN=(--attention=einsum,xla,pallas,pallas_docs,tokamax); OTHER_NORM="pallas"
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs tokamax pallas}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
@@ -120,6 +121,7 @@ else
   SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"; SMALL_OVERRIDES=()
   GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
+  OTHER_NORM="xla"
 fi
 BENCH=("$PY" -m kstore_jax.bench)
 
@@ -164,6 +166,12 @@ section_train() {   # each kernel at the paper shape, then the fastest one's var
   first=$("$PY" -m kstore_jax.tools.device_report pick "$JSON" $KERNELS 2>>"$LOG")
   first="${first:-${KERNELS%% *}}"
   echo "variants' kernel: $first" >> "$LOG"
+  # the other norm: XLA's own fusions on a device (model.norm=auto is the fused add+norm
+  # kernel on CUDA: the floor says 3% of the step, unmeasured); on the smoke's CPU the kernel,
+  # interpreted
+  run "train_${first}_norm_${OTHER_NORM}" 120 "${BENCH[@]}" train --config="$PAPER" \
+    "${SIZES[@]}" --train_steps="$TRAIN_STEPS" --config.model.attention="$first" \
+    --config.model.norm="$OTHER_NORM" "${MATMUL[@]}"
   # XLA's own Triton GEMM fusions off (cuBLAS for every matmul; session 8's xla-step profile
   # had ~15% of its time in gemm_fusion kernels, and their autotuning in the compile)
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" run "train_${first}_cublas" 120 \

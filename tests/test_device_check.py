@@ -46,7 +46,8 @@ def test_smoke_runs_every_section(tmp_path):
   first = min(kernel_s, key=kernel_s.get)
   assert set(sections) == {"env", "ceiling", "attention", "profile_xla", "profile_grid",
                            "train_xla",
-                           "train_einsum", f"{first}_cublas", f"{first}_gpt2_vocab",
+                           "train_einsum", f"{first}_norm_pallas", f"{first}_cublas",
+                           f"{first}_gpt2_vocab",
                            f"{first}_scan", "grid", "small"}, summary
   assert all(how == "ok" for how in sections.values()), summary
   names = {(l["section"], l["name"]) for l in lines}

@@ -18,7 +18,7 @@ sizes, D = 768 is 3 x 256), each pass reloading its chunks (the block stays in L
 hold a chunk, not a row. Statistics in f32 (var = E[s^2] - E[s]^2, as flax's LayerNorm);
 the sum is rounded to the stream's dtype before it is normalised, as the unfused model does.
 
-Shapes: T rows (tokens), D columns (d_model), N = T / rows programs.
+Shapes: Z rows (a batch's tokens, flattened), D columns (d_model).
 """
 
 import functools
@@ -127,97 +127,97 @@ def _backward_kernel(*refs, has_ds, has_hb, rms):
       dhb_ref[cols] = ds.sum(0)
 
 
-def _call(kernel, name, launch, T, D, inputs, in_kinds, outputs, interpret):
-  """pallas_call over N = T / rows programs; `in_kinds`/`outputs` say each array's block:
-  'row' ([rows, D] of a [T, D] array), 'col' (a whole [D] vector), 'stat' ([rows] of a [T]
-  vector), 'part' (program i's [D] row of an [N, D] array)."""
+def _call(kernel, name, launch, Z, D, inputs, in_kinds, outputs, interpret):
+  """pallas_call over Z / rows programs; `in_kinds`/`outputs` say each array's block: 'row'
+  ([rows, D] of a [Z, D] array), 'col' (a whole [D] vector), 'stat' ([rows] of a [Z]
+  vector), 'part' (program i's [D] row of a [Z / rows, D] array)."""
   R = launch.rows
   spec = {"row": pl.BlockSpec((R, D), lambda i: (i, 0)),
           "col": pl.BlockSpec((D,), lambda i: (0,)),
           "stat": pl.BlockSpec((R,), lambda i: (i,)),
           "part": pl.BlockSpec((None, D), lambda i: (i, 0))}
-  shape = {"row": (T, D), "stat": (T,), "part": (T // R, D)}
+  shape = {"row": (Z, D), "stat": (Z,), "part": (Z // R, D)}
   return pl.pallas_call(
-      kernel, grid=(T // R,), in_specs=[spec[k] for k in in_kinds],
+      kernel, grid=(Z // R,), in_specs=[spec[k] for k in in_kinds],
       out_specs=[spec[k] for k, _ in outputs],
       out_shape=[jax.ShapeDtypeStruct(shape[k], dt) for k, dt in outputs],
       compiler_params=plgpu.CompilerParams(num_warps=launch.warps, num_stages=1),
       interpret=interpret, name=name)(*inputs)
 
 
-def _forward(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
-  T, D = x_TD.shape
-  present = [(x_TD, "row"), (h_TD, "row"), (hb_D, "col"), (scale_D, "col"), (shift_D, "col")]
+def _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+  Z, D = x_ZD.shape
+  present = [(x_ZD, "row"), (h_ZD, "row"), (hb_D, "col"), (scale_D, "col"), (shift_D, "col")]
   present = [(a, k) for a, k in present if a is not None]
-  kernel = functools.partial(_forward_kernel, has_h=h_TD is not None,
+  kernel = functools.partial(_forward_kernel, has_h=h_ZD is not None,
                              has_hb=hb_D is not None, rms=rms, eps=eps)
-  return _call(kernel, "add_norm_forward", launch, T, D, [a for a, _ in present],
-               [k for _, k in present], [("row", x_TD.dtype), ("row", x_TD.dtype),
+  return _call(kernel, "add_norm_forward", launch, Z, D, [a for a, _ in present],
+               [k for _, k in present], [("row", x_ZD.dtype), ("row", x_ZD.dtype),
                                          ("stat", jnp.float32), ("stat", jnp.float32)],
                interpret)
 
 
-def _backward(s_TD, dy_TD, ds_TD, mean_T, rstd_T, scale_D, has_hb, rms, interpret, launch):
-  T, D = s_TD.shape
-  present = [(a, k) for a, k in [(s_TD, "row"), (dy_TD, "row"), (ds_TD, "row"),
-                                 (mean_T, "stat"), (rstd_T, "stat"), (scale_D, "col")]
+def _backward(s_ZD, dy_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, has_hb, rms, interpret, launch):
+  Z, D = s_ZD.shape
+  present = [(a, k) for a, k in [(s_ZD, "row"), (dy_ZD, "row"), (ds_ZD, "row"),
+                                 (mean_Z, "stat"), (rstd_Z, "stat"), (scale_D, "col")]
              if a is not None]
   parts = 1 + (not rms) + has_hb
-  kernel = functools.partial(_backward_kernel, has_ds=ds_TD is not None, has_hb=has_hb,
+  kernel = functools.partial(_backward_kernel, has_ds=ds_ZD is not None, has_hb=has_hb,
                              rms=rms)
-  out = _call(kernel, "add_norm_backward", launch, T, D, [a for a, _ in present],
+  out = _call(kernel, "add_norm_backward", launch, Z, D, [a for a, _ in present],
               [k for _, k in present],
-              [("row", s_TD.dtype)] + [("part", jnp.float32)] * parts, interpret)
+              [("row", s_ZD.dtype)] + [("part", jnp.float32)] * parts, interpret)
   return out[0], [p.sum(0) for p in out[1:]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _add_norm(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
-  s_TD, y_TD, _, _ = _forward(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch)
-  return s_TD, y_TD
+def _add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+  s_ZD, y_ZD, _, _ = _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch)
+  return s_ZD, y_ZD
 
 
-def _add_norm_fwd(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+def _add_norm_fwd(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
   # (symbolic_zeros: each differentiable argument comes as a CustomVJPPrimal)
-  x_TD, h_TD, hb_D, scale_D, shift_D = (None if a is None else a.value
-                                        for a in (x_TD, h_TD, hb_D, scale_D, shift_D))
-  s_TD, y_TD, mean_T, rstd_T = _forward(x_TD, h_TD, hb_D, scale_D, shift_D, eps, rms,
+  x_ZD, h_ZD, hb_D, scale_D, shift_D = (None if a is None else a.value
+                                        for a in (x_ZD, h_ZD, hb_D, scale_D, shift_D))
+  s_ZD, y_ZD, mean_Z, rstd_Z = _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms,
                                         interpret, launch)
-  return (s_TD, y_TD), (s_TD, mean_T, rstd_T, scale_D, h_TD is not None, hb_D, shift_D)
+  return (s_ZD, y_ZD), (s_ZD, mean_Z, rstd_Z, scale_D, h_ZD is not None, hb_D, shift_D)
 
 
 def _add_norm_bwd(eps, rms, interpret, launch, res, cotangents):
   """The sum's cotangent may be a symbolic zero (the last norm's sum feeds nothing else): the
   kernel then reads none."""
   del eps
-  s_TD, mean_T, rstd_T, scale_D, has_h, hb_D, shift_D = res
-  ds_TD, dy_TD = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
-                  else c.astype(s_TD.dtype) for c in cotangents)
-  if dy_TD is None:
-    dy_TD = jnp.zeros_like(s_TD)
-  dsum_TD, parts = _backward(s_TD, dy_TD, ds_TD, mean_T, rstd_T, scale_D, hb_D is not None,
+  s_ZD, mean_Z, rstd_Z, scale_D, has_h, hb_D, shift_D = res
+  ds_ZD, dy_ZD = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
+                  else c.astype(s_ZD.dtype) for c in cotangents)
+  if dy_ZD is None:
+    dy_ZD = jnp.zeros_like(s_ZD)
+  dsum_ZD, parts = _backward(s_ZD, dy_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, hb_D is not None,
                              rms, interpret, launch)
   parts = iter(parts)
   dscale = next(parts).astype(scale_D.dtype)
   dshift = None if rms else next(parts).astype(shift_D.dtype)
   dhb = None if hb_D is None else next(parts).astype(hb_D.dtype)
-  return dsum_TD, dsum_TD if has_h else None, dhb, dscale, dshift
+  return dsum_ZD, dsum_ZD if has_h else None, dhb, dscale, dshift
 
 
 _add_norm.defvjp(_add_norm_fwd, _add_norm_bwd, symbolic_zeros=True)
 
 
-def add_norm(x_TD, h_TD, hb_D, scale_D, shift_D, eps: float, interpret: bool = False,
+def add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps: float, interpret: bool = False,
              launch: Launch = LAUNCH) -> tuple[jax.Array, jax.Array]:
   """(s, y): s = x + h + hb in x's dtype (h, hb: None for none), y = LayerNorm(s) * scale +
-  shift in x's dtype (shift None: RMSNorm, s * rsqrt(mean(s^2) + eps) * scale); [T, D] rows
-  (a T that `launch.rows` does not divide is padded with zero rows); `interpret` runs the
+  shift in x's dtype (shift None: RMSNorm, s * rsqrt(mean(s^2) + eps) * scale); [Z, D] rows
+  (a Z that `launch.rows` does not divide is padded with zero rows); `interpret` runs the
   kernels as plain jax ops (CPU tests)."""
-  T = x_TD.shape[0]
-  pad = -T % launch.rows
+  Z = x_ZD.shape[0]
+  pad = -Z % launch.rows
   if pad:
     rows = lambda a: None if a is None else jnp.pad(a, ((0, pad), (0, 0)))
-    s_TD, y_TD = add_norm(rows(x_TD), rows(h_TD), hb_D, scale_D, shift_D, eps, interpret,
+    s_ZD, y_ZD = add_norm(rows(x_ZD), rows(h_ZD), hb_D, scale_D, shift_D, eps, interpret,
                           launch)
-    return s_TD[:T], y_TD[:T]
-  return _add_norm(x_TD, h_TD, hb_D, scale_D, shift_D, eps, shift_D is None, interpret, launch)
+    return s_ZD[:Z], y_ZD[:Z]
+  return _add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, shift_D is None, interpret, launch)

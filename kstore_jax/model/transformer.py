@@ -169,9 +169,9 @@ class AddNorm(nn.Module):
 
     def kernel(x_BLD, h_BLD, hb_D, scale_D, shift_D):   # (a shard's rows on a mesh)
       flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
-      s_TD, y_TD = fused_norm.add_norm(flat(x_BLD), flat(h_BLD), hb_D, scale_D, shift_D,
+      s_ZD, y_ZD = fused_norm.add_norm(flat(x_BLD), flat(h_BLD), hb_D, scale_D, shift_D,
                                        1e-6, interpret=cfg.platform == "cpu")
-      return s_TD.reshape(x_BLD.shape), y_TD.reshape(x_BLD.shape)
+      return s_ZD.reshape(x_BLD.shape), y_ZD.reshape(x_BLD.shape)
 
     return attention_lib.per_shard_rows(kernel, (x_BLD, h_BLD), (hb_D, scale_D, shift_D))
 
