@@ -256,6 +256,38 @@ def test_gpu_gelu_recomputed_in_the_backward_gives_the_same_gradients(toy_params
       assert saved == {"product", "gelu"}
 
 
+def test_gpu_value_bias_folded_into_the_output_bias(toy_params):
+  """Off the CPU the values' bias is not added to the values: attention passes it through to
+  every output (a query's weights sum to 1) and the out projection maps it to a constant added
+  with its own bias. With value biases that are not zero (the others' zero: their rounding,
+  amplified through the toy's norms, would hide the fold's at 2e-5): the CPU model's loss,
+  gradients and greedy KV-cache decoding, and the value projection's output is the bare
+  product."""
+  plain, gpu = plain_and_other(platform="cuda")
+  biased = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.1 if "value']['bias" in jax.tree_util.keystr(path) else a,
+      toy_params)
+  (want, want_g), (got, got_g) = (packed_loss_and_grads(m, biased) for m in (plain, gpu))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  prompt_BP = jax.random.randint(jax.random.key(4), (3, 6), 1, TOY_MODEL["vocab_size"])
+  lens_B = jnp.asarray([6, 4, 2], jnp.int32)
+  np.testing.assert_array_equal(generate.generate(gpu, biased, prompt_BP, lens_B, 5),
+                                generate.generate(plain, biased, prompt_BP, lens_B, 5))
+  tokens = prompt_BP[:1]
+  for model, folded in ((plain, False), (gpu, True)):
+    _, state = model.apply({"params": biased}, tokens, capture_intermediates=True,
+                           mutable=["intermediates"])
+    value = state["intermediates"]["block0"]["attn"]["value"]["__call__"][0]
+    x_BLD = nn.LayerNorm(epsilon=1e-6).apply({"params": biased["block0"]["ln1"]["LayerNorm_0"]},
+                                             biased["embed"]["embedding"][tokens])
+    product = jnp.einsum("bld,dhk->blhk", x_BLD, biased["block0"]["attn"]["value"]["kernel"])
+    v_BLHK = value[0] if folded else value
+    np.testing.assert_allclose(v_BLHK, product if folded else product + 0.1, rtol=1e-5,
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("scan,remat", [(False, "full"), (True, "full"), (True, "dots"),
                                         (False, "dots_no_batch")])
 def test_remat_decodes_like_the_plain_model(scan, remat, toy_params):

@@ -261,9 +261,18 @@ class Attention(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
-    proj = lambda name: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
-                             ("embed", "heads", "kv"), 2, bias, 0.02, dtype, cfg.platform, name=name)
-    q_BLHK, k_BLHK, v_BLHK = (proj(n)(x_BLD) for n in ("query", "key", "value"))
+    proj = lambda name, defer=False: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
+                                          ("embed", "heads", "kv"), 2, bias, 0.02, dtype,
+                                          cfg.platform, defer_bias=defer, name=name)
+    q_BLHK, k_BLHK = proj("query")(x_BLD), proj("key")(x_BLD)
+    # Off the CPU the values' bias is not added to every value: a query's weights sum to 1, so
+    # attention passes the bias through to each output unchanged, and the out projection maps
+    # it to a constant, added with the out projection's own bias (in the norm after: Block).
+    # One [T, D] pass less forward and one bias-gradient reduction less backward, 1.3% of the
+    # paper step's floor on a GPU (BENCHMARKS.md "The step's floor"); the CPU keeps its model.
+    fold = bias and cfg.platform != "cpu"
+    v_BLHK, v_bias_HK = proj("value", defer=True)(x_BLD) if fold else (proj("value")(x_BLD),
+                                                                        None)
     q_BLHK = rotary(q_BLHK, rot, cfg.rotary_dim)
     k_BLHK = rotary(k_BLHK, rot, cfg.rotary_dim)
     if cache is None:
@@ -286,10 +295,12 @@ class Attention(nn.Module):
       out_BLHK = attention_lib.cached_attention(
           cfg.attention, q_BLHK, k_BHTK.astype(dtype), v_BHTK.astype(dtype), positions_BL,
           segment_ids_BL, cache["pos"], cache["seg"], cfg.causal)
-    out_BLD, out_bias_D = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model),
-                               ("heads", "kv", "embed"), 1, bias,
-                               0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform,
-                               defer_bias=True, name="out")(out_BLHK)
+    out = Proj((cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"), 1, bias,
+               0.02 / math.sqrt(2 * cfg.num_layers), dtype, cfg.platform, defer_bias=True,
+               name="out")
+    out_BLD, out_bias_D = out(out_BLHK)
+    if v_bias_HK is not None:
+      out_bias_D = out_bias_D + out(v_bias_HK.reshape(1, cfg.num_heads, cfg.head_dim))[0][0]
     return out_BLD, out_bias_D, cache
 
 
