@@ -47,9 +47,11 @@ def test_schedule_warmup_then_cosine():
     assert abs(float(cold(s)) - cosine(s, 0)) < 1e-7 and abs(float(cold(s)) - want) < 1e-7, s
 
 
-def test_train_step_is_one_adamw_update():
+@pytest.mark.parametrize("norm_apart", [False, True])
+def test_train_step_is_one_adamw_update(norm_apart):
   """make_train_step: the gradient clipped to global norm 1, Adam's first (bias-corrected)
-  step g / (|g| + eps), weight decay on matrices only, times lr(0); metrics of the step."""
+  step g / (|g| + eps), weight decay on matrices only, times lr(0); metrics of the step.
+  `norm_apart` (a grid cohort's step) reads param_norm behind a barrier: the same numbers."""
   sc = stage_cfg(0)
   w0 = np.array([[1.0, -2.0], [0.5, 3.0]])
   b0 = np.array([0.25, -0.75])
@@ -64,8 +66,10 @@ def test_train_step_is_one_adamw_update():
   opt = optim.make_optimizer(hp)
   params = {"w": jnp.asarray(w0, jnp.float32), "b": jnp.asarray(b0, jnp.float32)}
   state = {"step": jnp.int32(0), "params": params, "opt_state": opt.init(params)}
-  train_step = jax.jit(step_lib.make_train_step(loss_fn))
-  new, metrics = train_step(state, jnp.float32(1.0), {"t": jnp.asarray(t, jnp.float32)}, hp)
+  train_step = step_lib.make_train_step(loss_fn, norm_apart=norm_apart)
+  args = (state, jnp.float32(1.0), {"t": jnp.asarray(t, jnp.float32)}, hp)
+  assert ("optimization_barrier" in str(jax.make_jaxpr(train_step)(*args))) == norm_apart
+  new, metrics = jax.jit(train_step)(*args)
 
   g = {"w": w0 - t, "b": t[0]}                         # the loss's gradient
   norm = math.sqrt(sum((v ** 2).sum() for v in g.values()))

@@ -267,7 +267,7 @@ def _jitted_step(loss_fn, microbatches: int, mesh, state_sh, frozen_sh, runs: bo
   a process: the stages that train the same program reuse it (pretrain -> finetune; a grid's
   base-stage cohorts; an Experiment per row in one process), and jax's in-memory cache then
   neither traces nor compiles it again."""
-  train_step = step_lib.make_train_step(loss_fn, microbatches)
+  train_step = step_lib.make_train_step(loss_fn, microbatches, norm_apart=runs)
 
   def step(*args):   # traced on the mesh: attention kernels run per shard (attention.on_mesh)
     with attention.on_mesh(mesh):

@@ -160,11 +160,13 @@ def accumulated_value_and_grad(loss_fn, microbatches: int):
   return value_and_grad
 
 
-def make_train_step(loss_fn, microbatches: int = 1):
+def make_train_step(loss_fn, microbatches: int = 1, norm_apart: bool = False):
   """(state = {'step', 'params', 'opt_state'}, frozen, batch, hparams) -> (new state,
   metrics): one AdamW step of `loss_fn(params, frozen, batch)` with the stage's optimizer
   numbers `hparams` (optim.hyperparams) as arguments, not constants of the program; its
-  gradient over `microbatches` parts of the batch (`accumulated_value_and_grad`) when > 1."""
+  gradient over `microbatches` parts of the batch (`accumulated_value_and_grad`) when > 1.
+  `norm_apart`: param_norm reads the updated params after the update, not inside its
+  fusions (a grid cohort's step: BENCHMARKS.md "The step's floor")."""
   grad_fn = (jax.value_and_grad(loss_fn, has_aux=True) if microbatches == 1
              else accumulated_value_and_grad(loss_fn, microbatches))
 
@@ -178,7 +180,8 @@ def make_train_step(loss_fn, microbatches: int = 1):
     # checkpoint would save, not only the loss of the weights before the update.
     with jax.named_scope(METRICS):
       metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                 "param_norm": optax.tree.norm(params),
+                 "param_norm": optax.tree.norm(jax.lax.optimization_barrier(params)
+                                               if norm_apart else params),
                  "lr": optim.learning_rate(hparams, state["step"]), **aux}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
