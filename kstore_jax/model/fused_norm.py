@@ -33,9 +33,12 @@ from jax.experimental.pallas import triton as plgpu
 class Launch(NamedTuple):
   """`rows` a program (a power of two) and Triton's `warps` a program."""
   rows: int = 32
-  warps: int = 8
+  warps: int = 16
 
 
+# the model's: read from ptxas at the paper's D = 768 (BENCHMARKS.md, session 39), 64
+# registers forward and 126 backward, no spills; 8 warps took 128 and 245 (one 256-thread
+# program an SM in the backward); 16 rows at 8 warps 87 and 126, but twice the column sums
 LAUNCH = Launch()
 
 
