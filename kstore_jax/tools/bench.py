@@ -727,17 +727,19 @@ def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
 
 def pallas_docs_launches(platform: str):
   """bench attention's other launches of pallas_docs beside the model's (flash_docs.LAUNCH),
-  the likeliest first (a deadline may cut the list): one pipeline stage, twice the warps, 2
-  and 4 heads a program, three stages, the tile doubled with twice the warps, the tile
-  halved and doubled; on a CPU (interpret mode, where Triton's parameters mean nothing) the
-  tiles alone. The order is from their H200 builds read here (BENCHMARKS.md, "Registers of
-  the attention kernels"): one stage is the one backward whose Hopper matrix instructions
-  ptxas does not serialise, the 32 tile uses none, the 128 tile at 4 warps spills."""
+  the likeliest first (a deadline may cut the list): one pipeline stage, alone and with twice
+  the warps, twice the warps, 2 and 4 heads a program, three stages, the tile doubled with
+  twice the warps, the tile halved and doubled; on a CPU (interpret mode, where Triton's
+  parameters mean nothing) the tiles alone. The order is from their H200 builds read here
+  (BENCHMARKS.md, "Registers of the attention kernels"): one stage is what keeps ptxas from
+  serialising the backward's Hopper matrix instructions (and at 8 warps holds 176 registers,
+  not 218), the 32 tile uses none, the 128 tile at 4 warps spills."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
   tiles = [base._replace(block=base.block // 2), base._replace(block=base.block * 2)]
   return tiles if platform == "cpu" else [
-      base._replace(stages=1), base._replace(warps=base.warps * 2), base._replace(heads=2),
+      base._replace(stages=1), base._replace(warps=base.warps * 2, stages=1),
+      base._replace(warps=base.warps * 2), base._replace(heads=2),
       base._replace(heads=4), base._replace(stages=3),
       base._replace(block=base.block * 2, warps=base.warps * 2)] + tiles
 
