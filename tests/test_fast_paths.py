@@ -37,10 +37,13 @@ def full_logits_loss(hidden_BLD, head_DV, targets_BL, weights_BL):
                                 weights_BL)
 
 
-@pytest.mark.parametrize("b,l,rows", [(4, 24, step.CHUNK_ROWS), (3, 7, step.CHUNK_ROWS),
-                                      (600, 5, step.CHUNK_ROWS), (1, 2048, step.CHUNK_ROWS),
-                                      (4, 24, 8), (8, 64, 1 << 20)])
-def test_head_cross_entropy_equals_full_logits(b, l, rows):
+@pytest.mark.parametrize("b,l,rows,one_pass", [
+    (4, 24, step.CHUNK_ROWS, False), (3, 7, step.CHUNK_ROWS, False),
+    (600, 5, step.CHUNK_ROWS, False), (1, 2048, step.CHUNK_ROWS, False), (4, 24, 8, False),
+    (8, 64, 1 << 20, False), (4, 24, 8, True), (8, 64, 1 << 20, True)])
+def test_head_cross_entropy_equals_full_logits(b, l, rows, one_pass):
+  """The chunked head loss (and, `one_pass`, its softmax max and sum in one reduction: the
+  GPU's) against cross entropy on the full logits, in value and gradients."""
   d, v = 16, 50
   k = jax.random.split(jax.random.key(b * 1000 + l), 4)
   hidden = jax.random.normal(k[0], (b, l, d))
@@ -48,7 +51,7 @@ def test_head_cross_entropy_equals_full_logits(b, l, rows):
   targets = jax.random.randint(k[2], (b, l), 0, v)
   weights = (jax.random.uniform(k[3], (b, l)) < 0.7).astype(jnp.float32)
   grad = lambda f: jax.value_and_grad(lambda h, w: f(h, w, targets, weights)[0], (0, 1))
-  chunked = lambda h, w, t, m: step.head_cross_entropy(h, w, t, m, rows)
+  chunked = lambda h, w, t, m: step.head_cross_entropy(h, w, t, m, rows, one_pass)
   (ref, ref_grads), (got, got_grads) = grad(full_logits_loss)(hidden, head), grad(chunked)(
       hidden, head)
   np.testing.assert_allclose(got, ref, rtol=1e-5)

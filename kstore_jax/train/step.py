@@ -27,18 +27,39 @@ SCOPES = (HEAD_LOSS, OPTIMIZER, METRICS)
 LOSS_WEIGHT = "loss_tokens"
 
 
-def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL):
+def _max_and_sum_exp(logits_LV):
+  """(max, sum of exp(logits - max)) of each row in one pass: a variadic reduction carrying
+  both (the running sum rescaled when the max grows), so the [L, V] logits are read once for
+  the two, not twice. Its start value is the most negative finite float, not -inf (two starts
+  combined would make exp(-inf + inf))."""
+  def combine(a, b):
+    (m1, s1), (m2, s2) = a, b
+    m = jnp.maximum(m1, m2)
+    return m, s1 * jnp.exp(m1 - m) + s2 * jnp.exp(m2 - m)
+
+  start = (jnp.float32(jnp.finfo(jnp.float32).min), jnp.float32(0.0))
+  return jax.lax.reduce((logits_LV, jnp.ones_like(logits_LV)), start, combine, (1,))
+
+
+def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL, one_pass: bool = False):
   """Weighted CE sum of the output head over chunks [G, L] of positions, with its gradients
   (d hidden, d head) computed in the same pass: each chunk's logits are made, soft-maxed and
   turned into gradients while they are in cache, never written out whole. Every product is a
   2-D matmul; the head's gradient contracts the chunk's rows in place (dot_general on dim 0 of
-  both: XLA:CPU runs `h.T @ g` through a transposed copy at ~2/3 the speed)."""
+  both: XLA:CPU runs `h.T @ g` through a transposed copy at ~2/3 the speed). `one_pass`: the
+  softmax's max and sum in one reduction (`_max_and_sum_exp`; on a GPU, where a chunk's
+  logits are in memory, not in cache: one read of them less)."""
   def chunk(dhead_DV, xs):
     h_LD, t_L, w_L = xs
     logits_LV = jnp.dot(h_LD, head_DV, preferred_element_type=jnp.float32)
-    top_L1 = logits_LV.max(-1, keepdims=True)
-    e_LV = jnp.exp(logits_LV - top_L1)
-    sum_L1 = e_LV.sum(-1, keepdims=True)
+    if one_pass:
+      top_L, sum_L = _max_and_sum_exp(logits_LV)
+      top_L1, sum_L1 = top_L[:, None], sum_L[:, None]
+      e_LV = jnp.exp(logits_LV - top_L1)
+    else:
+      top_L1 = logits_LV.max(-1, keepdims=True)
+      e_LV = jnp.exp(logits_LV - top_L1)
+      sum_L1 = e_LV.sum(-1, keepdims=True)
     hit_LV = jax.lax.broadcasted_iota(jnp.int32, logits_LV.shape, 1) == t_L[:, None]
     target_L = jnp.where(hit_LV, logits_LV, 0.0).sum(-1)
     ce = ((top_L1[:, 0] + jnp.log(sum_L1[:, 0]) - target_L) * w_L).sum()
@@ -53,17 +74,18 @@ def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL):
   return ce_G.sum(), dh_GLD, dhead_DV.astype(head_DV.dtype)
 
 
-@jax.custom_vjp
-def _chunked_ce_sum(hidden_GLD, head_DV, targets_GL, weights_GL):
-  return _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_ce_sum(hidden_GLD, head_DV, targets_GL, weights_GL, one_pass):
+  return _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL, one_pass)[0]
 
 
-def _chunked_ce_fwd(hidden_GLD, head_DV, targets_GL, weights_GL):
-  ce, dh_GLD, dhead_DV = _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL)
+def _chunked_ce_fwd(hidden_GLD, head_DV, targets_GL, weights_GL, one_pass):
+  ce, dh_GLD, dhead_DV = _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL, one_pass)
   return ce, (dh_GLD, dhead_DV)
 
 
-def _chunked_ce_bwd(grads, g):
+def _chunked_ce_bwd(one_pass, grads, g):
+  del one_pass
   dh_GLD, dhead_DV = grads
   return g * dh_GLD, g * dhead_DV, None, None
 
@@ -87,20 +109,22 @@ def positions_per_chunk(b: int, l: int, rows: int) -> int:
   return k
 
 
-def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL, rows: int = CHUNK_ROWS):
+def head_cross_entropy(hidden_BLD, head_DV, targets_BL, weights_BL, rows: int = CHUNK_ROWS,
+                       one_pass: bool = False):
   """Mean next-token cross entropy of the logits `hidden_BLD @ head_DV` over positions with
   weight > 0, and the weight sum; without ever making the [B, L, V] logits: the
   positions go through the head in chunks of ~`rows` (whole batch rows times a slice of
   positions, so a batch sharded over rows stays sharded), each chunk's gradients made while
   its logits are in cache. Same value and gradients up to float summation order; at the tiny
-  CPU size the head's share of a train step falls by a third (BENCHMARKS.md)."""
+  CPU size the head's share of a train step falls by a third (BENCHMARKS.md). `one_pass`:
+  each row's softmax max and sum in one reduction (off the CPU: `_head_chunks`)."""
   b, l, d = hidden_BLD.shape
   k = positions_per_chunk(b, l, rows)
   # [B, L, ...] -> [L/k, B*k, ...]: chunk c = positions [c*k, (c+1)*k) of every row
   split = lambda x: jnp.moveaxis(x.reshape(b, l // k, k, *x.shape[2:]), 1, 0).reshape(
       l // k, b * k, *x.shape[2:])
   ce = _chunked_ce_sum(split(hidden_BLD), head_DV, split(targets_BL),
-                       split(weights_BL.astype(jnp.float32)))
+                       split(weights_BL.astype(jnp.float32)), one_pass)
   total = weights_BL.sum()
   return ce / jnp.maximum(total, 1.0), total
 
@@ -120,7 +144,8 @@ def make_lm_loss(model, merge=None):
     head_DV = transformer.head_matrix(model.cfg, effective)
     with jax.named_scope(HEAD_LOSS):
       loss, tokens = head_cross_entropy(hidden_BLD, head_DV, batch[TARGETS], batch[WEIGHTS],
-                                        chunk_rows(model.cfg.platform, head_DV.shape[-1]))
+                                        chunk_rows(model.cfg.platform, head_DV.shape[-1]),
+                                        one_pass=model.cfg.platform != "cpu")
     return loss, {LOSS_WEIGHT: tokens}
 
   return loss_fn
