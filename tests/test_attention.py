@@ -196,10 +196,10 @@ def test_impossible_combinations_are_named():
 
 
 # -- pallas_docs: the kernel that visits only the tiles its documents reach --------------------
-def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, heads=1):
+def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, heads=1, split=False):
   """flash_docs at `block`-position tiles, `heads` heads a program: output and gradients equal
   the reference's on every real (non-padding) row."""
-  launch = flash_docs.LAUNCH._replace(block=block, heads=heads)
+  launch = flash_docs.LAUNCH._replace(block=block, heads=heads, split=split)
   def f(q, k, v):
     out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, launch=launch)
     return (out * do).sum(), out
@@ -235,12 +235,13 @@ def test_flash_docs_skips_tiles_and_matches_numpy(causal):
   check_flash_docs(q, k, v, do, seg, pos, causal)
 
 
-@pytest.mark.parametrize("heads", [2, 4])
-def test_flash_docs_heads_a_program_match_numpy(heads):
+@pytest.mark.parametrize("heads,split", [(2, False), (4, False), (1, True), (2, True)])
+def test_flash_docs_heads_a_program_match_numpy(heads, split):
   """Programs of several heads each (Launch.heads) compute every head as programs of one do:
-  each head its own q, k, v, statistics and gradients (4 heads of other values per row)."""
+  each head its own q, k, v, statistics and gradients (4 heads of other values per row); the
+  backward split in two kernels (Launch.split: dk and dv, then dq) gives the same."""
   q, k, v, do, seg, pos = batch(seed=51 + heads, L=64, H=4)
-  check_flash_docs(q, k, v, do, seg, pos, True, heads=heads)
+  check_flash_docs(q, k, v, do, seg, pos, True, heads=heads, split=split)
 
 
 def test_flash_docs_heads_must_divide():
@@ -299,13 +300,15 @@ def test_flash_docs_launch_reaches_triton():
   launches on the device by them), its tile and heads a program their grid's."""
   args = [jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)] * 3 + [
       jax.ShapeDtypeStruct((2, 256), jnp.int32)]
-  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=3, heads=2)):
+  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=3, heads=2),
+                 flash_docs.Launch(warps=8, stages=1, split=True)):
+    kernels = 3 if launch.split else 2   # the forward, the backward (in two if split)
     grad = jax.grad(lambda q, k, v, seg: flash_docs.attention(
         q, k, v, seg, True, launch=launch).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     with attention.lowering_target("cuda"):
       text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count(f"num_warps = {launch.warps} : i32") == 2, launch
-    assert text.count(f"num_stages = {launch.stages} : i32") == 2, launch
+    assert text.count(f"num_warps = {launch.warps} : i32") == kernels, launch
+    assert text.count(f"num_stages = {launch.stages} : i32") == kernels, launch
     # the forward's grid: (tiles, rows, head groups)
     assert (f"grid_x = {256 // launch.block} : i32, grid_y = 2 : i32, "
             f"grid_z = {4 // launch.heads} : i32") in text

@@ -40,11 +40,15 @@ class Launch(NamedTuple):
   """How the kernels are cut and launched: `block` (Y) the query and key tile of every pass, a
   power of two; Triton's `warps` per program and software-pipelining `stages`; `heads` (G)
   the heads one program computes, one after another (a divisor of the model's: fewer,
-  longer programs, each loading its row's tile bounds and segment ids once)."""
+  longer programs, each loading its row's tile bounds and segment ids once); `split` the
+  backward pass as two kernels, dk and dv, then dq (a program's registers hold one of the
+  two loops' accumulators: fewer registers, more programs an SM; each loop recomputes its
+  probabilities either way)."""
   block: int = 64
   warps: int = 4
   stages: int = 2
   heads: int = 1
+  split: bool = False
 
 
 LAUNCH = Launch()   # the model's (H200, session 35: 1.33 ms a layer at the paper shape)
@@ -152,48 +156,52 @@ def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse
 
 
 def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
-                     do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, scale, causal,
-                     block):
+                     do_ref, lse_ref, delta_ref, *out_refs, scale, causal, block, parts):
   """Key tile t (dk, dv) and query tile t (dq) of G heads, one head after another (q_ref,
-  k_ref, v_ref, do_ref: the row's [L, G, K]; lse_ref, delta_ref: [G, L])."""
+  k_ref, v_ref, do_ref: the row's [L, G, K]; lse_ref, delta_ref: [G, L]); `parts` which:
+  "all" (out_refs dq, dk, dv), or a split backward's "kv" (dk, dv) or "q" (dq)."""
+  dq_ref, dk_ref, dv_ref = {"all": out_refs, "kv": (None, *out_refs),
+                            "q": (*out_refs, None, None)}[parts]
   t = pl.program_id(2)   # this program's key tile (dk, dv) and query tile (dq)
   K = q_ref.shape[-1]
   zeros = jnp.zeros((block, K), jnp.float32)
   own = pl.ds(t * block, block)
   seg_t_Y = seg_ref[own]
-  for g in range(_heads(dk_ref)):   # (closures as in the forward kernel)
+  for g in range(_heads(out_refs[0])):   # (closures as in the forward kernel)
 
     def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows):
       s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal)
       return jnp.exp2(s_YY - _stat(lse_ref, rows, g)[:, None])
 
-    k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
+    if dk_ref is not None:
+      k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
 
-    def into_key_tile(n, carry):
-      dk_YK, dv_YK = carry
-      rows = pl.ds(n * block, block)
-      q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
-      p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_t_Y, rows)
-      dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
-      ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, rows, g)[:, None]) * scale
-      dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
-      return dk_YK, dv_YK
+      def into_key_tile(n, carry, k_YK=k_YK, v_YK=v_YK):
+        dk_YK, dv_YK = carry
+        rows = pl.ds(n * block, block)
+        q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
+        p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_t_Y, rows)
+        dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
+        ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, rows, g)[:, None]) * scale
+        dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
+        return dk_YK, dv_YK
 
-    dk_YK, dv_YK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
-    _put(dk_ref, g, dk_YK.astype(dk_ref.dtype))
-    _put(dv_ref, g, dv_YK.astype(dv_ref.dtype))
+      dk_YK, dv_YK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
+      _put(dk_ref, g, dk_YK.astype(dk_ref.dtype))
+      _put(dv_ref, g, dv_YK.astype(dv_ref.dtype))
 
-    q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
+    if dq_ref is not None:
+      q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
 
-    def from_key_tile(m, dq_YK):
-      cols = pl.ds(m * block, block)
-      k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
-      p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own)
-      ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, own, g)[:, None]) * scale
-      return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
+      def from_key_tile(m, dq_YK, q_YK=q_YK, do_YK=do_YK):
+        cols = pl.ds(m * block, block)
+        k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
+        p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own)
+        ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, own, g)[:, None]) * scale
+        return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
 
-    _put(dq_ref, g, lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
-                                  zeros).astype(dq_ref.dtype))
+      _put(dq_ref, g, lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
+                                    zeros).astype(dq_ref.dtype))
 
 
 def _specs(L, K, block, G):
@@ -241,18 +249,25 @@ def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, 
   delta_BHL = jnp.einsum("blhk,blhk->bhl", o_BLHK.astype(jnp.float32),
                          do_BLHK.astype(jnp.float32))
   sp = _specs(L, K, block, G)
-  kernel = functools.partial(_backward_kernel, scale=scale, causal=causal,
-                             block=block)
-  return pl.pallas_call(
-      kernel, grid=(B, H // G, L // block),
-      in_specs=[sp["bwd_bound"]] * 4 + [sp["bwd_seg"]] + [sp["bwd_row"]] * 4
-      + [sp["bwd_lse"]] * 2,
-      out_specs=[sp["bwd_tile"]] * 3,
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_BLHK, k_BLHK, v_BLHK)],
-      compiler_params=plgpu.CompilerParams(num_warps=launch.warps,
-                                           num_stages=launch.stages),
-      interpret=interpret, name="flash_docs_backward",
-  )(*bounds, seg_BL, q_BLHK, k_BLHK, v_BLHK, do_BLHK, lse_BHL, delta_BHL)
+
+  def call(parts, outs, name):
+    kernel = functools.partial(_backward_kernel, scale=scale, causal=causal, block=block,
+                               parts=parts)
+    return pl.pallas_call(
+        kernel, grid=(B, H // G, L // block),
+        in_specs=[sp["bwd_bound"]] * 4 + [sp["bwd_seg"]] + [sp["bwd_row"]] * 4
+        + [sp["bwd_lse"]] * 2,
+        out_specs=[sp["bwd_tile"]] * len(outs),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+        compiler_params=plgpu.CompilerParams(num_warps=launch.warps,
+                                             num_stages=launch.stages),
+        interpret=interpret, name=name,
+    )(*bounds, seg_BL, q_BLHK, k_BLHK, v_BLHK, do_BLHK, lse_BHL, delta_BHL)
+
+  if not launch.split:
+    return call("all", (q_BLHK, k_BLHK, v_BLHK), "flash_docs_backward")
+  dk, dv = call("kv", (k_BLHK, v_BLHK), "flash_docs_backward_kv")
+  return call("q", (q_BLHK,), "flash_docs_backward_q")[0], dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

@@ -686,8 +686,9 @@ def roofline_builds(exp, dump: str, names: list[str], ctx: dict) -> Iterator[dic
     with attention.lowering_target("cuda", exp.mesh):
       jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg).lower().compile(
           compiler_options={"xla_dump_to": dump})
-    for name, facts in aot.kernel_builds(dump, ("flash_docs_forward",
-                                                "flash_docs_backward")).items():
+    for name, facts in aot.kernel_builds(dump, ("flash_docs_forward", "flash_docs_backward",
+                                                "flash_docs_backward_kv",
+                                                "flash_docs_backward_q")).items():
       yield measurement("roofline_build", facts.get("registers"), "registers", kernel=name,
                         launch=launch_suffix(launch).lstrip("_"), **facts, **ctx)
     shutil.rmtree(dump)
@@ -728,17 +729,21 @@ def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
 def pallas_docs_launches(platform: str):
   """bench attention's other launches of pallas_docs beside the model's (flash_docs.LAUNCH),
   the likeliest first (a deadline may cut the list): one pipeline stage, alone and with twice
-  the warps, twice the warps, 2 and 4 heads a program, three stages, the tile doubled with
-  twice the warps, the tile halved and doubled; on a CPU (interpret mode, where Triton's
-  parameters mean nothing) the tiles alone. The order is from their H200 builds read here
-  (BENCHMARKS.md, "Registers of the attention kernels"): one stage is what keeps ptxas from
-  serialising the backward's Hopper matrix instructions (and at 8 warps holds 176 registers,
-  not 218), the 32 tile uses none, the 128 tile at 4 warps spills."""
+  the warps, that with the backward split in two kernels and the split alone, twice the
+  warps, 2 and 4 heads a program, three stages, the tile doubled with twice the warps, the
+  tile halved and doubled; on a CPU (interpret mode, where Triton's parameters mean nothing)
+  the tiles and the split. The order is from their H200 builds read here (BENCHMARKS.md,
+  "Registers of the attention kernels"): one stage is what keeps ptxas from serialising the
+  backward's Hopper matrix instructions (and at 8 warps holds 176 registers, not 218; split,
+  174 and 122), the 32 tile uses none, the 128 tile at 4 warps spills."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
   tiles = [base._replace(block=base.block // 2), base._replace(block=base.block * 2)]
-  return tiles if platform == "cpu" else [
+  if platform == "cpu":
+    return tiles + [base._replace(split=True)]
+  return [
       base._replace(stages=1), base._replace(warps=base.warps * 2, stages=1),
+      base._replace(warps=base.warps * 2, stages=1, split=True), base._replace(split=True),
       base._replace(warps=base.warps * 2), base._replace(heads=2),
       base._replace(heads=4), base._replace(stages=3),
       base._replace(block=base.block * 2, warps=base.warps * 2)] + tiles
@@ -746,11 +751,11 @@ def pallas_docs_launches(platform: str):
 
 def launch_suffix(launch) -> str:
   """A pallas_docs launch's name suffix: what differs from the model's (`_t32`, `_w8s3`,
-  `_h2`)."""
+  `_h2`, `_w8s1_split`)."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
-  return "_" + "".join(f"{tag}{new}" for tag, new, old in zip("twsh", launch, base)
-                       if new != old)
+  numbers = "".join(f"{tag}{new}" for tag, new, old in zip("twsh", launch, base) if new != old)
+  return "_" + "_".join(p for p in (numbers, "split" if launch.split else "") if p)
 
 
 def bench_attention(cfg) -> Iterator[dict]:
