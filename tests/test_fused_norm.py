@@ -95,6 +95,28 @@ def test_gradients_equal_autodiff(case, uses_sum):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=f"argument {i}")
 
 
+@pytest.mark.parametrize("used", [(True, True, True), (True, False, True)])
+def test_copies_sum_their_cotangents(used):
+  """copies=3 (attention's query, key and value projections each read its own copy): the
+  copies are the rows, and every input's gradient is autodiff's of the rows used three times,
+  the cotangents summed in the kernel; an unused copy (a symbolic zero) adds nothing."""
+  args = inputs(seed=5)
+  w = jax.random.normal(jax.random.key(11), (3, *args[0].shape))
+
+  def loss(ys):
+    return sum((y * w[i]).sum() for i, y in enumerate(ys) if used[i])
+
+  fused = lambda *a: loss(fused_norm.add_norm(*a, EPS, interpret=True, launch=LAUNCH,
+                                              copies=3)[1])
+  want = jax.grad(lambda *a: loss((plain(*a)[1],) * 3), argnums=(0, 1, 2, 3, 4))(*args)
+  got = jax.grad(fused, argnums=(0, 1, 2, 3, 4))(*args)
+  for i, g, r in zip(range(5), got, want):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=f"argument {i}")
+  s, ys = fused_norm.add_norm(*args, EPS, interpret=True, launch=LAUNCH, copies=3)
+  assert len(ys) == 3 and all(np.array_equal(y, ys[0]) for y in ys)
+  np.testing.assert_allclose(ys[0], reference(*args)[1], rtol=1e-5, atol=1e-5)
+
+
 def test_chunks_of_a_row_that_is_not_a_power_of_two():
   """D = 768 (the paper's width) is read in 3 chunks of 256: the chunk is the largest power of
   two dividing D, and the statistics span the whole row."""

@@ -330,17 +330,18 @@ def per_shard(kernel, q_BLHK, k_BLHK, v_BLHK, seg_BL):
 
 
 def per_shard_rows(kernel, rows, whole):
-  """kernel(*rows, *whole) -> a tuple of arrays shaped like rows[0], run by each device on its
+  """kernel(*rows, *whole) -> a tree of arrays shaped like rows[0], run by each device on its
   rows (the leading dim of each of `rows`, [B, ...]; None entries pass through) with every
   one of `whole` (vectors: a norm's params) where the mesh of `on_mesh` has several devices:
   the kernel never mixes rows. A gradient of a `whole` argument is each device's sum over its
   rows, added up over the devices."""
   B = rows[0].shape[0]
-  n_out = len(jax.eval_shape(kernel, *rows, *whole))
+  out = jax.eval_shape(kernel, *rows, *whole)
 
   def specs(split):
     row = jax.sharding.PartitionSpec(split(ROW_AXES, B))
-    return (*[row] * len(rows), *[jax.sharding.PartitionSpec()] * len(whole), (row,) * n_out)
+    return (*[row] * len(rows), *[jax.sharding.PartitionSpec()] * len(whole),
+            jax.tree.map(lambda _: row, out))
 
   return _shard_map(kernel, (*rows, *whole), specs)
 

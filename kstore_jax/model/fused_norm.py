@@ -90,11 +90,13 @@ def _forward_kernel(*refs, has_h, has_hb, rms, eps):
   rstd_ref[...] = rstd
 
 
-def _backward_kernel(*refs, has_ds, has_hb, rms):
+def _backward_kernel(*refs, n_dy, has_ds, has_hb, rms):
   """Rows [i R, (i + 1) R): the sum's whole cotangent ds + norm'(dy), and this program's
-  column sums of dy * s_hat (scale), dy (shift) and the sum's cotangent (the product's bias)."""
+  column sums of dy * s_hat (scale), dy (shift) and the sum's cotangent (the product's bias);
+  dy the sum of the n_dy cotangents of the normalised rows' copies."""
   it = iter(refs)
-  s_ref, dy_ref = next(it), next(it)
+  s_ref = next(it)
+  dy_refs = [next(it) for _ in range(n_dy)]
   ds_ref = next(it) if has_ds else None
   mean_ref, rstd_ref, scale_ref, dsum_ref, dscale_ref = (next(it) for _ in range(5))
   dshift_ref = None if rms else next(it)
@@ -106,7 +108,7 @@ def _backward_kernel(*refs, has_ds, has_hb, rms):
   def chunk(c):
     cols = pl.ds(c * P, P)
     s_hat = (s_ref[:, cols].astype(jnp.float32) - mean[:, None]) * rstd[:, None]
-    dy = dy_ref[:, cols].astype(jnp.float32)
+    dy = sum(dy_ref[:, cols].astype(jnp.float32) for dy_ref in dy_refs)
     return cols, s_hat, dy, dy * scale_ref[cols].astype(jnp.float32)[None, :]
 
   g_mean = jnp.zeros_like(mean)       # mean over the row of g = dy * scale
@@ -160,45 +162,47 @@ def _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
                interpret)
 
 
-def _backward(s_ZD, dy_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, has_hb, rms, interpret, launch):
+def _backward(s_ZD, dys_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, has_hb, rms, interpret, launch):
   Z, D = s_ZD.shape
-  present = [(a, k) for a, k in [(s_ZD, "row"), (dy_ZD, "row"), (ds_ZD, "row"),
-                                 (mean_Z, "stat"), (rstd_Z, "stat"), (scale_D, "col")]
+  present = [(a, k) for a, k in [(s_ZD, "row"), *((dy, "row") for dy in dys_ZD),
+                                 (ds_ZD, "row"), (mean_Z, "stat"), (rstd_Z, "stat"),
+                                 (scale_D, "col")]
              if a is not None]
   parts = 1 + (not rms) + has_hb
-  kernel = functools.partial(_backward_kernel, has_ds=ds_ZD is not None, has_hb=has_hb,
-                             rms=rms)
+  kernel = functools.partial(_backward_kernel, n_dy=len(dys_ZD), has_ds=ds_ZD is not None,
+                             has_hb=has_hb, rms=rms)
   out = _call(kernel, "add_norm_backward", launch, Z, D, [a for a, _ in present],
               [k for _, k in present],
               [("row", s_ZD.dtype)] + [("part", jnp.float32)] * parts, interpret)
   return out[0], [p.sum(0) for p in out[1:]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch, copies):
   s_ZD, y_ZD, _, _ = _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch)
-  return s_ZD, y_ZD
+  return s_ZD, (y_ZD,) * copies
 
 
-def _add_norm_fwd(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
+def _add_norm_fwd(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch, copies):
   # (symbolic_zeros: each differentiable argument comes as a CustomVJPPrimal)
   x_ZD, h_ZD, hb_D, scale_D, shift_D = (None if a is None else a.value
                                         for a in (x_ZD, h_ZD, hb_D, scale_D, shift_D))
   s_ZD, y_ZD, mean_Z, rstd_Z = _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms,
                                         interpret, launch)
-  return (s_ZD, y_ZD), (s_ZD, mean_Z, rstd_Z, scale_D, h_ZD is not None, hb_D, shift_D)
+  return (s_ZD, (y_ZD,) * copies), (s_ZD, mean_Z, rstd_Z, scale_D, h_ZD is not None, hb_D,
+                                    shift_D)
 
 
-def _add_norm_bwd(eps, rms, interpret, launch, res, cotangents):
+def _add_norm_bwd(eps, rms, interpret, launch, copies, res, cotangents):
   """The sum's cotangent may be a symbolic zero (the last norm's sum feeds nothing else): the
-  kernel then reads none."""
-  del eps
+  kernel then reads none; the copies' cotangents are summed in the kernel, not by XLA."""
+  del eps, copies
   s_ZD, mean_Z, rstd_Z, scale_D, has_h, hb_D, shift_D = res
-  ds_ZD, dy_ZD = (None if isinstance(c, jax.custom_derivatives.SymbolicZero)
-                  else c.astype(s_ZD.dtype) for c in cotangents)
-  if dy_ZD is None:
-    dy_ZD = jnp.zeros_like(s_ZD)
-  dsum_ZD, parts = _backward(s_ZD, dy_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, hb_D is not None,
+  nonzero = lambda c: not isinstance(c, jax.custom_derivatives.SymbolicZero)
+  ds_ZD, dys_ZD = cotangents
+  ds_ZD = ds_ZD.astype(s_ZD.dtype) if nonzero(ds_ZD) else None
+  dys_ZD = [dy.astype(s_ZD.dtype) for dy in dys_ZD if nonzero(dy)] or [jnp.zeros_like(s_ZD)]
+  dsum_ZD, parts = _backward(s_ZD, dys_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, hb_D is not None,
                              rms, interpret, launch)
   parts = iter(parts)
   dscale = next(parts).astype(scale_D.dtype)
@@ -211,16 +215,22 @@ _add_norm.defvjp(_add_norm_fwd, _add_norm_bwd, symbolic_zeros=True)
 
 
 def add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps: float, interpret: bool = False,
-             launch: Launch = LAUNCH) -> tuple[jax.Array, jax.Array]:
+             launch: Launch = LAUNCH, copies: int = 1):
   """(s, y): s = x + h + hb in x's dtype (h, hb: None for none), y = LayerNorm(s) * scale +
   shift in x's dtype (shift None: RMSNorm, s * rsqrt(mean(s^2) + eps) * scale); [Z, D] rows
   (a Z that `launch.rows` does not divide is padded with zero rows); `interpret` runs the
-  kernels as plain jax ops (CPU tests)."""
+  kernels as plain jax ops (CPU tests). `copies` > 1: y is a tuple of that many copies of
+  the rows (one buffer), each for one consumer (attention's query, key and value
+  projections), whose cotangents the backward kernel sums as it reads them: XLA's sum of
+  the consumers' input gradients would read them all and write one more [Z, D] array."""
   Z = x_ZD.shape[0]
   pad = -Z % launch.rows
   if pad:
     rows = lambda a: None if a is None else jnp.pad(a, ((0, pad), (0, 0)))
-    s_ZD, y_ZD = add_norm(rows(x_ZD), rows(h_ZD), hb_D, scale_D, shift_D, eps, interpret,
-                          launch)
-    return s_ZD[:Z], y_ZD[:Z]
-  return _add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, shift_D is None, interpret, launch)
+    s_ZD, ys_ZD = add_norm(rows(x_ZD), rows(h_ZD), hb_D, scale_D, shift_D, eps, interpret,
+                           launch, copies)
+    ys_ZD = tuple(y[:Z] for y in ys_ZD) if copies > 1 else ys_ZD[:Z]
+    return s_ZD[:Z], ys_ZD
+  s_ZD, ys_ZD = _add_norm(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, shift_D is None, interpret,
+                          launch, copies)
+  return s_ZD, ys_ZD if copies > 1 else ys_ZD[0]

@@ -150,8 +150,10 @@ class AddNorm(nn.Module):
   when the projection left it: `Proj.defer_bias`), and s normalised (GPT-2: LayerNorm; Llama:
   RMSNorm) in the compute dtype. h and hb None: s is x. `cfg.norm` pallas: one kernel
   (fused_norm.py), run per shard on a mesh of several devices; xla: the add, then flax's
-  norm."""
+  norm. `copies` > 1: y as a tuple of that many copies, one for each consumer (the kernel
+  sums their cotangents: `fused_norm.add_norm`)."""
   cfg: ModelConfig
+  copies: int = 1
 
   @nn.compact
   def __call__(self, x_BLD, h_BLD=None, hb_D=None):
@@ -159,19 +161,21 @@ class AddNorm(nn.Module):
     if cfg.norm == "xla":
       s_BLD = x_BLD if h_BLD is None else x_BLD + (h_BLD if hb_D is None else h_BLD + hb_D)
       if cfg.block == "llama":
-        return s_BLD, nn.RMSNorm(dtype=dtype,
-                                 scale_init=_init(nn.initializers.ones, "embed"))(s_BLD)
-      return s_BLD, nn.LayerNorm(dtype=dtype, scale_init=_init(nn.initializers.ones, "embed"),
-                                 bias_init=_init(nn.initializers.zeros, "embed"))(s_BLD)
+        y_BLD = nn.RMSNorm(dtype=dtype, scale_init=_init(nn.initializers.ones, "embed"))(s_BLD)
+      else:
+        y_BLD = nn.LayerNorm(dtype=dtype, scale_init=_init(nn.initializers.ones, "embed"),
+                             bias_init=_init(nn.initializers.zeros, "embed"))(s_BLD)
+      return s_BLD, (y_BLD,) * self.copies if self.copies > 1 else y_BLD
     from kstore_jax.model import fused_norm   # Pallas: imported where it runs
     kind = "RMSNorm_0" if cfg.block == "llama" else "LayerNorm_0"
     scale_D, shift_D = NormParams(cfg.block, name=kind)(x_BLD.shape[-1])
 
     def kernel(x_BLD, h_BLD, hb_D, scale_D, shift_D):   # (a shard's rows on a mesh)
       flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
-      s_ZD, y_ZD = fused_norm.add_norm(flat(x_BLD), flat(h_BLD), hb_D, scale_D, shift_D,
-                                       1e-6, interpret=cfg.platform == "cpu")
-      return s_ZD.reshape(x_BLD.shape), y_ZD.reshape(x_BLD.shape)
+      s_ZD, ys_ZD = fused_norm.add_norm(flat(x_BLD), flat(h_BLD), hb_D, scale_D, shift_D,
+                                        1e-6, interpret=cfg.platform == "cpu",
+                                        copies=self.copies)
+      return jax.tree.map(lambda a: a.reshape(x_BLD.shape), (s_ZD, ys_ZD))
 
     return attention_lib.per_shard_rows(kernel, (x_BLD, h_BLD), (hb_D, scale_D, shift_D))
 
@@ -258,21 +262,24 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
+    """x_BLD: the normalised rows, or a tuple of three copies of them, one for each of the
+    query, key and value projections (`AddNorm.copies`: their cotangents kept apart)."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     bias = cfg.block == "gpt2"
+    xq_BLD, xk_BLD, xv_BLD = x_BLD if isinstance(x_BLD, tuple) else (x_BLD,) * 3
     proj = lambda name, defer=False: Proj((cfg.d_model, cfg.num_heads, cfg.head_dim),
                                           ("embed", "heads", "kv"), 2, bias, 0.02, dtype,
                                           cfg.platform, defer_bias=defer, name=name)
-    q_BLHK, k_BLHK = proj("query")(x_BLD), proj("key")(x_BLD)
+    q_BLHK, k_BLHK = proj("query")(xq_BLD), proj("key")(xk_BLD)
     # Off the CPU the values' bias is not added to every value: a query's weights sum to 1, so
     # attention passes the bias through to each output unchanged, and the out projection maps
     # it to a constant, added with the out projection's own bias (in the norm after: Block).
     # One [T, D] pass less forward and one bias-gradient reduction less backward, 1.3% of the
     # paper step's floor on a GPU (BENCHMARKS.md "The step's floor"); the CPU keeps its model.
     fold = bias and cfg.platform != "cpu"
-    v_BLHK, v_bias_HK = proj("value", defer=True)(x_BLD) if fold else (proj("value")(x_BLD),
-                                                                        None)
+    v_BLHK, v_bias_HK = proj("value", defer=True)(xv_BLD) if fold else (proj("value")(xv_BLD),
+                                                                         None)
     q_BLHK = rotary(q_BLHK, rot, cfg.rotary_dim)
     k_BLHK = rotary(k_BLHK, rot, cfg.rotary_dim)
     if cache is None:
@@ -336,9 +343,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, stream, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
-    x_BLD, y_BLD = AddNorm(self.cfg, name="ln1")(*stream)
+    # three copies of the normalised rows, one for each of attention's input projections: the
+    # fused norm's backward sums their input gradients as it reads them (3% of the floor's
+    # memory-bound time less than XLA's own sum: BENCHMARKS.md "Less memory traffic")
+    x_BLD, ys_BLD = AddNorm(self.cfg, copies=3, name="ln1")(*stream)
     h_BLD, hb_D, new_cache = Attention(self.cfg, name="attn")(
-        y_BLD, positions_BL, segment_ids_BL, rot, cache, layer)
+        ys_BLD, positions_BL, segment_ids_BL, rot, cache, layer)
     x_BLD, y_BLD = AddNorm(self.cfg, name="ln2")(x_BLD, h_BLD, hb_D)
     h_BLD, hb_D = Mlp(self.cfg, name="mlp")(y_BLD)
     return (x_BLD, h_BLD, hb_D), new_cache
