@@ -344,8 +344,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, stream, positions_BL, segment_ids_BL, rot, cache=None, layer=0):
     # three copies of the normalised rows, one for each of attention's input projections: the
-    # fused norm's backward sums their input gradients as it reads them (3% of the floor's
-    # memory-bound time less than XLA's own sum: BENCHMARKS.md "Less memory traffic")
+    # fused norm's backward sums their input gradients as it reads them, instead of XLA's sum
+    # writing one more [T, D] array (0.9% of the paper step's floor on a GPU: BENCHMARKS.md
+    # "Less memory traffic")
     x_BLD, ys_BLD = AddNorm(self.cfg, copies=3, name="ln1")(*stream)
     h_BLD, hb_D, new_cache = Attention(self.cfg, name="attn")(
         ys_BLD, positions_BL, segment_ids_BL, rot, cache, layer)
