@@ -176,7 +176,7 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
     if dk_ref is not None:
       k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
 
-      def into_key_tile(n, carry, k_YK=k_YK, v_YK=v_YK):
+      def into_key_tile(n, carry):
         dk_YK, dv_YK = carry
         rows = pl.ds(n * block, block)
         q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
@@ -193,7 +193,7 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
     if dq_ref is not None:
       q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
 
-      def from_key_tile(m, dq_YK, q_YK=q_YK, do_YK=do_YK):
+      def from_key_tile(m, dq_YK):
         cols = pl.ds(m * block, block)
         k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
         p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own)

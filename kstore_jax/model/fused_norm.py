@@ -36,9 +36,10 @@ class Launch(NamedTuple):
   warps: int = 16
 
 
-# the model's: read from ptxas at the paper's D = 768 (BENCHMARKS.md, session 39), 64
-# registers forward and 126 backward, no spills; 8 warps took 128 and 245 (one 256-thread
-# program an SM in the backward); 16 rows at 8 warps 87 and 126, but twice the column sums
+# the model's: read from ptxas at the paper's D = 768 (BENCHMARKS.md, session 39), 60
+# registers forward and 115 backward in the paper step, no spills; 8 warps took 98 and 247
+# (one 256-thread program an SM in the backward); 16 rows at 8 warps fewer, but twice the
+# column sums
 LAUNCH = Launch()
 
 
@@ -132,10 +133,12 @@ def _backward_kernel(*refs, n_dy, has_ds, has_hb, rms):
       dhb_ref[cols] = ds.sum(0)
 
 
-def _call(kernel, name, launch, Z, D, inputs, in_kinds, outputs, interpret):
-  """pallas_call over Z / rows programs; `in_kinds`/`outputs` say each array's block: 'row'
-  ([rows, D] of a [Z, D] array), 'col' (a whole [D] vector), 'stat' ([rows] of a [Z]
-  vector), 'part' (program i's [D] row of a [Z / rows, D] array)."""
+def _call(kernel, name, launch, Z, D, inputs, outputs, interpret):
+  """pallas_call over Z / rows programs of `inputs`, (array or None, kind) pairs (a None array
+  is left out: the kernel is told which are there), and `outputs`, (kind, dtype) pairs; a
+  kind is an array's block: 'row' ([rows, D] of a [Z, D] array), 'col' (a whole [D] vector),
+  'stat' ([rows] of a [Z] vector), 'part' (program i's [D] row of a [Z / rows, D] array)."""
+  inputs = [(a, k) for a, k in inputs if a is not None]
   R = launch.rows
   spec = {"row": pl.BlockSpec((R, D), lambda i: (i, 0)),
           "col": pl.BlockSpec((D,), lambda i: (0,)),
@@ -143,36 +146,32 @@ def _call(kernel, name, launch, Z, D, inputs, in_kinds, outputs, interpret):
           "part": pl.BlockSpec((None, D), lambda i: (i, 0))}
   shape = {"row": (Z, D), "stat": (Z,), "part": (Z // R, D)}
   return pl.pallas_call(
-      kernel, grid=(Z // R,), in_specs=[spec[k] for k in in_kinds],
+      kernel, grid=(Z // R,), in_specs=[spec[k] for _, k in inputs],
       out_specs=[spec[k] for k, _ in outputs],
       out_shape=[jax.ShapeDtypeStruct(shape[k], dt) for k, dt in outputs],
       compiler_params=plgpu.CompilerParams(num_warps=launch.warps, num_stages=1),
-      interpret=interpret, name=name)(*inputs)
+      interpret=interpret, name=name)(*(a for a, _ in inputs))
 
 
 def _forward(x_ZD, h_ZD, hb_D, scale_D, shift_D, eps, rms, interpret, launch):
   Z, D = x_ZD.shape
-  present = [(x_ZD, "row"), (h_ZD, "row"), (hb_D, "col"), (scale_D, "col"), (shift_D, "col")]
-  present = [(a, k) for a, k in present if a is not None]
   kernel = functools.partial(_forward_kernel, has_h=h_ZD is not None,
                              has_hb=hb_D is not None, rms=rms, eps=eps)
-  return _call(kernel, "add_norm_forward", launch, Z, D, [a for a, _ in present],
-               [k for _, k in present], [("row", x_ZD.dtype), ("row", x_ZD.dtype),
-                                         ("stat", jnp.float32), ("stat", jnp.float32)],
-               interpret)
+  return _call(kernel, "add_norm_forward", launch, Z, D,
+               [(x_ZD, "row"), (h_ZD, "row"), (hb_D, "col"), (scale_D, "col"),
+                (shift_D, "col")],
+               [("row", x_ZD.dtype), ("row", x_ZD.dtype), ("stat", jnp.float32),
+                ("stat", jnp.float32)], interpret)
 
 
 def _backward(s_ZD, dys_ZD, ds_ZD, mean_Z, rstd_Z, scale_D, has_hb, rms, interpret, launch):
   Z, D = s_ZD.shape
-  present = [(a, k) for a, k in [(s_ZD, "row"), *((dy, "row") for dy in dys_ZD),
-                                 (ds_ZD, "row"), (mean_Z, "stat"), (rstd_Z, "stat"),
-                                 (scale_D, "col")]
-             if a is not None]
   parts = 1 + (not rms) + has_hb
   kernel = functools.partial(_backward_kernel, n_dy=len(dys_ZD), has_ds=ds_ZD is not None,
                              has_hb=has_hb, rms=rms)
-  out = _call(kernel, "add_norm_backward", launch, Z, D, [a for a, _ in present],
-              [k for _, k in present],
+  out = _call(kernel, "add_norm_backward", launch, Z, D,
+              [(s_ZD, "row"), *((dy, "row") for dy in dys_ZD), (ds_ZD, "row"),
+               (mean_Z, "stat"), (rstd_Z, "stat"), (scale_D, "col")],
               [("row", s_ZD.dtype)] + [("part", jnp.float32)] * parts, interpret)
   return out[0], [p.sum(0) for p in out[1:]]
 

@@ -54,12 +54,11 @@ def _head_chunks(hidden_GLD, head_DV, targets_GL, weights_GL, one_pass: bool = F
     logits_LV = jnp.dot(h_LD, head_DV, preferred_element_type=jnp.float32)
     if one_pass:
       top_L, sum_L = _max_and_sum_exp(logits_LV)
-      top_L1, sum_L1 = top_L[:, None], sum_L[:, None]
-      e_LV = jnp.exp(logits_LV - top_L1)
+      top_L1 = top_L[:, None]
     else:
       top_L1 = logits_LV.max(-1, keepdims=True)
-      e_LV = jnp.exp(logits_LV - top_L1)
-      sum_L1 = e_LV.sum(-1, keepdims=True)
+    e_LV = jnp.exp(logits_LV - top_L1)
+    sum_L1 = sum_L[:, None] if one_pass else e_LV.sum(-1, keepdims=True)
     hit_LV = jax.lax.broadcasted_iota(jnp.int32, logits_LV.shape, 1) == t_L[:, None]
     target_L = jnp.where(hit_LV, logits_LV, 0.0).sum(-1)
     ce = ((top_L1[:, 0] + jnp.log(sum_L1[:, 0]) - target_L) * w_L).sum()
