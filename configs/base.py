@@ -210,6 +210,11 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       # batch; `small` on a 2-core CPU at 32: peak 4.5-6.2 GB instead of 7.5, the same step
       # time: BENCHMARKS.md)
       microbatch_rows=0,
+      # the device memory a step may use, GB a device (0: the device's own: a GPU's or TPU's
+      # allocator limit, a CPU device's share of the machine's RAM): a step that needs more is
+      # refused in one line before it runs; a grid cuts its cohorts to what fits in 90% of it
+      # (kstore_jax/train/memory.py)
+      memory_gb=0.0,
       # jax's persistent compilation cache ('' = off): a rerun loads what it compiled before
       compile_cache="~/.cache/kstore_jax/jax",
       # the generated world's tokenizer, trained once per vocabulary size and kept under a hash

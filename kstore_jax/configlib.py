@@ -325,6 +325,8 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   for k in ("log_every", "save_every", "keep_checkpoints"):
     _require(cfg.train[k] >= 1, f"train.{k}={cfg.train[k]} must be >= 1")
   _require(cfg.train.eval_people >= 0, f"train.eval_people={cfg.train.eval_people} must be >= 0")
+  _require(cfg.train.memory_gb >= 0,
+           f"train.memory_gb={cfg.train.memory_gb} must be >= 0 (0: the device's memory)")
   _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
   _require(cfg.eval.max_people >= 0,
            f"eval.max_people={cfg.eval.max_people} must be >= 0 (0: everyone)")

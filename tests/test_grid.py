@@ -8,6 +8,7 @@ columns.
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_pa
     (["--runs=single,nobody"], "--runs: 'nobody' is not a run of the grid"),
     (["--runs="], "--runs= names no run"),
     (["--config.eval.batch_size=0"], "run 'single': eval.batch_size=0 must be >= 1"),
+    (["--config.train.memory_gb=-1"], "run 'single': train.memory_gb=-1.0 must be >= 0"),
 ])
 def test_bad_grid_is_one_line_and_writes_nothing(four, env, tmp_path, extra, message):
   wd = tmp_path / "bad"
@@ -337,6 +339,30 @@ def test_a_run_behind_catches_up_in_the_whole_cohort(trained, four, env, tmp_pat
     assert [tuple(x[k] for k in DETERMINISTIC) for x in got] == [
         tuple(x[k] for k in DETERMINISTIC) for x in want], row
     assert (wd / row / "pretrain/final").is_dir()
+
+
+def test_cohorts_fit_the_memory_a_device_may_use(trained, four, env, tmp_path):
+  """A step that needs more memory a device than train.memory_gb (or the device) allows is
+  refused in one line before it trains, nothing saved; with room for one run's step but not
+  two (the refusal's own count of one run's need, x 1.5: the cohort fit allows 90% of the
+  budget), the grid trains its runs one a step, each with main's numbers."""
+  _, solo = trained
+  wd = tmp_path / "fit"
+  pick = f"--runs={','.join(SOLO)}"
+  r = run(grid_cmd(four, wd, pick, "--config.train.memory_gb=0.000001"), env())
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "the pretrain step needs " in lines[0], r.stderr
+  assert "more than the 1e-06 GB of train.memory_gb=1e-06" in lines[0], lines[0]
+  assert not list(wd.rglob("checkpoints/*")) and not list(wd.rglob("final"))
+  need = float(re.search(r"needs ([0-9.e+-]+) GB", lines[0]).group(1))
+  r = ok(run(grid_cmd(four, wd, pick, f"--config.train.memory_gb={need * 1.5:.6g}"), env()))
+  assert re.search(r"\(2 runs: [0-9.e+-]+ GB, 1 run: [0-9.e+-]+ GB\) against .*: 1 run\(s\) a "
+                   r"step", r.stdout), r.stdout[-2000:]
+  assert "2 run(s) in one step" not in r.stdout
+  for row, solo_wd in solo.items():
+    assert f"1 run(s) in one step (run axis replicated): {row}" in r.stdout
+    assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))
 
 
 def test_bench_grid_times_both_modes(four, env):

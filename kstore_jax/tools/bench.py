@@ -586,7 +586,7 @@ def bench_roofline(cfg) -> Iterator[dict]:
   from kstore_jax import experiment
   from kstore_jax.data import tokenizer
   from kstore_jax.model import attention
-  from kstore_jax.train import aot, loop, roofline, sharding
+  from kstore_jax.train import aot, loop, memory, roofline, sharding
   target, platform = ROOFLINE_TARGET.value, aot.platform(ROOFLINE_TARGET.value)
   try:   # the config's mesh over n GPUs of one host (data parallel by default), or a slice
     n = aot.device_count(target, ROOFLINE_DEVICES.value)
@@ -608,7 +608,6 @@ def bench_roofline(cfg) -> Iterator[dict]:
     compiled = loop.traced_step(spec, mesh, cfg.seed, runs=runs).lower().compile(
         compiler_options={"xla_dump_to": dump} if builds else None)
   compile_s, text = time.perf_counter() - start, compiled.as_text()
-  memory = compiled.memory_analysis()   # a device's buffers: does the step fit?
   ceil = aot.CEILINGS[target]
   flops_s, bytes_s = ceil["flops_per_s"], ceil["bytes_per_s"]
   ks = roofline.kernels(text)
@@ -633,8 +632,7 @@ def bench_roofline(cfg) -> Iterator[dict]:
       collective_gbytes=round(sum(k.runs * k.bytes for k in ks if k.kind == "collective")
                               / 1e9, 3),
       compile_s=round(compile_s, 1),
-      device_gbytes=round((memory.argument_size_in_bytes + memory.output_size_in_bytes
-                           - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 1e9, 3),
+      device_gbytes=round(memory.step_bytes(compiled) / 1e9, 3),   # does the step fit?
       **ctx)
   share = lambda t: round(t / floor, 4)
   for key, of in (("kind", lambda k: k.kind), ("scope", roofline.scope)):

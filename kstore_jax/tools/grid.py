@@ -103,6 +103,7 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
     # the stages of its step group go together (pretrain beside pretrain_mixed)
     names = [n for n, s in nexts.items() if base.step_group(s) == base.step_group(stage)]
     cohorts: dict[tuple, list] = {}
+    shapes = {}   # cohort key -> its first run's member, abstract (the memory fit's)
     if stage in base.TRAINED_STAGES:
       for n in names:
         if exps[n].done(nexts[n]):
@@ -110,10 +111,15 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
           continue
         # keyed on shapes: a run's base model (finetune, probes) is loaded when its cohort
         # trains, not every run's at once
-        cohorts.setdefault(exps[n].member(nexts[n], n, abstract=True)[1], []).append(n)
-    for group in cohorts.values():
-      for i in range(0, len(group), max_runs):
-        part = group[i:i + max_runs]
+        member, key = exps[n].member(nexts[n], n, abstract=True)
+        cohorts.setdefault(key, []).append(n)
+        shapes.setdefault(key, member)
+    for key, group in cohorts.items():
+      size = min(max_runs, len(group))
+      if size > 1 and stage in base.TRAIN_STAGES:   # (probe steps are small)
+        size = fit_cohort(exps[group[0]], shapes[key], size, run_axis)
+      for i in range(0, len(group), size):
+        part = group[i:i + size]
         first = exps[part[0]]
         axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
         stages = ", ".join(dict.fromkeys(nexts[n] for n in part))
@@ -144,6 +150,24 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
   if diverged:
     raise loop.NonFiniteLoss(f"run(s) {', '.join(diverged)} stopped on a non-finite loss; "
                              "every other run finished", diverged)
+
+
+def fit_cohort(exp, member, wanted: int, run_axis: str) -> int:
+  """The most runs, at most `wanted`, that `member`'s stage trains in one step within
+  memory.FIT_SHARE of what a device may hold (train.memory_gb or the device's:
+  loop.fit_runs); `wanted` where the platform does not say."""
+  from kstore_jax.train import loop, memory
+  budget = memory.budget_bytes(exp.cfg.train.memory_gb, exp.mesh)
+  if budget is None:
+    return wanted
+  allowed = int(budget * memory.FIT_SHARE)
+  runs, tried = loop.fit_runs(member.spec, exp.mesh, exp.cfg.seed, wanted, run_axis, allowed)
+  if runs < wanted:
+    needs = ", ".join(f"{r} run{'s' * (r > 1)}: {memory.gb(b)}" for r, b in tried)
+    print(f"[grid] {member.spec.name}: a step's memory a device ({needs}) against "
+          f"{memory.gb(allowed)} ({int(memory.FIT_SHARE * 100)}% of "
+          f"{memory.gb(budget)}): {runs} run(s) a step", flush=True)
+  return runs
 
 
 def eval_cohorts(exps: dict, names: list[str], max_runs: int) -> list[list[str]]:

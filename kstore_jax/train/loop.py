@@ -19,9 +19,10 @@ from jax.experimental import multihost_utils
 import kstore_jax
 from kstore_jax import heap, rundir
 from kstore_jax.data import batches
+from kstore_jax.errors import ConfigError
 from kstore_jax.model import attention
-from kstore_jax.train import (checkpoint, metrics as metrics_lib, optim, profiling, sharding,
-                              step as step_lib)
+from kstore_jax.train import (checkpoint, memory, metrics as metrics_lib, optim, profiling,
+                              sharding, step as step_lib)
 
 # Dense peak FLOP/s by device kind (datasheets) and compute dtype, for MFU; float32 on a GPU
 # runs XLA's default-precision matmuls as TF32. Longest matching kind wins; absent: no MFU.
@@ -219,6 +220,41 @@ def traced_step(spec: StageSpec, mesh, seed: int, runs: int = 0, run_axis: str |
   hparams = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
              for k in optim.hyperparams(spec.stage_cfg)}
   return step.trace(abstract, frozen, batch, hparams)
+
+
+def fit_runs(spec: StageSpec, mesh, seed: int, wanted: int, run_axis: str, budget: int
+             ) -> tuple[int, list[tuple[int, int]]]:
+  """The most runs, at most `wanted`, whose grid cohort step of `spec` (an LM stage: the
+  batch of traced_step) needs at most `budget` bytes a device, and the (runs, bytes) of each
+  cohort size compiled on the way (1 when even one run's step needs more: run_cohort then
+  refuses it in one line). The run axis goes where grid.run_axis `run_axis` puts it for each
+  size. The compile of the size returned is the one the cohort's step then runs (jax keeps
+  it), so a cohort that fits costs no compile more; each size that does not costs one."""
+  tried, runs = [], wanted
+  while True:
+    axis = sharding.run_axis_for(run_axis, mesh, runs)
+    need = memory.step_bytes(traced_step(spec, mesh, seed, runs, axis).lower().compile())
+    tried.append((runs, need))
+    if need <= budget or runs == 1:
+      return runs, tried
+    runs = max(1, min(runs - 1, int(runs * budget / need)))
+
+
+def check_fits(compiled, tc, mesh, label: str, stage: str, runs: int) -> None:
+  """ConfigError (one line) if `compiled`, the step of a cohort of `runs` runs (0: one run
+  trained alone), needs more memory a device than train.memory_gb or the device allows
+  (memory.budget_bytes); nothing when the platform does not say what a device holds."""
+  budget = memory.budget_bytes(tc.memory_gb, mesh)
+  need = memory.step_bytes(compiled)
+  if budget is None or need <= budget:
+    return
+  where = (f"train.memory_gb={tc.memory_gb}" if tc.memory_gb else
+           f"a {mesh.devices.flat[0].device_kind} device ({mesh.devices.flat[0].platform})")
+  fewer = f", grid.max_runs below {runs}" if runs > 1 else ""
+  raise ConfigError(
+      f"[{label}] the {stage} step{f' of {runs} runs' if runs > 1 else ''} needs "
+      f"{memory.gb(need)} a device, more than the {memory.gb(budget)} of {where}: lower "
+      f"{stage}.batch_size or set train.microbatch_rows{fewer}")
 
 
 class BoundStep:
@@ -470,6 +506,10 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         batch = sharding.to_global(rows[0], mesh)
       profiler.step(step, state)   # train.profile_steps: a trace of that window
       t_step = time.time()
+      if clock["setup"] is None:   # compiled here first (the call below reuses it): a step
+        # that cannot fit a device is refused before it runs, in one line, nothing saved
+        check_fits(step_fn.lower(state, frozen, batch).compile(), tc, mesh, members[0].label,
+                   spec0.name, len(members) if vmapped else 0)
       state, device_metrics = step_fn(state, frozen, batch)
       if step == start:   # the heap bound measures a completed step's working set
         jax.block_until_ready(device_metrics)
