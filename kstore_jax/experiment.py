@@ -256,7 +256,9 @@ class Experiment:
     rows = cfg.train.microbatch_rows
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
               flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype,
-              microbatches=sc.batch_size // rows if rows else 1)
+              microbatches=sc.batch_size // rows if rows else 1,
+              less_memory=f"set train.microbatch_rows (the same step in parts) or lower "
+                          f"{stage}.batch_size (a new workdir)")
     if stage != "finetune":
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
                             lambda rng, _: init_model(rng), {}, export=lambda p, f: p, **lm)

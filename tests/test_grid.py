@@ -353,7 +353,7 @@ def test_cohorts_fit_the_memory_a_device_may_use(trained, four, env, tmp_path):
   assert r.returncode == 2, r.stderr
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "the pretrain step needs " in lines[0], r.stderr
-  assert "more than the 1e-06 GB of train.memory_gb=1e-06" in lines[0], lines[0]
+  assert "more than the 1e-06 GB of train.memory_gb=1e-06: set train.microbatch_rows" in lines[0]
   assert not list(wd.rglob("checkpoints/*")) and not list(wd.rglob("final"))
   need = float(re.search(r"needs ([0-9.e+-]+) GB", lines[0]).group(1))
   r = ok(run(grid_cmd(four, wd, pick, f"--config.train.memory_gb={need * 1.5:.6g}"), env()))

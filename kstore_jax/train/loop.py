@@ -86,6 +86,8 @@ class StageSpec:
                                # arguments: one compiled init serves every run of a cohort
   microbatches: int = 1        # the step's gradient over this many parts of the batch, one
                                # after another (train.microbatch_rows; LM stages)
+  less_memory: str = ""        # the config keys that make the step need less memory (a
+                               # refusal's hint: check_fits)
 
 
 def _fmt_time(s: float) -> str:
@@ -240,9 +242,9 @@ def fit_runs(spec: StageSpec, mesh, seed: int, wanted: int, run_axis: str, budge
     runs = max(1, min(runs - 1, int(runs * budget / need)))
 
 
-def check_fits(compiled, tc, mesh, label: str, stage: str, runs: int) -> None:
-  """ConfigError (one line) if `compiled`, the step of a cohort of `runs` runs (0: one run
-  trained alone), needs more memory a device than train.memory_gb or the device allows
+def check_fits(compiled, tc, mesh, label: str, spec: StageSpec, runs: int) -> None:
+  """ConfigError (one line) if `compiled`, `spec`'s step for a cohort of `runs` runs (0: one
+  run trained alone), needs more memory a device than train.memory_gb or the device allows
   (memory.budget_bytes); nothing when the platform does not say what a device holds."""
   budget = memory.budget_bytes(tc.memory_gb, mesh)
   need = memory.step_bytes(compiled)
@@ -250,11 +252,11 @@ def check_fits(compiled, tc, mesh, label: str, stage: str, runs: int) -> None:
     return
   where = (f"train.memory_gb={tc.memory_gb}" if tc.memory_gb else
            f"a {mesh.devices.flat[0].device_kind} device ({mesh.devices.flat[0].platform})")
-  fewer = f", grid.max_runs below {runs}" if runs > 1 else ""
+  fewer = f", or grid.max_runs below {runs}" if runs > 1 else ""
   raise ConfigError(
-      f"[{label}] the {stage} step{f' of {runs} runs' if runs > 1 else ''} needs "
-      f"{memory.gb(need)} a device, more than the {memory.gb(budget)} of {where}: lower "
-      f"{stage}.batch_size or set train.microbatch_rows{fewer}")
+      f"[{label}] the {spec.name} step{f' of {runs} runs' if runs > 1 else ''} needs "
+      f"{memory.gb(need)} a device, more than the {memory.gb(budget)} of {where}: "
+      f"{spec.less_memory or f'lower {spec.name}.batch_size'}{fewer}")
 
 
 class BoundStep:
@@ -509,7 +511,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       if clock["setup"] is None:   # compiled here first (the call below reuses it): a step
         # that cannot fit a device is refused before it runs, in one line, nothing saved
         check_fits(step_fn.lower(state, frozen, batch).compile(), tc, mesh, members[0].label,
-                   spec0.name, len(members) if vmapped else 0)
+                   spec0, len(members) if vmapped else 0)
       state, device_metrics = step_fn(state, frozen, batch)
       if step == start:   # the heap bound measures a completed step's working set
         jax.block_until_ready(device_metrics)

@@ -12,6 +12,8 @@ cohorts that fit").
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 FIT_SHARE = 0.9   # a grid cohort's step may take this share of a device's memory (fragments,
                   # the next batch, a checkpoint's copy); a single step is refused only
@@ -39,11 +41,16 @@ def device_bytes(device) -> int | None:
 
 def budget_bytes(memory_gb: float, mesh) -> int | None:
   """What a step may use a device: `memory_gb` (train.memory_gb) when set, else the least
-  that one of the mesh's devices of this process holds (device_bytes); None if unknown."""
+  that one of the mesh's devices holds (device_bytes; several processes agree on the least
+  of theirs, so each refuses or cuts a cohort alike); None if unknown."""
   if memory_gb:
     return int(memory_gb * 1e9)
   held = [device_bytes(d) for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  return None if not held or None in held else min(held)
+  least = -1 if not held or None in held else min(held)   # -1: unknown here
+  if jax.process_count() > 1:
+    every = multihost_utils.process_allgather(np.int64(least))
+    least = -1 if (every < 0).any() else int(every.min())
+  return None if least < 0 else least
 
 
 def gb(n: int) -> str:
