@@ -133,9 +133,11 @@ mods = ['jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'array_re
         'ml_collections', 'tensorboardX', 'tokenizers', 'numpy', 'ml_dtypes']
 vers = {m: getattr(importlib.import_module(m), '__version__', '?') for m in mods}
 import kstore_jax.tools.main, kstore_jax.tools.report, kstore_jax.eval.qa_eval  # the project imports
+from kstore_jax.train import memory   # what a step may use a device (a grid's cohorts fit 90%)
 d = jax.devices()
 print(json.dumps(dict(name='environment', value=len(d), unit='devices', python=platform.python_version(),
-                      device=d[0].device_kind, platform=d[0].platform, **vers)))
+                      device=d[0].device_kind, platform=d[0].platform,
+                      device_bytes=memory.device_bytes(d[0]), **vers)))
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version --format=csv >&2 || true"
 }

@@ -51,6 +51,8 @@ def test_smoke_runs_every_section(tmp_path):
                            f"{first}_scan", "grid", "small"}, summary
   assert all(how == "ok" for how in sections.values()), summary
   names = {(l["section"], l["name"]) for l in lines}
+  env_line = next(l for l in lines if l["name"] == "environment")   # the grid's budget's base
+  assert 0 < env_line["device_bytes"] <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   for want in [("env", "environment"), ("ceiling", "matmul_bfloat16_flops_per_s"),
                ("attention", "attention_pallas_ms"), ("attention", "attention_pallas_docs_ms"),
                ("attention", "attention_tokamax_ms"),
