@@ -257,6 +257,7 @@ class Experiment:
     lm = dict(data=data, positions_per_step=sc.batch_size * cfg.data.seq_len,
               flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype,
               microbatches=sc.batch_size // rows if rows else 1,
+              platform=self.model_cfg.platform,
               less_memory=f"set train.microbatch_rows (the same step in parts) or lower "
                           f"{stage}.batch_size (a new workdir)")
     if stage != "finetune":
@@ -298,7 +299,7 @@ class Experiment:
         # the probe's embedding update
         flops_per_position=flops_per_token(self.model_cfg, batches.width,
                                            "inputs" if sc.embed_rank else "none", head=False),
-        export=lambda p, f: p, dtype=self.model_cfg.dtype)
+        export=lambda p, f: p, dtype=self.model_cfg.dtype, platform=self.model_cfg.platform)
 
   def class_tokens(self, stage: str):
     """The embedding probe head's class value tokens (None for the linear head)."""

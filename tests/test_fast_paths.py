@@ -91,6 +91,79 @@ def test_lm_loss_uses_the_models_head():
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
+def test_one_pass_norms_equal_numpys_and_clip_as_optax():
+  """The GPU step's gradient and param norms (optim.global_norm, one reduction over GROUP
+  leaves at a time) against NumPy's in float64, over more leaves than a group, of mixed
+  shapes and dtypes; its clip equals optax.clip_by_global_norm's updates and state, above
+  and below the limit."""
+  from kstore_jax.train import optim
+  rng = np.random.default_rng(0)
+  shapes = [(3,), (5, 7), (2, 3, 4), (1,), (64, 9)] * 15   # 75 leaves: three groups
+  f32 = {f"p{i}": jnp.asarray(rng.standard_normal(s), jnp.float32)
+         for i, s in enumerate(shapes)}
+  norm = lambda tree: np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                                  for x in tree.values()))
+  want = norm(f32)
+  assert len(f32) > 2 * optim.GROUP
+  for one_pass in (False, True):
+    assert float(jax.jit(optim.global_norm, static_argnums=1)(f32, one_pass)) == \
+        pytest.approx(want, rel=1e-6)
+  mixed = {k: v.astype(jnp.bfloat16) if k.endswith("7") else v for k, v in f32.items()}
+  assert float(optim.global_norm(mixed, True)) == pytest.approx(norm(mixed), rel=1e-6)
+  for limit in (0.5 * want, 2.0 * want):   # clipped, and left alone
+    ref = optax.clip_by_global_norm(limit)
+    ours = optim.clip_by_global_norm(limit, one_pass=True)
+    got, state = jax.jit(ours.update)(f32, ours.init(f32))
+    exp, exp_state = ref.update(f32, ref.init(f32))
+    assert state == exp_state
+    for k in f32:
+      np.testing.assert_allclose(got[k], exp[k], rtol=2e-6, atol=1e-7)
+    assert np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in got.values())) == \
+        pytest.approx(min(limit, want), rel=1e-5)
+
+
+def test_one_pass_norms_train_step_like_the_per_leaf_one():
+  """The train step with one-pass norms (off the CPU) against the per-leaf one on a toy
+  model: the same loss, norms and updated params within float order, and the same optimizer
+  state tree (a checkpoint saved by either restores into the other)."""
+  from kstore_jax.train import optim
+  model = transformer.Transformer(transformer.ModelConfig(**TOY_MODEL))
+  tokens_BL = jnp.asarray(np.random.default_rng(1).integers(1, 50, (4, 8)), jnp.int32)
+  params = jax.jit(lambda: init_params(model, tokens_BL, 0))()
+  batch = {"inputs": tokens_BL, "targets": jnp.roll(tokens_BL, -1, 1),
+           "weights": jnp.ones(tokens_BL.shape, jnp.float32),
+           "segment_ids": jnp.ones_like(tokens_BL), "positions": jnp.broadcast_to(
+               jnp.arange(8, dtype=jnp.int32), tokens_BL.shape)}
+  hp = {k: jnp.asarray(v) for k, v in optim.hyperparams(dataclasses.replace(
+      _Stage(), grad_clip=0.05)).items()}   # a clip that bites: its norm matters
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optim.make_optimizer(hp).init(params)}
+  loss_fn = step.make_lm_loss(model)
+  outs = [jax.jit(step.make_train_step(loss_fn, one_pass_norms=one))(state, {}, batch, hp)
+          for one in (False, True)]
+  (s0, m0), (s1, m1) = outs
+  assert jax.tree.structure(s0) == jax.tree.structure(s1)
+  for k in ("loss", "grad_norm", "param_norm"):
+    assert float(m1[k]) == pytest.approx(float(m0[k]), rel=1e-5), k
+  assert float(m0["grad_norm"]) > 0.05
+  for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@dataclasses.dataclass
+class _Stage:
+  """A stage config's optimizer numbers (configs/base.py stage)."""
+  lr: float = 1e-2
+  warmup_steps: int = 0
+  steps: int = 10
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-6
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+
+
 @pytest.mark.parametrize("blocks", [2, 4, 3])
 def test_causal_blocks_equal_full_attention(blocks):
   """Packed rows (several documents, padding at the end): the same outputs and gradients; a

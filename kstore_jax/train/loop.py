@@ -88,6 +88,8 @@ class StageSpec:
                                # after another (train.microbatch_rows; LM stages)
   less_memory: str = ""        # the config keys that make the step need less memory (a
                                # refusal's hint: check_fits)
+  platform: str = "cpu"        # where the step runs (the model's platform): off the CPU the
+                               # gradient's and params' norms in one pass (optim.global_norm)
 
 
 def _fmt_time(s: float) -> str:
@@ -209,7 +211,7 @@ def traced_step(spec: StageSpec, mesh, seed: int, runs: int = 0, run_axis: str |
                         spec.frozen)
   step = _jitted_step(spec.loss_fn, spec.microbatches, mesh, _flat(shardings),
                       None if runs else _flat(jax.tree.map(lambda x: x.sharding, frozen)),
-                      runs > 0, run_axis)
+                      runs > 0, run_axis, spec.platform != "cpu")
   batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   b = spec.stage_cfg.batch_size
   batch = {k: jax.ShapeDtypeStruct((b, spec.positions_per_step // b), dtype, sharding=batch_sh)
@@ -289,7 +291,7 @@ def compile_step(spec: StageSpec, mesh, shardings, runs: bool = False,
   hparams = {k: jax.make_array_from_callback((), hp_sh, lambda _, v=v: v)
              for k, v in optim.hyperparams(spec.stage_cfg).items()}
   return BoundStep(_jitted_step(spec.loss_fn, spec.microbatches, mesh, _flat(shardings),
-                                frozen_sh, runs, run_axis), hparams)
+                                frozen_sh, runs, run_axis, spec.platform != "cpu"), hparams)
 
 
 def _flat(tree) -> tuple:
@@ -300,12 +302,13 @@ def _flat(tree) -> tuple:
 
 @functools.lru_cache(maxsize=16)
 def _jitted_step(loss_fn, microbatches: int, mesh, state_sh, frozen_sh, runs: bool,
-                 run_axis: str | None):
+                 run_axis: str | None, one_pass_norms: bool = False):
   """compile_step's jitted function, one per loss function, mesh, shardings and run layout in
   a process: the stages that train the same program reuse it (pretrain -> finetune; a grid's
   base-stage cohorts; an Experiment per row in one process), and jax's in-memory cache then
   neither traces nor compiles it again."""
-  train_step = step_lib.make_train_step(loss_fn, microbatches, norm_apart=runs)
+  train_step = step_lib.make_train_step(loss_fn, microbatches, norm_apart=runs,
+                                        one_pass_norms=one_pass_norms)
 
   def step(*args):   # traced on the mesh: attention kernels run per shard (attention.on_mesh)
     with attention.on_mesh(mesh):

@@ -61,10 +61,41 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(hp) -> optax.GradientTransformation:
+GROUP = 32   # leaves a one-pass norm's reduction reads (a fusion's operands are bounded)
+
+
+def global_norm(tree, one_pass: bool = False) -> jax.Array:
+  """The l2 norm of every leaf of `tree` together (optax.tree.norm). `one_pass` (off the
+  CPU): the leaves, raveled, go `GROUP` at a time into one reduction of their concatenation,
+  which XLA fuses into one kernel, not one reduction kernel a leaf: a GPU step's ~100-150
+  parameter leaves made half its kernels, the gradient's and the params' norms (BENCHMARKS.md
+  "Fewer kernels"). The same sum in another order."""
+  if not one_pass:
+    return optax.tree.norm(tree)
+  leaves = [x.ravel().astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  parts = [jnp.concatenate(leaves[i:i + GROUP]) for i in range(0, len(leaves), GROUP)]
+  return jnp.sqrt(sum(jnp.sum(p * p) for p in parts))
+
+
+def clip_by_global_norm(max_norm, one_pass: bool = False) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (the same empty state, the same updates) with its norm from
+  `global_norm(updates, one_pass)`."""
+  def update(updates, state, params=None):
+    del params
+    g_norm = global_norm(updates, one_pass)
+    trigger = g_norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+        updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def make_optimizer(hp, one_pass: bool = False) -> optax.GradientTransformation:
   """The optimizer of hyperparameters `hp` (`hyperparams`: concrete, or traced inside the
-  train step); its state's structure does not depend on their values."""
+  train step); its state's structure does not depend on their values nor on `one_pass`
+  (the clip's norm: global_norm)."""
   return optax.chain(
-      optax.clip_by_global_norm(hp["grad_clip"]),
+      clip_by_global_norm(hp["grad_clip"], one_pass),
       optax.adamw(lambda count: learning_rate(hp, count), b1=hp["b1"], b2=hp["b2"],
                   eps=hp["eps"], weight_decay=hp["weight_decay"], mask=decay_mask))

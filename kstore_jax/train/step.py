@@ -184,18 +184,21 @@ def accumulated_value_and_grad(loss_fn, microbatches: int):
   return value_and_grad
 
 
-def make_train_step(loss_fn, microbatches: int = 1, norm_apart: bool = False):
+def make_train_step(loss_fn, microbatches: int = 1, norm_apart: bool = False,
+                    one_pass_norms: bool = False):
   """(state = {'step', 'params', 'opt_state'}, frozen, batch, hparams) -> (new state,
   metrics): one AdamW step of `loss_fn(params, frozen, batch)` with the stage's optimizer
   numbers `hparams` (optim.hyperparams) as arguments, not constants of the program; its
   gradient over `microbatches` parts of the batch (`accumulated_value_and_grad`) when > 1.
   `norm_apart`: param_norm reads the updated params after the update, not inside its
-  fusions (a grid cohort's step: BENCHMARKS.md "The step's floor")."""
+  fusions (a grid cohort's step: BENCHMARKS.md "The step's floor"). `one_pass_norms` (off
+  the CPU): the gradient's norm (the clip's, grad_norm) and param_norm each one reduction
+  over the leaves, not one a leaf (optim.global_norm)."""
   grad_fn = (jax.value_and_grad(loss_fn, has_aux=True) if microbatches == 1
              else accumulated_value_and_grad(loss_fn, microbatches))
 
   def train_step(state, frozen, batch, hparams):
-    optimizer = optim.make_optimizer(hparams)
+    optimizer = optim.make_optimizer(hparams, one_pass_norms)
     (loss, aux), grads = grad_fn(state["params"], frozen, batch)
     with jax.named_scope(OPTIMIZER):
       updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -203,9 +206,9 @@ def make_train_step(loss_fn, microbatches: int = 1, norm_apart: bool = False):
     # param_norm is of the *updated* params: the NaN guard then also covers the state a
     # checkpoint would save, not only the loss of the weights before the update.
     with jax.named_scope(METRICS):
-      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                 "param_norm": optax.tree.norm(jax.lax.optimization_barrier(params)
-                                               if norm_apart else params),
+      metrics = {"loss": loss, "grad_norm": optim.global_norm(grads, one_pass_norms),
+                 "param_norm": optim.global_norm(jax.lax.optimization_barrier(params)
+                                                 if norm_apart else params, one_pass_norms),
                  "lr": optim.learning_rate(hparams, state["step"]), **aux}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
