@@ -150,6 +150,20 @@ def test_one_pass_norms_train_step_like_the_per_leaf_one():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_one_pass_norms_only_off_the_cpu_with_whole_params():
+  """One reduction over many leaves where a kernel a leaf costs a launch (off the CPU) and the
+  params are whole on each device; on fsdp or tensor meshes, whose leaves are sharded on
+  differing dimensions, concatenating them would gather them."""
+  from types import SimpleNamespace as NS
+  from kstore_jax.train import loop
+  mesh = lambda data, fsdp, tensor: NS(shape={"data": data, "fsdp": fsdp, "tensor": tensor})
+  assert loop.one_pass_norms(NS(platform="cuda"), mesh(8, 1, 1))
+  assert loop.one_pass_norms(NS(platform="tpu"), mesh(1, 1, 1))
+  assert not loop.one_pass_norms(NS(platform="cpu"), mesh(1, 1, 1))
+  assert not loop.one_pass_norms(NS(platform="cuda"), mesh(2, 4, 1))
+  assert not loop.one_pass_norms(NS(platform="cuda"), mesh(4, 1, 2))
+
+
 @dataclasses.dataclass
 class _Stage:
   """A stage config's optimizer numbers (configs/base.py stage)."""
