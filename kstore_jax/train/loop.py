@@ -311,13 +311,13 @@ def _flat(tree) -> tuple:
 
 @functools.lru_cache(maxsize=16)
 def _jitted_step(loss_fn, microbatches: int, mesh, state_sh, frozen_sh, runs: bool,
-                 run_axis: str | None, one_pass_norms: bool = False):
+                 run_axis: str | None, one_pass: bool = False):
   """compile_step's jitted function, one per loss function, mesh, shardings and run layout in
   a process: the stages that train the same program reuse it (pretrain -> finetune; a grid's
   base-stage cohorts; an Experiment per row in one process), and jax's in-memory cache then
   neither traces nor compiles it again."""
   train_step = step_lib.make_train_step(loss_fn, microbatches, norm_apart=runs,
-                                        one_pass_norms=one_pass_norms)
+                                        one_pass_norms=one_pass)
 
   def step(*args):   # traced on the mesh: attention kernels run per shard (attention.on_mesh)
     with attention.on_mesh(mesh):
