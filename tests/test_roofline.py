@@ -223,6 +223,11 @@ def test_tiny_step_compiled_for_an_h200():
   # the compiled dots are the model's matmuls: 2 runs x (fwd + 2 bwd) x ~2 N FLOPs a token,
   # within the attention's and the embedding's share of the model's count
   assert 0.7 < floor["matmul_tflop"] / floor["model_tflop"] <= 1.0, floor
+  assert 0 < floor["tiny_kernels"] < floor["kernels"]
+  # the gradient's and params' norms one reduction over many leaves (optim.global_norm), not
+  # one kernel a leaf (the toy model's ~30 leaves each made one for either norm)
+  scopes = {l["scope"]: l for l in lines if l["name"] == "roofline_scope_s"}
+  assert scopes["step/metrics"]["kernels"] + scopes["step/optimizer"]["kernels"] < 60, scopes
   kinds = {l["kind"]: l for l in lines if l["name"] == "roofline_kind_s"}
   assert "matmul" in kinds and any(k.startswith("kernel") for k in kinds)
   assert sum(l["share"] for l in kinds.values()) == pytest.approx(1.0, abs=1e-3)
@@ -230,6 +235,8 @@ def test_tiny_step_compiled_for_an_h200():
   builds = [l for l in lines if l["name"] == "roofline_build"]
   if builds:   # ptxas installed (launch/aot_plugin.sh --ptxas): every launch's two kernels
     model = {l["kernel"] for l in builds if l["launch"] == "model"}
-    assert model == {"flash_docs_forward", "flash_docs_backward"}
+    # the step's own Pallas kernels: attention's and the fused residual add + norm's
+    assert model == {"flash_docs_forward", "flash_docs_backward", "add_norm_forward",
+                     "add_norm_backward"}, model
     assert all(0 < l["registers"] <= 255 and l["spill_store_bytes"] >= 0 for l in builds)
     assert len({l["launch"] for l in builds}) > 1

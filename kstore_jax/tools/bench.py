@@ -623,6 +623,8 @@ def bench_roofline(cfg) -> Iterator[dict]:
   by_bound = roofline.summary(ks, flops_s, bytes_s, bound)
   yield measurement(
       "roofline_floor_s", round(floor, 6), "s", kernels=sum(k.runs for k in ks),
+      # launch-bound: under 1 MB at their edges (~0.2 us at the ceiling, ~2-3 us a launch)
+      tiny_kernels=sum(k.runs for k in ks if k.bytes < 1e6),
       matmul_tflop=round(sum(k.runs * k.flops for k in ks) / 1e12, 3),
       gbytes=round(sum(k.runs * k.bytes for k in ks) / 1e9, 2),
       **{f"{b}_bound_s": round(by_bound.get(b, (0, 0, 0, 0.0))[3], 6)
