@@ -88,6 +88,9 @@ def test_kernels_bytes_flops_and_trips_as_counted_by_hand():
   by_kind = roofline.summary(list(ks.values()), 1e12, 1e9, lambda k: k.kind)
   assert by_kind["reduction"][:3] == (3, 3 * 4352, 0)
   assert by_kind["matmul"][3] == pytest.approx(7168e-9)   # memory-bound at these rates
+  # launch-bound: under a megabyte at its edges, whatever its kind
+  assert all(k.tiny for k in ks.values())
+  assert not roofline.Kernel("big", "elementwise", 1_000_000, 0, "").tiny
 
 
 def test_element_sizes_from_the_type_name():

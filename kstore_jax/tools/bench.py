@@ -474,22 +474,29 @@ def bench_profile(cfg) -> list[dict]:
     totals, where = profiling.trace_op_times(tmp, sources)
   # on a GPU of known ceilings each kernel's floor beside its time (train/roofline.py)
   target = aot.target_of(jax.devices()[0].device_kind)
-  floors = collections.Counter()
+  floors, tiny = collections.Counter(), set()
   if target is not None:
     try:
       for k in roofline.kernels(hlo):
         floors[profiling.op_key(k.name)] += k.floor_s(**aot.CEILINGS[target]) * 1e6
+        if k.tiny:
+          tiny.add(profiling.op_key(k.name))
     except (ValueError, KeyError, AttributeError, IndexError) as e:
       # HLO this reader does not know (another XLA's): the profile keeps its times, said so
       floors.clear()
+      tiny.clear()
       print(f"bench profile: no floors, the step's HLO could not be read ({e!r})",
             file=sys.stderr, flush=True)
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=r["dtype"], attention=r["attention"],
              cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
   busy = sum(totals.values()) / steps
+  # the launch-bound kernels' time (roofline.TINY_BYTES), which their floor does not count
+  launch = ({"tiny_kernels": len(tiny & set(totals)),
+             "tiny_us_per_step": round(sum(totals[n] for n in tiny if n in totals) / steps)}
+            if floors else {})
   out = [measurement("profile_step_s", round(r["step_s"], 4), "s", busy_us_per_step=round(busy),
                      **({"floor_us_per_step": round(sum(floors.values()))} if floors else {}),
-                     tracks=where, **ctx)]
+                     **launch, tracks=where, **ctx)]
   share = lambda us: round(us / steps / max(busy, 1e-9), 4)
   floor = lambda us: {"floor_us": round(us, 1)} if floors else {}
   for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:PROFILE_TOP.value]:
@@ -623,8 +630,7 @@ def bench_roofline(cfg) -> Iterator[dict]:
   by_bound = roofline.summary(ks, flops_s, bytes_s, bound)
   yield measurement(
       "roofline_floor_s", round(floor, 6), "s", kernels=sum(k.runs for k in ks),
-      # launch-bound: under 1 MB at their edges (~0.2 us at the ceiling, ~2-3 us a launch)
-      tiny_kernels=sum(k.runs for k in ks if k.bytes < 1e6),
+      tiny_kernels=sum(k.runs for k in ks if k.tiny),   # launch-bound (roofline.TINY_BYTES)
       matmul_tflop=round(sum(k.runs * k.flops for k in ks) / 1e12, 3),
       gbytes=round(sum(k.runs * k.bytes for k in ks) / 1e9, 2),
       **{f"{b}_bound_s": round(by_bound.get(b, (0, 0, 0, 0.0))[3], 6)

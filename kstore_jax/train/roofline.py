@@ -38,6 +38,9 @@ def array_bytes(shape: str) -> int:
                  for dt, dims in _ARRAY.findall(shape)))
 
 
+TINY_BYTES = 1_000_000
+
+
 @dataclasses.dataclass
 class Kernel:
   """One launched kernel: its HLO instruction, what it does (profiling.hlo_kinds), the bytes
@@ -51,6 +54,12 @@ class Kernel:
 
   def floor_s(self, flops_per_s: float, bytes_per_s: float) -> float:
     return self.runs * max(self.flops / flops_per_s, self.bytes / bytes_per_s)
+
+  @property
+  def tiny(self) -> bool:
+    """Launch-bound: under TINY_BYTES at its edges (~0.2 us at an H200's 4.3 TB/s, against
+    ~2-3 us a launch even in XLA's command buffers)."""
+    return self.bytes < TINY_BYTES
 
 
 def _operands(rest: str) -> list[str]:
