@@ -252,8 +252,8 @@ def check_fits(compiled, tc, mesh, label: str, spec: StageSpec, runs: int) -> No
   need = memory.step_bytes(compiled)
   if budget is None or need <= budget:
     return
-  where = (f"train.memory_gb={tc.memory_gb}" if tc.memory_gb else
-           f"a {mesh.devices.flat[0].device_kind} device ({mesh.devices.flat[0].platform})")
+  kind = mesh.devices.flat[0].device_kind   # ("NVIDIA H200", "TPU v5 lite", "cpu")
+  where = f"train.memory_gb={tc.memory_gb}" if tc.memory_gb else f"one {kind} device"
   fewer = f", or grid.max_runs below {runs}" if runs > 1 else ""
   raise ConfigError(
       f"[{label}] the {spec.name} step{f' of {runs} runs' if runs > 1 else ''} needs "
