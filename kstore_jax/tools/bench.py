@@ -491,8 +491,9 @@ def bench_profile(cfg) -> list[dict]:
              cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
   busy = sum(totals.values()) / steps
   # the launch-bound kernels' time (roofline.TINY_BYTES), which their floor does not count
-  launch = ({"tiny_kernels": len(tiny & set(totals)),
-             "tiny_us_per_step": round(sum(totals[n] for n in tiny if n in totals) / steps)}
+  timed = tiny & totals.keys()
+  launch = ({"tiny_kernels": len(timed),
+             "tiny_us_per_step": round(sum(totals[n] for n in timed) / steps)}
             if floors else {})
   out = [measurement("profile_step_s", round(r["step_s"], 4), "s", busy_us_per_step=round(busy),
                      **({"floor_us_per_step": round(sum(floors.values()))} if floors else {}),
