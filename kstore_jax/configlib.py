@@ -260,6 +260,14 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
       attention.resolve(m.attention, platform), attention.resolve_dtype(m.dtype, platform),
       platform, d.seq_len)
   _require(problem is None, f"model.attention={m.attention!r}: {problem}")
+  if m.flash_launch.strip():
+    from kstore_jax.model import flash_docs   # Pallas: imported only where a launch is named
+    try:
+      launch = flash_docs.parse_launch(m.flash_launch)
+    except ValueError as e:
+      raise ConfigError(f"model.flash_launch={m.flash_launch!r}: {e}") from None
+    problem = flash_docs.launch_unsupported(launch, m.num_heads, d.seq_len)
+    _require(problem is None, f"model.flash_launch={m.flash_launch!r}: {problem}")
   norm = resolve_norm(m.norm, platform)
   _require(platform in NORMS[norm],
            f"model.norm={m.norm!r}: {norm} runs on {'|'.join(NORMS[norm])}, not {platform}")

@@ -62,10 +62,11 @@ class Workdir:
     for d in (old, new):
       d["model.dtype"] = attention_lib.resolve_dtype(d["model.dtype"], platform)
     # The mesh is a property of the run, not of the experiment: a checkpoint restores onto any
-    # mesh (elastic resume); so are the attention and norm kernels, remat and layer scan (the
-    # same function). data.workers changes Grain's state format, so it is compared.
+    # mesh (elastic resume); so are the attention and norm kernels, the flash kernel's launch,
+    # remat and layer scan (the same function). data.workers changes Grain's state format, so
+    # it is compared.
     ignore = ("stages", "variants", "train.", "eval.", "mesh.", "model.attention",
-              "model.norm", "model.remat", "model.scan_layers")
+              "model.flash_launch", "model.norm", "model.remat", "model.scan_layers")
     for k in sorted(set(old) | set(new)):
       if not k.startswith(ignore) and old.get(k) != new.get(k):
         raise configlib.ConfigError(

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The prepared accelerator check: one command for a lent GPU (an H200, or any CUDA machine),
 # ending by its own deadline; every section is bounded and a failed one does not stop the rest.
-#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,profile,train,grid,small] OUTDIR
+#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,tuned,profile,train,grid,small] OUTDIR
 # Sections, run in the order --sections names them (default: the order below): env
 # (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32; pallas_docs also at
-# other launches: tiles, warps, stages, heads a program), profile (the top ops of the
+# other launches: tiles, warps, stages, heads a program), tuned (bench train, paper config,
+# pallas_docs at the attention section's fastest right launch: model.flash_launch; the
+# paper profile then uses that launch too), profile (the top ops of the
 # first kernel's train step, of the small grid's base cohort step and of one small run's
 # step), train (bench train,
 # paper config in bf16 per attention kernel, then the fastest of them whose loss agrees with
@@ -28,11 +30,11 @@
 # (default "pallas_docs,tokamax,pallas,xla").
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
-SECTIONS="env,ceiling,attention,profile,train,grid,small"
+SECTIONS="env,ceiling,attention,tuned,profile,train,grid,small"
 OUT=""
 # every argument is read as what it is: a flag, or the one OUTDIR (a last argument that is a
 # flag is no output directory)
@@ -50,7 +52,7 @@ done
 [ -n "$OUT" ] || { echo "device_check.sh: expected OUTDIR (see --help)" >&2; exit 2; }
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 for s in ${SECTIONS//,/ }; do
-  case "$s" in env|ceiling|attention|profile|train|grid|small) ;;
+  case "$s" in env|ceiling|attention|tuned|profile|train|grid|small) ;;
     *) echo "device_check.sh: unknown section '$s' in --sections" >&2; exit 2 ;; esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -113,6 +115,10 @@ if [ "$SMOKE" = 1 ]; then
   GRID_RUNS="2"; GRID_EVAL=(--grid_eval_people=4); MATMUL=(--matmul_n=512)
   CEILING=("${MATMUL[@]}" --copy_bytes=16777216)
   ATTN=(--attention=einsum,xla,pallas,pallas_docs,tokamax); OTHER_NORM="pallas"
+  # the tuned launch is validated and passed, but trained through XLA's attention: an
+  # interpreted flash kernel would double the smoke (the launch reaching the kernel is
+  # test_attention's)
+  TUNED_KERNEL="xla"
 else
   PAPER="configs/base.py"; KERNELS="${KSTORE_CHECK_KERNELS:-pallas_docs tokamax pallas}"
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
@@ -121,9 +127,10 @@ else
   SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"; SMALL_OVERRIDES=()
   GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
-  OTHER_NORM="xla"
+  OTHER_NORM="xla"; TUNED_KERNEL="pallas_docs"
 fi
 BENCH=("$PY" -m kstore_jax.bench)
+FLASH=()   # the tuned section's launch (--config.model.flash_launch=...), once it has run
 
 section_env() {
   run env 120 bash -c "$PY - <<'EOF'
@@ -148,10 +155,20 @@ section_attention() {
   run attention 150 "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" "${ATTN[@]}" \
     --attention_repeats="$REPEATS"
 }
-section_profile() {   # where the first kernel's train step spends its time; then the small
-  # grid's base cohort step (its R runs vmapped) and, on a device, one small run's own step
+section_tuned() {   # the paper step at the attention section's fastest right launch
+  local launch
+  launch=$("$PY" -m kstore_jax.tools.device_report launch "$JSON" 2>>"$LOG")
+  echo "tuned launch: ${launch:-the default (flash_docs.LAUNCH)}" >> "$LOG"
+  FLASH=(--config.model.flash_launch="$launch")
+  run "train_${TUNED_KERNEL}_tuned" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
+    --train_steps="$TRAIN_STEPS" --config.model.attention="$TUNED_KERNEL" "${FLASH[@]}" \
+    "${MATMUL[@]}"
+}
+section_profile() {   # where the first kernel's train step spends its time (at the tuned
+  # launch once `tuned` has run: its compile is then in the cache); then the small grid's
+  # base cohort step (its R runs vmapped) and, on a device, one small run's own step
   run "profile_${KERNELS%% *}" 150 "${BENCH[@]}" profile --config="$PAPER" "${SIZES[@]}" \
-    --train_steps=3 --config.model.attention="${KERNELS%% *}"
+    --train_steps=3 --config.model.attention="${KERNELS%% *}" "${FLASH[@]}"
   run profile_grid 150 "${BENCH[@]}" profile --config="$SMALL_BASE" "${SIZES[@]}" \
     --train_steps=3 --cohort_runs="${GRID_RUNS%%,*}"
   [ "$SMOKE" = 1 ] || run profile_small 120 "${BENCH[@]}" profile --config="$SMALL_BASE" \

@@ -4,6 +4,7 @@ restarting at 0, padding at the end; and against KV-cache columns for decoding. 
 kernels (GPU flash, TPU splash) run in interpret mode on the CPU."""
 
 import importlib.util
+import re
 import sys
 
 import jax
@@ -312,6 +313,46 @@ def test_flash_docs_launch_reaches_triton():
     # the forward's grid: (tiles, rows, head groups)
     assert (f"grid_x = {256 // launch.block} : i32, grid_y = 2 : i32, "
             f"grid_z = {4 // launch.heads} : i32") in text
+
+
+def test_model_flash_launch_is_its_kernels_launch():
+  """model.flash_launch (ModelConfig.flash_launch) is the launch the model's pallas_docs
+  kernels lower with: the device check trains the attention sweep's fastest launch by it."""
+  from kstore_jax.model import transformer
+  tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+  for text, warps, stages, kernels in (("", 4, 2, 2), ("warps=8, stages=1,split=1", 8, 1, 3)):
+    cfg = transformer.ModelConfig(vocab_size=64, num_layers=1, num_heads=2, d_model=128,
+                                  d_ff=128, dtype="bfloat16", attention="pallas_docs",
+                                  norm="xla", platform="cuda", flash_launch=text)
+    model = transformer.Transformer(cfg)
+    with attention.lowering_target("cuda"):
+      params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+      loss = lambda p, t: model.apply(p, t)[0].sum()
+      text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
+          lowering_platforms=("cuda",)).as_text()
+    assert text.count(f"num_warps = {warps} : i32") == kernels
+    assert text.count(f"num_stages = {stages} : i32") == kernels
+
+
+def test_flash_launch_text_round_trips_and_refuses_in_words():
+  """parse_launch reads what launch_text writes (bench attention's `launch`, which the device
+  check passes back as model.flash_launch), fields it names replace the model's, and a bad
+  field or value is refused naming it."""
+  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=1, heads=2,
+                                                      split=True)):
+    assert flash_docs.parse_launch(flash_docs.launch_text(launch)) == launch
+  assert flash_docs.parse_launch("") == flash_docs.LAUNCH
+  assert flash_docs.parse_launch(" split=true ") == flash_docs.LAUNCH._replace(split=True)
+  for bad, says in (("warps=3", "warps=3"), ("tile=64", "'tile=64'"), ("block=48", "block=48"),
+                    ("split=2", "split='2'"), ("heads=0", "heads=0"), ("stages=x", "stages='x'"),
+                    ("warps=8,warps=4", "twice")):
+    with pytest.raises(ValueError, match=re.escape(says)):
+      flash_docs.parse_launch(bad)
+  assert "does not divide" in flash_docs.launch_unsupported(
+      flash_docs.Launch(heads=3), num_heads=4, seq_len=128)
+  assert "data.seq_len=192" in flash_docs.launch_unsupported(
+      flash_docs.Launch(block=128), num_heads=4, seq_len=192)
+  assert flash_docs.launch_unsupported(flash_docs.Launch(block=128), 4, 64) is None   # cut to L
 
 
 def test_row_and_head_axes_are_the_sharding_rules():

@@ -44,8 +44,8 @@ def test_smoke_runs_every_section(tmp_path):
   kernel_s = {l["section"]: l["value"] for l in lines
               if l["name"] == "train_step_s" and l["section"] in ("train_xla", "train_einsum")}
   first = min(kernel_s, key=kernel_s.get)
-  assert set(sections) == {"env", "ceiling", "attention", "profile_xla", "profile_grid",
-                           "train_xla",
+  assert set(sections) == {"env", "ceiling", "attention", "train_xla_tuned", "profile_xla",
+                           "profile_grid", "train_xla",
                            "train_einsum", f"{first}_norm_pallas", f"{first}_cublas",
                            f"{first}_gpt2_vocab",
                            f"{first}_scan", "grid", "small"}, summary
@@ -68,6 +68,12 @@ def test_smoke_runs_every_section(tmp_path):
   assert len(attn) == sum(l["section"] == "attention" for l in lines)
   assert attn["attention_pallas_docs_ms"]["fwd_ms"] > 0
   assert "fwd_ms" not in attn["attention_pallas_docs_t32_ms"]
+  # the tuned section trained (and the paper profile ran) at the attention section's fastest
+  # right launch, passed as model.flash_launch (none: the model's own was the fastest)
+  launch = device_report.pick_launch(lines)
+  for section in ("train_xla_tuned", "profile_xla"):
+    assert {l.get("flash_launch") for l in lines if l["section"] == section} == {launch}
+  assert f"tuned launch: {launch or 'the default'}" in (out / "log.txt").read_text()
   # the train sections ranked by step time (the session's pick of the default kernel)
   steps = {l["section"]: l["value"] for l in lines if l["name"] == "train_step_s"}
   ranked = [l.split()[2] for l in summary.splitlines() if l.startswith("fastest ")]
@@ -159,6 +165,30 @@ def test_pick_kernel_needs_a_finite_loss_and_a_right_attention():
   assert pick(wrong, ["x", "p"]) is None
   assert pick(wrong + [attn("x", 0.3), attn("p", 0.01)], ["x", "p"]) == "p"
   assert pick([train("x", 0.05, 5.01), train("p", 0.07, 5.0)], ["x", "p"]) == "x"
+
+
+def test_pick_launch_is_the_fastest_right_one_when_not_the_models(tmp_path):
+  """The tuned section trains the attention section's fastest pallas_docs launch whose error
+  is under ATTENTION_TOLERANCE (a leaky launch may be the fastest of all), by its `launch`
+  text; none when the model's own is the fastest right one or nothing was timed."""
+  def attn(suffix, ms, err, launch):
+    return {"section": "attention", "name": f"attention_pallas_docs{suffix}_ms", "value": ms,
+            "rel_err_out": err, "rel_err_dq": err, "launch": launch}
+  model = attn("", 1.3, 3e-3, "block=64,warps=4,stages=2,heads=1,split=0")
+  fast = attn("_w8s1", 0.9, 4e-3, "block=64,warps=8,stages=1,heads=1,split=0")
+  leaky = attn("_t128", 0.5, 0.3, "block=128,warps=4,stages=2,heads=1,split=0")
+  skipped = {"section": "attention", "name": "attention_pallas_docs_h4_ms", "value": None,
+             "skipped": "heads"}
+  other = {**attn("", 0.1, 1e-3, ""), "name": "attention_pallas_ms"}   # another kernel
+  lines = [model, fast, leaky, skipped, other]
+  assert device_report.pick_launch(lines) == fast["launch"]
+  assert device_report.pick_launch([model, leaky, other]) is None
+  assert device_report.pick_launch([]) is None
+  path = tmp_path / "bench.jsonl"
+  path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+  got = subprocess.run([runs.python(), "-m", "kstore_jax.tools.device_report", "launch",
+                        str(path)], cwd=ROOT, capture_output=True, text=True, check=False)
+  assert got.returncode == 0 and got.stdout.strip() == fast["launch"], got.stderr
 
 
 def test_summary_ranks_attention_launches_and_flags_wrong_ones(tmp_path):

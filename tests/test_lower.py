@@ -78,7 +78,9 @@ def test_xla_attention_shows_its_scores():
     ("cuda", ["--config.model.attention=cudnn", "--config.model.dtype=float32"],
      "model.attention", "float32"),
     ("tpu", ["--config.model.norm=pallas"], "model.norm", "not tpu"),
-    ("cuda", ["--config.model.norm=triton"], "model.norm", "auto|xla|pallas")])
+    ("cuda", ["--config.model.norm=triton"], "model.norm", "auto|xla|pallas"),
+    ("cuda", ["--config.model.flash_launch=warps=3"], "model.flash_launch", "1|2|4|8|16"),
+    ("cuda", ["--config.model.flash_launch=heads=3"], "model.flash_launch", "does not divide")])
 def test_impossible_combination_is_one_line(platform, args, key, says):
   proc = subprocess.run([runs.python(), "-m", "kstore_jax.bench", "lower", *SMALL,
                          f"--platform={platform}", *args], cwd=ROOT, env=runs.env(),

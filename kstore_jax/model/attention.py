@@ -30,6 +30,7 @@ is small.
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import math
 
@@ -347,10 +348,12 @@ def per_shard_rows(kernel, rows, whole):
 
 
 def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bool,
-                   interpret: bool = False, max_docs: int | None = None) -> jax.Array:
+                   interpret: bool = False, max_docs: int | None = None,
+                   launch: str = "") -> jax.Array:
   """Attention of a packed batch over itself (training, prefill without a cache) by `impl`;
   `max_docs`: the most documents a row holds (cudnn's packed layout; 0/None or more than L:
-  L).
+  L); `launch`: pallas_docs' launch as model.flash_launch names it ("": the tuned default,
+  flash_docs.LAUNCH).
 
   Rows of a length the kernel's tiles cannot cover (`length_unsupported`: the probes' rows of
   the longest bio or name, GBERT's fill-mask rows; data.seq_len itself is validated) run
@@ -360,7 +363,7 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
   if impl in PER_SHARD:
     if impl == "pallas_docs":
       from kstore_jax.model import flash_docs   # Pallas: imported where it runs
-      kernel = flash_docs.attention
+      kernel = functools.partial(flash_docs.attention, launch=flash_docs.parse_launch(launch))
     else:
       kernel = {"pallas": pallas_attention, "tokamax": tokamax_attention,
                 "splash": splash_attention}[impl]

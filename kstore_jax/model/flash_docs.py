@@ -52,6 +52,54 @@ class Launch(NamedTuple):
 
 
 LAUNCH = Launch()   # the model's (H200, session 35: 1.33 ms a layer at the paper shape)
+WARPS = (1, 2, 4, 8, 16)   # Triton's num_warps: a power of two
+
+
+def parse_launch(text: str) -> Launch:
+  """The launch `model.flash_launch` names: comma-separated `field=value` pairs of Launch
+  (block, warps, stages, heads: integers; split: 0|1|true|false), each replacing the model's
+  (LAUNCH); "" is LAUNCH. ValueError saying what is wrong (a field, a value)."""
+  fields: dict = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    key, sep, value = part.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or key not in Launch._fields:
+      raise ValueError(f"{part!r} is not field=value with a field of {'|'.join(Launch._fields)}")
+    if key in fields:
+      raise ValueError(f"{key} is given twice")
+    if key == "split":
+      if value.lower() not in ("0", "1", "true", "false"):
+        raise ValueError(f"split={value!r} must be 0|1|true|false")
+      fields[key] = value.lower() in ("1", "true")
+      continue
+    try:
+      fields[key] = int(value)
+    except ValueError:
+      raise ValueError(f"{key}={value!r} must be an integer") from None
+  launch = LAUNCH._replace(**fields)
+  if launch.block < 16 or launch.block & (launch.block - 1):
+    raise ValueError(f"block={launch.block} must be a power of two >= 16 (Triton's dots)")
+  if launch.warps not in WARPS:
+    raise ValueError(f"warps={launch.warps} must be one of {'|'.join(map(str, WARPS))}")
+  for key in ("stages", "heads"):
+    if getattr(launch, key) < 1:
+      raise ValueError(f"{key}={getattr(launch, key)} must be >= 1")
+  return launch
+
+
+def launch_text(launch: Launch) -> str:
+  """`launch` as model.flash_launch writes it, every field (parse_launch's inverse)."""
+  return ",".join(f"{k}={int(v)}" for k, v in zip(Launch._fields, launch))
+
+
+def launch_unsupported(launch: Launch, num_heads: int, seq_len: int) -> str | None:
+  """Why `launch` cannot run a model of num_heads heads over rows of seq_len positions;
+  None when it can."""
+  if num_heads % launch.heads:
+    return f"heads={launch.heads} (a program's) does not divide the model's {num_heads} heads"
+  if seq_len % min(launch.block, seq_len):
+    return f"block={launch.block} does not divide data.seq_len={seq_len}"
+  return None
 
 
 def tile_bounds(seg_BL, block: int, causal: bool):

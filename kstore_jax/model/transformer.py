@@ -65,6 +65,7 @@ class ModelConfig:
   scan_layers: bool = False      # training: one scanned block instead of num_layers unrolled
   max_docs: int = 0              # the most documents a packed row holds (cudnn); 0: its length
   attention: str = "einsum"      # an `attention.IMPLEMENTATIONS` name (resolved: not 'auto')
+  flash_launch: str = ""         # pallas_docs' launch (flash_docs.parse_launch; "": LAUNCH)
   norm: str = "xla"              # a NORMS name (resolved: not 'auto'): how the residual adds
                                  # and the norms after them run
   platform: str = "cpu"          # what the model is lowered for: cpu | cuda | rocm | tpu
@@ -285,7 +286,7 @@ class Attention(nn.Module):
     if cache is None:
       out_BLHK = attention_lib.self_attention(
           cfg.attention, q_BLHK, k_BLHK, v_BLHK, positions_BL, segment_ids_BL, cfg.causal,
-          interpret=cfg.platform == "cpu", max_docs=cfg.max_docs)
+          interpret=cfg.platform == "cpu", max_docs=cfg.max_docs, launch=cfg.flash_launch)
     else:
       # Write this call's keys/values at columns [index, index + L) of this layer's head-major
       # cache: one dynamic-update-slice, the same columns for every row, done in place (each

@@ -425,6 +425,12 @@ def measure_train(cfg, **kw) -> dict:
                               runs=COHORT_RUNS.value, **kw)
 
 
+def flash_launch(cfg) -> dict:
+  """A bench line's `flash_launch` context: the launch the config names for pallas_docs
+  (model.flash_launch), where it names one."""
+  return {"flash_launch": cfg.model.flash_launch} if cfg.model.flash_launch else {}
+
+
 def bench_train(cfg) -> list[dict]:
   from kstore_jax.train import throughput
   r = measure_train(cfg, steps=TRAIN_STEPS.value)
@@ -433,7 +439,7 @@ def bench_train(cfg) -> list[dict]:
   ctx = dict(config=cfg.name, scale=cfg.scale, model=size_name(cfg.model), params=r["params"],
              vocab=r["vocab"], batch_size=cfg.pretrain.batch_size, seq_len=cfg.data.seq_len,
              dtype=r["dtype"], attention=r["attention"], remat=cfg.model.remat,
-             cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
+             cohort_runs=COHORT_RUNS.value, device=jax_device_kind(), **flash_launch(cfg))
   out = [measurement("train_tokens_per_s", round(r["tokens_per_s"], 1), "tokens/s", **ctx),
          measurement("train_step_s", round(r["step_s"], 4), "s", loss=round(r["loss"], 4),
                      first_step_s=round(r["first_step_s"], 2), **ctx),
@@ -488,7 +494,7 @@ def bench_profile(cfg) -> list[dict]:
       print(f"bench profile: no floors, the step's HLO could not be read ({e!r})",
             file=sys.stderr, flush=True)
   ctx = dict(config=cfg.name, scale=cfg.scale, dtype=r["dtype"], attention=r["attention"],
-             cohort_runs=COHORT_RUNS.value, device=jax_device_kind())
+             cohort_runs=COHORT_RUNS.value, device=jax_device_kind(), **flash_launch(cfg))
   busy = sum(totals.values()) / steps
   # the launch-bound kernels' time (roofline.TINY_BYTES), which their floor does not count
   timed = tiny & totals.keys()
@@ -776,7 +782,7 @@ def bench_attention(cfg) -> Iterator[dict]:
   inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document
   bound, pallas_docs also at other launches (`pallas_docs_launches`: tiles, warps, pipeline
   stages, heads a program), with `tiles_visited` (the share of a causal kernel's tile pairs
-  it walks). Each line is yielded (printed) as it is measured: a deadline keeps the kernels
+  it walks) and `launch` (as model.flash_launch names it). Each line is yielded (printed) as it is measured: a deadline keeps the kernels
   timed before it."""
   import jax
   import jax.numpy as jnp
@@ -847,9 +853,10 @@ def bench_attention(cfg) -> Iterator[dict]:
       extra["fwd_ms"] = round(throughput.median_time(
           fwd, q, k, v, pos, seg, repeats=ATTENTION_REPEATS.value) * 1e3, 3)
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
-      visited, causal_only = flash_docs.visited_tiles(
-          seg, min((option or flash_docs.LAUNCH).block, L), True)
-      extra["tiles_visited"] = round(visited / causal_only, 3)
+      launch = option or flash_docs.LAUNCH   # and the launch as model.flash_launch names it
+      visited, causal_only = flash_docs.visited_tiles(seg, min(launch.block, L), True)
+      extra.update(tiles_visited=round(visited / causal_only, 3),
+                   launch=flash_docs.launch_text(launch))
     yield measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
                       compile_s=round(compile_s, 2), rel_err_out=errs[0], rel_err_dq=errs[1],
                       rel_err_dk=errs[2], rel_err_dv=errs[3], **extra, **ctx)

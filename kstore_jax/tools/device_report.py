@@ -1,6 +1,7 @@
 """The prepared device check's bookkeeping (launch/device_check.sh calls it between sections):
 
     python -m kstore_jax.tools.device_report pick BENCH_JSONL KERNEL...   # the variants' kernel
+    python -m kstore_jax.tools.device_report launch BENCH_JSONL   # the fastest right launch
     python -m kstore_jax.tools.device_report results RUNS_DIR OUT_JSON    # the small runs' results
     python -m kstore_jax.tools.device_report summary OUTDIR SECONDS RUNS_DIR   # summary.txt
 
@@ -19,7 +20,7 @@ from kstore_jax import rundir
 
 SUMMARY_KEYS = ("op", "scope", "kind", "share", "floor_us", "floor_us_per_step", "cohort_runs",
                 "alone_mfu", "grid_mfu", "attention", "dtype", "vocab", "seq_len", "batch_size",
-                "tflops_per_s", "fwd_ms", "tiles_visited", "rel_err_out", "rel_err_dq", "skipped",
+                "tflops_per_s", "fwd_ms", "tiles_visited", "launch", "flash_launch", "rel_err_out", "rel_err_dq", "skipped",
                 "loss", "first_step_s", "device", "jax", "source")
 
 
@@ -61,6 +62,22 @@ def pick_kernel(lines: list[dict], kernels: list[str], tolerance: float = 0.02) 
   median = statistics.median(r["loss"] for r in runs.values())
   agree = [k for k, r in runs.items() if abs(r["loss"] - median) <= tolerance * abs(median)]
   return min(agree, key=lambda k: runs[k]["value"]) if agree else None
+
+
+def pick_launch(lines: list[dict]) -> str | None:
+  """The launch (as model.flash_launch names it) of the fastest pallas_docs launch the
+  attention section timed whose error against XLA in f32 is under ATTENTION_TOLERANCE, when
+  it is not the model's own (`attention_pallas_docs_ms`, flash_docs.LAUNCH); None when the
+  model's is the fastest right one, or none is right."""
+  errs = attention_errors(lines)
+  prefix = "attention_pallas_docs"
+  right = {r["name"]: r for r in lines
+           if r.get("section") == "attention" and r["name"].startswith(prefix)
+           and r["value"] is not None and "launch" in r
+           and errs.get(r["name"][len("attention_"):-len("_ms")], math.inf)
+           <= ATTENTION_TOLERANCE}
+  best = min(right.values(), key=lambda r: r["value"], default=None)
+  return None if best is None or best["name"] == f"{prefix}_ms" else best["launch"]
 
 
 def run_names(runs_dir: str) -> list[str]:
@@ -106,7 +123,8 @@ def summary(out: str, took: str, runs_dir: str) -> str:
     sec = r["section"]
     got = lambda by_section: by_section[sec]["value"] if sec in by_section else "-"
     text.append(f"fastest {rank}: {sec:28s} {r['value']:.4f} s/step  mfu {got(mfu)}  "
-                f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}")
+                f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}"
+                + (f" flash_launch={r['flash_launch']}" if r.get("flash_launch") else ""))
   results = collect_results(runs_dir)
   for row in run_names(runs_dir):
     for stage in ("pretrain", "pretrain_mixed", "finetune"):
@@ -130,6 +148,8 @@ def main(argv=None) -> None:
   p = sub.add_parser("pick")
   p.add_argument("bench_jsonl")
   p.add_argument("kernels", nargs="+")
+  p = sub.add_parser("launch")
+  p.add_argument("bench_jsonl")
   p = sub.add_parser("results")
   p.add_argument("runs_dir")
   p.add_argument("out_json")
@@ -146,6 +166,13 @@ def main(argv=None) -> None:
             "right (none finished with a finite loss and a small attention error, or two "
             "disagree): the first kernel's variants run", file=sys.stderr)
     print(picked or "")
+  elif args.command == "launch":
+    lines = read_lines(args.bench_jsonl) if os.path.exists(args.bench_jsonl) else []
+    launch = pick_launch(lines)
+    if launch is None:   # the caller trains the model's own launch; the log says why
+      print("device_report launch: no pallas_docs launch timed by the attention section is "
+            "both right and faster than the model's", file=sys.stderr)
+    print(launch or "")
   elif args.command == "results":
     found = collect_results(args.runs_dir)
     if found:
