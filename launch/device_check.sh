@@ -27,10 +27,11 @@
 # KSTORE_CHECK_KERNELS: the attention kernels of train/profile (default "pallas_docs tokamax
 # pallas"; session 8 measured xla at 26% MFU and cudnn at 5%, against pallas's 39%: the
 # deadline goes to the variants instead); KSTORE_CHECK_ATTENTION: the attention section's
-# (default "pallas_docs,tokamax,pallas,xla").
+# (default "pallas_docs,tokamax,pallas,xla"); KSTORE_CHECK_CACHE: jax's compilation cache
+# (default .cache/jax in the checkout, kept between a window's calls; the smoke's: temporary).
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 SMOKE=0
@@ -65,7 +66,12 @@ LOG="$OUT/log.txt"; JSON="$OUT/bench.jsonl"; STATUS="$OUT/.status"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 # one compilation cache for every process of this check (the small rows share their shapes)
-export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache" PYTHONUNBUFFERED=1
+# and, on a device, for the next call on the same machine (the checkout's ignored .cache/
+# stays between a window's calls while the machine is warm): a second call loads what the
+# first compiled (the small grid's cohort step, its GEMMs' autotuning) instead of compiling it
+# again; the smoke's is its own, in the temporary directory; KSTORE_CHECK_CACHE names another
+CACHE="$([ "$SMOKE" = 1 ] && echo "$WORK/jax_cache" || echo "$ROOT/.cache/jax")"
+export JAX_COMPILATION_CACHE_DIR="${KSTORE_CHECK_CACHE:-$CACHE}" PYTHONUNBUFFERED=1
 # shellcheck source=_device_env.sh source-path=SCRIPTDIR
 source "$ROOT/launch/_device_env.sh" "" >> "$LOG" 2>&1 || { cat "$LOG"; exit 2; }
 PY="${PYTHON:-python3}"
