@@ -83,6 +83,8 @@ def test_smoke_runs_every_section(tmp_path):
   steps = configlib.load_config_file(os.path.join(ROOT, "configs/tiny.py")).pretrain.steps
   assert projected["value"] > 0 and projected["steps"] == steps   # tiny's pretrain stage
   assert abs(projected["value"] - train["train_step_s"]["value"] * steps / 3600) < 2e-3
+  step = train["train_step_s"]   # the step's compile alone, part of its first step's seconds
+  assert 0 < step["compile_s"] <= step["first_step_s"], step
   vocab = {l["vocab"] for l in lines if l["section"] == f"{first}_gpt2_vocab" and "vocab" in l}
   assert vocab == {50304}
   results = json.loads((out / "results_small.json").read_text())

@@ -442,7 +442,8 @@ def bench_train(cfg) -> list[dict]:
              cohort_runs=COHORT_RUNS.value, device=jax_device_kind(), **flash_launch(cfg))
   out = [measurement("train_tokens_per_s", round(r["tokens_per_s"], 1), "tokens/s", **ctx),
          measurement("train_step_s", round(r["step_s"], 4), "s", loss=round(r["loss"], 4),
-                     first_step_s=round(r["first_step_s"], 2), **ctx),
+                     first_step_s=round(r["first_step_s"], 2),
+                     compile_s=round(r["compile_s"], 2), **ctx),
          measurement("train_flops_per_s", round(r["flops_per_s"] / 1e9, 2), "GFLOP/s", **ctx),
          measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=n, **ctx),
          measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx),
