@@ -88,6 +88,21 @@ run() { show "$@"; if [ "$DRY" = 0 ]; then "$@"; fi; }
 on_all() { run "${GC[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"; }
 q() { printf '%q' "$1"; }   # quote one word for the workers' bash
 
+# The working tree into a tarball: in a git checkout, what git sees (tracked files, deleted
+# ones left out, and untracked ones it does not ignore: not .venv, runs/, the CUDA plugin of
+# .aot/ (~450 MB), .whl/, caches); elsewhere the tree less the same few directories.
+pack() {
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+      | while IFS= read -r -d '' f; do [ -e "$ROOT/$f" ] && printf '%s\0' "$f"; done \
+      | tar -czf "$1" -C "$ROOT" --null -T -
+  else
+    tar -czf "$1" -C "$ROOT" --exclude=./.venv --exclude='./.venv-*' --exclude=./runs \
+      --exclude=./.aot --exclude=./.whl --exclude=./.cache --exclude='*/__pycache__' \
+      --exclude=./.pytest_cache .
+  fi
+}
+
 # 1. The TPU VM: reuse it if it exists.
 DESCRIBE=("${GC[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)')
 show "${DESCRIBE[@]}"
@@ -103,8 +118,7 @@ fi
 # 2. The code on every worker.
 if [ "$REPO" = copy ]; then
   TARBALL="${TMPDIR:-/tmp}/kstore_jax-$RUN_ID.tgz"
-  run tar -czf "$TARBALL" -C "$ROOT" --exclude=./.venv --exclude='./.venv-*' --exclude=./runs \
-    --exclude=./.git --exclude='*/__pycache__' --exclude=./.pytest_cache .
+  run pack "$TARBALL"
   run "${GC[@]}" scp "$TARBALL" "$NAME:kstore_jax_src.tgz" "${LOC[@]}" --worker=all
   on_all "mkdir -p $(q "$RDIR") && tar -xzf kstore_jax_src.tgz -C $(q "$RDIR") && rm kstore_jax_src.tgz"
   if [ "$DRY" = 0 ]; then rm -f "$TARBALL"; fi

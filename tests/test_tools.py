@@ -559,9 +559,20 @@ def test_tpu_pod_runs_its_commands(tmp_path):
   env = {**TPU_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_HOME": str(home),
          "FAKE_VENV": sys.prefix, "KSTORE_POLL_S": "1", "KSTORE_NUM_PROCESSES": "1",
          "TMPDIR": str(tmp_path)}
-  # A config error: kstore_jax.main starts and fails at once with status 2.
-  r = script("tpu_pod.sh", "--delete", "--config=configs/single.py:tiny", "--workdir=runs/x",
-             "--", "--config.data.n_people=1", env=env)
+  # what git ignores stays here (.aot/'s 450 MB CUDA plugin was copied to every worker): an
+  # ignored file made for the test under build/
+  ignored = ROOT / "build" / f"tpu_pod_test_{os.getpid()}"
+  ignored.parent.mkdir(exist_ok=True)
+  ignored.write_text("not for the workers")
+  try:
+    # A config error: kstore_jax.main starts and fails at once with status 2.
+    r = script("tpu_pod.sh", "--delete", "--config=configs/single.py:tiny", "--workdir=runs/x",
+               "--", "--config.data.n_people=1", env=env)
+  finally:
+    ignored.unlink()
+    if not any(ignored.parent.iterdir()):
+      ignored.parent.rmdir()
+  assert not (home / "kstore_jax" / "build" / ignored.name).exists()
   assert r.returncode == 2, (r.stdout[-3000:], r.stderr[-3000:])
   assert "kstore_jax.main: error: data.n_people=1" in r.stdout   # worker 0's log, followed
   assert "the run exited with status 2" in r.stderr
