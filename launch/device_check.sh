@@ -169,6 +169,11 @@ section_tuned() {   # the paper step at the attention section's fastest right la
   run "train_${TUNED_KERNEL}_tuned" 120 "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" \
     --train_steps="$TRAIN_STEPS" --config.model.attention="$TUNED_KERNEL" "${FLASH[@]}" \
     "${MATMUL[@]}"
+  # a launch that failed in the whole step (registers, a compile error) is not profiled
+  if ! tail -n 1 "$STATUS" | grep -q "^train_${TUNED_KERNEL}_tuned ok "; then
+    echo "tuned launch not ok in the train step: the profile runs the default" >> "$LOG"
+    FLASH=()
+  fi
 }
 section_profile() {   # where the first kernel's train step spends its time (at the tuned
   # launch once `tuned` has run: its compile is then in the cache); then the small grid's
