@@ -9,10 +9,9 @@
 # pallas_docs at the attention section's fastest right launch: model.flash_launch; the
 # paper profile then uses that launch too), profile (the top ops of the
 # first kernel's train step, of the small grid's base cohort step and of one small run's
-# step), train (bench train,
-# paper config in bf16 per attention kernel, then the fastest of them whose loss agrees with
-# the others' with the other norm kernel, cuBLAS for every matmul, 128x384 rows,
-# --gpt2_vocab, scanned layers),
+# step), train (bench train, paper config in bf16 per attention kernel, then the fastest of
+# them whose loss agrees with the others' with the other norm kernel, cuBLAS for every matmul,
+# no GEMM autotuning, 128x384 rows, --gpt2_vocab, scanned layers),
 # grid (bench grid:
 # grid_speedup of 10/5/2 `small` runs in one vmapped step, grid_eval_speedup of their eval
 # decoded together), small (the small grid,
@@ -205,6 +204,11 @@ section_train() {   # each kernel at the paper shape, then the fastest one's var
   # XLA's own Triton GEMM fusions off (cuBLAS for every matmul; session 8's xla-step profile
   # had ~15% of its time in gemm_fusion kernels, and their autotuning in the compile)
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" run "train_${first}_cublas" 120 \
+    "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" --train_steps="$TRAIN_STEPS" \
+    --config.model.attention="$first" "${MATMUL[@]}"
+  # XLA's GEMM autotuning off (its heuristic tilings): what the compile spends on it
+  # (compile_s) against what the step loses without it
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" run "train_${first}_autotune0" 120 \
     "${BENCH[@]}" train --config="$PAPER" "${SIZES[@]}" --train_steps="$TRAIN_STEPS" \
     --config.model.attention="$first" "${MATMUL[@]}"
   # every bioS document fits in 128 positions: 128 x (4 x batch) rows are the same function

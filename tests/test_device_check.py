@@ -47,6 +47,7 @@ def test_smoke_runs_every_section(tmp_path):
   assert set(sections) == {"env", "ceiling", "attention", "train_xla_tuned", "profile_xla",
                            "profile_grid", "train_xla",
                            "train_einsum", f"{first}_norm_pallas", f"{first}_cublas",
+                           f"{first}_autotune0",
                            f"{first}_gpt2_vocab",
                            f"{first}_scan", "grid", "small"}, summary
   assert all(how == "ok" for how in sections.values()), summary
