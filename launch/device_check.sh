@@ -30,7 +30,7 @@
 # (default .cache/jax in the checkout, kept between a window's calls; the smoke's: temporary).
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"   # the header
   exit 0
 fi
 SMOKE=0

@@ -119,6 +119,16 @@ def test_sections_run_in_the_order_named(tmp_path):
       "ceiling", "env"], summary
 
 
+def test_help_is_the_header_whole():
+  """--help prints the script's header comment, every line of it and no code (a fixed line
+  range printed a code line, or cut the header, each time the header grew or shrank)."""
+  text = open(os.path.join(ROOT, "launch", "device_check.sh")).read().splitlines()
+  end = next(i for i, l in enumerate(text) if i and not l.startswith("#"))
+  header = [re.sub(r"^# ?", "", l) for l in text[1:end]]
+  proc = check("--help", timeout=30)
+  assert proc.returncode == 0 and proc.stdout.splitlines() == header, proc.stdout[-500:]
+
+
 def test_bad_arguments_are_one_line(tmp_path):
   for args, culprit in ((["--sections=env,typo", str(tmp_path)], "typo"),
                         (["--fast", str(tmp_path)], "--fast"), ([], "OUTDIR"),
