@@ -783,8 +783,8 @@ def bench_attention(cfg) -> Iterator[dict]:
   inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document
   bound, pallas_docs also at other launches (`pallas_docs_launches`: tiles, warps, pipeline
   stages, heads a program), with `tiles_visited` (the share of a causal kernel's tile pairs
-  it walks) and `launch` (as model.flash_launch names it). Each line is yielded (printed) as it is measured: a deadline keeps the kernels
-  timed before it."""
+  it walks) and `launch` (as model.flash_launch names it). Each line is yielded (printed) as
+  it is measured: a deadline keeps the kernels timed before it."""
   import jax
   import jax.numpy as jnp
   from kstore_jax.model import attention, flash_docs, transformer

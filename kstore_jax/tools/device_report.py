@@ -20,8 +20,9 @@ from kstore_jax import rundir
 
 SUMMARY_KEYS = ("op", "scope", "kind", "share", "floor_us", "floor_us_per_step", "cohort_runs",
                 "alone_mfu", "grid_mfu", "attention", "dtype", "vocab", "seq_len", "batch_size",
-                "tflops_per_s", "fwd_ms", "tiles_visited", "launch", "flash_launch", "rel_err_out", "rel_err_dq", "skipped",
-                "loss", "first_step_s", "compile_s", "device", "jax", "source")
+                "tflops_per_s", "fwd_ms", "tiles_visited", "launch", "flash_launch",
+                "rel_err_out", "rel_err_dq", "skipped", "loss", "first_step_s", "compile_s",
+                "device", "jax", "source")
 
 
 def read_lines(path: str) -> list[dict]:
