@@ -429,7 +429,7 @@ def load_grid(spec: str | None, overrides: list[str]):
         except ConfigError as e:   # a key only some runs have (data.groups.<name>)
           raise ConfigError(f"run {name!r}: {e}") from None
   for key, choices in (("mode", grids.MODES), ("run_axis", grids.RUN_AXES),
-                       ("eval_runs", grids.EVAL_RUNS)):
+                       ("eval_runs", grids.EVAL_RUNS), ("precompile", grids.PRECOMPILE)):
     if g.grid[key] not in choices:
       raise ConfigError(f"config key 'grid.{key}'={g.grid[key]!r} must be one of {choices}")
   max_runs = g.grid.max_runs

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import runs
-from runs import DETERMINISTIC, ROOT, small_run_args
+from runs import DETERMINISTIC, ROOT, micro_stage_args, small_run_args
 
 STEPS, SAVE_EVERY = 20, 10
 # two layers: a slower step keeps the kill-9 test's window (steps 12-20) wide
@@ -191,6 +191,7 @@ def test_kill_9_then_rerun_matches_uninterrupted_grid(trained, four, env, tmp_pa
     (["--config.grid.mode=fast"], "'grid.mode'='fast' must be one of"),
     (["--config.grid.run_axis=tensor"], "'grid.run_axis'='tensor' must be one of"),
     (["--config.grid.eval_runs=sometimes"], "'grid.eval_runs'='sometimes' must be one of"),
+    (["--config.grid.precompile=maybe"], "'grid.precompile'='maybe' must be one of"),
     (["--config.data.qa_ratio=2.0"], "run 'single': data.qa_ratio=2.0"),
     (["--runs=single,nobody"], "--runs: 'nobody' is not a run of the grid"),
     (["--runs="], "--runs= names no run"),
@@ -320,6 +321,33 @@ def test_fig3_toy_grid_reports_every_row_in_both_columns(env, tmp_path):
     cells = row.split("|")[2:4]
     assert all("[" in c for c in cells), row
 
+
+
+def test_precompile_compiles_the_next_stage_while_one_trains(env, tmp_path):
+  """grid.precompile=on: the finetune cohort's step (another batch shape than pretraining's,
+  so another program) is compiled while the pretrain cohort trains, and the finetune stage
+  starts on that executable: no step is compiled after the line that says it waited for it
+  (with `off` there is no such line and the step compiles when its stage starts). Both
+  threads' compiles are in the log in order (stdout and stderr in one pipe)."""
+  cmd = [runs.python(), "-m", "kstore_jax.grid", "--config=configs/grids/small5.py:tiny",
+         f"--workdir={tmp_path / 'ahead'}", "--config.grid.mode=vmap",
+         "--config.grid.precompile=on", "--runs=single_finetune,multi5_finetune",
+         "--config.data.n_people=100", "--config.data.vocab_size=1024",
+         "--config.data.seq_len=160", "--config.eval.max_people=8",
+         *micro_stage_args(4, 10, pretrain=4),
+         "--config.finetune.steps=2", "--config.finetune.batch_size=8"]
+  r = subprocess.run(cmd, cwd=ROOT, env={**env(), "JAX_LOG_COMPILES": "1"},
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400,
+                     check=False)
+  assert r.returncode == 0, r.stdout[-3000:]
+  lines = r.stdout.splitlines()
+  ahead = [i for i, l in enumerate(lines) if re.fullmatch(
+      r"\[grid\] finetune: compiled ahead \(\d+\.\d s waited\)", l)]
+  compiles = [i for i, l in enumerate(lines) if "Compiling jit(step)" in l]
+  assert len(ahead) == 1 and len(compiles) >= 2, "\n".join(lines[-60:])
+  assert max(compiles) < ahead[0] < next(
+      i for i, l in enumerate(lines) if "[grid] finetune: 2 run(s) in one step" in l)
+  assert metrics(tmp_path / "ahead" / "single_finetune" / "finetune")[-1]["step"] == 2
 
 
 def test_a_run_behind_catches_up_in_the_whole_cohort(trained, four, env, tmp_path):

@@ -6,7 +6,10 @@ auto; `run_axis`: where a vmap cohort's run axis goes on the mesh: `replicated` 
 (split over the data axis where it divides the cohort); `eval_runs`: whether a vmap grid's
 runs decode their eval together (`together`: one pass vmapped over their params; `alone`:
 one run after another; `auto`: together on a GPU/TPU, alone on a CPU, where together measured
-0.67-0.86x on 2 cores: BENCHMARKS.md "Grid")),
+0.67-0.86x on 2 cores: BENCHMARKS.md "Grid"); `precompile`: whether a vmap grid compiles the
+steps of each run's next trained stage in a background thread while the current stage trains
+(`on`; `off`; `auto`: on a GPU/TPU, whose host waits on the device meanwhile, off on a CPU,
+whose cores the step uses)),
 `runs`, the run configs by run name, and `order`, the run names in the order the grid
 runs them and the report lists them (a ConfigDict keeps its keys sorted). Each run
 config is an ordinary experiment config (a row config at a scale and variants), so each run's
@@ -20,6 +23,7 @@ import ml_collections
 MODES = ("auto", "vmap", "processes", "sequential")
 RUN_AXES = ("replicated", "data")   # kstore_jax/train/sharding.py run_axis_for
 EVAL_RUNS = ("auto", "together", "alone")
+PRECOMPILE = ("auto", "on", "off")
 # run-name suffix -> base.get_config variants of that training method (PAPER.md Figure 3)
 METHODS = {"finetune": "", "mixed": "mixed"}
 
@@ -33,10 +37,11 @@ FIG3_ROWS = (
 
 
 def make(runs: dict[str, ml_collections.ConfigDict], max_runs: int = 8, mode: str = "auto",
-         run_axis: str = "replicated", eval_runs: str = "auto") -> ml_collections.ConfigDict:
+         run_axis: str = "replicated", eval_runs: str = "auto",
+         precompile: str = "auto") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.grid = ml_collections.ConfigDict(dict(max_runs=max_runs, mode=mode, run_axis=run_axis,
-                                          eval_runs=eval_runs))
+                                          eval_runs=eval_runs, precompile=precompile))
   c.runs = ml_collections.ConfigDict(runs)
   c.order = tuple(runs)
   return c

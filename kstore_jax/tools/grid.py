@@ -23,6 +23,10 @@ one-line error naming the run and the key).
               same model shape decodes in one pass vmapped over their params (`together`,
               `grid.max_runs` at a time; `auto`: on a GPU/TPU, not on a CPU, where it
               measured slower) or run by run (`alone`); probe scoring runs per run.
+              `grid.precompile`: while a stage trains, a background thread compiles the
+              steps of the runs' next trained stage (`compile_ahead`: a finetune's cohort
+              during pretraining), so that stage starts on jax's cached executables (`on`;
+              `auto`: on a GPU/TPU, one process; `off`).
   processes   each run in its own `python -m kstore_jax.grid --runs=<run>` process pinned
               to one CPU core, as many at once as there are cores (2 cores: two runs side by
               side).
@@ -38,6 +42,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from absl import flags
 
@@ -85,39 +90,94 @@ def resolve_mode(mode: str, platform: str, n_runs: int, n_processes: int = 1) ->
   return "processes" if n_runs > 1 and len(os.sched_getaffinity(0)) > 1 else "sequential"
 
 
+def plan_cohorts(exps: dict, stages: dict[str, str], say_done: bool = False
+                 ) -> dict[tuple, tuple[list[str], object]]:
+  """{cohort key: (runs, the first run's member, abstract)} of the runs in `stages` (run ->
+  the trained stage it trains next) that have not finished it: runs of one key train in one
+  step (Experiment.member). Keyed on shapes: a run's base model (finetune, probes) is loaded
+  when its cohort trains, not every run's at once."""
+  cohorts: dict[tuple, tuple[list[str], object]] = {}
+  for n, stage in stages.items():
+    if exps[n].done(stage):
+      if say_done:
+        print(f"[{n}/{stage}] already done, skipping", flush=True)
+      continue
+    member, key = exps[n].member(stage, n, abstract=True)
+    cohorts.setdefault(key, ([], member))[0].append(n)
+  return cohorts
+
+
+def compile_ahead(exps: dict, cohorts: dict, max_runs: int, run_axis: str) -> threading.Thread:
+  """A started background thread compiling the LM steps `cohorts` (plan_cohorts) will train,
+  at the cohort sizes train_vmapped will cut them to (fit_cohort's, whose compiles are the
+  sizes it tries): when their stage starts, its compiles are jax's in-memory cache's. A step
+  that fails to compile here says so in a line and compiles, and fails, when its stage
+  starts."""
+  from configs import base
+  from kstore_jax.train import loop, sharding
+
+  def work():
+    for group, member in cohorts.values():
+      if member.spec.name not in base.TRAIN_STAGES:   # (probe steps are small)
+        continue
+      exp = exps[group[0]]
+      try:
+        size = fit_cohort(exp, member, min(max_runs, len(group)), run_axis, quiet=True)
+        for runs in sorted({len(group[i:i + size]) for i in range(0, len(group), size)}):
+          axis = sharding.run_axis_for(run_axis, exp.mesh, runs)
+          loop.traced_step(member.spec, exp.mesh, exp.cfg.seed, runs, axis).lower().compile()
+      except Exception as e:   # noqa: BLE001 - compiled again, and raised, when it trains
+        print(f"[grid] compiling {member.spec.name} ahead failed ({type(e).__name__}: "
+              f"{str(e)[:200]}); it compiles when its stage starts", file=sys.stderr,
+              flush=True)
+
+  thread = threading.Thread(target=work, name="compile_ahead", daemon=True)
+  thread.stages = ", ".join(dict.fromkeys(m.spec.name for _, m in cohorts.values()))
+  thread.start()
+  return thread
+
+
+def finish_ahead(thread: threading.Thread) -> None:
+  """Wait for compile_ahead's thread; a line says how long this stage waited for it."""
+  t = time.time()
+  thread.join()
+  print(f"[grid] {thread.stages}: compiled ahead ({time.time() - t:.1f} s waited)", flush=True)
+
+
 def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
-                  eval_together: bool = False) -> None:
+                  eval_together: bool = False, precompile: bool = False) -> None:
   """Every run's stages, the training and probe-training ones in cohorts (Experiment.member
   keys) of at most `max_runs` runs, each stage of all runs before the next stage (the base
   stages as one: a pretrain and a pretrain_mixed of equal settings share a step); a cohort's
   run axis placed on the mesh by `run_axis` (grid.run_axis: sharding.run_axis_for); with
-  `eval_together` the eval of runs with one Experiment.eval_key decoded in one pass."""
+  `eval_together` the eval of runs with one Experiment.eval_key decoded in one pass; with
+  `precompile` the steps of each run's next trained stage compiled in the background while
+  a stage trains (compile_ahead)."""
   from configs import base
   from kstore_jax import experiment
   from kstore_jax.train import loop, sharding
   pending = {n: list(e.stages()) for n, e in exps.items()}
   diverged = []   # runs whose loss went non-finite: their later stages are skipped
+  ahead = None    # the background compile of the next trained stage's steps
   while any(pending.values()):
     nexts = {n: s[0] for n, s in pending.items() if s}
     stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
     # the stages of its step group go together (pretrain beside pretrain_mixed)
     names = [n for n, s in nexts.items() if base.step_group(s) == base.step_group(stage)]
-    cohorts: dict[tuple, list] = {}
-    shapes = {}   # cohort key -> its first run's member, abstract (the memory fit's)
+    cohorts = {}
     if stage in base.TRAINED_STAGES:
-      for n in names:
-        if exps[n].done(nexts[n]):
-          print(f"[{n}/{nexts[n]}] already done, skipping", flush=True)
-          continue
-        # keyed on shapes: a run's base model (finetune, probes) is loaded when its cohort
-        # trains, not every run's at once
-        member, key = exps[n].member(nexts[n], n, abstract=True)
-        cohorts.setdefault(key, []).append(n)
-        shapes.setdefault(key, member)
-    for key, group in cohorts.items():
+      if ahead is not None:   # (an eval before this stage ran beside it)
+        finish_ahead(ahead)
+        ahead = None
+      cohorts = plan_cohorts(exps, {n: nexts[n] for n in names}, say_done=True)
+      if precompile and cohorts:   # each of these runs' next trained stage, if it has one
+        after = {n: s for n in names if (s := next(
+            (t for t in pending[n][1:] if t in base.TRAINED_STAGES), None))}
+        ahead = compile_ahead(exps, plan_cohorts(exps, after), max_runs, run_axis)
+    for group, member in cohorts.values():
       size = min(max_runs, len(group))
       if size > 1 and stage in base.TRAIN_STAGES:   # (probe steps are small)
-        size = fit_cohort(exps[group[0]], shapes[key], size, run_axis)
+        size = fit_cohort(exps[group[0]], member, size, run_axis)
       for i in range(0, len(group), size):
         part = group[i:i + size]
         first = exps[part[0]]
@@ -147,22 +207,25 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
         print(f"== {n}: {stage} ==", flush=True)   # probe scoring (trained above) or eval
         exps[n].run_stage(stage)
       pending[n].pop(0)
+  if ahead is not None:   # a stage no run reached (its runs diverged): done before exit
+    finish_ahead(ahead)
   if diverged:
     raise loop.NonFiniteLoss(f"run(s) {', '.join(diverged)} stopped on a non-finite loss; "
                              "every other run finished", diverged)
 
 
-def fit_cohort(exp, member, wanted: int, run_axis: str) -> int:
+def fit_cohort(exp, member, wanted: int, run_axis: str, quiet: bool = False) -> int:
   """The most runs, at most `wanted`, that `member`'s stage trains in one step within
   memory.FIT_SHARE of what a device may hold (train.memory_gb or the device's:
-  loop.fit_runs); `wanted` where the platform does not say."""
+  loop.fit_runs); `wanted` where the platform does not say. A line says what each size
+  needed when fewer fit (not `quiet`: compile_ahead's, said again when the stage starts)."""
   from kstore_jax.train import loop, memory
   budget = memory.budget_bytes(exp.cfg.train.memory_gb, exp.mesh)
   if budget is None:
     return wanted
   allowed = int(budget * memory.FIT_SHARE)
   runs, tried = loop.fit_runs(member.spec, exp.mesh, exp.cfg.seed, wanted, run_axis, allowed)
-  if runs < wanted:
+  if runs < wanted and not quiet:
     needs = ", ".join(f"{r} run{'s' * (r > 1)}: {memory.gb(b)}" for r, b in tried)
     print(f"[grid] {member.spec.name}: a step's memory a device ({needs}) against "
           f"{memory.gb(allowed)} ({int(memory.FIT_SHARE * 100)}% of "
@@ -185,6 +248,15 @@ def eval_together(choice: str, platform: str) -> bool:
   """grid.eval_runs: `together`, or `auto` off a CPU (on 2 CPU cores one vmapped decode of R
   runs took 1.2-1.5x their decodes one after another: BENCHMARKS.md "Grid")."""
   return choice == "together" or (choice == "auto" and platform != "cpu")
+
+
+def compile_ahead_on(choice: str, platform: str, n_processes: int) -> bool:
+  """grid.precompile: `on`, or `auto` off a CPU (there the host waits on the device while a
+  step runs; on a CPU a compile takes the cores the step runs on); never in a cluster of
+  several processes (the cohort sizes are agreed on by a collective: memory.budget_bytes)."""
+  if n_processes > 1:
+    return False
+  return choice == "on" or (choice == "auto" and platform != "cpu")
 
 
 def run_processes(spec: str, overrides: list[str], workdir: str, names: list[str]) -> None:
@@ -299,7 +371,9 @@ def main(argv):
   try:
     if mode == "vmap":
       train_vmapped(exps, g.grid.max_runs, g.grid.run_axis,
-                    eval_together=eval_together(g.grid.eval_runs, platform))
+                    eval_together=eval_together(g.grid.eval_runs, platform),
+                    precompile=compile_ahead_on(g.grid.precompile, platform,
+                                                jax.process_count()))
     else:   # a run that diverges stops alone (as a processes-mode child does)
       diverged = []
       for n, e in exps.items():
