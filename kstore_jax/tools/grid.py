@@ -108,18 +108,15 @@ def plan_cohorts(exps: dict, stages: dict[str, str], say_done: bool = False
 
 
 def compile_ahead(exps: dict, cohorts: dict, max_runs: int, run_axis: str) -> threading.Thread:
-  """A started background thread compiling the LM steps `cohorts` (plan_cohorts) will train,
-  at the cohort sizes train_vmapped will cut them to (fit_cohort's, whose compiles are the
-  sizes it tries): when their stage starts, its compiles are jax's in-memory cache's. A step
-  that fails to compile here says so in a line and compiles, and fails, when its stage
-  starts."""
-  from configs import base
+  """A started background thread compiling the steps `cohorts` (plan_cohorts of LM stages,
+  base.TRAIN_STAGES: probe steps are small) will train, at the cohort sizes train_vmapped
+  will cut them to (fit_cohort's, whose compiles are the sizes it tries): when their stage
+  starts, its compiles are jax's in-memory cache's. A step that fails to compile here says
+  so in a line and compiles, and fails, when its stage starts."""
   from kstore_jax.train import loop, sharding
 
   def work():
     for group, member in cohorts.values():
-      if member.spec.name not in base.TRAIN_STAGES:   # (probe steps are small)
-        continue
       exp = exps[group[0]]
       try:
         size = fit_cohort(exp, member, min(max_runs, len(group)), run_axis, quiet=True)
@@ -170,10 +167,12 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
         finish_ahead(ahead)
         ahead = None
       cohorts = plan_cohorts(exps, {n: nexts[n] for n in names}, say_done=True)
-      if precompile and cohorts:   # each of these runs' next trained stage, if it has one
+      if precompile and cohorts:   # each of these runs' next LM stage, if it has one
         after = {n: s for n in names if (s := next(
-            (t for t in pending[n][1:] if t in base.TRAINED_STAGES), None))}
-        ahead = compile_ahead(exps, plan_cohorts(exps, after), max_runs, run_axis)
+            (t for t in pending[n][1:] if t in base.TRAINED_STAGES), None))
+            and s in base.TRAIN_STAGES}
+        if upcoming := plan_cohorts(exps, after):   # (none: those stages are done)
+          ahead = compile_ahead(exps, upcoming, max_runs, run_axis)
     for group, member in cohorts.values():
       size = min(max_runs, len(group))
       if size > 1 and stage in base.TRAIN_STAGES:   # (probe steps are small)
