@@ -128,7 +128,7 @@ def compile_ahead(exps: dict, cohorts: dict, max_runs: int, run_axis: str) -> th
               f"{str(e)[:200]}); it compiles when its stage starts", file=sys.stderr,
               flush=True)
 
-  thread = threading.Thread(target=work, name="compile_ahead", daemon=True)
+  thread = threading.Thread(target=work, name="compile_ahead")
   thread.stages = ", ".join(dict.fromkeys(m.spec.name for _, m in cohorts.values()))
   thread.start()
   return thread
@@ -156,58 +156,60 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
   pending = {n: list(e.stages()) for n, e in exps.items()}
   diverged = []   # runs whose loss went non-finite: their later stages are skipped
   ahead = None    # the background compile of the next trained stage's steps
-  while any(pending.values()):
-    nexts = {n: s[0] for n, s in pending.items() if s}
-    stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
-    # the stages of its step group go together (pretrain beside pretrain_mixed)
-    names = [n for n, s in nexts.items() if base.step_group(s) == base.step_group(stage)]
-    cohorts = {}
-    if stage in base.TRAINED_STAGES:
-      if ahead is not None:   # (an eval before this stage ran beside it)
-        finish_ahead(ahead)
-        ahead = None
-      cohorts = plan_cohorts(exps, {n: nexts[n] for n in names}, say_done=True)
-      if precompile and cohorts:   # each of these runs' next LM stage, if it has one
-        after = {n: s for n in names if (s := next(
-            (t for t in pending[n][1:] if t in base.TRAINED_STAGES), None))
-            and s in base.TRAIN_STAGES}
-        if upcoming := plan_cohorts(exps, after):   # (none: those stages are done)
-          ahead = compile_ahead(exps, upcoming, max_runs, run_axis)
-    for group, member in cohorts.values():
-      size = min(max_runs, len(group))
-      if size > 1 and stage in base.TRAIN_STAGES:   # (probe steps are small)
-        size = fit_cohort(exps[group[0]], member, size, run_axis)
-      for i in range(0, len(group), size):
-        part = group[i:i + size]
-        first = exps[part[0]]
-        axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
-        stages = ", ".join(dict.fromkeys(nexts[n] for n in part))
-        print(f"[grid] {stages}: {len(part)} run(s) in one step (run axis "
-              f"{axis or 'replicated'}): {', '.join(part)}", flush=True)
-        members = [exps[n].member(nexts[n], f"{n}/{nexts[n]}")[0] for n in part]
-        try:
-          loop.run_cohort(members, first.cfg.train, first.mesh, run_axis=axis)
-        except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
-          print(f"kstore_jax.grid: {e}", file=sys.stderr, flush=True)
-          diverged += [n for n in part if f"{n}/{stage}" in e.members]
-        del members   # (their base params: the next cohort loads its own)
-    together = (eval_cohorts(exps, names, max_runs)
-                if eval_together and base.STAGE_KINDS[stage] == "eval" else [])
-    for part in together:
-      print(f"[grid] {stage}: {len(part)} run(s) decoded together: {', '.join(part)}",
-            flush=True)
-      experiment.evaluate_runs([exps[n] for n in part])
-    evaluated = {n for part in together for n in part}
-    for n in names:
-      if n in diverged:
-        pending[n] = []
-        continue
-      if stage not in base.TRAIN_STAGES and n not in evaluated:
-        print(f"== {n}: {stage} ==", flush=True)   # probe scoring (trained above) or eval
-        exps[n].run_stage(stage)
-      pending[n].pop(0)
-  if ahead is not None:   # a stage no run reached (its runs diverged): done before exit
-    finish_ahead(ahead)
+  try:
+    while any(pending.values()):
+      nexts = {n: s[0] for n, s in pending.items() if s}
+      stage = min(set(nexts.values()), key=base.STAGE_NAMES.index)
+      # the stages of its step group go together (pretrain beside pretrain_mixed)
+      names = [n for n, s in nexts.items() if base.step_group(s) == base.step_group(stage)]
+      cohorts = {}
+      if stage in base.TRAINED_STAGES:
+        if ahead is not None:   # (an eval before this stage ran beside it)
+          finish_ahead(ahead)
+          ahead = None
+        cohorts = plan_cohorts(exps, {n: nexts[n] for n in names}, say_done=True)
+        if precompile and cohorts:   # each of these runs' next LM stage, if it has one
+          after = {n: s for n in names if (s := next(
+              (t for t in pending[n][1:] if t in base.TRAINED_STAGES), None))
+              and s in base.TRAIN_STAGES}
+          if upcoming := plan_cohorts(exps, after):   # (none: those stages are done)
+            ahead = compile_ahead(exps, upcoming, max_runs, run_axis)
+      for group, member in cohorts.values():
+        size = min(max_runs, len(group))
+        if size > 1 and stage in base.TRAIN_STAGES:   # (probe steps are small)
+          size = fit_cohort(exps[group[0]], member, size, run_axis)
+        for i in range(0, len(group), size):
+          part = group[i:i + size]
+          first = exps[part[0]]
+          axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
+          stages = ", ".join(dict.fromkeys(nexts[n] for n in part))
+          print(f"[grid] {stages}: {len(part)} run(s) in one step (run axis "
+                f"{axis or 'replicated'}): {', '.join(part)}", flush=True)
+          members = [exps[n].member(nexts[n], f"{n}/{nexts[n]}")[0] for n in part]
+          try:
+            loop.run_cohort(members, first.cfg.train, first.mesh, run_axis=axis)
+          except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
+            print(f"kstore_jax.grid: {e}", file=sys.stderr, flush=True)
+            diverged += [n for n in part if f"{n}/{stage}" in e.members]
+          del members   # (their base params: the next cohort loads its own)
+      together = (eval_cohorts(exps, names, max_runs)
+                  if eval_together and base.STAGE_KINDS[stage] == "eval" else [])
+      for part in together:
+        print(f"[grid] {stage}: {len(part)} run(s) decoded together: {', '.join(part)}",
+              flush=True)
+        experiment.evaluate_runs([exps[n] for n in part])
+      evaluated = {n for part in together for n in part}
+      for n in names:
+        if n in diverged:
+          pending[n] = []
+          continue
+        if stage not in base.TRAIN_STAGES and n not in evaluated:
+          print(f"== {n}: {stage} ==", flush=True)   # probe scoring (trained above) or eval
+          exps[n].run_stage(stage)
+        pending[n].pop(0)
+  finally:   # a thread cut off mid-compile at exit can crash the interpreter's shutdown
+    if ahead is not None:   # (a stage no run reached: its runs diverged; or an error)
+      ahead.join()
   if diverged:
     raise loop.NonFiniteLoss(f"run(s) {', '.join(diverged)} stopped on a non-finite loss; "
                              "every other run finished", diverged)
