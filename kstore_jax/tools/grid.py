@@ -109,9 +109,9 @@ def plan_cohorts(exps: dict, stages: dict[str, str], say_done: bool = False
 
 def compile_ahead(exps: dict, cohorts: dict, max_runs: int, run_axis: str) -> threading.Thread:
   """A started background thread compiling the steps `cohorts` (plan_cohorts of LM stages,
-  base.TRAIN_STAGES: probe steps are small) will train, at the cohort sizes train_vmapped
-  will cut them to (fit_cohort's, whose compiles are the sizes it tries): when their stage
-  starts, its compiles are jax's in-memory cache's. A step that fails to compile here says
+  base.TRAIN_STAGES) will train, at the sizes train_vmapped cuts them to (cohort_parts; the
+  memory fit compiles the sizes it tries): when their stage starts, its compiles are jax's
+  in-memory cache's. A step that fails to compile here says
   so in a line and compiles, and fails, when its stage starts."""
   from kstore_jax.train import loop, sharding
 
@@ -119,8 +119,8 @@ def compile_ahead(exps: dict, cohorts: dict, max_runs: int, run_axis: str) -> th
     for group, member in cohorts.values():
       exp = exps[group[0]]
       try:
-        size = fit_cohort(exp, member, min(max_runs, len(group)), run_axis, quiet=True)
-        for runs in sorted({len(group[i:i + size]) for i in range(0, len(group), size)}):
+        parts = cohort_parts(exp, member, group, max_runs, run_axis, quiet=True)
+        for runs in sorted({len(p) for p in parts}):
           axis = sharding.run_axis_for(run_axis, exp.mesh, runs)
           loop.traced_step(member.spec, exp.mesh, exp.cfg.seed, runs, axis).lower().compile()
       except Exception as e:   # noqa: BLE001 - compiled again, and raised, when it trains
@@ -175,11 +175,7 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
           if upcoming := plan_cohorts(exps, after):   # (none: those stages are done)
             ahead = compile_ahead(exps, upcoming, max_runs, run_axis)
       for group, member in cohorts.values():
-        size = min(max_runs, len(group))
-        if size > 1 and stage in base.TRAIN_STAGES:   # (probe steps are small)
-          size = fit_cohort(exps[group[0]], member, size, run_axis)
-        for i in range(0, len(group), size):
-          part = group[i:i + size]
+        for part in cohort_parts(exps[group[0]], member, group, max_runs, run_axis):
           first = exps[part[0]]
           axis = sharding.run_axis_for(run_axis, first.mesh, len(part))
           stages = ", ".join(dict.fromkeys(nexts[n] for n in part))
@@ -213,6 +209,18 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
   if diverged:
     raise loop.NonFiniteLoss(f"run(s) {', '.join(diverged)} stopped on a non-finite loss; "
                              "every other run finished", diverged)
+
+
+def cohort_parts(exp, member, group: list[str], max_runs: int, run_axis: str,
+                 quiet: bool = False) -> list[list[str]]:
+  """`group`'s runs (a plan_cohorts key's: `member` the first one's) in the parts that train
+  one step each: at most `max_runs` runs, and for an LM stage no more than fit a device
+  (fit_cohort; probe steps are small)."""
+  from configs import base
+  size = min(max_runs, len(group))
+  if size > 1 and member.spec.name in base.TRAIN_STAGES:
+    size = fit_cohort(exp, member, size, run_axis, quiet)
+  return [group[i:i + size] for i in range(0, len(group), size)]
 
 
 def fit_cohort(exp, member, wanted: int, run_axis: str, quiet: bool = False) -> int:
