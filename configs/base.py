@@ -188,7 +188,8 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       attention="auto",
       # pallas_docs' launch, comma-separated field=value pairs replacing the tuned default's
       # (kstore_jax/model/flash_docs.py LAUNCH): block (its tile), warps, stages, heads (a
-      # program's), split (the backward as two kernels), e.g. "warps=8,stages=1"; "" the
+      # program's), split (the backward as two kernels), unroll (a range's diagonal-end
+      # tiles as straight-line code), e.g. "warps=8,stages=1"; "" the
       # default. The same function at any launch, so a run may change it when it resumes
       flash_launch="",
       # the residual adds and the norms after them: 'auto' (pallas on CUDA, xla elsewhere),

@@ -197,10 +197,11 @@ def test_impossible_combinations_are_named():
 
 
 # -- pallas_docs: the kernel that visits only the tiles its documents reach --------------------
-def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, heads=1, split=False):
-  """flash_docs at `block`-position tiles, `heads` heads a program: output and gradients equal
-  the reference's on every real (non-padding) row."""
-  launch = flash_docs.LAUNCH._replace(block=block, heads=heads, split=split)
+def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, **launch):
+  """flash_docs at `block`-position tiles and the rest of `launch` (Launch's fields: heads a
+  program, split, unroll): output and gradients equal the reference's on every real
+  (non-padding) row."""
+  launch = flash_docs.LAUNCH._replace(block=block, **launch)
   def f(q, k, v):
     out = flash_docs.attention(q, k, v, jnp.asarray(seg), causal, interpret=True, launch=launch)
     return (out * do).sum(), out
@@ -234,6 +235,24 @@ def test_flash_docs_skips_tiles_and_matches_numpy(causal):
   visited, dense = flash_docs.visited_tiles(seg, 16, causal)
   assert visited < 0.6 * dense, (visited, dense)
   check_flash_docs(q, k, v, do, seg, pos, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_flash_docs_unrolled_tiles_match_numpy(causal, unroll):
+  """Tiles at the diagonal end of each range computed unrolled (Launch.unroll), the rest in the
+  loop: documents shorter and longer than the unrolled tiles (ranges of 1 to 5 tiles of 16:
+  an unrolled tile outside a short range, masked whole; the loop for the long ones), forward
+  and backward, split or not, equal the reference. (Computing an unrolled tile outside the
+  range as a real one, or leaving the loop out, fails here.)"""
+  rng = np.random.default_rng(61 + unroll + 2 * causal)
+  q, k, v, do, _, _ = batch(seed=61, L=128)
+  rows = [packed_row(rng, 128, 70), packed_row(rng, 128, 8)]   # long documents, short ones
+  seg, pos = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+  do = do * (seg > 0)[:, :, None, None]
+  assert pos.max() >= 16 * unroll, pos.max()     # a document longer than the unrolled tiles
+  for split in (False, True):
+    check_flash_docs(q, k, v, do, seg, pos, causal, unroll=unroll, split=split)
 
 
 @pytest.mark.parametrize("heads,split", [(2, False), (4, False), (1, True), (2, True)])
@@ -339,13 +358,13 @@ def test_flash_launch_text_round_trips_and_refuses_in_words():
   check passes back as model.flash_launch), fields it names replace the model's, and a bad
   field or value is refused naming it."""
   for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=1, heads=2,
-                                                      split=True)):
+                                                      split=True, unroll=3)):
     assert flash_docs.parse_launch(flash_docs.launch_text(launch)) == launch
   assert flash_docs.parse_launch("") == flash_docs.LAUNCH
   assert flash_docs.parse_launch(" split=true ") == flash_docs.LAUNCH._replace(split=True)
   for bad, says in (("warps=3", "warps=3"), ("tile=64", "'tile=64'"), ("block=48", "block=48"),
                     ("split=2", "split='2'"), ("heads=0", "heads=0"), ("stages=x", "stages='x'"),
-                    ("warps=8,warps=4", "twice")):
+                    ("warps=8,warps=4", "twice"), ("unroll=-1", "unroll=-1")):
     with pytest.raises(ValueError, match=re.escape(says)):
       flash_docs.parse_launch(bad)
   assert "does not divide" in flash_docs.launch_unsupported(

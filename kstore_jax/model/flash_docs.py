@@ -43,12 +43,19 @@ class Launch(NamedTuple):
   longer programs, each loading its row's tile bounds and segment ids once); `split` the
   backward pass as two kernels, dk and dv, then dq (a program's registers hold one of the
   two loops' accumulators: fewer registers, more programs an SM; each loop recomputes its
-  probabilities either way)."""
+  probabilities either way); `unroll` the tiles at the diagonal end of each program's
+  range (a query tile's last key tiles, a key tile's first query tiles) computed as
+  straight-line code after (before) a loop over the rest of the range: their loads need not
+  wait for a loop's turn and need no pipeline stage, at the price of computing, masked,
+  those that fall outside a shorter range (a packed row's ranges are 1-3 tiles of 64
+  positions for documents up to 111: 2 or 3 leave the loop empty); 0: every tile in the
+  loop."""
   block: int = 64
   warps: int = 4
   stages: int = 2
   heads: int = 1
   split: bool = False
+  unroll: int = 0
 
 
 LAUNCH = Launch()   # the model's (H200, session 35: 1.33 ms a layer at the paper shape)
@@ -57,8 +64,8 @@ WARPS = (1, 2, 4, 8, 16)   # Triton's num_warps: a power of two
 
 def parse_launch(text: str) -> Launch:
   """The launch `model.flash_launch` names: comma-separated `field=value` pairs of Launch
-  (block, warps, stages, heads: integers; split: 0|1|true|false), each replacing the model's
-  (LAUNCH); "" is LAUNCH. ValueError saying what is wrong (a field, a value)."""
+  (block, warps, stages, heads, unroll: integers; split: 0|1|true|false), each replacing the
+  model's (LAUNCH); "" is LAUNCH. ValueError saying what is wrong (a field, a value)."""
   fields: dict = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     key, sep, value = part.partition("=")
@@ -84,6 +91,8 @@ def parse_launch(text: str) -> Launch:
   for key in ("stages", "heads"):
     if getattr(launch, key) < 1:
       raise ValueError(f"{key}={getattr(launch, key)} must be >= 1")
+  if launch.unroll < 0:
+    raise ValueError(f"unroll={launch.unroll} must be >= 0")
   return launch
 
 
@@ -130,13 +139,36 @@ def visited_tiles(seg_BL, block: int, causal: bool) -> tuple[int, int]:
   return int((k_hi - k_lo).sum()), B * (U * (U + 1) // 2 if causal else U * U)
 
 
-def _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal):
-  """Base-2 scaled scores of query tile n against key tile m, masked: [Y, Y] float32."""
+def _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal, valid=True):
+  """Base-2 scaled scores of query tile n against key tile m, masked (all of them where
+  `valid` is false: an unrolled tile outside the range): [Y, Y] float32."""
   s_YY = plgpu.dot(q_YK, k_YK.T) * (scale * LOG2E)
   visible = seg_q_Y[:, None] == seg_k_Y[None, :]
   if causal:
     visible &= (n * block + jnp.arange(block))[:, None] >= (m * block + jnp.arange(block))[None, :]
+  if valid is not True:
+    visible &= valid
   return jnp.where(visible, s_YY, MASKED)
+
+
+def _walk(lo, hi, unroll: int, at_end: bool, body, carry):
+  """carry through body(m, carry, valid) for every tile m of [lo, hi): the `unroll` tiles at
+  the range's end (`at_end`: after a loop over the rest) or start (before it) as
+  straight-line code, each at a tile index inside [lo, hi), `valid` false where the range is
+  shorter than `unroll` (the body masks that tile whole); the rest in a loop."""
+  loop = lambda a, b, c: lax.fori_loop(a, b, lambda m, c: body(m, c, True), c)
+  if not unroll:
+    return loop(lo, hi, carry)
+  if at_end:
+    carry = loop(lo, hi - unroll, carry)          # empty when the range fits the unrolled tiles
+    for j in range(unroll):
+      m = hi - unroll + j
+      carry = body(jnp.maximum(m, lo), carry, m >= lo)
+    return carry
+  for j in range(unroll):
+    m = lo + j
+    carry = body(jnp.minimum(m, hi - 1), carry, m < hi)
+  return loop(lo + unroll, hi, carry)
 
 
 def _tile(ref, rows, g):
@@ -172,7 +204,7 @@ def _heads(tile_ref) -> int:
 
 
 def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    scale, causal, block):
+                    scale, causal, block, unroll):
   """Query tile n of G heads (q_ref, o_ref: [Y, G, K]; k_ref, v_ref: the row's [L, G, K]),
   one head after another over the tile's key range."""
   n = pl.program_id(0)
@@ -183,11 +215,11 @@ def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse
   for g in range(_heads(q_ref)):
     q_YK = _tile(q_ref, slice(None), g)
 
-    def visit(m, carry):
+    def visit(m, carry, valid):
       o_YK, max_Y, sum_Y = carry
       cols = pl.ds(m * block, block)
       s_YY = _scores(q_YK, _tile(k_ref, cols, g), seg_q_Y, seg_ref[cols], n, m, block, scale,
-                     causal)
+                     causal, valid)
       new_max_Y = jnp.maximum(max_Y, s_YY.max(-1))
       fade_Y = jnp.exp2(max_Y - new_max_Y)
       p_YY = jnp.exp2(s_YY - new_max_Y[:, None])
@@ -197,14 +229,17 @@ def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse
 
     init = (jnp.zeros((block, K), jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
             jnp.zeros((block,), jnp.float32))
-    # every query sees itself, so its own tile is in range and sum_Y > 0
-    o_YK, max_Y, sum_Y = lax.fori_loop(k_lo_ref[()], k_hi_ref[()], visit, init)
+    # every query sees itself, so its own tile is in range and sum_Y > 0; an unrolled tile
+    # outside the range, all masked, adds nothing (or, visited first, what the next real
+    # tile's fade zeroes: the range's last tile, the query tile's own, comes last)
+    o_YK, max_Y, sum_Y = _walk(k_lo_ref[()], k_hi_ref[()], unroll, True, visit, init)
     _put(o_ref, g, (o_YK / sum_Y[:, None]).astype(o_ref.dtype))
     _put_stat(lse_ref, g, max_Y + jnp.log2(sum_Y))
 
 
 def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
-                     do_ref, lse_ref, delta_ref, *out_refs, scale, causal, block, parts):
+                     do_ref, lse_ref, delta_ref, *out_refs, scale, causal, block, parts,
+                     unroll):
   """Key tile t (dk, dv) and query tile t (dq) of G heads, one head after another (q_ref,
   k_ref, v_ref, do_ref: the row's [L, G, K]; lse_ref, delta_ref: [G, L]); `parts` which:
   "all" (out_refs dq, dk, dv), or a split backward's "kv" (dk, dv) or "q" (dq)."""
@@ -217,39 +252,40 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
   seg_t_Y = seg_ref[own]
   for g in range(_heads(out_refs[0])):   # (closures as in the forward kernel)
 
-    def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows):
-      s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal)
-      return jnp.exp2(s_YY - _stat(lse_ref, rows, g)[:, None])
+    def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows, valid):
+      s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal, valid)
+      return jnp.exp2(s_YY - _stat(lse_ref, rows, g)[:, None])   # masked: 0
 
     if dk_ref is not None:
       k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
 
-      def into_key_tile(n, carry):
+      def into_key_tile(n, carry, valid):
         dk_YK, dv_YK = carry
         rows = pl.ds(n * block, block)
         q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
-        p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_t_Y, rows)
+        p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_t_Y, rows, valid)
         dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
         ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, rows, g)[:, None]) * scale
         dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
         return dk_YK, dv_YK
 
-      dk_YK, dv_YK = lax.fori_loop(q_lo_ref[()], q_hi_ref[()], into_key_tile, (zeros, zeros))
+      dk_YK, dv_YK = _walk(q_lo_ref[()], q_hi_ref[()], unroll, False, into_key_tile,
+                           (zeros, zeros))
       _put(dk_ref, g, dk_YK.astype(dk_ref.dtype))
       _put(dv_ref, g, dv_YK.astype(dv_ref.dtype))
 
     if dq_ref is not None:
       q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
 
-      def from_key_tile(m, dq_YK):
+      def from_key_tile(m, dq_YK, valid):
         cols = pl.ds(m * block, block)
         k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
-        p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own)
+        p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own, valid)
         ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, own, g)[:, None]) * scale
         return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
 
-      _put(dq_ref, g, lax.fori_loop(k_lo_ref[()], k_hi_ref[()], from_key_tile,
-                                    zeros).astype(dq_ref.dtype))
+      _put(dq_ref, g, _walk(k_lo_ref[()], k_hi_ref[()], unroll, True, from_key_tile,
+                            zeros).astype(dq_ref.dtype))
 
 
 def _specs(L, K, block, G):
@@ -275,8 +311,8 @@ def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, l
   block, G = launch.block, launch.heads
   k_lo, k_hi, _, _ = bounds
   sp = _specs(L, K, block, G)
-  kernel = functools.partial(_forward_kernel, scale=scale, causal=causal,
-                             block=block)
+  kernel = functools.partial(_forward_kernel, scale=scale, causal=causal, block=block,
+                             unroll=launch.unroll)
   return pl.pallas_call(
       kernel, grid=(L // block, B, H // G),
       in_specs=[sp["fwd_bound"], sp["fwd_bound"], sp["fwd_seg"], sp["fwd_tile"],
@@ -300,7 +336,7 @@ def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, 
 
   def call(parts, outs, name):
     kernel = functools.partial(_backward_kernel, scale=scale, causal=causal, block=block,
-                               parts=parts)
+                               parts=parts, unroll=launch.unroll)
     return pl.pallas_call(
         kernel, grid=(B, H // G, L // block),
         in_specs=[sp["bwd_bound"]] * 4 + [sp["bwd_seg"]] + [sp["bwd_row"]] * 4
