@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The prepared accelerator check: one command for a lent GPU (an H200, or any CUDA machine),
 # ending by its own deadline; every section is bounded and a failed one does not stop the rest.
-#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,tuned,profile,train,grid,small] OUTDIR
+#   bash launch/device_check.sh [--smoke] [--sections=env,ceiling,attention,tuned,ncu,profile,train,grid,small] OUTDIR
 # Sections, run in the order --sections names them (default: the order below): env
 # (versions, devices, imports), ceiling (bf16/f32 matmul, memory copy),
 # attention (each kernel fwd+bwd at the paper shape, error vs XLA f32; pallas_docs also at
 # other launches: tiles, warps, stages, heads a program), tuned (bench train, paper config,
 # pallas_docs at the attention section's fastest right launch: model.flash_launch; the
-# paper profile then uses that launch too), profile (the top ops of the
+# paper profile then uses that launch too), ncu (Nsight Compute's counters of pallas_docs'
+# forward and backward kernels at that launch: occupancy, throughput, why warps stall; into
+# ncu.txt, its gist in the summary), profile (the top ops of the
 # first kernel's train step, of the small grid's base cohort step and of one small run's
 # step), train (bench train, paper config in bf16 per attention kernel, then the fastest of
 # them whose loss agrees with the others' with the other norm kernel, cuBLAS for every matmul,
@@ -19,7 +21,7 @@
 # the deadline allows; rerun with --sections=env,grid,small for the whole of it).
 # Writes at most 8 files under OUTDIR: summary.txt (every section's status and figures, then
 # the train sections fastest first: the kernel to make the default), bench.jsonl, log.txt,
-# results_small.json (each finished run's results.json by run name).
+# results_small.json (each finished run's results.json by run name), ncu.txt.
 # Wheels the GPU image lacks come from .whl/ (bash launch/device_wheels.sh, where pip works);
 # KSTORE_NO_WHEELS=1 uses the installed packages. --smoke: the same on CPU at toy sizes
 # (tests/test_device_check.py runs it). KSTORE_CHECK_SECONDS: the deadline (default 480);
@@ -27,14 +29,16 @@
 # pallas"; session 8 measured xla at 26% MFU and cudnn at 5%, against pallas's 39%: the
 # deadline goes to the variants instead); KSTORE_CHECK_ATTENTION: the attention section's
 # (default "pallas_docs,tokamax,pallas,xla"); KSTORE_CHECK_CACHE: jax's compilation cache
-# (default .cache/jax in the checkout, kept between a window's calls; the smoke's: temporary).
+# (default .cache/jax in the checkout, kept between a window's calls; the smoke's: temporary);
+# KSTORE_CHECK_NCU: the Nsight Compute command (default ncu on the PATH, else the newest
+# /opt/nvidia/nsight-compute/*/ncu; none: the ncu section is skipped).
 set -uo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"   # the header
   exit 0
 fi
 SMOKE=0
-SECTIONS="env,ceiling,attention,tuned,profile,train,grid,small"
+SECTIONS="env,ceiling,attention,tuned,ncu,profile,train,grid,small"
 OUT=""
 # every argument is read as what it is: a flag, or the one OUTDIR (a last argument that is a
 # flag is no output directory)
@@ -52,7 +56,7 @@ done
 [ -n "$OUT" ] || { echo "device_check.sh: expected OUTDIR (see --help)" >&2; exit 2; }
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 for s in ${SECTIONS//,/ }; do
-  case "$s" in env|ceiling|attention|tuned|profile|train|grid|small) ;;
+  case "$s" in env|ceiling|attention|tuned|ncu|profile|train|grid|small) ;;
     *) echo "device_check.sh: unknown section '$s' in --sections" >&2; exit 2 ;; esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -173,6 +177,23 @@ section_tuned() {   # the paper step at the attention section's fastest right la
     echo "tuned launch not ok in the train step: the profile runs the default" >> "$LOG"
     FLASH=()
   fi
+}
+section_ncu() {   # why pallas_docs takes what it takes (1.3 ms a layer at the paper shape,
+  # session 35, against a few hundred us its loads and FLOPs need): Nsight Compute's
+  # occupancy, throughput and warp-stall sections of its first forward and backward kernels
+  # at the tuned launch (the model's before `tuned`), clocks left alone (METHOD.md); the
+  # counters read on Firecracker machines, not on gVisor ones (the section then fails alone)
+  local ncu
+  ncu="${KSTORE_CHECK_NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
+    | tail -n 1)}"
+  if [ -z "$ncu" ]; then
+    echo "ncu skipped (no ncu) 0" >> "$STATUS"; return 0
+  fi
+  run ncu 150 "$ncu" --clock-control none --kernel-name regex:flash_docs --launch-count 3 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --log-file "$OUT/ncu.txt" \
+    "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" --attention=pallas_docs \
+    --attention_sweep=false --attention_repeats=1 "${FLASH[@]}"
 }
 section_profile() {   # where the first kernel's train step spends its time (at the tuned
   # launch once `tuned` has run: its compile is then in the cache); then the small grid's

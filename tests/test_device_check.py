@@ -8,6 +8,7 @@ import subprocess
 
 import runs
 from kstore_jax import configlib
+from kstore_jax.model import flash_docs
 from kstore_jax.tools import device_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,18 +25,40 @@ def check(*args, timeout=400, env=None):
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
+# A stand-in for Nsight Compute (none on this CPU): it takes ncu's options (each with a value),
+# writes a report in ncu's layout with them to --log-file, and runs the program after them.
+FAKE_NCU = r"""#!/usr/bin/env bash
+opts=()
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do
+  opts+=("$1" "$2"); [ "$1" = --log-file ] && log="$2"; shift 2
+done
+{ echo "==PROF== options: ${opts[*]}"
+  echo "  flash_docs_forward (2, 4, 2)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0"
+  echo "    Section: GPU Speed Of Light Throughput"
+  echo "    Duration                         us        61.60"
+  echo "    DRAM Frequency                  Ghz         2.61"
+  echo "          On average, each warp of this kernel spends 12.3 cycles being stalled waiting"
+} > "$log"
+exec "$@"
+"""
+
+
 def test_smoke_runs_every_section(tmp_path):
   out = tmp_path / "out"
+  ncu = tmp_path / "ncu"
+  ncu.write_text(FAKE_NCU)
+  ncu.chmod(0o755)
   # the smoke's own deadline (170 s) is for a quiet machine; this test asks that every section
   # runs, so a loaded CI machine (the sections skipped at the deadline: a failure) gets more.
   # Compiled as the other tests' runs are (runs.fast_compile_flags: toy steps, so compiling is
   # most of the smoke's CPU time; 126 -> 90 CPU-s measured)
   proc = check("--smoke", str(out), env={"KSTORE_CHECK_SECONDS": "420",
-                                         "XLA_FLAGS": runs.fast_compile_flags()}, timeout=480)
+                                         "XLA_FLAGS": runs.fast_compile_flags(),
+                                         "KSTORE_CHECK_NCU": str(ncu)}, timeout=480)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   files = sorted(os.listdir(out))
   assert len(files) <= 8 and {"summary.txt", "bench.jsonl", "log.txt",
-                              "results_small.json"} <= set(files), files
+                              "results_small.json", "ncu.txt"} <= set(files), files
   summary = (out / "summary.txt").read_text()
   status = [l.split() for l in summary.splitlines()[1:] if l.startswith("  ")]
   sections = {s[0]: s[1] for s in status}
@@ -44,7 +67,7 @@ def test_smoke_runs_every_section(tmp_path):
   kernel_s = {l["section"]: l["value"] for l in lines
               if l["name"] == "train_step_s" and l["section"] in ("train_xla", "train_einsum")}
   first = min(kernel_s, key=kernel_s.get)
-  assert set(sections) == {"env", "ceiling", "attention", "train_xla_tuned", "profile_xla",
+  assert set(sections) == {"env", "ceiling", "attention", "train_xla_tuned", "ncu", "profile_xla",
                            "profile_grid", "train_xla",
                            "train_einsum", f"{first}_norm_pallas", f"{first}_cublas",
                            f"{first}_autotune0",
@@ -75,6 +98,16 @@ def test_smoke_runs_every_section(tmp_path):
   for section in ("train_xla_tuned", "profile_xla"):
     assert {l.get("flash_launch") for l in lines if l["section"] == section} == {launch}
   assert f"tuned launch: {launch or 'the default'}" in (out / "log.txt").read_text()
+  # ncu ran pallas_docs alone at that launch (no sweep), clocks left alone, its report's
+  # kernel header, metrics and stall sentence in the summary (not the metrics it does not keep)
+  ncu_lines = [l for l in lines if l["section"] == "ncu"]
+  assert [l["name"] for l in ncu_lines] == ["attention_pallas_docs_ms"], ncu_lines
+  assert ncu_lines[0]["launch"] == flash_docs.launch_text(flash_docs.parse_launch(launch or ""))
+  report = (out / "ncu.txt").read_text()
+  assert "--clock-control none" in report and "--kernel-name regex:flash_docs" in report
+  assert "ncu flash_docs_forward (2, 4, 2)x(128, 1, 1), Context 1" in summary
+  assert "ncu   Duration us 61.60" in summary and "being stalled waiting" in summary
+  assert "DRAM Frequency" not in summary
   # the train sections ranked by step time (the session's pick of the default kernel)
   steps = {l["section"]: l["value"] for l in lines if l["name"] == "train_step_s"}
   ranked = [l.split()[2] for l in summary.splitlines() if l.startswith("fastest ")]

@@ -82,6 +82,8 @@ MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n 
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
                                   "on a CPU, 4 GiB on an accelerator)", lower_bound=0)
+ATTENTION_SWEEP = flags.DEFINE_bool("attention_sweep", True, "attention: pallas_docs also at "
+                                    "other launches (pallas_docs_launches) beside the model's")
 ATTENTION_REPEATS = flags.DEFINE_integer("attention_repeats", 20, "attention: timed calls each",
                                          lower_bound=1)
 WORKDIR = flags.DEFINE_string("workdir", None, "eval: a run directory whose finished training "
@@ -787,9 +789,10 @@ def bench_attention(cfg) -> Iterator[dict]:
   a loss), with `fwd_ms` the forward pass alone for each kernel at the model's settings, and
   the output's and gradients' error against XLA attention in float32 on the same rounded
   inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document
-  bound, pallas_docs also at other launches (`pallas_docs_launches`: tiles, warps, pipeline
-  stages, heads a program), with `tiles_visited` (the share of a causal kernel's tile pairs
-  it walks) and `launch` (as model.flash_launch names it). Each line is yielded (printed) as
+  bound, pallas_docs at the config's launch (model.flash_launch) and, with --attention_sweep,
+  at other launches (`pallas_docs_launches`: tiles, warps, pipeline stages, heads a program,
+  unrolled tiles), with `tiles_visited` (the share of a causal kernel's tile pairs it walks)
+  and `launch` (as model.flash_launch names it). Each line is yielded (printed) as
   it is measured: a deadline keeps the kernels timed before it."""
   import jax
   import jax.numpy as jnp
@@ -816,7 +819,8 @@ def bench_attention(cfg) -> Iterator[dict]:
       if impl == "pallas_docs" and option:
         return flash_docs.attention(q, k, v, seg, True, platform == "cpu", launch=option)
       return attention.self_attention(impl, q, k, v, pos, seg, True,
-                                      interpret=platform == "cpu", max_docs=option)
+                                      interpret=platform == "cpu", max_docs=option,
+                                      launch=cfg.model.flash_launch)
 
     def run(q, k, v, do, pos, seg):
       out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, pos, seg), q, k, v)
@@ -836,7 +840,7 @@ def bench_attention(cfg) -> Iterator[dict]:
   variants = [(i, None) for i in ATTENTION.value or attention.IMPLEMENTATIONS]
   if any(i == "cudnn" for i, _ in variants):   # the packed layout's document bound M matters?
     variants.append(("cudnn", L // 16))
-  if any(i == "pallas_docs" for i, _ in variants):   # its launch: tiles (smaller skip more)
+  if ATTENTION_SWEEP.value and any(i == "pallas_docs" for i, _ in variants):   # its launches
     variants += [("pallas_docs", launch) for launch in pallas_docs_launches(platform)
                  if launch.block <= L and H % launch.heads == 0]
   for impl, option in variants:
@@ -860,7 +864,8 @@ def bench_attention(cfg) -> Iterator[dict]:
       extra["fwd_ms"] = round(throughput.median_time(
           fwd, q, k, v, pos, seg, repeats=ATTENTION_REPEATS.value) * 1e3, 3)
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
-      launch = option or flash_docs.LAUNCH   # and the launch as model.flash_launch names it
+      # and the launch as model.flash_launch names it
+      launch = option or flash_docs.parse_launch(cfg.model.flash_launch)
       visited, causal_only = flash_docs.visited_tiles(seg, min(launch.block, L), True)
       extra.update(tiles_visited=round(visited / causal_only, 3),
                    launch=flash_docs.launch_text(launch))

@@ -6,7 +6,8 @@
     python -m kstore_jax.tools.device_report summary OUTDIR SECONDS RUNS_DIR   # summary.txt
 
 BENCH_JSONL holds the sections' bench lines, each with its `section` (`train_<kernel>` for the
-train runs); OUTDIR/.status one `NAME HOW... SECONDS` line per section.
+train runs); OUTDIR/.status one `NAME HOW... SECONDS` line per section; OUTDIR/ncu.txt, where
+the ncu section ran, Nsight Compute's report of the attention kernels.
 """
 
 import argparse
@@ -96,11 +97,40 @@ def collect_results(runs_dir: str) -> dict:
   return found
 
 
+# Nsight Compute's details page (ncu.txt): the metrics summary.txt keeps of each kernel (its
+# sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, MemoryWorkloadAnalysis), and
+# its rules' sentences on why warps stall
+NCU_METRICS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput",
+               "Registers Per Thread", "Achieved Occupancy", "Theoretical Occupancy",
+               "Block Limit Registers", "Warp Cycles Per Issued Instruction",
+               "Issued Warp Per Scheduler", "No Eligible", "Grid Size", "Block Size")
+
+
+def ncu_summary(path: str) -> list[str]:
+  """summary.txt's lines of an ncu report: each profiled kernel's header line (its name, grid
+  and block), its NCU_METRICS (name, unit, value as ncu prints them) and the rule sentences
+  that say where its warps stall."""
+  text = []
+  with open(path, errors="replace") as f:
+    for line in f:
+      line = " ".join(line.split())
+      if not line:
+        continue
+      if ", Context " in line and ", Device " in line:   # a kernel's header
+        text.append(f"ncu {line[:150]}")
+      elif line.startswith(NCU_METRICS):
+        text.append(f"ncu   {line[:120]}")
+      elif "stalled" in line or "Est. Speedup" in line:
+        text.append(f"ncu   {line[:220]}")
+  return text
+
+
 def summary(out: str, took: str, runs_dir: str) -> str:
   """summary.txt: each section's status and seconds, every bench line, the attention kernels
   and launches fastest first with their largest error (those over ATTENTION_TOLERANCE
-  flagged: the launch to make the model's), the train sections fastest first (the kernel and
-  variant to make the default), the small runs' last metrics and results."""
+  flagged: the launch to make the model's), the attention kernels' hardware counters (ncu),
+  the train sections fastest first (the kernel and variant to make the default), the small
+  runs' last metrics and results."""
   text = [f"device_check: {took} s"]
   with open(os.path.join(out, ".status")) as f:
     for line in f:
@@ -118,6 +148,8 @@ def summary(out: str, took: str, runs_dir: str) -> str:
     err = errs.get(kernel, float("nan"))
     text.append(f"attention {rank}: {kernel:26s} {r['value']:.3f} ms  largest error {err:.2e}"
                 + ("" if err <= ATTENTION_TOLERANCE else "  WRONG (over the tolerance)"))
+  if os.path.exists(os.path.join(out, "ncu.txt")):
+    text += ncu_summary(os.path.join(out, "ncu.txt"))
   by = lambda name: {r["section"]: r for r in lines if r["name"] == name}
   mfu, hours = by("train_mfu"), by("pretrain_projected_hours")
   for rank, r in enumerate(sorted(by("train_step_s").values(), key=lambda r: r["value"]), 1):
