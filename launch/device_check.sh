@@ -189,7 +189,10 @@ section_ncu() {   # why pallas_docs takes what it takes (1.3 ms a layer at the p
   if [ -z "$ncu" ]; then
     echo "ncu skipped (no ncu) 0" >> "$STATUS"; return 0
   fi
-  run ncu 150 "$ncu" --clock-control none --kernel-name regex:flash_docs --launch-count 3 \
+  # (jax not holding 75% of the device from the start: ncu's replays save what a kernel
+  # writes)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false run ncu 150 "$ncu" --clock-control none \
+    --kernel-name regex:flash_docs --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section MemoryWorkloadAnalysis --log-file "$OUT/ncu.txt" \
     "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" --attention=pallas_docs \

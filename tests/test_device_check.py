@@ -32,7 +32,7 @@ opts=()
 while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do
   opts+=("$1" "$2"); [ "$1" = --log-file ] && log="$2"; shift 2
 done
-{ echo "==PROF== options: ${opts[*]}"
+{ echo "==PROF== options: ${opts[*]}; preallocate ${XLA_PYTHON_CLIENT_PREALLOCATE:-unset}"
   echo "  flash_docs_forward (2, 4, 2)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0"
   echo "    Section: GPU Speed Of Light Throughput"
   echo "    Duration                         us        61.60"
@@ -105,6 +105,7 @@ def test_smoke_runs_every_section(tmp_path):
   assert ncu_lines[0]["launch"] == flash_docs.launch_text(flash_docs.parse_launch(launch or ""))
   report = (out / "ncu.txt").read_text()
   assert "--clock-control none" in report and "--kernel-name regex:flash_docs" in report
+  assert "preallocate false" in report   # jax leaves the device's memory to ncu's replays
   assert "ncu flash_docs_forward (2, 4, 2)x(128, 1, 1), Context 1" in summary
   assert "ncu   Duration us 61.60" in summary and "being stalled waiting" in summary
   assert "DRAM Frequency" not in summary
