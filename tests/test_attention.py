@@ -234,6 +234,10 @@ def test_flash_docs_skips_tiles_and_matches_numpy(causal):
   q, k, v, do, seg, pos = batch(seed=21 + causal, L=128)
   visited, dense = flash_docs.visited_tiles(seg, 16, causal)
   assert visited < 0.6 * dense, (visited, dense)
+  # unrolled tiles (Launch.unroll) compute at least `unroll` key tiles a query tile: every
+  # one of the 2 x 8 query tiles here walks 1-3 (documents up to 24 positions, causal)
+  if causal:
+    assert visited < flash_docs.visited_tiles(seg, 16, causal, unroll=3)[0] == 2 * 8 * 3
   check_flash_docs(q, k, v, do, seg, pos, causal)
 
 

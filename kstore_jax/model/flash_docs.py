@@ -130,13 +130,15 @@ def tile_bounds(seg_BL, block: int, causal: bool):
   return lo_BU, tiles_BU + 1, tiles_BU, hi_BU
 
 
-def visited_tiles(seg_BL, block: int, causal: bool) -> tuple[int, int]:
-  """(tile pairs this kernel visits, tile pairs a causal-only walk visits; all U^2 if not
-  causal), summed over the rows: the share of attention's tile work left."""
+def visited_tiles(seg_BL, block: int, causal: bool, unroll: int = 0) -> tuple[int, int]:
+  """(tile pairs this kernel computes, tile pairs a causal-only walk visits; all U^2 if not
+  causal), summed over the rows: the share of attention's tile work left. A query tile's
+  range shorter than `unroll` (Launch.unroll) is computed as `unroll` tiles, the rest masked."""
   B, L = seg_BL.shape
   U = L // block
   k_lo, k_hi, _, _ = tile_bounds(jnp.asarray(seg_BL), block, causal)
-  return int((k_hi - k_lo).sum()), B * (U * (U + 1) // 2 if causal else U * U)
+  return (int(jnp.maximum(k_hi - k_lo, unroll).sum()),
+          B * (U * (U + 1) // 2 if causal else U * U))
 
 
 def _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal, valid=True):

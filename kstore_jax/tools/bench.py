@@ -866,7 +866,8 @@ def bench_attention(cfg) -> Iterator[dict]:
     if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
       # and the launch as model.flash_launch names it
       launch = option or flash_docs.parse_launch(cfg.model.flash_launch)
-      visited, causal_only = flash_docs.visited_tiles(seg, min(launch.block, L), True)
+      visited, causal_only = flash_docs.visited_tiles(seg, min(launch.block, L), True,
+                                                      launch.unroll)
       extra.update(tiles_visited=round(visited / causal_only, 3),
                    launch=flash_docs.launch_text(launch))
     yield measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
