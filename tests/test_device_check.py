@@ -211,6 +211,9 @@ def test_pick_kernel_needs_a_finite_loss_and_a_right_attention():
   wrong = [train("x", 0.05, 4.0), train("p", 0.07, 5.0)]
   assert pick(wrong, ["x", "p"]) is None
   assert pick(wrong + [attn("x", 0.3), attn("p", 0.01)], ["x", "p"]) == "p"
+  # another section's attention line (the ncu section's, of one launch) is not the kernel's
+  assert pick(wrong + [attn("x", 0.3), attn("p", 0.01), {**attn("x", 0.001), "section": "ncu"},
+                       {**attn("p", 0.9), "section": "ncu"}], ["x", "p"]) == "p"
   assert pick([train("x", 0.05, 5.01), train("p", 0.07, 5.0)], ["x", "p"]) == "x"
 
 

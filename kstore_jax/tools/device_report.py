@@ -38,9 +38,10 @@ def attention_errors(lines: list[dict]) -> dict[str, float]:
   """{kernel: its largest relative error against XLA in f32} of the attention section's
   lines (`attention_<kernel>_ms`, output and gradients), where it measured one."""
   out = {}
-  for r in lines:
+  for r in lines:   # (the ncu section's line of its launch has the same name: not its)
     name = r["name"]
-    if name.startswith("attention_") and name.endswith("_ms") and "rel_err_out" in r:
+    if (r.get("section") == "attention" and name.startswith("attention_")
+        and name.endswith("_ms") and "rel_err_out" in r):
       errs = [r[k] for k in ("rel_err_out", "rel_err_dq", "rel_err_dk", "rel_err_dv") if k in r]
       out[name[len("attention_"):-len("_ms")]] = max(errs)
   return out
