@@ -180,7 +180,8 @@ section_tuned() {   # the paper step at the attention section's fastest right la
 }
 section_ncu() {   # why pallas_docs takes what it takes (1.3 ms a layer at the paper shape,
   # session 35, against a few hundred us its loads and FLOPs need): Nsight Compute's
-  # occupancy, throughput and warp-stall sections of its first forward and backward kernels
+  # occupancy, throughput, scheduler, warp-stall and source (stall sampling, uncoalesced
+  # accesses) sections of its first forward and backward kernels
   # at the tuned launch (the model's before `tuned`), clocks left alone (METHOD.md); the
   # counters read on Firecracker machines, not on gVisor ones (the section then fails alone)
   local ncu
@@ -194,7 +195,8 @@ section_ncu() {   # why pallas_docs takes what it takes (1.3 ms a layer at the p
   XLA_PYTHON_CLIENT_PREALLOCATE=false run ncu 150 "$ncu" --clock-control none \
     --kernel-name regex:flash_docs --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section MemoryWorkloadAnalysis --log-file "$OUT/ncu.txt" \
+    --section SchedulerStats --section WarpStateStats --section SourceCounters \
+    --section MemoryWorkloadAnalysis --log-file "$OUT/ncu.txt" \
     "${BENCH[@]}" attention --config="$PAPER" "${SIZES[@]}" --attention=pallas_docs \
     --attention_sweep=false --attention_repeats=1 "${FLASH[@]}"
 }

@@ -99,12 +99,13 @@ def collect_results(runs_dir: str) -> dict:
 
 
 # Nsight Compute's details page (ncu.txt): the metrics summary.txt keeps of each kernel (its
-# sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, MemoryWorkloadAnalysis), and
-# its rules' sentences on why warps stall
+# sections SpeedOfLight, Occupancy, LaunchStats, SchedulerStats, WarpStateStats,
+# SourceCounters, MemoryWorkloadAnalysis), and its rules' sentences on why warps stall
 NCU_METRICS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput",
                "Registers Per Thread", "Achieved Occupancy", "Theoretical Occupancy",
                "Block Limit Registers", "Warp Cycles Per Issued Instruction",
-               "Issued Warp Per Scheduler", "No Eligible", "Grid Size", "Block Size")
+               "Issued Warp Per Scheduler", "No Eligible", "Active Warps Per Scheduler",
+               "Eligible Warps Per Scheduler", "Grid Size", "Block Size")
 
 
 def ncu_summary(path: str) -> list[str]:
