@@ -91,12 +91,14 @@ stamp() {
 # run NAME MAX_SECONDS CMD...: bounded by the deadline (and MAX_SECONDS); JSON lines go to
 # bench.jsonl, everything (stdout and stderr, each line stamped) to log.txt; the outcome to
 # the status list for the summary.
+# skip NAME WHY: the status list's line of a section that did not run
+skip() { echo "$1 skipped ($2) 0" >> "$STATUS"; }
 run() {
   local name="$1" max="$2"; shift 2
   local budget; budget=$(left)
   [ "$budget" -gt "$max" ] && budget="$max"
   if [ "$budget" -lt 15 ]; then
-    echo "$name skipped (deadline) 0" >> "$STATUS"; return 0
+    skip "$name" deadline; return 0
   fi
   local t0 rc; t0=$(date +%s)
   echo "== $name (<= ${budget}s): $*" >> "$LOG"
@@ -179,16 +181,16 @@ section_tuned() {   # the paper step at the attention section's fastest right la
   fi
 }
 section_ncu() {   # why pallas_docs takes what it takes (1.3 ms a layer at the paper shape,
-  # session 35, against a few hundred us its loads and FLOPs need): Nsight Compute's
+  # session 35, against a few hundred us by a count of its loads and FLOPs): Nsight Compute's
   # occupancy, throughput, scheduler, warp-stall and source (stall sampling, uncoalesced
-  # accesses) sections of its first forward and backward kernels
-  # at the tuned launch (the model's before `tuned`), clocks left alone (METHOD.md); the
-  # counters read on Firecracker machines, not on gVisor ones (the section then fails alone)
+  # accesses) sections of its first forward and backward kernels at the tuned launch (the
+  # model's before `tuned`), clocks left alone (METHOD.md); the counters read on Firecracker
+  # machines, not on gVisor ones (the section then fails alone)
   local ncu
   ncu="${KSTORE_CHECK_NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
     | tail -n 1)}"
   if [ -z "$ncu" ]; then
-    echo "ncu skipped (no ncu) 0" >> "$STATUS"; return 0
+    skip ncu "no ncu"; return 0
   fi
   # (jax not holding 75% of the device from the start: ncu's replays save what a kernel
   # writes)
