@@ -33,16 +33,24 @@ if _dir:
   def _path():
     return os.path.join(_dir, f"proc-{os.getpid()}.jsonl")
   class _Handler(logging.Handler):
+    """Records every message of its logger, and passes on to the usual handlers those the
+    process would have shown without the hook (JAX_LOG_COMPILES's: tests read them)."""
+    def __init__(self, logger):
+      super().__init__()
+      self.logger, self.shown = logger, logger.getEffectiveLevel()
     def emit(self, record):
       with open(_path(), "a") as f:
         f.write(json.dumps({"log": record.getMessage(),
                             "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\\n")
+      if record.levelno >= self.shown and self.logger.parent is not None:
+        self.logger.parent.handle(record)
   for _name in ("jax._src.compiler", "jax._src.interpreters.pxla", "jax._src.pjit",
                 "jax._src.dispatch"):
     _logger = logging.getLogger(_name)
+    _handler = _Handler(_logger)
     _logger.setLevel(logging.DEBUG)
     _logger.propagate = False
-    _logger.addHandler(_Handler())
+    _logger.addHandler(_handler)
   def _done():
     r = resource.getrusage(resource.RUSAGE_SELF)
     with open(_path(), "a") as f:
