@@ -103,7 +103,7 @@ SCALES = {
         **{s: dict(steps=6_000, batch_size=128, lr=1e-3, warmup_steps=300) for s in BASE_STAGES},
         finetune=dict(steps=1_500, batch_size=128, lr=3e-4),
         pprobe=dict(steps=1_000, batch_size=64), qprobe=dict(steps=1_000, batch_size=64),
-        train=dict(log_every=50, save_every=500)),
+        train=dict(log_every=50)),   # saves: at the stages' ends and every 10 minutes
     "tiny": dict(
         data=dict(n_people=500, seq_len=128), model=dict(size="tiny", rotary_fraction=0.5),
         # pretrain: 800 steps of 32 rows at peak lr 1.2e-2 (session 33; 64 rows at 5e-3 since
@@ -209,7 +209,13 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
   c.qprobe = stage(30_000, 50, 1e-3, 0, 0.3, embed_rank=16, head="linear")
 
   c.train = ml_collections.ConfigDict(dict(
-      log_every=100, save_every=2000, keep_checkpoints=2, eval_every=0, eval_people=200,
+      log_every=100, keep_checkpoints=2, eval_every=0, eval_people=200,
+      # a checkpoint every `save_every` steps, at a stage's end, and once `save_minutes` have
+      # passed since the last one (0: off): a GPU's fast steps save every 10 minutes, not every
+      # few hundred steps (the small grid on an H200: 12 pauses of ten runs' states in 7
+      # minutes of steps, and its steps slowed by a fifth for ~50 steps after each, session
+      # 37), and a CPU's slow ones lose at most 10 minutes to a crash
+      save_every=20_000, save_minutes=10.0,
       # the LM stages (pretrain, pretrain_mixed, finetune) compute each step's gradient over
       # microbatches of this many rows, one after another, and update once: the same step up
       # to float summation order, with a fraction of the activations in memory (0 = the whole

@@ -332,6 +332,8 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
   _require(m.d_model % fsdp == 0, f"mesh.fsdp={fsdp} must divide model.d_model={m.d_model}")
   for k in ("log_every", "save_every", "keep_checkpoints"):
     _require(cfg.train[k] >= 1, f"train.{k}={cfg.train[k]} must be >= 1")
+  _require(cfg.train.save_minutes >= 0,
+           f"train.save_minutes={cfg.train.save_minutes} must be >= 0 (0: step-count saves only)")
   _require(cfg.train.eval_people >= 0, f"train.eval_people={cfg.train.eval_people} must be >= 0")
   _require(cfg.train.memory_gb >= 0,
            f"train.memory_gb={cfg.train.memory_gb} must be >= 0 (0: the device's memory)")

@@ -119,6 +119,8 @@ BAD_STAGE = {
                                 "train.microbatch_rows=24 must divide pretrain.batch_size=32"),
     "microbatch_negative": ({"train.microbatch_rows": "-8"},
                             "train.microbatch_rows=-8 must be >= 0"),
+    "save_minutes_negative": ({"train.save_minutes": "-1"},
+                              "train.save_minutes=-1.0 must be >= 0 (0: step-count saves only)"),
     # round(0.96 * 10) = 10 people trained on: nobody left for QA test (results.json got 0%
     # at n=0, then bio recall crashed)
     "nobody_held_out": ({"data.n_people": "10", "data.qa_train_fraction": "0.96"},

@@ -201,6 +201,21 @@ def test_one_process_resumes_a_two_process_checkpoint(runs, tmp_path, jax_cache)
 
 
 
+def test_clock_saves_of_two_processes_fall_on_log_steps(runs, tmp_path, jax_cache):
+  """train.save_minutes with several processes: process 0's clock decides, at log steps (the
+  processes' clocks differ: one saving alone would leave the other in the step's collectives);
+  the saves change no loss."""
+  wd = tmp_path / "clock2"
+  finish(start_two(wd, jax_cache, args=[
+      *PRETRAIN_ARGS, "--config.train.save_every=1000", "--config.train.save_minutes=1e-9",
+      "--config.train.log_every=4", f"--config.train.keep_checkpoints={STEPS}"]))
+  saved = sorted(int(p.name) for p in (wd / "pretrain" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert saved == list(range(4, STEPS + 1, 4)), saved
+  assert deterministic(metrics(wd)) == deterministic(
+      [r for r in metrics(runs["two"]) if r["step"] % 4 == 0])
+
+
 def test_a_signal_to_one_process_stops_both_at_one_saved_step(tmp_path, jax_cache):
   """SIGTERM to process 1 alone (a maintenance event on one host): both processes stop at
   the same step, saved (process 1 used to save alone while process 0 went on into the next

@@ -134,6 +134,29 @@ class _Signals:
       signal.signal(sig, old)
 
 
+class _SaveClock:
+  """`train.save_minutes`: a checkpoint once that many minutes have passed since the stage
+  started or last saved, besides every `save_every` steps (0: off). A run as fast as a GPU
+  makes its step-count saves pauses it need not take, a slow one's saves lie hours apart: the
+  clock bounds the work a crash can lose in time. Several processes save at the same step:
+  process 0's clock decides, broadcast at `shared` steps (log and save steps, the same on
+  every process)."""
+
+  def __init__(self, minutes: float):
+    self.seconds, self.last = 60.0 * minutes, time.time()
+
+  def due(self, shared: bool) -> bool:
+    if not self.seconds:
+      return False
+    late = time.time() - self.last >= self.seconds
+    if jax.process_count() == 1:
+      return late
+    return shared and bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+
+  def saved(self) -> None:
+    self.last = time.time()
+
+
 # XLA:CPU options for the init program (threefry and a normal draw per parameter, run once
 # per stage): XLA's lowest optimisation and its older loop emitters, 6.3 -> 1.1 s for a
 # one-layer toy model (BENCHMARKS.md); without the concurrency-optimised scheduler, under
@@ -415,6 +438,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
   # where the stage's wall time went, for its "done" line: before the first step (inits or
   # restores, stacking, the first batches), the first step (its compile), saves and evals
   clock = dict(setup=None, first=0.0, paused=0.0)
+  save_clock = _SaveClock(tc.save_minutes)
   spec0 = members[0].spec
   sc = spec0.stage_cfg
   is_main = jax.process_index() == 0
@@ -545,8 +569,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         pending = (step, device_metrics)
       # read once: a signal that comes during this step's eval or save stops the next one
       # (read twice, one during the eval stopped here unsaved, "checkpoint saved" all the same)
-      saving = step % tc.save_every == 0 or step == sc.steps
-      caught = signals.agreed(step, saving or step % tc.log_every == 0)
+      shared = step % tc.log_every == 0
+      saving = step % tc.save_every == 0 or step == sc.steps or save_clock.due(shared)
+      caught = signals.agreed(step, saving or shared)
       boundary = saving or caught
       if boundary:   # never save unchecked, whatever log_every: the saved step's own metrics
         if pending is not None:   # this step's, logged now
@@ -575,6 +600,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
           ckpts[i].save(step, one, data_iters[i])
           if serial_saves:
             ckpts[i].wait()
+      if boundary:
+        save_clock.saved()
       paused = time.time() - t_pause
       t_last += paused
       clock["paused"] += paused
