@@ -202,8 +202,8 @@ def run_cfg(steps: int, log_every: int, save_every: int, eval_every: int = 0):
   """(stage config of `steps` steps, run config with its `train` section)."""
   sc = base.stage(steps=steps, batch_size=1, lr=0.1, warmup_steps=0, weight_decay=0.0)
   return sc, ml_collections.ConfigDict(dict(seed=0, train=dict(
-      log_every=log_every, save_every=save_every, keep_checkpoints=5, eval_every=eval_every,
-      profile_steps="", memory_gb=0.0)))
+      log_every=log_every, save_every=save_every, save_minutes=0.0, keep_checkpoints=5,
+      eval_every=eval_every, profile_steps="", memory_gb=0.0)))
 
 
 def saved_steps(stage_dir) -> list[int]:
