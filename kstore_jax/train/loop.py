@@ -116,18 +116,22 @@ class _Signals:
       raise KeyboardInterrupt(f"a second SIGINT after {self.caught}: stopped without saving")
     self.caught = signal.Signals(signum).name
 
-  def agreed(self, step: int, shared: bool) -> str | None:
-    """The signal to stop at `step` on: every process of a cluster stops at the same step (a
+  def agreed(self, shared: bool, late: bool = False) -> tuple[str | None, bool]:
+    """(the signal to stop at this step on, whether to save by the clock: `late`, process 0's
+    `_SaveClock.late()`). Every process of a cluster stops and saves at the same step (a
     process that alone was signalled, or saw its flag steps before the others, left them in
     the next step's collectives while it saved: a hang). With several processes the flags
-    are gathered at `shared` steps (the same on every process: log and save steps), so a stop
-    waits for the next of them; one process stops at its next step."""
+    are gathered, in one collective, at `shared` steps (the same on every process: log and
+    save steps), so a stop or a clock save waits for the next of them; one process stops at
+    its next step."""
     if jax.process_count() == 1:
-      return self.caught
+      return self.caught, late
     if not shared:
-      return None
-    anyone = multihost_utils.process_allgather(np.int32(self.caught is not None)).any()
-    return (self.caught or "a signal to another process") if anyone else None
+      return None, False
+    flags = multihost_utils.process_allgather(
+        np.array([self.caught is not None, late], np.int32))
+    signal_name = (self.caught or "a signal to another process") if flags[:, 0].any() else None
+    return signal_name, bool(flags[0, 1])
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -138,20 +142,14 @@ class _SaveClock:
   """`train.save_minutes`: a checkpoint once that many minutes have passed since the stage
   started or last saved, besides every `save_every` steps (0: off). A run as fast as a GPU
   makes its step-count saves pauses it need not take, a slow one's saves lie hours apart: the
-  clock bounds the work a crash can lose in time. Several processes save at the same step:
-  process 0's clock decides, broadcast at `shared` steps (log and save steps, the same on
-  every process)."""
+  clock bounds the work a crash can lose in time. With several processes process 0's clock
+  decides (`_Signals.agreed`)."""
 
   def __init__(self, minutes: float):
     self.seconds, self.last = 60.0 * minutes, time.time()
 
-  def due(self, shared: bool) -> bool:
-    if not self.seconds:
-      return False
-    late = time.time() - self.last >= self.seconds
-    if jax.process_count() == 1:
-      return late
-    return shared and bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+  def late(self) -> bool:
+    return bool(self.seconds) and time.time() - self.last >= self.seconds
 
   def saved(self) -> None:
     self.last = time.time()
@@ -569,10 +567,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
         pending = (step, device_metrics)
       # read once: a signal that comes during this step's eval or save stops the next one
       # (read twice, one during the eval stopped here unsaved, "checkpoint saved" all the same)
-      shared = step % tc.log_every == 0
-      saving = step % tc.save_every == 0 or step == sc.steps or save_clock.due(shared)
-      caught = signals.agreed(step, saving or shared)
-      boundary = saving or caught
+      counted = step % tc.save_every == 0 or step == sc.steps
+      caught, late = signals.agreed(counted or step % tc.log_every == 0, save_clock.late())
+      boundary = counted or late or caught
       if boundary:   # never save unchecked, whatever log_every: the saved step's own metrics
         if pending is not None:   # this step's, logged now
           t_last, step_last = log(active, *pending, t_last, step_last)
