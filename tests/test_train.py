@@ -166,17 +166,6 @@ def test_pretrain_loss_falls_and_files(baseline, jax_cache):
   assert metrics(wd) == rows
 
 
-def test_save_minutes_saves_by_the_clock_and_changes_no_number(baseline, tmp_path, jax_cache):
-  """train.save_minutes: a checkpoint once that many minutes have passed since the last one,
-  whatever save_every says (here a clock that is always due: every step saved, where the step
-  count alone would save only the last); the saves change no loss."""
-  wd = tmp_path / "clock"
-  ok(train(wd, jax_cache, "--config.train.save_every=1000", "--config.train.save_minutes=1e-9",
-           f"--config.train.keep_checkpoints={STEPS}"))
-  assert checkpoint_steps(wd) == list(range(1, STEPS + 1))
-  assert deterministic(metrics(wd)) == deterministic(baseline[1])
-
-
 def test_8_devices_match_1_device(baseline, mesh8):
   _, rows1 = baseline
   _, rows8 = mesh8

@@ -198,12 +198,13 @@ def toy_spec(sc, targets=(), eval_fn=None) -> loop.StageSpec:
       eval_fn=eval_fn)
 
 
-def run_cfg(steps: int, log_every: int, save_every: int, eval_every: int = 0):
+def run_cfg(steps: int, log_every: int, save_every: int, eval_every: int = 0,
+            save_minutes: float = 0.0):
   """(stage config of `steps` steps, run config with its `train` section)."""
   sc = base.stage(steps=steps, batch_size=1, lr=0.1, warmup_steps=0, weight_decay=0.0)
   return sc, ml_collections.ConfigDict(dict(seed=0, train=dict(
-      log_every=log_every, save_every=save_every, save_minutes=0.0, keep_checkpoints=5,
-      eval_every=eval_every, profile_steps="", memory_gb=0.0)))
+      log_every=log_every, save_every=save_every, save_minutes=save_minutes,
+      keep_checkpoints=5, eval_every=eval_every, profile_steps="", memory_gb=0.0)))
 
 
 def saved_steps(stage_dir) -> list[int]:
@@ -217,6 +218,22 @@ def saved_steps(stage_dir) -> list[int]:
 def logged_steps(stage_dir, key: str = "loss") -> list[int]:
   return [r["step"] for r in rundir.read_metrics(rundir.metrics_file(str(stage_dir)))
           if key in r]
+
+
+def test_save_minutes_saves_by_the_clock_and_changes_no_loss(tmp_path):
+  """train.save_minutes: a checkpoint once that many minutes have passed since the last one,
+  at any step of one process, whatever save_every says (a clock always due: every step saved,
+  where the step count alone saves only the last; a 10-minute one adds none here); the saves
+  change no loss."""
+  losses = {}
+  for minutes, saved in ((1e-9, [1, 2, 3, 4, 5]), (10.0, [5]), (0.0, [5])):
+    sc, cfg = run_cfg(steps=5, log_every=2, save_every=100, save_minutes=minutes)
+    wd = tmp_path / str(minutes)
+    loop.run_stage(toy_spec(sc, [1.0, 2.0, 3.0, 4.0, 5.0]), cfg, str(wd), one_device_mesh())
+    assert saved_steps(wd) == saved, minutes
+    losses[minutes] = [(r["step"], r["loss"]) for r in
+                       rundir.read_metrics(rundir.metrics_file(str(wd))) if "loss" in r]
+  assert losses[1e-9] == losses[10.0] == losses[0.0] and len(losses[0.0]) == 3   # 2, 4, 5
 
 
 def test_nan_state_is_never_saved_whatever_log_every(tmp_path):
