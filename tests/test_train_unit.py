@@ -234,6 +234,11 @@ def test_save_minutes_saves_by_the_clock_and_changes_no_loss(tmp_path):
     losses[minutes] = [(r["step"], r["loss"]) for r in
                        rundir.read_metrics(rundir.metrics_file(str(wd))) if "loss" in r]
   assert losses[1e-9] == losses[10.0] == losses[0.0] and len(losses[0.0]) == 3   # 2, 4, 5
+  # a grid cohort (the clock's main user: ten runs' saves at once) saves every member by it
+  sc, cfg = run_cfg(steps=3, log_every=2, save_every=100, save_minutes=1e-9)
+  loop.run_cohort([loop.Member(toy_spec(sc, [float(t)] * 3), str(tmp_path / n), 0, n)
+                   for n, t in (("a", 1), ("b", 2))], cfg.train, one_device_mesh())
+  assert saved_steps(tmp_path / "a") == saved_steps(tmp_path / "b") == [1, 2, 3]
 
 
 def test_nan_state_is_never_saved_whatever_log_every(tmp_path):
