@@ -47,10 +47,9 @@ if _dir:
   for _name in ("jax._src.compiler", "jax._src.interpreters.pxla", "jax._src.pjit",
                 "jax._src.dispatch"):
     _logger = logging.getLogger(_name)
-    _handler = _Handler(_logger)
+    _logger.addHandler(_Handler(_logger))   # (before the level below: it keeps the usual one)
     _logger.setLevel(logging.DEBUG)
     _logger.propagate = False
-    _logger.addHandler(_handler)
   def _done():
     r = resource.getrusage(resource.RUSAGE_SELF)
     with open(_path(), "a") as f:
