@@ -182,8 +182,8 @@ def _scaled(scale: str) -> ml_collections.ConfigDict:
       # 'auto': float32 compute on CPU, bfloat16 on GPU/TPU (params and optimizer state stay
       # float32; softmax, logits and the loss in float32)
       dtype="auto",
-      # 'auto': einsum on CPU, pallas_docs (flash over each document's tiles) on CUDA, splash
-      # on TPU; or one of
+      # 'auto': cpu_docs on CPU (a C++ kernel built on first use; einsum where no compiler),
+      # pallas_docs (flash over each document's tiles) on CUDA, splash on TPU; or one of
       # kstore_jax/model/attention.py's IMPLEMENTATIONS
       attention="auto",
       # pallas_docs' launch, comma-separated field=value pairs replacing the tuned default's

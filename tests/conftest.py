@@ -65,12 +65,23 @@ def tokenizer_cache(jax_cache):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def forkserver(jax_cache, tokenizer_cache, tmp_path_factory):
+def kernel_cache(jax_cache):
+  """The CPU attention kernel's build (model/cpu_attention.py) for every process of the run,
+  beside the compilation cache: built once a run, not in the user's ~/.cache."""
+  from kstore_jax.model import cpu_attention
+  path = jax_cache.parent / "kernel_cache"
+  os.environ[cpu_attention.CACHE_ENV] = str(path)
+  yield path
+  del os.environ[cpu_attention.CACHE_ENV]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forkserver(jax_cache, tokenizer_cache, kernel_cache, tmp_path_factory):
   """tests/forkserver.py's server for this pytest process, started with the environment of
   the suite's subprocesses (runs.env), and the client it answers as runs.python():
   `python -m kstore_jax.<tool>` children forked from it instead of each importing jax and the
   library again. KSTORE_TEST_FORKSERVER=0: none (every process the interpreter)."""
-  del tokenizer_cache   # (in the environment the server keeps)
+  del tokenizer_cache, kernel_cache   # (in the environment the server keeps)
   if os.environ.get("KSTORE_TEST_FORKSERVER") == "0":
     yield None
     return

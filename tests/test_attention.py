@@ -79,7 +79,7 @@ def rel(a, b):
 
 
 # tokamax is an optional package: its rows run where it is installed (the test extra has it)
-SELF_IMPLS = ["einsum", "xla", "pallas", "pallas_docs", "splash"] + (
+SELF_IMPLS = ["einsum", "xla", "cpu_docs", "pallas", "pallas_docs", "splash"] + (
     ["tokamax"] if importlib.util.find_spec("tokamax") else [])
 if not flags.FLAGS.is_parsed():   # tokamax reads its absl config flags (from pytest's argv
   flags.FLAGS(sys.argv[:1])       # else); the tools parse theirs, tokamax's own tests do this
@@ -175,7 +175,7 @@ def test_packed_offsets_match_segments():
     assert list(offsets[b, :n]) == want_off and (offsets[b, n:] == -1).all()
 
 
-@pytest.mark.parametrize("platform,want", [("cpu", "einsum"), ("cuda", "pallas_docs"),
+@pytest.mark.parametrize("platform,want", [("cpu", "cpu_docs"), ("cuda", "pallas_docs"),
                                            ("tpu", "splash")])
 def test_auto_resolves_per_platform(platform, want):
   assert attention.resolve("auto", platform) == want
@@ -302,6 +302,45 @@ def test_flash_docs_bounds_are_the_visible_tiles(causal):
       assert (q_lo[b, n], q_hi[b, n]) == (queries.min(), queries.max() + 1)
 
 
+# -- cpu_docs: the CPU's C++ kernel (XLA FFI) ---------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_docs_any_shape_segment_layout_and_runs(causal):
+  """Shapes off the kernel's tiles (L = 70 rows, 40-wide heads, 3 of them), segment ids
+  scattered over the row (a document in pieces, ids beyond L, padding between), vmapped over
+  two runs as a grid cohort calls it: each run's output and gradients are the reference's
+  (causality by column, as the kernel has it)."""
+  rng = np.random.default_rng(53)
+  R, B, L, H, K = 2, 2, 70, 3, 40
+  q, k, v, do = (rng.standard_normal((R, B, L, H, K)).astype(np.float32) for _ in range(4))
+  seg = rng.choice(np.array([0, 1, 2, 7, 500]), size=(R, B, L)).astype(np.int32)
+  do *= (seg > 0)[..., None, None]
+  cols = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
+
+  def loss(q, k, v, seg, do):
+    out = attention.self_attention("cpu_docs", q, k, v, jnp.asarray(cols), seg, causal)
+    return (out * do).sum(), out
+  grad = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, out), grads = jax.jit(grad)(*(jnp.asarray(x) for x in (q, k, v, seg, do)))
+  for r in range(R):
+    want = reference(q[r], k[r], v[r], do[r], seg[r], cols, seg[r], cols, causal)
+    real = (seg[r] > 0)[:, :, None, None]
+    for got, ref in zip((out[r], *(g[r] for g in grads)), want[:4]):
+      assert rel(np.asarray(got, np.float64) * real, ref * real) < 2e-5
+    assert np.isfinite(np.asarray(out[r])).all()
+
+
+def test_cpu_docs_without_a_compiler(monkeypatch):
+  """No C++ compiler: `auto` on a CPU is `einsum`, and naming `cpu_docs` is refused in a few
+  words that say what is missing."""
+  from kstore_jax.model import cpu_attention
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  monkeypatch.setenv("PATH", "/nonexistent")
+  assert cpu_attention.compiler() is None
+  assert attention.resolve("auto", "cpu") == "einsum"
+  assert "C++ compiler" in attention.unsupported("cpu_docs", "float32", "cpu", 128)
+  assert "cpu" in attention.unsupported("cpu_docs", "bfloat16", "cuda", 128)
+
+
 def test_flash_docs_lowers_for_cuda():
   """Forward and backward lower to Triton kernels for CUDA on this CPU host, alone and vmapped
   over grid runs, with no [B, H, L, L] scores."""
@@ -414,7 +453,7 @@ print(json.dumps({"err": max(rel(np.asarray(a, np.float64) * real, b * real)
 """
 
 
-@pytest.mark.parametrize("impl", ["pallas_docs", "splash"])
+@pytest.mark.parametrize("impl", ["cpu_docs", "pallas_docs", "splash"])
 def test_kernels_run_per_shard_on_a_mesh(impl):
   """On a mesh of several devices a kernel XLA cannot partition (a Mosaic kernel refuses to
   lower otherwise) runs in a shard_map, each device on its rows and heads: the output and

@@ -6,7 +6,9 @@ key's position is not after the query's. They differ in how:
 
 | name     | where                 | how                                                        |
 |----------|-----------------------|------------------------------------------------------------|
-| `einsum` | any (CPU default)     | two head-major batched matmuls, causal query blocks        |
+| `einsum` | any                   | two head-major batched matmuls, causal query blocks        |
+| `cpu_docs` | CPU (default)       | our C++ kernel (XLA FFI, model/cpu_attention): each row on |
+|          |                       | a thread, query blocks against their documents' keys only  |
 | `xla`    | any                   | `jax.nn.dot_product_attention(implementation='xla')`: the  |
 |          |                       | [B, H, L, T] scores written out                            |
 | `pallas` | CUDA (GPU default)    | jax's Pallas/Triton flash kernel with segment ids; CPU runs |
@@ -20,12 +22,13 @@ key's position is not after the query's. They differ in how:
 
 The flash kernels (`pallas`, `pallas_docs`, `tokamax`, `cudnn`, `splash`) never write the
 scores; they take causal self-attention over packed rows (documents left to right, positions
-restarting at 0, so the column order is the position order within a document). Calls with a
-KV cache (decoding) use `einsum` on CPU and `xla` elsewhere: one query row against the cache
-is small.
+restarting at 0, so the column order is the position order within a document), as does
+`cpu_docs`. Calls with a KV cache (decoding) use `einsum` on CPU and `xla` elsewhere: one
+query row against the cache is small.
 
 `resolve(attention, platform)` turns `auto` into a name for a platform (`cpu`, `cuda`, `rocm`,
-`tpu`) chosen by the caller at lowering time, so a CPU host can build what a GPU would run.
+`tpu`) chosen by the caller at lowering time, so a CPU host can build what a GPU would run;
+on a CPU without a C++ compiler `auto` is `einsum`.
 """
 
 import contextlib
@@ -37,17 +40,22 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kstore_jax.model import cpu_attention
+
 CAUSAL_BLOCKS = 4   # einsum_attention's query blocks in causal self-attention (training)
 
-IMPLEMENTATIONS = ("einsum", "xla", "pallas", "pallas_docs", "tokamax", "cudnn", "splash")
+IMPLEMENTATIONS = ("einsum", "xla", "cpu_docs", "pallas", "pallas_docs", "tokamax", "cudnn",
+                   "splash")
 # CUDA: `pallas_docs`, the fastest kernel whose loss agreed on the H200 (session 35: 1.33 ms
 # fwd+bwd a layer at the paper shape against 1.67 for `pallas` and 1.80 for `tokamax`; the
 # paper train step 0.068 s against 0.072 and 0.071; BENCHMARKS.md)
-DEFAULT = {"cpu": "einsum", "cuda": "pallas_docs", "rocm": "xla", "tpu": "splash"}
+# CPU: `cpu_docs` (session 44: the tiny train step 0.25-0.30 -> 0.22 s on two threads; the
+# einsum path's batched dots and soft-max ran on one thread; BENCHMARKS.md)
+DEFAULT = {"cpu": "cpu_docs", "cuda": "pallas_docs", "rocm": "xla", "tpu": "splash"}
 # Where each kernel can run (CPU: Pallas interpret mode, for tests; slow).
 RUNS_ON = {"einsum": ("cpu", "cuda", "rocm", "tpu"), "xla": ("cpu", "cuda", "rocm", "tpu"),
            "pallas": ("cuda", "cpu"), "pallas_docs": ("cuda", "cpu"), "tokamax": ("cuda", "cpu"),
-           "cudnn": ("cuda",), "splash": ("tpu", "cpu")}
+           "cudnn": ("cuda",), "splash": ("tpu", "cpu"), "cpu_docs": ("cpu",)}
 HALF_ONLY = ("cudnn",)   # kernels that need a 16-bit compute dtype
 OPTIONAL = {"tokamax": "tokamax"}   # implementation -> the package it needs (not a dependency)
 # The device a lowering for a platform targets on a host without one (`lowering_target`):
@@ -78,8 +86,12 @@ def lowering_target(platform: str, mesh=None):
 
 
 def resolve(attention: str, platform: str) -> str:
-  """`auto` -> the platform's default implementation; other names pass through."""
-  return DEFAULT.get(platform, "xla") if attention == "auto" else attention
+  """`auto` -> the platform's default implementation (a CPU's without a C++ compiler to build
+  `cpu_docs`: `einsum`); other names pass through."""
+  if attention != "auto":
+    return attention
+  impl = DEFAULT.get(platform, "xla")
+  return "einsum" if impl == "cpu_docs" and cpu_attention.available() else impl
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -98,6 +110,8 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
     return f"{impl} needs the {OPTIONAL[impl]} package (pip install {OPTIONAL[impl]})"
   if impl in HALF_ONLY and dtype == "float32":
     return f"{impl} needs model.dtype bfloat16 or float16, not float32"
+  if impl == "cpu_docs" and (problem := cpu_attention.available()):
+    return problem
   return length_unsupported(impl, seq_len)
 
 
@@ -279,7 +293,7 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bo
 # tokamax's): on several devices each runs on its own rows and heads inside a shard_map. The
 # mesh axes that split a batch's rows and the heads: train/sharding.py's RULES for the logical
 # `batch` and `heads` (test_attention checks that they agree).
-PER_SHARD = ("pallas", "pallas_docs", "tokamax", "splash")
+PER_SHARD = ("cpu_docs", "pallas", "pallas_docs", "tokamax", "splash")
 ROW_AXES, HEAD_AXES = ("data", "fsdp"), ("tensor",)
 
 
@@ -364,6 +378,8 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
     if impl == "pallas_docs":
       from kstore_jax.model import flash_docs   # Pallas: imported where it runs
       kernel = functools.partial(flash_docs.attention, launch=flash_docs.parse_launch(launch))
+    elif impl == "cpu_docs":
+      kernel = cpu_attention.kernel
     else:
       kernel = {"pallas": pallas_attention, "tokamax": tokamax_attention,
                 "splash": splash_attention}[impl]
@@ -381,9 +397,9 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
 
 def cached_attention(impl: str, q_BLHK, k_BHTK, v_BHTK, q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT,
                      causal: bool) -> jax.Array:
-  """Attention of L new queries against a KV cache's columns (decoding): `einsum` stays
-  `einsum`, anything else runs jax's XLA attention."""
+  """Attention of L new queries against a KV cache's columns (decoding): `einsum` (and
+  `cpu_docs`, a CPU's) runs `einsum`, anything else jax's XLA attention."""
   m = mask(q_pos_BL, q_seg_BL, k_pos_BT, k_seg_BT, causal)
-  if impl == "einsum":
+  if impl in ("einsum", "cpu_docs"):
     return einsum_attention(q_BLHK, k_BHTK, v_BHTK, m)
   return xla_attention(q_BLHK, k_BHTK, v_BHTK, m)
