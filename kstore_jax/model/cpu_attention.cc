@@ -3,9 +3,9 @@
 //
 // XLA:CPU runs the einsum path's batched dots and its soft-max on one thread (2-D matmuls use
 // every core): at the `tiny` size attention was ~30% of a two-thread train step for ~10% of
-// its FLOPs. Here each (row, head) of the batch is one work item on XLA's intra-op thread
-// pool, and inside an item a block of query rows visits only the key columns its documents
-// reach (causal: up to the block's last row), as small register-tiled matmuls.
+// its FLOPs. Here each row of the batch (all its heads) is one work item on XLA's intra-op
+// thread pool, and inside an item a block of query rows visits only the key columns its
+// documents reach (causal: up to the block's last row), as small register-tiled matmuls.
 //
 // Layouts (row-major): q, k, v, o, do, dq, dk, dv [N, L, H, K] (N: every leading dimension
 // together); seg [N, L] int32 (0: padding, which sees no key: output 0, gradient 0); lse
@@ -35,9 +35,11 @@ constexpr int64_t RB = 16;   // query rows of a block (a multiple of MR)
 
 int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[m, n] (+)= A[m, kd] . B[kd, n]: row-major with leading dims; m a multiple of MR and n of
-// NR (callers pad their buffers so whole tiles may be read and written). The tile's
-// accumulators are GCC vectors (registers: AVX-512, or twice as many AVX2 halves).
+// C[m, n] (+)= A[m, kd] . B[kd, n]: row-major with leading dims (TransA: A given as its
+// transpose, [kd, m]: its elements are broadcast one at a time either way, so no copy is
+// needed); m a multiple of MR and n of NR (callers pad their buffers so whole tiles may be
+// read and written). The tile's accumulators are GCC vectors (registers: AVX-512, or twice
+// as many AVX2 halves).
 typedef float Vec __attribute__((vector_size(64)));
 constexpr int64_t VW = 16;             // floats in a Vec
 constexpr int64_t NV = NR / VW;        // Vecs across a tile
@@ -48,6 +50,29 @@ inline Vec load(const float* p) {
   return v;
 }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+template <bool TransA = false>
+void gemm(int64_t m, int64_t n, int64_t kd, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < m; i += MR) {
+    for (int64_t j = 0; j < n; j += NR) {
+      Vec acc[MR][NV];
+      for (int64_t r = 0; r < MR; ++r)
+        for (int64_t c = 0; c < NV; ++c)
+          acc[r][c] = accumulate ? load(C + (i + r) * ldc + j + c * VW) : Vec{};
+      for (int64_t p = 0; p < kd; ++p) {
+        Vec b[NV];
+        for (int64_t c = 0; c < NV; ++c) b[c] = load(B + p * ldb + j + c * VW);
+        for (int64_t r = 0; r < MR; ++r) {
+          const float ar = TransA ? A[p * lda + i + r] : A[(i + r) * lda + p];
+          for (int64_t c = 0; c < NV; ++c) acc[r][c] += ar * b[c];
+        }
+      }
+      for (int64_t r = 0; r < MR; ++r)
+        for (int64_t c = 0; c < NV; ++c) store(C + (i + r) * ldc + j + c * VW, acc[r][c]);
+    }
+  }
+}
 
 // sum and maximum of x[0, n), n a multiple of VW, as VW lanes then across them: vectorised
 // (a float loop's reduction is not, without reassociation) and in a fixed order
@@ -374,12 +399,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       // dq rows = ds . k ; dk, dv columns += ds^T . q, p^T . d out
       gemm(RB, Kp, wp, x.p.data(), Lp, x.kr.data() + clo * Kp, Kp, x.dq.data() + r0 * Kp, Kp,
            false);
-      transpose(RB, wp, x.p.data(), Lp, x.t.data(), RB);
-      gemm(wp, Kp, RB, x.t.data(), RB, x.q.data() + r0 * Kp, Kp, x.dk.data() + clo * Kp, Kp,
-           true);
-      transpose(RB, wp, x.s.data(), Lp, x.t.data(), RB);
-      gemm(wp, Kp, RB, x.t.data(), RB, x.d.data() + r0 * Kp, Kp, x.dv.data() + clo * Kp, Kp,
-           true);
+      gemm<true>(wp, Kp, RB, x.p.data(), Lp, x.q.data() + r0 * Kp, Kp, x.dk.data() + clo * Kp,
+                 Kp, true);
+      gemm<true>(wp, Kp, RB, x.s.data(), Lp, x.d.data() + r0 * Kp, Kp, x.dv.data() + clo * Kp,
+                 Kp, true);
     }
     scatter(x.dq.data(), Kp, sh, n, h, scale, dqd);
     scatter(x.dk.data(), Kp, sh, n, h, 1.f, dkd);   // (q was scaled: ds^T . (scale q))
