@@ -341,6 +341,32 @@ def test_cpu_docs_without_a_compiler(monkeypatch):
   assert "cpu" in attention.unsupported("cpu_docs", "bfloat16", "cuda", 128)
 
 
+def test_cpu_docs_build_without_native_flags_and_a_failed_one(tmp_path, monkeypatch):
+  """A compiler that refuses -march=native still builds the kernel (portable flags); one
+  that builds nothing stops with an error naming the source and the compiler's words."""
+  import ctypes
+  from kstore_jax.model import cpu_attention
+  no_native = tmp_path / "no-native-cxx"
+  no_native.write_text('#!/bin/sh\ncase "$*" in *-march=native*) echo "no native here" >&2; '
+                       'exit 1;; esac\nexec g++ "$@"\n')
+  broken = tmp_path / "broken-cxx"
+  broken.write_text('#!/bin/sh\n[ "$1" = --version ] && exec g++ --version\n'
+                    'echo "internal compiler error" >&2; exit 1\n')
+  for script in (no_native, broken):
+    script.chmod(0o755)
+  monkeypatch.setenv(cpu_attention.CACHE_ENV, str(tmp_path / "kernels"))
+  monkeypatch.setenv("CXX", str(no_native))
+  cpu_attention.library_path.cache_clear()
+  try:
+    assert ctypes.CDLL(str(cpu_attention.library_path())).KstoreAttentionForward
+    monkeypatch.setenv("CXX", str(broken))
+    cpu_attention.library_path.cache_clear()
+    with pytest.raises(RuntimeError, match="cpu_attention.cc.*\n.*internal compiler error"):
+      cpu_attention.library_path()
+  finally:
+    cpu_attention.library_path.cache_clear()
+
+
 def test_flash_docs_lowers_for_cuda():
   """Forward and backward lower to Triton kernels for CUDA on this CPU host, alone and vmapped
   over grid runs, with no [B, H, L, L] scores."""

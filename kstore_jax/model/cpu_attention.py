@@ -31,7 +31,8 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 CACHE_ENV = "KSTORE_KERNEL_CACHE"
 DEFAULT_CACHE = "~/.cache/kstore_jax/kernels"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+NATIVE = ("-march=native",)   # the CPU's own vector width; dropped where a compiler refuses it
 FORWARD, BACKWARD = "kstore_attention_forward", "kstore_attention_backward"
 
 
@@ -54,14 +55,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
 def library_path() -> pathlib.Path:
-  """The built library for this source, compiler, jaxlib and CPU, compiled if missing."""
+  """The built library for this source, compiler, jaxlib and CPU, compiled if missing (with
+  NATIVE, else without it where the compiler refuses it)."""
   cxx = compiler()
   if cxx is None:
     raise RuntimeError(available())
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                            check=True).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS),
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS + NATIVE),
                                   jax.ffi.include_dir(), jax.lib.__version__,
                                   platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
   cache = pathlib.Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
@@ -75,9 +78,12 @@ def library_path() -> pathlib.Path:
       fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
       os.close(fd)
       try:
-        build = subprocess.run([cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o",
-                                tmp], capture_output=True, text=True, check=False)
-        if build.returncode:
+        for flags in (FLAGS + NATIVE, FLAGS):
+          build = subprocess.run([cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o",
+                                  tmp], capture_output=True, text=True, check=False)
+          if not build.returncode:
+            break
+        else:
           raise RuntimeError(f"building {SOURCE} with {cxx} failed:\n{build.stderr[-3000:]}")
         os.replace(tmp, path)
       finally:
