@@ -76,12 +76,16 @@ void gemm(int64_t m, int64_t n, int64_t kd, const float* A, int64_t lda, const f
 
 // sum and maximum of x[0, n), n a multiple of VW, as VW lanes then across them: vectorised
 // (a float loop's reduction is not, without reassociation) and in a fixed order
+float lanes_sum(Vec v) {
+  float total = 0.f;
+  for (int64_t c = 0; c < VW; ++c) total += v[c];
+  return total;
+}
+
 float sum(const float* x, int64_t n) {
   Vec acc{};
   for (int64_t j = 0; j < n; j += VW) acc += load(x + j);
-  float total = 0.f;
-  for (int64_t c = 0; c < VW; ++c) total += acc[c];
-  return total;
+  return lanes_sum(acc);
 }
 
 float maximum(const float* x, int64_t n) {
@@ -98,32 +102,7 @@ float maximum(const float* x, int64_t n) {
 float dot(const float* x, const float* y, int64_t n) {
   Vec acc{};
   for (int64_t j = 0; j < n; j += VW) acc += load(x + j) * load(y + j);
-  float total = 0.f;
-  for (int64_t c = 0; c < VW; ++c) total += acc[c];
-  return total;
-}
-
-void gemm(int64_t m, int64_t n, int64_t kd, const float* A, int64_t lda, const float* B,
-          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t i = 0; i < m; i += MR) {
-    for (int64_t j = 0; j < n; j += NR) {
-      Vec acc[MR][NV];
-      for (int64_t r = 0; r < MR; ++r)
-        for (int64_t c = 0; c < NV; ++c)
-          acc[r][c] = accumulate ? load(C + (i + r) * ldc + j + c * VW) : Vec{};
-      const float* a = A + i * lda;
-      for (int64_t p = 0; p < kd; ++p) {
-        Vec b[NV];
-        for (int64_t c = 0; c < NV; ++c) b[c] = load(B + p * ldb + j + c * VW);
-        for (int64_t r = 0; r < MR; ++r) {
-          const float ar = a[r * lda + p];
-          for (int64_t c = 0; c < NV; ++c) acc[r][c] += ar * b[c];
-        }
-      }
-      for (int64_t r = 0; r < MR; ++r)
-        for (int64_t c = 0; c < NV; ++c) store(C + (i + r) * ldc + j + c * VW, acc[r][c]);
-    }
-  }
+  return lanes_sum(acc);
 }
 
 // exp(x) for x <= 0 (scores minus their row's maximum or log-sum-exp), branch-free so that
@@ -412,30 +391,27 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The arguments both handlers begin with: the thread pool, then q, k, v and seg
+auto bind_attention_inputs() {
+  using F32 = ffi::Buffer<ffi::F32>;
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<
+      ffi::Buffer<ffi::S32>>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KstoreAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              bind_attention_inputs()
                                   .Attr<int32_t>("causal")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());   // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KstoreAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              bind_attention_inputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // d out
                                   .Attr<int32_t>("causal")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());   // dv
