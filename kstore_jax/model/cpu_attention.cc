@@ -29,20 +29,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t MR = 4;    // rows of a register tile
-constexpr int64_t NR = 32;   // columns of a register tile (2 AVX-512 or 4 AVX2 vectors)
-constexpr int64_t RB = 16;   // query rows of a block (a multiple of MR)
+// A Vec is one of the machine's vector registers, at most 256 bits (a GCC vector: 64-byte
+// vectors on an AVX2 machine were split into halves the compiler handled through memory,
+// 10-20x slower; on the AVX-512 Zen 4, 256-bit tiles 16 columns wide ran faster than 512-bit
+// ones 32 wide, whose rows pad further past a block's keys)
+#if defined(__AVX__)
+constexpr int64_t VW = 8;    // floats in a Vec
+#else
+constexpr int64_t VW = 4;    // SSE, NEON
+#endif
+typedef float Vec __attribute__((vector_size(4 * VW)));
+constexpr int64_t MR = 4;         // rows of a register tile
+constexpr int64_t NV = 2;         // Vecs across a tile: MR x NV accumulators in registers
+constexpr int64_t NR = NV * VW;   // columns of a register tile
+constexpr int64_t RB = 16;        // query rows of a block (a multiple of MR)
 
 int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// C[m, n] (+)= A[m, kd] . B[kd, n]: row-major with leading dims (TransA: A given as its
-// transpose, [kd, m]: its elements are broadcast one at a time either way, so no copy is
-// needed); m a multiple of MR and n of NR (callers pad their buffers so whole tiles may be
-// read and written). The tile's accumulators are GCC vectors (registers: AVX-512, or twice
-// as many AVX2 halves).
-typedef float Vec __attribute__((vector_size(64)));
-constexpr int64_t VW = 16;             // floats in a Vec
-constexpr int64_t NV = NR / VW;        // Vecs across a tile
 
 inline Vec load(const float* p) {
   Vec v;
@@ -50,6 +52,11 @@ inline Vec load(const float* p) {
   return v;
 }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// C[m, n] (+)= A[m, kd] . B[kd, n]: row-major with leading dims (TransA: A given as its
+// transpose, [kd, m]: its elements are broadcast one at a time either way, so no copy is
+// needed); m a multiple of MR and n of NR (callers pad their buffers so whole tiles may be
+// read and written). The tile's accumulators stay in registers.
 
 template <bool TransA = false>
 void gemm(int64_t m, int64_t n, int64_t kd, const float* A, int64_t lda, const float* B,
