@@ -2,7 +2,7 @@
 FFI custom calls, float32), built on first use with the machine's C++ compiler.
 
 XLA:CPU runs the einsum path's batched dots and soft-max on one thread while its 2-D matmuls
-use every core; this kernel computes each (row, head) on XLA's intra-op thread pool, a block
+use every core; this kernel computes each batch row on XLA's intra-op thread pool, a block
 of query rows against only the key columns its documents reach, and reads q, k, v in their
 [B, L, H, K] layout (no head-major copies). Its forward saves each query's log-sum-exp;
 the backward recomputes the probabilities from it.
