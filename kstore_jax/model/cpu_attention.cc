@@ -181,6 +181,8 @@ struct Rows {
       p[j] = (j >= l && j <= h && sj[j] == si) ? y : unseen;
     }
   }
+  // whether query row i (of a block ending before r1) sees any key
+  bool sees_any(int64_t i, int64_t r1) const { return i < r1 && hi[i] >= lo[i]; }
   // the columns a block of rows [r0, r1) reaches: [clo, chi] (chi < clo: none)
   void block(int64_t r0, int64_t r1, int64_t* clo, int64_t* chi) const {
     *clo = INT64_MAX;
@@ -250,14 +252,6 @@ struct Scratch {
   Rows rows;
 };
 
-// Scores of rows [r0, r0 + RB) against columns [clo, clo + w) into s [RB, ld]:
-// (q scaled) . k^T
-void scores(const Scratch& x, const Shape& sh, int64_t r0, int64_t clo, int64_t w, float* s,
-            int64_t ld) {
-  gemm(RB, up(w, NR), sh.Kp(), x.q.data() + r0 * sh.Kp(), sh.Kp(), x.kt.data() + clo, sh.Lp(),
-       s, ld, false);
-}
-
 // The item's q (scaled), k, k^T, v (and v^T) as zero-padded contiguous matrices; buffers
 // are allocated (zeroed) at a worker's first item, and later items overwrite only the
 // unpadded parts, so the padding stays zero.
@@ -284,6 +278,26 @@ Shape shape_of(ffi::Span<const int64_t> dims) {
   return sh;
 }
 
+// For each block of RB query rows [r0, r1) of head h: empty(r0, r1) where none of its
+// queries sees a key, else block(r0, r1, clo, wp) with the block's scores against its key
+// columns [clo, clo + wp) in x.s, (q scaled) . k^T (wp: their count padded to whole tiles).
+template <typename Empty, typename Block>
+void walk_blocks(Scratch& x, const Shape& sh, Empty empty, Block block) {
+  for (int64_t r0 = 0; r0 < sh.L; r0 += RB) {
+    const int64_t r1 = std::min(r0 + RB, sh.L);
+    int64_t clo, chi;
+    x.rows.block(r0, r1, &clo, &chi);
+    if (chi < clo) {
+      empty(r0, r1);
+      continue;
+    }
+    const int64_t wp = up(chi - clo + 1, NR);
+    gemm(RB, wp, sh.Kp(), x.q.data() + r0 * sh.Kp(), sh.Kp(), x.kt.data() + clo, sh.Lp(),
+         x.s.data(), sh.Lp(), false);
+    block(r0, r1, clo, wp);
+  }
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int32_t causal,
                    ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
@@ -296,37 +310,31 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const int64_t L = sh.L, Kp = sh.Kp(), Lp = sh.Lp();
     x.rows.build(sd + n * L, L, Lp, causal);
     for (int64_t h = 0; h < sh.H; ++h) {
-    prepare(x, sh, qd, kd, vd, n, h, false);
-    float* lse_L = ld + (n * sh.H + h) * L;
-    for (int64_t r0 = 0; r0 < L; r0 += RB) {
-      const int64_t r1 = std::min(r0 + RB, L);
-      int64_t clo, chi;
-      x.rows.block(r0, r1, &clo, &chi);
-      std::fill(lse_L + r0, lse_L + r1, 0.f);
-      if (chi < clo) {   // no query of the block sees a key: zero outputs
+      prepare(x, sh, qd, kd, vd, n, h, false);
+      float* lse_L = ld + (n * sh.H + h) * L;
+      std::fill(lse_L, lse_L + L, 0.f);
+      auto empty = [&](int64_t r0, int64_t r1) {   // no query sees a key: zero outputs
         std::fill(x.o.data() + r0 * Kp, x.o.data() + r1 * Kp, 0.f);
-        continue;
-      }
-      const int64_t wp = up(chi - clo + 1, NR);
-      scores(x, sh, r0, clo, chi - clo + 1, x.s.data(), Lp);
-      for (int64_t i = r0; i < r0 + RB; ++i) {
-        float* s = x.s.data() + (i - r0) * Lp;
-        float* e = x.p.data() + (i - r0) * Lp;
-        if (i >= r1 || x.rows.hi[i] < x.rows.lo[i]) {   // no key: a zero row of p
-          std::fill(e, e + wp, 0.f);
-          continue;
+      };
+      walk_blocks(x, sh, empty, [&](int64_t r0, int64_t r1, int64_t clo, int64_t wp) {
+        for (int64_t i = r0; i < r0 + RB; ++i) {
+          float* s = x.s.data() + (i - r0) * Lp;
+          float* e = x.p.data() + (i - r0) * Lp;   // -> probabilities
+          if (!x.rows.sees_any(i, r1)) {
+            std::fill(e, e + wp, 0.f);
+            continue;
+          }
+          x.rows.where_seen(i, clo, wp, s, e, [](float y) { return y; }, -INFINITY);
+          const float top = maximum(e, wp);   // the largest score the row sees
+          x.rows.where_seen(i, clo, wp, s, e, [top](float y) { return exp_nonpos(y - top); });
+          const float total = sum(e, wp), inv = 1.f / total;
+          for (int64_t j = 0; j < wp; ++j) e[j] *= inv;
+          lse_L[i] = top + std::log(total);
         }
-        x.rows.where_seen(i, clo, wp, s, e, [](float y) { return y; }, -INFINITY);
-        const float top = maximum(e, wp);   // the largest score the row sees
-        x.rows.where_seen(i, clo, wp, s, e, [top](float y) { return exp_nonpos(y - top); });
-        const float total = sum(e, wp), inv = 1.f / total;
-        for (int64_t j = 0; j < wp; ++j) e[j] *= inv;
-        lse_L[i] = top + std::log(total);
-      }
-      gemm(RB, Kp, wp, x.p.data(), Lp, x.v.data() + clo * Kp, Kp, x.o.data() + r0 * Kp, Kp,
-           false);
-    }
-    scatter(x.o.data(), Kp, sh, n, h, 1.f, od);
+        gemm(RB, Kp, wp, x.p.data(), Lp, x.v.data() + clo * Kp, Kp, x.o.data() + r0 * Kp, Kp,
+             false);
+      });
+      scatter(x.o.data(), Kp, sh, n, h, 1.f, od);
     }
   });
   return ffi::Error::Success();
@@ -349,50 +357,44 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     const float scale = 1.0f / std::sqrt(static_cast<float>(sh.K));
     x.rows.build(sd + n * L, L, Lp, causal);
     for (int64_t h = 0; h < sh.H; ++h) {
-    prepare(x, sh, qd, kd, vd, n, h, true);
-    gather(dod, sh, n, h, 1.f, x.d.data(), Kp);
-    gather(odata, sh, n, h, 1.f, x.o.data(), Kp);
-    std::fill(x.dk.begin(), x.dk.end(), 0.f);
-    std::fill(x.dv.begin(), x.dv.end(), 0.f);
-    const float* lse_L = ld + (n * sh.H + h) * L;
-    for (int64_t r0 = 0; r0 < L; r0 += RB) {
-      const int64_t r1 = std::min(r0 + RB, L);
-      int64_t clo, chi;
-      x.rows.block(r0, r1, &clo, &chi);
-      if (chi < clo) {
+      prepare(x, sh, qd, kd, vd, n, h, true);
+      gather(dod, sh, n, h, 1.f, x.d.data(), Kp);
+      gather(odata, sh, n, h, 1.f, x.o.data(), Kp);
+      std::fill(x.dk.begin(), x.dk.end(), 0.f);
+      std::fill(x.dv.begin(), x.dv.end(), 0.f);
+      const float* lse_L = ld + (n * sh.H + h) * L;
+      auto empty = [&](int64_t r0, int64_t r1) {
         std::fill(x.dq.data() + r0 * Kp, x.dq.data() + r1 * Kp, 0.f);
-        continue;
-      }
-      const int64_t wp = up(chi - clo + 1, NR);
-      scores(x, sh, r0, clo, chi - clo + 1, x.s.data(), Lp);             // s: scores
-      gemm(RB, wp, Kp, x.d.data() + r0 * Kp, Kp, x.vt.data() + clo, Lp, x.t.data(), Lp,
-           false);                                                       // t: d out . v^T
-      for (int64_t i = r0; i < r0 + RB; ++i) {
-        float* s = x.s.data() + (i - r0) * Lp;   // -> probabilities p
-        float* g = x.p.data() + (i - r0) * Lp;   // -> score gradients p (t - delta)
-        const float* t = x.t.data() + (i - r0) * Lp;
-        if (i >= r1 || x.rows.hi[i] < x.rows.lo[i]) {
-          std::fill(s, s + wp, 0.f);
-          std::fill(g, g + wp, 0.f);
-          continue;
+      };
+      walk_blocks(x, sh, empty, [&](int64_t r0, int64_t r1, int64_t clo, int64_t wp) {
+        gemm(RB, wp, Kp, x.d.data() + r0 * Kp, Kp, x.vt.data() + clo, Lp, x.t.data(), Lp,
+             false);                                                     // t: d out . v^T
+        for (int64_t i = r0; i < r0 + RB; ++i) {
+          float* s = x.s.data() + (i - r0) * Lp;   // scores -> probabilities p
+          float* g = x.p.data() + (i - r0) * Lp;   // -> score gradients p (t - delta)
+          const float* t = x.t.data() + (i - r0) * Lp;
+          if (!x.rows.sees_any(i, r1)) {
+            std::fill(s, s + wp, 0.f);
+            std::fill(g, g + wp, 0.f);
+            continue;
+          }
+          // sum over k of d out * out: the row's sum of p * (d out . v)
+          const float delta = dot(x.d.data() + i * Kp, x.o.data() + i * Kp, Kp);
+          const float top = lse_L[i];
+          x.rows.where_seen(i, clo, wp, s, s, [top](float y) { return exp_nonpos(y - top); });
+          for (int64_t j = 0; j < wp; ++j) g[j] = s[j] * (t[j] - delta);
         }
-        // sum over k of d out * out: the row's sum of p * (d out . v)
-        const float delta = dot(x.d.data() + i * Kp, x.o.data() + i * Kp, Kp);
-        const float top = lse_L[i];
-        x.rows.where_seen(i, clo, wp, s, s, [top](float y) { return exp_nonpos(y - top); });
-        for (int64_t j = 0; j < wp; ++j) g[j] = s[j] * (t[j] - delta);
-      }
-      // dq rows = ds . k ; dk, dv columns += ds^T . q, p^T . d out
-      gemm(RB, Kp, wp, x.p.data(), Lp, x.kr.data() + clo * Kp, Kp, x.dq.data() + r0 * Kp, Kp,
-           false);
-      gemm<true>(wp, Kp, RB, x.p.data(), Lp, x.q.data() + r0 * Kp, Kp, x.dk.data() + clo * Kp,
-                 Kp, true);
-      gemm<true>(wp, Kp, RB, x.s.data(), Lp, x.d.data() + r0 * Kp, Kp, x.dv.data() + clo * Kp,
-                 Kp, true);
-    }
-    scatter(x.dq.data(), Kp, sh, n, h, scale, dqd);
-    scatter(x.dk.data(), Kp, sh, n, h, 1.f, dkd);   // (q was scaled: ds^T . (scale q))
-    scatter(x.dv.data(), Kp, sh, n, h, 1.f, dvd);
+        // dq rows = ds . k ; dk, dv columns += ds^T . q, p^T . d out
+        gemm(RB, Kp, wp, x.p.data(), Lp, x.kr.data() + clo * Kp, Kp, x.dq.data() + r0 * Kp,
+             Kp, false);
+        gemm<true>(wp, Kp, RB, x.p.data(), Lp, x.q.data() + r0 * Kp, Kp,
+                   x.dk.data() + clo * Kp, Kp, true);
+        gemm<true>(wp, Kp, RB, x.s.data(), Lp, x.d.data() + r0 * Kp, Kp,
+                   x.dv.data() + clo * Kp, Kp, true);
+      });
+      scatter(x.dq.data(), Kp, sh, n, h, scale, dqd);
+      scatter(x.dk.data(), Kp, sh, n, h, 1.f, dkd);   // (q was scaled: ds^T . (scale q))
+      scatter(x.dv.data(), Kp, sh, n, h, 1.f, dvd);
     }
   });
   return ffi::Error::Success();
