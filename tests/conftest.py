@@ -53,35 +53,27 @@ def jax_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tokenizer_cache(jax_cache):
-  """The generated tokenizers of every process of the run (this one's and every subprocess's:
-  they inherit the variable) in one directory beside the compilation cache, not the user's
-  ~/.cache."""
+def build_caches(jax_cache):
+  """What every process of the run (this one's and every subprocess's: they inherit the
+  variables) builds once and keeps, in directories beside the compilation cache, not the
+  user's ~/.cache: the generated tokenizers and the CPU attention kernel's library."""
   from kstore_jax.data import tokenizer
-  path = jax_cache.parent / "tokenizer_cache"
-  os.environ[tokenizer.CACHE_ENV] = str(path)
-  yield path
-  del os.environ[tokenizer.CACHE_ENV]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def kernel_cache(jax_cache):
-  """The CPU attention kernel's build (model/cpu_attention.py) for every process of the run,
-  beside the compilation cache: built once a run, not in the user's ~/.cache."""
   from kstore_jax.model import cpu_attention
-  path = jax_cache.parent / "kernel_cache"
-  os.environ[cpu_attention.CACHE_ENV] = str(path)
-  yield path
-  del os.environ[cpu_attention.CACHE_ENV]
+  envs = {tokenizer.CACHE_ENV: "tokenizer_cache", cpu_attention.CACHE_ENV: "kernel_cache"}
+  for env, name in envs.items():
+    os.environ[env] = str(jax_cache.parent / name)
+  yield
+  for env in envs:
+    del os.environ[env]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def forkserver(jax_cache, tokenizer_cache, kernel_cache, tmp_path_factory):
+def forkserver(jax_cache, build_caches, tmp_path_factory):
   """tests/forkserver.py's server for this pytest process, started with the environment of
   the suite's subprocesses (runs.env), and the client it answers as runs.python():
   `python -m kstore_jax.<tool>` children forked from it instead of each importing jax and the
   library again. KSTORE_TEST_FORKSERVER=0: none (every process the interpreter)."""
-  del tokenizer_cache, kernel_cache   # (in the environment the server keeps)
+  del build_caches   # (in the environment the server keeps)
   if os.environ.get("KSTORE_TEST_FORKSERVER") == "0":
     yield None
     return
