@@ -13,10 +13,20 @@ heap), no mmap for large blocks, no trimming of the heap's top. The process's re
 then stays at its peak, and later steps reuse the pages. It runs when `kstore_jax` is first
 imported, before JAX starts its thread pools, on machines where jax computes on the CPU
 (`cpu_only`); `KSTORE_JAX_RETAIN_MEMORY=0` turns it off. A no-op where libc has no mallopt
-(macOS, musl). The retention is bounded (`Bound`, called by the training loop and the train
-benchmark): a process that holds more than RETAIN_MAX_SHARE of the machine's memory after its
-first step gets glibc's defaults back, since freed blocks fragment the one arena (`small`
-peaked at 20.3 GB with retention, 7.4 GB without; BENCHMARKS.md).
+(macOS, musl).
+
+That reuse needs each step's temporaries freed before the next step allocates them. jax
+queues a CPU computation to a worker thread by default, and the worker starts the next step
+as soon as the previous one's outputs are ready, a few milliseconds before it frees that
+step's temporaries (one block: 5.3 GB at `small`): both blocks then live at once, the one
+heap fragments, and `small` peaked at 17-20 GB against 6.3 GB. So the compute commands
+(main, grid, bench) also run one-device computations in the calling thread
+(`dispatch_inline`, jax's `jax_cpu_enable_async_dispatch` off): a step's block is freed when
+the call returns, and the next step gets the same pages back. Retention is still bounded
+(`Bound`, called by the training loop and the train benchmark): glibc's defaults come back
+when a process grows past RETAIN_MAX_GROWTH of its size after its first step, or, where
+steps are queued (a mesh of several devices, or a process that left dispatch as it was),
+when that first step leaves it above RETAIN_MAX_SHARE of the machine's memory.
 
 Huge pages (`use_huge_pages`, the first call of the compute commands' `run()`: `python -m
 kstore_jax.main | grid | bench`): glibc >= 2.35 asks the kernel for transparent huge pages
@@ -76,30 +86,71 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
   return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-# Retention stops (glibc's defaults come back) once the process holds more than this share of
-# the machine's memory after its first step: freed blocks then fragment the one arena and
-# hold the process at up to ~2.75x the default allocator's peak (`small`: 20.3 GB vs 7.4 GB).
+# Retention stops (glibc's defaults come back) once the process has grown past this multiple
+# of its resident size after the first step: freed blocks would be fragmenting the one heap.
+RETAIN_MAX_GROWTH = 1.25
+# ... and, where steps are queued rather than run inline (dispatch_inline), once the first
+# step leaves it above this share of the machine's memory: queued, each step's temporaries
+# outlive the next step's start, and `small` grew to 17-20 GB against 6.3 GB by its third step.
 RETAIN_MAX_SHARE = 0.2
 
 
 class Bound:
-  """Bounded retention: call `after_step()` once per train step, the first time after the
-  first step has completed. If the process's resident size then exceeds RETAIN_MAX_SHARE of
-  the machine's memory, glibc's defaults are restored (large blocks mmapped and unmapped on
-  free, the heap trimmed) and the freed pages handed back: a step that large page-faults its
-  temporaries again (the tweak's gain is lost), but the process stays near the default
-  allocator's peak. A no-op when the settings were not applied."""
+  """Bounded retention: call `after_step()` after every train step. After the first, the
+  process's resident size is the reference; the retention is released (glibc's defaults
+  restored: large blocks mmapped and unmapped on free, the heap trimmed, the freed pages handed
+  back) when a later step leaves the process above RETAIN_MAX_GROWTH of it, or, for steps not
+  run `inline` (see dispatch_inline), when the first leaves it above RETAIN_MAX_SHARE of the
+  machine's memory. A released process page-faults each step's temporaries again (the tweak's
+  gain is lost) but stays near the default allocator's peak. A no-op when the settings were not
+  applied."""
 
-  def __init__(self, applied: bool):
-    self.applied, self.checked, self.released = applied, False, False
+  def __init__(self, applied: bool, inline: bool):
+    self.applied, self.inline = applied, inline
+    self.first, self.done, self.released = None, False, False
 
   def after_step(self) -> None:
-    if not self.applied or self.checked:
+    if not self.applied or self.done:
       return
-    self.checked = True
-    if resident_bytes() > RETAIN_MAX_SHARE * os.sysconf("SC_PHYS_PAGES") * os.sysconf(
-        "SC_PAGE_SIZE"):
-      self.released = restore_defaults()
+    size = resident_bytes()
+    if self.first is None:
+      self.first = size
+      over = not self.inline and size > RETAIN_MAX_SHARE * os.sysconf(
+          "SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+      over = size > RETAIN_MAX_GROWTH * self.first
+    if over:
+      self.done, self.released = True, restore_defaults()
+
+
+# jax's option: False runs a CPU computation of one device in the thread that calls it; jax's
+# default (True) queues it to a worker thread and returns at once.
+ASYNC_DISPATCH = "jax_cpu_enable_async_dispatch"
+
+
+def dispatch_inline(retained: bool) -> bool:
+  """Where the heap is retained (`retained`: kstore_jax.RETAINS_FREED_MEMORY), make jax run
+  each one-device CPU computation in the calling thread, so that a step's temporaries are
+  freed before the next step allocates them (the module's docstring); whether it did. Call
+  before jax computes anything: its CPU client reads the option when it starts.
+  `KSTORE_JAX_INLINE=0` leaves jax's queued dispatch (the retention is then bounded by
+  RETAIN_MAX_SHARE)."""
+  if not retained or os.environ.get("KSTORE_JAX_INLINE", "") == "0":
+    return False
+  import jax
+  jax.config.update(ASYNC_DISPATCH, False)
+  return True
+
+
+def steps_inline(n_devices: int) -> bool:
+  """Whether a step on `n_devices` devices runs in the calling thread: one device, and jax's
+  queued dispatch off (dispatch_inline); computations over several devices are always queued."""
+  import jax
+  try:
+    queued = jax.config.read(ASYNC_DISPATCH)
+  except AttributeError:   # a jax without the option queues every computation
+    queued = True
+  return n_devices == 1 and not queued
 
 
 # After a release: blocks from MMAP_THRESHOLD up are mmapped and unmapped on free, the heap's

@@ -63,18 +63,103 @@ def test_no_mallopt_is_a_no_op(monkeypatch):
 
 @glibc
 def test_a_large_process_gets_the_default_allocator_back():
-  """heap.Bound: when the first step leaves the process above RETAIN_MAX_SHARE of the
-  machine's memory, glibc's defaults come back: freed large blocks are unmapped again (each
-  round faults its pages in), as without the tweak; below the share nothing changes."""
+  """heap.Bound: for steps queued to a worker (`inline` False), a first step that leaves the
+  process above RETAIN_MAX_SHARE of the machine's memory brings glibc's defaults back: freed
+  large blocks are unmapped again (each round faults its pages in), as without the tweak;
+  below the share, or for steps run inline, nothing changes."""
   pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
   release = ("from kstore_jax import heap\nheap.RETAIN_MAX_SHARE = 0.0\n"
-             "b = heap.Bound(True)\nb.after_step()\nassert b.released\n")
+             "b = heap.Bound(True, inline=False)\nb.after_step()\nassert b.released\n")
   applied, second, third = run_probe("1", release)
   assert applied and second > pages // 2 and third > pages // 2, (second, third, pages)
-  keep = ("from kstore_jax import heap\nheap.RETAIN_MAX_SHARE = 1.0\n"
-          "b = heap.Bound(True)\nb.after_step()\nassert not b.released\n")
-  applied, second, third = run_probe("1", keep)
+  for keep in ("heap.RETAIN_MAX_SHARE = 1.0\nb = heap.Bound(True, inline=False)\n",
+               "heap.RETAIN_MAX_SHARE = 0.0\nb = heap.Bound(True, inline=True)\n"):
+    keep = f"from kstore_jax import heap\n{keep}b.after_step()\nassert not b.released\n"
+    applied, second, third = run_probe("1", keep)
+    assert applied and second < pages // 20 and third < pages // 20, (second, third, pages)
+
+
+@glibc
+def test_a_growing_process_gets_the_default_allocator_back():
+  """heap.Bound: a later step that leaves the process above RETAIN_MAX_GROWTH of its size
+  after the first step releases the retention (then each round faults its pages in again);
+  growth within the bound keeps it."""
+  pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+  grow = ("from kstore_jax import heap\nheap.RETAIN_MAX_GROWTH = {}\n"
+          "b = heap.Bound(True, inline=True)\nb.after_step()\n"
+          "held = b'x' * (512 << 20)\nb.after_step()\nassert b.released is {}\n")
+  applied, second, third = run_probe("1", grow.format(1.5, True))
+  assert applied and second > pages // 2 and third > pages // 2, (second, third, pages)
+  applied, second, third = run_probe("1", grow.format(1000.0, False))
   assert applied and second < pages // 20 and third < pages // 20, (second, third, pages)
+
+
+STEP_PROBE = r"""
+import resource, sys
+import kstore_jax
+from kstore_jax import heap
+inline = heap.dispatch_inline(kstore_jax.RETAINS_FREED_MEMORY) if sys.argv[1] == "inline" else False
+import jax, jax.numpy as jnp
+
+@jax.jit
+def step(x):
+  y = jnp.sin(x) * 2.0
+  return (jnp.cumsum(jnp.cos(y)[::-1]) + y).sum()   # a temporary of its own
+
+x = jnp.ones((1 << 24,), jnp.float32)   # 64 MiB
+ready = step(x).is_ready()   # right after the call: inline, it has run
+faults = []
+for _ in range(12):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(step(x))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(inline, ready, *faults)
+"""
+
+
+@glibc
+def test_steps_run_inline_reuse_their_temporaries():
+  """heap.dispatch_inline: with the heap retained, jax runs a computation in the calling thread
+  (its result is ready when the call returns; queued, as by jax's default, it is not), so its
+  temporaries (64 MiB here) are freed before the next call allocates them and the next call
+  gets the same pages back: after the first, at most one call faults a block in (the heap
+  settling), whereas queued calls start before the last one's temporaries are freed and keep
+  fresh blocks coming in most processes (a race: not asserted)."""
+  pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+  env = {**os.environ, "KSTORE_JAX_RETAIN_MEMORY": "1", "JAX_PLATFORMS": "cpu"}
+
+  def probe(mode):
+    out = subprocess.run([sys.executable, "-c", STEP_PROBE, mode], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out[0] == "True", out[1] == "True", [int(n) for n in out[2:]]
+
+  inline, ready, faults = probe("inline")
+  assert inline and ready
+  assert sum(faults) < pages * 1.2 and sum(f > pages // 20 for f in faults) <= 1, faults
+  inline, ready, _ = probe("queued")
+  assert not inline and not ready
+
+
+def test_steps_inline_only_where_retained(monkeypatch):
+  """dispatch_inline changes nothing without the retained heap or with KSTORE_JAX_INLINE=0;
+  steps_inline: one device and jax's queued dispatch off (several devices are always queued)."""
+  from kstore_jax import heap
+  import jax
+  queued = jax.config.read(heap.ASYNC_DISPATCH)
+  try:
+    jax.config.update(heap.ASYNC_DISPATCH, False)
+    assert heap.steps_inline(1) and not heap.steps_inline(2)
+    jax.config.update(heap.ASYNC_DISPATCH, True)
+    assert not heap.steps_inline(1)
+  finally:
+    jax.config.update(heap.ASYNC_DISPATCH, queued)
+  seen = []
+  monkeypatch.setattr(jax.config, "update", lambda name, value: seen.append((name, value)))
+  assert heap.dispatch_inline(False) is False and not seen
+  monkeypatch.setenv("KSTORE_JAX_INLINE", "0")
+  assert heap.dispatch_inline(True) is False and not seen
+  monkeypatch.delenv("KSTORE_JAX_INLINE")
+  assert heap.dispatch_inline(True) is True and seen == [(heap.ASYNC_DISPATCH, False)]
 
 
 HUGE_PROBE = r"""

@@ -453,7 +453,7 @@ def bench_train(cfg) -> list[dict]:
          measurement("pretrain_projected_hours", round(r["step_s"] * cfg.pretrain.steps / 3600, 3),
                      "hours", steps=cfg.pretrain.steps, **ctx),
          measurement("peak_rss_bytes", peak_rss_bytes(), "bytes", heap_released=r["heap_released"],
-                     huge_pages=heap.huge_pages_asked(), **ctx)]
+                     steps_inline=r["steps_inline"], huge_pages=heap.huge_pages_asked(), **ctx)]
   if r["peak"]:
     out.append(measurement("train_mfu", round(r["flops_per_s"] / r["peak"], 3), "fraction",
                            peak_flops_per_s=r["peak"], **ctx))
@@ -1106,7 +1106,7 @@ def main(argv):
 
 def run() -> None:
   """`python -m kstore_jax.bench` (the shim kstore_jax/bench.py calls this)."""
-  heap.use_huge_pages()   # CPU: a re-execution with malloc on 2 MiB pages (heap.py)
+  runtime.prepare_process()   # CPU: malloc on 2 MiB pages, steps run inline (heap.py)
   runtime.pin_to_core_from_env()   # a bench grid child of the processes mode
   if _subcommand(sys.argv) == "grid":   # a grid config: its overrides apply to every run
     sys.argv, _GRID_ARGS["spec"], _GRID_ARGS["overrides"] = configlib.split_config_args(

@@ -47,7 +47,7 @@ import time
 from absl import flags
 
 from configs import base
-from kstore_jax import configlib, heap, rundir
+from kstore_jax import configlib, rundir
 from kstore_jax.configlib import ConfigError
 from kstore_jax.tools import cli, runtime
 
@@ -401,7 +401,7 @@ def main(argv):
 
 def run() -> None:
   """`python -m kstore_jax.grid` (the shim kstore_jax/grid.py calls this)."""
-  heap.use_huge_pages()   # CPU: a re-execution with malloc on 2 MiB pages (heap.py)
+  runtime.prepare_process()   # CPU: malloc on 2 MiB pages, steps run inline (heap.py)
   runtime.pin_to_core_from_env()
   sys.argv, _ARGS["spec"], _ARGS["overrides"] = configlib.split_config_args(sys.argv)
   cli.run(main, "kstore_jax.grid", config_required=False)

@@ -8,7 +8,7 @@ import sys
 
 from absl import flags
 
-from kstore_jax import configlib, heap
+from kstore_jax import configlib
 from kstore_jax.tools import cli, runtime
 
 _CONFIG = cli.config_flag()
@@ -40,5 +40,5 @@ def main(argv):
 
 def run() -> None:
   """`python -m kstore_jax.main` (the shim kstore_jax/main.py calls this)."""
-  heap.use_huge_pages()   # CPU: a re-execution with malloc on 2 MiB pages (heap.py)
+  runtime.prepare_process()   # CPU: malloc on 2 MiB pages, steps run inline (heap.py)
   cli.run(main, "kstore_jax.main")

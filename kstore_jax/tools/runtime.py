@@ -3,8 +3,20 @@ multi-process JAX cluster, the persistent compilation cache, pinning to one CPU 
 
 import os
 
+import kstore_jax
+from kstore_jax import heap
+
 PIN_CORE = "KSTORE_GRID_CORE"   # a grid's processes mode: the CPU core a child runs on
 PARENT = "KSTORE_GRID_PARENT"   # ... and the pid of the grid process that started it
+
+
+def prepare_process() -> None:
+  """First thing in a compute command's `run()` (main, grid, bench), before anything is
+  printed or computed: on a CPU, malloc on huge pages (heap.use_huge_pages: a re-execution of
+  the process) and, with the retained heap, one-device computations run in the calling thread
+  (heap.dispatch_inline)."""
+  heap.use_huge_pages()
+  heap.dispatch_inline(kstore_jax.RETAINS_FREED_MEMORY)
 
 
 def pin_to_core_from_env() -> None:

@@ -459,7 +459,8 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
     starts.append(start)
     writers.append(metrics_lib.MetricsWriter(m.stage_dir, start, enabled=is_main))
   peak = device_peak_flops(spec0.dtype)
-  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # CPU: freed memory kept, bounded
+  # CPU: freed memory kept, bounded
+  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY, heap.steps_inline(mesh.devices.size))
 
   diverged = {}   # member index -> its non-finite message (a vmapped cohort's; see check)
 

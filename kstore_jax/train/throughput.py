@@ -52,12 +52,13 @@ def first_batches(spec: loop.StageSpec, mesh, n: int = 4) -> list[dict]:
   return [next(it) for _ in range(n)]
 
 
-def timed_steps(step_fn, state, frozen, batches, n: int):
+def timed_steps(step_fn, state, frozen, batches, n: int, mesh):
   """`n` synchronised calls `state, metrics = step_fn(state, frozen, batch)` cycling through
-  the global `batches`, with the loop's heap bound: (seconds of each call, state, metrics,
+  the global `batches` on `mesh`, with the loop's heap bound: (seconds of each call, state, metrics,
   whether the bound released the retained heap)."""
   times = []
-  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY)   # as the training loop runs
+  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY,   # as the training loop runs
+                     heap.steps_inline(mesh.devices.size))
   for i in range(n):
     t = time.perf_counter()
     state, metrics = step_fn(state, frozen, batches[i % len(batches)])
@@ -93,7 +94,7 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   train_step.lower(state, frozen, batches[0]).compile()
   compile_s = time.perf_counter() - t1
   times, state, metrics, released = timed_steps(train_step, state, frozen, batches,
-                                                warmup + steps)
+                                                warmup + steps, mesh)
   first_s = time.perf_counter() - t0 - sum(times[1:])   # compile, init and the first step
   if trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -113,7 +114,8 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
               attention=model_cfg.attention, norm=model_cfg.norm, first_step_s=first_s,
               compile_s=compile_s,
               loss=float(np.mean(metrics["loss"])),
-              peak=loop.device_peak_flops(model_cfg.dtype), heap_released=released)
+              peak=loop.device_peak_flops(model_cfg.dtype), heap_released=released,
+              steps_inline=heap.steps_inline(mesh.devices.size))
 
 
 def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
@@ -124,7 +126,7 @@ def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int =
     init, rng, _, _, step = loop.compile_stage(m.spec, mesh, m.seed)
     batches = [sharding.to_global(b, mesh) for b in first_batches(m.spec, mesh)]
     times, *_ = timed_steps(step, init(rng, m.spec.init_args), m.spec.frozen, batches,
-                            warmup + steps)
+                            warmup + steps, mesh)
     total += float(np.median(times[warmup:]))
   return total
 
@@ -151,5 +153,5 @@ def cohort_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int 
   (as the grid runs them, the run axis placed by `run_axis`), on the same batches as
   `alone_step_s`."""
   step, state, frozen, batches = cohort_setup(members, mesh, run_axis)
-  times, *_ = timed_steps(step, state, frozen, batches, warmup + steps)
+  times, *_ = timed_steps(step, state, frozen, batches, warmup + steps, mesh)
   return float(np.median(times[warmup:]))
