@@ -33,8 +33,10 @@ kstore_jax.main | grid | bench`): glibc >= 2.35 asks the kernel for transparent 
 (2 MiB) on the memory malloc maps when the process starts with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which only the environment a process starts with can
 set, so the command re-executes itself once with it. A step's temporaries then fault in 2 MiB
-at a time, 512 times fewer faults: at `small`, where the retention above is released, the
-step runs ~13% faster at the same peak (BENCHMARKS.md); at tiny it matches the retention. Where the kernel's THP mode is `madvise`
+at a time, 512 times fewer faults (the first step's, and every step's where the retention is
+released), and TLB misses fall: at `small` the same-process matmul reference runs at 210
+GFLOP/s against 187 without them, the retained step at 11.8 s against 12.0 (BENCHMARKS.md,
+session 45). Where the kernel's THP mode is `madvise`
 (with `always` every process has them already, with `never` none can), on CPU-only machines;
 `KSTORE_JAX_HUGE_PAGES=0` turns it off (the test suite does: its processes are a few seconds
 of compiling, and touching fresh 2 MiB pages costs them ~1 s each).
