@@ -103,8 +103,8 @@ import jax, jax.numpy as jnp
 
 @jax.jit
 def step(x):
-  y = jnp.sin(x) * 2.0
-  return (jnp.cumsum(jnp.cos(y)[::-1]) + y).sum()   # a temporary of its own
+  y = jnp.sin(x) * 2.0   # a temporary: read twice, once reversed
+  return (jnp.cos(y)[::-1] * y).sum() + y.max()
 
 x = jnp.ones((1 << 24,), jnp.float32)   # 64 MiB
 ready = step(x).is_ready()   # right after the call: inline, it has run
@@ -122,9 +122,9 @@ def test_steps_run_inline_reuse_their_temporaries():
   """heap.dispatch_inline: with the heap retained, jax runs a computation in the calling thread
   (its result is ready when the call returns; queued, as by jax's default, it is not), so its
   temporaries (64 MiB here) are freed before the next call allocates them and the next call
-  gets the same pages back: after the first, at most one call faults a block in (the heap
-  settling), whereas queued calls start before the last one's temporaries are freed and keep
-  fresh blocks coming in most processes (a race: not asserted)."""
+  gets the same pages back: the calls fault in a third of what glibc's default does at most,
+  whereas queued calls start before the last one's temporaries are freed and keep fresh
+  blocks coming in most processes (a race: not asserted)."""
   pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
   env = {**os.environ, "KSTORE_JAX_RETAIN_MEMORY": "1", "JAX_PLATFORMS": "cpu"}
 
@@ -135,7 +135,10 @@ def test_steps_run_inline_reuse_their_temporaries():
 
   inline, ready, faults = probe("inline")
   assert inline and ready
-  assert sum(faults) < pages * 1.2 and sum(f > pages // 20 for f in faults) <= 1, faults
+  # two such temporaries a call: glibc's default faults in 24 blocks over the twelve calls;
+  # retained, a few at most (a freed block that a small allocation took a piece of is too
+  # small for the next call's: the heap grows until it has room, then stays)
+  assert sum(faults) < 8 * pages, faults
   inline, ready, _ = probe("queued")
   assert not inline and not ready
 
