@@ -24,7 +24,8 @@ heap fragments, and `small` peaked at 17-20 GB against 6.3 GB. So the compute co
 (`dispatch_inline`, jax's `jax_cpu_enable_async_dispatch` off): a step's block is freed when
 the call returns, and the next step gets the same pages back. Retention is still bounded
 (`Bound`, called by the training loop and the train benchmark): glibc's defaults come back
-when a process grows past RETAIN_MAX_GROWTH of its size after its first step, or, where
+when a process grows past RETAIN_MAX_GROWTH of its size after its first step (and by more
+than RETAIN_SLACK_BYTES), or, where
 steps are queued (a mesh of several devices, or a process that left dispatch as it was),
 when that first step leaves it above RETAIN_MAX_SHARE of the machine's memory.
 
@@ -89,8 +90,11 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
 
 
 # Retention stops (glibc's defaults come back) once the process has grown past this multiple
-# of its resident size after the first step: freed blocks would be fragmenting the one heap.
+# of its resident size after the first step, and by more than RETAIN_SLACK_BYTES: freed blocks
+# would be fragmenting the one heap. (The slack: a tiny run's first checkpoint save alone
+# took a 0.68 GiB process to 0.94.)
 RETAIN_MAX_GROWTH = 1.25
+RETAIN_SLACK_BYTES = 1 << 30
 # ... and, where steps are queued rather than run inline (dispatch_inline), once the first
 # step leaves it above this share of the machine's memory: queued, each step's temporaries
 # outlive the next step's start, and `small` grew to 17-20 GB against 6.3 GB by its third step.
@@ -101,7 +105,8 @@ class Bound:
   """Bounded retention: call `after_step()` after every train step. After the first, the
   process's resident size is the reference; the retention is released (glibc's defaults
   restored: large blocks mmapped and unmapped on free, the heap trimmed, the freed pages handed
-  back) when a later step leaves the process above RETAIN_MAX_GROWTH of it, or, for steps not
+  back) when a later step leaves the process above RETAIN_MAX_GROWTH of it and
+  RETAIN_SLACK_BYTES beyond it, or, for steps not
   run `inline` (see dispatch_inline), when the first leaves it above RETAIN_MAX_SHARE of the
   machine's memory. A released process page-faults each step's temporaries again (the tweak's
   gain is lost) but stays near the default allocator's peak. A no-op when the settings were not
@@ -120,9 +125,15 @@ class Bound:
       over = not self.inline and size > RETAIN_MAX_SHARE * os.sysconf(
           "SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     else:
-      over = size > RETAIN_MAX_GROWTH * self.first
+      over = size > max(RETAIN_MAX_GROWTH * self.first, self.first + RETAIN_SLACK_BYTES)
     if over:
       self.done, self.released = True, restore_defaults()
+      limit = (f"{RETAIN_MAX_GROWTH}x and {RETAIN_SLACK_BYTES / 2**30:.2f} GiB more than its "
+               f"{self.first / 2**30:.2f} GiB after the first step"
+               if self.first != size else f"{RETAIN_MAX_SHARE:.0%} of the machine's memory")
+      print(f"kstore_jax.heap: {size / 2**30:.2f} GiB resident, above {limit}: freed memory "
+            "goes back to the system from now on (steps page-fault their temporaries again)",
+            file=sys.stderr, flush=True)
 
 
 # jax's option: False runs a CPU computation of one device in the thread that calls it; jax's

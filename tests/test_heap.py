@@ -82,16 +82,18 @@ def test_a_large_process_gets_the_default_allocator_back():
 @glibc
 def test_a_growing_process_gets_the_default_allocator_back():
   """heap.Bound: a later step that leaves the process above RETAIN_MAX_GROWTH of its size
-  after the first step releases the retention (then each round faults its pages in again);
-  growth within the bound keeps it."""
+  after the first step, and RETAIN_SLACK_BYTES beyond it, releases the retention (then each
+  round faults its pages in again); growth within either bound keeps it."""
   pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
   grow = ("from kstore_jax import heap\nheap.RETAIN_MAX_GROWTH = {}\n"
+          "heap.RETAIN_SLACK_BYTES = {}\n"
           "b = heap.Bound(True, inline=True)\nb.after_step()\n"
           "held = b'x' * (512 << 20)\nb.after_step()\nassert b.released is {}\n")
-  applied, second, third = run_probe("1", grow.format(1.5, True))
+  applied, second, third = run_probe("1", grow.format(1.5, 0, True))
   assert applied and second > pages // 2 and third > pages // 2, (second, third, pages)
-  applied, second, third = run_probe("1", grow.format(1000.0, False))
-  assert applied and second < pages // 20 and third < pages // 20, (second, third, pages)
+  for growth, slack in ((1000.0, 0), (1.5, 1 << 30)):
+    applied, second, third = run_probe("1", grow.format(growth, slack, False))
+    assert applied and second < pages // 20 and third < pages // 20, (second, third, pages)
 
 
 STEP_PROBE = r"""
