@@ -25,9 +25,9 @@ heap fragments, and `small` peaked at 17-20 GB against 6.3 GB. So the compute co
 the call returns, and the next step gets the same pages back. Retention is still bounded
 (`Bound`, called by the training loop and the train benchmark): glibc's defaults come back
 when a process grows past RETAIN_MAX_GROWTH of its size after its first step (and by more
-than RETAIN_SLACK_BYTES), or, where
-steps are queued (a mesh of several devices, or a process that left dispatch as it was),
-when that first step leaves it above RETAIN_MAX_SHARE of the machine's memory.
+than RETAIN_SLACK_BYTES), or, where steps are queued (a mesh of several devices, or a
+process that left dispatch as it was), when that first step leaves it above
+RETAIN_MAX_SHARE of the machine's memory.
 
 Huge pages (`use_huge_pages`, the first call of the compute commands' `run()`: `python -m
 kstore_jax.main | grid | bench`): glibc >= 2.35 asks the kernel for transparent huge pages
@@ -37,8 +37,8 @@ set, so the command re-executes itself once with it. A step's temporaries then f
 at a time, 512 times fewer faults (the first step's, and every step's where the retention is
 released), and TLB misses fall: at `small` the same-process matmul reference runs at 210
 GFLOP/s against 187 without them, the retained step at 11.8 s against 12.0 (BENCHMARKS.md,
-session 45). Where the kernel's THP mode is `madvise`
-(with `always` every process has them already, with `never` none can), on CPU-only machines;
+session 45). Where the kernel's THP mode is `madvise` (with `always` every process has them
+already, with `never` none can), on CPU-only machines;
 `KSTORE_JAX_HUGE_PAGES=0` turns it off (the test suite does: its processes are a few seconds
 of compiling, and touching fresh 2 MiB pages costs them ~1 s each).
 """
@@ -105,11 +105,11 @@ class Bound:
   """Bounded retention: call `after_step()` after every train step. After the first, the
   process's resident size is the reference; the retention is released (glibc's defaults
   restored: large blocks mmapped and unmapped on free, the heap trimmed, the freed pages handed
-  back) when a later step leaves the process above RETAIN_MAX_GROWTH of it and
-  RETAIN_SLACK_BYTES beyond it, or, for steps not
-  run `inline` (see dispatch_inline), when the first leaves it above RETAIN_MAX_SHARE of the
-  machine's memory. A released process page-faults each step's temporaries again (the tweak's
-  gain is lost) but stays near the default allocator's peak. A no-op when the settings were not
+  back, one line said on stderr) when a later step leaves the process above
+  RETAIN_MAX_GROWTH of it and RETAIN_SLACK_BYTES beyond it, or, for steps not run `inline`
+  (see dispatch_inline), when the first leaves it above RETAIN_MAX_SHARE of the machine's
+  memory. A released process page-faults each step's temporaries again (the tweak's gain is
+  lost) but stays near the default allocator's peak. A no-op when the settings were not
   applied."""
 
   def __init__(self, applied: bool, inline: bool):
