@@ -91,7 +91,7 @@ def resolve(attention: str, platform: str) -> str:
   if attention != "auto":
     return attention
   impl = DEFAULT.get(platform, "xla")
-  return "einsum" if impl == "cpu_docs" and cpu_attention.available() else impl
+  return "einsum" if impl == "cpu_docs" and cpu_attention.unavailable() else impl
 
 
 def resolve_dtype(dtype: str, platform: str) -> str:
@@ -110,7 +110,7 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
     return f"{impl} needs the {OPTIONAL[impl]} package (pip install {OPTIONAL[impl]})"
   if impl in HALF_ONLY and dtype == "float32":
     return f"{impl} needs model.dtype bfloat16 or float16, not float32"
-  if impl == "cpu_docs" and (problem := cpu_attention.available()):
+  if impl == "cpu_docs" and (problem := cpu_attention.unavailable()):
     return problem
   return length_unsupported(impl, seq_len)
 

@@ -9,8 +9,8 @@ the backward recomputes the probabilities from it.
 
 The shared library is compiled (~3 s) once per source, compiler, jaxlib and CPU into
 $KSTORE_KERNEL_CACHE (default ~/.cache/kstore_jax/kernels; one build at a time under a lock,
-written by rename). `available()` says whether a compiler is there: `auto` on a CPU without
-one is `einsum`, and config validation refuses `cpu_docs` in one line.
+written by rename). `unavailable()` says why it cannot be built (no compiler), or None:
+`auto` on a CPU without one is `einsum`, and config validation refuses `cpu_docs` in one line.
 """
 
 import ctypes
@@ -41,7 +41,7 @@ def compiler() -> str | None:
   return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
 
 
-def available() -> str | None:
+def unavailable() -> str | None:
   """Why the kernel cannot be built here, in a few words; None when it can."""
   return None if compiler() else "cpu_docs needs a C++ compiler (g++, or $CXX)"
 
@@ -61,7 +61,7 @@ def library_path() -> pathlib.Path:
   NATIVE, else without it where the compiler refuses it)."""
   cxx = compiler()
   if cxx is None:
-    raise RuntimeError(available())
+    raise RuntimeError(unavailable())
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                            check=True).stdout
   key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS + NATIVE),
