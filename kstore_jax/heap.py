@@ -122,18 +122,19 @@ class Bound:
     size = resident_bytes()
     if self.first is None:
       self.first = size
-      over = not self.inline and size > RETAIN_MAX_SHARE * os.sysconf(
-          "SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    else:
-      over = size > max(RETAIN_MAX_GROWTH * self.first, self.first + RETAIN_SLACK_BYTES)
-    if over:
-      self.done, self.released = True, restore_defaults()
+      if self.inline or size <= RETAIN_MAX_SHARE * os.sysconf("SC_PHYS_PAGES") * os.sysconf(
+          "SC_PAGE_SIZE"):
+        return
+      limit = f"{RETAIN_MAX_SHARE:.0%} of the machine's memory"
+    elif size > max(RETAIN_MAX_GROWTH * self.first, self.first + RETAIN_SLACK_BYTES):
       limit = (f"{RETAIN_MAX_GROWTH}x and {RETAIN_SLACK_BYTES / 2**30:.2f} GiB more than its "
-               f"{self.first / 2**30:.2f} GiB after the first step"
-               if self.first != size else f"{RETAIN_MAX_SHARE:.0%} of the machine's memory")
-      print(f"kstore_jax.heap: {size / 2**30:.2f} GiB resident, above {limit}: freed memory "
-            "goes back to the system from now on (steps page-fault their temporaries again)",
-            file=sys.stderr, flush=True)
+               f"{self.first / 2**30:.2f} GiB after the first step")
+    else:
+      return
+    self.done, self.released = True, restore_defaults()
+    print(f"kstore_jax.heap: {size / 2**30:.2f} GiB resident, above {limit}: freed memory "
+          "goes back to the system from now on (steps page-fault their temporaries again)",
+          file=sys.stderr, flush=True)
 
 
 # jax's option: False runs a CPU computation of one device in the thread that calls it; jax's

@@ -54,8 +54,8 @@ def first_batches(spec: loop.StageSpec, mesh, n: int = 4) -> list[dict]:
 
 def timed_steps(step_fn, state, frozen, batches, n: int, mesh):
   """`n` synchronised calls `state, metrics = step_fn(state, frozen, batch)` cycling through
-  the global `batches` on `mesh`, with the loop's heap bound: (seconds of each call, state, metrics,
-  whether the bound released the retained heap)."""
+  the global `batches` on `mesh`, with the loop's heap bound: (seconds of each call, state,
+  metrics, the heap.Bound: `inline`, the steps ran inline; `released`, it released the heap)."""
   times = []
   bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY,   # as the training loop runs
                      heap.steps_inline(mesh.devices.size))
@@ -65,7 +65,7 @@ def timed_steps(step_fn, state, frozen, batches, n: int, mesh):
     jax.block_until_ready(metrics)
     bound.after_step()
     times.append(time.perf_counter() - t)
-  return times, state, metrics, bound.released
+  return times, state, metrics, bound
 
 
 def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelConfig,
@@ -93,8 +93,8 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   t1 = time.perf_counter()
   train_step.lower(state, frozen, batches[0]).compile()
   compile_s = time.perf_counter() - t1
-  times, state, metrics, released = timed_steps(train_step, state, frozen, batches,
-                                                warmup + steps, mesh)
+  times, state, metrics, bound = timed_steps(train_step, state, frozen, batches,
+                                             warmup + steps, mesh)
   first_s = time.perf_counter() - t0 - sum(times[1:])   # compile, init and the first step
   if trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -114,8 +114,8 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
               attention=model_cfg.attention, norm=model_cfg.norm, first_step_s=first_s,
               compile_s=compile_s,
               loss=float(np.mean(metrics["loss"])),
-              peak=loop.device_peak_flops(model_cfg.dtype), heap_released=released,
-              steps_inline=heap.steps_inline(mesh.devices.size))
+              peak=loop.device_peak_flops(model_cfg.dtype), heap_released=bound.released,
+              steps_inline=bound.inline)
 
 
 def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
