@@ -140,8 +140,8 @@ def test_bfloat16_rounds_the_sum_before_normalising():
   np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=2e-2, atol=2e-2)
 
 
-# a 4-device CPU process: the fused model's loss and gradients inside `on_mesh` (the kernel per
-# shard, rows over `data`) equal one device's
+# a 4-device CPU process: the fused model's loss (relative) and gradients inside `on_mesh` (the
+# kernel per shard, rows over `data`) equal one device's
 PER_SHARD = """
 import sys, json
 sys.path.insert(0, "tests")
@@ -156,7 +156,7 @@ mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"),
 with attention.on_mesh(mesh):
   (got, got_g) = packed_loss_and_grads(fused, params)
   jaxpr = str(jax.make_jaxpr(lambda: packed_loss_and_grads(fused, params))())
-print(json.dumps({"loss": abs(float(got) - float(want)),
+print(json.dumps({"loss": abs(float(got) - float(want)) / abs(float(want)),
                   "grads": max(float(jnp.abs(a - b).max())
                                for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g))),
                   "shard_map": "shard_map" in jaxpr}))
@@ -167,7 +167,7 @@ def test_per_shard_on_a_mesh_gives_one_devices_gradients():
   import runs
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", PER_SHARD], cwd=root,
-                        env=runs.env(n_devices=4, optimize=True), capture_output=True, text=True,
+                        env=runs.env(n_devices=4), capture_output=True, text=True,
                         timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,6 +3,7 @@ vmapped over two grid runs) and the KV-cache QA decoding for CUDA and TPU with `
 for them; they must take the flash kernels (no [B, H, L, T] float32 scores) and no CPU-only
 construct."""
 
+import functools
 import json
 import os
 import subprocess
@@ -17,7 +18,9 @@ SMALL = ["--config=configs/tiny.py", "--config.data.seq_len=256",
          "--config.pretrain.batch_size=16"]
 
 
+@functools.cache   # the same lowering, asked by several tests (one file runs on one worker)
 def lower(platform, *extra, n_devices=1):
+  """`bench lower`'s one JSON line for `platform` (read only: callers share it)."""
   proc = subprocess.run([runs.python(), "-m", "kstore_jax.bench", "lower", *SMALL,
                          f"--platform={platform}", *extra], cwd=ROOT,
                         env=runs.env(n_devices=n_devices),
