@@ -414,6 +414,12 @@ def _take_run(tree, i, split: bool = False):
   return jax.tree.map(take, tree)
 
 
+def heap_bound(mesh) -> heap.Bound:
+  """The retained heap's bound (heap.Bound) for train steps on `mesh`: the loop's, and the
+  one `throughput.timed_steps` measures steps with."""
+  return heap.Bound(kstore_jax.RETAINS_FREED_MEMORY, heap.steps_inline(mesh.devices.size))
+
+
 def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
                run_axis: str | None = None) -> list:
   """Train (or resume) the same stage of several runs together; write each one's final/ and
@@ -459,8 +465,7 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
     starts.append(start)
     writers.append(metrics_lib.MetricsWriter(m.stage_dir, start, enabled=is_main))
   peak = device_peak_flops(spec0.dtype)
-  # CPU: freed memory kept, bounded
-  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY, heap.steps_inline(mesh.devices.size))
+  bound = heap_bound(mesh)   # CPU: freed memory kept, bounded
 
   diverged = {}   # member index -> its non-finite message (a vmapped cohort's; see check)
 

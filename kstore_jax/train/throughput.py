@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kstore_jax
-from kstore_jax import heap
 from kstore_jax.model import transformer
 from kstore_jax.train import loop, sharding
 
@@ -57,8 +55,7 @@ def timed_steps(step_fn, state, frozen, batches, n: int, mesh):
   the global `batches` on `mesh`, with the loop's heap bound: (seconds of each call, state,
   metrics, the heap.Bound: `inline`, the steps ran inline; `released`, it released the heap)."""
   times = []
-  bound = heap.Bound(kstore_jax.RETAINS_FREED_MEMORY,   # as the training loop runs
-                     heap.steps_inline(mesh.devices.size))
+  bound = loop.heap_bound(mesh)   # as the training loop runs
   for i in range(n):
     t = time.perf_counter()
     state, metrics = step_fn(state, frozen, batches[i % len(batches)])
