@@ -11,6 +11,7 @@ model and train facts it checks against when it runs (WORKSPACE.md, "Layers").
 
 import ast
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -36,7 +37,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     mod_spec = importlib.util.spec_from_file_location("_kstore_config", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
+    if arg and not inspect.signature(module.get_config).parameters:
+      raise ConfigError(f"--config={spec}: {path} takes no ':{arg}' (its get_config() has no "
+                        "argument)")
     return module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
   except Exception as e:  # a config file is user code: report its failure in one line
     raise ConfigError(f"--config={spec}: {type(e).__name__}: {e}") from None
 

@@ -200,6 +200,16 @@ def test_missing_config_file(workdir, jax_cache):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("configs/tiny.py:huge", r"^--config=configs/tiny.py:huge: configs/tiny.py takes no ':huge'"),
+    ("configs/single.py:huge", r"^--config=configs/single.py:huge: ValueError: config scale 'huge'"),
+])
+def test_bad_config_argument_names_it(spec, message):
+  """A config file's ':argument' it cannot take: one line naming the spec, not a traceback."""
+  with pytest.raises(configlib.ConfigError, match=message):
+    configlib.load_config_file(spec)
+
+
 def test_seq_len_shorter_than_longest_document(tmp_path, jax_cache):
   # A new workdir (an existing one would refuse the changed seq_len first) is not created.
   wd = tmp_path / "new"
