@@ -42,6 +42,12 @@ class Workdir:
     if self._lock is None:
       self._lock = rundir.lock(self.path, jax.process_index())
 
+  def unlock(self) -> None:
+    """Let the lock go (a grid's processes-mode parent, whose children lock their runs)."""
+    if self._lock is not None:
+      self._lock.close()
+      self._lock = None
+
   def file(self, *parts) -> str:
     return os.path.join(self.path, *parts)
 
@@ -86,6 +92,21 @@ class Workdir:
           f"--workdir={self.path} holds a different experiment: its data "
           f"(data.source={cfg.data.source!r}) has changed since the run started (world "
           f"digest {str(old)[:12]} there, {world.digest[:12]} now)")
+
+  def check_same_tokenizer(self, cfg, tok) -> None:
+    """Refuse to resume a workdir whose run tokenised its text otherwise than `tok` does (a
+    data.tokenizer_path file replaced, a BPE retrained by another tokenizers version): the
+    world's digest holds no token ids, and the model's vocabulary size may well be the same."""
+    import tokenizers
+    path = self.file(rundir.TOKENIZER)
+    if not os.path.exists(path):
+      return
+    if tokenizers.Tokenizer.from_file(path).to_str() != tok.to_str():
+      given = (f"data.tokenizer_path={cfg.data.tokenizer_path!r}" if cfg.data.tokenizer_path
+               else "the BPE trained now")
+      raise configlib.ConfigError(
+          f"--workdir={self.path} holds a different experiment: its {rundir.TOKENIZER} is not "
+          f"the tokenizer {given} gives")
 
   def write_json(self, name: str, obj) -> None:
     if jax.process_index() != 0:
@@ -192,7 +213,7 @@ class Experiment:
     self.workdir.write_json(rundir.CONFIG, self.cfg.to_dict())
     self.workdir.write_json(rundir.WORLD, {"digest": self.world.digest})
     if jax.process_index() == 0:
-      tokenizer.save(self.workdir.file(rundir.TOKENIZER))
+      rundir.write_atomic(self.workdir.file(rundir.TOKENIZER), tokenizer.to_str(pretty=True))
     self.write_results(None, {})
 
   def run(self) -> None:
@@ -515,4 +536,5 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   wd.check_same_experiment(cfg, platform)
   exp = Experiment(cfg, tok, wd)
   wd.check_same_world(cfg, exp.world)
+  wd.check_same_tokenizer(cfg, tok)
   return exp, tok

@@ -207,6 +207,26 @@ def test_bad_grid_is_one_line_and_writes_nothing(four, env, tmp_path, extra, mes
   assert not wd.exists()
 
 
+@pytest.mark.parametrize("mode", ["vmap", "processes"])
+def test_a_grid_on_a_running_one_changes_nothing(four, env, tmp_path, mode):
+  """A second grid command on a directory whose run another grid holds stops on that run's
+  lock in one line, and leaves the running grid's grid.json as it was (the report reads its
+  runs and methods there): the runs are locked before grid.json is written."""
+  from kstore_jax import rundir
+  wd = tmp_path / "held"
+  wd.mkdir()
+  (wd / "grid.json").write_text("the running grid's")
+  held = rundir.lock(str(wd / ROWS[2]), 0)
+  try:
+    r = run(grid_cmd(four, wd, "--config.eval.max_people=7", mode=mode), env(), timeout=120)
+  finally:
+    held.close()
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert lines[0].endswith(f"--workdir={wd / ROWS[2]}: locked by another running experiment")
+  assert (wd / "grid.json").read_text() == "the running grid's"
+
+
 def test_grid_overrides_read_as_main_reads_them(tmp_path):
   """A tuple literal is a tuple (main's ml_collections reads it so; the grid took
   `('pretrain'` for a stage), and a key only some runs have names the run that lacks it."""
@@ -252,21 +272,29 @@ def test_a_grid_child_ends_with_its_parent(tmp_path):
 def test_a_grid_goes_on_past_a_run_that_diverges(env, tmp_path, mode):
   """A run whose loss goes NaN stops alone: the other run trains (after it, or in its
   cohort), the grid exits 1 naming the run that diverged (it stopped every other run
-  before)."""
+  before). The run that diverges is a mixed one: in vmap mode its pretrain_mixed trains in the
+  step group of the other's pretrain (its own cohort: another lr), not the group's first stage."""
   grid = tmp_path / "blowup.py"
   grid.write_text("from configs import grids\n\n\ndef get_config(arg='tiny'):\n"
-                  "  blowup = grids.row_config('single', arg)\n  blowup.pretrain.lr = 1e30\n"
-                  "  return grids.make({'blowup': blowup, "
-                  "'fine': grids.row_config('single', arg)})\n")
+                  "  blowup = grids.row_config('single', arg + ',mixed')\n"
+                  "  blowup.pretrain_mixed.lr = 1e30\n  blowup.stages = ('pretrain_mixed',)\n"
+                  "  fine = grids.row_config('single', arg)\n  fine.stages = ('pretrain',)\n"
+                  "  return grids.make({'blowup': blowup, 'fine': fine})\n")
   wd = tmp_path / "runs"
+  # lr=None: a command-line lr would override blowup's 1e30
+  args = small_run_args(6, 3, lr=None)
+  args += [a.replace("pretrain.", "pretrain_mixed.") for a in args if "pretrain." in a]
   r = run([runs.python(), "-m", "kstore_jax.grid", f"--config={grid}:tiny", f"--workdir={wd}",
-           # lr=None: a command-line lr would override blowup's 1e30
-           f"--config.grid.mode={mode}", *small_run_args(6, 3, lr=None)], env())
+           f"--config.grid.mode={mode}",
+           *[a for a in args if not a.startswith("--config.stages=")]], env())
   assert r.returncode == 1, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-  label = "pretrain" if mode == "sequential" else "blowup/pretrain"
+  label = "pretrain_mixed" if mode == "sequential" else "blowup/pretrain_mixed"
   assert [l for l in r.stderr.splitlines() if "non-finite" in l][0].startswith(
       f"kstore_jax.grid: [{label}] non-finite"), r.stderr[-2000:]
-  assert not (wd / "blowup/pretrain/final").exists()
+  if mode == "vmap":
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "kstore_jax.grid: run(s) blowup stopped on a non-finite loss"), r.stderr[-2000:]
+  assert not (wd / "blowup/pretrain_mixed/final").exists()
   assert (wd / "fine/pretrain/final").exists(), r.stdout[-2000:]
 
 

@@ -229,6 +229,30 @@ def test_resuming_on_an_edited_data_source_is_refused(tmp_path):
   assert (tmp_path / "run" / "world.json").read_text() == saved
 
 
+def test_resuming_with_another_tokenizer_is_refused(tmp_path):
+  """A generated world's digest holds no token ids: a data.tokenizer_path file replaced by one
+  that gives two tokens each other's ids (same vocabulary size, same people) would resume
+  training on other ids (an imported world's stored bios are in its digest). The workdir's tokenizer.json is compared with the tokenizer now."""
+  from kstore_jax import experiment
+  cfg = base.get_config("tiny")
+  cfg.data.n_people = 100
+  tok_path = tmp_path / "tok.json"
+  tokenizer.of_config(cfg).save(str(tok_path))
+  cfg.data.tokenizer_path = str(tok_path)
+  wd = str(tmp_path / "run")
+  exp, tok = experiment.open_experiment(cfg, wd, 1, "cpu")
+  exp.start(tok)
+  experiment.open_experiment(cfg, wd, 1, "cpu")      # the same tokenizer: resumes
+  spec = json.loads(tok_path.read_text())
+  vocab = spec["model"]["vocab"]
+  vocab["Ġwas"], vocab["Ġborn"] = vocab["Ġborn"], vocab["Ġwas"]
+  tok_path.write_text(json.dumps(spec))
+  with pytest.raises(ConfigError, match=rf"^--workdir={wd} holds a different experiment: its "
+                                        rf"tokenizer.json is not the tokenizer "
+                                        rf"data.tokenizer_path='{tok_path}' gives$"):
+    experiment.open_experiment(cfg, wd, 1, "cpu")
+
+
 def test_a_file_that_is_no_tokenizer_is_one_line_naming_it(tmp_path):
   path = tmp_path / "tok.json"
   path.write_text("{}")

@@ -181,12 +181,13 @@ def train_vmapped(exps: dict, max_runs: int, run_axis: str = "replicated",
           stages = ", ".join(dict.fromkeys(nexts[n] for n in part))
           print(f"[grid] {stages}: {len(part)} run(s) in one step (run axis "
                 f"{axis or 'replicated'}): {', '.join(part)}", flush=True)
-          members = [exps[n].member(nexts[n], f"{n}/{nexts[n]}")[0] for n in part]
+          labels = {n: f"{n}/{nexts[n]}" for n in part}   # (the stages of one step group)
+          members = [exps[n].member(nexts[n], labels[n])[0] for n in part]
           try:
             loop.run_cohort(members, first.cfg.train, first.mesh, run_axis=axis)
           except loop.NonFiniteLoss as e:   # the cohort's other runs are trained and saved
             print(f"kstore_jax.grid: {e}", file=sys.stderr, flush=True)
-            diverged += [n for n in part if f"{n}/{stage}" in e.members]
+            diverged += [n for n in part if labels[n] in e.members]
           del members   # (their base params: the next cohort loads its own)
       together = (eval_cohorts(exps, names, max_runs)
                   if eval_together and base.STAGE_KINDS[stage] == "eval" else [])
@@ -362,17 +363,19 @@ def main(argv):
   platform = attention.platform_of(jax.devices())
   opened = open_runs(g, names, workdir, platform, jax.device_count())
   mode = resolve_mode(g.grid.mode, platform, len(names), jax.process_count())
+  for exp, _ in opened.values():   # every run locked before anything is written (grid.json
+    exp.workdir.lock()             # too: a second grid on a running one changes nothing)
   # one writer per cluster, as for every run file (--runs too: the report lists the runs not
   # yet run); a processes-mode child's parent wrote it with the grid's own mode and overrides
   if jax.process_index() == 0 and not runtime.is_grid_child():
     write_grid_file(workdir, g, spec, overrides)
   print(f"[grid] {len(names)} run(s), mode {mode}: {', '.join(names)}", flush=True)
-  if mode == "processes":
+  if mode == "processes":   # each child locks its own run, and holds it while it saves
+    for exp, _ in opened.values():   # after this process dies (runtime.die_with_parent)
+      exp.workdir.unlock()
     run_processes(spec, overrides, workdir, names)
     return
   runtime.use_compile_cache(g.runs[names[0]].train.compile_cache)
-  for exp, _ in opened.values():   # every run locked before any is written to
-    exp.workdir.lock()
   for exp, tok in opened.values():
     exp.start(tok)
   exps = {n: e for n, (e, _) in opened.items()}
