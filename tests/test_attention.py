@@ -123,6 +123,28 @@ def test_rows_the_tiles_cannot_cover_still_attend(impl):
     assert rel(got * real, want * real) < 2e-5, impl
 
 
+@pytest.mark.parametrize("impl, L, launch, flash", [
+    ("pallas_docs", 11, "", False),   # a Q-probe's row (1 + the longest name)
+    ("pallas", 11, "", False),
+    ("pallas_docs", 48, "", False),   # below the tile, no power of two
+    ("pallas_docs", 32, "", True),
+    ("pallas_docs", 192, "block=128", False),   # a bio-recall row at a 128-position launch
+])
+def test_rows_of_any_length_lower_for_cuda(impl, L, launch, flash):
+  """Triton's arrays and dots take powers of two (>= 16): a row below the kernel's tile that
+  is none (the probes' rows, GBERT's fill-mask rows), or no multiple of the launch's tile,
+  runs `xla` (it raised in the Triton lowering); the others keep the flash kernel."""
+  sds = jax.ShapeDtypeStruct
+  args = (sds((2, L, 2, 64), jnp.bfloat16),) * 3 + (sds((2, L), jnp.int32),) * 2
+  f = lambda q, k, v, pos, seg: attention.self_attention(impl, q, k, v, pos, seg, True,
+                                                          launch=launch)
+  with attention.lowering_target("cuda"):
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert ("__gpu$xla.gpu.triton" in text) == flash
+  block = flash_docs.parse_launch(launch).block if impl == "pallas_docs" else 64
+  assert (attention.length_unsupported(impl, L, block) is None) == flash
+
+
 def test_reference_is_not_trivially_satisfied():
   """The reference's mask matters: leaving out segments or causality changes the output by
   far more than the tolerance above (so the tests would catch a kernel that ignores them)."""

@@ -115,10 +115,21 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
   return length_unsupported(impl, seq_len)
 
 
-def length_unsupported(impl: str, seq_len: int) -> str | None:
-  """Why `impl`'s tiles cannot cover rows of seq_len positions; None when they can."""
-  if impl in ("pallas", "pallas_docs") and seq_len % min(64, seq_len):
-    return f"{impl} needs data.seq_len={seq_len} to be a multiple of 64"
+def tiles_unsupported(seq_len: int, block: int) -> str | None:
+  """Why Triton tiles of `block` positions (min(block, seq_len): a power of two >= 16, as
+  Triton's arrays and dots need) cannot cut rows of seq_len positions; None when they can."""
+  tile = min(block, seq_len)
+  if seq_len % tile or tile < 16 or tile & (tile - 1):
+    return (f"data.seq_len={seq_len} to be a multiple of {block} (or a power of two >= 16 "
+            f"below it)")
+  return None
+
+
+def length_unsupported(impl: str, seq_len: int, block: int = 64) -> str | None:
+  """Why `impl`'s tiles (pallas_docs': `block`, its launch's) cannot cover rows of seq_len
+  positions; None when they can."""
+  if impl in ("pallas", "pallas_docs") and (problem := tiles_unsupported(seq_len, block)):
+    return f"{impl} needs {problem}"
   if impl == "tokamax" and seq_len % 128:   # its Mosaic kernel takes queries 2 x 64 at a time
     return f"tokamax needs data.seq_len={seq_len} to be a multiple of 128"
   if impl == "splash" and (seq_len % 128 or seq_len % min(512, seq_len)):
@@ -372,12 +383,14 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
   Rows of a length the kernel's tiles cannot cover (`length_unsupported`: the probes' rows of
   the longest bio or name, GBERT's fill-mask rows; data.seq_len itself is validated) run
   `xla` instead: they are short, and the flash kernels would refuse them."""
-  if length_unsupported(impl, q_BLHK.shape[1]):
+  if impl == "pallas_docs":
+    from kstore_jax.model import flash_docs   # Pallas: imported where it runs
+    parsed = flash_docs.parse_launch(launch)
+  if length_unsupported(impl, q_BLHK.shape[1], parsed.block if impl == "pallas_docs" else 64):
     impl = "xla"
   if impl in PER_SHARD:
     if impl == "pallas_docs":
-      from kstore_jax.model import flash_docs   # Pallas: imported where it runs
-      kernel = functools.partial(flash_docs.attention, launch=flash_docs.parse_launch(launch))
+      kernel = functools.partial(flash_docs.attention, launch=parsed)
     elif impl == "cpu_docs":
       kernel = cpu_attention.kernel
     else:

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kstore_jax.model.attention import segment_extent
+from kstore_jax.model.attention import segment_extent, tiles_unsupported
 
 LOG2E = math.log2(math.e)                    # scores go through exp2 (base-2 log-sum-exp)
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot make NaN
@@ -106,8 +106,8 @@ def launch_unsupported(launch: Launch, num_heads: int, seq_len: int) -> str | No
   None when it can."""
   if num_heads % launch.heads:
     return f"heads={launch.heads} (a program's) does not divide the model's {num_heads} heads"
-  if seq_len % min(launch.block, seq_len):
-    return f"block={launch.block} does not divide data.seq_len={seq_len}"
+  if problem := tiles_unsupported(seq_len, launch.block):
+    return f"block={launch.block} needs {problem}"
   return None
 
 
