@@ -179,13 +179,12 @@ def _check_qa_split(cfg) -> None:
   held out (the QA-test side eval and the probes score: with nobody there results.json got
   0% at n=0 and the bio-recall eval crashed)."""
   v = cfg.data.qa_valid_fraction
-  ok = 0.0 <= v < 1.0
-  if ok:
-    from kstore_jax.data.world import qa_split
-    train, valid = qa_split(cfg.seed, cfg.data)
-    ok = train.any()
-  _require(ok, f"data.qa_valid_fraction={v} must be in [0, 1) and leave at least one "
-           "person whose QA is trained on")
+  _require(0.0 <= v < 1.0, f"data.qa_valid_fraction={v} must be in [0, 1)")
+  from kstore_jax.data.world import qa_split
+  train, valid = qa_split(cfg.seed, cfg.data)
+  _require(train.any(),
+           f"data.qa_train_fraction={cfg.data.qa_train_fraction:g} (with data.qa_valid_fraction="
+           f"{v:g}) leaves nobody of data.n_people={cfg.data.n_people} whose QA is trained on")
   _require((~train & ~valid).any(),
            f"data.qa_train_fraction={cfg.data.qa_train_fraction:g} (with data.qa_valid_fraction="
            f"{v:g}) holds nobody out of data.n_people={cfg.data.n_people}: QA eval and the "
@@ -323,6 +322,7 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     if s in ("pprobe", "qprobe"):   # any size: its batches are padded (data/probing.py)
       _require(st.head in PROBE_HEADS,
                f"{s}.head={st.head!r} must be one of {'|'.join(PROBE_HEADS)}")
+      _require(st.embed_rank >= 0, f"{s}.embed_rank={st.embed_rank} must be >= 0")
     else:
       _require(st.batch_size % (data * fsdp) == 0,
                f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "

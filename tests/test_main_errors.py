@@ -123,6 +123,12 @@ BAD_STAGE = {
                               "train.save_minutes=-1.0 must be >= 0 (0: step-count saves only)"),
     # round(0.96 * 10) = 10 people trained on: nobody left for QA test (results.json got 0%
     # at n=0, then bio recall crashed)
+    "probe_embed_rank_negative": ({"stages": "('pretrain','qprobe')", "qprobe.embed_rank": "-1"},
+                                  "qprobe.embed_rank=-1 must be >= 0"),
+    # round(0.1 * 4) = 0 people trained on: the fraction at fault is the train one
+    "nobody_trained_on": ({"data.n_people": "4", "data.qa_train_fraction": "0.1"},
+                          "data.qa_train_fraction=0.1 (with data.qa_valid_fraction=0) leaves "
+                          "nobody of data.n_people=4 whose QA is trained on"),
     "nobody_held_out": ({"data.n_people": "10", "data.qa_train_fraction": "0.96"},
                         "data.qa_train_fraction=0.96 (with data.qa_valid_fraction=0) holds "
                         "nobody out of data.n_people=10"),

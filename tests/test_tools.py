@@ -131,7 +131,7 @@ def test_inspect_corrupt_checkpoint_names_the_step(run_dir, tmp_path, victim):
   r = tool("inspect", f"--workdir={wd}")
   one_line_error(r, "inspect", "step 6", str(state))
   # The older step still reads.
-  r = tool("inspect", f"--workdir={wd}", "--step=3", "--json")
+  r = tool("inspect", f"--workdir={wd}", "--step=003", "--json")   # (its directory is "3")
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout)["checkpoint"]["state_step"] == 3
 

@@ -298,6 +298,7 @@ def collect(workdir: str, stage: str | None = None, step: str | None = None,
   if step != "final":
     if not step.isdigit():
       raise ConfigError(f"--step={step}: expected a step number or 'final'")
+    step = str(int(step))   # "007": the checkpoint directory is "7"
     if int(step) not in info["steps"]:
       raise ConfigError(f"--step={step}: stage {stage} has no checkpoint step {step} (saved "
                         f"steps: {', '.join(map(str, info['steps'])) or 'none'})")

@@ -41,7 +41,7 @@ PEAK_FLOPS = {
 
 
 class NonFiniteLoss(RuntimeError):
-  """A run's loss or gradient went non-finite; `members`: the labels of the runs that did
+  """A run's metrics (loss, gradient or parameter norm) went non-finite; `members`: the labels of the runs that did
   (a vmapped cohort's others trained on and were saved)."""
 
   def __init__(self, message: str, members=()):
@@ -485,8 +485,9 @@ def run_cohort(members: list[Member], tc, mesh, vmapped: bool = True,
       if all(math.isfinite(v) for v in row.values()):
         rows[i] = row
         continue
-      diverged[i] = (f"[{members[i].label}] non-finite loss/gradient at step {step} "
-                     f"(loss={row['loss']}); last good checkpoint kept")
+      bad = ", ".join(k for k, v in row.items() if not math.isfinite(v))
+      diverged[i] = (f"[{members[i].label}] non-finite {bad} at step {step} "
+                     f"(loss={row['loss']}); its checkpoints, if any, are kept")
       active.remove(i)
       if len(diverged) < len(members):
         print(f"{diverged[i]}; the cohort's other runs go on", file=sys.stderr, flush=True)
