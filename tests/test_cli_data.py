@@ -83,6 +83,35 @@ def test_data_show_per_group():
   assert shown == ["0", "1", "500", "501"] and "--- bio " not in r.stdout
 
 
+# 40 people, half of them QA-train, half of those held back as QA-valid: 10 / 10 / 20
+VALID = [TINY, "--config.data.n_people=40", "--config.data.qa_valid_fraction=0.5"]
+
+
+def valid_tool(*args):
+  r = cli("kstore_jax.data", *VALID, *args)
+  assert r.returncode == 0, r.stderr
+  return r.stdout
+
+
+def test_stats_and_show_tell_valid_people_from_test_people():
+  """Valid people were counted as test people by --stats and labelled qa_test by --show."""
+  from configs import base
+  from kstore_jax.data import tokenizer, world as world_lib
+  s = json.loads(valid_tool("--stats").strip().splitlines()[-1])
+  assert (s["qa_train_people"], s["qa_test_people"]) == (10, 20)
+  assert s["qa_valid_people"] == s["groups"]["all"]["qa_valid_people"] == 10
+  cfg = base.get_config("tiny")
+  cfg.data.update(n_people=40, qa_valid_fraction=0.5)
+  world = world_lib.build_world(cfg, tokenizer.of_config(cfg))
+  side = {int(p): k for k, ps in (("qa_train", world.train_people),
+                                  ("qa_valid", world.valid_people),
+                                  ("qa_test", world.test_people)) for p in ps}
+  shown = {int(l.split()[4]): l.split(": ")[-1].removesuffix(" half")
+           for l in valid_tool("--show=40", "--split=qa").splitlines()
+           if l.startswith("--- QA of person ")}
+  assert shown == side and sorted(side.values()).count("qa_valid") == 10
+
+
 @pytest.mark.parametrize("arg, culprit", [
     ("--config=configs/no_such_config.py", "no_such_config.py"),
     ("--config.data.multy=3", "data.multy"),

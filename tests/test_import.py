@@ -424,3 +424,109 @@ def test_probe_cohort_key_holds_the_heads_class_counts(tmp_path, monkeypatch):
   a, a_again, fewer_key = keys
   assert a == a_again
   assert a != fewer_key
+
+
+# -- input the checks used to let through -------------------------------------------------
+def test_a_damaged_tfds_dataset_is_one_line_naming_the_record(tmp_path):
+  """An array_record file cut short reads back as examples whose every field is None: one line
+  naming the dataset and the record, not an AttributeError from decoding None."""
+  import glob
+  from kstore_jax.data import tfds_bios
+  recs = person_records(20)
+  version = tfds_bios.write(lambda: recs, str(tmp_path))
+  assert sorted(records.read_source(f"tfds:{tmp_path}").ids.tolist()) == list(range(20))
+  [shard] = glob.glob(f"{version}/*.array_record-*")
+  data = open(shard, "rb").read()
+  open(shard, "wb").write(data[:len(data) // 2])
+  with pytest.raises(ConfigError, match=rf"^{version} record 0: \w+: unreadable "
+                                        r"\(damaged file\?\)$"):
+    records.read_source(f"tfds:{tmp_path}")
+  recs[1]["major"] = recs[1]["major"].encode() + b"\xff"    # bytes no text encodes to
+  version = tfds_bios.write(lambda: recs, str(tmp_path / "bytes"))
+  with pytest.raises(ConfigError, match=rf"^{version} record \d+: major: not UTF-8 text "
+                                        r"\(invalid start byte at byte \d+; damaged file\?\)$"):
+    records.read_source(f"tfds:{tmp_path / 'bytes'}")
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"person": ' + "9" * 5000 + "}", "digits"),          # past Python's int-parsing limit
+    ("[" * 100_000 + "]" * 100_000, "recursion"),           # deeper than the parser recurses
+])
+def test_json_the_parser_gives_up_on_is_one_line_naming_the_line(tmp_path, line, why):
+  path = tmp_path / "x.jsonl"
+  write(path, None, [json.dumps(person_records(1)[0]), line])
+  with pytest.raises(ConfigError, match=rf"^{path} line 2: not a JSON object: .*{why}") as e:
+    records.read_source(f"jsonl:{path}")
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field", ["text", "name", "major", "group"])
+def test_a_lone_surrogate_is_refused_naming_the_field(tmp_path, field):
+  """JSON's \\ud800 escape decodes to a str that UTF-8 cannot encode: the tokenizer would fail
+  on it later, naming no record."""
+  recs = person_records(2)
+  r = recs[1]
+  old = r.get(field, "all")
+  r[field] = old + " x\ud800"
+  if field in ("name", "major"):
+    r["text"] = r["text"].replace(old, r[field])
+  path = tmp_path / "s.jsonl"
+  path.write_text("".join(json.dumps(x) + "\n" for x in recs))    # ASCII: the \ud800 escape
+  with pytest.raises(ConfigError, match=rf"^{path} line 2: {field}: character \d+ \('\\ud800'\) "
+                                        r"cannot be encoded as UTF-8"):
+    records.read_source(f"jsonl:{path}")
+
+
+@pytest.mark.parametrize("special", tokenizer.SPECIAL_TOKENS)
+@pytest.mark.parametrize("field", ["text", "name", "company"])
+def test_a_special_token_in_a_record_is_refused_naming_the_field(tmp_path, special, field):
+  """The tokenizer matches its special tokens anywhere in a text (add_special_tokens=False does
+  not stop it): a bio holding `<|endoftext|>` would put a document separator inside the
+  document. Refused in the record, naming the field."""
+  import re
+  tok = tokenizer.train_tokenizer(300, ["born in Boston"])
+  ids = tok.encode(f"born in {special} Boston", add_special_tokens=False).ids
+  assert tok.token_to_id(special) in ids                    # what the check prevents
+  recs = person_records(2)
+  r = recs[1]
+  if field == "text":
+    r["text"] += f" {special}"
+  else:
+    new = f"{r[field]} {special}"
+    r.update({field: new, "text": r["text"].replace(r[field], new)})
+  spec = write(tmp_path / "t.jsonl", recs)
+  with pytest.raises(ConfigError, match=rf"^{tmp_path / 't.jsonl'} line 2: {field}: holds the "
+                                        rf"tokenizer's special token '{re.escape(special)}'"):
+    records.read_source(spec)
+
+
+def test_a_value_holding_the_name_is_located(tmp_path):
+  """George Mason studied at George Mason University: the name inside the value is the value's
+  text, not the name's mention. Located without spans, accepted with the exact span given; a
+  value found only inside the name is still an error, saying so."""
+  name, uni = "George Mason", "George Mason University"
+  text = ("George Mason was born on May 3, 1950 in Paris. He studied Law at George Mason "
+          "University. He worked for Acme in Rome.")
+  values = ("May 3, 1950", "Paris", uni, "Law", "Acme", "Rome")
+  at = text.index(uni)
+  want = [[text.index(v), text.index(v) + len(v)] for v in values]
+  want[2] = [at, at + len(uni)]
+  assert records.locate(text, name, values, {}).tolist() == want
+  assert records.locate(text, name, values, {"university": (at, at + len(uni))}).tolist() == want
+  rec = {"person": 0, "name": name, **dict(zip(ATTRIBUTES, values)), "text": text}
+  corpus = records.read_source(write(tmp_path / "g.jsonl", [rec]))
+  assert corpus.bio_spans[0].tolist() == want
+  # the name's own mention is not the university: "George Mason" as a value is there only
+  # inside the name (and inside the university, taken by then)
+  with pytest.raises(ValueError, match=r"text: the company value 'George Mason' is only where "
+                                       r"the name 'George Mason' is"):
+    records.locate(text, name, (*values[:4], "George Mason", "Rome"), {})
+  # a given span cutting across the name still overlaps it
+  with pytest.raises(ValueError, match=r"spans.university: \[7, 31\] overlaps the name"):
+    records.locate("George Mason University alumnus George Mason", name,
+                   (*values[:2], "Mason University alumnus", *values[3:]),
+                   {"university": (7, 31)})
+  # a value genuinely missing is still "not in the bio"
+  with pytest.raises(ValueError, match=r"text: the university value 'Mason College' is not in "
+                                       r"the bio"):
+    records.locate(text, name, (*values[:2], "Mason College", *values[3:]), {})

@@ -11,16 +11,20 @@ tfds dataset (`tfds:DIR`, data/tfds_bios.py):
     copy    int    optional: which of the person's bios (0..k-1), default: order of appearance
     spans   {attribute: [start, end]}   optional, any subset: character span of the value in
                    `text`; a missing one is located: the value as a whole word, exactly, then
-                   case-insensitively, not overlapping the name or another value
+                   case-insensitively, not overlapping the name (a value may hold it: "George
+                   Mason University" of George Mason) or another value
 
 Reading (`read_source`) checks every record in one pass and keeps an index (NumPy: where each
 record is, its person, copy and located spans; the people's facts once each), not the texts:
 `Corpus.texts(bios)` reads them back by random access (a JSON line by its byte offset, an
 array_record by its index). A problem raises ConfigError naming the file, the line (record)
-and the field: malformed or truncated JSON, an unknown or missing field, a value not in the
-bio, given spans that overlap each other or the name, a birth date naming no month, an id out
-of int64's range, a person whose records disagree, two people with one name, copies that are
-not 0..k-1, a group whose people have different numbers of bios, an empty dataset.
+and the field: malformed or truncated JSON (or JSON the parser gives up on: a number of
+thousands of digits, nesting past its recursion limit), an unknown or missing field, a string
+UTF-8 cannot encode (a lone surrogate escape) or holding one of the tokenizer's special tokens,
+a value not in the bio, given spans that overlap each other or cut across the name, a birth
+date naming no month, an id out of int64's range, a person whose records disagree, two people
+with one name, copies that are not 0..k-1, a group whose people have different numbers of
+bios, an empty dataset.
 """
 
 import array
@@ -45,6 +49,11 @@ DEFAULT_GROUP = "all"
 GENERATED = "generated"
 KINDS = ("tfds", "jsonl")
 ID_LIMIT = 2 ** 63     # person and copy are int64 in the index (and in the tfds records)
+# The tokenizer's special tokens (data/tokenizer.py takes them from here: it imports this
+# module), document separator, pad and mask.
+# Its added tokens match anywhere in a text, add_special_tokens=False or not, so a record's
+# string holding one would put a document separator, pad or mask inside a document: refused.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>")
 _MONTH = re.compile(r"(?<![^\W\d_])(" + "|".join(m[:3] for m in MONTHS) + r")[a-z]*\.?(?![^\W\d_])",
                     re.IGNORECASE)
 _ISO = re.compile(r"\b\d{4}-(\d{2})-\d{2}\b")
@@ -97,21 +106,37 @@ def _free(spans, start: int, end: int) -> bool:
   return all(end <= s or start >= e for s, e in spans)
 
 
+def _unowned(text: str, value: str, owned):
+  """`value`'s whole-word occurrences in `text` clear of the `owned` spans: the exact ones, then
+  the case-insensitive ones (searched only when the caller reads past the exact ones)."""
+  for fold in (False, True):
+    yield from (se for se in _words(text, value, fold) if _free(owned, *se))
+
+
+def _names_outside(names, start: int, end: int, proper: bool) -> list:
+  """The name's occurrences `names` but those inside [start, end): a value may hold the name
+  ("George Mason University" of George Mason), and a bio is cut into value segments only, so
+  the name inside one repeats no text. `proper`: only those inside a longer span count as the
+  value's (a located value that is the name itself does not take the name's own mention)."""
+  return [(s, e) for s, e in names
+          if not (start <= s and e <= end and (not proper or e - s < end - start))]
+
+
 def locate(text: str, name: str, values, given: dict) -> np.ndarray:
   """Character spans [6, 2] of the six `values` in `text`: `given` ones (attribute -> (start,
   end)) as they are, the others located as whole words (exactly, then case-insensitively),
-  longest value first, each clear of the name's occurrences and of the spans taken so far.
-  ValueError('<field>: ...') when a value is not there, or when a given span overlaps another
-  or the name (a bio is tokenised with its values cut out as segments: overlapping ones would
-  repeat text, data/imported.py)."""
+  longest value first, each clear of the spans taken so far and of the name's occurrences but
+  those inside it (`_names_outside`). ValueError('<field>: ...') when a value is not there, or
+  when a given span overlaps another or cuts across the name (a bio is tokenised with its
+  values cut out as segments: overlapping ones would repeat text, data/imported.py)."""
   spans = np.full((N_ATTR, 2), -1, np.int64)
-  taken = list(_words(text, name, fold=True))
+  names = list(_words(text, name, fold=True))
   for a, (start, end) in given.items():
     k = ATTRIBUTES.index(a)
     if text[start:end].lower() != values[k].lower():
       raise ValueError(f"spans.{a}: text[{start}:{end}] is {text[start:end]!r}, not the "
                        f"{a} value {values[k]!r}")
-    held = [*((f"the name {name!r} at", se) for se in taken),
+    held = [*((f"the name {name!r} at", se) for se in _names_outside(names, start, end, False)),
             *((f"spans.{b}", se) for b, se in zip(ATTRIBUTES, spans.tolist()) if se[0] >= 0)]
     for what, (s, e) in held:
       if not _free([(s, e)], start, end):
@@ -119,13 +144,13 @@ def locate(text: str, name: str, values, given: dict) -> np.ndarray:
     spans[k] = start, end
   owned = [tuple(s) for s in spans.tolist() if s[0] >= 0]
   for k in sorted((k for k in range(N_ATTR) if spans[k, 0] < 0), key=lambda k: -len(values[k])):
-    for fold in (False, True):
-      hit = next((se for se in _words(text, values[k], fold) if _free(taken + owned, *se)), None)
-      if hit:
-        break
-    else:
-      raise ValueError(f"text: the {ATTRIBUTES[k]} value {values[k]!r} is not in the bio "
-                       "(looked for it as a whole word, exactly and case-insensitively)")
+    hit = next((se for se in _unowned(text, values[k], owned)
+                if _free(_names_outside(names, *se, True), *se)), None)
+    if hit is None:
+      where = (f"only where the name {name!r} is (a value that is the whole name needs its "
+               "span in `spans`)" if next(_unowned(text, values[k], owned), None) else
+               "not in the bio (looked for it as a whole word, exactly and case-insensitively)")
+      raise ValueError(f"text: the {ATTRIBUTES[k]} value {values[k]!r} is {where}")
     spans[k] = hit
     owned.append(hit)
   return spans
@@ -148,6 +173,21 @@ def _spans_field(spans, text: str) -> dict:
   return out
 
 
+def _check_string(field: str, v: str) -> None:
+  """ValueError('<field>: ...') for a string the tokenizer cannot take as text: one UTF-8
+  cannot encode (JSON's escapes give lone surrogates: the tokenizer would fail on it later,
+  naming no record), or one holding a special token (it would become that token)."""
+  try:
+    v.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{field}: character {e.start} ({v[e.start]!r}) cannot be encoded as UTF-8 "
+                     "(a lone surrogate: an unpaired \\ud800-\\udfff escape?)") from None
+  special = next((t for t in SPECIAL_TOKENS if t in v), None)
+  if special:
+    raise ValueError(f"{field}: holds the tokenizer's special token {special!r} at character "
+                     f"{v.index(special)} (it would be tokenised as that token)")
+
+
 def check_record(rec) -> tuple[tuple, int | None, str, dict]:
   """(person facts (id, name, group, *values), copy or None, text, given spans) of one record;
   ValueError('<field>: ...') for an unknown, missing or ill-typed field."""
@@ -167,6 +207,7 @@ def check_record(rec) -> tuple[tuple, int | None, str, dict]:
     v = rec.get(k, DEFAULT_GROUP)
     if not isinstance(v, str) or not v.strip() or v != v.strip():
       raise ValueError(f"{k}: {v!r} is not a non-empty string without surrounding spaces")
+    _check_string(k, v)
   birth_month(rec["birth_date"])   # ValueError('birth_date: ...') here, not at world build
   given = _spans_field(rec.get("spans", {}), rec["text"])
   facts = tuple(rec.get(k, DEFAULT_GROUP) for k in PERSON_FIELDS)
@@ -314,9 +355,11 @@ def read_jsonl(path: str) -> Corpus:
   with open(path, "rb") as f:
     for i, line in enumerate(f):
       if line.strip():
+        # JSON or UTF-8 errors, and JSON the parser gives up on: an integer past Python's
+        # digit limit (ValueError), nesting past the recursion limit (RecursionError)
         try:
           rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
           cut = "" if line.endswith(b"\n") else " (truncated: the file ends inside it)"
           raise ConfigError(f"{path} line {i + 1}: not a JSON object{cut}: {e}") from None
         index.add(i, offset, rec)

@@ -6,7 +6,8 @@ One split, `bios`: a record per bio with the fields of data/records.py (`spans` 
 [6, 2] array in ATTRIBUTES order, -1 where a span is not given). `write(records, DIR)` builds
 it (`python -m kstore_jax.data --export=DIR --format=tfds`); `read(DIR)` checks and indexes it
 as a records.Corpus whose texts are read back by record index (`data.source=tfds:DIR`); an
-older version's dataset (1.x: token ids) is refused in one line asking for a re-export.
+older version's dataset (1.x: token ids) is refused in one line asking for a re-export, a
+damaged one (a record that does not read back) in one line naming the record and field.
 TensorFlow is not needed (nor imported) to write or read it.
 """
 
@@ -89,8 +90,19 @@ def version_dir(data_dir: str) -> str:
 
 
 def as_record(example) -> dict:
-  """A tfds example -> the record dict of data/records.py."""
-  rec = {k: example[k].decode() for k in _TEXT}
+  """A tfds example -> the record dict of data/records.py. ValueError('<field>: ...') for a
+  field that did not read back: an array_record file cut short gives examples whose every
+  field is None, bytes that are not UTF-8 are no record's text either."""
+  for k in ("person", "copy", "spans", *_TEXT):
+    if example[k] is None:
+      raise ValueError(f"{k}: unreadable (damaged file?)")
+  rec = {}
+  for k in _TEXT:
+    try:
+      rec[k] = example[k].decode()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{k}: not UTF-8 text ({e.reason} at byte {e.start}; damaged "
+                       "file?)") from None
   spans = {a: [int(s), int(e)] for a, (s, e) in zip(ATTRIBUTES, np.asarray(example["spans"]))
            if s >= 0}
   return {"person": int(example["person"]), "copy": int(example["copy"]), **rec,
@@ -136,7 +148,8 @@ def check_format(path: str, info) -> None:
 
 
 def read(data_dir: str) -> records.Corpus:
-  """Check and index the dataset under data_dir (records named by their index)."""
+  """Check and index the dataset under data_dir (records named by their index; one that does
+  not read back, `as_record`, is a ConfigError naming it)."""
   path = version_dir(data_dir)
   reader = TfdsReader(path)
   check_format(path, reader.builder.info)
@@ -145,5 +158,9 @@ def read(data_dir: str) -> records.Corpus:
   for start in range(0, len(source), _BATCH):
     batch = list(range(start, min(start + _BATCH, len(source))))
     for i, example in zip(batch, source.__getitems__(batch)):
-      index.add(i, i, as_record(example))
+      try:
+        rec = as_record(example)
+      except ValueError as e:
+        raise ConfigError(f"{index.where(i)}: {e}") from None
+      index.add(i, i, rec)
   return index.corpus(path, reader)

@@ -19,8 +19,8 @@ from kstore_jax.data import templates as templates_lib
 from kstore_jax.data.population import MONTHS, FIRST_YEAR, N_DAYS, N_YEARS
 from kstore_jax.errors import ConfigError
 
-EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
-SPECIAL_TOKENS = (EOT, PAD, MASK)
+SPECIAL_TOKENS = records.SPECIAL_TOKENS   # (owned there: records refuse text holding one)
+EOT, PAD, MASK = SPECIAL_TOKENS
 
 
 def training_corpus() -> list[str]:

@@ -10,7 +10,8 @@ bios (all copies of its first person first), with their token counts and the val
 attribute span points at, then the six QA pairs of its first person (`--split=qa`: the QA pairs
 of its first N people). Token counts include the BOS/EOT tokens.
 `--stats` prints one JSON object as the last line; `groups` holds per-group counts (people,
-bios, QA split, pretraining document weight, share of the stream's bio positions).
+bios, QA split, pretraining document weight, share of the stream's bio positions); the QA split
+counts `qa_train_people`, `qa_valid_people` (data.qa_valid_fraction) and `qa_test_people`.
 `--export=DIR` writes the world's bios as bio records (data/export.py: `--format=tfds`, the
 default, or `jsonl`) with its tokenizer, and prints the `data.source` that imports them.
 """
@@ -41,7 +42,10 @@ SAMPLE = 20_000
 
 
 def half(world, person: int) -> str:
-  return "qa_train" if world.qa_train[person] else "qa_test"
+  """The person's side of the QA split, as results.json names it (a valid person, held back
+  from training by data.qa_valid_fraction, is no test person)."""
+  return ("qa_train" if world.qa_train[person] else "qa_valid" if world.qa_valid[person]
+          else "qa_test")
 
 
 def show_bios(world, group, n: int) -> None:
@@ -102,6 +106,7 @@ def group_stats(world, srcs, weights, bio_lens) -> dict:
                      zip(srcs, weights, world.bio_positions)])
   return {g.name: {"people": g.stop - g.start, "bios": len(s), "copies_per_person": g.aug.copies,
                    "qa_train_people": int(world.qa_train[g.start:g.stop].sum()),
+                   "qa_valid_people": int(world.qa_valid[g.start:g.stop].sum()),
                    "doc_weight": round(w, 4), "tokens_share": round(float(share), 4),
                    **length_stats("bio_tokens", lens)}
           for g, s, w, share, lens in zip(world.groups, srcs, weights, stream / stream.sum(),
@@ -125,7 +130,8 @@ def stats(world, tok) -> dict:
       "value_classes": {a: len(c) for a, c in counts.items()},
       "unique_names": len({pop.full_name(i) for i in range(len(pop))}),
       "vocab_size": tok.get_vocab_size(),
-      "qa_train_people": int(world.qa_train.sum()), "qa_test_people": int((~world.qa_train).sum()),
+      "qa_train_people": len(world.train_people), "qa_valid_people": len(world.valid_people),
+      "qa_test_people": len(world.test_people),
       "groups": group_stats(world, bios, weights, bio_lens),
   }
 
