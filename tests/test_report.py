@@ -121,6 +121,26 @@ def test_ordering_against_the_paper_hand_computed(tmp_path):
   assert report.paper_ordering(runs[:2]) is None   # too few rows to order
 
 
+def test_several_runs_of_one_cell_are_labelled(tmp_path):
+  """A full finetune and a LoRA finetune of `single`: both in the cell, each with its run's
+  label (they read as one run before, the chart and the ordering taking the last without a
+  word); the ordering line says which one it counted."""
+  dirs = []
+  for row, acc in (("single_permute1", 0.02), ("multi5", 0.10), ("multi5_permute", 0.50)):
+    fake_run(tmp_path / row, row, ("pretrain", "finetune", "eval"), {"qa_test": accs(acc)})
+    dirs.append(str(tmp_path / row))
+  for label, acc in (("full", 0.014), ("lora", 0.003)):
+    fake_run(tmp_path / label, "single", ("pretrain", "finetune", "eval"),
+             {"qa_test": accs(acc)})
+    dirs.append(str(tmp_path / label))
+  text, _ = report.build_report(dirs, str(tmp_path / "out" / "report.md"))
+  [line] = [l for l in text.splitlines() if l.startswith("| `single` |")]
+  assert "1.4 " in line and "(full) / 0.3 " in line and "(lora) (9.7)" in line, line
+  assert "Of a row's several runs, the chart and this count the last: `single`: lora." in text
+  assert sum(l.startswith("| `single` (full) |") or l.startswith("| `single` (lora) |")
+             for l in text.splitlines()) == 2, text
+
+
 def test_run_without_qa_training_stands_apart(tmp_path):
   """A run whose stages train no QA (pretrain, eval: results.json's evaluated_stage pretrain) is
   neither a finetune nor a mixed run: a headline column of its own without a paper number, its
@@ -146,8 +166,10 @@ def test_run_without_qa_training_stands_apart(tmp_path):
   assert "| `single` | 5.0 (9.7) | — (86.6) | 0.1 |" in lines
   assert "| `multi5` | 10.0 (41.0) | — (—) | — |" in lines
   assert "Spearman's rho 1.00; 3 of the 3 row pairs" in text
-  detail = [l for l in lines if l.startswith("| `single` | no QA training |")]
-  assert len(detail) == 1 and detail[0].startswith("| `single` | no QA training | 0.1 (—) |")
+  # the detail table names each of the two `single` runs by its directory
+  detail = [l for l in lines if l.startswith("| `single` (single_base) | no QA training |")]
+  assert len(detail) == 1 and detail[0].startswith(
+      "| `single` (single_base) | no QA training | 0.1 (—) |")
 
 
 def test_stage_overrides_and_stale_evals_take_the_right_column(tmp_path):

@@ -185,6 +185,15 @@ def run_title(run: Run, runs: list[Run]) -> str:
   return f"`{run.name}`" + (f" ({run.label})" if twins > 1 else "")
 
 
+def joined_cells(mine: list[Run], key: str = "qa_test") -> str:
+  """The `key` cells of the runs of one table cell (one data row and method), each with its
+  directory label when there are several (a LoRA and a full finetune of one row, say);
+  DASH when none."""
+  if len(mine) < 2:
+    return mine[0].cell(key) if mine else DASH
+  return " / ".join(f"{r.cell(key)} ({r.label})" for r in mine)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
           + ["| " + " | ".join(r) + " |" for r in rows])
@@ -205,9 +214,8 @@ def headline_table(runs: list[Run]) -> list[str]:
   for row in row_order(runs):
     cells = [f"`{row}`"]
     for mode in modes:
-      mine = [r.cell("qa_test") for r in runs if data_row(r) == row and r.mode == mode]
-      cells.append(f"{' / '.join(mine) if mine else DASH}"
-                   + (f" ({paper_pct(mode, row)})" if mode in PAPER else ""))
+      mine = [r for r in runs if data_row(r) == row and r.mode == mode]
+      cells.append(joined_cells(mine) + (f" ({paper_pct(mode, row)})" if mode in PAPER else ""))
     rows.append(cells)
   return _table(["data", "QA finetune: ours (paper)", "mixed training: ours (paper)",
                  *([f"{NO_QA}: ours"] if NO_QA in modes else [])], rows)
@@ -215,7 +223,8 @@ def headline_table(runs: list[Run]) -> list[str]:
 
 def row_run(runs: list[Run], row: str, mode: str) -> Run | None:
   """The last run of data row `row` trained by `mode` (a `modes_of` name) that has a
-  held-out QA number (what the chart and the ordering count for the row)."""
+  held-out QA number (what the chart and the ordering count for the row; the tables label
+  each of several runs of one cell, `joined_cells`, and `ordering_line` says which counted)."""
   got = [r for r in runs
          if data_row(r) == row and r.mode == mode and r.metric("qa_test") is not None]
   return got[-1] if got else None
@@ -258,9 +267,14 @@ def ordering_line(runs: list[Run]) -> list[str]:
   if o is None:
     return []
   rho = DASH if o["spearman"] is None else f"{o['spearman']:.2f}"
+  several = [f"`{row}`: {r.label}" for row in row_order(runs)
+             if (r := row_run(runs, row, "finetune"))
+             and sum(data_row(x) == row and x.mode == "finetune" for x in runs) > 1]
   return ["", f"Ordering against the paper (QA finetune, the {o['rows']} rows with both "
               f"numbers): Spearman's rho {rho}; {o['pairs_same']} of the {o['pairs']} row pairs "
-              f"the paper orders are ordered the same way here."]
+              f"the paper orders are ordered the same way here."
+              + (f" Of a row's several runs, the chart and this count the last: "
+                 f"{', '.join(several)}." if several else "")]
 
 
 def detail_table(runs: list[Run]) -> list[str]:
@@ -271,7 +285,7 @@ def detail_table(runs: list[Run]) -> list[str]:
   for r in sorted(runs, key=lambda r: (row_order(runs).index(data_row(r)), str(r.mode))):
     mode = r.mode or "?"
     paper = paper_pct(r.mode, data_row(r)) if r.mode else DASH
-    rows.append([f"`{r.name}`", mode, f"{r.cell('qa_test')} ({paper})",
+    rows.append([run_title(r, runs), mode, f"{r.cell('qa_test')} ({paper})",
                  *[r.cell("qa_test", a) for a in ATTRIBUTES],
                  r.cell("qa_train"), *([r.cell("qa_valid")] if valid else []),
                  r.cell("bio_recall"), "; ".join(r.notes) or ""])
@@ -335,9 +349,8 @@ def arch_table(runs: list[Run]) -> list[str]:
     cells = [f"`{row}`"]
     for arch in archs:
       for mode in modes:
-        mine = [r.cell("qa_test") for r in runs
-                if arch_row(r) == row and arch_of(r) == arch and r.mode == mode]
-        cells.append(f"{' / '.join(mine) if mine else DASH} ({arch_paper(arch, mode, row)})")
+        mine = [r for r in runs if arch_row(r) == row and arch_of(r) == arch and r.mode == mode]
+        cells.append(f"{joined_cells(mine)} ({arch_paper(arch, mode, row)})")
     rows.append(cells)
   return _table(["data", *[f"{a} {m}: ours (paper)" for a in archs for m in modes]], rows)
 
