@@ -232,7 +232,8 @@ def test_resuming_on_an_edited_data_source_is_refused(tmp_path):
 def test_resuming_with_another_tokenizer_is_refused(tmp_path):
   """A generated world's digest holds no token ids: a data.tokenizer_path file replaced by one
   that gives two tokens each other's ids (same vocabulary size, same people) would resume
-  training on other ids (an imported world's stored bios are in its digest). The workdir's tokenizer.json is compared with the tokenizer now."""
+  training on other ids (an imported world's stored bios are in its digest). The workdir's
+  tokenizer.json is compared with the tokenizer now."""
   from kstore_jax import experiment
   cfg = base.get_config("tiny")
   cfg.data.n_people = 100

@@ -27,8 +27,19 @@ SUMMARY_KEYS = ("op", "scope", "kind", "share", "floor_us", "floor_us_per_step",
 
 
 def read_lines(path: str) -> list[dict]:
+  """The JSON objects of `path`, a line each; a line that is none (a library's log line in
+  the pipe the benchmarks print to, or a line another cut) is left out: the summary goes on
+  (the raw file comes back whole)."""
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict):
+        out.append(row)
+  return out
 
 
 ATTENTION_TOLERANCE = 0.05   # a bf16 flash kernel vs XLA in f32 (attention section): ~1e-2
