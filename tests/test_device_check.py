@@ -243,6 +243,35 @@ def test_pick_launch_is_the_fastest_right_one_when_not_the_models(tmp_path):
   assert got.returncode == 0 and got.stdout.strip() == fast["launch"], got.stderr
 
 
+ATTENTION_FAILS = """
+import sys
+from kstore_jax.model import attention
+from kstore_jax.tools import bench
+kernel = attention.self_attention
+def failing(impl, *args, **kwargs):   # as a launch the chip cannot build fails on a GPU
+  if impl == "einsum":
+    raise ValueError("Triton cannot build this launch")
+  return kernel(impl, *args, **kwargs)
+attention.self_attention = failing
+sys.argv = ["bench", "attention", "--config=configs/base.py:tiny", "--attention=einsum,xla",
+            "--attention_repeats=2", "--attention_sweep=false"]
+bench.run()
+"""
+
+
+def test_an_attention_variant_that_fails_to_build_is_a_line_and_the_rest_run():
+  """One variant the device cannot compile ended the attention section, every later launch of
+  the sweep lost with it: it is now a `failed:` line and the next variant is timed."""
+  r = subprocess.run([runs.python(), "-c", ATTENTION_FAILS], cwd=ROOT, env=runs.env(),
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  got = {l["name"]: l for l in map(json.loads, r.stdout.splitlines()) if "name" in l}
+  assert got["attention_einsum_ms"]["value"] is None
+  assert got["attention_einsum_ms"]["skipped"] == ("failed: ValueError: Triton cannot build "
+                                                   "this launch")
+  assert got["attention_xla_ms"]["value"] > 0
+
+
 def test_summary_ranks_attention_launches_and_flags_wrong_ones(tmp_path):
   """summary.txt lists the attention lines fastest first with their largest error; one over
   ATTENTION_TOLERANCE (a leaky launch can be the fastest) says so; skipped lines are left out."""
