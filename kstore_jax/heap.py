@@ -54,8 +54,9 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 
-# Device nodes of accelerators jax would use instead of the CPU (NVIDIA GPUs; TPU VMs)
-ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/accel0", "/dev/vfio/0")
+# Device nodes of accelerators jax would use instead of the CPU (NVIDIA GPUs; AMD GPUs, ROCm;
+# TPU VMs)
+ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
 
 
 def cpu_only() -> bool:
@@ -176,8 +177,10 @@ MMAP_THRESHOLD = 32 << 20
 
 
 def restore_defaults() -> bool:
-  """glibc's allocation settings back (arenas per core, large blocks mmapped, the heap
-  trimmed: MMAP_THRESHOLD) and the freed pages handed back; whether it worked."""
+  """glibc's allocation settings back (large blocks mmapped, the heap trimmed:
+  MMAP_THRESHOLD) and the freed pages handed back; whether it worked. The arenas stay one:
+  glibc takes M_ARENA_MAX 0 (its default) without undoing a limit threads have allocated
+  under (what the bound guards against is the retained pages, which this releases)."""
   ok = _mallopt((M_ARENA_MAX, 0), (M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
                 (M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD))
   ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
@@ -234,9 +237,10 @@ def use_huge_pages() -> None:
   """Re-execute this process (the same interpreter, options and arguments) with malloc on
   huge pages, where `huge_pages_env` says it helps; call it first thing in a command, before
   anything is printed, started or changed in sys.argv. Returns only when no re-execution is
-  needed (or this is the re-executed process)."""
+  needed (or this is the re-executed process, or one that cannot be replayed: a program
+  read from stdin or `-c`, an interactive interpreter)."""
   env = huge_pages_env()
-  if env is not None:
+  if env is not None and os.path.isfile(sys.argv[0]):   # a script or `-m` module
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

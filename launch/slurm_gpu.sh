@@ -90,7 +90,8 @@ fi
 unset KSTORE_NUM_PROCESSES KSTORE_PROCESS_ID KSTORE_COORDINATOR JAX_COORDINATOR_ADDRESS
 export XLA_PYTHON_CLIENT_MEM_FRACTION=\${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 echo "job \$SLURM_JOB_ID: \$SLURM_JOB_NUM_NODES node(s) \$SLURM_JOB_NODELIST, $((NODES * GPUS)) processes"
-srun --kill-on-bad-exit=1 --label "\$KSTORE_VENV/bin/python" -m kstore_jax.main $ARGS
+# srun takes no --cpus-per-task from sbatch since Slurm 22.05: each process would get one CPU
+srun --kill-on-bad-exit=1 --label --cpus-per-task=$CPUS "\$KSTORE_VENV/bin/python" -m kstore_jax.main $ARGS
 EOF
 }
 

@@ -125,7 +125,7 @@ def main(argv):
   out = pathlib.Path(argv[0]).resolve()
   out.mkdir(parents=True, exist_ok=True)
   subprocess.run(["bash", "-c", f"source {ROOT}/launch/_venv.sh test"], check=True)
-  python = str(ROOT / ".venv" / "bin" / "python")
+  python = os.path.join(os.environ.get("KSTORE_VENV") or ROOT / ".venv", "bin", "python")
   site = site_packages(python)
   files = [site / f"{HOOK}.py", site / f"{HOOK}.pth"]
   files[0].write_text(HOOK_SRC)

@@ -94,7 +94,7 @@ q() { printf '%q' "$1"; }   # quote one word for the workers' bash
 pack() {
   if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-      | while IFS= read -r -d '' f; do [ -e "$ROOT/$f" ] && printf '%s\0' "$f"; done \
+      | while IFS= read -r -d '' f; do if [ -e "$ROOT/$f" ]; then printf '%s\0' "$f"; fi; done \
       | tar -czf "$1" -C "$ROOT" --null -T -
   else
     tar -czf "$1" -C "$ROOT" --exclude=./.venv --exclude='./.venv-*' --exclude=./runs \
@@ -147,8 +147,8 @@ ARGS="--config=$(q "$CONFIG") --workdir=$(q "$WORKDIR")"
 for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do ARGS+=" $(q "$a")"; done
 on_all "if pgrep -f '^[^ ]*python[^ ]* -m kstore_jax[.]main' >/dev/null; then echo \"a kstore_jax run is already \
 running on \$(hostname)\" >&2; exit 1; fi; mkdir -p ~/kstore_logs && cd $(q "$RDIR") \
-&& (trap '' HUP; JAX_COORDINATOR_ADDRESS=$IP:8476 .venv/bin/python -m kstore_jax.main $ARGS; \
-echo \$? > $LOG.rc) > $LOG 2>&1 < /dev/null & echo \"started on \$(hostname): $LOG\""
+&& { (trap '' HUP; JAX_COORDINATOR_ADDRESS=$IP:8476 .venv/bin/python -m kstore_jax.main $ARGS; \
+echo \$? > $LOG.rc) > $LOG 2>&1 < /dev/null & } && echo \"started on \$(hostname): $LOG\""
 
 # 5. Follow worker 0's log until the run ends (Ctrl-C stops following, not the run), then
 #    --delete deletes the TPU VM (whatever the run's exit status; the workdir stays).

@@ -363,6 +363,21 @@ def test_cpu_docs_without_a_compiler(monkeypatch):
   assert "cpu" in attention.unsupported("cpu_docs", "bfloat16", "cuda", 128)
 
 
+def test_cpu_docs_with_a_compiler_that_fails(monkeypatch):
+  """A compiler that is there but fails ($CXX=/bin/false): `auto` is `einsum` and `cpu_docs`
+  is refused in one line (it was picked, and crashed at the first step's build)."""
+  from kstore_jax.model import cpu_attention
+  monkeypatch.setenv("CXX", "/bin/false")
+  cpu_attention.library_path.cache_clear()   # (this process built it with the real one)
+  try:
+    assert cpu_attention.compiler() == ["/bin/false"]
+    assert attention.resolve("auto", "cpu") == "einsum"
+    problem = attention.unsupported("cpu_docs", "float32", "cpu", 128)
+    assert problem.startswith("cpu_docs could not be built: ") and "\n" not in problem, problem
+  finally:
+    cpu_attention.library_path.cache_clear()
+
+
 def test_cpu_docs_build_without_native_flags_and_a_failed_one(tmp_path, monkeypatch):
   """A compiler that refuses -march=native still builds the kernel (portable flags); one
   that builds nothing stops with an error naming the source and the compiler's words."""

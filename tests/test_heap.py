@@ -184,25 +184,31 @@ print(heap.huge_pages_asked(), int(huge.split()[1]) << 10, n)
 @glibc
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="no smaps_rollup")
 @pytest.mark.parametrize("retain", ["1", "0"])
-def test_use_huge_pages_puts_malloc_on_huge_pages(retain):
+def test_use_huge_pages_puts_malloc_on_huge_pages(retain, tmp_path):
   """heap.use_huge_pages re-executes the process with glibc.malloc.hugetlb=1: a 256 MiB block
   (from the retained heap, or mmapped without the retention) then lies on 2 MiB pages; with
   KSTORE_JAX_HUGE_PAGES=0 nothing changes and none does (THP mode `madvise`: only advised
-  memory gets them)."""
+  memory gets them). A program that cannot be replayed (`-c`, stdin) is not re-executed: it
+  ran on, or re-executed it lost its code and exited 0 having done nothing."""
   from kstore_jax import heap
   if heap.thp_mode() != "madvise" or heap.glibc_version() < (2, 35):
     pytest.skip(f"THP mode {heap.thp_mode()!r}, glibc {heap.glibc_version()}")
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env.update(KSTORE_JAX_RETAIN_MEMORY=retain, JAX_PLATFORMS="cpu")
 
-  def probe(flag):
-    out = subprocess.run([sys.executable, "-c", HUGE_PROBE], check=True, capture_output=True,
+  script = tmp_path / "probe.py"
+  script.write_text(HUGE_PROBE)
+
+  def probe(flag, program=(str(script),)):
+    out = subprocess.run([sys.executable, *program], check=True, capture_output=True,
                          text=True, env={**env, "KSTORE_JAX_HUGE_PAGES": flag}).stdout.split()
     return out[0] == "True", int(out[1]), int(out[2])
 
   asked, huge, n = probe("")
   assert asked and huge >= n // 2, (huge, n)
   asked, huge, n = probe("0")
+  assert not asked and huge == 0, huge
+  asked, huge, n = probe("", ("-c", HUGE_PROBE))
   assert not asked and huge == 0, huge
 
 

@@ -590,7 +590,7 @@ def test_slurm_dry_run():
   text = r.stdout
   for key in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
               "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00", "pip install", ".[cuda12]",
-              "srun ", "-m kstore_jax.main", "--workdir=/shared/runs/s",
+              "srun ", "--cpus-per-task=8 ", "-m kstore_jax.main", "--workdir=/shared/runs/s",
               "--config.model.dtype=bfloat16", "+ sbatch "):
     assert key in text, key
   script_text = text.split("\n", 1)[1].split("\n+ ")[0]

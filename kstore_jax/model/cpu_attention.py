@@ -9,8 +9,9 @@ the backward recomputes the probabilities from it.
 
 The shared library is compiled (~3 s) once per source, compiler, jaxlib and CPU into
 $KSTORE_KERNEL_CACHE (default ~/.cache/kstore_jax/kernels; one build at a time under a lock,
-written by rename). `unavailable()` says why it cannot be built (no compiler), or None:
-`auto` on a CPU without one is `einsum`, and config validation refuses `cpu_docs` in one line.
+written by rename). `unavailable()` says why it cannot be built (no compiler, or one whose
+build fails), or None: `auto` on such a CPU is `einsum`, and config validation refuses
+`cpu_docs` in one line.
 """
 
 import ctypes
@@ -20,6 +21,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,14 +38,26 @@ NATIVE = ("-march=native",)   # the CPU's own vector width; dropped where a comp
 FORWARD, BACKWARD = "kstore_attention_forward", "kstore_attention_backward"
 
 
-def compiler() -> str | None:
-  """The C++ compiler's path ($CXX, else g++ or c++ on the PATH), or None."""
-  return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
+def compiler() -> list[str] | None:
+  """The C++ compiler's command ($CXX split as a shell splits it, `ccache g++` say; else g++
+  or c++ on the PATH), or None."""
+  words = shlex.split(os.environ.get("CXX", "")) or ["g++"]
+  if found := shutil.which(words[0]):
+    return [found, *words[1:]]
+  return [found] if (found := shutil.which("c++")) else None
 
 
 def unavailable() -> str | None:
-  """Why the kernel cannot be built here, in a few words; None when it can."""
-  return None if compiler() else "cpu_docs needs a C++ compiler (g++, or $CXX)"
+  """Why the kernel cannot be built here, in a few words; None when it can. It is built to
+  know (once a machine: `library_path`'s cache), so a compiler that fails is found before a
+  run picks `cpu_docs`, not at its first step."""
+  if compiler() is None:
+    return "cpu_docs needs a C++ compiler (g++, or $CXX)"
+  try:
+    library_path()
+  except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+    return f"cpu_docs could not be built: {str(e).strip().splitlines()[0][:200]}"
+  return None
 
 
 def _cpu_flags() -> str:
@@ -61,10 +75,10 @@ def library_path() -> pathlib.Path:
   NATIVE, else without it where the compiler refuses it)."""
   cxx = compiler()
   if cxx is None:
-    raise RuntimeError(unavailable())
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+    raise RuntimeError("no C++ compiler (g++, or $CXX)")
+  version = subprocess.run([*cxx, "--version"], capture_output=True, text=True,
                            check=True).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS + NATIVE),
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), *cxx, version, " ".join(FLAGS + NATIVE),
                                   jax.ffi.include_dir(), jax.lib.__version__,
                                   platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
   cache = pathlib.Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
@@ -79,12 +93,13 @@ def library_path() -> pathlib.Path:
       os.close(fd)
       try:
         for flags in (FLAGS + NATIVE, FLAGS):
-          build = subprocess.run([cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o",
-                                  tmp], capture_output=True, text=True, check=False)
+          build = subprocess.run([*cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE),
+                                  "-o", tmp], capture_output=True, text=True, check=False)
           if not build.returncode:
             break
         else:
-          raise RuntimeError(f"building {SOURCE} with {cxx} failed:\n{build.stderr[-3000:]}")
+          raise RuntimeError(f"building {SOURCE} with {' '.join(cxx)} failed:\n"
+                             f"{build.stderr[-3000:]}")
         os.replace(tmp, path)
       finally:
         if os.path.exists(tmp):
