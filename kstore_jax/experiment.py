@@ -293,8 +293,11 @@ class Experiment:
                             init_args=base, **lm)
     merge = functools.partial(lora_lib.merge, alpha=sc.lora_alpha)
     init_lora = functools.partial(lora_lib.init, rank=sc.lora_rank, embed_rank=sc.lora_embed_rank)
-    # the base is frozen: no weight gradients (the low-rank factors' are negligible)
-    lm["flops_per_position"] = flops_per_token(self.model_cfg, cfg.data.seq_len, "inputs")
+    # the base is frozen: its weights get no gradient but where LoRA merges into them
+    lm["flops_per_position"] = (flops_per_token(self.model_cfg, cfg.data.seq_len, "inputs")
+                                + lora_lib.flops_per_position(
+                                    self.model_cfg, sc.lora_rank, sc.lora_embed_rank,
+                                    lm["positions_per_step"]))
     return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model, merge), init_lora, base,
                           export=lambda p, f: merge(f, p), init_args=base, **lm)
 
@@ -308,9 +311,10 @@ class Experiment:
     batches = probing.ProbeBatches(w, w.train_people, stage, sc.batch_size,
                                    probing.probe_width(w, stage),
                                    seed=stage_seed(cfg.seed, stage), rows=rows)
+    probed = N_ATTR if stage == "pprobe" else 1   # positions an example probes
     init = functools.partial(   # the settings bound now: a config changed later does not count
         probes.init, vocab=base["embed"]["embedding"].shape[0], d_model=self.model_cfg.d_model,
-        embed_rank=sc.embed_rank, n_positions=N_ATTR if stage == "pprobe" else 1,
+        embed_rank=sc.embed_rank, n_positions=probed,
         classes=classes.n_classes(self.world.pop), head=sc.head)
     return loop.StageSpec(
         stage, sc, probes.make_probe_loss(self.model, self.class_tokens(stage)),
@@ -318,9 +322,12 @@ class Experiment:
         data=functools.partial(pipeline.batch_pipeline, batches, rows, cfg.data.workers),
         positions_per_step=sc.batch_size * batches.width,
         # the frozen model up to its hidden states; gradients pass back through it only to
-        # the probe's embedding update
+        # the probe's embedding update. A bidirectional model runs once per probed position
+        # (probes.probed_hidden: the input cut after it; counted 1x, a GBERT P-probe's step
+        # was 5x over its count; XLA computes what the passes share once: ~15% under 6x)
         flops_per_position=flops_per_token(self.model_cfg, batches.width,
-                                           "inputs" if sc.embed_rank else "none", head=False),
+                                           "inputs" if sc.embed_rank else "none", head=False)
+        * (1 if self.model_cfg.causal else probed),
         export=lambda p, f: p, dtype=self.model_cfg.dtype, platform=self.model_cfg.platform)
 
   def class_tokens(self, stage: str):

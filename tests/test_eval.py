@@ -184,7 +184,8 @@ def test_length_batches_cover_every_question_once(world, compile_positions):
 def test_recompute_baseline_flops_between_cache_and_fixed_width(world):
   """generation_flops: the no-cache baseline (growing lengths, head on the last position,
   prefixes once per step) counts fewer FLOPs than the fixed-width one and more than the cache;
-  checked against a count by hand for one batch."""
+  checked against a count by hand for one batch. A prefix position only fills caches: its
+  last layer's keys and values (2 x 2d^2) are all of that layer it needs."""
   from kstore_jax.eval.generate import generation_flops
   model, _ = make_model(world)
   qs = qa_eval.qa_set(world, np.arange(N_PEOPLE))
@@ -193,12 +194,15 @@ def test_recompute_baseline_flops_between_cache_and_fixed_width(world):
   f = generation_flops(model.cfg, batches, max_new)
   assert f["kv_cache"] < f["recompute"] < f["fixed_width"]
   c = model.cfg
-  body = 2 * c.num_layers * (4 * c.d_model ** 2 + 2 * c.d_model * c.d_ff)
+  layer = 2 * (4 * c.d_model ** 2 + 2 * c.d_model * c.d_ff)
+  body, fill = c.num_layers * layer, (c.num_layers - 1) * layer + 4 * c.d_model ** 2
   head = 2 * c.vocab_size * c.d_model
   b = batches[0]
   (rows, width), (A, S) = b.rest_NR.shape, b.prefix_AS.shape
-  by_hand = sum((A * S + rows * (width + t)) * body + rows * head for t in range(max_new))
-  assert generation_flops(c, batches[:1], max_new)["recompute"] == by_hand
+  by_hand = sum(A * S * fill + rows * (width + t) * body + rows * head for t in range(max_new))
+  one = generation_flops(c, batches[:1], max_new)
+  assert one["recompute"] == by_hand
+  assert one["kv_cache"] == (A * S + rows * (width - 1)) * fill + max_new * rows * (body + head)
 
 
 def test_decoding_stops_once_every_row_ended():

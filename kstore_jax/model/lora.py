@@ -54,3 +54,16 @@ def merge(base, lora, alpha: float = 1.0):
                     "embedding": out["embed"]["embedding"] + _delta(lora["embed"], alpha)}
   return out
 
+
+def flops_per_position(model_cfg, rank: int, embed_rank: int, positions_per_step: int) -> float:
+  """FLOPs a LoRA finetune spends a position beyond a frozen base's 4N (flops_per_token's
+  'inputs'): autodiff forms each merged weight's dense gradient before its factors' (2 a weight
+  a position: every query and value kernel; with an embedding factor and a tied head, the
+  head's), and each step merges the factors and takes theirs from it (6 a factor weight: A @ B,
+  dW @ B^T, A^T @ dW), spread over the step's positions."""
+  d, layers, vocab = model_cfg.d_model, model_cfg.num_layers, model_cfg.vocab_size
+  targets = layers * len(TARGETS)
+  dense = 2 * (targets * d * d + (vocab * d if embed_rank and model_cfg.tie_embeddings else 0))
+  per_step = 6 * (targets * d * d * rank + vocab * d * embed_rank)
+  return dense + per_step / positions_per_step
+

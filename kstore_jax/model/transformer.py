@@ -480,8 +480,14 @@ def forward_flops(model_cfg, seq_len: int = 0) -> dict[str, float]:
   """Forward FLOPs per position by part, from the model's own count
   (`transformer.flops_per_token`, training = 3 x forward): `body` (the blocks' projections),
   `head` (the output head), `attention` (QK^T and AV over `seq_len` positions, causal counted
-  in full, all layers)."""
+  in full, all layers), `cache_fill` (the body of a position whose outputs only fill a KV
+  cache: the last layer's keys and values alone, its query, output projection and MLP
+  feeding nothing)."""
   forward = lambda c, length: flops_per_token(c, length) / 3
   no_head = dataclasses.replace(model_cfg, vocab_size=0)
-  return dict(body=forward(no_head, 0), head=forward(model_cfg, 0) - forward(no_head, 0),
-              attention=forward(model_cfg, seq_len) - forward(model_cfg, 0))
+  body = forward(no_head, 0)
+  last_layer = body / model_cfg.num_layers
+  kv = 2 * 2 * model_cfg.d_model * model_cfg.d_model   # its key and value projections
+  return dict(body=body, head=forward(model_cfg, 0) - forward(no_head, 0),
+              attention=forward(model_cfg, seq_len) - forward(model_cfg, 0),
+              cache_fill=body - last_layer + kv)
