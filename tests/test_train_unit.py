@@ -528,3 +528,14 @@ def test_resume_purges_tensorboard_points_past_the_restored_step(tmp_path):
     ("TPU v5 lite", "float32", None), ("cpu", "float32", None)])
 def test_peak_flops_by_device_kind(kind, dtype, want):
   assert loop.peak_flops(kind, dtype) == want
+
+
+def test_attention_within_documents_counted_by_hand():
+  """`bench train`'s within-documents share: rows [a a a b b . . .] and [c c c c c c c c] of
+  L = 8 need (6 + 3) and 36 of the 2 x 64 query-key pairs MFU's accounting counts; a batch
+  stacked over runs ([R, B, L]) counts the same."""
+  from kstore_jax.data import batches
+  from kstore_jax.train import throughput
+  seg = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1] * 8])
+  assert throughput.within_documents([{batches.SEGMENT_IDS: seg}]) == 45 / 128
+  assert throughput.within_documents([{batches.SEGMENT_IDS: np.stack([seg, seg])}]) == 45 / 128

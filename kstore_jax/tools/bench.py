@@ -448,7 +448,13 @@ def bench_train(cfg) -> list[dict]:
                      compile_s=round(r["compile_s"], 2), **ctx),
          measurement("train_flops_per_s", round(r["flops_per_s"] / 1e9, 2), "GFLOP/s", **ctx),
          measurement("matmul_flops_per_s", round(matmul / 1e9, 2), "GFLOP/s", n=n, **ctx),
-         measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio", **ctx),
+         # MFU's accounting (attention counted in full); `within_documents`: the same with
+         # attention's FLOPs as attending causally within the packed documents needs them
+         measurement("train_flops_vs_matmul", round(r["flops_per_s"] / matmul, 3), "ratio",
+                     within_documents=round(r["flops_per_s_within_documents"] / matmul, 3),
+                     attention_share=round(r["attention_share"], 4),
+                     attention_within_documents=round(r["attention_within_documents"], 3),
+                     **ctx),
          # the config's whole pretrain stage at this step time (paper config: 80k steps)
          measurement("pretrain_projected_hours", round(r["step_s"] * cfg.pretrain.steps / 3600, 3),
                      "hours", steps=cfg.pretrain.steps, **ctx),

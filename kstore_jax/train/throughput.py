@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kstore_jax.data import batches as batches_lib
 from kstore_jax.model import transformer
 from kstore_jax.train import loop, sharding
 
@@ -65,6 +66,18 @@ def timed_steps(step_fn, state, frozen, batches, n: int, mesh):
   return times, state, metrics, bound
 
 
+def within_documents(local: list[dict]) -> float:
+  """The share of the attention FLOPs MFU's accounting counts (every position against its
+  row's L positions, `transformer.flops_per_token`) that attending causally within each
+  packed document needs: sum over the rows' documents of n (n + 1) / 2, over L^2 a row, in
+  the LM batches `local`. A kernel that walks only those (cpu_docs, pallas_docs) does about
+  this much of the counted attention work."""
+  seg = np.concatenate([np.asarray(b[batches_lib.SEGMENT_IDS]).reshape(-1, np.shape(
+      b[batches_lib.SEGMENT_IDS])[-1]) for b in local])
+  n = np.stack([np.bincount(row, minlength=seg.max() + 1)[1:] for row in seg])
+  return float((n * (n + 1) / 2).sum() / (seg.shape[0] * seg.shape[1] ** 2))
+
+
 def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelConfig,
             steps: int = 10, warmup: int = 2, trace_dir: str | None = None,
             trace_steps: int = 3, runs: int = 0) -> dict:
@@ -105,7 +118,14 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
   step_s = float(np.median(times[warmup:]))
   tokens = spec.positions_per_step * max(runs, 1)
   flops = spec.flops_per_position * tokens / step_s
+  L = spec.positions_per_step // spec.stage_cfg.batch_size
+  attention = transformer.flops_per_token(model_cfg, L) - transformer.flops_per_token(model_cfg, 0)
+  inside = within_documents(local)
   return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops,
+              attention_share=attention / spec.flops_per_position,
+              attention_within_documents=inside,
+              flops_per_s_within_documents=(spec.flops_per_position - attention * (1 - inside))
+              * tokens / step_s,
               params=int(transformer.count_params(state["params"])) // max(runs, 1),
               vocab=model_cfg.vocab_size, dtype=model_cfg.dtype,
               attention=model_cfg.attention, norm=model_cfg.norm, first_step_s=first_s,
