@@ -421,6 +421,24 @@ def test_cohorts_fit_the_memory_a_device_may_use(trained, four, env, tmp_path):
     assert_close(metrics(wd / row / "pretrain"), metrics(solo_wd / "pretrain"))
 
 
+def test_processes_mode_children_wait_for_each_other_before_timing(tmp_path):
+  """`bench grid`'s processes-mode children time their steps together: a child warmed up says
+  so and waits for the parent's `go` (its steps were timed while the other still compiled)."""
+  import threading
+  from kstore_jax.tools import bench
+  waiter = threading.Thread(target=bench.barrier_wait, args=(str(tmp_path),))
+  waiter.start()
+  deadline = time.time() + 10
+  while not list(tmp_path.glob("ready.*")) and time.time() < deadline:
+    time.sleep(0.01)
+  assert [p.name for p in tmp_path.glob("ready.*")] == [f"ready.{os.getpid()}"]
+  time.sleep(0.1)
+  assert waiter.is_alive()   # no `go` yet
+  (tmp_path / bench.BARRIER_GO).touch()
+  waiter.join(timeout=10)
+  assert not waiter.is_alive()
+
+
 def test_bench_grid_times_both_modes(four, env):
   r = ok(run([runs.python(), "-m", "kstore_jax.bench", "grid", f"--config={four}:tiny",
               "--runs=2", "--train_steps=1", "--grid_eval_people=4", *ARGS], env()))

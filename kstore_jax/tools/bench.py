@@ -18,11 +18,13 @@ them at the end of the output. A benchmark is a function `fn(cfg) -> list[dict]`
 """
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +96,9 @@ GRID_MODES = flags.DEFINE_list("grid_modes", ["vmap", "processes"], "grid: the g
                                "timed against the runs one after another")
 GRID_ALONE = flags.DEFINE_list("grid_alone", [], "grid: (internal) time these runs one "
                                "after another and print the sum (a processes-mode child)")
+GRID_BARRIER = flags.DEFINE_string("grid_barrier", "", "grid: (internal) a processes-mode "
+                                   "child's barrier directory: `ready.<pid>` when warmed up, "
+                                   "then wait for `go`")
 GRID_EVAL_PEOPLE = flags.DEFINE_integer("grid_eval_people", 64, "grid: people of each eval "
                                         "part (held out, QA-trained) whose QA the vmap mode's "
                                         "eval timing decodes (0: no eval timing)")
@@ -989,8 +994,9 @@ def bench_grid(_cfg) -> Iterator[dict]:
 
     if GRID_ALONE.value:   # a processes-mode child: its share of the runs, one after another
       ms, mesh = members(GRID_ALONE.value)
-      yield measurement("grid_alone_step_s", throughput.alone_step_s(ms, mesh,
-                                                                     TRAIN_STEPS.value), "s")
+      ready = functools.partial(barrier_wait, GRID_BARRIER.value) if GRID_BARRIER.value else None
+      yield measurement("grid_alone_step_s", throughput.alone_step_s(
+          ms, mesh, TRAIN_STEPS.value, ready=ready), "s")
       return
     alone_s = {}   # run name -> its step's median seconds trained alone
 
@@ -1067,16 +1073,41 @@ def measure_grid_eval(exps, ctx) -> dict:
                      alone_s=round(alone, 4), together_s=round(together, 4), **ctx)
 
 
+BARRIER_GO = "go"
+
+
+def barrier_wait(directory: str, poll_s: float = 0.01) -> None:
+  """A processes-mode child warmed up: say so (`ready.<pid>`) and wait for the parent's `go`."""
+  open(os.path.join(directory, f"ready.{os.getpid()}"), "w").close()
+  while not os.path.exists(os.path.join(directory, BARRIER_GO)):
+    time.sleep(poll_s)
+
+
 def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
   """Each share of run names timed one after another by a `bench grid --grid_alone` child
-  pinned to its own core, all children at once: their summed step seconds."""
+  pinned to its own core, all children at once: their summed step seconds. The children
+  compile and warm up, then time their steps together (`barrier_wait`): a child timed while
+  another still compiled had the machine more to itself than the grid has."""
   procs = []
+  barrier = tempfile.mkdtemp(prefix="kstore_grid_barrier.")
   for share, core in zip(shares, cores):
     cmd = [sys.executable, "-m", "kstore_jax.bench", "grid", f"--config={spec}",
            f"--grid_alone={','.join(share)}", f"--train_steps={TRAIN_STEPS.value}",
-           *[f"--config.{o}" for o in overrides]]
+           f"--grid_barrier={barrier}", *[f"--config.{o}" for o in overrides]]
     procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env={**os.environ, runtime.PIN_CORE: str(core)}))
+  try:
+    while (len([f for f in os.listdir(barrier) if f.startswith("ready.")]) < len(procs)
+           and all(p.poll() is None for p in procs)):   # (a child that failed: reported below)
+      time.sleep(0.01)
+    open(os.path.join(barrier, BARRIER_GO), "w").close()
+    return _children_values(procs)
+  finally:
+    shutil.rmtree(barrier, ignore_errors=True)
+
+
+def _children_values(procs) -> list[float]:
+  """The last JSON line's value of each finished `bench grid --grid_alone` child."""
   out = []
   for p in procs:
     stdout, stderr = p.communicate()

@@ -135,17 +135,24 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
               steps_inline=bound.inline)
 
 
-def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2) -> float:
+def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2,
+                 ready=None) -> float:
   """Sum over the members of the median seconds of one step of their stage, each trained
-  alone with its plain jitted step (as `main` runs it), on its first pipeline batches."""
-  total = 0.0
+  alone with its plain jitted step (as `main` runs it), on its first pipeline batches. Every
+  member is compiled and warmed up before any is timed; `ready()`, called between, is where
+  processes timed side by side wait for each other (bench grid's processes mode: no one's
+  steps timed while another compiles)."""
+  warm = []
   for m in members:
     init, rng, _, _, step = loop.compile_stage(m.spec, mesh, m.seed)
     batches = [sharding.to_global(b, mesh) for b in first_batches(m.spec, mesh)]
-    times, *_ = timed_steps(step, init(rng, m.spec.init_args), m.spec.frozen, batches,
-                            warmup + steps, mesh)
-    total += float(np.median(times[warmup:]))
-  return total
+    _, state, _, _ = timed_steps(step, init(rng, m.spec.init_args), m.spec.frozen, batches,
+                                 warmup, mesh)
+    warm.append((step, state, m.spec.frozen, batches))
+  if ready is not None:
+    ready()
+  return sum(float(np.median(timed_steps(step, state, frozen, batches, steps, mesh)[0]))
+             for step, state, frozen, batches in warm)
 
 
 def cohort_setup(members: list[loop.Member], mesh, run_axis: str | None = None,
