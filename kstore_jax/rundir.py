@@ -24,6 +24,7 @@ reads runs without it.
 import fcntl
 import json
 import os
+import re
 
 from kstore_jax.errors import ConfigError
 
@@ -77,7 +78,12 @@ def lock_name(process_index: int) -> str:
 
 
 def check_workdir(workdir: str) -> None:
-  """ConfigError when `workdir` exists and is no directory (checked before anything else)."""
+  """ConfigError when `workdir` is a URL (`gs://...`: the run directory is read and written as
+  local files; it made a directory `gs:/...` here and failed at the first save) or exists and
+  is no directory (checked before anything else, on the path as given)."""
+  if re.match(r"^[a-zA-Z][\w+.-]*://", workdir):
+    raise ConfigError(f"--workdir={workdir}: a URL; give a local path (a bucket mounted with "
+                      "gcsfuse, say)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir}: not a directory")
 

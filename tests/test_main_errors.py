@@ -241,6 +241,17 @@ def test_unknown_flag_is_one_line(workdir, jax_cache):
   assert r.returncode == 2 and snapshot(workdir) == before
 
 
+def test_a_url_workdir_is_one_line_and_writes_nothing(jax_cache):
+  """`gs://bucket/x` was taken as a local directory `gs:/bucket/x` (made under the working
+  directory, files written in it) and the first checkpoint save failed with a traceback."""
+  from kstore_jax import rundir
+  for ok in ("runs/x", "/tmp/a:b", "a://b"[1:]):
+    rundir.check_workdir(ok)
+  r = run_main([CONFIG, "--workdir=gs://bucket/x", *SMALL], jax_cache)
+  assert_one_line_error(r, "--workdir=gs://bucket/x: a URL")
+  assert not (pathlib.Path(__file__).resolve().parents[1] / "gs:").exists()
+
+
 def test_missing_workdir_flag(jax_cache):
   r = run_main([CONFIG, *SMALL], jax_cache)
   assert_one_line_error(r, "--workdir")
