@@ -1,9 +1,11 @@
 """Defaults for every experiment. `get_config(arg)` with arg = "scale[,variant...]":
 
-scale: 'paper' (GPT2-small on 100k people, the paper's recipe), 'small' (a ~20M CPU model),
-'tiny' (the calibrated CPU demo). variants: 'mixed' (QA of the train half mixed into
-pretraining, no finetune), 'lora' (LoRA finetune: q/v rank 16, embedding rank 128), 'probe'
-(add the P- and Q-probing stages).
+scale: 'paper' (GPT2-small on 100k people, the paper's training recipe; the tokenizer is the
+project's own byte-level BPE of 8,192 trained on the bios' text, not GPT-2's 50,257, so names
+and values take other token counts), 'small' (a ~20M CPU model), 'tiny' (the calibrated CPU
+demo). variants: 'mixed' (QA of the train half mixed into pretraining, no finetune), 'lora'
+(LoRA finetune: q/v rank 16, embedding rank 128, at 3x the full finetune's lr: a low-rank
+update moves the model less a step), 'probe' (add the P- and Q-probing stages).
 
 Row configs call `base.get_config(arg)` and change only the data spec, e.g.
 `--config=configs/multi5_permute.py:tiny,mixed`. `arch(c, 'gbert'|'llama')` puts a row on
