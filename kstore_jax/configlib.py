@@ -209,8 +209,10 @@ def _check_profile_steps(t) -> None:
     raise ConfigError(f"train.profile_steps={t.profile_steps!r}: {e}") from None
 
 
-def validate(cfg, n_devices: int, platform: str | None = None) -> None:
-  """Check the resolved config; raise ConfigError naming the first bad key."""
+def validate(cfg, n_devices: int, platform: str | None = None,
+             processes: int | None = None) -> None:
+  """Check the resolved config; raise ConfigError naming the first bad key. `processes`: the
+  run's process count (default: this cluster's, jax.process_count())."""
   from kstore_jax.data.pools import load_pools
   from kstore_jax.model import attention
   from kstore_jax.model.probes import HEADS as PROBE_HEADS
@@ -293,6 +295,9 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
     data, fsdp, tensor = mesh_shape(cfg.mesh, n_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if processes is None:
+    import jax
+    processes = jax.process_count()
   rows = cfg.train.microbatch_rows
   _require(rows >= 0, f"train.microbatch_rows={rows} must be >= 0 (0: the whole batch)")
   for s in stages:
@@ -327,6 +332,10 @@ def validate(cfg, n_devices: int, platform: str | None = None) -> None:
       _require(st.batch_size % (data * fsdp) == 0,
                f"{s}.batch_size={st.batch_size} is not divisible by the data-parallel size "
                f"{data * fsdp} (mesh.data * mesh.fsdp)")
+      # each process's pipeline makes an equal block of the batch (where processes share
+      # rows, data * fsdp < processes, that is not implied by the line above)
+      _require(st.batch_size % processes == 0,
+               f"{s}.batch_size={st.batch_size} is not divisible by the {processes} processes")
       _require(rows == 0 or st.batch_size % rows == 0,
                f"train.microbatch_rows={rows} must divide {s}.batch_size={st.batch_size}")
   _require(rows % (data * fsdp) == 0,   # every microbatch spans every data-parallel device

@@ -149,6 +149,33 @@ def test_paper_probes_on_8_and_16_devices():
     configlib.validate(cfg, 8, platform="cpu")
 
 
+def test_a_batch_the_processes_cannot_split_is_refused():
+  """Processes that share rows (tensor across them: data * fsdp = 1 < 2 processes) each make
+  an equal block of the batch: a finetune batch of 7 passed validation and stopped both
+  processes with a traceback when the finetune started, after the pretraining."""
+  cfg = single.get_config("tiny")
+  for key, text in (("mesh.data", "1"), ("mesh.fsdp", "1"), ("mesh.tensor", "4"),
+                    ("finetune.batch_size", "7")):
+    configlib.apply_override(cfg, key, text)
+  configlib.validate(cfg, 4, platform="cpu", processes=1)
+  with pytest.raises(configlib.ConfigError,
+                     match=r"^finetune.batch_size=7 is not divisible by the 2 processes$"):
+    configlib.validate(cfg, 4, platform="cpu", processes=2)
+
+
+def test_a_tensor_axis_that_does_not_divide_the_vocab_trains(tmp_path, jax_cache):
+  """mesh.tensor = 3 (a 6-GPU node: data 2 x tensor 3, 3 heads) divides the heads, d_model and
+  d_ff but not the model's vocab (896: a multiple of 128): validation passed and init refused
+  to split it, after the workdir was written. The vocab now stays whole along `tensor`."""
+  wd = tmp_path / "tensor3"
+  r = run_main([CONFIG, f"--workdir={wd}", *SMALL, "--config.model.d_model=96",
+                "--config.model.num_heads=3", "--config.model.d_ff=192",
+                "--config.pretrain.batch_size=6", "--config.mesh.data=2",
+                "--config.mesh.fsdp=1", "--config.mesh.tensor=3"], jax_cache, n_devices=6)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (wd / "pretrain/final").is_dir()
+
+
 def test_sizes_and_positions_that_are_fine():
   """A shape overridden key by key keeps its origin's name (reported 'custom'); the size with
   its own shape, and a causal model without positions, are valid."""

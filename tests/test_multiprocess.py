@@ -287,3 +287,41 @@ def test_processes_that_share_rows_match_one(runs, tmp_path, jax_cache, mesh, ru
     assert_close_losses(metrics(wd / run), metrics(runs["one"]))
     if run_axis == "replicated":   # (run_axis=data trains the LM alone: its probe batches
       assert_same_probes(wd / run, runs["one"], stages=("pprobe",))   # take the same path)
+
+
+INTERLEAVED = """
+import sys
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from kstore_jax.tools import runtime
+runtime.maybe_initialize_distributed()
+from kstore_jax.train import sharding
+mine = [d for d in jax.devices() if d.process_index == 0]
+theirs = [d for d in jax.devices() if d.process_index == 1]
+mesh = Mesh(np.array([d for pair in zip(mine, theirs) for d in pair]).reshape(4, 1, 1),
+            sharding.AXES)
+rows = np.arange(8 * 3).reshape(8, 3)   # the global batch; each process's pipeline block:
+i = jax.process_index()
+batch = sharding.to_global({"tokens": rows[4 * i:4 * i + 4]}, mesh)["tokens"]
+for shard in batch.addressable_shards:
+  assert np.array_equal(np.asarray(shard.data), rows[shard.index]), (shard.index, shard.data)
+print("rows", sorted(int(shard.index[0].start) for shard in batch.addressable_shards))
+"""
+
+
+def test_a_mesh_that_interleaves_processes_gets_each_device_its_rows(tmp_path, jax_cache):
+  """A TPU pod's 1-D data or fsdp axis follows the torus ring, so a host's devices hold rows
+  apart from one another (a v4-32's 16-way data axis as jax lays it out): the
+  batch was refused ("non-contiguous batch rows"). Here two processes' devices alternate on
+  the data axis; each device gets exactly its rows of the global batch."""
+  port, procs = free_port(), []
+  for i in range(2):
+    env = run_env(jax_cache, 2, KSTORE_NUM_PROCESSES="2", KSTORE_PROCESS_ID=str(i),
+                  KSTORE_COORDINATOR=f"localhost:{port}")
+    procs.append(subprocess.Popen([run_python(), "-c", INTERLEAVED], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert [o.strip().splitlines()[-1] for o in outs] == ["rows [0, 4]", "rows [2, 6]"], outs

@@ -1,6 +1,7 @@
 """Device mesh (data, fsdp, tensor) with Auto axes, logical axis rules, state/batch shardings."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -50,39 +51,59 @@ def replicated(mesh) -> NamedSharding:
 
 
 def logical_shardings(boxed_tree, mesh):
-  """Shardings for a tree of (abstract) arrays boxed with logical partitioning metadata."""
+  """Shardings for a tree of (abstract) arrays boxed with logical partitioning metadata. A dim
+  the rules put on mesh axes it is no multiple of stays whole along them (the model's vocab,
+  a multiple of 128, over `tensor` = 3 or 6: init refused to split 896 rows three ways)."""
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  values = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_tree, is_leaf=is_box)
+  return jax.tree.map(lambda sh, x: _divisible(sh, x.shape), shardings, values)
+
+
+def _divisible(sh: NamedSharding, shape) -> NamedSharding:
+  """`sh` with each dim's mesh axes dropped where the dim is no multiple of their size."""
+  entries = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
+  kept = [e if n % math.prod(mesh_size(sh.mesh, e)) == 0 else None
+          for e, n in zip(entries, shape)]
+  return sh if kept == entries else NamedSharding(sh.mesh, P(*kept))
+
+
+def mesh_size(mesh, entry) -> list[int]:
+  """The sizes of the mesh axes a PartitionSpec entry names (none for None)."""
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return [mesh.shape[a] for a in names]
 
 
 @functools.lru_cache(maxsize=64)
-def process_rows(sh: NamedSharding, global_batch: int) -> tuple[tuple[int, int], ...]:
-  """[start, stop) of the rows of a global batch that each process's devices hold, from the
-  sharding's device indices (one contiguous block per process: processes are the mesh's
-  outermost devices). Blocks are distinct while the batch axes span the processes and equal
-  where processes share rows (e.g. `tensor` across hosts: data * fsdp < process count)."""
+def process_rows(sh: NamedSharding, global_batch: int) -> tuple[tuple[int, ...], ...]:
+  """The rows of a global batch that each process's devices hold, sorted, from the sharding's
+  device indices. Distinct while the batch axes span the processes, equal where processes
+  share rows (e.g. `tensor` across hosts: data * fsdp < process count); not one block each
+  where the mesh orders devices otherwise than by process (a TPU pod's 1-D data or fsdp axis
+  follows the torus ring, so a host's rows interleave with its neighbours')."""
   rows = [set() for _ in range(jax.process_count())]
   for device, index in sh.devices_indices_map((global_batch,)).items():
     rows[device.process_index].update(range(global_batch)[index[0]])
-  blocks = tuple((min(r), max(r) + 1) for r in rows)
-  if any(len(r) != hi - lo for r, (lo, hi) in zip(rows, blocks)):
-    raise ValueError(f"a process's devices hold non-contiguous batch rows: {blocks}")
-  return blocks
+  return tuple(tuple(sorted(r)) for r in rows)
 
 
 def _held_rows(batch: dict, sh: NamedSharding) -> tuple[dict, int]:
-  """(the rows of the global batch this process's devices hold, the global row count), from
-  this process's block of it (the pipeline's `ProcessSlice`: block `process_index` of
-  `process_count` equal blocks). While the batch axes span the processes that is the block
-  itself; where processes share rows, every process first gathers the others' blocks (a
-  collective, decided from the mesh alone, so all processes take it) and keeps its rows."""
+  """(the rows of the global batch this process's devices hold, in order, and the global row
+  count), from this process's block of it (the pipeline's `ProcessSlice`: block
+  `process_index` of `process_count` equal blocks). Where each process's devices hold its own
+  block that is the block itself; otherwise (processes sharing rows, or holding rows apart)
+  every process first gathers the others' blocks (a collective, decided from the mesh alone,
+  so all processes take it) and keeps its rows (`make_array_from_process_local_data` maps
+  them to its devices in order)."""
   local = {k: np.asarray(v) for k, v in batch.items()}
   count = jax.process_count()
   n = len(next(iter(local.values())))
-  blocks = process_rows(sh, n * count)
-  if blocks != tuple((i * n, (i + 1) * n) for i in range(count)):
-    lo, hi = blocks[jax.process_index()]
-    local = {k: v[lo:hi] for k, v in multihost_utils.process_allgather(local, tiled=True).items()}
+  rows = process_rows(sh, n * count)
+  if rows != tuple(tuple(range(i * n, (i + 1) * n)) for i in range(count)):
+    mine = np.asarray(rows[jax.process_index()])
+    local = {k: v[mine] for k, v in
+             multihost_utils.process_allgather(local, tiled=True).items()}
   return local, n * count
 
 
