@@ -425,8 +425,8 @@ def test_processes_mode_children_wait_for_each_other_before_timing(tmp_path):
   """`bench grid`'s processes-mode children time their steps together: a child warmed up says
   so and waits for the parent's `go` (its steps were timed while the other still compiled)."""
   import threading
-  from kstore_jax.tools import bench
-  waiter = threading.Thread(target=bench.barrier_wait, args=(str(tmp_path),))
+  from kstore_jax.train import throughput
+  waiter = threading.Thread(target=throughput.barrier_wait, args=(str(tmp_path),))
   waiter.start()
   deadline = time.time() + 10
   while not list(tmp_path.glob("ready.*")) and time.time() < deadline:
@@ -434,7 +434,7 @@ def test_processes_mode_children_wait_for_each_other_before_timing(tmp_path):
   assert [p.name for p in tmp_path.glob("ready.*")] == [f"ready.{os.getpid()}"]
   time.sleep(0.1)
   assert waiter.is_alive()   # no `go` yet
-  (tmp_path / bench.BARRIER_GO).touch()
+  (tmp_path / throughput.BARRIER_GO).touch()
   waiter.join(timeout=10)
   assert not waiter.is_alive()
 

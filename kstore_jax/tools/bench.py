@@ -994,7 +994,8 @@ def bench_grid(_cfg) -> Iterator[dict]:
 
     if GRID_ALONE.value:   # a processes-mode child: its share of the runs, one after another
       ms, mesh = members(GRID_ALONE.value)
-      ready = functools.partial(barrier_wait, GRID_BARRIER.value) if GRID_BARRIER.value else None
+      ready = (functools.partial(throughput.barrier_wait, GRID_BARRIER.value)
+               if GRID_BARRIER.value else None)
       yield measurement("grid_alone_step_s", throughput.alone_step_s(
           ms, mesh, TRAIN_STEPS.value, ready=ready), "s")
       return
@@ -1073,21 +1074,12 @@ def measure_grid_eval(exps, ctx) -> dict:
                      alone_s=round(alone, 4), together_s=round(together, 4), **ctx)
 
 
-BARRIER_GO = "go"
-
-
-def barrier_wait(directory: str, poll_s: float = 0.01) -> None:
-  """A processes-mode child warmed up: say so (`ready.<pid>`) and wait for the parent's `go`."""
-  open(os.path.join(directory, f"ready.{os.getpid()}"), "w").close()
-  while not os.path.exists(os.path.join(directory, BARRIER_GO)):
-    time.sleep(poll_s)
-
-
 def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
   """Each share of run names timed one after another by a `bench grid --grid_alone` child
   pinned to its own core, all children at once: their summed step seconds. The children
-  compile and warm up, then time their steps together (`barrier_wait`): a child timed while
-  another still compiled had the machine more to itself than the grid has."""
+  compile and warm up, then time their steps together (`throughput.barrier_wait`): a child
+  timed while another still compiled had the machine more to itself than the grid has."""
+  from kstore_jax.train import throughput
   procs = []
   barrier = tempfile.mkdtemp(prefix="kstore_grid_barrier.")
   for share, core in zip(shares, cores):
@@ -1100,7 +1092,7 @@ def processes_alone_s(shares, cores, spec, overrides) -> list[float]:
     while (len([f for f in os.listdir(barrier) if f.startswith("ready.")]) < len(procs)
            and all(p.poll() is None for p in procs)):   # (a child that failed: reported below)
       time.sleep(0.01)
-    open(os.path.join(barrier, BARRIER_GO), "w").close()
+    open(os.path.join(barrier, throughput.BARRIER_GO), "w").close()
     return _children_values(procs)
   finally:
     shutil.rmtree(barrier, ignore_errors=True)

@@ -135,6 +135,17 @@ def measure(spec: loop.StageSpec, mesh, seed: int, model_cfg: transformer.ModelC
               steps_inline=bound.inline)
 
 
+BARRIER_GO = "go"
+
+
+def barrier_wait(directory: str, poll_s: float = 0.01) -> None:
+  """One of several processes timed side by side is warmed up: say so (`ready.<pid>` in
+  `directory`) and wait for the parent's `go` there (bench grid's processes mode)."""
+  open(os.path.join(directory, f"ready.{os.getpid()}"), "w").close()
+  while not os.path.exists(os.path.join(directory, BARRIER_GO)):
+    time.sleep(poll_s)
+
+
 def alone_step_s(members: list[loop.Member], mesh, steps: int = 5, warmup: int = 2,
                  ready=None) -> float:
   """Sum over the members of the median seconds of one step of their stage, each trained
