@@ -373,7 +373,8 @@ def test_cpu_docs_with_a_compiler_that_fails(monkeypatch):
     assert cpu_attention.compiler() == ["/bin/false"]
     assert attention.resolve("auto", "cpu") == "einsum"
     problem = attention.unsupported("cpu_docs", "float32", "cpu", 128)
-    assert problem.startswith("cpu_docs could not be built: ") and "\n" not in problem, problem
+    assert problem.startswith("cpu_docs could not be built with /bin/false: "), problem
+    assert "\n" not in problem
   finally:
     cpu_attention.library_path.cache_clear()
 

@@ -51,12 +51,20 @@ def unavailable() -> str | None:
   """Why the kernel cannot be built here, in a few words; None when it can. It is built to
   know (once a machine: `library_path`'s cache), so a compiler that fails is found before a
   run picks `cpu_docs`, not at its first step."""
-  if compiler() is None:
-    return "cpu_docs needs a C++ compiler (g++, or $CXX)"
+  cxx = compiler()
+  return ("cpu_docs needs a C++ compiler (g++, or $CXX)" if cxx is None
+          else _build_problem(tuple(cxx)))
+
+
+@functools.cache
+def _build_problem(cxx: tuple[str, ...]) -> str | None:
+  """Why building the kernel with `cxx` failed, or None: asked once a process and compiler
+  (a failed build is not cached on disk, and `auto` is resolved many times a run)."""
   try:
     library_path()
   except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-    return f"cpu_docs could not be built: {str(e).strip().splitlines()[0][:200]}"
+    return f"cpu_docs could not be built with {' '.join(cxx)}: " \
+           f"{str(e).strip().splitlines()[0][:200]}"
   return None
 
 
