@@ -49,10 +49,10 @@ DEFAULT_GROUP = "all"
 GENERATED = "generated"
 KINDS = ("tfds", "jsonl")
 ID_LIMIT = 2 ** 63     # person and copy are int64 in the index (and in the tfds records)
-# The tokenizer's special tokens (data/tokenizer.py takes them from here: it imports this
-# module), document separator, pad and mask.
-# Its added tokens match anywhere in a text, add_special_tokens=False or not, so a record's
-# string holding one would put a document separator, pad or mask inside a document: refused.
+# The tokenizer's special tokens: document separator, pad and mask (data/tokenizer.py, which
+# imports this module, takes them from here). The tokenizer matches them anywhere in a text,
+# add_special_tokens=False or not, so a record's string holding one would put a separator,
+# pad or mask inside a document: refused.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>")
 _MONTH = re.compile(r"(?<![^\W\d_])(" + "|".join(m[:3] for m in MONTHS) + r")[a-z]*\.?(?![^\W\d_])",
                     re.IGNORECASE)

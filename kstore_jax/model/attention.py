@@ -115,6 +115,9 @@ def unsupported(impl: str, dtype: str, platform: str, seq_len: int) -> str | Non
   return length_unsupported(impl, seq_len)
 
 
+PALLAS_TILE = 64   # `pallas`'s query and key tile (pallas_block_sizes)
+
+
 def tiles_unsupported(seq_len: int, block: int) -> str | None:
   """Why Triton tiles of `block` positions (min(block, seq_len): a power of two >= 16, as
   Triton's arrays and dots need) cannot cut rows of seq_len positions; None when they can."""
@@ -125,7 +128,7 @@ def tiles_unsupported(seq_len: int, block: int) -> str | None:
   return None
 
 
-def length_unsupported(impl: str, seq_len: int, block: int = 64) -> str | None:
+def length_unsupported(impl: str, seq_len: int, block: int = PALLAS_TILE) -> str | None:
   """Why `impl`'s tiles (pallas_docs': `block`, its launch's) cannot cover rows of seq_len
   positions; None when they can."""
   if impl in ("pallas", "pallas_docs") and (problem := tiles_unsupported(seq_len, block)):
@@ -208,11 +211,11 @@ def xla_attention(q_BLHK, k_BHTK, v_BHTK, mask_B1LT) -> jax.Array:
 
 # -- flash kernels: causal (or bidirectional) self-attention over packed rows --------------------
 def pallas_block_sizes(L: int):
-  """Tiles of the Pallas/Triton kernel for rows of L positions (head dims up to 128): 64-row
-  query and key tiles in every pass (the library's 32-row backward tiles leave an H100/H200
-  underfed at head dim 64); at most L."""
+  """Tiles of the Pallas/Triton kernel for rows of L positions (head dims up to 128):
+  PALLAS_TILE-row query and key tiles in every pass (the library's 32-row backward tiles leave
+  an H100/H200 underfed at head dim 64); at most L."""
   from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
-  b = min(64, L)
+  b = min(PALLAS_TILE, L)
   return pallas_gpu.BlockSizes(block_q=b, block_k=b, block_q_dkv=b, block_kv_dkv=b,
                                block_q_dq=b, block_kv_dq=b)
 
@@ -386,7 +389,8 @@ def self_attention(impl: str, q_BLHK, k_BLHK, v_BLHK, pos_BL, seg_BL, causal: bo
   if impl == "pallas_docs":
     from kstore_jax.model import flash_docs   # Pallas: imported where it runs
     parsed = flash_docs.parse_launch(launch)
-  if length_unsupported(impl, q_BLHK.shape[1], parsed.block if impl == "pallas_docs" else 64):
+  block = parsed.block if impl == "pallas_docs" else PALLAS_TILE
+  if length_unsupported(impl, q_BLHK.shape[1], block):
     impl = "xla"
   if impl in PER_SHARD:
     if impl == "pallas_docs":

@@ -41,8 +41,8 @@ PEAK_FLOPS = {
 
 
 class NonFiniteLoss(RuntimeError):
-  """A run's metrics (loss, gradient or parameter norm) went non-finite; `members`: the labels of the runs that did
-  (a vmapped cohort's others trained on and were saved)."""
+  """A run's metrics (loss, gradient or parameter norm) went non-finite; `members`: the labels
+  of the runs that did (a vmapped cohort's others trained on and were saved)."""
 
   def __init__(self, message: str, members=()):
     super().__init__(message)

@@ -64,15 +64,14 @@ def logical_shardings(boxed_tree, mesh):
 def _divisible(sh: NamedSharding, shape) -> NamedSharding:
   """`sh` with each dim's mesh axes dropped where the dim is no multiple of their size."""
   entries = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
-  kept = [e if n % math.prod(mesh_size(sh.mesh, e)) == 0 else None
+  kept = [e if n % math.prod(sh.mesh.shape[a] for a in _axis_names(e)) == 0 else None
           for e, n in zip(entries, shape)]
   return sh if kept == entries else NamedSharding(sh.mesh, P(*kept))
 
 
-def mesh_size(mesh, entry) -> list[int]:
-  """The sizes of the mesh axes a PartitionSpec entry names (none for None)."""
-  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  return [mesh.shape[a] for a in names]
+def _axis_names(entry) -> tuple[str, ...]:
+  """The mesh axes a PartitionSpec entry (None, a mesh axis or a tuple of them) names."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,8 +127,7 @@ def run_axis_for(choice: str, mesh, n_runs: int) -> str | None:
 
 def _without(entry, axis: str):
   """A PartitionSpec entry (None, a mesh axis or a tuple of them) without mesh axis `axis`."""
-  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  kept = tuple(a for a in names if a != axis)
+  kept = tuple(a for a in _axis_names(entry) if a != axis)
   return kept[0] if len(kept) == 1 else (kept or None)
 
 

@@ -72,8 +72,8 @@ def within_documents(local: list[dict]) -> float:
   packed document needs: sum over the rows' documents of n (n + 1) / 2, over L^2 a row, in
   the LM batches `local`. A kernel that walks only those (cpu_docs, pallas_docs) does about
   this much of the counted attention work."""
-  seg = np.concatenate([np.asarray(b[batches_lib.SEGMENT_IDS]).reshape(-1, np.shape(
-      b[batches_lib.SEGMENT_IDS])[-1]) for b in local])
+  segs = [np.asarray(b[batches_lib.SEGMENT_IDS]) for b in local]
+  seg = np.concatenate([s.reshape(-1, s.shape[-1]) for s in segs])   # ([R, B, L]: a cohort's)
   n = np.stack([np.bincount(row, minlength=seg.max() + 1)[1:] for row in seg])
   return float((n * (n + 1) / 2).sum() / (seg.shape[0] * seg.shape[1] ** 2))
 
