@@ -162,9 +162,11 @@ def test_tpu_convolutions_count_their_real_taps():
 def test_targets_name_their_devices():
   from kstore_jax.train import aot
   assert aot.target_of("NVIDIA H200") == "h200" and aot.target_of("cpu") is None
+  assert aot.target_of("NVIDIA H100 80GB HBM3") == "h100"   # the device tool's H100 (KINDS.md)
   config = aot.target_config("h200")
   assert "core_count: 132" in config and "major: 9 minor: 0" in config
   assert 'device_description_str: "NVIDIA H200"' in config
+  assert set(aot.CEILINGS) >= set(aot.TARGETS)
 
 
 # ptxas -v's report as ptxas 13.5 prints it (two entry functions, one with C7515)
@@ -203,7 +205,7 @@ def bench_roofline(*extra, env=None):
 
 @pytest.mark.parametrize("target,names", [("h200", ("jax-cuda13-plugin", "aot_plugin.sh")),
                                           ("v5e:2x2", ("libtpu", "aot_plugin.sh --tpu")),
-                                          ("h100", ("--target='h100'", "v5e:2x2"))])
+                                          ("a100", ("--target='a100'", "v5e:2x2"))])
 def test_without_the_plugin_or_with_another_target_one_line(target, names):
   proc = bench_roofline(f"--target={target}")
   assert proc.returncode == 2, proc.stderr[-2000:]

@@ -74,7 +74,7 @@ PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
 PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile, roofline: ops listed (most "
                                    "time first)")
 ROOFLINE_TARGET = flags.DEFINE_string("target", "h200", "roofline: what to compile for, a GPU "
-                                      "(train/aot.py TARGETS: h200) or a TPU slice "
+                                      "(train/aot.py TARGETS: h200, h100) or a TPU slice "
                                       "(TPU_TARGETS: v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2)")
 ROOFLINE_DEVICES = flags.DEFINE_integer("devices", 1, "roofline: GPUs of one host the config's "
                                         "mesh spans (a TPU target: its slice's); the floor is "

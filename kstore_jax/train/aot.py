@@ -21,18 +21,24 @@ import numpy as np
 
 # XLA's GpuTargetConfig (text proto) of the GPUs a step is compiled for: the device facts XLA
 # reads when it fuses and emits kernels (from the vendor's datasheet and jax's own device
-# description of an H200 SXM: 132 SMs, 1,980 MHz, 141 GB at 4.8 TB/s, 50 MiB of L2), and the
-# CUDA / cuDNN versions of the lent machine's image (CUDA 13.0, cuDNN 9.12)
+# description of an H200 SXM: 132 SMs, 1,980 MHz, 141 GB at 4.8 TB/s, 50 MiB of L2; the H100
+# SXM the device tool also lends: the same chip with 80 GB at 3.35 TB/s), and the CUDA / cuDNN
+# versions of the lent machine's image (CUDA 13.0, cuDNN 9.12)
 TARGETS = {
     "h200": dict(name="NVIDIA H200", core_count=132, clock_rate_ghz=1.98,
                  memory_bandwidth=4_800_000_000_000, l2_cache_size=52_428_800,
                  device_memory_size=150_754_820_096, capability=(9, 0)),
+    "h100": dict(name="NVIDIA H100 80GB HBM3", core_count=132, clock_rate_ghz=1.98,
+                 memory_bandwidth=3_350_000_000_000, l2_cache_size=52_428_800,
+                 device_memory_size=85_520_809_984, capability=(9, 0)),
 }
-# The ceilings a target's floor is counted at: the best rates measured on the lent H200
-# (/work/.library/device KINDS.md: a bf16 8192^3 matmul at 769-798 TFLOP/s on random data and a
-# device-to-device copy at 4.3 TB/s, through PyTorch; this project's own `bench ceiling`
-# through jax reached 653-737 and 3.62: BENCHMARKS.md), so the floor is one no kernel beats
-CEILINGS = {"h200": dict(flops_per_s=790e12, bytes_per_s=4.3e12)}
+# The ceilings a target's floor is counted at: the best rates measured on the lent machines
+# (/work/.library/device KINDS.md, through PyTorch: on the H200 a bf16 8192^3 matmul at 769-798
+# TFLOP/s on random data and a device-to-device copy at 4.3 TB/s; this project's own `bench
+# ceiling` through jax reached 653-737 and 3.62: BENCHMARKS.md; on the H100 798 TFLOP/s and 3.0
+# TB/s), so the floor is one no kernel beats
+CEILINGS = {"h200": dict(flops_per_s=790e12, bytes_per_s=4.3e12),
+            "h100": dict(flops_per_s=798e12, bytes_per_s=3.0e12)}
 # TPU slices, named by libtpu's topology (chips per axis), with the device kind jax reports
 # and one chip's ceilings from Google's datasheets (bf16 peak, HBM bandwidth: none measured
 # here), compiled by libtpu (the `tpu` extra's pin: launch/aot_plugin.sh --tpu)
