@@ -18,7 +18,8 @@
 # grid_speedup of 10/5/2 `small` runs in one vmapped step, grid_eval_speedup of their eval
 # decoded together), small (the small grid,
 # configs/grids/small5.py: 5 rows x finetune/mixed at `small`, trained as one grid, as far as
-# the deadline allows; rerun with --sections=env,grid,small for the whole of it).
+# the deadline allows; a later call's `small` on the same warm machine resumes it: the whole
+# grid takes more than one call's 10 minutes).
 # Writes at most 8 files under OUTDIR: summary.txt (every section's status and figures, then
 # the train sections fastest first: the kernel to make the default), bench.jsonl, log.txt,
 # results_small.json (each finished run's results.json by run name), ncu.txt.
@@ -30,6 +31,9 @@
 # deadline goes to the variants instead); KSTORE_CHECK_ATTENTION: the attention section's
 # (default "pallas_docs,tokamax,pallas,xla"); KSTORE_CHECK_CACHE: jax's compilation cache
 # (default .cache/jax in the checkout, kept between a window's calls; the smoke's: temporary);
+# KSTORE_CHECK_RUNS: the small grid's workdir (default .cache/small_runs in the checkout, kept
+# between a window's calls, so that `small` resumes the grid; each call's seconds in it are
+# added to .cache/small_runs.seconds and the summary sums them; the smoke's: temporary);
 # KSTORE_CHECK_NCU: the Nsight Compute command (default ncu on the PATH, else the newest
 # /opt/nvidia/nsight-compute/*/ncu; none: the ncu section is skipped).
 set -uo pipefail
@@ -75,6 +79,11 @@ trap 'rm -rf "$WORK"' EXIT
 # again; the smoke's is its own, in the temporary directory; KSTORE_CHECK_CACHE names another
 CACHE="$([ "$SMOKE" = 1 ] && echo "$WORK/jax_cache" || echo "$ROOT/.cache/jax")"
 export JAX_COMPILATION_CACHE_DIR="${KSTORE_CHECK_CACHE:-$CACHE}" PYTHONUNBUFFERED=1
+# the small grid's runs, likewise kept for the next call on the machine: the whole grid is
+# longer than a call may run (10 minutes), so a second call's `small` resumes it (the deadline's
+# SIGTERM saves every run where it is; train.save_minutes=4 leaves a checkpoint before that)
+RUNS="$([ "$SMOKE" = 1 ] && echo "$WORK/runs" || echo "$ROOT/.cache/small_runs")"
+RUNS="${KSTORE_CHECK_RUNS:-$RUNS}"
 # shellcheck source=_device_env.sh source-path=SCRIPTDIR
 source "$ROOT/launch/_device_env.sh" "" >> "$LOG" 2>&1 || { cat "$LOG"; exit 2; }
 PY="${PYTHON:-python3}"
@@ -90,12 +99,13 @@ stamp() {
 
 # run NAME MAX_SECONDS CMD...: bounded by the deadline (and MAX_SECONDS); JSON lines go to
 # bench.jsonl, everything (stdout and stderr, each line stamped) to log.txt; the outcome to
-# the status list for the summary.
+# the status list for the summary. The command gets SIGTERM at its bound and SIGKILL GRACE
+# seconds later (default 10; its bound is that much earlier beyond 10, so the deadline holds).
 # skip NAME WHY: the status list's line of a section that did not run
 skip() { echo "$1 skipped ($2) 0" >> "$STATUS"; }
 run() {
-  local name="$1" max="$2"; shift 2
-  local budget; budget=$(left)
+  local name="$1" max="$2" grace="${GRACE:-10}"; shift 2
+  local budget; budget=$(( $(left) - grace + 10 ))
   [ "$budget" -gt "$max" ] && budget="$max"
   if [ "$budget" -lt 15 ]; then
     skip "$name" deadline; return 0
@@ -104,7 +114,7 @@ run() {
   echo "== $name (<= ${budget}s): $*" >> "$LOG"
   # each output line into the log as it comes, stamped with the seconds since the section
   # began (where a stage's time goes: start, compiles, pauses between progress lines)
-  timeout --kill-after=10 "$budget" "$@" 2>&1 | stamp "$t0" | tee -a "$LOG" > "$WORK/out"
+  timeout --kill-after="$grace" "$budget" "$@" 2>&1 | stamp "$t0" | tee -a "$LOG" > "$WORK/out"
   rc=${PIPESTATUS[0]}
   sed 's/^ *[0-9]*s //' "$WORK/out" | grep '^{"name"' \
     | sed "s/^{/{\"section\": \"$name\", /" >> "$JSON"
@@ -135,7 +145,8 @@ else
   TRAIN_STEPS=10; REPEATS=20; SIZES=()
   # R = 10 and 5: the small grid's cohorts (its 10 base runs share one step, its 5 finetunes
   # another), the largest first: the figure the grid's time rests on; then 2
-  SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"; SMALL_OVERRIDES=()
+  SMALL_ARG="small"; SMALL_BASE="configs/base.py:small"
+  SMALL_OVERRIDES=(--config.train.save_minutes=4)   # a checkpoint inside a call (RUNS)
   GRID_RUNS="10,5,2"; GRID_EVAL=(); MATMUL=(); CEILING=()
   ATTN=(--attention="${KSTORE_CHECK_ATTENTION:-pallas_docs,tokamax,pallas,xla}")
   OTHER_NORM="xla"; TUNED_KERNEL="pallas_docs"
@@ -256,16 +267,19 @@ section_grid() {   # R small runs in one vmapped step vs one after another
     --runs="$GRID_RUNS" --grid_modes=vmap --train_steps="$TRAIN_STEPS" "${GRID_EVAL[@]}" \
     "${SIZES[@]}"
 }
-section_small() {   # the small grid, one vmapped step per stage (grid.mode auto on a GPU)
-  run small 900 "$PY" -m kstore_jax.grid --config="configs/grids/small5.py:$SMALL_ARG" \
-    --workdir="$WORK/runs" "${SMALL_OVERRIDES[@]}"
-  "$PY" -m kstore_jax.tools.device_report results "$WORK/runs" "$OUT/results_small.json"
+section_small() {   # the small grid, one vmapped step per stage (grid.mode auto on a GPU),
+  # resumed where an earlier call stopped it (RUNS); 45 s for ten runs' saves after SIGTERM
+  GRACE=45 run small 900 "$PY" -m kstore_jax.grid --config="configs/grids/small5.py:$SMALL_ARG" \
+    --workdir="$RUNS" "${SMALL_OVERRIDES[@]}"
+  mkdir -p "$(dirname "$RUNS")"
+  tail -n 1 "$STATUS" | awk '{ print $NF }' >> "$RUNS.seconds"   # this call's share
+  "$PY" -m kstore_jax.tools.device_report results "$RUNS" "$OUT/results_small.json"
 }
 
 # the sections in the order --sections names them (by default the order above)
 for s in ${SECTIONS//,/ }; do "section_$s"; done
 
-"$PY" -m kstore_jax.tools.device_report summary "$OUT" "$(( $(date +%s) - START ))" "$WORK/runs" \
+"$PY" -m kstore_jax.tools.device_report summary "$OUT" "$(( $(date +%s) - START ))" "$RUNS" \
   > "$OUT/summary.txt"
 rm -f "$STATUS"
 cat "$OUT/summary.txt"

@@ -52,8 +52,8 @@ def test_smoke_runs_every_section(tmp_path):
   # runs, so a loaded CI machine (the sections skipped at the deadline: a failure) gets more.
   # Compiled as the other tests' runs are (runs.fast_compile_flags: toy steps, so compiling is
   # most of the smoke's CPU time; 126 -> 90 CPU-s measured)
-  proc = check("--smoke", str(out), env={"KSTORE_CHECK_SECONDS": "420",
-                                         "XLA_FLAGS": runs.fast_compile_flags(),
+  env = {"XLA_FLAGS": runs.fast_compile_flags(), "KSTORE_CHECK_RUNS": str(tmp_path / "runs")}
+  proc = check("--smoke", str(out), env={**env, "KSTORE_CHECK_SECONDS": "420",
                                          "KSTORE_CHECK_NCU": str(ncu)}, timeout=480)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   files = sorted(os.listdir(out))
@@ -127,6 +127,18 @@ def test_smoke_runs_every_section(tmp_path):
   assert all(0.0 <= r["qa_test"]["mean"] <= 1.0 for r in results.values())
   for run in results:
     assert f"small {run}: qa_test" in summary and f"small {run}: qa_test" in proc.stdout
+  assert re.search(r"^small grid: 2 of 2 runs finished after \d+ s in 1 call\(s\)", summary,
+                   re.M), summary
+  # a later call's `small` (a window's next call, on the same machine) goes on with the grid in
+  # KSTORE_CHECK_RUNS, here finished: nothing trained again, and the calls' seconds add up
+  again = check("--smoke", "--sections=small", str(tmp_path / "out2"),
+                env={**env, "KSTORE_CHECK_SECONDS": "150"}, timeout=200)
+  assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+  summary2 = (tmp_path / "out2" / "summary.txt").read_text()
+  calls = re.search(r"^small grid: 2 of 2 runs finished after (\d+) s in 2 call\(s\) "
+                    r"\((\d+) \+ (\d+) s\)", summary2, re.M)
+  assert calls and int(calls[1]) == int(calls[2]) + int(calls[3]), summary2
+  assert json.loads((tmp_path / "out2" / "results_small.json").read_text()) == results
   # the grid profiled as its cohort runs: R runs in one step (the cohort's tokens counted)
   grid = [l for l in lines if l["section"] == "profile_grid"]
   assert all(l["cohort_runs"] == 2 for l in grid) and grid[0]["name"] == "profile_step_s"

@@ -95,8 +95,22 @@ def pick_launch(lines: list[dict]) -> str | None:
 
 
 def run_names(runs_dir: str) -> list[str]:
-  """The run directories' names under runs_dir (none when the grid never started)."""
-  return sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+  """The run directories' names under runs_dir (none when the grid never started; its own
+  files, grid.json, are no runs)."""
+  if not os.path.isdir(runs_dir):
+    return []
+  return sorted(n for n in os.listdir(runs_dir) if os.path.isdir(os.path.join(runs_dir, n)))
+
+
+def small_calls(runs_dir: str) -> list[int]:
+  """The seconds each call's `small` section ran the grid in runs_dir (device_check.sh adds
+  a line to `<runs_dir>.seconds` a call: the grid resumes across a window's calls), in order;
+  the calls that skipped it (0 s) left out."""
+  path = f"{runs_dir.rstrip(os.sep)}.seconds"
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [int(w) for w in f.read().split() if w.isdigit() and int(w) > 0]
 
 
 def collect_results(runs_dir: str) -> dict:
@@ -172,6 +186,9 @@ def summary(out: str, took: str, runs_dir: str) -> str:
                 f"pretrain {got(hours)} h  attention={r['attention']} loss={r['loss']}"
                 + (f" flash_launch={r['flash_launch']}" if r.get("flash_launch") else ""))
   results = collect_results(runs_dir)
+  if calls := small_calls(runs_dir):
+    text.append(f"small grid: {len(results)} of {len(run_names(runs_dir))} runs finished after "
+                f"{sum(calls)} s in {len(calls)} call(s) ({' + '.join(map(str, calls))} s)")
   for row in run_names(runs_dir):
     for stage in ("pretrain", "pretrain_mixed", "finetune"):
       rows = rundir.read_metrics(rundir.metrics_file(rundir.stage_dir(
