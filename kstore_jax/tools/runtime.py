@@ -5,6 +5,7 @@ import os
 
 import kstore_jax
 from kstore_jax import heap
+from kstore_jax.errors import ConfigError
 
 PIN_CORE = "KSTORE_GRID_CORE"   # a grid's processes mode: the CPU core a child runs on
 PARENT = "KSTORE_GRID_PARENT"   # ... and the pid of the grid process that started it
@@ -50,7 +51,10 @@ def die_with_parent() -> None:
 
 
 def maybe_initialize_distributed() -> None:
-  """Multi-process runs (TPU pods, SLURM, or KSTORE_NUM_PROCESSES) join one JAX cluster."""
+  """Multi-process runs (TPU pods, SLURM, or KSTORE_NUM_PROCESSES) join one JAX cluster. A
+  SLURM allocation of several tasks whose process srun did not start (a batch script's or an
+  salloc shell's: no SLURM_STEP_NODELIST, which jax's SLURM cluster reads) is refused in one
+  line: jax would find no cluster and stop with a traceback, or its peers would never come."""
   import jax
   if any(v in os.environ for v in ("KSTORE_NUM_PROCESSES", "SLURM_NTASKS", "TPU_WORKER_ID",
                                    "JAX_COORDINATOR_ADDRESS")):
@@ -61,6 +65,12 @@ def maybe_initialize_distributed() -> None:
     if "KSTORE_NUM_PROCESSES" in os.environ:
       kwargs = dict(coordinator_address=os.environ["KSTORE_COORDINATOR"], num_processes=n,
                     process_id=int(os.environ["KSTORE_PROCESS_ID"]))
+    elif (n > 1 and "SLURM_STEP_NODELIST" not in os.environ
+          and not any(v in os.environ for v in ("TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS"))):
+      raise ConfigError(
+          f"SLURM_NTASKS={n} but srun did not start this process (no SLURM_STEP_NODELIST): "
+          f"start one process a task with srun (launch/slurm_gpu.sh does), or set "
+          f"KSTORE_NUM_PROCESSES=1 to run this one alone")
     jax.distributed.initialize(**kwargs)
 
 
