@@ -33,7 +33,8 @@
 # (default .cache/jax in the checkout, kept between a window's calls; the smoke's: temporary);
 # KSTORE_CHECK_RUNS: the small grid's workdir (default .cache/small_runs in the checkout, kept
 # between a window's calls, so that `small` resumes the grid; each call's seconds in it are
-# added to .cache/small_runs.seconds and the summary sums them; the smoke's: temporary);
+# added to .cache/small_runs.seconds and the summary sums them; remove both to start the
+# grid afresh on a machine that keeps them; the smoke's: temporary);
 # KSTORE_CHECK_NCU: the Nsight Compute command (default ncu on the PATH, else the newest
 # /opt/nvidia/nsight-compute/*/ncu; none: the ncu section is skipped).
 set -uo pipefail
