@@ -140,9 +140,9 @@ def python(fresh: bool = False) -> str:
   return sys.executable if fresh else os.environ.get(PYTHON_ENV, sys.executable)
 
 
-def run_main(args, cache, n_devices=1, timeout=300) -> subprocess.CompletedProcess:
+def run_main(args, cache, n_devices=1, timeout=300, **extra) -> subprocess.CompletedProcess:
   """`python -m kstore_jax.main ARGS` on n_devices fake CPU devices with the persistent JAX
-  compilation cache in `cache`."""
+  compilation cache in `cache` (and the environment variables `extra`: `env`)."""
   return subprocess.run([python(), "-m", "kstore_jax.main", *args], cwd=ROOT,
-                        env=env(cache, n_devices), capture_output=True, text=True,
+                        env=env(cache, n_devices, **extra), capture_output=True, text=True,
                         timeout=timeout, check=False)

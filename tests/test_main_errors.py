@@ -284,18 +284,13 @@ def test_several_slurm_tasks_without_srun_is_one_line(tmp_path, jax_cache):
   not through srun: SLURM_NTASKS=4 without the step's node list, where jax's SLURM cluster
   finds nothing (a ValueError traceback); nothing is written. KSTORE_NUM_PROCESSES=1 runs it
   alone."""
-  import subprocess
-  import runs
   slurm = dict(SLURM_NTASKS="4", SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_LOCALID="0")
   wd = tmp_path / "w"
-  args = [runs.python(), "-m", "kstore_jax.main", CONFIG, f"--workdir={wd}", *SMALL]
-  r = subprocess.run(args, cwd=runs.ROOT, env=runs.env(jax_cache, **slurm),
-                     capture_output=True, text=True, timeout=300, check=False)
+  args = [CONFIG, f"--workdir={wd}", *SMALL]
+  r = run_main(args, jax_cache, **slurm)
   assert_one_line_error(r, "SLURM_NTASKS=4", "srun", "KSTORE_NUM_PROCESSES=1")
   assert r.returncode == 2 and not wd.exists()
-  r = subprocess.run(args, cwd=runs.ROOT, env=runs.env(jax_cache, KSTORE_NUM_PROCESSES="1",
-                                                       **slurm),
-                     capture_output=True, text=True, timeout=300, check=False)
+  r = run_main(args, jax_cache, KSTORE_NUM_PROCESSES="1", **slurm)
   assert r.returncode == 0, r.stderr[-3000:]
   assert (wd / "pretrain/final").is_dir()
 
