@@ -235,18 +235,19 @@ def check_flash_docs(q, k, v, do, seg, pos, causal, block=16, **launch):
     assert rel(np.asarray(got, np.float64) * real, w * real) < 2e-5
 
 
-def visible_tiles(seg, block, causal):
-  """NumPy: for each row and query tile, the key tiles holding a key some query of the tile
-  sees (same segment id, padding included, as the kernels mask; key column <= query column if
-  causal)."""
+def visible_tiles(seg, block, causal, inner=None):
+  """NumPy: for each row, [query tile of `block`, key tile of `inner`] and [query tile of
+  `inner`, key tile of `block`] (inner: block), whether a query of the one sees a key of the
+  other (same segment id, padding included, as the kernels mask; key column <= query column
+  if causal)."""
   B, L = seg.shape
+  Y, Z = block, inner or block
   cols = np.arange(L)
   sees = seg[:, :, None] == seg[:, None, :]
   if causal:
     sees &= cols[None, None, :] <= cols[None, :, None]
-  N = L // block
-  tiles = sees.reshape(B, N, block, N, block).any((2, 4))        # [B, query tile, key tile]
-  return tiles
+  return (sees.reshape(B, L // Y, Y, L // Z, Z).any((2, 4)),
+          sees.reshape(B, L // Z, Z, L // Y, Y).any((2, 4)))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -259,8 +260,23 @@ def test_flash_docs_skips_tiles_and_matches_numpy(causal):
   # unrolled tiles (Launch.unroll) compute at least `unroll` key tiles a query tile: every
   # one of the 2 x 8 query tiles here walks 1-3 (documents up to 24 positions, causal)
   if causal:
-    assert visited < flash_docs.visited_tiles(seg, 16, causal, unroll=3)[0] == 2 * 8 * 3
+    assert visited < flash_docs.visited_tiles(seg, 16, causal, unroll=3)[0] == 2 * 8 * 3 * 16**2
   check_flash_docs(q, k, v, do, seg, pos, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block,inner,launch", [
+    (32, 16, {}), (32, 16, dict(split=True)), (64, 16, dict(unroll=2)),
+    (64, 32, dict(heads=2, split=True, unroll=1))])
+def test_flash_docs_inner_tiles_match_numpy(causal, block, inner, launch):
+  """A program's loop over smaller tiles than its own (Launch.inner: the forward's and dq's
+  key tiles, dk and dv's query tiles, the latter from the scores transposed): forward and
+  gradients equal the reference, split or not, unrolled or not, several heads a program;
+  the smaller tiles bound the documents' ranges more tightly."""
+  q, k, v, do, seg, pos = batch(seed=71 + block + inner + causal, L=128, H=4, max_doc=40)
+  visited = flash_docs.visited_tiles(seg, block, causal, inner=inner)[0]
+  assert visited < flash_docs.visited_tiles(seg, block, causal)[0]
+  check_flash_docs(q, k, v, do, seg, pos, causal, block=block, inner=inner, **launch)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -309,17 +325,19 @@ def test_flash_docs_any_segment_layout(causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_docs_bounds_are_the_visible_tiles(causal):
-  """On packed rows (documents left to right) each tile's range is exactly from the first to
-  the last tile holding something it sees: no visible tile left out, no needless one walked."""
+@pytest.mark.parametrize("block,inner", [(16, 0), (32, 16), (64, 16)])
+def test_flash_docs_bounds_are_the_visible_tiles(causal, block, inner):
+  """On packed rows (documents left to right) each tile's range, in tiles of the loop's size
+  (Launch.inner), is exactly from the first to the last tile holding something it sees: no
+  visible tile left out, no needless one walked."""
   rng = np.random.default_rng(41)
   seg = np.stack([packed_row(rng, 256, 40)[0] for _ in range(6)])
-  tiles = visible_tiles(seg, 16, causal)
+  keys_of, queries_of = visible_tiles(seg, block, causal, inner)
   k_lo, k_hi, q_lo, q_hi = (np.asarray(x) for x in flash_docs.tile_bounds(
-      jnp.asarray(seg), 16, causal))
+      jnp.asarray(seg), block, causal, inner))
   for b in range(seg.shape[0]):
-    for n in range(tiles.shape[1]):
-      keys, queries = np.flatnonzero(tiles[b, n]), np.flatnonzero(tiles[b, :, n])
+    for n in range(keys_of.shape[1]):
+      keys, queries = np.flatnonzero(keys_of[b, n]), np.flatnonzero(queries_of[b, :, n])
       assert (k_lo[b, n], k_hi[b, n]) == (keys.min(), keys.max() + 1)
       assert (q_lo[b, n], q_hi[b, n]) == (queries.min(), queries.max() + 1)
 
@@ -428,7 +446,8 @@ def test_flash_docs_launch_reaches_triton():
   args = [jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)] * 3 + [
       jax.ShapeDtypeStruct((2, 256), jnp.int32)]
   for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=3, heads=2),
-                 flash_docs.Launch(warps=8, stages=1, split=True)):
+                 flash_docs.Launch(warps=8, stages=1, split=True),
+                 flash_docs.Launch(inner=32, stages=1, split=True)):
     kernels = 3 if launch.split else 2   # the forward, the backward (in two if split)
     grad = jax.grad(lambda q, k, v, seg: flash_docs.attention(
         q, k, v, seg, True, launch=launch).astype(jnp.float32).sum(), argnums=(0, 1, 2))
@@ -464,14 +483,16 @@ def test_flash_launch_text_round_trips_and_refuses_in_words():
   """parse_launch reads what launch_text writes (bench attention's `launch`, which the device
   check passes back as model.flash_launch), fields it names replace the model's, and a bad
   field or value is refused naming it."""
-  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, warps=8, stages=1, heads=2,
-                                                      split=True, unroll=3)):
+  for launch in (flash_docs.LAUNCH, flash_docs.Launch(block=128, inner=32, warps=8, stages=1,
+                                                      heads=2, split=True, unroll=3)):
     assert flash_docs.parse_launch(flash_docs.launch_text(launch)) == launch
   assert flash_docs.parse_launch("") == flash_docs.LAUNCH
   assert flash_docs.parse_launch(" split=true ") == flash_docs.LAUNCH._replace(split=True)
   for bad, says in (("warps=3", "warps=3"), ("tile=64", "'tile=64'"), ("block=48", "block=48"),
                     ("split=2", "split='2'"), ("heads=0", "heads=0"), ("stages=x", "stages='x'"),
-                    ("warps=8,warps=4", "twice"), ("unroll=-1", "unroll=-1")):
+                    ("warps=8,warps=4", "twice"), ("unroll=-1", "unroll=-1"),
+                    ("inner=24", "inner=24"), ("inner=8", "inner=8"),
+                    ("block=32,inner=64", "up to block=32")):
     with pytest.raises(ValueError, match=re.escape(says)):
       flash_docs.parse_launch(bad)
   assert "does not divide" in flash_docs.launch_unsupported(

@@ -17,7 +17,9 @@ The tiles' bounds are computed from the segment ids outside the kernel (`tile_bo
 and read by each program as two scalars, the loop's limits.
 
 Shapes: B rows, L positions, H heads, K head dim (padded to a power of two inside), U = L / Y
-tiles of Y positions, X = L + 1 segment-id slots, G heads a program (`Launch.heads`).
+tiles of Y positions (a program's own: the forward's query tile, the backward's key and query
+tile), Z positions the tiles its loop steps over (`Launch.inner`, Z <= Y), X = L + 1
+segment-id slots, G heads a program (`Launch.heads`).
 """
 
 import functools
@@ -37,8 +39,14 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: masked rows cannot
 
 
 class Launch(NamedTuple):
-  """How the kernels are cut and launched: `block` (Y) the query and key tile of every pass, a
-  power of two; Triton's `warps` per program and software-pipelining `stages`; `heads` (G)
+  """How the kernels are cut and launched: `block` (Y) the tile a program owns (the forward's
+  query tile, the backward's key tile for dk and dv and query tile for dq), a power of two;
+  `inner` (Z) the tiles its loop steps over (the forward's and dq's key tiles, dk and dv's
+  query tiles), a power of two >= 16 up to Y, 0: Y (asymmetric tiles as in FlashAttention-2's
+  Triton kernels: the own tile stays the matrix instructions' 64 rows while the loop's
+  smaller tiles bound a document's range more tightly, bioS' 20-111 positions; every dot
+  keeps the own tile as its rows, the backward's dk and dv from the scores transposed);
+  Triton's `warps` per program and software-pipelining `stages`; `heads` (G)
   the heads one program computes, one after another (a divisor of the model's: fewer,
   longer programs, each loading its row's tile bounds and segment ids once); `split` the
   backward pass as two kernels, dk and dv, then dq (a program's registers hold one of the
@@ -51,6 +59,7 @@ class Launch(NamedTuple):
   positions for documents up to 111: 2 or 3 leave the loop empty); 0: every tile in the
   loop."""
   block: int = 64
+  inner: int = 0
   warps: int = 4
   stages: int = 2
   heads: int = 1
@@ -64,8 +73,9 @@ WARPS = (1, 2, 4, 8, 16)   # Triton's num_warps: a power of two
 
 def parse_launch(text: str) -> Launch:
   """The launch `model.flash_launch` names: comma-separated `field=value` pairs of Launch
-  (block, warps, stages, heads, unroll: integers; split: 0|1|true|false), each replacing the
-  model's (LAUNCH); "" is LAUNCH. ValueError saying what is wrong (a field, a value)."""
+  (block, inner, warps, stages, heads, unroll: integers; split: 0|1|true|false), each
+  replacing the model's (LAUNCH); "" is LAUNCH. ValueError saying what is wrong (a field, a
+  value)."""
   fields: dict = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     key, sep, value = part.partition("=")
@@ -86,6 +96,10 @@ def parse_launch(text: str) -> Launch:
   launch = LAUNCH._replace(**fields)
   if launch.block < 16 or launch.block & (launch.block - 1):
     raise ValueError(f"block={launch.block} must be a power of two >= 16 (Triton's dots)")
+  if launch.inner and (launch.inner < 16 or launch.inner & (launch.inner - 1)
+                       or launch.inner > launch.block):
+    raise ValueError(f"inner={launch.inner} must be 0 or a power of two >= 16 (Triton's dots) "
+                     f"up to block={launch.block}")
   if launch.warps not in WARPS:
     raise ValueError(f"warps={launch.warps} must be one of {'|'.join(map(str, WARPS))}")
   for key in ("stages", "heads"):
@@ -111,46 +125,58 @@ def launch_unsupported(launch: Launch, num_heads: int, seq_len: int) -> str | No
   return None
 
 
-def tile_bounds(seg_BL, block: int, causal: bool):
-  """(k_lo_BU, k_hi_BU, q_lo_BU, q_hi_BU) int32: query tile n visits key tiles
-  [k_lo, k_hi), key tile m is visited by query tiles [q_lo, q_hi).
+def inner_tile(launch: Launch) -> int:
+  """Z: the tiles a program's loop steps over (Launch.inner; 0: the program's own, Y)."""
+  return launch.inner or launch.block
+
+
+def tile_bounds(seg_BL, block: int, causal: bool, inner: int = 0):
+  """(k_lo_BU, k_hi_BU, q_lo_BU, q_hi_BU) int32, in tiles of `inner` (Z; 0: `block`) positions:
+  query tile n of `block` (Y) positions visits key tiles [k_lo, k_hi), key tile m of Y is
+  visited by query tiles [q_lo, q_hi).
 
   A segment's columns lie between its first and last occurrence in the row, so the keys a
   tile's queries can see lie between the smallest first and the largest last occurrence of
   their segments (and, causal, not after the tile); symmetrically for the queries that see a
   key tile (`segment_extent`)."""
   B, L = seg_BL.shape
-  U = L // block
+  U, Z = L // block, inner or block
   first_BL, last_BL = segment_extent(seg_BL)
-  lo_BU = first_BL.reshape(B, U, block).min(-1) // block
-  hi_BU = last_BL.reshape(B, U, block).max(-1) // block + 1
+  lo_BU = first_BL.reshape(B, U, block).min(-1) // Z
+  hi_BU = last_BL.reshape(B, U, block).max(-1) // Z + 1
   if not causal:
     return lo_BU, hi_BU, lo_BU, hi_BU
-  tiles_BU = jnp.broadcast_to(jnp.arange(U, dtype=jnp.int32), (B, U))
-  return lo_BU, tiles_BU + 1, tiles_BU, hi_BU
+  starts_BU = jnp.broadcast_to(jnp.arange(U, dtype=jnp.int32) * (block // Z), (B, U))
+  return lo_BU, starts_BU + block // Z, starts_BU, hi_BU
 
 
-def visited_tiles(seg_BL, block: int, causal: bool, unroll: int = 0) -> tuple[int, int]:
-  """(tile pairs this kernel computes, tile pairs a causal-only walk visits; all U^2 if not
-  causal), summed over the rows: the share of attention's tile work left. A query tile's
-  range shorter than `unroll` (Launch.unroll) is computed as `unroll` tiles, the rest masked."""
+def visited_tiles(seg_BL, block: int, causal: bool, unroll: int = 0,
+                  inner: int = 0) -> tuple[int, int]:
+  """(query x key positions in the tiles this kernel computes, those of a causal-only walk's
+  tiles of `block`; all L^2 if not causal), summed over the rows: the share of attention's
+  tile work left. A query tile's range shorter than `unroll` (Launch.unroll) is computed as
+  `unroll` tiles of `inner` (0: `block`), the rest masked."""
   B, L = seg_BL.shape
-  U = L // block
-  k_lo, k_hi, _, _ = tile_bounds(jnp.asarray(seg_BL), block, causal)
-  return (int(jnp.maximum(k_hi - k_lo, unroll).sum()),
-          B * (U * (U + 1) // 2 if causal else U * U))
+  U, Z = L // block, inner or block
+  k_lo, k_hi, _, _ = tile_bounds(jnp.asarray(seg_BL), block, causal, Z)
+  return (int(jnp.maximum(k_hi - k_lo, unroll).sum()) * block * Z,
+          B * (U * (U + 1) // 2 if causal else U * U) * block * block)
 
 
-def _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal, valid=True):
-  """Base-2 scaled scores of query tile n against key tile m, masked (all of them where
-  `valid` is false: an unrolled tile outside the range): [Y, Y] float32."""
-  s_YY = plgpu.dot(q_YK, k_YK.T) * (scale * LOG2E)
-  visible = seg_q_Y[:, None] == seg_k_Y[None, :]
+def _scores(a_MK, b_NK, seg_a_M, seg_b_N, a0, b0, scale, causal, valid=True, keys_first=False):
+  """Base-2 scaled scores of the M positions from a0 (a_MK) against the N from b0 (b_NK),
+  masked (all of them where `valid` is false: an unrolled tile outside the range): [M, N]
+  float32; a holds the queries and b the keys, or (`keys_first`) the other way round: the
+  scores transposed."""
+  s_MN = plgpu.dot(a_MK, b_NK.T) * (scale * LOG2E)
+  visible = seg_a_M[:, None] == seg_b_N[None, :]
   if causal:
-    visible &= (n * block + jnp.arange(block))[:, None] >= (m * block + jnp.arange(block))[None, :]
+    a_M1 = (a0 + jnp.arange(a_MK.shape[0]))[:, None]
+    b_1N = (b0 + jnp.arange(b_NK.shape[0]))[None, :]
+    visible &= (a_M1 <= b_1N) if keys_first else (a_M1 >= b_1N)
   if valid is not True:
     visible &= valid
-  return jnp.where(visible, s_YY, MASKED)
+  return jnp.where(visible, s_MN, MASKED)
 
 
 def _walk(lo, hi, unroll: int, at_end: bool, body, carry):
@@ -206,9 +232,9 @@ def _heads(tile_ref) -> int:
 
 
 def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    scale, causal, block, unroll):
+                    scale, causal, block, inner, unroll):
   """Query tile n of G heads (q_ref, o_ref: [Y, G, K]; k_ref, v_ref: the row's [L, G, K]),
-  one head after another over the tile's key range."""
+  one head after another over the tile's key range in tiles of Z (`inner`)."""
   n = pl.program_id(0)
   seg_q_Y = seg_ref[pl.ds(n * block, block)]
   K = q_ref.shape[-1]
@@ -219,32 +245,34 @@ def _forward_kernel(k_lo_ref, k_hi_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse
 
     def visit(m, carry, valid):
       o_YK, max_Y, sum_Y = carry
-      cols = pl.ds(m * block, block)
-      s_YY = _scores(q_YK, _tile(k_ref, cols, g), seg_q_Y, seg_ref[cols], n, m, block, scale,
-                     causal, valid)
-      new_max_Y = jnp.maximum(max_Y, s_YY.max(-1))
+      cols = pl.ds(m * inner, inner)
+      s_YZ = _scores(q_YK, _tile(k_ref, cols, g), seg_q_Y, seg_ref[cols], n * block,
+                     m * inner, scale, causal, valid)
+      new_max_Y = jnp.maximum(max_Y, s_YZ.max(-1))
       fade_Y = jnp.exp2(max_Y - new_max_Y)
-      p_YY = jnp.exp2(s_YY - new_max_Y[:, None])
-      v_YK = _tile(v_ref, cols, g)
-      o_YK = o_YK * fade_Y[:, None] + plgpu.dot(p_YY.astype(v_YK.dtype), v_YK)
-      return o_YK, new_max_Y, sum_Y * fade_Y + p_YY.sum(-1)
+      p_YZ = jnp.exp2(s_YZ - new_max_Y[:, None])
+      v_ZK = _tile(v_ref, cols, g)
+      o_YK = o_YK * fade_Y[:, None] + plgpu.dot(p_YZ.astype(v_ZK.dtype), v_ZK)
+      return o_YK, new_max_Y, sum_Y * fade_Y + p_YZ.sum(-1)
 
     init = (jnp.zeros((block, K), jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
             jnp.zeros((block,), jnp.float32))
     # every query sees itself, so its own tile is in range and sum_Y > 0; an unrolled tile
     # outside the range, all masked, adds nothing (or, visited first, what the next real
-    # tile's fade zeroes: the range's last tile, the query tile's own, comes last)
+    # tile's fade zeroes: the range's last tile, holding the query tile's diagonal, comes last)
     o_YK, max_Y, sum_Y = _walk(k_lo_ref[()], k_hi_ref[()], unroll, True, visit, init)
     _put(o_ref, g, (o_YK / sum_Y[:, None]).astype(o_ref.dtype))
     _put_stat(lse_ref, g, max_Y + jnp.log2(sum_Y))
 
 
 def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_ref, v_ref,
-                     do_ref, lse_ref, delta_ref, *out_refs, scale, causal, block, parts,
+                     do_ref, lse_ref, delta_ref, *out_refs, scale, causal, block, inner, parts,
                      unroll):
   """Key tile t (dk, dv) and query tile t (dq) of G heads, one head after another (q_ref,
-  k_ref, v_ref, do_ref: the row's [L, G, K]; lse_ref, delta_ref: [G, L]); `parts` which:
-  "all" (out_refs dq, dk, dv), or a split backward's "kv" (dk, dv) or "q" (dq)."""
+  k_ref, v_ref, do_ref: the row's [L, G, K]; lse_ref, delta_ref: [G, L]), each over its range
+  in tiles of Z (`inner`); `parts` which: "all" (out_refs dq, dk, dv), or a split backward's
+  "kv" (dk, dv) or "q" (dq). Every dot has the program's own tile as its rows (dk and dv from
+  the scores transposed, [Y, Z])."""
   dq_ref, dk_ref, dv_ref = {"all": out_refs, "kv": (None, *out_refs),
                             "q": (*out_refs, None, None)}[parts]
   t = pl.program_id(2)   # this program's key tile (dk, dv) and query tile (dq)
@@ -253,22 +281,19 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
   own = pl.ds(t * block, block)
   seg_t_Y = seg_ref[own]
   for g in range(_heads(out_refs[0])):   # (closures as in the forward kernel)
-
-    def probs(n, m, q_YK, k_YK, seg_q_Y, seg_k_Y, rows, valid):
-      s_YY = _scores(q_YK, k_YK, seg_q_Y, seg_k_Y, n, m, block, scale, causal, valid)
-      return jnp.exp2(s_YY - _stat(lse_ref, rows, g)[:, None])   # masked: 0
-
     if dk_ref is not None:
       k_YK, v_YK = _tile(k_ref, own, g), _tile(v_ref, own, g)
 
       def into_key_tile(n, carry, valid):
         dk_YK, dv_YK = carry
-        rows = pl.ds(n * block, block)
-        q_YK, do_YK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
-        p_YY = probs(n, t, q_YK, k_YK, seg_ref[rows], seg_t_Y, rows, valid)
-        dv_YK += plgpu.dot(p_YY.astype(do_YK.dtype).T, do_YK)
-        ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, rows, g)[:, None]) * scale
-        dk_YK += plgpu.dot(ds_YY.astype(q_YK.dtype).T, q_YK)
+        rows = pl.ds(n * inner, inner)
+        q_ZK, do_ZK = _tile(q_ref, rows, g), _tile(do_ref, rows, g)
+        st_YZ = _scores(k_YK, q_ZK, seg_t_Y, seg_ref[rows], t * block, n * inner, scale,
+                        causal, valid, keys_first=True)
+        pt_YZ = jnp.exp2(st_YZ - _stat(lse_ref, rows, g)[None, :])   # masked: 0
+        dv_YK += plgpu.dot(pt_YZ.astype(do_ZK.dtype), do_ZK)
+        dst_YZ = pt_YZ * (plgpu.dot(v_YK, do_ZK.T) - _stat(delta_ref, rows, g)[None, :]) * scale
+        dk_YK += plgpu.dot(dst_YZ.astype(q_ZK.dtype), q_ZK)
         return dk_YK, dv_YK
 
       dk_YK, dv_YK = _walk(q_lo_ref[()], q_hi_ref[()], unroll, False, into_key_tile,
@@ -278,13 +303,16 @@ def _backward_kernel(k_lo_ref, k_hi_ref, q_lo_ref, q_hi_ref, seg_ref, q_ref, k_r
 
     if dq_ref is not None:
       q_YK, do_YK = _tile(q_ref, own, g), _tile(do_ref, own, g)
+      lse_Y, delta_Y = _stat(lse_ref, own, g), _stat(delta_ref, own, g)
 
       def from_key_tile(m, dq_YK, valid):
-        cols = pl.ds(m * block, block)
-        k_YK, v_YK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
-        p_YY = probs(t, m, q_YK, k_YK, seg_t_Y, seg_ref[cols], own, valid)
-        ds_YY = p_YY * (plgpu.dot(do_YK, v_YK.T) - _stat(delta_ref, own, g)[:, None]) * scale
-        return dq_YK + plgpu.dot(ds_YY.astype(k_YK.dtype), k_YK)
+        cols = pl.ds(m * inner, inner)
+        k_ZK, v_ZK = _tile(k_ref, cols, g), _tile(v_ref, cols, g)
+        s_YZ = _scores(q_YK, k_ZK, seg_t_Y, seg_ref[cols], t * block, m * inner, scale, causal,
+                       valid)
+        p_YZ = jnp.exp2(s_YZ - lse_Y[:, None])   # masked: 0
+        ds_YZ = p_YZ * (plgpu.dot(do_YK, v_ZK.T) - delta_Y[:, None]) * scale
+        return dq_YK + plgpu.dot(ds_YZ.astype(k_ZK.dtype), k_ZK)
 
       _put(dq_ref, g, _walk(k_lo_ref[()], k_hi_ref[()], unroll, True, from_key_tile,
                             zeros).astype(dq_ref.dtype))
@@ -314,7 +342,7 @@ def _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, l
   k_lo, k_hi, _, _ = bounds
   sp = _specs(L, K, block, G)
   kernel = functools.partial(_forward_kernel, scale=scale, causal=causal, block=block,
-                             unroll=launch.unroll)
+                             inner=inner_tile(launch), unroll=launch.unroll)
   return pl.pallas_call(
       kernel, grid=(L // block, B, H // G),
       in_specs=[sp["fwd_bound"], sp["fwd_bound"], sp["fwd_seg"], sp["fwd_tile"],
@@ -338,7 +366,7 @@ def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, 
 
   def call(parts, outs, name):
     kernel = functools.partial(_backward_kernel, scale=scale, causal=causal, block=block,
-                               parts=parts, unroll=launch.unroll)
+                               inner=inner_tile(launch), parts=parts, unroll=launch.unroll)
     return pl.pallas_call(
         kernel, grid=(B, H // G, L // block),
         in_specs=[sp["bwd_bound"]] * 4 + [sp["bwd_seg"]] + [sp["bwd_row"]] * 4
@@ -358,12 +386,13 @@ def _backward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL, do_BLHK, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, launch):
-  bounds = tile_bounds(seg_BL, launch.block, causal)
+  bounds = tile_bounds(seg_BL, launch.block, causal, launch.inner)
   return _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret, launch)[0]
 
 
 def _flash_fwd(q_BLHK, k_BLHK, v_BLHK, seg_BL, scale, causal, interpret, launch):
-  bounds = tile_bounds(seg_BL, launch.block, causal)   # once: the backward pass reuses them
+  bounds = tile_bounds(seg_BL, launch.block, causal, launch.inner)   # once: the backward
+  # pass reuses them
   o_BLHK, lse_BHL = _forward(q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, scale, causal, interpret,
                              launch)
   return o_BLHK, (q_BLHK, k_BLHK, v_BLHK, seg_BL, bounds, o_BLHK, lse_BHL)
@@ -382,7 +411,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = False,
               launch: Launch = LAUNCH) -> jax.Array:
   """softmax(q·kᵀ/√K + mask)·v over packed rows, [B, L, H, K] in and out; `launch` the
-  kernels' tile (Y: a power of two, cut to L, L a multiple of it), Triton parameters and heads
+  kernels' tiles (Y and Z: powers of two, cut to L, L a multiple of Y), Triton parameters and heads
   a program; `interpret` runs the kernels as plain jax ops (CPU tests). A head dim that is not
   a power of two is zero-padded (the padded columns add nothing to q·k and are dropped from
   the output)."""
@@ -394,7 +423,8 @@ def attention(q_BLHK, k_BLHK, v_BLHK, seg_BL, causal: bool, interpret: bool = Fa
   if q_BLHK.shape[2] % launch.heads:
     raise ValueError(f"flash_docs: {launch.heads} heads a program do not divide "
                      f"{q_BLHK.shape[2]} heads")
-  launch = launch._replace(block=min(launch.block, q_BLHK.shape[1]))
+  block = min(launch.block, q_BLHK.shape[1])
+  launch = launch._replace(block=block, inner=min(launch.inner, block))
   out = _flash(q_BLHK, k_BLHK, v_BLHK, seg_BL.astype(jnp.int32), 1.0 / math.sqrt(K), causal,
                interpret, launch)
   return out[..., :K]

@@ -755,39 +755,48 @@ def packed_segments(rng, B: int, L: int, min_doc: int, max_doc: int):
 
 def pallas_docs_launches(platform: str):
   """bench attention's other launches of pallas_docs beside the model's (flash_docs.LAUNCH),
-  the likeliest first (a deadline may cut the list): one pipeline stage, alone and with twice
-  the warps; one stage with a range's three diagonal-end tiles unrolled (Launch.unroll), the
-  backward whole and split, and with two; one stage at twice the warps with the backward
-  split, and the split alone; twice the warps, 2 and 4 heads a program, three stages, the
-  tile doubled with twice the warps, the tile halved and doubled; on a CPU (interpret mode,
-  where Triton's parameters mean nothing) the tiles, the split and the unrolled tiles. The
-  order is from their H200 builds read here (BENCHMARKS.md, "Registers of the attention
-  kernels"): one stage is what keeps ptxas from serialising the backward's Hopper matrix
-  instructions (and at 8 warps holds 176 registers, not 218; split, 174 and 122), three
-  unrolled tiles hold 143 / 220 registers at 4 warps (split 206 and 128; two: 144 / 224) but
-  255 at 8, the 32 tile uses none, the 128 tile at 4 warps spills."""
+  the likeliest first (a deadline may cut the list), on a GPU ordered by what their H200
+  builds read here hold (BENCHMARKS.md, "Registers of the attention kernels" and "Asymmetric
+  tiles"): how many programs an SM's registers fit, a latency-bound kernel's lever. One
+  pipeline stage (168 backward registers since session 49's transposed dk/dv scores: three
+  programs an SM, against two at the model's 183); the loop's tiles halved (`inner` 32: 130,
+  split 128 / 104, four programs) or quartered (16: 128); twice the warps at one stage, whole
+  and split, with the loop's tiles halved too; the range's diagonal-end tiles unrolled (three
+  at 64, two at 32); the backward split; twice the warps; 2 and 4 heads a program; three
+  stages; the 128 tile with 8 warps over 32- and 64-position loop tiles and over its own; the
+  tile halved (no Hopper `wgmma`: its dots are under 64 rows) and doubled (spills). On a CPU
+  (interpret mode, where Triton's parameters mean nothing) the tiles, the loop's tiles
+  halved, the split and the unrolled tiles."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
-  tiles = [base._replace(block=base.block // 2), base._replace(block=base.block * 2)]
+  half = base.block // 2
+  tiles = [base._replace(block=half), base._replace(block=base.block * 2)]
   if platform == "cpu":
-    return tiles + [base._replace(split=True), base._replace(unroll=3)]
+    return tiles + [base._replace(inner=half), base._replace(split=True),
+                    base._replace(unroll=3)]
+  one = base._replace(stages=1)
+  wide = one._replace(warps=base.warps * 2)
   return [
-      base._replace(stages=1), base._replace(warps=base.warps * 2, stages=1),
-      base._replace(stages=1, unroll=3), base._replace(stages=1, unroll=3, split=True),
-      base._replace(stages=1, unroll=2),
-      base._replace(warps=base.warps * 2, stages=1, split=True), base._replace(split=True),
-      base._replace(warps=base.warps * 2), base._replace(heads=2),
+      one, one._replace(inner=half), one._replace(inner=half, split=True),
+      one._replace(inner=half // 2), wide, wide._replace(inner=half),
+      one._replace(unroll=3), one._replace(unroll=3, split=True),
+      one._replace(inner=half, unroll=2), one._replace(unroll=2),
+      wide._replace(split=True), wide._replace(inner=half, split=True),
+      base._replace(split=True), base._replace(warps=base.warps * 2), base._replace(heads=2),
       base._replace(heads=4), base._replace(stages=3),
+      wide._replace(block=base.block * 2, inner=half),
+      wide._replace(block=base.block * 2, inner=base.block),
       base._replace(block=base.block * 2, warps=base.warps * 2)] + tiles
 
 
 def launch_suffix(launch) -> str:
   """A pallas_docs launch's name suffix: what differs from the model's (`_t32`, `_w8s3`,
-  `_h2`, `_w8s1_split`, `_s1u3`)."""
+  `_h2`, `_w8s1_split`, `_s1u3`, `_i32s1`: 32-position loop tiles)."""
   from kstore_jax.model import flash_docs
   base = flash_docs.LAUNCH
-  numbers = "".join(f"{tag}{getattr(launch, f)}" for tag, f in zip("twshu", (
-      "block", "warps", "stages", "heads", "unroll")) if getattr(launch, f) != getattr(base, f))
+  numbers = "".join(f"{tag}{getattr(launch, f)}" for tag, f in zip("tiwshu", (
+      "block", "inner", "warps", "stages", "heads", "unroll"))
+                    if getattr(launch, f) != getattr(base, f))
   return "_" + "_".join(p for p in (numbers, "split" if launch.split else "") if p)
 
 
@@ -801,9 +810,9 @@ def bench_attention(cfg) -> Iterator[dict]:
   the output's and gradients' error against XLA attention in float32 on the same rounded
   inputs (documents of 20-111 positions, as bioS packs). cudnn also with a tighter document
   bound, pallas_docs at the config's launch (model.flash_launch) and, with --attention_sweep,
-  at other launches (`pallas_docs_launches`: tiles, warps, pipeline stages, heads a program,
-  unrolled tiles), with `tiles_visited` (the share of a causal kernel's tile pairs it walks)
-  and `launch` (as model.flash_launch names it). Each line is yielded (printed) as
+  at other launches (`pallas_docs_launches`: tiles, loop tiles, warps, pipeline stages, heads
+  a program, unrolled tiles), with `tiles_visited` (the share of a causal kernel's tiles'
+  query x key positions it computes) and `launch` (as model.flash_launch names it). Each line is yielded (printed) as
   it is measured: a deadline keeps the kernels timed before it."""
   import jax
   import jax.numpy as jnp
@@ -880,11 +889,12 @@ def bench_attention(cfg) -> Iterator[dict]:
     if option is None:   # the kernel at the model's settings: its forward pass alone too
       extra["fwd_ms"] = round(throughput.median_time(
           fwd, q, k, v, pos, seg, repeats=ATTENTION_REPEATS.value) * 1e3, 3)
-    if impl == "pallas_docs":   # the tile pairs it walks, of those a causal-only kernel walks
+    if impl == "pallas_docs":   # the tiles' positions it computes, of a causal-only kernel's,
       # and the launch as model.flash_launch names it
       launch = option or flash_docs.parse_launch(cfg.model.flash_launch)
-      visited, causal_only = flash_docs.visited_tiles(seg, min(launch.block, L), True,
-                                                      launch.unroll)
+      block = min(launch.block, L)
+      visited, causal_only = flash_docs.visited_tiles(seg, block, True, launch.unroll,
+                                                      min(launch.inner, block))
       extra.update(tiles_visited=round(visited / causal_only, 3),
                    launch=flash_docs.launch_text(launch))
     yield measurement(name, round(ms, 3), "ms", tflops_per_s=round(attention_flops / ms / 1e9, 1),
