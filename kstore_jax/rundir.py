@@ -102,9 +102,14 @@ def lock(workdir: str, process_index: int):
 
 
 def read_json(path: str):
-  """The JSON value in `path` (OSError / ValueError as `json.load` raises them)."""
-  with open(path) as f:
-    return json.load(f)
+  """The JSON value in `path`: ConfigError naming the file where it holds no JSON (cut short,
+  not UTF-8, hand-edited); OSError as `open` raises it."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return json.loads(data)
+  except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+    raise ConfigError(f"{path}: not a JSON file ({str(e).splitlines()[0][:200]})") from None
 
 
 def write_json(path: str, obj, indent: int = 2, sort_keys: bool = True) -> None:
@@ -126,12 +131,13 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl, in order; a line that is not a JSON object (blank, or cut
-  short by a kill) is skipped. [] when the file does not exist."""
+  """The rows of a metrics.jsonl, in order; a line that is not a JSON object (blank, cut
+  short by a kill, or bytes UTF-8 cannot decode) is skipped. [] when the file does not
+  exist."""
   if not os.path.exists(path):
     return []
   rows = []
-  with open(path) as f:
+  with open(path, errors="replace") as f:   # a bad byte spoils its line only
     for line in f:
       try:
         row = json.loads(line)
