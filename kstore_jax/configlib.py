@@ -12,6 +12,7 @@ model and train facts it checks against when it runs (WORKSPACE.md, "Layers").
 import ast
 import importlib.util
 import inspect
+import math
 import os
 import re
 import sys
@@ -23,24 +24,29 @@ from configs import base
 from kstore_jax.errors import ConfigError   # defined below every layer; raised by them all
 
 
-def fail(message: str, prog: str = "kstore_jax") -> None:
+def fail(message: str, prog: str = "kstore_jax", status: int = 2) -> None:
   print(f"{prog}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path.py[:arg]` -> the config its `get_config([arg])` returns."""
-  path, _, arg = spec.partition(":")
+  """`path.py[:arg]` -> the config its `get_config([arg])` returns (an empty `arg` after the
+  colon is passed as ml_collections' flag passes it)."""
+  path, colon, arg = spec.partition(":")
+  if os.path.isdir(path):
+    raise ConfigError(f"--config: {path!r} is a directory, not a config file")
   if not os.path.isfile(path):
     raise ConfigError(f"--config: no such file {path!r}")
+  if not path.endswith(".py"):
+    raise ConfigError(f"--config: {path!r} is not a Python config file (path.py[:arg])")
   try:
     mod_spec = importlib.util.spec_from_file_location("_kstore_config", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
-    if arg and not inspect.signature(module.get_config).parameters:
+    if colon and not inspect.signature(module.get_config).parameters:
       raise ConfigError(f"--config={spec}: {path} takes no ':{arg}' (its get_config() has no "
                         "argument)")
-    return module.get_config(arg) if arg else module.get_config()
+    return module.get_config(arg) if colon else module.get_config()
   except ConfigError:
     raise
   except Exception as e:  # a config file is user code: report its failure in one line
@@ -72,10 +78,12 @@ def precheck_argv(argv: list[str]) -> None:
   """Raise ConfigError for a missing config file or an unknown/ill-typed override."""
   spec, overrides = None, []
   for i, a in enumerate(argv[1:], 1):
-    if a.startswith("--config="):
-      spec = a.split("=", 1)[1]
-    elif a == "--config" and i + 1 < len(argv):
-      spec = argv[i + 1]
+    given = (a.split("=", 1)[1] if a.startswith("--config=")
+             else argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
+    if given is not None:
+      if spec is not None:   # absl would keep the last one (or fail on the overrides)
+        raise ConfigError(f"--config is given twice ({spec} and {given})")
+      spec = given
     elif a.startswith("--config."):
       overrides.append(a[len("--config."):])
   if spec is None:
@@ -103,6 +111,8 @@ def _schema_check(cfg, ref, prefix: str = "") -> None:
       if path == "data.groups":   # named by the user; each one has the keys of base.group
         want = ml_collections.ConfigDict({g: base.group(1.0, 1.0, 0.0) for g in value.keys()})
       _schema_check(value, want, path + ".")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config key {path!r}={value!r} must be a finite number")
     elif isinstance(want, bool) != isinstance(value, bool) or (
         isinstance(want, (int, float)) and not isinstance(value, (int, float))) or (
         isinstance(want, str) and not isinstance(value, str)) or (

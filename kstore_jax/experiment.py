@@ -203,6 +203,16 @@ class Experiment:
     raise configlib.ConfigError(
         f"stages: {stage!r} needs one of {candidates} to run first (none is configured or done)")
 
+  def check_sources(self) -> None:
+    """ConfigError (before the workdir is taken) if a configured stage needs another's params
+    (finetune and the probes a base stage's, eval a trained one's) that is neither configured
+    before it nor done in the workdir: the check source_stage makes when the stage runs."""
+    for stage in self.stages():
+      if stage == "finetune" or stage in PROBE_STAGES:
+        self.source_stage(stage, BASE_STAGES)
+      elif stage == "eval":
+        self.source_stage(stage, TRAIN_STAGES)
+
   def load_final(self, stage: str):
     return checkpoint.load_params(self.final_dir(stage), self.model_abstract[0])
 
@@ -533,7 +543,8 @@ def spread(people: np.ndarray, n: int) -> np.ndarray:
 def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   """(Experiment, tokenizer) of `cfg` in `workdir`, everything checked and nothing written:
   the config (ConfigError naming the first bad key), the tokenizer, a workdir holding another
-  experiment, sequence length against the documents. `Experiment.start` then takes the
+  experiment, stages whose source stage is neither configured nor done, sequence length
+  against the documents. `Experiment.start` then takes the
   workdir."""
   from kstore_jax.data import tokenizer as tokenizer_lib
   rundir.check_workdir(workdir)
@@ -542,6 +553,7 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   wd = Workdir(workdir)
   wd.check_same_experiment(cfg, platform)
   exp = Experiment(cfg, tok, wd)
+  exp.check_sources()
   wd.check_same_world(cfg, exp.world)
   wd.check_same_tokenizer(cfg, tok)
   return exp, tok

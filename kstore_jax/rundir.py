@@ -77,15 +77,43 @@ def lock_name(process_index: int) -> str:
   return ".lock" if process_index == 0 else f".lock.{process_index}"
 
 
-def check_workdir(workdir: str) -> None:
-  """ConfigError when `workdir` is a URL (`gs://...`: the run directory is read and written as
-  local files; it made a directory `gs:/...` here and failed at the first save) or exists and
-  is no directory (checked before anything else, on the path as given)."""
+def is_run(path: str) -> bool:
+  """Whether `path` is a run directory: main's config.json and world.json in it."""
+  return all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG, WORLD))
+
+
+def check_workdir(workdir: str, holds: str = "run") -> None:
+  """ConfigError (one line, checked before anything is written, on the path as given) when
+  `workdir` is a URL (`gs://...`: the run directory is read and written as local files; it
+  made a directory `gs:/...` here and failed at the first save), exists and is no directory,
+  lies under a file or in a directory this process cannot write, or would nest one
+  experiment in another: a run (`holds` "run") in a grid's own directory or a grid (`holds`
+  "grid") in a run's, either inside a run's directory (up to three levels down: a stage's,
+  its checkpoints'). A grid's runs are its subdirectories, each a run directory main may resume."""
   if re.match(r"^[a-zA-Z][\w+.-]*://", workdir):
     raise ConfigError(f"--workdir={workdir}: a URL; give a local path (a bucket mounted with "
                       "gcsfuse, say)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir}: not a directory")
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={workdir}: {existing} is not writable")
+  if holds == "run" and os.path.isfile(os.path.join(path, GRID)):
+    raise ConfigError(f"--workdir={workdir} holds a grid ({GRID}); its runs are its "
+                      "subdirectories")
+  if holds == "grid" and is_run(path):
+    raise ConfigError(f"--workdir={workdir} holds a run ({CONFIG}), not a grid")
+  for up in (1, 2, 3):
+    above = path
+    for _ in range(up):
+      above = os.path.dirname(above)
+    if is_run(above):
+      raise ConfigError(f"--workdir={workdir} is inside the run directory {above}")
 
 
 def lock(workdir: str, process_index: int):

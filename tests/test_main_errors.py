@@ -6,6 +6,8 @@ import functools
 import hashlib
 import json
 import pathlib
+import re
+import sys
 
 import pytest
 from runs import run_main
@@ -132,6 +134,9 @@ BAD_STAGE = {
     "nobody_held_out": ({"data.n_people": "10", "data.qa_train_fraction": "0.96"},
                         "data.qa_train_fraction=0.96 (with data.qa_valid_fraction=0) holds "
                         "nobody out of data.n_people=10"),
+    # inf passed `lr > 0` and trained until the first step's non-finite check stopped it
+    "lr_infinite": ({"pretrain.lr": "inf"}, "'pretrain.lr'=inf must be a finite number"),
+    "eps_nan": ({"finetune.eps": "nan"}, "'finetune.eps'=nan must be a finite number"),
 }
 
 
@@ -236,11 +241,95 @@ def test_missing_config_file(workdir, jax_cache):
 @pytest.mark.parametrize("spec, message", [
     ("configs/tiny.py:huge", r"^--config=configs/tiny.py:huge: configs/tiny.py takes no ':huge'"),
     ("configs/single.py:huge", r"^--config=configs/single.py:huge: ValueError: config scale 'huge'"),
+    # ml_collections' flag passes the empty argument on (its traceback was the whole line)
+    ("configs/single.py:", r"^--config=configs/single.py:: ValueError: config scale ''"),
+    ("README.md", r"^--config: 'README.md' is not a Python config file"),
+    ("configs", r"^--config: 'configs' is a directory, not a config file"),
 ])
 def test_bad_config_argument_names_it(spec, message):
-  """A config file's ':argument' it cannot take: one line naming the spec, not a traceback."""
+  """A config file's ':argument' it cannot take, or a path that is no config file: one line
+  naming the spec, not a traceback."""
   with pytest.raises(configlib.ConfigError, match=message):
     configlib.load_config_file(spec)
+
+
+def test_config_given_twice_is_refused():
+  """absl kept the last --config, or with an override failed with 'defined twice'."""
+  with pytest.raises(configlib.ConfigError,
+                     match=r"^--config is given twice \(configs/tiny.py and configs/single.py\)$"):
+    configlib.precheck_argv(["main", "--config=configs/tiny.py", "--config", "configs/single.py"])
+
+
+def test_workdirs_that_cannot_hold_a_run_are_refused(tmp_path):
+  """Checked before anything is written: a path under a file (NotADirectoryError at the lock
+  before), an experiment nested in another (a run in a grid's directory or inside a run's,
+  a grid in a run's: they ran and wrote into it)."""
+  from kstore_jax import rundir
+  (tmp_path / "file").write_text("x")
+  run, grid = tmp_path / "run", tmp_path / "grid"
+  for d in (run / "pretrain" / "checkpoints", grid / "single"):
+    d.mkdir(parents=True)
+  for f in (rundir.CONFIG, rundir.WORLD):
+    (run / f).write_text("{}")
+  (grid / rundir.GRID).write_text("{}")
+  for path, holds, says in (
+      (tmp_path / "file" / "sub", "run", f"{tmp_path / 'file'} is a file, not a directory"),
+      (grid, "run", "holds a grid (grid.json)"),
+      (run, "grid", "holds a run (config.json), not a grid"),
+      (run / "pretrain", "run", f"is inside the run directory {run}"),
+      (run / "pretrain" / "checkpoints" / "7", "grid", f"is inside the run directory {run}")):
+    with pytest.raises(configlib.ConfigError, match=re.escape(says)):
+      rundir.check_workdir(str(path), holds)
+  before = snapshot(tmp_path)
+  for path, holds in ((grid / "single", "run"), (grid, "grid"), (run, "run"),
+                      (tmp_path / "new" / "deeper", "run")):   # a grid's run, resumed alone
+    rundir.check_workdir(str(path), holds)
+  assert snapshot(tmp_path) == before
+
+
+def test_a_stage_without_its_source_writes_nothing(tmp_path, jax_cache):
+  """stages=eval in a new workdir: the line came after config.json, world.json,
+  tokenizer.json and the lock were written (the workdir then held that experiment)."""
+  wd = tmp_path / "new"
+  small = [a for a in SMALL if not a.startswith("--config.stages=")]
+  r = run_main([CONFIG, f"--workdir={wd}", *small, "--config.stages=eval"], jax_cache)
+  assert_one_line_error(r, "stages: 'eval' needs one of")
+  assert not wd.exists()
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"KSTORE_NUM_PROCESSES": "abc"}, "KSTORE_NUM_PROCESSES='abc' must be a whole number"),
+    ({"KSTORE_NUM_PROCESSES": "2"}, "KSTORE_NUM_PROCESSES=2 needs KSTORE_COORDINATOR"),
+    ({"KSTORE_NUM_PROCESSES": "2", "KSTORE_COORDINATOR": "h:1", "KSTORE_PROCESS_ID": "x"},
+     "KSTORE_PROCESS_ID='x' must be a whole number"),
+])
+def test_bad_process_environment_is_one_line(env, says, monkeypatch):
+  from kstore_jax.tools import runtime
+  for k in ("KSTORE_NUM_PROCESSES", "KSTORE_COORDINATOR", "KSTORE_PROCESS_ID", "SLURM_NTASKS"):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(configlib.ConfigError, match=re.escape(says)):
+    runtime.maybe_initialize_distributed()
+
+
+def test_a_file_the_system_refuses_is_one_line(capsys, monkeypatch):
+  """An OSError naming a file (permissions, a full disk) inside a tool: one line naming it,
+  status 1; one naming no file keeps its traceback."""
+  from kstore_jax.tools import cli
+  monkeypatch.setattr(sys, "argv", ["tool"])
+
+  def refused(argv):
+    raise PermissionError(13, "Permission denied", "/runs/x/.lock")
+  with pytest.raises(SystemExit) as e:
+    cli.run(refused, "kstore_jax.tool", config_required=False)
+  assert e.value.code == 1
+  assert capsys.readouterr().err == "kstore_jax.tool: error: /runs/x/.lock: Permission denied\n"
+
+  def other(argv):
+    raise OSError("no file")
+  with pytest.raises(OSError, match="no file"):
+    cli.run(other, "kstore_jax.tool", config_required=False)
 
 
 def test_seq_len_shorter_than_longest_document(tmp_path, jax_cache):

@@ -6,8 +6,9 @@
 
 `run` checks `--config=...` and its `--config.a.b=v` overrides before absl parses them (a
 missing file or an unknown key would otherwise be a long traceback), and turns a ConfigError
-raised inside `main` into one line on stderr and exit status 2. `--help` shows the tool
-module's docstring and flags, though the program absl runs is the shim. A process started
+raised inside `main` into one line on stderr and exit status 2 (an OSError naming a file:
+one line, status 1). `--help` shows the tool module's docstring and flags, though the
+program absl runs is the shim. A process started
 as `python -m kstore_jax.<tool>` then ends without the interpreter's teardown
 (`exit_without_teardown`).
 """
@@ -173,5 +174,11 @@ def _run(main: Callable, prog: str, config_required) -> None:
       return main(args)
     except ConfigError as e:
       configlib.fail(str(e), prog)
+    except OSError as e:
+      # a file the system refused (permissions, a full disk, a path under a file): one line
+      # naming it, status 1; an OSError naming no file as raised
+      if e.filename is None:
+        raise
+      configlib.fail(f"{e.filename}: {e.strerror or e}", prog, status=1)
 
   app.run(guarded, flags_parser=parse_flags)

@@ -355,7 +355,7 @@ def main(argv):
     if unknown:
       raise ConfigError(f"--runs: {unknown[0]!r} is not a run of the grid ({', '.join(names)})")
     names = [n for n in names if n in _RUNS.value]
-  rundir.check_workdir(_WORKDIR.value)
+  rundir.check_workdir(_WORKDIR.value, holds="grid")
   workdir = os.path.abspath(_WORKDIR.value)
   runtime.maybe_initialize_distributed()
   import jax

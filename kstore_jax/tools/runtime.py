@@ -58,13 +58,17 @@ def maybe_initialize_distributed() -> None:
   import jax
   if any(v in os.environ for v in ("KSTORE_NUM_PROCESSES", "SLURM_NTASKS", "TPU_WORKER_ID",
                                    "JAX_COORDINATOR_ADDRESS")):
-    n = int(os.environ.get("KSTORE_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "0")) or 0)
+    n = _env_int("KSTORE_NUM_PROCESSES" if "KSTORE_NUM_PROCESSES" in os.environ
+                 else "SLURM_NTASKS", 0)
     if n == 1:
       return
     kwargs = {}
     if "KSTORE_NUM_PROCESSES" in os.environ:
+      if "KSTORE_COORDINATOR" not in os.environ:
+        raise ConfigError(f"KSTORE_NUM_PROCESSES={n} needs KSTORE_COORDINATOR (host:port of "
+                          "process 0) and KSTORE_PROCESS_ID")
       kwargs = dict(coordinator_address=os.environ["KSTORE_COORDINATOR"], num_processes=n,
-                    process_id=int(os.environ["KSTORE_PROCESS_ID"]))
+                    process_id=_env_int("KSTORE_PROCESS_ID", None))
     elif (n > 1 and "SLURM_STEP_NODELIST" not in os.environ
           and not any(v in os.environ for v in ("TPU_WORKER_ID", "JAX_COORDINATOR_ADDRESS"))):
       raise ConfigError(
@@ -72,6 +76,17 @@ def maybe_initialize_distributed() -> None:
           f"start one process a task with srun (launch/slurm_gpu.sh does), or set "
           f"KSTORE_NUM_PROCESSES=1 to run this one alone")
     jax.distributed.initialize(**kwargs)
+
+
+def _env_int(name: str, default: int | None) -> int:
+  """Environment variable `name` as a whole number >= 0 (`default` where unset or empty;
+  None: required): ConfigError naming it otherwise."""
+  text = os.environ.get(name, "")
+  if not text and default is not None:
+    return default
+  if not text.strip().isdigit():
+    raise ConfigError(f"{name}={text!r} must be a whole number >= 0")
+  return int(text)
 
 
 def use_compile_cache(path: str) -> None:
