@@ -139,6 +139,7 @@ class Experiment:
   def __init__(self, cfg, tokenizer, workdir: Workdir, platform: str | None = None,
                mesh=None):
     self.cfg, self.workdir = cfg, workdir
+    self._specs = {}   # first_spec's
     self.world = world_lib.build_world(cfg, tokenizer)
     # next-token rows: a document of T tokens takes T-1 positions; masked-LM rows (GBERT): T
     longest = self.world.max_doc_positions() + (0 if cfg.model.causal else 1)
@@ -236,11 +237,31 @@ class Experiment:
       if self.done(stage):
         print(f"[{stage}] already done, skipping", flush=True)
       else:
-        loop.run_stage(self.train_spec(stage), self.cfg, self.workdir.stage(stage), self.mesh)
+        loop.run_stage(self.first_spec(stage), self.cfg, self.workdir.stage(stage), self.mesh)
     elif stage in PROBE_STAGES:
       self.probe(stage)
     else:
       self.evaluate()
+
+  def first_spec(self, stage: str) -> loop.StageSpec:
+    """train_spec(stage), made once: check_first_fits compiles the step of the spec the stage
+    then trains with (one loss function, one jitted step: the compile is jax's to reuse)."""
+    if stage not in self._specs:
+      self._specs[stage] = self.train_spec(stage)
+    return self._specs[stage]
+
+  def check_first_fits(self) -> None:
+    """ConfigError (before the workdir is taken) if the step of the first stage to train, a
+    base stage that starts from nothing, needs more memory a device than it holds
+    (loop.check_fits: a data.seq_len or batch size too large for the machine was refused
+    after the workdir was written, or the process was killed building it). Its compile is
+    the one the stage's first step runs."""
+    todo = [s for s in self.stages() if s in TRAIN_STAGES and not self.done(s)]
+    if not todo or todo[0] not in BASE_STAGES:
+      return
+    spec = self.first_spec(todo[0])
+    compiled = loop.traced_step(spec, self.mesh, self.cfg.seed).lower().compile()
+    loop.check_fits(compiled, self.cfg.train, self.mesh, todo[0], spec, 0)
 
   def done(self, stage: str) -> bool:
     """A training or probing stage is done when its final/ params exist."""

@@ -297,6 +297,17 @@ def test_a_stage_without_its_source_writes_nothing(tmp_path, jax_cache):
   assert not wd.exists()
 
 
+def test_a_step_too_large_for_the_machine_writes_nothing(tmp_path, jax_cache):
+  """A data.seq_len of 10^7 was refused after the workdir was written (config.json, world,
+  tokenizer, metrics, events); 10^8 was killed for memory with no line at all. The first
+  stage's step is compiled and sized before the workdir is taken (train.memory_gb stands in
+  for a small machine here)."""
+  wd = tmp_path / "new"
+  r = run_main([CONFIG, f"--workdir={wd}", *SMALL, "--config.train.memory_gb=0.001"], jax_cache)
+  assert_one_line_error(r, "[pretrain] the pretrain step needs", "train.memory_gb=0.001")
+  assert not wd.exists()
+
+
 @pytest.mark.parametrize("env, says", [
     ({"KSTORE_NUM_PROCESSES": "abc"}, "KSTORE_NUM_PROCESSES='abc' must be a whole number"),
     ({"KSTORE_NUM_PROCESSES": "2"}, "KSTORE_NUM_PROCESSES=2 needs KSTORE_COORDINATOR"),

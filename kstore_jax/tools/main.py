@@ -30,6 +30,7 @@ def main(argv):
   runtime.use_compile_cache(cfg.train.compile_cache)
   with cli.config_errors():   # a bad input file (tokenizer, data.source) is one line too
     exp, tok = experiment.open_experiment(cfg, _WORKDIR.value, jax.device_count(), platform)
+  exp.check_first_fits()
   exp.start(tok)
   try:
     exp.run()
