@@ -310,6 +310,11 @@ def validate(cfg, n_devices: int, platform: str | None = None,
     processes = jax.process_count()
   rows = cfg.train.microbatch_rows
   _require(rows >= 0, f"train.microbatch_rows={rows} must be >= 0 (0: the whole batch)")
+  # the caches are directories ('' off): a file there was taken silently (jax cached nothing)
+  for key in ("compile_cache", "tokenizer_cache"):
+    path = os.path.expanduser(cfg.train[key])
+    _require(not path or not os.path.exists(path) or os.path.isdir(path),
+             f"train.{key}={cfg.train[key]!r} is a file, not a directory")
   for s in stages:
     if s == "eval":
       continue

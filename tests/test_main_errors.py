@@ -137,6 +137,8 @@ BAD_STAGE = {
     # inf passed `lr > 0` and trained until the first step's non-finite check stopped it
     "lr_infinite": ({"pretrain.lr": "inf"}, "'pretrain.lr'=inf must be a finite number"),
     "eps_nan": ({"finetune.eps": "nan"}, "'finetune.eps'=nan must be a finite number"),
+    "compile_cache_a_file": ({"train.compile_cache": "configs/base.py"},
+                             "train.compile_cache='configs/base.py' is a file, not a directory"),
 }
 
 
