@@ -63,7 +63,10 @@ class Workdir:
     path = self.file(rundir.CONFIG)
     if not os.path.exists(path):
       return
-    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(rundir.read_json(path))}
+    saved = rundir.read_json(path)
+    if not isinstance(saved, dict):
+      raise configlib.ConfigError(f"{path}: not a run's config (a JSON object)")
+    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(saved)}
     new = _flatten(_json(cfg))
     for d in (old, new):
       d["model.dtype"] = attention_lib.resolve_dtype(d["model.dtype"], platform)

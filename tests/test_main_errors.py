@@ -474,3 +474,16 @@ def test_resume_treats_missing_keys_as_defaults(case, tmp_path):
   with pytest.raises(configlib.ConfigError, match="different experiment") as e:
     wd.check_same_experiment(cfg, "cpu")
   assert culprit in str(e.value)
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"seed": ', "config.json: not a JSON file (Expecting value"),   # cut short
+    (b'{"seed": "\xff"}', "config.json: not a JSON file ("),          # not UTF-8
+    ("[1, 2, 3]", "config.json: not a run's config (a JSON object)")])
+def test_resume_of_a_damaged_config_names_the_file(text, says, tmp_path):
+  """A resumed workdir's config.json that holds no config: the line named no file (a bare
+  'Expecting value: line 1 column 1') or was a traceback."""
+  path = tmp_path / "config.json"
+  path.write_bytes(text if isinstance(text, bytes) else text.encode())
+  with pytest.raises(configlib.ConfigError, match=re.escape(f"{tmp_path}/{says}")):
+    experiment.Workdir(str(tmp_path)).check_same_experiment(single.get_config("tiny"), "cpu")
