@@ -82,6 +82,19 @@ def is_run(path: str) -> bool:
   return all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG, WORLD))
 
 
+def check_writable(path: str, flag: str) -> None:
+  """ConfigError naming `flag`=`path` where this process cannot make or write in the
+  directory `path`: the nearest existing path at or above it is a file, or a directory it
+  cannot write (a NotADirectoryError or PermissionError traceback at the first write)."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"{flag}={path}: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag}={path}: {existing} is not writable")
+
+
 def check_workdir(workdir: str, holds: str = "run") -> None:
   """ConfigError (one line, checked before anything is written, on the path as given) when
   `workdir` is a URL (`gs://...`: the run directory is read and written as local files; it
@@ -95,14 +108,8 @@ def check_workdir(workdir: str, holds: str = "run") -> None:
                       "gcsfuse, say)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir}: not a directory")
+  check_writable(workdir, "--workdir")
   path = os.path.abspath(workdir)
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ConfigError(f"--workdir={workdir}: {existing} is a file, not a directory")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir={workdir}: {existing} is not writable")
   if holds == "run" and os.path.isfile(os.path.join(path, GRID)):
     raise ConfigError(f"--workdir={workdir} holds a grid ({GRID}); its runs are its "
                       "subdirectories")

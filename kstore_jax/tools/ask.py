@@ -39,7 +39,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as given to ksto
 _NAME = flags.DEFINE_string("name", None, 'Full name of a person, e.g. "Anya Briar Forger".')
 _PERSON = flags.DEFINE_integer("person", None, "Index of a person in the population.")
 _RANDOM = flags.DEFINE_integer("random", None, "Ask about this many random people.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of --random.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of --random.", lower_bound=0)
 _SPLIT = flags.DEFINE_enum("split", "all", ["all", *SPLIT_LABELS],
                            "--random draws from: all people, the QA-train half, the QA-valid "
                            "people (held back for tuning), or the held-out (test) half.")
@@ -54,8 +54,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 
 # -- loading ----------------------------------------------------------------------------------
 def load_run(workdir: str):
-  """(cfg, tokenizer) of a finished or running workdir, without touching it."""
-  import ml_collections
+  """(cfg, tokenizer) of a finished or running workdir, without touching it: its
+  tokenizer.json and its config.json as `run_config` reads it."""
   from kstore_jax.data import tokenizer as tokenizer_lib
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
@@ -63,14 +63,51 @@ def load_run(workdir: str):
   for name in (rundir.CONFIG, rundir.TOKENIZER):
     if not os.path.isfile(os.path.join(workdir, name)):
       raise ConfigError(f"--workdir={workdir}: no {name} (not a kstore_jax run?)")
+  path = os.path.join(workdir, rundir.CONFIG)
   try:
-    cfg = ml_collections.ConfigDict(rundir.read_json(os.path.join(workdir, rundir.CONFIG)))
+    saved = rundir.read_json(path)
     tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, rundir.TOKENIZER))
+  except ConfigError:
+    raise
   except (OSError, ValueError) as e:
     raise ConfigError(f"--workdir={workdir}: {type(e).__name__}: {e}") from None
-  # This process answers on its own devices: the training mesh may not fit them.
-  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-  return cfg, tok
+  return run_config(saved, path), tok
+
+
+def run_config(saved, path: str):
+  """The config `saved` (a run's config.json, read from `path`) as main runs it: keys it lacks
+  (a run written before they existed) at their configs/base.py defaults for its scale and
+  variants, as a resume takes them; the mesh this process's own (data-parallel over its
+  devices: the training mesh may not fit them); validated as main validates a config, for
+  this platform and one device (ask trains nothing: a batch size this host's devices do not
+  divide is no concern of it). ConfigError naming the file and the first bad key (a
+  hand-edited value of another type, a section that is no section)."""
+  import jax
+  import ml_collections
+  from configs import base
+  from kstore_jax.model import attention
+  try:
+    if not isinstance(saved, dict):
+      raise ConfigError(f"not a JSON object (a {type(saved).__name__})")
+    scale, variants = saved.get("scale"), saved.get("variants", "")
+    if scale not in tuple(base.SCALES):
+      raise ConfigError(f"config key 'scale'={scale!r} must be {'|'.join(base.SCALES)}")
+    if not isinstance(variants, str):
+      raise ConfigError(f"config key 'variants'={variants!r} must be a string")
+    with cli.config_errors():   # an unknown variant
+      defaults = base.get_config(",".join(filter(None, (scale, variants)))).to_dict()
+      cfg = ml_collections.ConfigDict(_merged(defaults, {k: v for k, v in saved.items()
+                                                         if k != "mesh"}))
+    cli.validated_config(cfg, platform=attention.platform_of(jax.devices()))
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return cfg
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+  """`saved` over `defaults`, section by section."""
+  return {**defaults, **{k: _merged(defaults[k], v) if isinstance(v, dict)
+                         and isinstance(defaults.get(k), dict) else v for k, v in saved.items()}}
 
 
 def pick_stage(workdir: str, stage: str | None) -> str:
@@ -102,9 +139,10 @@ class Asker:
     self.exp.workdir.check_same_world(cfg, self.world)   # its answers against other facts
     try:
       self.params = self.exp.load_final(self.stage)
-    except Exception as e:  # a damaged final/ (orbax raises many types)
-      raise ConfigError(f"{self.stage}/final in {self.workdir} is unreadable "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+    except Exception as e:  # a damaged final/ (orbax raises many types), or another model's
+      raise ConfigError(f"{self.stage}/final in {self.workdir} is unreadable or not the model "
+                        f"{rundir.CONFIG} describes ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200]})") from None
 
   # -- people ------------------------------------------------------------------------------
   def person_by_name(self, name: str) -> int:

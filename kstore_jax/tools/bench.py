@@ -43,22 +43,28 @@ CONFIG = cli.config_flag()
 WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data: Grain worker processes to compare")
 IMPORTED = flags.DEFINE_list("imported", [], "data: also time the config's world exported in "
                              "these formats (jsonl, tfds) and read back through data.source")
-WARMUP = flags.DEFINE_integer("warmup", 5, "data: batches taken before timing starts")
-MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this long ...")
-MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches")
-MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long")
+WARMUP = flags.DEFINE_integer("warmup", 5, "data: batches taken before timing starts",
+                              lower_bound=0)
+MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "data: time at least this long ...",
+                                 lower_bound=0)
+MIN_BATCHES = flags.DEFINE_integer("min_batches", 200, "data: ... and at least this many batches",
+                                   lower_bound=0)
+MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "data: but stop after this long",
+                                 lower_bound=0)
 TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "train: timed steps (after 2 warm-up)",
                                    lower_bound=1)
-N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people")
+N_PEOPLE = flags.DEFINE_integer("n", 10_000_000, "population: number of people (at most half "
+                                "the name space)", lower_bound=1)
 EVAL_PEOPLE = flags.DEFINE_integer("eval_people", 0, "eval: people whose 6 QA prompts are "
                                    "answered, held-out half first (0 = those the eval stage "
-                                   "answers: both halves, eval.max_people of each)")
+                                   "answers: both halves, eval.max_people of each)",
+                                   lower_bound=0)
 EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "eval: questions per batch (0 = the "
-                                  "config's eval.batch_size)")
+                                  "config's eval.batch_size)", lower_bound=0)
 EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "eval: timed runs of each, interleaved "
                                     "(the median counts)", lower_bound=1)
 EVAL_MAX_NEW = flags.DEFINE_integer("eval_max_new", 0, "eval: tokens to generate (0 = the "
-                                    "longest answer + EOT, as in QA eval)")
+                                    "longest answer + EOT, as in QA eval)", lower_bound=0)
 PROBE_STEPS = flags.DEFINE_integer("probe_steps", 20, "probe: timed steps per probe (after 2 "
                                    "warm-up)", lower_bound=1)
 COHORT_RUNS = flags.DEFINE_integer("cohort_runs", 0, "train, profile: the step of a grid cohort "
@@ -72,14 +78,14 @@ ATTENTION = flags.DEFINE_list("attention", [], "attention: implementations to ti
 PLATFORM = flags.DEFINE_enum("platform", "cuda", ["cpu", "cuda", "rocm", "tpu"],
                              "lower: the platform to lower for")
 PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "profile, roofline: ops listed (most "
-                                   "time first)")
+                                   "time first)", lower_bound=1)
 ROOFLINE_TARGET = flags.DEFINE_string("target", "h200", "roofline: what to compile for, a GPU "
                                       "(train/aot.py TARGETS: h200, h100) or a TPU slice "
                                       "(TPU_TARGETS: v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2)")
 ROOFLINE_DEVICES = flags.DEFINE_integer("devices", 1, "roofline: GPUs of one host the config's "
                                         "mesh spans (a TPU target: its slice's); the floor is "
                                         "one device's, collectives counted at memory "
-                                        "bandwidth: a lower bound")
+                                        "bandwidth: a lower bound", lower_bound=1)
 MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "ceiling, train: the reference n x n x n matmul's n "
                                 "(0: 2048 on a CPU, 8192 on an accelerator)", lower_bound=0)
 COPY_BYTES = flags.DEFINE_integer("copy_bytes", 0, "ceiling: the copied buffer's bytes (0: 256 MiB "
@@ -101,7 +107,7 @@ GRID_BARRIER = flags.DEFINE_string("grid_barrier", "", "grid: (internal) a proce
                                    "then wait for `go`")
 GRID_EVAL_PEOPLE = flags.DEFINE_integer("grid_eval_people", 64, "grid: people of each eval "
                                         "part (held out, QA-trained) whose QA the vmap mode's "
-                                        "eval timing decodes (0: no eval timing)")
+                                        "eval timing decodes (0: no eval timing)", lower_bound=0)
 _GRID_ARGS = {}   # grid: the --config spec and overrides, taken off argv before absl parses it
 STARTUP_REPEATS = flags.DEFINE_integer("startup_repeats", 3, "startup: fresh processes per "
                                       "import (the least CPU time counts)", lower_bound=1)
@@ -239,8 +245,11 @@ def child_env() -> dict:
 
 
 def bench_population(cfg) -> list[dict]:
+  from kstore_jax.data.pools import load_pools
   del cfg
-  n = N_PEOPLE.value
+  n, most = N_PEOPLE.value, load_pools().name_space // 2   # (make_population's bound)
+  if n > most:
+    raise cli.ConfigError(f"--n={n}: at most {most} people (half the name space)")
   proc = subprocess.run([sys.executable, "-c", _POPULATION_CHILD, str(n)], env=child_env(),
                         capture_output=True, text=True, check=False)
   if proc.returncode:
@@ -979,9 +988,6 @@ def bench_grid(_cfg) -> Iterator[dict]:
   from kstore_jax import experiment
   from kstore_jax.model import attention
   from kstore_jax.train import sharding, throughput
-  unknown = [m for m in GRID_MODES.value if m not in ("vmap", "processes")]
-  if unknown:
-    raise cli.ConfigError(f"--grid_modes: {unknown[0]!r} is not a grid mode (vmap, processes)")
   spec, overrides = _GRID_ARGS.get("spec"), _GRID_ARGS.get("overrides", [])
   g = configlib.load_grid(spec, overrides)
   order = list(g.order)
@@ -1020,9 +1026,6 @@ def bench_grid(_cfg) -> Iterator[dict]:
     ctx = dict(stage=stage, config=spec, overrides=overrides,
                model=size_name(g.runs[order[0]].model), device=jax_device_kind(),
                cpus=len(cores))
-    bad = [r for r in GRID_RUNS.value if not r.isdigit() or int(r) < 1]
-    if bad:
-      raise cli.ConfigError(f"--runs: {bad[0]!r} is not a run count >= 1")
     cohorts = [[order[i % len(order)] for i in range(int(r))] for r in GRID_RUNS.value]
     for names in cohorts:   # the training speedups of every R first, then the evals'
       r = len(names)
@@ -1126,6 +1129,34 @@ BENCHMARKS = {"train": bench_train, "data": bench_data, "population": bench_popu
 NO_CONFIG = {"population", "ceiling", "grid", "startup"}   # grid reads its grid config itself
 
 
+def _check_list(flag, ok, takes: str, empty: bool = False) -> None:
+  """ConfigError naming the comma-list `flag` unless each of its values passes `ok` and, unless
+  `empty`, it has one: `takes` says what it takes."""
+  bad = [v for v in flag.value if not ok(v)]
+  if bad or not (flag.value or empty):
+    raise cli.ConfigError(f"--{flag.name}={','.join(flag.value)}: "
+                          + (f"{bad[0]!r} is not {takes}" if bad else f"empty; expected {takes}"))
+
+
+def check_lists() -> None:
+  """The comma-list flags, before any work (a bad value failed deep inside a benchmark, with
+  a traceback or two, or timed nothing): one line naming the flag and what it takes."""
+  from kstore_jax.data import export
+
+  def count(least: int):
+    return lambda v: v.isdigit() and int(v) >= least
+
+  _check_list(WORKERS, count(0), "a count of worker processes >= 0")
+  _check_list(IMPORTED, export.FORMATS.__contains__,
+              f"an export format ({', '.join(export.FORMATS)})", empty=True)
+  _check_list(GRID_RUNS, count(1), "a run count >= 1")
+  _check_list(GRID_MODES, ("vmap", "processes").__contains__, "a grid mode (vmap, processes)")
+  if ATTENTION.value:   # (importing the kernels loads jax)
+    from kstore_jax.model import attention
+    _check_list(ATTENTION, attention.IMPLEMENTATIONS.__contains__,
+                f"an attention implementation ({', '.join(attention.IMPLEMENTATIONS)})")
+
+
 def _subcommand(argv) -> str | None:
   args = [a for i, a in enumerate(argv[1:], 1) if argv[i - 1] != "--config"]
   return next((a for a in args if not a.startswith("-")), None)
@@ -1135,6 +1166,7 @@ def main(argv):
   what = argv[1:]
   if len(what) != 1 or what[0] not in BENCHMARKS:
     raise cli.ConfigError(f"expected one benchmark out of {sorted(BENCHMARKS)}, got {what}")
+  check_lists()
   # lower: for that platform; roofline: for its target's (compile-only devices)
   platform = PLATFORM.value if what[0] == "lower" else None
   if what[0] == "roofline":

@@ -13,15 +13,18 @@ of its first N people). Token counts include the BOS/EOT tokens.
 bios, QA split, pretraining document weight, share of the stream's bio positions); the QA split
 counts `qa_train_people`, `qa_valid_people` (data.qa_valid_fraction) and `qa_test_people`.
 `--export=DIR` writes the world's bios as bio records (data/export.py: `--format=tfds`, the
-default, or `jsonl`) with its tokenizer, and prints the `data.source` that imports them.
+default, or `jsonl`) with its tokenizer, and prints the `data.source` that imports them; a DIR
+this process cannot make or write in is one line before the world is built.
 """
 
 import json
 import os
+import shutil
 
 import numpy as np
 from absl import flags
 
+from kstore_jax import rundir
 from kstore_jax.data import export as export_lib
 from kstore_jax.data import tokenizer as tokenizer_lib
 from kstore_jax.data import world as world_lib
@@ -136,12 +139,39 @@ def stats(world, tok) -> dict:
   }
 
 
+def check_export() -> None:
+  """--export and --format before the world is built: an empty --export (it printed bios
+  instead), --format without --export (ignored), a directory that cannot be made or written
+  (the nearest existing one above it no directory, or not writable by this process) are one
+  line naming the flag."""
+  if FORMAT.present and EXPORT.value is None:
+    raise cli.ConfigError(f"--format={FORMAT.value} goes with --export=DIR (it would be ignored)")
+  if EXPORT.value is None:
+    return
+  if not EXPORT.value:
+    raise cli.ConfigError("--export: empty; expected a directory to write the bio records into")
+  rundir.check_writable(EXPORT.value, "--export")
+
+
+def export(world, out_dir: str, fmt: str) -> str:
+  """export_lib.export; an OSError all the same (a full disk, a directory made read-only
+  meanwhile) is one line naming --export, and the directory, where this call made it, is
+  removed with what it holds."""
+  made = not os.path.exists(out_dir)
+  try:
+    return export_lib.export(world, out_dir, fmt)
+  except OSError as e:
+    if made:
+      shutil.rmtree(out_dir, ignore_errors=True)
+    raise cli.ConfigError(f"--export={out_dir}: {e.strerror or type(e).__name__} "
+                          f"({e.filename or out_dir})") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.ConfigError(f"unexpected arguments {argv[1:]}")
   cfg = cli.validated_config(CONFIG.value)
-  if EXPORT.value and os.path.exists(EXPORT.value) and not os.path.isdir(EXPORT.value):
-    raise cli.ConfigError(f"--export={EXPORT.value}: not a directory")
+  check_export()
   with cli.config_errors():
     tok = tokenizer_lib.of_config(cfg)
     world = world_lib.build_world(cfg, tok)
@@ -151,7 +181,7 @@ def main(argv):
   if STATS.value:
     print(json.dumps(stats(world, tok)))
   if EXPORT.value:
-    spec = export_lib.export(world, EXPORT.value, FORMAT.value)
+    spec = export(world, EXPORT.value, FORMAT.value)
     print(f"exported the bios of {len(world.pop)} people: data.source={spec!r} "
           f"(data.tokenizer_path={EXPORT.value}/{export_lib.TOKENIZER} for the same tokens)")
 

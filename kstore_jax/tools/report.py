@@ -20,11 +20,16 @@ with `groups` (celeb_minority, minority_only), and PNG plots next to the report 
 loss curves per stage from `<run>/<stage>/metrics.jsonl`, one P-probe heatmap per run). The
 markdown is printed too.
 
-A run without (complete) results is listed with "—" and a note; a RUN_DIR that does not exist
-is a one-line error (exit status 2).
+A run without (complete) results is listed with "—" and a note. One line on stderr (exit status
+2), and nothing written, for: a RUN_DIR that does not exist or holds no run (no config.json,
+results.json or grid.json), a config.json or results.json that cannot be read, holds no JSON
+object or holds a key the report reads with a value of another type (`"qa_test": "high"`), and
+an --out that cannot be written. Everything is computed before the first file is written.
 """
 
 import dataclasses
+import io
+import json
 import os
 import re
 import sys
@@ -65,6 +70,20 @@ ARCHS = ("gpt2", "gbert", "llama")
 PAPER_GBERT = {"finetune": "~4", "mixed": "~30"}
 DASH = "—"
 
+# The keys the report reads and their JSON types; a dict: an object whose keys have those types.
+NUMBER = (int, float)
+ACCURACY = dict.fromkeys((*ATTRIBUTES, "mean"), NUMBER)   # an accuracy per attribute and mean
+ACCURACIES = ("qa_test", "qa_train", "qa_valid", "bio_recall", "qprobe")
+RESULT_TYPES = {**dict.fromkeys(ACCURACIES, ACCURACY),
+                **dict.fromkeys((k + CI for k in (*ACCURACIES, "qa_test_by_tokens")), dict),
+                "qa_test_by_tokens": dict, "groups": dict, "pprobe": list,
+                "probe_baseline": dict, "evaluated_stage": str}
+CONFIG_TYPES = {"name": str, "stages": (str, list),
+                "finetune": {"lora_rank": int, "lora_embed_rank": int},
+                "model": {"causal": bool, "block": str}}
+JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true or false",
+              int: "an integer", NUMBER: "a number", (str, list): "a string or a list"}
+
 
 @dataclasses.dataclass
 class Run:
@@ -91,15 +110,42 @@ class Run:
     return pct_ci(self.metric(key, attr), self.ci(key, attr))
 
 
-def _read_json(path: str, notes: list[str], what: str):
+def _check_types(obj: dict, types: dict, path: str, prefix: str = "") -> None:
+  """ConfigError naming the file `path` and the key where a key of `types` that `obj` holds
+  has a value of another JSON type (true is no number here)."""
+  for key, want in types.items():
+    if key not in obj:
+      continue
+    v, kind = obj[key], dict if isinstance(want, dict) else want
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+      raise ConfigError(f"{path}: key '{prefix}{key}' is {_json_text(v)}, expected "
+                        f"{JSON_NAMES[kind]}")
+    if isinstance(want, dict):
+      _check_types(v, want, path, f"{prefix}{key}.")
+
+
+def _json_text(v) -> str:
+  """`v` as JSON, cut to 60 characters."""
+  text = json.dumps(v)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_json(path: str, notes: list[str], what: str, types: dict) -> dict:
+  """The JSON object in `path`, its keys of `types` checked (_check_types); {} and a note `no
+  {what}` where the file does not exist (a run not started or not evaluated yet). A file that
+  is there but unreadable, not JSON, no object or of the wrong types is a one-line ConfigError
+  naming it: the report would otherwise show a wrong number, or none, without saying why."""
   if not os.path.exists(path):
     notes.append(f"no {what}")
-    return None
+    return {}
   try:
-    return rundir.read_json(path)
-  except (OSError, ValueError) as e:
-    notes.append(f"unreadable {what} ({type(e).__name__})")
-    return None
+    data = rundir.read_json(path)
+  except OSError as e:
+    raise ConfigError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: not a JSON object ({_json_text(data)})")
+  _check_types(data, types, path)
+  return data
 
 
 def load_run(path: str, label: str, planned: dict | None = None) -> Run:
@@ -110,19 +156,17 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
     notes.append("not started")
     cfg = {}
   else:
-    cfg = _read_json(os.path.join(path, rundir.CONFIG), notes, rundir.CONFIG)
-    cfg = cfg if isinstance(cfg, dict) else {}
+    cfg = _read_json(os.path.join(path, rundir.CONFIG), notes, rundir.CONFIG, CONFIG_TYPES)
   planned = planned or {}
   name = str(cfg.get("name") or planned.get("row") or os.path.basename(os.path.normpath(path)))
   # `--config.stages=a,b,c` is saved as ["a,b,c"]: split as configs/base.py's stage_list
   stages = base.split_stages(cfg.get("stages") or ())
   mode = base.qa_method(stages) if cfg else planned.get("method")
-  ft = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
+  ft = cfg.get("finetune", {})
   if mode == "finetune" and ft.get("lora_rank"):
     notes.append(f"LoRA finetune (r={ft['lora_rank']}, embedding r={ft.get('lora_embed_rank', 0)})")
   results = _read_json(os.path.join(path, rundir.RESULTS), notes,
-                       f"{rundir.RESULTS} (not evaluated)")
-  results = results if isinstance(results, dict) else {}
+                       f"{rundir.RESULTS} (not evaluated)", RESULT_TYPES)
   trained = [s for s in stages[:stages.index("eval")] if s in base.TRAIN_STAGES] \
       if "eval" in stages else []
   done = results.get("evaluated_stage")
@@ -130,8 +174,8 @@ def load_run(path: str, label: str, planned: dict | None = None) -> Run:
     results = {k: v for k, v in results.items() if not k.startswith(EVAL_KEYS)}
     notes.append(f"QA evaluated after {done}, not after {trained[-1]}: rerun to evaluate")
   if results:
-    missing = [k for k in ("qa_test", "qa_train", "bio_recall") if not isinstance(
-        results.get(k), dict) or not isinstance(results[k].get("mean"), (int, float))]
+    missing = [k for k in ("qa_test", "qa_train", "bio_recall")
+               if "mean" not in results.get(k, {})]
     if missing:
       notes.append("results.json lacks " + ", ".join(missing))
   return Run(path, label, name, mode, cfg, results, notes)
@@ -317,7 +361,7 @@ def group_table(runs: list[Run]) -> list[str]:
 
 def arch_of(run: Run) -> str:
   """'gbert' (model.causal false), 'llama' (model.block llama) or 'gpt2'."""
-  model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
+  model = run.config.get("model", {})
   if model.get("causal") is False:
     return "gbert"
   return "llama" if model.get("block") == "llama" else "gpt2"
@@ -423,7 +467,15 @@ def _plt():
   return plt
 
 
-def plot_accuracy(runs: list[Run], path: str) -> None:
+def png_bytes(plt, fig) -> bytes:
+  """The figure as PNG bytes (closed): the report writes its files once all are drawn."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def plot_accuracy(runs: list[Run]) -> bytes:
   import numpy as np
   plt = _plt()
   rows = row_order(runs)
@@ -457,11 +509,10 @@ def plot_accuracy(runs: list[Run], path: str) -> None:
   ax.set_title("QA accuracy on people never seen in QA (bars: 95% interval)")
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return png_bytes(plt, fig)
 
 
-def plot_qprobe_vs_qa(runs: list[Run], path: str) -> None:
+def plot_qprobe_vs_qa(runs: list[Run]) -> bytes:
   """One point per run: Q-probe mean accuracy (x) against held-out QA accuracy (y)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(4.6, 4.0))
@@ -478,8 +529,7 @@ def plot_qprobe_vs_qa(runs: list[Run], path: str) -> None:
   ax.set_ylabel("held-out QA exact match (%)")
   ax.set_title("Q-probe (name only) vs held-out QA")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return png_bytes(plt, fig)
 
 
 def read_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
@@ -495,7 +545,7 @@ def read_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
   return out
 
 
-def plot_losses(run: Run, curves, path: str) -> None:
+def plot_losses(run: Run, curves) -> bytes:
   """A panel per stage. Drawn at a fixed layout with plain-text tick labels: tight_layout and
   the log axis's mathtext labels were ~2/3 of a 32-run grid's report (13.8 -> 4.6 CPU-s)."""
   plt = _plt()
@@ -514,11 +564,10 @@ def plot_losses(run: Run, curves, path: str) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
   fig.suptitle(f"{run.name} ({run.mode or '?'})")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return png_bytes(plt, fig)
 
 
-def plot_pprobe(run: Run, m, path: str) -> None:
+def plot_pprobe(run: Run, m) -> bytes:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.2, 4.8))
   im = ax.imshow(100 * m, vmin=0, vmax=100, cmap="viridis")
@@ -538,8 +587,7 @@ def plot_pprobe(run: Run, m, path: str) -> None:
   ax.set_title(f"P-probe accuracy (%): {run.name}")
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return png_bytes(plt, fig)
 
 
 # -- the report --------------------------------------------------------------------------
@@ -551,13 +599,17 @@ def section(title: str, intro: str, table: list[str]) -> list[str]:
 def expand_grids(dirs: list[str]) -> list[tuple[str, dict | None]]:
   """[(run directory, planned)]: a grid directory (it holds grid.json) stands for its runs in
   the grid's order, each with its planned row and method (a run not started yet is listed,
-  not an error); any other directory is one run."""
+  not an error); any other directory is one run, and must hold one (a config.json or a
+  results.json: an empty or mistyped directory rendered an empty report)."""
   out = []
   for d in dirs:
     if not os.path.isdir(d):
       raise ConfigError(f"{d}: no such run directory")
     path = os.path.join(d, rundir.GRID)
     if not os.path.exists(path):
+      if not any(os.path.exists(os.path.join(d, f)) for f in (rundir.CONFIG, rundir.RESULTS)):
+        raise ConfigError(f"{d}: holds no run (no {rundir.CONFIG}, {rundir.RESULTS} or "
+                          f"{rundir.GRID})")
       out.append((d, None))
       continue
     try:
@@ -569,20 +621,17 @@ def expand_grids(dirs: list[str]) -> list[tuple[str, dict | None]]:
   return out
 
 
-def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
-  """Write the markdown and PNGs; return (markdown, PNG paths). A grid directory in
-  `run_dirs` stands for its runs (`expand_grids`)."""
+def render_report(run_dirs: list[str], stem: str) -> tuple[str, dict[str, bytes]]:
+  """(markdown, {PNG file name: its bytes}) of the runs in `run_dirs` (a grid directory stands
+  for its runs: `expand_grids`), the PNGs named `<stem>_<kind>[_<run>].png`. Writes nothing."""
   planned = expand_grids(run_dirs)
   paths = [p for p, _ in planned]
   runs = [load_run(p, label, plan) for (p, plan), label in zip(planned, _labels(paths))]
-  out_dir = os.path.dirname(os.path.abspath(out_path))
-  os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.splitext(os.path.basename(out_path))[0]
-  pngs: list[str] = []
+  pngs: dict[str, bytes] = {}
 
-  def png(kind: str, label: str | None = None) -> str:
+  def png(kind: str, label: str | None, data: bytes) -> str:
     name = f"{stem}_{kind}" + (f"_{label}" if label else "") + ".png"
-    pngs.append(os.path.join(out_dir, name))
+    pngs[name] = data
     return name
 
   md = ["# Knowledge extraction report", "",
@@ -593,8 +642,7 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
         "`<key>_ci`), where the run recorded one.", ""]
   md += headline_table(runs)
   md += ordering_line(runs)
-  acc_png = png("accuracy")
-  plot_accuracy(runs, os.path.join(out_dir, acc_png))
+  acc_png = png("accuracy", None, plot_accuracy(runs))
   md += ["", f"![held-out QA accuracy]({acc_png})", "", "## Per run", "",
          "Test = held-out half; train half = people whose QA was trained on; bio recall = "
          "teacher-forced exact match of each value inside held-out people's bios (storage: is "
@@ -618,18 +666,14 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
   q = qprobe_table(runs)
   md += section("## Q-probe (name only → attribute), accuracy %", "", q)
   if q:
-    scatter = png("qprobe_vs_qa")
-    plot_qprobe_vs_qa(runs, os.path.join(out_dir, scatter))
-    md += ["", f"![Q-probe vs QA]({scatter})"]
+    md += ["", f"![Q-probe vs QA]({png('qprobe_vs_qa', None, plot_qprobe_vs_qa(runs))})"]
 
   def per_run(title: str, kind: str, items, plot, caption) -> list[str]:
     """A section with one PNG per run that has data; [] if none has."""
     items = [(r, d) for r, d in items if d is not None and len(d)]
     out = ["", title, ""] if items else []
     for r, d in items:
-      name = png(kind, r.label)
-      plot(r, d, os.path.join(out_dir, name))
-      out += [caption(r, d, name), ""]
+      out += [caption(r, d, png(kind, r.label, plot(r, d))), ""]
     return out
 
   md += per_run("## P-probe (rows: positions, columns: attributes)", "pprobe",
@@ -638,10 +682,46 @@ def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
   md += per_run("## Training loss", "loss", [(r, read_losses(r)) for r in runs], plot_losses,
                 lambda r, c, name: f"`{r.name}` ({r.mode or '?'}, {', '.join(c)}): "
                                    f"![loss {r.name}]({name})")
-  text = "\n".join(md).rstrip() + "\n"
-  with open(out_path, "w") as f:
-    f.write(text)
-  return text, pngs
+  return "\n".join(md).rstrip() + "\n", pngs
+
+
+def write_files(files: dict[str, bytes], out: str) -> None:
+  """Write `files` ({path: bytes}, in --out's directory) all or none: each to a temporary
+  file first, renamed over its path once all are written. An OSError (an --out under a file
+  or in a directory this process cannot write, a full disk) removes the temporary files and
+  the directories made for them, and is one line naming --out."""
+  suffix = f".{os.getpid()}.tmp"
+  made, d = [], os.path.dirname(os.path.abspath(out))   # made: missing directories, deepest first
+  while not os.path.exists(d):
+    made.append(d)
+    d = os.path.dirname(d)
+  tmps = []
+  try:
+    os.makedirs(made[0] if made else d, exist_ok=True)
+    for path, data in files.items():
+      tmps.append(path + suffix)
+      with open(tmps[-1], "wb") as f:
+        f.write(data)
+    for tmp, path in zip(tmps, files):
+      os.replace(tmp, path)
+  except OSError as e:
+    for p in tmps + made:
+      if os.path.isfile(p):
+        os.remove(p)
+      elif os.path.isdir(p):
+        os.rmdir(p)
+    raise ConfigError(f"--out={out}: cannot write {str(e.filename or out).removesuffix(suffix)} "
+                      f"({e.strerror or type(e).__name__})") from None
+
+
+def build_report(run_dirs: list[str], out_path: str) -> tuple[str, list[str]]:
+  """Render the report (`render_report`), then write the markdown to `out_path` and the PNGs
+  beside it; (markdown, PNG paths). A failure writes nothing."""
+  out_dir = os.path.dirname(os.path.abspath(out_path))
+  text, pngs = render_report(run_dirs, os.path.splitext(os.path.basename(out_path))[0])
+  paths = {os.path.join(out_dir, name): data for name, data in pngs.items()}
+  write_files({out_path: text.encode(), **paths}, out_path)
+  return text, list(paths)
 
 
 def main(argv):
