@@ -82,6 +82,13 @@ class Workdir:
             f"--workdir={self.path} holds a different experiment: config key {k!r} is "
             f"{old.get(k)!r} there, {new.get(k)!r} now")
 
+  def check_results(self) -> None:
+    """ConfigError naming results.json where it holds no JSON object: Experiment.start merges
+    it, after writing config.json and the rest."""
+    path = self.file(rundir.RESULTS)
+    if os.path.exists(path) and not isinstance(rundir.read_json(path), dict):
+      raise configlib.ConfigError(f"{path}: not a run's results (a JSON object)")
+
   def check_same_world(self, cfg, world) -> None:
     """Refuse to resume a workdir whose run trained on other data than `world` holds (an
     imported data.source file edited or replaced since, or a population drawn differently):
@@ -263,7 +270,13 @@ class Experiment:
     if not todo or todo[0] not in BASE_STAGES:
       return
     spec = self.first_spec(todo[0])
-    compiled = loop.traced_step(spec, self.mesh, self.cfg.seed).lower().compile()
+    try:
+      compiled = loop.traced_step(spec, self.mesh, self.cfg.seed).lower().compile()
+    except jax.errors.JaxRuntimeError as e:   # XLA refuses a program of that size (a
+      # batch of 10^8 rows: more scatter indices than int32 counts)
+      raise configlib.ConfigError(
+          f"[{todo[0]}] the {todo[0]} step of {spec.stage_cfg.batch_size} rows x data.seq_len="
+          f"{self.cfg.data.seq_len} cannot be compiled: {str(e).splitlines()[0][:200]}") from None
     loop.check_fits(compiled, self.cfg.train, self.mesh, todo[0], spec, 0)
 
   def done(self, stage: str) -> bool:
@@ -314,8 +327,8 @@ class Experiment:
               flops_per_position=lm_flops, eval_fn=eval_fn, dtype=self.model_cfg.dtype,
               microbatches=sc.batch_size // rows if rows else 1,
               platform=self.model_cfg.platform,
-              less_memory=f"set train.microbatch_rows (the same step in parts) or lower "
-                          f"{stage}.batch_size (a new workdir)")
+              less_memory=f"set train.microbatch_rows (the same step in parts), or lower "
+                          f"{stage}.batch_size or data.seq_len (a new workdir)")
     if stage != "finetune":
       return loop.StageSpec(stage, sc, step_lib.make_lm_loss(self.model),
                             lambda rng, _: init_model(rng), {}, export=lambda p, f: p, **lm)
@@ -576,6 +589,7 @@ def open_experiment(cfg, workdir: str, n_devices: int, platform: str):
   tok = tokenizer_lib.of_config(cfg)
   wd = Workdir(workdir)
   wd.check_same_experiment(cfg, platform)
+  wd.check_results()
   exp = Experiment(cfg, tok, wd)
   exp.check_sources()
   wd.check_same_world(cfg, exp.world)

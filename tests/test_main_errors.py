@@ -487,3 +487,15 @@ def test_resume_of_a_damaged_config_names_the_file(text, says, tmp_path):
   path.write_bytes(text if isinstance(text, bytes) else text.encode())
   with pytest.raises(configlib.ConfigError, match=re.escape(f"{tmp_path}/{says}")):
     experiment.Workdir(str(tmp_path)).check_same_experiment(single.get_config("tiny"), "cpu")
+
+
+def test_resume_of_damaged_results_names_the_file_first(tmp_path):
+  """A resumed workdir's results.json that holds no results: the line came after
+  Experiment.start had rewritten config.json, world.json and tokenizer.json."""
+  wd = experiment.Workdir(str(tmp_path))
+  wd.check_results()   # none yet: fine
+  for text, says in (('{"qa_test": ', "results.json: not a JSON file"),
+                     ("[1]", "results.json: not a run's results (a JSON object)")):
+    (tmp_path / "results.json").write_text(text)
+    with pytest.raises(configlib.ConfigError, match=re.escape(f"{tmp_path}/{says}")):
+      wd.check_results()
