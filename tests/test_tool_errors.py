@@ -254,3 +254,25 @@ def test_data_export_flags_are_one_line_and_write_nothing(tmp_path, args, culpri
   r = tool("data", TINY, "--config.data.n_people=40", *[a.format(**fill) for a in args])
   one_line_error(r, "data", *[c.format(**fill) for c in culprits])
   assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("made", [True, False])
+def test_a_failed_export_leaves_nothing_of_it(tmp_path, monkeypatch, made):
+  """A full disk mid-export: the records written so far stayed (in a directory that existed,
+  beside what it held; or the whole directory this export made)."""
+  from kstore_jax.data import export, records
+  out = tmp_path / "bios"
+  if not made:
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+
+  def full_disk(rows, path):
+    pathlib.Path(path).write_text('{"half": ')
+    raise OSError(28, "No space left on device", path)
+  monkeypatch.setattr(records, "write_jsonl", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    export.export(object(), str(out), "jsonl")
+  if made:
+    assert not out.exists()
+  else:
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -11,6 +11,7 @@ people, bios, QA and batches as the generator (tests/test_tfds.py).
 """
 
 import os
+import shutil
 
 import numpy as np
 
@@ -54,7 +55,8 @@ def bio_records(world):
 
 def export(world, out_dir: str, fmt: str) -> str:
   """Write the world's bio records and tokenizer into out_dir (ConfigError if it holds an
-  export already); the `data.source` that imports them."""
+  export already); the `data.source` that imports them. An OSError while writing leaves
+  nothing of this export: out_dir where this call made it, else the files it wrote there."""
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt!r} must be one of {'|'.join(FORMATS)}")
   from kstore_jax.data import tfds_bios
@@ -62,12 +64,22 @@ def export(world, out_dir: str, fmt: str) -> str:
   if taken:
     raise ConfigError(f"--export={out_dir}: holds an export already ({', '.join(taken)}); "
                       "use a new directory")
+  made = not os.path.exists(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  if fmt == "jsonl":
-    path = os.path.join(out_dir, JSONL)
-    records.write_jsonl(bio_records(world), path)
-  else:
-    path = out_dir
-    tfds_bios.write(lambda: bio_records(world), out_dir)
-  world.renderer.tokenizer.save(os.path.join(out_dir, TOKENIZER))
+  try:
+    if fmt == "jsonl":
+      path = os.path.join(out_dir, JSONL)
+      records.write_jsonl(bio_records(world), path)
+    else:
+      path = out_dir
+      tfds_bios.write(lambda: bio_records(world), out_dir)
+    world.renderer.tokenizer.save(os.path.join(out_dir, TOKENIZER))
+  except OSError:   # a full disk, a directory made read-only meanwhile: none of it is left
+    for p in (out_dir,) if made else (os.path.join(out_dir, p) for p in (JSONL, tfds_bios.NAME,
+                                                                        TOKENIZER)):
+      if os.path.isdir(p):
+        shutil.rmtree(p, ignore_errors=True)
+      elif os.path.exists(p):
+        os.remove(p)
+    raise
   return f"{fmt}:{path}"

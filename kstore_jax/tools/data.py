@@ -19,7 +19,6 @@ this process cannot make or write in is one line before the world is built.
 
 import json
 import os
-import shutil
 
 import numpy as np
 from absl import flags
@@ -154,15 +153,11 @@ def check_export() -> None:
 
 
 def export(world, out_dir: str, fmt: str) -> str:
-  """export_lib.export; an OSError all the same (a full disk, a directory made read-only
-  meanwhile) is one line naming --export, and the directory, where this call made it, is
-  removed with what it holds."""
-  made = not os.path.exists(out_dir)
+  """export_lib.export (which leaves nothing of a failed export); an OSError all the same (a
+  full disk, a directory made read-only meanwhile) is one line naming --export."""
   try:
     return export_lib.export(world, out_dir, fmt)
   except OSError as e:
-    if made:
-      shutil.rmtree(out_dir, ignore_errors=True)
     raise cli.ConfigError(f"--export={out_dir}: {e.strerror or type(e).__name__} "
                           f"({e.filename or out_dir})") from None
 
