@@ -43,6 +43,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     mod_spec = importlib.util.spec_from_file_location("_kstore_config", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise ConfigError(f"--config={spec}: {path} defines no get_config()")
     if colon and not inspect.signature(module.get_config).parameters:
       raise ConfigError(f"--config={spec}: {path} takes no ':{arg}' (its get_config() has no "
                         "argument)")

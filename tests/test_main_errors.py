@@ -247,6 +247,9 @@ def test_missing_config_file(workdir, jax_cache):
     ("configs/single.py:", r"^--config=configs/single.py:: ValueError: config scale ''"),
     ("README.md", r"^--config: 'README.md' is not a Python config file"),
     ("configs", r"^--config: 'configs' is a directory, not a config file"),
+    # a Python file that is no config: the line named the module '_kstore_config'
+    ("configs/grids/__init__.py", r"^--config=configs/grids/__init__.py: configs/grids/"
+                                  r"__init__.py defines no get_config\(\)$"),
 ])
 def test_bad_config_argument_names_it(spec, message):
   """A config file's ':argument' it cannot take, or a path that is no config file: one line

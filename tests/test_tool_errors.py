@@ -216,6 +216,13 @@ def test_ask_negative_seed_is_one_line(tmp_path):
   one_line_error(tool("ask", f"--workdir={wd}", "--random=2", "--seed=-1"), "ask", "--seed=-1")
 
 
+@pytest.mark.parametrize("flag", ["--prompt", "--name"])
+def test_ask_empty_prompt_or_name_is_one_line(tmp_path, flag):
+  """`--prompt=` (an empty shell variable) printed nothing and exited 0."""
+  wd = saved_run(tmp_path / "run")
+  one_line_error(tool("ask", f"--workdir={wd}", f"{flag}= "), "ask", f"{flag}= is empty")
+
+
 # -- bench ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, culprits", [
     # a RuntimeError around the child's traceback, naming data.n_people

@@ -292,6 +292,9 @@ def main(argv):
     if flags.FLAGS[flag].present and chosen[0] not in modes:
       raise ConfigError(f"--{flag} goes with {' or '.join(modes)}, not {chosen[0]} (it would "
                         "be ignored)")
+  for flag, value in (("--name", _NAME.value), ("--prompt", _PROMPT.value)):
+    if value is not None and not value.strip():   # (an empty shell variable, say)
+      raise ConfigError(f"{flag}= is empty")
   if not 1 <= _MAX_NEW.value <= 4096:
     raise ConfigError(f"--max_new={_MAX_NEW.value}: must be in [1, 4096]")
   attributes = _attributes(_ATTRIBUTE.value)
