@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from configs import base
-from kstore_jax.errors import ConfigError   # defined below every layer; raised by them all
+from kstore_jax.errors import ConfigError, no_file   # below every layer; raised by them all
 
 
 def fail(message: str, prog: str = "kstore_jax", status: int = 2) -> None:
@@ -252,8 +252,8 @@ def validate(cfg, n_devices: int, platform: str | None = None,
   _require(d.seq_len >= 32, f"data.seq_len={d.seq_len} must be >= 32")
   _require(d.chunk_docs >= 1, f"data.chunk_docs={d.chunk_docs} must be >= 1")
   _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
-  _require(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
-           f"data.tokenizer_path: no such file {d.tokenizer_path!r}")
+  if d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
+    raise no_file("data.tokenizer_path", d.tokenizer_path)
   _require(d.tokenizer_path or d.vocab_size >= 512, f"data.vocab_size={d.vocab_size} must be >= 512")
   _check_source(d)
   _require(0.0 < d.mlm.word_rate <= 1.0, f"data.mlm.word_rate={d.mlm.word_rate} must be in (0, 1]")

@@ -73,6 +73,9 @@ BAD = {
                                ["pretrain.batch_size=6", "data-parallel"]),
     "missing_tokenizer": (["--config.data.tokenizer_path=/nonexistent.json"], 1,
                           ["data.tokenizer_path", "/nonexistent.json"]),
+    # (said to be missing, as was a directory given for data.source's JSON-lines file)
+    "tokenizer_a_directory": (["--config.data.tokenizer_path=configs"], 1,
+                              ["data.tokenizer_path: 'configs' is a directory, not a file"]),
     "too_many_people": ([f"--config.data.n_people={half_name_space() + 1}"], 1,
                         ["data.n_people", "name space"]),
     "probe_head": (["--config.stages=('pretrain','pprobe')", "--config.pprobe.head=mlp"], 1,
@@ -502,3 +505,12 @@ def test_resume_of_damaged_results_names_the_file_first(tmp_path):
     (tmp_path / "results.json").write_text(text)
     with pytest.raises(configlib.ConfigError, match=re.escape(f"{tmp_path}/{says}")):
       wd.check_results()
+
+
+def test_a_directory_for_a_bio_file_is_said_to_be_one(tmp_path):
+  from kstore_jax.data import records
+  with pytest.raises(configlib.ConfigError,
+                     match=re.escape(f"data.source: '{tmp_path}' is a directory, not a file")):
+    records.read_jsonl(str(tmp_path))
+  with pytest.raises(configlib.ConfigError, match=re.escape("data.source: no such file")):
+    records.read_jsonl(str(tmp_path / "bios.jsonl"))

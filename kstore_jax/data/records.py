@@ -39,7 +39,7 @@ import numpy as np
 
 from kstore_jax.data.population import MONTHS
 from kstore_jax.data.templates import ATTRIBUTES, QUESTIONS
-from kstore_jax.errors import ConfigError
+from kstore_jax.errors import ConfigError, no_file
 
 N_ATTR = len(ATTRIBUTES)
 PERSON_FIELDS = ("person", "name", "group", *ATTRIBUTES)
@@ -349,7 +349,7 @@ class JsonlReader:
 def read_jsonl(path: str) -> Corpus:
   """Check and index a JSON-lines file of bio records (blank lines are skipped)."""
   if not os.path.isfile(path):
-    raise ConfigError(f"data.source: no such file {path!r}")
+    raise no_file("data.source", path)
   index = RecordIndex(lambda i: f"{path} line {i + 1}")
   offset = 0
   with open(path, "rb") as f:

@@ -17,7 +17,7 @@ from kstore_jax.data import pools as pools_lib
 from kstore_jax.data import records
 from kstore_jax.data import templates as templates_lib
 from kstore_jax.data.population import MONTHS, FIRST_YEAR, N_DAYS, N_YEARS
-from kstore_jax.errors import ConfigError
+from kstore_jax.errors import ConfigError, no_file
 
 SPECIAL_TOKENS = records.SPECIAL_TOKENS   # (owned there: records refuse text holding one)
 EOT, PAD, MASK = SPECIAL_TOKENS
@@ -73,7 +73,7 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   """Load a `tokenizer.json`; it must know the special tokens (the EOT one at least).
   ConfigError naming the file when it is not one."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.tokenizer_path: no such file {path!r}")
+    raise no_file("data.tokenizer_path", path)
   try:
     tok = tokenizers.Tokenizer.from_file(path)
   except Exception as e:   # tokenizers raises plain Exception for every unreadable file
