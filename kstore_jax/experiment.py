@@ -63,10 +63,7 @@ class Workdir:
     path = self.file(rundir.CONFIG)
     if not os.path.exists(path):
       return
-    saved = rundir.read_json(path)
-    if not isinstance(saved, dict):
-      raise configlib.ConfigError(f"{path}: not a run's config (a JSON object)")
-    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(saved)}
+    old = {**_flatten(_json(base.get_config(_base_arg(cfg)))), **_flatten(rundir.read_json(path))}
     new = _flatten(_json(cfg))
     for d in (old, new):
       d["model.dtype"] = attention_lib.resolve_dtype(d["model.dtype"], platform)
@@ -83,11 +80,11 @@ class Workdir:
             f"{old.get(k)!r} there, {new.get(k)!r} now")
 
   def check_results(self) -> None:
-    """ConfigError naming results.json where it holds no JSON object: Experiment.start merges
-    it, after writing config.json and the rest."""
+    """ConfigError naming results.json where it holds no JSON object (rundir.read_json):
+    Experiment.start merges it, after writing config.json and the rest."""
     path = self.file(rundir.RESULTS)
-    if os.path.exists(path) and not isinstance(rundir.read_json(path), dict):
-      raise configlib.ConfigError(f"{path}: not a run's results (a JSON object)")
+    if os.path.exists(path):
+      rundir.read_json(path)
 
   def check_same_world(self, cfg, world) -> None:
     """Refuse to resume a workdir whose run trained on other data than `world` holds (an

@@ -106,19 +106,16 @@ def check_workdir(workdir: str, holds: str = "run") -> None:
   if re.match(r"^[a-zA-Z][\w+.-]*://", workdir):
     raise ConfigError(f"--workdir={workdir}: a URL; give a local path (a bucket mounted with "
                       "gcsfuse, say)")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir}: not a directory")
-  check_writable(workdir, "--workdir")
+  check_writable(workdir, "--workdir")   # (a file there too)
   path = os.path.abspath(workdir)
   if holds == "run" and os.path.isfile(os.path.join(path, GRID)):
     raise ConfigError(f"--workdir={workdir} holds a grid ({GRID}); its runs are its "
                       "subdirectories")
   if holds == "grid" and is_run(path):
     raise ConfigError(f"--workdir={workdir} holds a run ({CONFIG}), not a grid")
-  for up in (1, 2, 3):
-    above = path
-    for _ in range(up):
-      above = os.path.dirname(above)
+  above = path
+  for _ in range(3):
+    above = os.path.dirname(above)
     if is_run(above):
       raise ConfigError(f"--workdir={workdir} is inside the run directory {above}")
 
@@ -136,15 +133,19 @@ def lock(workdir: str, process_index: int):
   return held
 
 
-def read_json(path: str):
-  """The JSON value in `path`: ConfigError naming the file where it holds no JSON (cut short,
-  not UTF-8, hand-edited); OSError as `open` raises it."""
+def read_json(path: str) -> dict:
+  """The JSON object in `path` (every JSON file of a run is one): ConfigError naming the file
+  where it holds no JSON (cut short, not UTF-8, hand-edited) or another value (`[1, 2, 3]`:
+  its readers failed on their first key); OSError as `open` raises it."""
   with open(path, "rb") as f:
     data = f.read()
   try:
-    return json.loads(data)
+    obj = json.loads(data)
   except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
     raise ConfigError(f"{path}: not a JSON file ({str(e).splitlines()[0][:200]})") from None
+  if not isinstance(obj, dict):
+    raise ConfigError(f"{path}: not a JSON object (it holds {json.dumps(obj)[:60]})")
+  return obj
 
 
 def write_json(path: str, obj, indent: int = 2, sort_keys: bool = True) -> None:

@@ -485,7 +485,7 @@ def test_resume_treats_missing_keys_as_defaults(case, tmp_path):
 @pytest.mark.parametrize("text, says", [
     ('{"seed": ', "config.json: not a JSON file (Expecting value"),   # cut short
     (b'{"seed": "\xff"}', "config.json: not a JSON file ("),          # not UTF-8
-    ("[1, 2, 3]", "config.json: not a run's config (a JSON object)")])
+    ("[1, 2, 3]", "config.json: not a JSON object (it holds [1, 2, 3])")])
 def test_resume_of_a_damaged_config_names_the_file(text, says, tmp_path):
   """A resumed workdir's config.json that holds no config: the line named no file (a bare
   'Expecting value: line 1 column 1') or was a traceback."""
@@ -501,7 +501,7 @@ def test_resume_of_damaged_results_names_the_file_first(tmp_path):
   wd = experiment.Workdir(str(tmp_path))
   wd.check_results()   # none yet: fine
   for text, says in (('{"qa_test": ', "results.json: not a JSON file"),
-                     ("[1]", "results.json: not a run's results (a JSON object)")):
+                     ("[1]", "results.json: not a JSON object (it holds [1])")):
     (tmp_path / "results.json").write_text(text)
     with pytest.raises(configlib.ConfigError, match=re.escape(f"{tmp_path}/{says}")):
       wd.check_results()

@@ -206,8 +206,9 @@ def test_ask_takes_a_missing_key_as_its_default(tmp_path):
   assert cfg.data.mlm.to_dict() == want.data.mlm.to_dict()
   assert cfg.finetune.lora_rank == want.finetune.lora_rank == 16
   assert cfg.mesh.to_dict() == want.mesh.to_dict()
+  pathlib.Path(path).write_text("[1, 2, 3]")
   with pytest.raises(ConfigError, match=f"{path}: not a JSON object"):
-    ask.run_config([1, 2, 3], path)
+    ask.load_run(str(wd))
 
 
 def test_ask_negative_seed_is_one_line(tmp_path):

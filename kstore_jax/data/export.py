@@ -60,7 +60,8 @@ def export(world, out_dir: str, fmt: str) -> str:
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt!r} must be one of {'|'.join(FORMATS)}")
   from kstore_jax.data import tfds_bios
-  taken = [p for p in (JSONL, tfds_bios.NAME, TOKENIZER) if os.path.exists(os.path.join(out_dir, p))]
+  parts = [os.path.join(out_dir, p) for p in (JSONL, tfds_bios.NAME, TOKENIZER)]
+  taken = [os.path.basename(p) for p in parts if os.path.exists(p)]
   if taken:
     raise ConfigError(f"--export={out_dir}: holds an export already ({', '.join(taken)}); "
                       "use a new directory")
@@ -75,8 +76,7 @@ def export(world, out_dir: str, fmt: str) -> str:
       tfds_bios.write(lambda: bio_records(world), out_dir)
     world.renderer.tokenizer.save(os.path.join(out_dir, TOKENIZER))
   except OSError:   # a full disk, a directory made read-only meanwhile: none of it is left
-    for p in (out_dir,) if made else (os.path.join(out_dir, p) for p in (JSONL, tfds_bios.NAME,
-                                                                        TOKENIZER)):
+    for p in [out_dir] if made else parts:
       if os.path.isdir(p):
         shutil.rmtree(p, ignore_errors=True)
       elif os.path.exists(p):

@@ -74,7 +74,7 @@ def load_run(workdir: str):
   return run_config(saved, path), tok
 
 
-def run_config(saved, path: str):
+def run_config(saved: dict, path: str):
   """The config `saved` (a run's config.json, read from `path`) as main runs it: keys it lacks
   (a run written before they existed) at their configs/base.py defaults for its scale and
   variants, as a resume takes them; the mesh this process's own (data-parallel over its
@@ -87,8 +87,6 @@ def run_config(saved, path: str):
   from configs import base
   from kstore_jax.model import attention
   try:
-    if not isinstance(saved, dict):
-      raise ConfigError(f"not a JSON object (a {type(saved).__name__})")
     scale, variants = saved.get("scale"), saved.get("variants", "")
     if scale not in tuple(base.SCALES):
       raise ConfigError(f"config key 'scale'={scale!r} must be {'|'.join(base.SCALES)}")

@@ -41,17 +41,13 @@ _RESTORE = flags.DEFINE_bool("restore", True, "Restore the arrays (on one CPU de
 
 # -- the workdir ----------------------------------------------------------------------------
 def _read_json(path: str, what: str) -> dict:
-  """The JSON object in `path`; ConfigError naming it where it cannot be read, holds no JSON
-  (rundir.read_json's) or holds another value (`[1, 2, 3]`: an AttributeError where its keys
-  are read)."""
+  """The JSON object in `path`; ConfigError naming it where it cannot be read (or, from
+  rundir.read_json, holds no JSON object)."""
   try:
-    data = rundir.read_json(path)
+    return rundir.read_json(path)
   except OSError as e:
     raise ConfigError(f"{what} {path} is unreadable ({type(e).__name__}: "
                       f"{_first_line(e)})") from None
-  if not isinstance(data, dict):
-    raise ConfigError(f"{what} {path}: not a JSON object (a {type(data).__name__})")
-  return data
 
 
 def _first_line(e: BaseException) -> str:

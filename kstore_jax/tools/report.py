@@ -139,11 +139,9 @@ def _read_json(path: str, notes: list[str], what: str, types: dict) -> dict:
     notes.append(f"no {what}")
     return {}
   try:
-    data = rundir.read_json(path)
+    data = rundir.read_json(path)   # (a JSON object, or a ConfigError naming the file)
   except OSError as e:
     raise ConfigError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
-  if not isinstance(data, dict):
-    raise ConfigError(f"{path}: not a JSON object ({_json_text(data)})")
   _check_types(data, types, path)
   return data
 
